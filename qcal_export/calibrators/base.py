@@ -1,0 +1,147 @@
+"""The calibrator contract: collect / compute_amax / reset / state_dict / merge_.
+
+A calibrator composes a format and a granularity. ``collect`` only accumulates statistics,
+``compute_amax`` only decides. ``state_dict`` holds tensors whose merge across processes is
+elementwise; ``merge_ops`` says which reduction merges each entry.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, Literal
+
+import torch
+
+from qcal_export.errors import CalibrationError
+from qcal_export.formats import AMAX_FLOOR, Format
+from qcal_export.granularity import Granularity
+
+NonFinite = Literal["skip", "error"]
+MergeOp = Literal["sum", "max", "min", "same"]
+
+
+class Calibrator(ABC):
+    """Accumulates statistics of one tensor and turns them into an amax of export shape."""
+
+    merge_ops: ClassVar[dict[str, MergeOp]] = {
+        "stat_shape": "same",
+        "numel": "sum",
+        "nonfinite": "sum",
+    }
+
+    def __init__(self, fmt: Format, granularity: Granularity, *, nonfinite: NonFinite = "skip"):
+        if nonfinite not in ("skip", "error"):
+            raise CalibrationError(f"nonfinite must be 'skip' or 'error', not {nonfinite!r}")
+        self.fmt = fmt
+        self.granularity = granularity
+        self.nonfinite = nonfinite
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything collected."""
+        self._state: dict[str, torch.Tensor] = {}
+
+    @property
+    def collected(self) -> bool:
+        return bool(self._state)
+
+    @property
+    def stat_shape(self) -> tuple[int, ...] | None:
+        """Export shape of the statistics; None before the first collect."""
+        return tuple(self._state["stat_shape"].tolist()) if self._state else None
+
+    @property
+    def nonfinite_count(self) -> int:
+        return int(self._state["nonfinite"]) if self._state else 0
+
+    def collect(self, x: torch.Tensor) -> None:
+        """Fold one tensor (any device, any float dtype) into the statistics; empty is a no-op."""
+        if x.numel() == 0:
+            return
+        shape = self.granularity.stat_shape(tuple(x.shape))
+        x = x.detach().to(torch.float32)
+        if not self._state:
+            self._state = self._init_state(self.granularity.groups(x))
+            device = x.device
+            self._state["stat_shape"] = torch.tensor(shape, dtype=torch.int64, device=device)
+            self._state["numel"] = torch.zeros((), dtype=torch.float64, device=device)
+            self._state["nonfinite"] = torch.zeros((), dtype=torch.float64, device=device)
+        elif shape != self.stat_shape:
+            raise CalibrationError(
+                f"{self.granularity.describe()} statistics of shape {shape} do not match "
+                f"{self.stat_shape} from earlier batches (tensor shape {tuple(x.shape)})"
+            )
+        x = self._drop_nonfinite(x)
+        self._state["numel"] += x.numel()
+        self._update(x, self.granularity.groups(x))
+
+    def compute_amax(self) -> torch.Tensor | None:
+        """Amax of export shape (floored at AMAX_FLOOR); None if nothing was collected."""
+        amin, amax = self.compute_range() or (None, None)
+        if amax is None:
+            return None
+        return torch.maximum(amin.abs(), amax.abs()).clamp_min(AMAX_FLOOR)
+
+    def compute_range(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(min, max) of export shape; for symmetric formats ``(-amax, amax)``."""
+        if not self._state:
+            return None
+        amin, amax = self._decide()
+        return amin.reshape(self.stat_shape), amax.reshape(self.stat_shape)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors that merge elementwise by ``merge_ops``; empty when nothing was collected."""
+        return {k: v.clone() for k, v in self._state.items()}
+
+    def merge_(self, state: dict[str, torch.Tensor]) -> None:
+        """Fold another calibrator's ``state_dict`` into this one (same format and shapes)."""
+        if not state:
+            return
+        if not self._state:
+            self._state = {k: v.clone() for k, v in state.items()}
+            return
+        if state.keys() != self._state.keys():
+            raise CalibrationError(
+                f"cannot merge state with keys {sorted(state)} into {sorted(self._state)}"
+            )
+        for key, mine in self._state.items():
+            theirs = state[key].to(mine.device)
+            if theirs.shape != mine.shape:
+                raise CalibrationError(
+                    f"cannot merge {key!r} of shape {tuple(theirs.shape)} into {tuple(mine.shape)}"
+                )
+            _merge_entry(key, self.merge_ops[key], mine, theirs)
+
+    def _drop_nonfinite(self, x: torch.Tensor) -> torch.Tensor:
+        """Count non-finite values, then raise or replace them by 0 (which never adds error)."""
+        bad = ~torch.isfinite(x)
+        count = int(bad.sum())
+        if count == 0:
+            return x
+        if self.nonfinite == "error":
+            raise CalibrationError(f"{count} non-finite values (NaN/Inf) in a collected tensor")
+        self._state["nonfinite"] += count
+        return torch.where(bad, torch.zeros((), device=x.device), x)
+
+    @abstractmethod
+    def _init_state(self, groups: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Empty statistics for ``groups`` of shape ``[G, n]``."""
+
+    @abstractmethod
+    def _update(self, x: torch.Tensor, groups: torch.Tensor) -> None:
+        """Fold finite float32 ``x`` (also given as ``groups``, ``[G, n]``) into the state."""
+
+    @abstractmethod
+    def _decide(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group (min, max), each ``[G]``."""
+
+
+def _merge_entry(key: str, op: MergeOp, mine: torch.Tensor, theirs: torch.Tensor) -> None:
+    if op == "sum":
+        mine += theirs
+    elif op == "max":
+        torch.maximum(mine, theirs, out=mine)
+    elif op == "min":
+        torch.minimum(mine, theirs, out=mine)
+    elif not torch.equal(mine, theirs):
+        raise CalibrationError(f"cannot merge {key!r}: it must be equal in both states")

@@ -1,0 +1,153 @@
+"""MSE calibrator: sweep amax candidates ``amax0 * m`` and keep the one with least error.
+
+Multipliers are ``m = start + i * step`` for ``i < ceil((stop - start) / step) + 1``. ``collect``
+adds, per group and candidate, the summed error between ``x`` and its fake-quantized copy;
+``compute_amax`` takes the candidate with the smallest accumulated loss (the first on ties).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+
+from qcal_export.calibrators.base import Calibrator, MergeOp, NonFinite
+from qcal_export.errors import CalibrationError
+from qcal_export.formats import Format
+from qcal_export.granularity import Granularity
+
+QuantFunc = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ErrorFunc = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+CHUNK_ELEMENTS = 1 << 22
+"""Candidates x groups x columns scored at once; bounds the sweep's scratch memory."""
+
+
+def mse_multipliers(start: float = 0.25, stop: float = 4.0, step: float = 0.1) -> torch.Tensor:
+    """Float64 multipliers ``start + i * step``, ``ceil((stop - start) / step) + 1`` of them."""
+    if step <= 0 or start <= 0 or stop < start:
+        raise CalibrationError(
+            f"mse multipliers need 0 < start <= stop and step > 0 (got {start}, {stop}, {step})"
+        )
+    count = math.ceil(round((stop - start) / step, 9)) + 1
+    return start + step * torch.arange(count, dtype=torch.float64)
+
+
+class MseCalibrator(Calibrator):
+    """Amax search over multiples of an initial range, scoring every candidate per group.
+
+    ``amax0`` (and ``amin0`` for asymmetric formats) has the export shape; it is given, or set
+    later by ``set_initial_range`` from a max pass. ``quant_func(x, amax)`` replaces the
+    format's fake-quantization (``x`` in its own shape, ``amax`` of export shape) and
+    ``error_func(x, xq)`` the elementwise squared error; both must broadcast.
+    """
+
+    merge_ops: ClassVar[dict[str, MergeOp]] = {
+        **Calibrator.merge_ops,
+        "amin0": "same",
+        "amax0": "same",
+        "losses": "sum",
+    }
+
+    def __init__(
+        self,
+        fmt: Format,
+        granularity: Granularity,
+        *,
+        amax0: torch.Tensor | float | None = None,
+        amin0: torch.Tensor | float | None = None,
+        start: float = 0.25,
+        stop: float = 4.0,
+        step: float = 0.1,
+        quant_func: QuantFunc | None = None,
+        error_func: ErrorFunc | None = None,
+        nonfinite: NonFinite = "skip",
+    ):
+        if quant_func is not None and not fmt.symmetric:
+            raise CalibrationError(
+                f"quant_func takes an amax: use it with a symmetric format, not {fmt.name}"
+            )
+        self.multipliers = mse_multipliers(start, stop, step)
+        self.quant_func = quant_func
+        self.error_func = error_func
+        self.amin0: torch.Tensor | None = None
+        self.amax0: torch.Tensor | None = None
+        super().__init__(fmt, granularity, nonfinite=nonfinite)
+        if amax0 is not None:
+            self.set_initial_range(amin0, amax0)
+
+    @property
+    def needs_initial_range(self) -> bool:
+        return self.amax0 is None
+
+    def set_initial_range(
+        self, amin0: torch.Tensor | float | None, amax0: torch.Tensor | float
+    ) -> None:
+        """Set the range the candidates multiply; ``amin0`` defaults to ``-amax0``."""
+        if self._state:
+            raise CalibrationError("set the initial range before collecting, or reset() first")
+        amax0 = torch.as_tensor(amax0, dtype=torch.float32)
+        if self.fmt.symmetric or amin0 is None:
+            amax0 = (
+                amax0.abs()
+                if amin0 is None
+                else torch.maximum(amax0.abs(), torch.as_tensor(amin0).abs())
+            )
+            amin0 = -amax0
+        self.amin0 = torch.as_tensor(amin0, dtype=torch.float32).clone()
+        self.amax0 = amax0.clone()
+
+    def _init_state(self, groups: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.amax0 is None:
+            raise CalibrationError(
+                "MseCalibrator needs an initial range: pass amax0 or run a max pass and call "
+                "set_initial_range() before collect()"
+            )
+        num, device = groups.shape[0], groups.device
+        amin0 = self.amin0.to(device).reshape(-1).expand(num).contiguous()
+        amax0 = self.amax0.to(device).reshape(-1).expand(num).contiguous()
+        losses = torch.zeros(num, len(self.multipliers), dtype=torch.float64, device=device)
+        return {"amin0": amin0, "amax0": amax0, "losses": losses}
+
+    def _candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate (min, max) per candidate and group, each ``[K, G]`` float32."""
+        m = self.multipliers.to(self._state["amax0"].device)[:, None]
+        amin = (self._state["amin0"].double()[None] * m).float()
+        amax = (self._state["amax0"].double()[None] * m).float()
+        return amin, amax
+
+    def _update(self, x: torch.Tensor, groups: torch.Tensor) -> None:
+        if self.quant_func is not None:
+            self._update_custom(x)
+            return
+        scale, zero_point = self.fmt.scale_zero_point(*self._candidates())
+        scale, zero_point = scale[:, :, None], zero_point[:, :, None]
+        num_cand, num_groups = scale.shape[:2]
+        chunk = max(1, CHUNK_ELEMENTS // (num_cand * num_groups))
+        losses = self._state["losses"]
+        for begin in range(0, groups.shape[1], chunk):
+            xc = groups[:, begin : begin + chunk]
+            xq = self.fmt.fake_quant(xc, scale, zero_point)
+            losses += self._error(xc, xq).sum(-1, dtype=torch.float64).T
+
+    def _update_custom(self, x: torch.Tensor) -> None:
+        """One full pass per candidate: a user quant_func is not vectorized over candidates."""
+        _, amax = self._candidates()
+        shape = self.stat_shape
+        for k in range(amax.shape[0]):
+            xq = self.quant_func(x, amax[k].reshape(shape))
+            err = self.granularity.groups(self._error(x, xq))
+            self._state["losses"][:, k] += err.sum(-1, dtype=torch.float64)
+
+    def _error(self, x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+        if self.error_func is not None:
+            return self.error_func(x, xq)
+        return (xq.double() - x.double()).square()
+
+    def _decide(self) -> tuple[torch.Tensor, torch.Tensor]:
+        best = self._state["losses"].argmin(dim=1)
+        amin, amax = self._candidates()
+        index = best[None]
+        return amin.gather(0, index)[0], amax.gather(0, index)[0]

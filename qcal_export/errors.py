@@ -1,0 +1,31 @@
+"""Project exceptions: one type per kind of fault, each message naming what is at fault."""
+
+from __future__ import annotations
+
+
+class QcalError(Exception):
+    """Base of every error qcal_export raises on purpose; the CLI prints it in one line."""
+
+
+class ModelError(QcalError):
+    """The ONNX model cannot be read, checked or edited as asked."""
+
+
+class DataError(QcalError):
+    """Calibration data is missing, malformed or does not fit the model's inputs."""
+
+
+class RecipeError(QcalError):
+    """A recipe or option names something that does not exist or makes no sense."""
+
+
+class ScalesError(QcalError):
+    """A scales file cannot be read or does not match the model."""
+
+
+class CalibrationError(QcalError):
+    """A calibrator was used out of order or fed data it cannot take."""
+
+
+class OutputError(QcalError):
+    """An output path cannot be written."""

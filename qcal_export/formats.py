@@ -1,0 +1,137 @@
+"""Number formats: range, rounding, storage encoding and ONNX element type.
+
+Every fake-quantization here is the float32 arithmetic of ONNX QuantizeLinear -> DequantizeLinear:
+``q = saturate(round_half_even(x / scale) + zero_point)``, ``x' = (q - zero_point) * scale``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from onnx import TensorProto
+
+AMAX_FLOOR = 1e-30
+"""Smallest amax (and range width) ever turned into a scale: zero or empty tensors get this."""
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    """Integer format of ``bits`` bits; symmetric formats have zero point 0.
+
+    Symmetric: ``scale = amax / qmax``. Asymmetric: the range is extended to include 0,
+    ``scale = (max - min) / (qmax - qmin)``, ``zero_point = round(qmin - min / scale)``.
+    """
+
+    bits: int
+    signed: bool
+    symmetric: bool
+
+    @property
+    def name(self) -> str:
+        return f"{'int' if self.signed else 'uint'}{self.bits}"
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def onnx_type(self) -> int:
+        types = {(8, True): TensorProto.INT8, (8, False): TensorProto.UINT8}
+        return types[(self.bits, self.signed)]
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return torch.int8 if self.signed else torch.uint8
+
+    @property
+    def min_opset(self) -> int:
+        return 10
+
+    def scale_zero_point(
+        self, amin: torch.Tensor, amax: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 scale and zero point (integer-valued float32) for a range; shapes as given."""
+        amin = amin.to(torch.float32)
+        amax = amax.to(torch.float32)
+        if self.symmetric:
+            bound = torch.maximum(amin.abs(), amax.abs()).clamp_min(AMAX_FLOOR)
+            return bound / self.qmax, torch.zeros_like(bound)
+        lo = amin.clamp(max=0.0)
+        hi = amax.clamp(min=0.0)
+        scale = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(AMAX_FLOOR / self.qmax)
+        zero_point = torch.round(self.qmin - lo / scale).clamp(self.qmin, self.qmax)
+        return scale, zero_point
+
+    def quantize(
+        self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+    ) -> torch.Tensor:
+        """QuantizeLinear: the stored integers, as ``storage_dtype``."""
+        q = torch.round(x.to(torch.float32) / scale) + zero_point
+        return q.clamp(self.qmin, self.qmax).to(self.storage_dtype)
+
+    def fake_quant(
+        self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+    ) -> torch.Tensor:
+        """QuantizeLinear -> DequantizeLinear in float32; scale/zero_point broadcast against x."""
+        q = (torch.round(x.to(torch.float32) / scale) + zero_point).clamp(self.qmin, self.qmax)
+        return (q - zero_point) * scale
+
+    def encode_zero_point(self, zero_point: torch.Tensor) -> torch.Tensor:
+        return zero_point.to(self.storage_dtype)
+
+
+@dataclass(frozen=True)
+class FP8E4M3Format:
+    """FP8 E4M3FN (no infinities, max 448): ``scale = amax / 448``, values cast with saturation."""
+
+    name: ClassVar[str] = "fp8"
+    symmetric: ClassVar[bool] = True
+    qmax: ClassVar[float] = 448.0
+    onnx_type: ClassVar[int] = TensorProto.FLOAT8E4M3FN
+    storage_dtype: ClassVar[torch.dtype] = torch.float8_e4m3fn
+    min_opset: ClassVar[int] = 19
+
+    def scale_zero_point(
+        self, amin: torch.Tensor, amax: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        bound = torch.maximum(amin.abs(), amax.abs()).to(torch.float32).clamp_min(AMAX_FLOOR)
+        return bound / self.qmax, torch.zeros_like(bound)
+
+    def quantize(
+        self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+    ) -> torch.Tensor:
+        y = x.to(torch.float32) / scale
+        return y.clamp(-self.qmax, self.qmax).to(self.storage_dtype)
+
+    def fake_quant(
+        self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+    ) -> torch.Tensor:
+        return self.quantize(x, scale, zero_point).to(torch.float32) * scale
+
+    def encode_zero_point(self, zero_point: torch.Tensor) -> torch.Tensor:
+        return zero_point.to(self.storage_dtype)
+
+
+Format = IntFormat | FP8E4M3Format
+
+INT8 = IntFormat(bits=8, signed=True, symmetric=True)
+UINT8 = IntFormat(bits=8, signed=False, symmetric=False)
+FP8_E4M3 = FP8E4M3Format()
+
+FORMATS: dict[str, Format] = {f.name: f for f in (INT8, UINT8, FP8_E4M3)}
+
+
+def get_format(name: str) -> Format:
+    """The format called ``name`` (int8, uint8, fp8); RecipeError lists the choices otherwise."""
+    from qcal_export.errors import RecipeError
+
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise RecipeError(f"unknown format {name!r}: choose one of {sorted(FORMATS)}") from None
