@@ -1,0 +1,72 @@
+"""The run report: what was quantized, how, what was noted, and the output error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qcal_export.artifacts.scales import TensorScales, versions
+from qcal_export.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from qcal_export.graphs.export import ExportResult
+    from qcal_export.graphs.model_io import LoadedModel
+    from qcal_export.graphs.targets import Plan
+    from qcal_export.pipeline import CalibrationResult
+    from qcal_export.recipe import Recipe
+
+
+def tensor_row(s: TensorScales) -> dict[str, Any]:
+    amax = s.amax.float()
+    row = {
+        "tensor": s.name,
+        "kind": s.kind,
+        "format": s.format,
+        "method": s.method,
+        "granularity": s.granularity,
+        "amax": float(amax.max()),
+        "amax_min": float(amax.min()),
+        "notes": list(s.notes),
+    }
+    if s.min is not None and s.max is not None:
+        row["min"] = float(s.min.min())
+        row["max"] = float(s.max.max())
+    return row
+
+
+def build_report(
+    loaded: LoadedModel,
+    plan: Plan,
+    recipe: Recipe,
+    scales: dict[str, TensorScales],
+    exported: ExportResult,
+    batches: list[int],
+    providers: list[str],
+    output_error: dict[str, dict[str, float]],
+    timings: dict[str, float],
+    result: CalibrationResult,
+) -> dict[str, Any]:
+    """A JSON-able summary of one run."""
+    return {
+        "model": str(loaded.path),
+        "model_sha256": loaded.sha256,
+        "output_model": str(result.model_path) if result.model_path else None,
+        "scales_file": str(result.scales_path) if result.scales_path else None,
+        "recipe": recipe.to_dict(),
+        "providers": providers,
+        "batches_per_pass": batches,
+        "opset": {"from": exported.opset_from, "to": exported.opset_to},
+        "quantized_nodes": plan.nodes,
+        "excluded_nodes": plan.excluded,
+        "tensors": [tensor_row(s) for s in scales.values()],
+        "output_error": output_error,
+        "timings": timings,
+        "versions": versions(),
+    }
+
+
+def save_report(path: str | Path, report: dict[str, Any]) -> Path:
+    with atomic_path(path, "report") as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    return Path(path)

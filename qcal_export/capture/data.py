@@ -1,0 +1,207 @@
+"""Calibration data readers and the check of each batch against the model's inputs.
+
+Sources: a ``.npz`` file (one batch, or ``batch_size`` samples at a time along axis 0), a
+directory of ``.npz`` files (one batch each) or of ``.npy`` files (single-input models), a
+Python iterable of ``{input_name: array}`` dicts, a callable returning such an iterable, and
+ONNX Runtime ``CalibrationDataReader`` objects (rewound with ``rewind()`` between passes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from qcal_export.errors import DataError
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input: name, numpy dtype and dims (None where symbolic or unknown)."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | None, ...] | None
+
+    def describe(self) -> str:
+        dims = (
+            "?" if self.dims is None else ", ".join("?" if d is None else str(d) for d in self.dims)
+        )
+        return f"{self.name} {self.dtype}[{dims}]"
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The graph inputs that must be fed (initializers listed as inputs excluded)."""
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        dims = None
+        if tensor_type.HasField("shape"):
+            dims = tuple(
+                d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
+            )
+        specs.append(InputSpec(value.name, dtype, dims))
+    return specs
+
+
+def check_batch(batch: Any, inputs: list[InputSpec], index: int) -> Batch:
+    """``batch`` as a dict of contiguous arrays, or DataError naming the batch and input."""
+    if not isinstance(batch, Mapping):
+        raise DataError(f"batch {index} is a {type(batch).__name__}, not a dict of input arrays")
+    names = {spec.name for spec in inputs}
+    missing = sorted(names - set(batch))
+    extra = sorted(set(batch) - names)
+    problems = [f"missing input(s) {missing}"] if missing else []
+    problems += [f"unknown input(s) {extra}"] if extra else []
+    if problems:
+        raise DataError(f"batch {index}: {'; '.join(problems)} (the model expects {sorted(names)})")
+    checked = {}
+    for spec in inputs:
+        array = np.asarray(batch[spec.name])
+        where = f"batch {index}, input {spec.name!r}"
+        if array.dtype != spec.dtype:
+            raise DataError(f"{where}: dtype {array.dtype}, the model expects {spec.dtype}")
+        if spec.dims is not None:
+            if array.ndim != len(spec.dims):
+                raise DataError(
+                    f"{where}: rank {array.ndim} (shape {array.shape}), the model expects "
+                    f"{spec.describe()}"
+                )
+            for axis, (got, want) in enumerate(zip(array.shape, spec.dims, strict=True)):
+                if want is not None and got != want:
+                    raise DataError(
+                        f"{where}: dim {axis} is {got}, the model expects {spec.describe()}"
+                    )
+        checked[spec.name] = np.ascontiguousarray(array)
+    return checked
+
+
+class DataSource:
+    """A re-iterable stream of batches; ``batches()`` starts a new pass each call."""
+
+    def __init__(self, make_iter: Callable[[], Iterator[Any]], description: str):
+        self._make_iter = make_iter
+        self.description = description
+
+    def batches(self) -> Iterator[Any]:
+        return self._make_iter()
+
+
+def open_data(data: Any, *, batch_size: int | None = None) -> DataSource:
+    """Wrap any supported source in a DataSource; DataError names what is unusable."""
+    if isinstance(data, DataSource):
+        return data
+    if isinstance(data, (str, Path)):
+        return _open_path(Path(data), batch_size)
+    if hasattr(data, "get_next") and callable(data.get_next):
+        return _open_reader(data)
+    if isinstance(data, Mapping):
+        return DataSource(lambda: iter([data]), "one batch")
+    if callable(data):
+        return DataSource(
+            lambda: iter(data()), f"batches from {getattr(data, '__name__', 'callable')}"
+        )
+    if isinstance(data, Iterable):
+        return _open_iterable(data)
+    raise DataError(
+        f"cannot read calibration data from a {type(data).__name__}: give a .npz file, a "
+        "directory of .npz/.npy files, an iterable of {input_name: array} dicts, or an ONNX "
+        "Runtime CalibrationDataReader"
+    )
+
+
+def _open_iterable(data: Iterable[Any]) -> DataSource:
+    if iter(data) is not data:
+        return DataSource(lambda: iter(data), f"{type(data).__name__} of batches")
+    used = []
+
+    def once() -> Iterator[Any]:
+        if used:
+            raise DataError(
+                "the calibration data is a one-shot iterator and this method needs a second "
+                "pass: pass a list, a callable returning an iterator, or a reader"
+            )
+        used.append(True)
+        return data
+
+    return DataSource(once, "iterator of batches")
+
+
+def _open_reader(reader: Any) -> DataSource:
+    passes = []
+
+    def start() -> Iterator[Any]:
+        if passes:
+            if not callable(getattr(reader, "rewind", None)):
+                raise DataError(
+                    f"{type(reader).__name__} has no rewind() and this method needs a second "
+                    "pass over the data: add rewind() to the reader"
+                )
+            reader.rewind()
+        passes.append(True)
+        return iter(reader.get_next, None)
+
+    return DataSource(start, f"{type(reader).__name__}")
+
+
+def _open_path(path: Path, batch_size: int | None) -> DataSource:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
+        if not files:
+            raise DataError(f"data directory {path} holds no .npz or .npy files")
+        kinds = {p.suffix for p in files}
+        if len(kinds) > 1:
+            raise DataError(f"data directory {path} mixes .npz and .npy files: keep one kind")
+        return DataSource(lambda: (_load_file(p) for p in files), f"{len(files)} files in {path}")
+    if not path.is_file():
+        raise DataError(f"data path {path} does not exist")
+    if path.suffix != ".npz":
+        raise DataError(f"data file {path} is not a .npz file (or a directory of .npz/.npy)")
+    return DataSource(lambda: _split_npz(path, batch_size), str(path))
+
+
+def _load_file(path: Path) -> Batch | np.ndarray:
+    """One batch: a .npz as a dict, a .npy as a bare array for the model's only input."""
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read data file {path}: {e}") from None
+
+
+def _split_npz(path: Path, batch_size: int | None) -> Iterator[Batch]:
+    whole = _load_file(path)
+    if batch_size is None:
+        yield whole
+        return
+    lengths = {name: len(a) for name, a in whole.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"{path}: arrays differ in length along axis 0 {lengths}; cannot batch")
+    total = next(iter(lengths.values()), 0)
+    for start in range(0, total, batch_size):
+        yield {name: a[start : start + batch_size] for name, a in whole.items()}
+
+
+def as_feed(item: Any, inputs: list[InputSpec], index: int) -> Batch:
+    """A batch item (dict, or bare array for a single-input model) checked against the inputs."""
+    if isinstance(item, np.ndarray):
+        if len(inputs) != 1:
+            raise DataError(
+                f"batch {index} is a bare array but the model has inputs "
+                f"{[s.name for s in inputs]}: store batches as .npz dicts keyed by input name"
+            )
+        item = {inputs[0].name: item}
+    return check_batch(item, inputs, index)

@@ -1,0 +1,146 @@
+"""Capture activations with ONNX Runtime: planned tensors become extra graph outputs.
+
+Batches stream through one session; each captured tensor goes straight to its sink (a
+calibrator) and is dropped, so memory is one batch plus calibrator state.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import helper
+
+from qcal_export.capture.data import DataSource, InputSpec, as_feed, model_inputs
+from qcal_export.errors import DataError, ModelError
+from qcal_export.graphs.model_io import PROTOBUF_LIMIT
+
+log = logging.getLogger(__name__)
+
+ORT_ERRORS = (
+    ort.capi.onnxruntime_pybind11_state.Fail,
+    ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+    ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+    ort.capi.onnxruntime_pybind11_state.RuntimeException,
+)
+Sink = Callable[[str, torch.Tensor], None]
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def select_providers(provider: str) -> list[str]:
+    """ORT providers for ``auto`` / ``cpu`` / ``cuda``; auto falls back to CPU with a log line."""
+    available = ort.get_available_providers()
+    if provider == "auto":
+        if PROVIDERS["cuda"] in available:
+            return [PROVIDERS["cuda"], PROVIDERS["cpu"]]
+        log.info("CUDAExecutionProvider not available: capturing with CPUExecutionProvider")
+        return [PROVIDERS["cpu"]]
+    if provider not in PROVIDERS:
+        raise DataError(f"unknown provider {provider!r}: choose auto, cpu or cuda")
+    if PROVIDERS[provider] not in available:
+        raise DataError(
+            f"provider {provider!r} requested but this onnxruntime offers {available}: install "
+            "onnxruntime-gpu for cuda, or use --provider auto"
+        )
+    return [PROVIDERS[provider]] + ([PROVIDERS["cpu"]] if provider != "cpu" else [])
+
+
+def open_session(
+    model: onnx.ModelProto,
+    providers: Sequence[str],
+    name: str,
+    *,
+    extra_outputs: dict[str, int] | None = None,
+) -> ort.InferenceSession:
+    """An ORT session over ``model``, optionally exposing ``extra_outputs`` (name -> elem type).
+
+    The outputs are added to ``model`` only while it is serialized; models over 2 GB go through
+    a temporary external-data file.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    added = _append_outputs(model, extra_outputs or {})
+    try:
+        if model.ByteSize() <= PROTOBUF_LIMIT:
+            return ort.InferenceSession(
+                model.SerializeToString(), options, providers=list(providers)
+            )
+        with tempfile.TemporaryDirectory(prefix="qcal-session-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            large = onnx.ModelProto()
+            large.CopyFrom(model)
+            onnx.save_model(large, str(path), save_as_external_data=True, location="model.data")
+            return ort.InferenceSession(str(path), options, providers=list(providers))
+    except ORT_ERRORS as e:
+        raise ModelError(f"ONNX Runtime cannot load {name}: {e}") from None
+    finally:
+        for _ in range(added):
+            model.graph.output.pop()
+
+
+def _append_outputs(model: onnx.ModelProto, tensors: dict[str, int]) -> int:
+    present = {o.name for o in model.graph.output}
+    new = [
+        helper.make_tensor_value_info(n, t, None) for n, t in tensors.items() if n not in present
+    ]
+    model.graph.output.extend(new)
+    return len(new)
+
+
+class OrtCapture:
+    """One ORT session that feeds the values of ``tensors`` to a sink, batch by batch."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        tensors: dict[str, int],
+        *,
+        providers: Sequence[str],
+        name: str = "model",
+    ):
+        self.inputs: list[InputSpec] = model_inputs(model)
+        input_names = {spec.name for spec in self.inputs}
+        self.fed = [t for t in tensors if t in input_names]
+        self.fetched = [t for t in tensors if t not in input_names]
+        self._session = open_session(
+            model, providers, name, extra_outputs={t: tensors[t] for t in self.fetched}
+        )
+
+    def run(
+        self,
+        source: DataSource,
+        sink: Sink,
+        *,
+        tensors: Sequence[str] | None = None,
+        max_batches: int | None = None,
+        on_batch: Callable[[], None] | None = None,
+    ) -> int:
+        """Stream one pass over ``source``; returns the number of batches."""
+        wanted = set(self.fed + self.fetched) if tensors is None else set(tensors)
+        fetched = [t for t in self.fetched if t in wanted]
+        fed = [t for t in self.fed if t in wanted]
+        count = 0
+        for index, item in enumerate(source.batches()):
+            if max_batches is not None and index >= max_batches:
+                break
+            feed = as_feed(item, self.inputs, index)
+            try:
+                values = self._session.run(fetched, feed) if fetched else []
+            except ORT_ERRORS as e:
+                raise DataError(f"batch {index}: ONNX Runtime failed on it: {e}") from None
+            for name, value in zip(fetched, values, strict=True):
+                sink(name, torch.from_numpy(value))
+            for name in fed:
+                sink(name, torch.from_numpy(feed[name]))
+            del values, feed
+            count += 1
+            if on_batch is not None:
+                on_batch()
+        if count == 0:
+            raise DataError(f"calibration data {source.description} yielded no batch")
+        return count

@@ -1,0 +1,91 @@
+"""Read ONNX models (with external data) and write them atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from qcal_export.atomic import atomic_dir, check_writable
+from qcal_export.errors import ModelError
+
+PROTOBUF_LIMIT = 2**31 - 1
+"""A serialized ModelProto cannot exceed 2 GB: larger models must keep external data."""
+
+
+@dataclass
+class LoadedModel:
+    """An ONNX model read from ``path``, its weights in memory, and the file's checksum."""
+
+    proto: onnx.ModelProto
+    path: Path
+    sha256: str
+    external_data: bool
+
+    @property
+    def opset(self) -> int:
+        return default_opset(self.proto)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise ModelError(f"model {model.graph.name!r} imports no default-domain opset")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Load ``path`` and its external data; ModelError names the file when it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise ModelError(f"{path} is not a readable ONNX model ({e})") from None
+    if not proto.graph.node:
+        raise ModelError(f"{path} holds no ONNX graph (is it an ONNX model?)")
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    if external:
+        try:
+            onnx.load_external_data_for_model(proto, str(path.parent))
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{path}: cannot read its external data ({e})") from None
+    return LoadedModel(proto, path, file_sha256(path), external)
+
+
+def save_model(model: onnx.ModelProto, path: str | Path, *, external_data: bool) -> Path:
+    """Write ``model`` atomically; with ``external_data`` its tensors go to ``<name>.data``.
+
+    Models over 2 GB always get external data. The model file is renamed into place last, so
+    a reader never sees a model whose data file is missing or torn.
+    """
+    path = check_writable(path, "output model")
+    external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT
+    with atomic_dir(path.parent) as tmp:
+        staged = tmp / path.name
+        data_name = f"{path.name}.data"
+        onnx.save_model(
+            model,
+            str(staged),
+            save_as_external_data=external_data,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
+        if external_data:
+            os.replace(tmp / data_name, path.parent / data_name)
+        os.replace(staged, path)
+    return path

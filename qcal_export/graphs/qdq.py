@@ -1,0 +1,264 @@
+"""QDQ insertion passes: activation QuantizeLinear -> DequantizeLinear pairs, quantized weights.
+
+Each pass edits ``model.graph`` in place (the pipeline works on its own copy of the model) and
+appends its nodes; ``sort_nodes`` restores topological order once after all passes.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from qcal_export.errors import ModelError
+from qcal_export.formats import Format
+from qcal_export.graphs.targets import ActivationPlan, Use, WeightPlan
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Scale and zero point of export shape for one tensor, with its format and axis."""
+
+    fmt: Format
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    axis: int | None = None
+
+
+class Names:
+    """Allocates tensor and node names unused anywhere in the graph."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self._taken = {t.name for t in graph.initializer}
+        self._taken |= {v.name for v in [*graph.input, *graph.output, *graph.value_info]}
+        for node in graph.node:
+            self._taken |= {node.name, *node.input, *node.output}
+
+    def new(self, base: str) -> str:
+        name, k = base, 1
+        while name in self._taken:
+            name, k = f"{base}_{k}", k + 1
+        self._taken.add(name)
+        return name
+
+
+def make_tensor(name: str, values: torch.Tensor, elem_type: int) -> TensorProto:
+    """An initializer holding ``values`` as ONNX ``elem_type`` (fp8 as raw bytes)."""
+    if elem_type == TensorProto.FLOAT8E4M3FN:
+        raw = values.contiguous().view(torch.uint8).cpu().numpy().tobytes()
+        return helper.make_tensor(name, elem_type, list(values.shape), raw, raw=True)
+    array = values.cpu().numpy().astype(helper.tensor_dtype_to_np_dtype(elem_type))
+    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+
+
+def _qdq_inputs(
+    graph: onnx.GraphProto, names: Names, base: str, q: QParams, float_type: int
+) -> list[str]:
+    scale = names.new(f"{base}_scale")
+    zero_point = names.new(f"{base}_zero_point")
+    graph.initializer.append(make_tensor(scale, q.scale, float_type))
+    graph.initializer.append(
+        make_tensor(zero_point, q.fmt.encode_zero_point(q.zero_point), q.fmt.onnx_type)
+    )
+    return [scale, zero_point]
+
+
+def _axis_attrs(q: QParams) -> dict[str, int]:
+    return {} if q.axis is None else {"axis": q.axis}
+
+
+def _rewire(graph: onnx.GraphProto, uses: list[Use], tensor: str, replacement: str) -> None:
+    nodes = {n.name: n for n in graph.node}
+    for use in uses:
+        node = nodes[use.node]
+        if node.input[use.index] != tensor:
+            raise ModelError(f"node {use.node!r} input {use.index} is not {tensor!r}")
+        node.input[use.index] = replacement
+
+
+def sort_nodes(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` topologically, keeping the original order where it is free.
+
+    The passes append their nodes at the end; one sort after all passes puts each node after
+    the producers of its inputs.
+    """
+    produced_by = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    waiting_on = [
+        {produced_by[t] for t in _node_inputs(node) if t in produced_by} for node in graph.node
+    ]
+    consumers: dict[int, list[int]] = {}
+    for i, deps in enumerate(waiting_on):
+        for d in deps:
+            consumers.setdefault(d, []).append(i)
+    ready = [i for i, deps in enumerate(waiting_on) if not deps]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for c in consumers.get(i, ()):
+            waiting_on[c].discard(i)
+            if not waiting_on[c]:
+                heapq.heappush(ready, c)
+    if len(order) != len(graph.node):
+        raise ModelError(f"graph {graph.name!r} has a cycle: cannot order its nodes")
+    nodes = [graph.node[i] for i in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _node_inputs(node: onnx.NodeProto) -> Iterator[str]:
+    """Inputs of ``node`` and the outer-scope names its subgraphs read."""
+    yield from node.input
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.HasField("g") else attr.graphs:
+            for inner in _all_nodes(sub):
+                yield from inner.input
+
+
+def insert_activation_qdq(
+    graph: onnx.GraphProto, plan: ActivationPlan, q: QParams, names: Names
+) -> None:
+    """``X -> QuantizeLinear -> DequantizeLinear -> consumers`` for the planned uses of X."""
+    tensor = plan.tensor
+    scale, zero_point = _qdq_inputs(graph, names, tensor, q, plan.elem_type)
+    quantized = names.new(f"{tensor}_quantized")
+    dequantized = names.new(f"{tensor}_dequantized")
+    nodes = [
+        helper.make_node(
+            "QuantizeLinear",
+            [tensor, scale, zero_point],
+            [quantized],
+            names.new(f"{tensor}_QuantizeLinear"),
+            **_axis_attrs(q),
+        ),
+        helper.make_node(
+            "DequantizeLinear",
+            [quantized, scale, zero_point],
+            [dequantized],
+            names.new(f"{tensor}_DequantizeLinear"),
+            **_axis_attrs(q),
+        ),
+    ]
+    _rewire(graph, plan.uses, tensor, dequantized)
+    graph.node.extend(nodes)
+
+
+def quantize_weight(
+    graph: onnx.GraphProto, plan: WeightPlan, q: QParams, mode: str, names: Names
+) -> None:
+    """Store the weight quantized (``mode="quantized"``) or keep it float with a Q -> DQ pair."""
+    tensor = plan.tensor
+    init = next(t for t in graph.initializer if t.name == tensor)
+    scale, zero_point = _qdq_inputs(graph, names, tensor, q, init.data_type)
+    dequantized = names.new(f"{tensor}_dequantized")
+    nodes = []
+    if mode == "quantized":
+        weight = torch.from_numpy(numpy_helper.to_array(init).copy())
+        shape = tuple(weight.shape)
+        scale_b = q.scale.reshape(_broadcast(q, shape))
+        zp_b = q.zero_point.reshape(_broadcast(q, shape))
+        stored = names.new(f"{tensor}_quantized")
+        graph.initializer.append(
+            make_tensor(stored, q.fmt.quantize(weight, scale_b, zp_b), q.fmt.onnx_type)
+        )
+    else:
+        stored = names.new(f"{tensor}_quantized")
+        nodes.append(
+            helper.make_node(
+                "QuantizeLinear",
+                [tensor, scale, zero_point],
+                [stored],
+                names.new(f"{tensor}_QuantizeLinear"),
+                **_axis_attrs(q),
+            )
+        )
+    nodes.append(
+        helper.make_node(
+            "DequantizeLinear",
+            [stored, scale, zero_point],
+            [dequantized],
+            names.new(f"{tensor}_DequantizeLinear"),
+            **_axis_attrs(q),
+        )
+    )
+    _rewire(graph, plan.uses, tensor, dequantized)
+    graph.node.extend(nodes)
+    if mode == "quantized" and not _is_used(graph, tensor):
+        graph.initializer.remove(init)
+
+
+def _broadcast(q: QParams, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if q.axis is None:
+        return ()
+    return tuple(n if i == q.axis % len(shape) else 1 for i, n in enumerate(shape))
+
+
+def _is_used(graph: onnx.GraphProto, tensor: str) -> bool:
+    if any(o.name == tensor for o in graph.output):
+        return True
+    return any(tensor in node.input for node in _all_nodes(graph))
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else attr.graphs:
+                yield from _all_nodes(sub)
+
+
+def required_opset(formats: list[Format], per_axis: bool, float_types: set[int]) -> int:
+    """Lowest default-domain opset whose Q/DQ ops take these formats, axes and scale types."""
+    opset = max([10, *(f.min_opset for f in formats)])
+    if per_axis:
+        opset = max(opset, 13)
+    if float_types - {TensorProto.FLOAT}:
+        opset = max(opset, 19)
+    return opset
+
+
+def raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """``model`` at default-domain opset >= ``target``; only the version number changes when no
+    op in the graph changed between the two opsets, else onnx's version converter runs."""
+    entry = next(e for e in model.opset_import if e.domain in ("", "ai.onnx"))
+    current = entry.version
+    if current >= target:
+        return model
+    changed = sorted(
+        {
+            n.op_type
+            for n in _all_nodes(model.graph)
+            if n.domain in ("", "ai.onnx")
+            and _since(n.op_type, current) != _since(n.op_type, target)
+        }
+    )
+    if changed:
+        try:
+            model = onnx.version_converter.convert_version(model, target)
+        except Exception as e:  # the converter raises bare RuntimeErrors and others
+            raise ModelError(
+                f"cannot raise the model's opset from {current} to {target} (ops {changed} "
+                f"changed): {e}. Export the model at opset {target} or later"
+            ) from None
+    else:
+        entry.version = target
+    model.ir_version = max(model.ir_version, _ir_version(target))
+    return model
+
+
+def _since(op_type: str, opset: int) -> int:
+    try:
+        return onnx.defs.get_schema(op_type, opset, "").since_version
+    except onnx.defs.SchemaError:
+        return -1
+
+
+def _ir_version(opset: int) -> int:
+    table = [(ir, op) for _, ir, op, *_ in helper.VERSION_TABLE if op is not None]
+    return min(ir for ir, op in table if op >= opset)

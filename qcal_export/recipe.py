@@ -1,0 +1,167 @@
+"""Recipes: which nodes are quantized, and which format, granularity and method each tensor gets.
+
+A recipe is typed data, built in Python or loaded from YAML/JSON, validated before any batch runs.
+Overrides match nodes by name pattern (``fnmatch``) and op type; the first match wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from qcal_export.errors import RecipeError
+from qcal_export.formats import FORMATS
+
+DEFAULT_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+METHODS = ("max", "mse")
+WeightsMode = Literal["quantized", "qdq"]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """How one tensor is quantized: format name, method name and the method's options.
+
+    ``per_channel`` applies to weights (one scale per output channel); activations are always
+    per tensor, as ONNX Runtime and TensorRT consume them.
+    """
+
+    format: str = "int8"
+    method: str = "max"
+    per_channel: bool = False
+    options: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise RecipeError(f"unknown format {self.format!r}: choose one of {sorted(FORMATS)}")
+        if self.method not in METHODS:
+            raise RecipeError(f"unknown method {self.method!r}: choose one of {list(METHODS)}")
+        allowed = {"mse": {"start", "stop", "step"}}.get(self.method, set())
+        unknown = set(self.options) - allowed
+        if unknown:
+            raise RecipeError(
+                f"method {self.method!r} takes no option(s) {sorted(unknown)}; "
+                f"it takes {sorted(allowed) or 'none'}"
+            )
+
+
+@dataclass(frozen=True)
+class Override:
+    """Specs for the nodes whose name matches ``nodes`` and whose op type is in ``op_types``.
+
+    ``activation`` or ``weight`` set to None leaves that input in float.
+    """
+
+    nodes: str = "*"
+    op_types: tuple[str, ...] = ()
+    activation: TensorSpec | None = None
+    weight: TensorSpec | None = None
+
+    def matches(self, node_name: str, op_type: str) -> bool:
+        by_type = not self.op_types or op_type in self.op_types
+        return by_type and fnmatch.fnmatchcase(node_name, self.nodes)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The whole plan: node selection, default specs, overrides and export options."""
+
+    activation: TensorSpec = TensorSpec()
+    weight: TensorSpec = TensorSpec(per_channel=True)
+    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    overrides: tuple[Override, ...] = ()
+    weights_mode: WeightsMode = "quantized"
+    nonfinite: Literal["skip", "error"] = "skip"
+
+    def __post_init__(self) -> None:
+        if self.weights_mode not in ("quantized", "qdq"):
+            raise RecipeError(
+                f"weights_mode must be 'quantized' or 'qdq', not {self.weights_mode!r}"
+            )
+        if self.nonfinite not in ("skip", "error"):
+            raise RecipeError(f"nonfinite must be 'skip' or 'error', not {self.nonfinite!r}")
+
+    def excludes(self, node_name: str, op_type: str) -> bool:
+        return op_type in self.exclude_op_types or any(
+            fnmatch.fnmatchcase(node_name, pattern) for pattern in self.exclude_nodes
+        )
+
+    def specs_for(
+        self, node_name: str, op_type: str
+    ) -> tuple[TensorSpec | None, TensorSpec | None]:
+        """(activation spec, weight spec) for a node; None means leave that input in float."""
+        for override in self.overrides:
+            if override.matches(node_name, op_type):
+                return override.activation, override.weight
+        return self.activation, self.weight
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe from a YAML or JSON file; RecipeError names the file and the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    try:
+        data = (
+            yaml.safe_load(path.read_text())
+            if path.suffix != ".json"
+            else json.loads(path.read_text())
+        )
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise RecipeError(f"recipe file {path} is not valid YAML/JSON: {e}") from None
+    try:
+        return recipe_from_dict(data or {})
+    except RecipeError as e:
+        raise RecipeError(f"recipe file {path}: {e}") from None
+
+
+def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
+    """Build a Recipe from plain data, rejecting unknown keys."""
+    kwargs = _fields(Recipe, data, "recipe")
+    for key in ("activation", "weight"):
+        if key in kwargs:
+            kwargs[key] = _spec(kwargs[key], key)
+    for key in ("op_types", "exclude_nodes", "exclude_op_types"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    if "overrides" in kwargs:
+        kwargs["overrides"] = tuple(_override(o, i) for i, o in enumerate(kwargs["overrides"]))
+    return Recipe(**kwargs)
+
+
+def _override(data: Mapping[str, Any], index: int) -> Override:
+    where = f"overrides[{index}]"
+    kwargs = _fields(Override, data, where)
+    if "op_types" in kwargs:
+        kwargs["op_types"] = tuple(kwargs["op_types"])
+    for key in ("activation", "weight"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = _spec(kwargs[key], f"{where}.{key}")
+    return Override(**kwargs)
+
+
+def _spec(data: Mapping[str, Any] | TensorSpec, where: str) -> TensorSpec:
+    if isinstance(data, TensorSpec):
+        return data
+    return TensorSpec(**_fields(TensorSpec, data, where))
+
+
+def _fields(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where} must be a mapping, not {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    return dict(data)
