@@ -1,0 +1,56 @@
+"""qcal_export: calibrate quantization ranges for ONNX models and export deployable results.
+
+Data flow: readers -> capture (ONNX Runtime) -> calibrators -> QDQ ONNX, safetensors scales,
+report. ``calibrate_onnx`` runs all of it; the pieces are importable on their own.
+"""
+
+from __future__ import annotations
+
+from qcal_export.artifacts.scales import TensorScales, load_scales, save_scales
+from qcal_export.calibrators import CALIBRATORS, Calibrator, MaxCalibrator, MseCalibrator
+from qcal_export.errors import (
+    CalibrationError,
+    DataError,
+    ModelError,
+    OutputError,
+    QcalError,
+    RecipeError,
+    ScalesError,
+)
+from qcal_export.formats import FP8_E4M3, INT8, UINT8, FP8E4M3Format, IntFormat, get_format
+from qcal_export.granularity import PerAxis, PerTensor
+from qcal_export.pipeline import CalibrationResult, calibrate_onnx
+from qcal_export.recipe import Override, Recipe, TensorSpec, load_recipe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CALIBRATORS",
+    "FP8_E4M3",
+    "INT8",
+    "UINT8",
+    "CalibrationError",
+    "CalibrationResult",
+    "Calibrator",
+    "DataError",
+    "FP8E4M3Format",
+    "IntFormat",
+    "MaxCalibrator",
+    "ModelError",
+    "MseCalibrator",
+    "OutputError",
+    "Override",
+    "PerAxis",
+    "PerTensor",
+    "QcalError",
+    "Recipe",
+    "RecipeError",
+    "ScalesError",
+    "TensorScales",
+    "TensorSpec",
+    "calibrate_onnx",
+    "get_format",
+    "load_recipe",
+    "load_scales",
+    "save_scales",
+]

@@ -57,16 +57,19 @@ class IntFormat:
         self, amin: torch.Tensor, amax: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 scale and zero point (integer-valued float32) for a range; shapes as given."""
-        amin = amin.to(torch.float32)
-        amax = amax.to(torch.float32)
         if self.symmetric:
-            bound = torch.maximum(amin.abs(), amax.abs()).clamp_min(AMAX_FLOOR)
-            return bound / self.qmax, torch.zeros_like(bound)
-        lo = amin.clamp(max=0.0)
-        hi = amax.clamp(min=0.0)
-        scale = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(AMAX_FLOOR / self.qmax)
-        zero_point = torch.round(self.qmin - lo / scale).clamp(self.qmin, self.qmax)
-        return scale, zero_point
+            bound = torch.maximum(amin.abs(), amax.abs()).to(torch.float32).clamp_min(AMAX_FLOOR)
+            return _divide(bound, self.qmax), torch.zeros_like(bound)
+        lo = amin.to(torch.float32).clamp(max=0.0)
+        hi = amax.to(torch.float32).clamp(min=0.0)
+        levels = self.qmax - self.qmin
+        width = hi - lo
+        scale = _divide(width, levels)
+        # A width past float32's range (only for |min|, |max| near 3.4e38) is split to stay finite.
+        scale = torch.where(torch.isinf(width), _divide(hi, levels) - _divide(lo, levels), scale)
+        scale = scale.clamp_min(AMAX_FLOOR / self.qmax)
+        zero_point = torch.round(self.qmin - lo / scale)
+        return scale, zero_point.clamp(self.qmin, self.qmax)
 
     def quantize(
         self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
@@ -79,8 +82,20 @@ class IntFormat:
         self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     ) -> torch.Tensor:
         """QuantizeLinear -> DequantizeLinear in float32; scale/zero_point broadcast against x."""
-        q = (torch.round(x.to(torch.float32) / scale) + zero_point).clamp(self.qmin, self.qmax)
-        return (q - zero_point) * scale
+        return self.fake_quant_into(_out_like(x, scale), x, scale, zero_point)
+
+    def fake_quant_into(
+        self, out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+    ) -> torch.Tensor:
+        """``fake_quant`` written into ``out`` (float32, the broadcast shape), in place."""
+        torch.div(x, scale, out=out)
+        out.round_()
+        if not self.symmetric:
+            out.add_(zero_point)
+        out.clamp_(self.qmin, self.qmax)
+        if not self.symmetric:
+            out.sub_(zero_point)
+        return out.mul_(scale)
 
     def encode_zero_point(self, zero_point: torch.Tensor) -> torch.Tensor:
         return zero_point.to(self.storage_dtype)
@@ -101,7 +116,7 @@ class FP8E4M3Format:
         self, amin: torch.Tensor, amax: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         bound = torch.maximum(amin.abs(), amax.abs()).to(torch.float32).clamp_min(AMAX_FLOOR)
-        return bound / self.qmax, torch.zeros_like(bound)
+        return _divide(bound, self.qmax), torch.zeros_like(bound)
 
     def quantize(
         self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
@@ -112,13 +127,35 @@ class FP8E4M3Format:
     def fake_quant(
         self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     ) -> torch.Tensor:
-        return self.quantize(x, scale, zero_point).to(torch.float32) * scale
+        return self.fake_quant_into(_out_like(x, scale), x, scale, zero_point)
+
+    def fake_quant_into(
+        self, out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+    ) -> torch.Tensor:
+        torch.div(x, scale, out=out)
+        out.clamp_(-self.qmax, self.qmax)
+        out.copy_(out.to(self.storage_dtype))
+        return out.mul_(scale)
 
     def encode_zero_point(self, zero_point: torch.Tensor) -> torch.Tensor:
         return zero_point.to(self.storage_dtype)
 
 
 Format = IntFormat | FP8E4M3Format
+
+
+def _divide(t: torch.Tensor, number: float) -> torch.Tensor:
+    """``t / number``, correctly rounded on every device.
+
+    CUDA computes ``t / 127`` as ``t * (1 / 127)``, one ulp off what ONNX Runtime computes.
+    """
+    return t / torch.tensor(number, dtype=t.dtype, device=t.device)
+
+
+def _out_like(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    shape = torch.broadcast_shapes(x.shape, scale.shape)
+    return torch.empty(shape, dtype=torch.float32, device=x.device)
+
 
 INT8 = IntFormat(bits=8, signed=True, symmetric=True)
 UINT8 = IntFormat(bits=8, signed=False, symmetric=False)

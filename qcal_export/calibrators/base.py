@@ -59,7 +59,7 @@ class Calibrator(ABC):
         if x.numel() == 0:
             return
         shape = self.granularity.stat_shape(tuple(x.shape))
-        x = x.detach().to(torch.float32)
+        x, nonfinite = self._drop_nonfinite(x.detach().to(torch.float32))
         if not self._state:
             self._state = self._init_state(self.granularity.groups(x))
             device = x.device
@@ -71,7 +71,7 @@ class Calibrator(ABC):
                 f"{self.granularity.describe()} statistics of shape {shape} do not match "
                 f"{self.stat_shape} from earlier batches (tensor shape {tuple(x.shape)})"
             )
-        x = self._drop_nonfinite(x)
+        self._state["nonfinite"] += nonfinite
         self._state["numel"] += x.numel()
         self._update(x, self.granularity.groups(x))
 
@@ -112,16 +112,18 @@ class Calibrator(ABC):
                 )
             _merge_entry(key, self.merge_ops[key], mine, theirs)
 
-    def _drop_nonfinite(self, x: torch.Tensor) -> torch.Tensor:
-        """Count non-finite values, then raise or replace them by 0 (which never adds error)."""
+    def _drop_nonfinite(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``x`` with non-finite values replaced by 0 (which adds no error), and their count.
+
+        Raises before any state changes when ``nonfinite="error"``.
+        """
         bad = ~torch.isfinite(x)
         count = int(bad.sum())
         if count == 0:
-            return x
+            return x, 0
         if self.nonfinite == "error":
             raise CalibrationError(f"{count} non-finite values (NaN/Inf) in a collected tensor")
-        self._state["nonfinite"] += count
-        return torch.where(bad, torch.zeros((), device=x.device), x)
+        return torch.where(bad, torch.zeros((), device=x.device), x), count
 
     @abstractmethod
     def _init_state(self, groups: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -21,8 +21,8 @@ from qcal_export.granularity import Granularity
 QuantFunc = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ErrorFunc = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-CHUNK_ELEMENTS = 1 << 22
-"""Candidates x groups x columns scored at once; bounds the sweep's scratch memory."""
+CHUNK_ELEMENTS = 1 << 18
+"""Candidates x groups x columns scored at once: a cache-sized scratch buffer, reused in place."""
 
 
 def mse_multipliers(start: float = 0.25, stop: float = 4.0, step: float = 0.1) -> torch.Tensor:
@@ -106,6 +106,11 @@ class MseCalibrator(Calibrator):
                 "set_initial_range() before collect()"
             )
         num, device = groups.shape[0], groups.device
+        if self.amax0.numel() not in (1, num):
+            raise CalibrationError(
+                f"initial range of shape {tuple(self.amax0.shape)} does not fit {num} "
+                f"{self.granularity.describe()} groups of the collected tensor"
+            )
         amin0 = self.amin0.to(device).reshape(-1).expand(num).contiguous()
         amax0 = self.amax0.to(device).reshape(-1).expand(num).contiguous()
         losses = torch.zeros(num, len(self.multipliers), dtype=torch.float64, device=device)
@@ -126,11 +131,15 @@ class MseCalibrator(Calibrator):
         scale, zero_point = scale[:, :, None], zero_point[:, :, None]
         num_cand, num_groups = scale.shape[:2]
         chunk = max(1, CHUNK_ELEMENTS // (num_cand * num_groups))
+        scratch = torch.empty(
+            num_cand * num_groups * min(chunk, groups.shape[1]), device=groups.device
+        )
         losses = self._state["losses"]
         for begin in range(0, groups.shape[1], chunk):
             xc = groups[:, begin : begin + chunk]
-            xq = self.fmt.fake_quant(xc, scale, zero_point)
-            losses += self._error(xc, xq).sum(-1, dtype=torch.float64).T
+            xq = scratch[: num_cand * xc.numel()].view(num_cand, num_groups, -1)
+            self.fmt.fake_quant_into(xq, xc, scale, zero_point)
+            losses += self._error(xc, xq).T
 
     def _update_custom(self, x: torch.Tensor) -> None:
         """One full pass per candidate: a user quant_func is not vectorized over candidates."""
@@ -138,13 +147,18 @@ class MseCalibrator(Calibrator):
         shape = self.stat_shape
         for k in range(amax.shape[0]):
             xq = self.quant_func(x, amax[k].reshape(shape))
-            err = self.granularity.groups(self._error(x, xq))
-            self._state["losses"][:, k] += err.sum(-1, dtype=torch.float64)
+            error = (
+                (xq.double() - x).square() if self.error_func is None else self.error_func(x, xq)
+            )
+            self._state["losses"][:, k] += self.granularity.groups(error).sum(
+                -1, dtype=torch.float64
+            )
 
     def _error(self, x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+        """Summed error over the last axis, in float64 (exact differences, no cancellation)."""
         if self.error_func is not None:
-            return self.error_func(x, xq)
-        return (xq.double() - x.double()).square()
+            return self.error_func(x, xq).sum(-1, dtype=torch.float64)
+        return xq.double().sub_(x).square_().sum(-1)
 
     def _decide(self) -> tuple[torch.Tensor, torch.Tensor]:
         best = self._state["losses"].argmin(dim=1)

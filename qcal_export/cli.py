@@ -1,0 +1,226 @@
+"""The ``qcal`` command: calibrate, inspect, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from qcal_export.errors import QcalError
+
+console = Console(stderr=True)
+
+
+def progress_bar(total: int | None) -> Callable[[str], object]:
+    """A progress factory for the pipeline: one rich bar per pass over the batches."""
+
+    @contextmanager
+    def bar(label: str) -> Iterator[Callable[[], None]]:
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        ]
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task(label, total=total)
+            yield lambda: progress.advance(task)
+
+    return bar
+
+
+def add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate", help="calibrate an ONNX model and write its QDQ form and scales"
+    )
+    p.add_argument("model", help="float ONNX model (never modified)")
+    p.add_argument("--data", help=".npz file, or directory of .npz/.npy batches")
+    p.add_argument("-o", "--output", help="QDQ ONNX model to write")
+    p.add_argument("--scales", help="safetensors scales file to write")
+    p.add_argument("--report", help="JSON report to write")
+    p.add_argument("--format", default="int8", choices=["int8", "uint8", "fp8"])
+    p.add_argument("--method", default="max", choices=["max", "mse"], help="activation method")
+    p.add_argument("--weight-method", default="max", choices=["max", "mse"])
+    p.add_argument(
+        "--per-channel-weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one weight scale per output channel (default) or per tensor",
+    )
+    p.add_argument(
+        "--exclude", nargs="*", default=[], metavar="NODE", help="node name patterns left in float"
+    )
+    p.add_argument("--exclude-op-types", nargs="*", default=[], metavar="OP")
+    p.add_argument("--recipe", help="YAML/JSON recipe (overrides --format/--method/--exclude)")
+    p.add_argument("--weights-mode", default="quantized", choices=["quantized", "qdq"])
+    p.add_argument("--nonfinite", default="skip", choices=["skip", "error"])
+    p.add_argument("--batches", type=int, help="use at most N batches")
+    p.add_argument("--batch-size", type=int, help="split a single .npz along axis 0")
+    p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--scales-in", help="re-export from a saved scales file, no calibration")
+    p.add_argument("--validate-batches", type=int, default=4, help="batches for the error check")
+    p.set_defaults(run=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from qcal_export.pipeline import calibrate_onnx
+    from qcal_export.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    result = calibrate_onnx(
+        args.model,
+        args.data,
+        output=args.output,
+        scales=args.scales,
+        report=args.report,
+        recipe=recipe,
+        format=args.format,
+        method=args.method,
+        weight_method=args.weight_method,
+        per_channel_weights=args.per_channel_weights,
+        exclude=tuple(args.exclude),
+        exclude_op_types=tuple(args.exclude_op_types),
+        weights_mode=args.weights_mode,
+        nonfinite=args.nonfinite,
+        batch_size=args.batch_size,
+        max_batches=args.batches,
+        provider=args.provider,
+        scales_in=args.scales_in,
+        validate_batches=args.validate_batches,
+        progress=progress_bar(args.batches),
+    )
+    print_summary(result.report)
+
+
+def print_summary(report: dict) -> None:
+    """Tensors, notes and output error of a run, as tables on stdout."""
+    out = Console()
+    tensors = Table(title=f"{len(report['quantized_nodes'])} nodes quantized in {report['model']}")
+    for column in ("tensor", "kind", "format", "method", "granularity", "amax", "notes"):
+        tensors.add_column(column, overflow="fold")
+    for row in report["tensors"]:
+        tensors.add_row(
+            escape(row["tensor"]),
+            row["kind"],
+            row["format"],
+            row["method"],
+            row["granularity"],
+            f"{row['amax']:.4g}",
+            "; ".join(row["notes"]),
+        )
+    out.print(tensors)
+    if report["output_error"]:
+        errors = Table(title="output error vs the float model")
+        for column in ("output", "max abs", "rel L2", "cosine"):
+            errors.add_column(column)
+        for name, e in report["output_error"].items():
+            errors.add_row(name, f"{e['max_abs']:.4g}", f"{e['rel_l2']:.4g}", f"{e['cosine']:.6f}")
+        out.print(errors)
+    opset = report["opset"]
+    if opset["from"] != opset["to"]:
+        out.print(f"opset raised from {opset['from']} to {opset['to']} for the chosen formats")
+    for key in ("output_model", "scales_file"):
+        if report.get(key):
+            out.print(f"wrote {report[key]}")
+
+
+def add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="list the quantizable nodes of an ONNX model")
+    p.add_argument("model")
+    p.add_argument(
+        "--op-types", nargs="*", help="op types to list (default MatMul Gemm Conv ConvTranspose)"
+    )
+    p.set_defaults(run=cmd_inspect)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from qcal_export.graphs.inspect import quantizable_nodes
+    from qcal_export.graphs.model_io import load_model
+
+    loaded = load_model(args.model)
+    rows = quantizable_nodes(loaded.proto, args.op_types)
+    table = Table(title=f"{args.model}: opset {loaded.opset}, {len(rows)} quantizable nodes")
+    for column in ("node", "op", "activations", "weight", "weight axis"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        cells = (row.node, row.op_type, "\n".join(row.activations), row.weight or "", row.axis)
+        table.add_row(*map(escape, cells))
+    Console().print(table)
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="calibrate all-MiniLM-L6-v2 on stdlib docstrings; max vs mse")
+    p.add_argument("--out-dir", default="qcal-demo", help="where the demo writes its models")
+    p.add_argument("--cache-dir", help="where the exported float model is cached")
+    p.add_argument(
+        "--formats", nargs="*", default=["int8", "fp8"], choices=["int8", "uint8", "fp8"]
+    )
+    p.add_argument("--methods", nargs="*", default=["max", "mse"], choices=["max", "mse"])
+    p.set_defaults(run=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from qcal_export.demo import run_demo
+
+    rows = run_demo(
+        Path(args.out_dir),
+        args.formats,
+        args.methods,
+        cache_dir=args.cache_dir,
+        progress=progress_bar(None),
+    )
+    title = (
+        "all-MiniLM-L6-v2 static quantization: sentence-embedding cosine vs float, held-out text"
+    )
+    table = Table(title=title)
+    for column in ("format", "method", "mean cosine", "min cosine", "calibration s", "model"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            r["format"],
+            r["method"],
+            f"{r['mean']:.4f}",
+            f"{r['min']:.4f}",
+            f"{r['seconds']:.1f}",
+            r["model"],
+        )
+    Console().print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qcal", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_calibrate(sub)
+    add_inspect(sub)
+    add_demo(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="qcal: %(message)s",
+    )
+    try:
+        args.run(args)
+    except QcalError as e:
+        console.print(f"qcal: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("qcal: interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
