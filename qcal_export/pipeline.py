@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,6 +227,53 @@ def calibrate_onnx(
     for path, what in ((output, "output model"), (scales, "scales file"), (report, "report")):
         if path is not None:
             check_writable(path, what)
+    run = _plan(model, recipe, data, batch_size, provider)
+    with _timed(run, "calibrate_s"):
+        found = _scales(run, scales_in, max_batches, progress)
+    with _timed(run, "export_s"):
+        exported = export_qdq(run.working, run.plan, found, recipe.weights_mode)
+    errors: dict[str, dict[str, float]] = {}
+    if run.source is not None and validate_batches > 0:
+        with _timed(run, "validate_s"):
+            errors = _output_error(run, exported.model, validate_batches)
+    result = CalibrationResult(scales=found, report={}, timings=run.timings)
+    if output is not None:
+        result.model_path = save_model(
+            exported.model, output, external_data=run.loaded.external_data
+        )
+    if scales is not None:
+        result.scales_path = save_scales(scales, found, run.loaded.sha256)
+    result.report = build_report(run, found, exported, errors, result)
+    if report is not None:
+        result.report_path = save_report(report, result.report)
+    return result
+
+
+@dataclass
+class Run:
+    """What one calibration works on: the model, its copy being edited, the plan and the data."""
+
+    loaded: LoadedModel
+    working: onnx.ModelProto
+    plan: Plan
+    recipe: Recipe
+    source: DataSource | None
+    providers: list[str]
+    batches_per_pass: list[int] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def _timed(run: Run, key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    run.timings[key] = time.perf_counter() - start
+
+
+def _plan(
+    model: str | Path, recipe: Recipe, data: Any, batch_size: int | None, provider: str
+) -> Run:
+    """Load and check the model, plan its targets, open the data; nothing runs yet."""
     loaded = load_model(model)
     check_model(loaded.proto, str(loaded.path), full=False)
     working = onnx.ModelProto()
@@ -239,98 +286,41 @@ def calibrate_onnx(
             f"(excluded: {plan.excluded[:5]})"
         )
     source = open_data(data, batch_size=batch_size) if data is not None else None
-    providers = select_providers(provider)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    found, counts = _scales(
-        loaded, working, plan, recipe, source, providers, scales_in, max_batches, progress
-    )
-    timings["calibrate_s"] = time.perf_counter() - start
-    return _export_and_write(
-        loaded,
-        working,
-        plan,
-        recipe,
-        found,
-        counts,
-        source,
-        providers,
-        timings,
-        output=output,
-        scales=scales,
-        report=report,
-        validate_batches=validate_batches,
-    )
+    return Run(loaded, working, plan, recipe, source, select_providers(provider))
 
 
 def _scales(
-    loaded: LoadedModel,
-    working: onnx.ModelProto,
-    plan: Plan,
-    recipe: Recipe,
-    source: DataSource | None,
-    providers: list[str],
+    run: Run,
     scales_in: str | Path | None,
     max_batches: int | None,
     progress: ProgressFactory | None,
-) -> tuple[dict[str, TensorScales], list[int]]:
+) -> dict[str, TensorScales]:
     """Scales for every planned tensor: read from ``scales_in`` or calibrated now."""
     if scales_in is not None:
         found, header = load_scales(scales_in)
-        check_scales_match(plan, found, str(scales_in))
-        if header.get("model_sha256") != loaded.sha256:
+        check_scales_match(run.plan, found, str(scales_in))
+        if header.get("model_sha256") != run.loaded.sha256:
             log.warning(
-                "%s was calibrated on a different model file than %s", scales_in, loaded.path
+                "%s was calibrated on another model file than %s", scales_in, run.loaded.path
             )
-        return found, []
-    if source is None and plan.activations:
+        return found
+    if run.source is None and run.plan.activations:
         raise DataError("calibration needs data: pass --data (or scales_in to reuse saved scales)")
-    found = calibrate_weights(working, plan, recipe.nonfinite)
-    counts: list[int] = []
-    if plan.activations:
-        types = {t: a.elem_type for t, a in plan.activations.items()}
-        capture = OrtCapture(working, types, providers=providers, name=str(loaded.path))
-        activations, counts = calibrate_activations(
-            capture, plan, source, recipe.nonfinite, max_batches, progress
+    found = calibrate_weights(run.working, run.plan, run.recipe.nonfinite)
+    if run.plan.activations:
+        types = {t: a.elem_type for t, a in run.plan.activations.items()}
+        capture = OrtCapture(run.working, types, providers=run.providers, name=str(run.loaded.path))
+        activations, run.batches_per_pass = calibrate_activations(
+            capture, run.plan, run.source, run.recipe.nonfinite, max_batches, progress
         )
         found.update(activations)
-    return found, counts
+    return found
 
 
-def _export_and_write(
-    loaded: LoadedModel,
-    working: onnx.ModelProto,
-    plan: Plan,
-    recipe: Recipe,
-    found: dict[str, TensorScales],
-    counts: list[int],
-    source: DataSource | None,
-    providers: list[str],
-    timings: dict[str, float],
-    *,
-    output: str | Path | None,
-    scales: str | Path | None,
-    report: str | Path | None,
-    validate_batches: int,
-) -> CalibrationResult:
-    start = time.perf_counter()
-    exported = export_qdq(working, plan, found, recipe.weights_mode)
-    timings["export_s"] = time.perf_counter() - start
-    errors: dict[str, dict[str, float]] = {}
-    if source is not None and validate_batches > 0:
-        start = time.perf_counter()
-        reference = open_session(loaded.proto, providers, str(loaded.path))
-        candidate = open_session(exported.model, providers, "the quantized model")
-        errors = compare_outputs(reference, candidate, loaded.proto, source, validate_batches)
-        timings["validate_s"] = time.perf_counter() - start
-    result = CalibrationResult(scales=found, report={}, timings=timings)
-    if output is not None:
-        result.model_path = save_model(exported.model, output, external_data=loaded.external_data)
-    if scales is not None:
-        result.scales_path = save_scales(scales, found, loaded.sha256)
-    result.report = build_report(
-        loaded, plan, recipe, found, exported, counts, providers, errors, timings, result
-    )
-    if report is not None:
-        result.report_path = save_report(report, result.report)
-    return result
+def _output_error(
+    run: Run, exported: onnx.ModelProto, max_batches: int
+) -> dict[str, dict[str, float]]:
+    """Error of the QDQ model's outputs against the float model's, on the first batches."""
+    reference = open_session(run.loaded.proto, run.providers, str(run.loaded.path))
+    candidate = open_session(exported, run.providers, "the quantized model")
+    return compare_outputs(reference, candidate, run.loaded.proto, run.source, max_batches)

@@ -11,10 +11,7 @@ from qcal_export.atomic import atomic_path
 
 if TYPE_CHECKING:
     from qcal_export.graphs.export import ExportResult
-    from qcal_export.graphs.model_io import LoadedModel
-    from qcal_export.graphs.targets import Plan
-    from qcal_export.pipeline import CalibrationResult
-    from qcal_export.recipe import Recipe
+    from qcal_export.pipeline import CalibrationResult, Run
 
 
 def tensor_row(s: TensorScales) -> dict[str, Any]:
@@ -36,32 +33,27 @@ def tensor_row(s: TensorScales) -> dict[str, Any]:
 
 
 def build_report(
-    loaded: LoadedModel,
-    plan: Plan,
-    recipe: Recipe,
+    run: Run,
     scales: dict[str, TensorScales],
     exported: ExportResult,
-    batches: list[int],
-    providers: list[str],
     output_error: dict[str, dict[str, float]],
-    timings: dict[str, float],
     result: CalibrationResult,
 ) -> dict[str, Any]:
     """A JSON-able summary of one run."""
     return {
-        "model": str(loaded.path),
-        "model_sha256": loaded.sha256,
+        "model": str(run.loaded.path),
+        "model_sha256": run.loaded.sha256,
         "output_model": str(result.model_path) if result.model_path else None,
         "scales_file": str(result.scales_path) if result.scales_path else None,
-        "recipe": recipe.to_dict(),
-        "providers": providers,
-        "batches_per_pass": batches,
+        "recipe": run.recipe.to_dict(),
+        "providers": run.providers,
+        "batches_per_pass": run.batches_per_pass,
         "opset": {"from": exported.opset_from, "to": exported.opset_to},
-        "quantized_nodes": plan.nodes,
-        "excluded_nodes": plan.excluded,
+        "quantized_nodes": run.plan.nodes,
+        "excluded_nodes": run.plan.excluded,
         "tensors": [tensor_row(s) for s in scales.values()],
         "output_error": output_error,
-        "timings": timings,
+        "timings": run.timings,
         "versions": versions(),
     }
 
