@@ -134,7 +134,7 @@ def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
             kwargs[key] = _spec(kwargs[key], key)
     for key in ("op_types", "exclude_nodes", "exclude_op_types"):
         if key in kwargs:
-            kwargs[key] = tuple(kwargs[key])
+            kwargs[key] = _names(kwargs[key], key)
     if "overrides" in kwargs:
         kwargs["overrides"] = tuple(_override(o, i) for i, o in enumerate(kwargs["overrides"]))
     return Recipe(**kwargs)
@@ -144,7 +144,7 @@ def _override(data: Mapping[str, Any], index: int) -> Override:
     where = f"overrides[{index}]"
     kwargs = _fields(Override, data, where)
     if "op_types" in kwargs:
-        kwargs["op_types"] = tuple(kwargs["op_types"])
+        kwargs["op_types"] = _names(kwargs["op_types"], f"{where}.op_types")
     for key in ("activation", "weight"):
         if kwargs.get(key) is not None:
             kwargs[key] = _spec(kwargs[key], f"{where}.{key}")
@@ -154,7 +154,17 @@ def _override(data: Mapping[str, Any], index: int) -> Override:
 def _spec(data: Mapping[str, Any] | TensorSpec, where: str) -> TensorSpec:
     if isinstance(data, TensorSpec):
         return data
-    return TensorSpec(**_fields(TensorSpec, data, where))
+    try:
+        return TensorSpec(**_fields(TensorSpec, data, where))
+    except RecipeError as e:
+        raise RecipeError(f"{where}: {e}") from None
+
+
+def _names(value: Any, where: str) -> tuple[str, ...]:
+    """A list of names; a bare string would otherwise be split into characters."""
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise RecipeError(f"{where} must be a list of strings, not {value!r}")
+    return tuple(value)
 
 
 def _fields(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from qcal_export import demo
+from qcal_export.demo.model import INPUT_NAMES
 from qcal_export.errors import DataError
 
 onnx = pytest.importorskip("onnx")
@@ -67,7 +68,7 @@ def _torch_sentence_embedding(batch: dict[str, np.ndarray]) -> np.ndarray:
 def test_export_matches_torch(exported: tuple[Path, int], heldout_batch: dict) -> None:
     path, _ = exported
     model = onnx.load(str(path), load_external_data=False)
-    assert [i.name for i in model.graph.input] == list(demo.INPUT_NAMES)
+    assert [i.name for i in model.graph.input] == list(INPUT_NAMES)
     for graph_input in model.graph.input:
         assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.INT64
         dims = graph_input.type.tensor_type.shape.dim
@@ -126,7 +127,7 @@ def test_demo_texts_deterministic_across_processes() -> None:
     assert demo.demo_texts(num_calib=64, num_heldout=32) == first
     code = "import json; from qcal_export import demo; print(json.dumps(demo.demo_texts(64, 32)))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    root = str(Path(demo.__file__).resolve().parents[1])
+    root = str(Path(demo.__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
@@ -137,11 +138,13 @@ def test_demo_texts_deterministic_across_processes() -> None:
 def test_demo_batches_shapes_dtypes_padding() -> None:
     from tokenizers import Tokenizer
 
+    from qcal_export.demo.texts import bundled_model_dir
+
     texts = [*demo.demo_texts(num_calib=37, num_heldout=0)[0], "Short text."]
     batches = demo.demo_batches(texts, batch_size=16, max_length=32)
     assert [b["input_ids"].shape[0] for b in batches] == [16, 16, 6]
 
-    reference = Tokenizer.from_file(str(demo._bundled_model_dir() / "tokenizer.json"))
+    reference = Tokenizer.from_file(str(bundled_model_dir() / "tokenizer.json"))
     reference.no_padding()
     reference.enable_truncation(max_length=32)
     lengths = [len(e.ids) for e in reference.encode_batch(texts)]

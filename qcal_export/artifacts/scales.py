@@ -115,9 +115,13 @@ def load_scales(path: str | Path) -> tuple[dict[str, TensorScales], dict[str, An
         raise ScalesError(
             f"{path} has no qcal_export metadata: write it with qcal calibrate --scales"
         )
-    header = json.loads(raw)
+    try:
+        header = json.loads(raw)
+        entries = header["tensors"].items()
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ScalesError(f"{path}: qcal_export metadata is malformed ({e!r})") from None
     scales = {}
-    for name, entry in header["tensors"].items():
+    for name, entry in entries:
         try:
             scales[name] = TensorScales(
                 name=name,

@@ -21,7 +21,7 @@ from qcal_export.granularity import Granularity
 QuantFunc = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ErrorFunc = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 20
 """Candidates x groups x columns scored at once: a cache-sized scratch buffer, reused in place."""
 
 

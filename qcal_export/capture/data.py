@@ -83,7 +83,7 @@ def check_batch(batch: Any, inputs: list[InputSpec], index: int) -> Batch:
                     raise DataError(
                         f"{where}: dim {axis} is {got}, the model expects {spec.describe()}"
                     )
-        checked[spec.name] = np.ascontiguousarray(array)
+        checked[spec.name] = np.require(array, requirements="C")
     return checked
 
 
@@ -129,8 +129,9 @@ def _open_iterable(data: Iterable[Any]) -> DataSource:
     def once() -> Iterator[Any]:
         if used:
             raise DataError(
-                "the calibration data is a one-shot iterator and this method needs a second "
-                "pass: pass a list, a callable returning an iterator, or a reader"
+                "the calibration data is a one-shot iterator but a second pass is needed (the "
+                "mse method's, or the output check's: validate_batches=0 skips that one): pass "
+                "a list, a callable returning an iterator, or a reader with rewind()"
             )
         used.append(True)
         return data

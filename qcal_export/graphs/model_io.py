@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from qcal_export.atomic import atomic_dir, check_writable
-from qcal_export.errors import ModelError
+from qcal_export.errors import ModelError, OutputError
 
 PROTOBUF_LIMIT = 2**31 - 1
 """A serialized ModelProto cannot exceed 2 GB: larger models must keep external data."""
@@ -61,7 +62,7 @@ def load_model(path: str | Path) -> LoadedModel:
     if external:
         try:
             onnx.load_external_data_for_model(proto, str(path.parent))
-        except (OSError, ValueError) as e:
+        except Exception as e:  # onnx reports a missing data file as a bare ValidationError
             raise ModelError(f"{path}: cannot read its external data ({e})") from None
     return LoadedModel(proto, path, file_sha256(path), external)
 
@@ -70,22 +71,42 @@ def save_model(model: onnx.ModelProto, path: str | Path, *, external_data: bool)
     """Write ``model`` atomically; with ``external_data`` its tensors go to ``<name>.data``.
 
     Models over 2 GB always get external data. The model file is renamed into place last, so
-    a reader never sees a model whose data file is missing or torn.
+    a reader never sees a model whose data file is missing or torn; ``model`` is left as given.
     """
     path = check_writable(path, "output model")
     external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT
     with atomic_dir(path.parent) as tmp:
         staged = tmp / path.name
         data_name = f"{path.name}.data"
-        onnx.save_model(
-            model,
-            str(staged),
-            save_as_external_data=external_data,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=1024,
-        )
-        if external_data:
-            os.replace(tmp / data_name, path.parent / data_name)
-        os.replace(staged, path)
+        try:
+            onnx.save_model(
+                model,
+                str(staged),
+                save_as_external_data=external_data,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+            if external_data:
+                # save_model moved the tensors out of ``model``: read them back in.
+                onnx.load_external_data_for_model(model, str(tmp))
+                for tensor in _tensors(model.graph):
+                    tensor.ClearField("data_location")
+            if (tmp / data_name).exists():
+                os.replace(tmp / data_name, path.parent / data_name)
+            os.replace(staged, path)
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e}") from None
     return path
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of ``graph``: initializers and attribute tensors, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in [attr.g] if attr.HasField("g") else attr.graphs:
+                yield from _tensors(sub)

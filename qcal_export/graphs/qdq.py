@@ -10,7 +10,6 @@ import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -53,7 +52,7 @@ def make_tensor(name: str, values: torch.Tensor, elem_type: int) -> TensorProto:
         raw = values.contiguous().view(torch.uint8).cpu().numpy().tobytes()
         return helper.make_tensor(name, elem_type, list(values.shape), raw, raw=True)
     array = values.cpu().numpy().astype(helper.tensor_dtype_to_np_dtype(elem_type))
-    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+    return numpy_helper.from_array(array, name)
 
 
 def _qdq_inputs(

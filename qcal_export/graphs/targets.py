@@ -86,15 +86,22 @@ ACTIVATION_INPUTS: dict[str, tuple[int, ...]] = {
 
 
 def name_nodes(model: onnx.ModelProto) -> None:
-    """Give every unnamed node of the main graph a unique name (``<OpType>_<index>``)."""
+    """Name every unnamed node, and every repeat of a name, of the main graph uniquely.
+
+    Explicit first-occurrence names are kept; new names are ``<name or OpType>_<index>``.
+    """
     taken = {n.name for n in model.graph.node if n.name}
+    seen: set[str] = set()
     for i, node in enumerate(model.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in taken:
-                name += "_"
-            node.name = name
-            taken.add(name)
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        name = f"{node.name or node.op_type}_{i}"
+        while name in taken:
+            name += "_"
+        node.name = name
+        taken.add(name)
+        seen.add(name)
 
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:

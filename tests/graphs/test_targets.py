@@ -1,0 +1,520 @@
+"""find_targets and recipes on three-node graphs built with onnx.helper.
+
+Each graph is small enough to read the expected plan off it by hand: which tensors are planned as
+activations, which initializers as weights, on which channel axis, and for which node inputs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qcal_export.errors import RecipeError
+from qcal_export.graphs.inspect import quantizable_nodes
+from qcal_export.graphs.targets import Use, find_targets, name_nodes
+from qcal_export.recipe import Override, Recipe, TensorSpec, load_recipe, recipe_from_dict
+
+FLOAT = TensorProto.FLOAT
+INT8_ACT = TensorSpec("int8")
+INT8_CHANNEL = TensorSpec("int8", per_channel=True)
+FP8_ACT = TensorSpec("fp8")
+FP8_CHANNEL = TensorSpec("fp8", per_channel=True)
+
+
+def weight(name: str, shape: tuple[int, ...], dtype=np.float32) -> TensorProto:
+    values = np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape) / 7.0 - 1.0
+    return numpy_helper.from_array(values.astype(dtype), name)
+
+
+def model(
+    nodes: list[onnx.NodeProto],
+    inputs: dict[str, tuple[int, list]],
+    outputs: dict[str, tuple[int, list]],
+    initializers: list[TensorProto] = (),
+) -> onnx.ModelProto:
+    """A checked opset-17 model; inputs/outputs map name -> (elem type, shape)."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, t, s) for n, (t, s) in inputs.items()],
+        [helper.make_tensor_value_info(n, t, s) for n, (t, s) in outputs.items()],
+        initializer=list(initializers),
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def matmul_model(weight_shape: tuple[int, ...]) -> onnx.ModelProto:
+    k, n = weight_shape[-2:]
+    batch = list(weight_shape[:-2]) or ["b"]
+    return model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], "mm")],
+        {"x": (FLOAT, [*batch, 3, k])},
+        {"y": (FLOAT, [*batch, 3, n])},
+        [weight("w", weight_shape)],
+    )
+
+
+def gemm_model(trans_b: int) -> onnx.ModelProto:
+    w_shape = (5, 4) if trans_b else (4, 5)
+    return model(
+        [helper.make_node("Gemm", ["x", "w", "bias"], ["y"], "gemm", transB=trans_b)],
+        {"x": (FLOAT, ["b", 4])},
+        {"y": (FLOAT, ["b", 5])},
+        [weight("w", w_shape), weight("bias", (5,))],
+    )
+
+
+def conv_model(op_type: str) -> onnx.ModelProto:
+    w_shape = (6, 2, 3, 3) if op_type == "Conv" else (2, 6, 3, 3)
+    out = ["b", 6, 4, 4] if op_type == "Conv" else ["b", 6, 6, 6]
+    return model(
+        [helper.make_node(op_type, ["x", "w", "bias"], ["y"], "conv")],
+        {"x": (FLOAT, ["b", 2, 6, 6] if op_type == "Conv" else ["b", 2, 4, 4])},
+        {"y": (FLOAT, out)},
+        [weight("w", w_shape), weight("bias", (6,))],
+    )
+
+
+# weight axes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build", "axis"),
+    [
+        (lambda: matmul_model((4, 5)), 1),
+        (lambda: matmul_model((2, 4, 5)), 2),
+        (lambda: gemm_model(1), 0),
+        (lambda: gemm_model(0), 1),
+        (lambda: conv_model("Conv"), 0),
+        (lambda: conv_model("ConvTranspose"), 1),
+    ],
+    ids=["matmul-rank2", "matmul-rank3", "gemm-transB1", "gemm-transB0", "conv", "convtranspose"],
+)
+def test_weight_axis_and_activation(build, axis):
+    m = build()
+    plan = find_targets(m, Recipe())
+    node = m.graph.node[0].name
+    assert list(plan.weights) == ["w"]
+    w = plan.weights["w"]
+    assert w.axis == axis
+    assert w.spec == Recipe().weight and w.spec.per_channel
+    assert w.uses == [Use(node, 1)]
+    assert list(plan.activations) == ["x"]
+    x = plan.activations["x"]
+    assert x.uses == [Use(node, 0)] and x.elem_type == FLOAT and x.spec == Recipe().activation
+    assert "bias" not in plan.weights and "bias" not in plan.activations
+    assert plan.nodes == [node] and plan.excluded == []
+
+    per_tensor = find_targets(m, Recipe(weight=TensorSpec("int8", per_channel=False)))
+    assert per_tensor.weights["w"].axis is None
+    assert per_tensor.weights["w"].spec.per_channel is False
+
+
+def test_matmul_of_two_activations_plans_both_inputs_and_no_weight():
+    m = model(
+        [
+            helper.make_node("Relu", ["a"], ["ra"], "relu"),
+            helper.make_node("MatMul", ["ra", "b"], ["y"], "mm"),
+        ],
+        {"a": (FLOAT, ["n", 3, 4]), "b": (FLOAT, ["n", 4, 5])},
+        {"y": (FLOAT, ["n", 3, 5])},
+    )
+    plan = find_targets(m, Recipe())
+    assert plan.weights == {}
+    assert sorted(plan.activations) == ["b", "ra"]
+    assert plan.activations["ra"].uses == [Use("mm", 0)]
+    assert plan.activations["b"].uses == [Use("mm", 1)]
+    assert plan.nodes == ["mm"]
+
+
+def test_tensor_read_by_three_matmuls_is_one_activation_with_three_uses():
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], f"mm{i}") for i in range(3)]
+    m = model(
+        nodes,
+        {"x": (FLOAT, ["b", 4])},
+        {f"y{i}": (FLOAT, ["b", 2 + i]) for i in range(3)},
+        [weight(f"w{i}", (4, 2 + i)) for i in range(3)],
+    )
+    plan = find_targets(m, Recipe())
+    assert list(plan.activations) == ["x"]
+    assert plan.activations["x"].uses == [Use("mm0", 0), Use("mm1", 0), Use("mm2", 0)]
+    assert sorted(plan.weights) == ["w0", "w1", "w2"]
+    assert [plan.weights[f"w{i}"].uses for i in range(3)] == [[Use(f"mm{i}", 1)] for i in range(3)]
+    assert plan.nodes == ["mm0", "mm1", "mm2"]
+
+
+def test_weight_shared_by_two_nodes_is_one_weight_with_two_uses():
+    m = model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], "mm_a"),
+            helper.make_node("MatMul", ["h", "w"], ["y"], "mm_b"),
+        ],
+        {"x": (FLOAT, ["b", 4])},
+        {"y": (FLOAT, ["b", 4])},
+        [weight("w", (4, 4))],
+    )
+    plan = find_targets(m, Recipe())
+    assert list(plan.weights) == ["w"]
+    assert plan.weights["w"].uses == [Use("mm_a", 1), Use("mm_b", 1)]
+    assert plan.weights["w"].axis == 1
+    assert sorted(plan.activations) == ["h", "x"]
+
+
+def test_weight_shared_with_different_axes_raises_naming_it():
+    # MatMul wants axis 1 of w [4, 4], Gemm with transB=1 axis 0
+    m = model(
+        [
+            helper.make_node("MatMul", ["x", "shared_w"], ["h"], "mm"),
+            helper.make_node("Gemm", ["h", "shared_w"], ["y"], "gemm", transB=1),
+        ],
+        {"x": (FLOAT, ["b", 4])},
+        {"y": (FLOAT, ["b", 4])},
+        [weight("shared_w", (4, 4))],
+    )
+    with pytest.raises(RecipeError, match="'shared_w'") as e:
+        find_targets(m, Recipe())
+    assert "'mm'" in str(e.value) and "'gemm'" in str(e.value)
+    # per tensor, both nodes want the same thing
+    plan = find_targets(m, Recipe(weight=INT8_ACT))
+    assert plan.weights["shared_w"].axis is None
+    assert plan.weights["shared_w"].uses == [Use("mm", 1), Use("gemm", 1)]
+
+
+def test_integer_inputs_are_skipped():
+    m = model(
+        [
+            helper.make_node("MatMul", ["xi", "wi"], ["yi"], "mm_int"),
+            helper.make_node("MatMul", ["x", "w"], ["y"], "mm_float"),
+            helper.make_node("Where", ["cond", "y", "other"], ["z"], "where"),
+        ],
+        {
+            "xi": (TensorProto.INT32, ["b", 4]),
+            "x": (FLOAT, ["b", 4]),
+            "cond": (TensorProto.BOOL, ["b", 3]),
+            "other": (FLOAT, ["b", 3]),
+        },
+        {"yi": (TensorProto.INT32, ["b", 3]), "z": (FLOAT, ["b", 3])},
+        [weight("wi", (4, 3), np.int32), weight("w", (4, 3))],
+    )
+    plan = find_targets(m, Recipe(op_types=("MatMul", "Where")))
+    assert sorted(plan.activations) == ["other", "x", "y"]
+    assert plan.activations["y"].uses == [Use("where", 1)]
+    assert plan.activations["other"].uses == [Use("where", 2)]
+    assert list(plan.weights) == ["w"]
+    assert plan.nodes == ["mm_float", "where"]
+
+
+def test_float16_activation_keeps_its_type():
+    m = model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], "mm")],
+        {"x": (TensorProto.FLOAT16, ["b", 4])},
+        {"y": (TensorProto.FLOAT16, ["b", 3])},
+        [weight("w", (4, 3), np.float16)],
+    )
+    plan = find_targets(m, Recipe())
+    assert plan.activations["x"].elem_type == TensorProto.FLOAT16
+    assert plan.weights["w"].axis == 1
+
+
+def chain_model() -> onnx.ModelProto:
+    """x -> enc/mm0 -> enc/mm1 -> head/gemm -> Conv-free chain of four quantizable nodes."""
+    return model(
+        [
+            helper.make_node("MatMul", ["x", "w0"], ["h0"], "enc/mm0"),
+            helper.make_node("MatMul", ["h0", "w1"], ["h1"], "enc/mm1"),
+            helper.make_node("MatMul", ["h1", "w2"], ["h2"], "dec/mm2"),
+            helper.make_node("Gemm", ["h2", "w3"], ["y"], "head/gemm", transB=1),
+        ],
+        {"x": (FLOAT, ["b", 4])},
+        {"y": (FLOAT, ["b", 4])},
+        [weight(f"w{i}", (4, 4)) for i in range(4)],
+    )
+
+
+def test_exclude_nodes_glob_and_exclude_op_types():
+    m = chain_model()
+    plan = find_targets(m, Recipe(exclude_nodes=("enc/*",)))
+    assert plan.excluded == ["enc/mm0", "enc/mm1"]
+    assert plan.nodes == ["dec/mm2", "head/gemm"]
+    assert sorted(plan.weights) == ["w2", "w3"]
+    assert sorted(plan.activations) == ["h1", "h2"]  # h1 feeds dec/mm2, x feeds only enc/mm0
+
+    plan = find_targets(m, Recipe(exclude_op_types=("Gemm",), exclude_nodes=("*mm1",)))
+    assert plan.excluded == ["enc/mm1", "head/gemm"]
+    assert plan.nodes == ["enc/mm0", "dec/mm2"]
+    assert sorted(plan.weights) == ["w0", "w2"]
+    assert sorted(plan.activations) == ["h1", "x"]
+
+    plan = find_targets(m, Recipe(op_types=("Gemm",)))
+    assert plan.nodes == ["head/gemm"] and plan.excluded == []
+    assert list(plan.weights) == ["w3"] and plan.weights["w3"].axis == 0
+
+
+def test_overrides_by_node_pattern_first_match_wins():
+    m = chain_model()
+    recipe = Recipe(
+        overrides=(
+            Override(nodes="enc/*", activation=FP8_ACT, weight=FP8_CHANNEL),
+            Override(nodes="head/*"),  # both None: left in float
+            Override(nodes="*", op_types=("MatMul",), activation=None, weight=INT8_ACT),
+        )
+    )
+    plan = find_targets(m, recipe)
+    assert plan.nodes == ["enc/mm0", "enc/mm1", "dec/mm2"]
+    assert plan.excluded == []
+    assert {t: a.spec for t, a in plan.activations.items()} == {"x": FP8_ACT, "h0": FP8_ACT}
+    assert {t: (w.spec, w.axis) for t, w in plan.weights.items()} == {
+        "w0": (FP8_CHANNEL, 1),
+        "w1": (FP8_CHANNEL, 1),
+        "w2": (INT8_ACT, None),
+    }
+    assert "w3" not in plan.weights and "h2" not in plan.activations
+
+
+def test_override_op_types_only_match_their_types():
+    m = chain_model()
+    recipe = Recipe(overrides=(Override(op_types=("Gemm",), activation=FP8_ACT, weight=None),))
+    plan = find_targets(m, recipe)
+    assert plan.activations["h2"].spec == FP8_ACT
+    assert plan.activations["h1"].spec == Recipe().activation
+    assert "w3" not in plan.weights
+    assert plan.weights["w2"].spec == Recipe().weight
+
+
+def test_conflicting_activation_specs_for_shared_tensor_raise_naming_it():
+    m = model(
+        [
+            helper.make_node("MatMul", ["shared_x", "w0"], ["y0"], "a/mm"),
+            helper.make_node("MatMul", ["shared_x", "w1"], ["y1"], "b/mm"),
+        ],
+        {"shared_x": (FLOAT, ["b", 4])},
+        {"y0": (FLOAT, ["b", 4]), "y1": (FLOAT, ["b", 4])},
+        [weight("w0", (4, 4)), weight("w1", (4, 4))],
+    )
+    recipe = Recipe(overrides=(Override(nodes="a/*", activation=FP8_ACT, weight=FP8_CHANNEL),))
+    with pytest.raises(RecipeError, match="'shared_x'") as e:
+        find_targets(m, recipe)
+    assert "'a/mm'" in str(e.value) and "'b/mm'" in str(e.value)
+    # leaving one consumer's activation in float is not a conflict
+    recipe = Recipe(overrides=(Override(nodes="a/*", activation=None, weight=FP8_CHANNEL),))
+    plan = find_targets(m, recipe)
+    assert plan.activations["shared_x"].uses == [Use("b/mm", 0)]
+    assert plan.weights["w0"].spec == FP8_CHANNEL
+
+
+def test_already_quantized_model_raises():
+    scale_zp = [
+        numpy_helper.from_array(np.array(0.5, np.float32), "s"),
+        numpy_helper.from_array(np.array(3, np.uint8), "zp"),
+    ]
+    dq = model(
+        [
+            helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["x"], "already_dq"),
+            helper.make_node("MatMul", ["x", "w"], ["y"], "mm"),
+        ],
+        {"xq": (TensorProto.UINT8, ["b", 4])},
+        {"y": (FLOAT, ["b", 3])},
+        [*scale_zp, weight("w", (4, 3))],
+    )
+    with pytest.raises(RecipeError, match="already quantized") as e:
+        find_targets(dq, Recipe())
+    assert "already_dq" in str(e.value)
+
+    q = model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["y"], "mm"),
+            helper.make_node("QuantizeLinear", ["y", "s", "zp"], ["yq"], "already_q"),
+        ],
+        {"x": (FLOAT, ["b", 4])},
+        {"yq": (TensorProto.UINT8, ["b", 3])},
+        [*scale_zp, weight("w", (4, 3))],
+    )
+    with pytest.raises(RecipeError, match="already quantized") as e:
+        find_targets(q, Recipe())
+    assert "already_q" in str(e.value)
+
+
+# name_nodes -------------------------------------------------------------------------------------
+
+
+def test_name_nodes_names_unnamed_nodes_uniquely():
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Relu", ["a"], ["b"], "Relu_0"),  # the name node 0 would get
+        helper.make_node("Relu", ["b"], ["c"]),
+        helper.make_node("Relu", ["c"], ["d"], "Relu_2_"),  # and the first fallback of node 2
+        helper.make_node("Relu", ["d"], ["e"], "Relu_2"),
+        helper.make_node("MatMul", ["e", "w"], ["y"]),
+    ]
+    m = model(nodes, {"x": (FLOAT, ["b", 4])}, {"y": (FLOAT, ["b", 3])}, [weight("w", (4, 3))])
+    name_nodes(m)
+    names = [n.name for n in m.graph.node]
+    assert names[1] == "Relu_0" and names[3] == "Relu_2_" and names[4] == "Relu_2"
+    assert all(names) and len(set(names)) == len(names)
+    assert names[5] == "MatMul_5"
+    before = list(names)
+    name_nodes(m)  # idempotent
+    assert [n.name for n in m.graph.node] == before
+    plan = find_targets(m, Recipe())
+    assert plan.nodes == ["MatMul_5"] and plan.weights["w"].uses == [Use("MatMul_5", 1)]
+
+
+def test_quantizable_nodes_lists_rows_with_shapes_and_axes():
+    m = gemm_model(1)
+    m.graph.node[0].name = ""
+    rows = quantizable_nodes(m)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row.node, row.op_type, row.axis) == ("Gemm_0", "Gemm", "0")
+    assert row.activations == ("x [bx4]",)
+    assert row.weight == "w [5x4]"
+    assert m.graph.node[0].name == ""  # the caller's model is not renamed
+
+
+# recipes ----------------------------------------------------------------------------------------
+
+RECIPE_DATA = {
+    "activation": {"format": "fp8", "method": "mse", "options": {"start": 0.5, "step": 0.25}},
+    "weight": {"format": "int8", "per_channel": True},
+    "op_types": ["MatMul", "Gemm"],
+    "exclude_nodes": ["head/*"],
+    "overrides": [
+        {"nodes": "enc/*", "activation": None, "weight": {"format": "uint8"}},
+        {"op_types": ["Gemm"], "activation": {"format": "int8"}},
+    ],
+    "weights_mode": "qdq",
+}
+RECIPE = Recipe(
+    activation=TensorSpec("fp8", "mse", options={"start": 0.5, "step": 0.25}),
+    weight=TensorSpec("int8", per_channel=True),
+    op_types=("MatMul", "Gemm"),
+    exclude_nodes=("head/*",),
+    overrides=(
+        Override(nodes="enc/*", weight=TensorSpec("uint8")),
+        Override(op_types=("Gemm",), activation=TensorSpec("int8")),
+    ),
+    weights_mode="qdq",
+)
+
+
+def test_recipe_from_dict_builds_the_typed_recipe():
+    recipe = recipe_from_dict(RECIPE_DATA)
+    assert recipe == RECIPE
+    assert recipe_from_dict({}) == Recipe()
+    assert recipe.specs_for("enc/mm0", "MatMul") == (None, TensorSpec("uint8"))
+    assert recipe.specs_for("dec/gemm", "Gemm") == (TensorSpec("int8"), None)
+    assert recipe.specs_for("dec/mm", "MatMul") == (RECIPE.activation, RECIPE.weight)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".yml", ".json"])
+def test_load_recipe_from_yaml_and_json(tmp_path, suffix):
+    import yaml
+
+    path = tmp_path / f"recipe{suffix}"
+    text = json.dumps(RECIPE_DATA) if suffix == ".json" else yaml.safe_dump(RECIPE_DATA)
+    path.write_text(text)
+    assert load_recipe(path) == RECIPE
+    assert load_recipe(str(path)) == RECIPE
+
+
+def test_empty_yaml_recipe_is_the_default(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_recipe(path) == Recipe()
+
+
+@pytest.mark.parametrize(
+    ("data", "names"),
+    [
+        ({"activations": {}}, ["activations"]),
+        ({"activation": {"fromat": "int8"}}, ["activation", "fromat"]),
+        ({"weight": {"format": "int8", "axis": 1}}, ["weight", "axis"]),
+        ({"overrides": [{}, {"node": "enc/*"}]}, ["overrides[1]", "node"]),
+        ({"overrides": [{"activation": {"bits": 8}}]}, ["overrides[0].activation", "bits"]),
+        ({"activation": {"format": "int4"}}, ["int4"]),
+        ({"weight": {"format": "fp8", "method": "entropy"}}, ["entropy"]),
+        ({"activation": {"method": "max", "options": {"start": 0.5}}}, ["'max'", "start"]),
+        ({"weight": {"method": "mse", "options": {"stride": 0.5}}}, ["'mse'", "stride"]),
+        ({"weights_mode": "fake"}, ["weights_mode", "fake"]),
+        ({"nonfinite": "ignore"}, ["nonfinite", "ignore"]),
+        ({"activation": "int8"}, ["activation", "mapping"]),
+        ({"overrides": ["enc/*"]}, ["overrides[0]", "mapping"]),
+    ],
+)
+def test_bad_recipe_raises_naming_the_key(tmp_path, data, names):
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict(data)
+    for name in names:
+        assert name in str(e.value)
+
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert str(path) in str(e.value)
+    for name in names:
+        assert name in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        ({"overrides": [{}, {"weight": {"format": "int4"}}]}, "overrides[1].weight"),
+        ({"overrides": [{"activation": {"method": "entropy"}}]}, "overrides[0].activation"),
+        ({"weight": {"method": "max", "options": {"step": 0.1}}}, "weight"),
+    ],
+)
+def test_bad_value_in_recipe_names_where_it_is(data, where):
+    """Exposes a bug: recipe.py ``_spec`` calls ``TensorSpec(**...)`` without adding ``where``.
+
+    A bad format, method or option inside a spec raises "unknown format 'int4'" with no hint of
+    which of the recipe's specs holds it, while an unknown key does name its place
+    (``overrides[1].weight: unknown key(s) ...``).
+    """
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict(data)
+    assert where in str(e.value)
+
+
+def test_bad_recipe_file_raises_naming_the_file(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(RecipeError, match=r"missing\.yaml"):
+        load_recipe(missing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("activation: {format: int8\nweight: [")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(broken)
+    assert str(broken) in str(e.value)
+    not_json = tmp_path / "r.json"
+    not_json.write_text("activation: {format: int8}")  # YAML in a .json file
+    with pytest.raises(RecipeError) as e:
+        load_recipe(not_json)
+    assert str(not_json) in str(e.value)
+    top_list = tmp_path / "list.yaml"
+    top_list.write_text("- activation\n- weight\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(top_list)
+    assert str(top_list) in str(e.value) and "mapping" in str(e.value)
+
+
+@pytest.mark.parametrize("key", ["exclude_nodes", "op_types", "exclude_op_types"])
+def test_recipe_string_for_a_list_field_is_not_split_into_characters(key):
+    """Exposes a bug: recipe.py recipe_from_dict turns a string into ``tuple(string)``.
+
+    ``exclude_nodes: "enc/*"`` (a natural YAML slip) becomes ``('e', 'n', 'c', '/', '*')``, and
+    the one-character pattern ``'*'`` then excludes every node; ``op_types: MatMul`` becomes
+    ``('M', 'a', ...)`` and selects nothing. Either reject it or read it as one pattern.
+    """
+    value = {"exclude_nodes": "enc/*", "op_types": "MatMul", "exclude_op_types": "Gemm"}[key]
+    try:
+        recipe = recipe_from_dict({key: value})
+    except RecipeError as e:
+        assert key in str(e)
+        return
+    assert getattr(recipe, key) == (value,)

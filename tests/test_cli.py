@@ -1,0 +1,585 @@
+"""The ``qcal`` command and ``calibrate_onnx`` end to end on a small Conv + Gemm model.
+
+The model is a torch ``Conv2d(3, 4, 3) -> ReLU -> Flatten -> Linear(144, 5)`` exported with the
+TorchScript exporter at opset 17 (dynamic batch); the data is a directory of .npz batches. The
+oracles are ONNX Runtime on the float model and a torch forward pass that fake-quantizes weights
+and activations with the scales the run produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+
+from qcal_export.artifacts.scales import load_scales
+from qcal_export.cli import main
+from qcal_export.errors import DataError
+from qcal_export.formats import get_format
+from qcal_export.pipeline import calibrate_onnx
+
+BATCHES = 4
+BATCH = 6
+CPU = ["CPUExecutionProvider"]
+ACTIVATIONS = {"x", "/Flatten_output_0"}
+WEIGHTS = {"conv.weight", "fc.weight"}
+
+
+class ConvGemm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """model.onnx (float, opset 17) and data/ (4 .npz batches of 6) in one directory."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            ConvGemm().eval(),
+            (torch.randn(2, 3, 8, 8),),
+            str(root / "model.onnx"),
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+        )
+    (root / "data").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(BATCHES):
+        x = rng.standard_normal((BATCH, 3, 8, 8)).astype(np.float32)
+        np.savez(root / "data" / f"batch_{i:02d}.npz", x=x)
+    return root
+
+
+def data_batches(workdir: Path) -> list[np.ndarray]:
+    return [np.load(p)["x"] for p in sorted((workdir / "data").glob("*.npz"))]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_model(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=CPU)
+    return session.run(["y"], {"x": x})[0]
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def float_weights(workdir: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(workdir / "model.onnx"))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def calibrated(workdir) -> dict[str, Path]:
+    """One int8 max ``qcal calibrate`` run writing the model, scales and report."""
+    out = workdir / "int8"
+    out.mkdir()
+    paths = {
+        "model": out / "model.qdq.onnx",
+        "scales": out / "scales.safetensors",
+        "report": out / "report.json",
+    }
+    model = workdir / "model.onnx"
+    data = workdir / "data"
+    argv = ["calibrate", str(model), "--data", str(data), "-o", str(paths["model"])]
+    argv += ["--scales", str(paths["scales"]), "--report", str(paths["report"])]
+    paths["sha256_before"] = sha256(model)
+    assert main(argv) == 0
+    return paths
+
+
+# ---- qcal calibrate -------------------------------------------------------------------------
+
+
+def test_calibrate_writes_model_scales_and_report(workdir, calibrated):
+    report = json.loads(calibrated["report"].read_text())
+    assert report["model_sha256"] == calibrated["sha256_before"]
+    assert report["output_model"] == str(calibrated["model"])
+    assert report["scales_file"] == str(calibrated["scales"])
+    assert report["batches_per_pass"] == [BATCHES]
+    assert report["opset"] == {"from": 17, "to": 17}
+    assert report["quantized_nodes"] == ["/conv/Conv", "/fc/Gemm"]
+    assert report["excluded_nodes"] == []
+    assert report["providers"] == CPU
+    rows = {r["tensor"]: r for r in report["tensors"]}
+    assert set(rows) == ACTIVATIONS | WEIGHTS
+    assert {r["granularity"] for n, r in rows.items() if n in WEIGHTS} == {"per-axis(0)"}
+    assert {r["granularity"] for n, r in rows.items() if n in ACTIVATIONS} == {"per-tensor"}
+    # activation amax is the abs-max over all the data
+    xs = data_batches(workdir)
+    assert rows["x"]["amax"] == pytest.approx(float(max(np.abs(x).max() for x in xs)), rel=1e-7)
+    # one error entry per graph output, int8 max is close to the float model
+    assert set(report["output_error"]) == {"y"}
+    error = report["output_error"]["y"]
+    assert error["cosine"] > 0.99
+    assert 0 < error["rel_l2"] < 0.05
+    assert error["max_abs"] > 0
+
+
+def test_report_error_is_what_ort_computes(workdir, calibrated):
+    """Recompute max abs, rel L2 and cosine over the validated batches with two sessions."""
+    report = json.loads(calibrated["report"].read_text())
+    ref, cand = [], []
+    for x in data_batches(workdir):
+        ref.append(run_model(workdir / "model.onnx", x).astype(np.float64).ravel())
+        cand.append(run_model(calibrated["model"], x).astype(np.float64).ravel())
+    ref, cand = np.concatenate(ref), np.concatenate(cand)
+    error = report["output_error"]["y"]
+    assert error["max_abs"] == pytest.approx(np.abs(cand - ref).max(), rel=1e-12)
+    rel_l2 = np.linalg.norm(cand - ref) / np.linalg.norm(ref)
+    assert error["rel_l2"] == pytest.approx(rel_l2, rel=1e-9)
+    cosine = ref @ cand / (np.linalg.norm(ref) * np.linalg.norm(cand))
+    assert error["cosine"] == pytest.approx(cosine, rel=1e-9)
+
+
+def test_written_qdq_model_runs_and_holds_qdq_nodes(workdir, calibrated):
+    model = onnx.load(str(calibrated["model"]))
+    onnx.checker.check_model(model, full_check=True)
+    counts = op_counts(model)
+    assert counts["QuantizeLinear"] == 2  # the two activations
+    assert counts["DequantizeLinear"] == 4  # the two activations and the two weights
+    stored = {t.name: t for t in model.graph.initializer}
+    assert not WEIGHTS & set(stored)  # float weights replaced by their int8 form
+    assert stored["conv.weight_quantized"].data_type == TensorProto.INT8
+    assert stored["fc.weight_quantized"].data_type == TensorProto.INT8
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    producers = {o: n for n in model.graph.node for o in n.output}
+    assert producers[conv.input[0]].op_type == "DequantizeLinear"
+    assert producers[conv.input[1]].op_type == "DequantizeLinear"
+    x = data_batches(workdir)[0]
+    y = run_model(calibrated["model"], x)
+    reference = run_model(workdir / "model.onnx", x)
+    assert y.shape == (BATCH, 5) and y.dtype == np.float32
+    assert not np.array_equal(y, reference)  # it really is quantized
+    assert np.abs(y - reference).max() < 0.05 * np.abs(reference).max()
+
+
+def test_scales_file_matches_the_report(calibrated):
+    scales, header = load_scales(calibrated["scales"])
+    assert set(scales) == ACTIVATIONS | WEIGHTS
+    assert header["model_sha256"] == calibrated["sha256_before"]
+    report = json.loads(calibrated["report"].read_text())
+    for row in report["tensors"]:
+        s = scales[row["tensor"]]
+        assert row["amax"] == pytest.approx(float(s.amax.max()), rel=1e-7)
+        assert torch.allclose(s.scale, s.amax / 127, rtol=1e-6, atol=0)
+        assert torch.equal(s.zero_point, torch.zeros_like(s.scale))
+    assert scales["conv.weight"].amax.shape == (4,)
+    assert scales["fc.weight"].amax.shape == (5,)
+
+
+def test_input_model_file_is_unchanged(workdir, calibrated):
+    assert sha256(workdir / "model.onnx") == calibrated["sha256_before"]
+    assert sorted(p.name for p in calibrated["model"].parent.iterdir()) == [
+        "model.qdq.onnx",
+        "report.json",
+        "scales.safetensors",
+    ]
+
+
+def test_calibrate_prints_tables_and_what_it_wrote(workdir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # no folding of long temporary paths
+    out = tmp_path / "q.onnx"
+    argv = ["calibrate", str(workdir / "model.onnx"), "--data", str(workdir / "data")]
+    assert main([*argv, "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"wrote {out}" in captured.out
+    assert "output error vs the float model" in captured.out
+    assert "conv.weight" in captured.out
+    assert "Traceback" not in captured.err
+    assert out.is_file()
+
+
+def test_scales_in_reexport_gives_the_same_model_outputs(workdir, calibrated, tmp_path):
+    again = tmp_path / "again.onnx"
+    report_path = tmp_path / "report.json"
+    argv = ["calibrate", str(workdir / "model.onnx"), "--scales-in", str(calibrated["scales"])]
+    assert main([*argv, "-o", str(again), "--report", str(report_path)]) == 0
+    for x in data_batches(workdir)[:2]:
+        assert np.array_equal(run_model(again, x), run_model(calibrated["model"], x))
+    report = json.loads(report_path.read_text())
+    assert report["batches_per_pass"] == []  # nothing calibrated
+    assert report["output_error"] == {}  # and no data to validate with
+
+
+def test_inspect_prints_nodes_and_opset(workdir, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["inspect", "model.onnx"]) == 0
+    out = capsys.readouterr().out
+    assert "model.onnx: opset 17, 2 quantizable nodes" in out
+    conv = next(line for line in out.splitlines() if "/conv/Conv" in line)
+    gemm = next(line for line in out.splitlines() if "/fc/Gemm" in line)
+    assert "Conv" in conv and "x [batchx3x8x8]" in conv and "conv.weight [4x3x3x3]" in conv
+    assert "/Flatten_output_0 [batchx144]" in gemm and "fc.weight [5x144]" in gemm
+    assert main(["inspect", "model.onnx", "--op-types", "Gemm"]) == 0
+    out = capsys.readouterr().out
+    assert "1 quantizable nodes" in out and "/fc/Gemm" in out and "/conv/Conv" not in out
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+def bad_recipe(tmp_path: Path) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("overrides:\n  - nodes: '/fc/*'\n    weights: {format: int8}\n")
+    return str(path)
+
+
+def not_onnx(tmp_path: Path) -> str:
+    path = tmp_path / "notes.onnx"
+    path.write_text("this is a text file, not an ONNX model\n")
+    return str(path)
+
+
+def output_is_file_parent(tmp_path: Path) -> str:
+    (tmp_path / "plain.txt").write_text("x")
+    return str(tmp_path / "plain.txt" / "q.onnx")
+
+
+def good(w: Path, *extra: str) -> list[str]:
+    """The good model and data, then ``extra`` options."""
+    return [str(w / "model.onnx"), "--data", str(w / "data"), *extra]
+
+
+# case -> (argv after ``calibrate`` from (workdir, tmp_path), pattern of the error line)
+ERRORS = {
+    "missing-model": (
+        lambda w, t: [str(t / "missing.onnx"), "--data", str(w / "data")],
+        r"model file .*missing\.onnx does not exist$",
+    ),
+    "not-onnx": (
+        lambda w, t: [not_onnx(t), "--data", str(w / "data")],
+        r"notes\.onnx is not a readable ONNX model",
+    ),
+    "missing-data-dir": (
+        lambda w, t: [str(w / "model.onnx"), "--data", str(t / "no-data")],
+        r"data path .*no-data does not exist$",
+    ),
+    "missing-recipe-file": (
+        lambda w, t: good(w, "--recipe", str(t / "r.yaml")),
+        r"recipe file .*r\.yaml does not exist$",
+    ),
+    "recipe-unknown-key": (
+        lambda w, t: good(w, "--recipe", bad_recipe(t)),
+        r"recipe file .*recipe\.yaml: overrides\[0\]: unknown key\(s\) \['weights'\]",
+    ),
+    "output-dir-missing": (
+        lambda w, t: good(w, "-o", str(t / "no" / "q.onnx")),
+        r"output model .*q\.onnx: directory .*no does not exist; create it first$",
+    ),
+    "output-under-a-file": (
+        lambda w, t: good(w, "-o", output_is_file_parent(t)),
+        r"output model .*q\.onnx: directory .*plain\.txt does not exist",
+    ),
+    "output-is-a-directory": (
+        lambda w, t: good(w, "--scales", str(t)),
+        r"scales file .* is a directory: give a file name$",
+    ),
+    "report-dir-missing": (
+        lambda w, t: good(w, "--report", str(t / "x" / "r.json")),
+        r"report .*r\.json: directory .*x does not exist",
+    ),
+    "missing-scales-in": (
+        lambda w, t: [str(w / "model.onnx"), "--scales-in", str(t / "s.safetensors")],
+        r"scales file .*s\.safetensors does not exist$",
+    ),
+    "no-data": (
+        lambda w, t: [str(w / "model.onnx"), "-o", str(t / "q.onnx")],
+        r"calibration needs data: pass --data",
+    ),
+    "cuda-without-cuda": (
+        lambda w, t: good(w, "--provider", "cuda"),
+        r"provider 'cuda' requested",
+    ),
+}
+
+
+def assert_one_error_line(captured, pattern: str) -> None:
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("qcal: error: ")
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_bad_input_exits_2_with_one_error_line(workdir, tmp_path, capsys, case):
+    if case == "cuda-without-cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available")
+    make_argv, pattern = ERRORS[case]
+    argv = make_argv(workdir, tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    assert main(["calibrate", *argv]) == 2
+    assert_one_error_line(capsys.readouterr(), pattern)
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--format", "fp8"],
+            r"scales\.safetensors: activation 'x' was calibrated as int8 per-tensor, "
+            r"the recipe asks for fp8 axis=None$",
+        ),
+        (
+            ["--no-per-channel-weights"],
+            r"scales\.safetensors: weight 'conv\.weight' was calibrated as int8 per-axis\(0\), "
+            r"the recipe asks for int8 axis=None$",
+        ),
+    ],
+    ids=["format", "granularity"],
+)
+def test_scales_in_that_do_not_fit_the_recipe_exit_2(workdir, calibrated, capsys, options, message):
+    argv = ["calibrate", str(workdir / "model.onnx"), "--scales-in", str(calibrated["scales"])]
+    assert main([*argv, *options]) == 2
+    assert_one_error_line(capsys.readouterr(), message)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_output_dir_not_writable_exits_2(workdir, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        argv = ["calibrate", str(workdir / "model.onnx"), "--data", str(workdir / "data")]
+        assert main([*argv, "-o", str(locked / "q.onnx")]) == 2
+        assert_one_error_line(capsys.readouterr(), r"directory .*locked is not writable")
+        assert os.listdir(locked) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_bad_format_choice_is_argparse_exit_2(workdir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", str(workdir / "model.onnx"), "--format", "int4"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --format: invalid choice: 'int4'" in err
+    assert "Traceback" not in err
+
+
+def test_console_script(workdir, tmp_path):
+    qcal = shutil.which("qcal")
+    assert qcal is not None, "the qcal console script is not installed"
+    ok = subprocess.run(
+        [qcal, "calibrate", "model.onnx", "--data", "data", "-o", str(tmp_path / "q.onnx")],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "300"},
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert f"wrote {tmp_path / 'q.onnx'}" in ok.stdout
+    x = data_batches(workdir)[0]
+    reference = run_model(workdir / "model.onnx", x)
+    assert np.abs(run_model(tmp_path / "q.onnx", x) - reference).max() < 0.05
+    bad = subprocess.run(
+        [qcal, "calibrate", "missing.onnx", "--data", "data"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "qcal: error: model file missing.onnx does not exist"
+    ]
+    assert bad.stdout == ""
+
+
+# ---- calibrate_onnx -------------------------------------------------------------------------
+
+
+def test_mse_takes_two_passes(workdir):
+    result = calibrate_onnx(workdir / "model.onnx", workdir / "data", method="mse")
+    assert result.report["batches_per_pass"] == [BATCHES, BATCHES]
+    methods = {r["tensor"]: r["method"] for r in result.report["tensors"]}
+    assert methods == {"x": "mse", "/Flatten_output_0": "mse", **dict.fromkeys(WEIGHTS, "max")}
+    assert result.report["output_error"]["y"]["cosine"] > 0.99
+    limited = calibrate_onnx(
+        workdir / "model.onnx", workdir / "data", method="mse", max_batches=2, validate_batches=0
+    )
+    assert limited.report["batches_per_pass"] == [2, 2]
+    assert limited.report["output_error"] == {}
+
+
+def test_fp8_raises_the_opset_to_19(workdir, tmp_path):
+    out = tmp_path / "fp8.onnx"
+    result = calibrate_onnx(workdir / "model.onnx", workdir / "data", format="fp8", output=out)
+    assert result.report["opset"] == {"from": 17, "to": 19}
+    model = onnx.load(str(out))
+    assert next(e.version for e in model.opset_import if e.domain in ("", "ai.onnx")) == 19
+    stored = {t.name: t.data_type for t in model.graph.initializer}
+    assert stored["conv.weight_quantized"] == TensorProto.FLOAT8E4M3FN
+    assert result.report["output_error"]["y"]["cosine"] > 0.99
+    x = data_batches(workdir)[0]
+    assert run_model(out, x).shape == (BATCH, 5)
+
+
+def test_weights_mode_qdq_keeps_float_weights_with_a_q_dq_pair(workdir, tmp_path):
+    out = tmp_path / "qdq.onnx"
+    calibrate_onnx(workdir / "model.onnx", workdir / "data", weights_mode="qdq", output=out)
+    model = onnx.load(str(out))
+    stored = {t.name: t for t in model.graph.initializer}
+    originals = float_weights(workdir)
+    for name in WEIGHTS:
+        assert stored[name].data_type == TensorProto.FLOAT
+        assert np.array_equal(numpy_helper.to_array(stored[name]), originals[name])
+        assert f"{name}_quantized" not in stored
+        quantize = [
+            n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == name
+        ]
+        assert len(quantize) == 1
+        dequantize = [n for n in model.graph.node if quantize[0].output[0] in n.input]
+        assert [n.op_type for n in dequantize] == ["DequantizeLinear"]
+        consumer = [n for n in model.graph.node if dequantize[0].output[0] in n.input]
+        assert [n.op_type for n in consumer] == [{"conv.weight": "Conv", "fc.weight": "Gemm"}[name]]
+    assert op_counts(model)["QuantizeLinear"] == 4
+    # same numbers as the stored-quantized form
+    quantized = tmp_path / "quantized.onnx"
+    calibrate_onnx(workdir / "model.onnx", workdir / "data", output=quantized)
+    x = data_batches(workdir)[1]
+    assert np.allclose(run_model(out, x), run_model(quantized, x), rtol=0, atol=1e-6)
+
+
+def test_exclude_leaves_matching_nodes_in_float(workdir, tmp_path):
+    out = tmp_path / "excluded.onnx"
+    result = calibrate_onnx(
+        workdir / "model.onnx", workdir / "data", exclude=("/fc/*",), output=out
+    )
+    assert result.report["quantized_nodes"] == ["/conv/Conv"]
+    assert result.report["excluded_nodes"] == ["/fc/Gemm"]
+    assert set(result.scales) == {"x", "conv.weight"}
+    model = onnx.load(str(out))
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    assert list(gemm.input) == ["/Flatten_output_0", "fc.weight", "fc.bias"]
+    counts = op_counts(model)
+    assert (counts["QuantizeLinear"], counts["DequantizeLinear"]) == (1, 2)
+
+
+def fake_quant_forward(
+    workdir: Path, scales: dict, x: np.ndarray, fmt_name: str, quantize: bool = True
+) -> np.ndarray:
+    """Torch forward of the model with weights and activations fake-quantized by ``scales``."""
+    fmt = get_format(fmt_name)
+    w = {k: torch.from_numpy(v.copy()) for k, v in float_weights(workdir).items()}
+
+    def fq(t: torch.Tensor, name: str) -> torch.Tensor:
+        if not quantize:
+            return t
+        s = scales[name]
+        shape = (-1,) + (1,) * (t.dim() - 1) if s.axis is not None else ()
+        return fmt.fake_quant(t, s.scale.reshape(shape), s.zero_point.reshape(shape))
+
+    h = torch.nn.functional.conv2d(
+        fq(torch.from_numpy(x), "x"), fq(w["conv.weight"], "conv.weight"), w["conv.bias"]
+    )
+    a = torch.flatten(torch.relu(h), 1)
+    y = fq(a, "/Flatten_output_0") @ fq(w["fc.weight"], "fc.weight").T + w["fc.bias"]
+    return y.numpy()
+
+
+@pytest.mark.parametrize("fmt_name", ["int8", "uint8", "fp8"])
+def test_qdq_model_equals_a_fake_quant_reference(workdir, tmp_path, fmt_name):
+    """ORT's QDQ model and the torch fake-quant forward agree to float32 rounding.
+
+    ORT's and torch's convolutions sum in different orders, so an activation lying on a
+    rounding boundary may land one step apart: a few elements may differ by at most one
+    quantization step of the Gemm input (times the largest weight), none by more.
+    """
+    out = tmp_path / "q.onnx"
+    result = calibrate_onnx(workdir / "model.onnx", workdir / "data", format=fmt_name, output=out)
+    assert set(result.scales) == ACTIVATIONS | WEIGHTS
+    act = result.scales["/Flatten_output_0"]
+    # largest step between neighbouring values: the scale for ints, 32 * scale for fp8 e4m3
+    step = float(act.scale) * (32.0 if fmt_name == "fp8" else 1.0)
+    one_flip = step * float(np.abs(float_weights(workdir)["fc.weight"]).max())
+    for x in data_batches(workdir):
+        got = run_model(out, x)
+        want = fake_quant_forward(workdir, result.scales, x, fmt_name)
+        plain = fake_quant_forward(workdir, result.scales, x, fmt_name, quantize=False)
+        tight = 1e-5 * np.abs(want).max()
+        diff = np.abs(got - want)
+        assert (diff <= tight).mean() >= 0.95
+        assert diff.max() <= 2 * one_flip
+        # the reference is sensitive: the float forward is much further away
+        assert np.abs(plain - want).max() > 100 * tight
+        assert math.isfinite(float(np.abs(got).max()))
+
+
+class Reader:
+    """An ORT-style calibration data reader with rewind(), counting its rewinds."""
+
+    def __init__(self, batches: list[np.ndarray]):
+        self.batches = batches
+        self.position = 0
+        self.rewinds = 0
+
+    def get_next(self) -> dict | None:
+        if self.position == len(self.batches):
+            return None
+        self.position += 1
+        return {"x": self.batches[self.position - 1]}
+
+    def rewind(self) -> None:
+        self.rewinds += 1
+        self.position = 0
+
+
+def test_calibration_data_reader_is_rewound_for_each_pass(workdir):
+    reader = Reader(data_batches(workdir))
+    result = calibrate_onnx(workdir / "model.onnx", reader, method="mse")
+    assert result.report["batches_per_pass"] == [BATCHES, BATCHES]
+    assert reader.rewinds == 2  # the mse pass and the validation pass
+    from_files = calibrate_onnx(workdir / "model.onnx", workdir / "data", method="mse")
+    for name in ACTIVATIONS:
+        assert torch.equal(result.scales[name].amax, from_files.scales[name].amax)
+    assert result.report["output_error"] == from_files.report["output_error"]
+
+
+def test_one_shot_generator_serves_a_single_pass(workdir):
+    batches = data_batches(workdir)
+    result = calibrate_onnx(workdir / "model.onnx", ({"x": x} for x in batches), validate_batches=0)
+    assert result.report["batches_per_pass"] == [BATCHES]
+    amax = max(float(np.abs(x).max()) for x in batches)
+    assert float(result.scales["x"].amax) == amax
+    with pytest.raises(DataError, match="one-shot iterator"):
+        calibrate_onnx(
+            workdir / "model.onnx",
+            ({"x": x} for x in batches),
+            method="mse",
+            validate_batches=0,
+        )
