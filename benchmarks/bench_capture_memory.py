@@ -20,8 +20,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,16 +27,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import harness
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULT_FILE = RESULTS_DIR / "capture_memory.md"
 TOLERANCE = 0.10
 SEED = 0
 FIRST_ID = 1000  # skip [PAD], [unused*] and the special tokens at the start of the vocab
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, MiB (``ru_maxrss`` is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def token_batches(
@@ -81,11 +76,11 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
     model = demo_model_path()
     vocab_size = Tokenizer.from_file(str(bundled_model_dir() / "tokenizer.json")).get_vocab_size()
     data = token_batches(args.row_batches, args.batch_size, args.seq_len, vocab_size)
-    baseline = peak_rss_mib()
+    baseline = harness.peak_rss_mib()
     start = time.perf_counter()
     result = calibrate_onnx(model, data, format="int8", method=args.row_method, validate_batches=0)
     seconds = time.perf_counter() - start
-    peak = peak_rss_mib()
+    peak = harness.peak_rss_mib()
     return {
         "method": args.row_method,
         "batches": args.row_batches,
@@ -100,37 +95,14 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
 
 def spawn_row(method: str, batches: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Run this script with ``--row-method/--row-batches`` in a fresh interpreter."""
-    result_path = tmp / f"{method}_{batches}.json"
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--row-method",
-        method,
-        "--row-batches",
-        str(batches),
-        "--batch-size",
-        str(args.batch_size),
-        "--seq-len",
-        str(args.seq_len),
-        "--json",
-        str(result_path),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-25:])
-        return {"method": method, "batches": batches, "error": f"exit {done.returncode}: {tail}"}
-    return json.loads(result_path.read_text())
+    argv = ["--row-method", method, "--row-batches", str(batches)]
+    argv += ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+    label = {"method": method, "batches": batches}
+    return harness.spawn_row(__file__, argv, tmp / f"{method}_{batches}.json", label)
 
 
 def _versions() -> str:
-    import onnx
-    import onnxruntime
-    import torch
-
-    return (
-        f"onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, "
-        f"torch {torch.__version__}, python {platform.python_version()}"
-    )
+    return ", ".join(f"{name} {version}" for name, version in harness.versions().items())
 
 
 def render(

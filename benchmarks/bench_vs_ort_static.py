@@ -22,13 +22,13 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import harness
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULT_FILE = RESULTS_DIR / "vs_ort_static.md"
@@ -44,11 +44,6 @@ PAIRS = (
     ("ours-mse", "ort-percentile"),
     ("ours-mse", "ort-entropy"),
 )
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, MiB (``ru_maxrss`` is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def current_rss_mib() -> float:
@@ -180,7 +175,7 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
     longest = max(b["input_ids"].shape[1] for b in calib)
     if padded:
         calib = pad_to(calib, longest)
-    baseline = peak_rss_mib()
+    baseline = harness.peak_rss_mib()
     output = Path(args.work_dir) / f"{args.row}.onnx"
     start = time.perf_counter()
     if args.row in OURS:
@@ -196,7 +191,7 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
             quantize_outputs=args.ort_quantize_outputs,
         )
     seconds = time.perf_counter() - start
-    peak = peak_rss_mib()
+    peak = harness.peak_rss_mib()
     score = embedding_cosine(float_model, output, heldout)
     quantized = onnx.load(str(output), load_external_data=False)
     q_nodes = sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
@@ -218,48 +213,18 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
 
 def spawn_row(method: str, args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     """Run this script with ``--row method`` in a fresh interpreter; its JSON result."""
-    result_path = work_dir / f"{method}.json"
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--row",
-        method,
-        "--num-calib",
-        str(args.num_calib),
-        "--batch-size",
-        str(args.batch_size),
-        "--work-dir",
-        str(work_dir),
-        "--json",
-        str(result_path),
-    ]
-    command += ["--ort-preprocess"] if args.ort_preprocess else []
-    command += ["--pad-to-longest"] if args.pad_to_longest else []
-    command += ["--ort-asymmetric"] if args.ort_asymmetric else []
-    command += ["--ort-quantize-outputs"] if args.ort_quantize_outputs else []
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-25:])
-        return {"method": method, "error": f"exit {done.returncode}: {tail}"}
-    return json.loads(result_path.read_text())
+    argv = ["--row", method, "--num-calib", str(args.num_calib)]
+    argv += ["--batch-size", str(args.batch_size), "--work-dir", str(work_dir)]
+    argv += ["--ort-preprocess"] if args.ort_preprocess else []
+    argv += ["--pad-to-longest"] if args.pad_to_longest else []
+    argv += ["--ort-asymmetric"] if args.ort_asymmetric else []
+    argv += ["--ort-quantize-outputs"] if args.ort_quantize_outputs else []
+    return harness.spawn_row(__file__, argv, work_dir / f"{method}.json", {"method": method})
 
 
 # --------------------------------------------------------------------------------------------
 # The table
 # --------------------------------------------------------------------------------------------
-
-
-def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch
-
-    return {
-        "onnxruntime": onnxruntime.__version__,
-        "onnx": onnx.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _ratio(a: float, b: float) -> str:
@@ -270,7 +235,7 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, total_s: float)
     """The markdown report: header, main table, ours-vs-ORT ratio table, notes."""
     ok = {r["method"]: r for r in rows if "error" not in r}
     reference = ok.get("ort-minmax")
-    versions = _versions()
+    versions = harness.versions()
     lines = [
         "# qcal_export vs onnxruntime.quantization.quantize_static",
         "",

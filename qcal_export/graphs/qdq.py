@@ -67,10 +67,6 @@ def _qdq_inputs(
     return [scale, zero_point]
 
 
-def _axis_attrs(q: QParams) -> dict[str, int]:
-    return {} if q.axis is None else {"axis": q.axis}
-
-
 def _rewire(graph: onnx.GraphProto, uses: list[Use], tensor: str, replacement: str) -> None:
     nodes = {n.name: n for n in graph.node}
     for use in uses:
@@ -120,32 +116,29 @@ def _node_inputs(node: onnx.NodeProto) -> Iterator[str]:
                 yield from inner.input
 
 
+def _qdq_node(
+    op: str, source: str, params: list[str], output: str, q: QParams, names: Names, tensor: str
+) -> onnx.NodeProto:
+    """A QuantizeLinear or DequantizeLinear node named after the tensor it quantizes."""
+    axis = {} if q.axis is None else {"axis": q.axis}
+    return helper.make_node(op, [source, *params], [output], names.new(f"{tensor}_{op}"), **axis)
+
+
 def insert_activation_qdq(
     graph: onnx.GraphProto, plan: ActivationPlan, q: QParams, names: Names
 ) -> None:
     """``X -> QuantizeLinear -> DequantizeLinear -> consumers`` for the planned uses of X."""
     tensor = plan.tensor
-    scale, zero_point = _qdq_inputs(graph, names, tensor, q, plan.elem_type)
+    params = _qdq_inputs(graph, names, tensor, q, plan.elem_type)
     quantized = names.new(f"{tensor}_quantized")
     dequantized = names.new(f"{tensor}_dequantized")
-    nodes = [
-        helper.make_node(
-            "QuantizeLinear",
-            [tensor, scale, zero_point],
-            [quantized],
-            names.new(f"{tensor}_QuantizeLinear"),
-            **_axis_attrs(q),
-        ),
-        helper.make_node(
-            "DequantizeLinear",
-            [quantized, scale, zero_point],
-            [dequantized],
-            names.new(f"{tensor}_DequantizeLinear"),
-            **_axis_attrs(q),
-        ),
-    ]
     _rewire(graph, plan.uses, tensor, dequantized)
-    graph.node.extend(nodes)
+    graph.node.extend(
+        [
+            _qdq_node("QuantizeLinear", tensor, params, quantized, q, names, tensor),
+            _qdq_node("DequantizeLinear", quantized, params, dequantized, q, names, tensor),
+        ]
+    )
 
 
 def quantize_weight(
@@ -154,40 +147,20 @@ def quantize_weight(
     """Store the weight quantized (``mode="quantized"``) or keep it float with a Q -> DQ pair."""
     tensor = plan.tensor
     init = next(t for t in graph.initializer if t.name == tensor)
-    scale, zero_point = _qdq_inputs(graph, names, tensor, q, init.data_type)
+    params = _qdq_inputs(graph, names, tensor, q, init.data_type)
+    stored = names.new(f"{tensor}_quantized")
     dequantized = names.new(f"{tensor}_dequantized")
-    nodes = []
     if mode == "quantized":
         weight = torch.from_numpy(numpy_helper.to_array(init).copy())
         shape = tuple(weight.shape)
-        scale_b = q.scale.reshape(_broadcast(q, shape))
-        zp_b = q.zero_point.reshape(_broadcast(q, shape))
-        stored = names.new(f"{tensor}_quantized")
-        graph.initializer.append(
-            make_tensor(stored, q.fmt.quantize(weight, scale_b, zp_b), q.fmt.onnx_type)
-        )
+        scale = q.scale.reshape(_broadcast(q, shape))
+        zero_point = q.zero_point.reshape(_broadcast(q, shape))
+        values = q.fmt.quantize(weight, scale, zero_point)
+        graph.initializer.append(make_tensor(stored, values, q.fmt.onnx_type))
     else:
-        stored = names.new(f"{tensor}_quantized")
-        nodes.append(
-            helper.make_node(
-                "QuantizeLinear",
-                [tensor, scale, zero_point],
-                [stored],
-                names.new(f"{tensor}_QuantizeLinear"),
-                **_axis_attrs(q),
-            )
-        )
-    nodes.append(
-        helper.make_node(
-            "DequantizeLinear",
-            [stored, scale, zero_point],
-            [dequantized],
-            names.new(f"{tensor}_DequantizeLinear"),
-            **_axis_attrs(q),
-        )
-    )
+        graph.node.append(_qdq_node("QuantizeLinear", tensor, params, stored, q, names, tensor))
+    graph.node.append(_qdq_node("DequantizeLinear", stored, params, dequantized, q, names, tensor))
     _rewire(graph, plan.uses, tensor, dequantized)
-    graph.node.extend(nodes)
     if mode == "quantized" and not _is_used(graph, tensor):
         graph.initializer.remove(init)
 
