@@ -231,7 +231,7 @@ def calibrate_onnx(
     with _timed(run, "calibrate_s"):
         found = _scales(run, scales_in, max_batches, progress)
     with _timed(run, "export_s"):
-        exported = export_qdq(run.working, run.plan, found, recipe.weights_mode)
+        exported = export_qdq(run.loaded.proto, run.plan, found, recipe.weights_mode)
     errors: dict[str, dict[str, float]] = {}
     if run.source is not None and validate_batches > 0:
         with _timed(run, "validate_s"):
@@ -251,10 +251,13 @@ def calibrate_onnx(
 
 @dataclass
 class Run:
-    """What one calibration works on: the model, its copy being edited, the plan and the data."""
+    """What one calibration works on: the model, the plan and the data.
+
+    ``loaded.proto`` is edited into the QDQ model in place (one copy of the weights in memory);
+    the float reference for validation is read from ``loaded.path``, which is never written.
+    """
 
     loaded: LoadedModel
-    working: onnx.ModelProto
     plan: Plan
     recipe: Recipe
     source: DataSource | None
@@ -276,17 +279,15 @@ def _plan(
     """Load and check the model, plan its targets, open the data; nothing runs yet."""
     loaded = load_model(model)
     check_model(loaded.proto, str(loaded.path), full=False)
-    working = onnx.ModelProto()
-    working.CopyFrom(loaded.proto)
-    name_nodes(working)
-    plan = find_targets(working, recipe)
+    name_nodes(loaded.proto)
+    plan = find_targets(loaded.proto, recipe)
     if not plan.activations and not plan.weights:
         raise RecipeError(
             f"{loaded.path}: no node of types {list(recipe.op_types)} left to quantize "
             f"(excluded: {plan.excluded[:5]})"
         )
     source = open_data(data, batch_size=batch_size) if data is not None else None
-    return Run(loaded, working, plan, recipe, source, select_providers(provider))
+    return Run(loaded, plan, recipe, source, select_providers(provider))
 
 
 def _scales(
@@ -306,10 +307,12 @@ def _scales(
         return found
     if run.source is None and run.plan.activations:
         raise DataError("calibration needs data: pass --data (or scales_in to reuse saved scales)")
-    found = calibrate_weights(run.working, run.plan, run.recipe.nonfinite)
+    found = calibrate_weights(run.loaded.proto, run.plan, run.recipe.nonfinite)
     if run.plan.activations:
         types = {t: a.elem_type for t, a in run.plan.activations.items()}
-        capture = OrtCapture(run.working, types, providers=run.providers, name=str(run.loaded.path))
+        capture = OrtCapture(
+            run.loaded.proto, types, providers=run.providers, name=str(run.loaded.path)
+        )
         activations, run.batches_per_pass = calibrate_activations(
             capture, run.plan, run.source, run.recipe.nonfinite, max_batches, progress
         )
@@ -321,6 +324,6 @@ def _output_error(
     run: Run, exported: onnx.ModelProto, max_batches: int
 ) -> dict[str, dict[str, float]]:
     """Error of the QDQ model's outputs against the float model's, on the first batches."""
-    reference = open_session(run.loaded.proto, run.providers, str(run.loaded.path))
+    reference = open_session(run.loaded.path, run.providers, str(run.loaded.path))
     candidate = open_session(exported, run.providers, "the quantized model")
-    return compare_outputs(reference, candidate, run.loaded.proto, run.source, max_batches)
+    return compare_outputs(reference, candidate, exported, run.source, max_batches)

@@ -51,7 +51,7 @@ def select_providers(provider: str) -> list[str]:
 
 
 def open_session(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | Path,
     providers: Sequence[str],
     name: str,
     *,
@@ -59,11 +59,16 @@ def open_session(
 ) -> ort.InferenceSession:
     """An ORT session over ``model``, optionally exposing ``extra_outputs`` (name -> elem type).
 
-    The outputs are added to ``model`` only while it is serialized; models over 2 GB go through
-    a temporary external-data file.
+    ``model`` is a proto or a file. The outputs are added to a proto only while it is
+    serialized; protos over 2 GB go through a temporary external-data file.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if isinstance(model, Path):
+        try:
+            return ort.InferenceSession(str(model), options, providers=list(providers))
+        except ORT_ERRORS as e:
+            raise ModelError(f"ONNX Runtime cannot load {name}: {e}") from None
     added = _append_outputs(model, extra_outputs or {})
     try:
         if model.ByteSize() <= PROTOBUF_LIMIT:

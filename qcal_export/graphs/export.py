@@ -50,7 +50,7 @@ def check_scales_match(plan: Plan, scales: Mapping[str, TensorScales], origin: s
 def export_qdq(
     model: onnx.ModelProto, plan: Plan, scales: Mapping[str, TensorScales], weights_mode: str
 ) -> ExportResult:
-    """Edit ``model`` (the pipeline's own copy) into its QDQ form and check it."""
+    """Edit ``model`` into its QDQ form, in place (a new proto if the opset converter ran)."""
     formats = [get_format(s.format) for s in scales.values()]
     float_types = {p.elem_type for p in plan.activations.values()}
     float_types |= {t.data_type for t in model.graph.initializer if t.name in plan.weights}
