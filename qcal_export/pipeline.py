@@ -68,7 +68,8 @@ def tensor_scales(
         found = (torch.zeros(shape), torch.zeros(shape))
         notes.append("no values collected: amax floored")
     amin, amax = (t.float().cpu() for t in found)
-    if bool((torch.maximum(amin.abs(), amax.abs()) <= AMAX_FLOOR).any()):
+    bound = torch.maximum(amin.abs(), amax.abs())
+    if not notes and bool((bound <= AMAX_FLOOR).any()):
         notes.append(f"zero range: amax floored to {AMAX_FLOOR:g}")
     if cal.nonfinite_count:
         notes.append(f"{cal.nonfinite_count} non-finite values skipped")
@@ -79,7 +80,7 @@ def tensor_scales(
         format=spec.format,
         method=spec.method,
         axis=axis,
-        amax=torch.maximum(amin.abs(), amax.abs()).clamp_min(AMAX_FLOOR),
+        amax=bound.clamp_min(AMAX_FLOOR),
         min=None if fmt.symmetric else amin,
         max=None if fmt.symmetric else amax,
         scale=scale,
@@ -91,9 +92,25 @@ def tensor_scales(
 
 def _first_pass_calibrator(cal: Calibrator) -> Calibrator:
     """A max calibrator when ``cal`` needs an initial range, else ``cal`` itself."""
-    if getattr(cal, "needs_initial_range", False):
+    if cal.needs_initial_range:
         return MaxCalibrator(cal.fmt, cal.granularity, nonfinite=cal.nonfinite)
     return cal
+
+
+def _second_pass(
+    cals: dict[str, Calibrator], firsts: dict[str, Calibrator]
+) -> dict[str, Calibrator]:
+    """The calibrators that take a second pass, their initial range set from the first.
+
+    A tensor whose first pass saw no value keeps an empty calibrator (its scales get floored).
+    """
+    second = {}
+    for tensor, cal in cals.items():
+        found = firsts[tensor].compute_range() if firsts[tensor] is not cal else None
+        if found is not None:
+            cal.set_initial_range(*found)
+            second[tensor] = cal
+    return second
 
 
 def calibrate_weights(
@@ -108,8 +125,7 @@ def calibrate_weights(
         values = torch.from_numpy(numpy_helper.to_array(initializers[tensor]).copy())
         first = _first_pass_calibrator(cal)
         first.collect(values)
-        if first is not cal:
-            cal.set_initial_range(*first.compute_range())
+        if _second_pass({tensor: cal}, {tensor: first}):
             cal.collect(values)
         scales[tensor] = tensor_scales(tensor, "weight", weight.spec, cal, weight.axis)
     return scales
@@ -127,10 +143,8 @@ def calibrate_activations(
     cals = {t: make_calibrator(a.spec, PerTensor(), nonfinite) for t, a in plan.activations.items()}
     firsts = {t: _first_pass_calibrator(cal) for t, cal in cals.items()}
     counts = [_capture_pass(capture, firsts, source, max_batches, progress, "pass 1")]
-    second = {t: cal for t, cal in cals.items() if firsts[t] is not cal}
+    second = _second_pass(cals, firsts)
     if second:
-        for tensor, cal in second.items():
-            cal.set_initial_range(*firsts[tensor].compute_range())
         counts.append(_capture_pass(capture, second, source, max_batches, progress, "pass 2"))
     scales = {
         t: tensor_scales(t, "activation", plan.activations[t].spec, cal, None)

@@ -42,6 +42,11 @@ class Calibrator(ABC):
         self._state: dict[str, torch.Tensor] = {}
 
     @property
+    def needs_initial_range(self) -> bool:
+        """True when ``collect`` needs a range from an earlier pass (see MseCalibrator)."""
+        return False
+
+    @property
     def collected(self) -> bool:
         return bool(self._state)
 
