@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
+import ort_static_rows
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULT_FILE = RESULTS_DIR / "vs_ort_static.md"
@@ -62,39 +63,6 @@ def current_rss_mib() -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _ort_reader(batches: list[dict[str, Any]]) -> Any:
-    """A rewindable CalibrationDataReader over ``batches`` (the same list ours receives)."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class ListReader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.index = 0
-
-        def get_next(self) -> dict[str, Any] | None:
-            if self.index >= len(batches):
-                return None
-            self.index += 1
-            return batches[self.index - 1]
-
-        def rewind(self) -> None:
-            self.index = 0
-
-        def __len__(self) -> int:
-            return len(batches)
-
-    return ListReader()
-
-
-def pad_to(batches: list[dict[str, Any]], length: int) -> list[dict[str, Any]]:
-    """The batches right-padded to ``length`` tokens (ids, mask and type ids 0, i.e. [PAD])."""
-    import numpy as np
-
-    return [
-        {name: np.pad(a, ((0, 0), (0, length - a.shape[1]))) for name, a in batch.items()}
-        for batch in batches
-    ]
-
-
 def _calibrate_ours(model: Path, batches: list[dict], method: str, output: Path) -> None:
     from qcal_export import calibrate_onnx
 
@@ -108,47 +76,6 @@ def _calibrate_ours(model: Path, batches: list[dict], method: str, output: Path)
         weight_method="max",
         per_channel_weights=True,
         validate_batches=0,
-    )
-
-
-def _calibrate_ort(
-    model: Path,
-    batches: list[dict],
-    method: str,
-    output: Path,
-    *,
-    preprocess: bool,
-    symmetric: bool,
-    quantize_outputs: bool,
-) -> None:
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    source = model
-    if preprocess:
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        source = output.with_name(output.stem + "_pre.onnx")
-        quant_pre_process(str(model), str(source))
-    quantize_static(
-        str(source),
-        str(output),
-        _ort_reader(batches),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["MatMul", "Gemm"],
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=getattr(CalibrationMethod, method),
-        extra_options={
-            "ActivationSymmetric": symmetric,
-            # ORT's QDQ quantizer also quantizes MatMul outputs by default; ours quantizes inputs.
-            "OpTypesToExcludeOutputQuantization": [] if quantize_outputs else ["MatMul", "Gemm"],
-        },
     )
 
 
@@ -174,14 +101,14 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
     padded = args.pad_to_longest or args.row in FIXED_SHAPE_ONLY
     longest = max(b["input_ids"].shape[1] for b in calib)
     if padded:
-        calib = pad_to(calib, longest)
+        calib = ort_static_rows.pad_to(calib, longest)
     baseline = harness.peak_rss_mib()
     output = Path(args.work_dir) / f"{args.row}.onnx"
     start = time.perf_counter()
     if args.row in OURS:
         _calibrate_ours(float_model, calib, OURS[args.row], output)
     else:
-        _calibrate_ort(
+        ort_static_rows.calibrate_ort(
             float_model,
             calib,
             ORT[args.row],

@@ -1,21 +1,18 @@
-"""The ``qcal`` command and ``calibrate_onnx`` end to end on a small Conv + Gemm model.
+"""The ``qcal`` command end to end on the small Conv + Gemm model of convgemm.py.
 
-The model is a torch ``Conv2d(3, 4, 3) -> ReLU -> Flatten -> Linear(144, 5)`` exported with the
-TorchScript exporter at opset 17 (dynamic batch); the data is a directory of .npz batches. The
-oracles are ONNX Runtime on the float model and a torch forward pass that fake-quantizes weights
-and activations with the scales the run produced.
+The oracles are ONNX Runtime on the float model and the scales file and report the run wrote;
+errors must end in one ``qcal: error:`` line and exit 2. ``calibrate_onnx`` itself is tested in
+test_pipeline.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import subprocess
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,79 +20,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, numpy_helper
+from convgemm import ACTIVATIONS, BATCH, BATCHES, CPU, WEIGHTS, data_batches, op_counts, run_model
+from onnx import TensorProto
 
 from qcal_export.artifacts.scales import load_scales
 from qcal_export.cli import main
-from qcal_export.errors import DataError
-from qcal_export.formats import get_format
-from qcal_export.pipeline import calibrate_onnx
-
-BATCHES = 4
-BATCH = 6
-CPU = ["CPUExecutionProvider"]
-ACTIVATIONS = {"x", "/Flatten_output_0"}
-WEIGHTS = {"conv.weight", "fc.weight"}
-
-
-class ConvGemm(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3)
-        self.fc = torch.nn.Linear(4 * 6 * 6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """model.onnx (float, opset 17) and data/ (4 .npz batches of 6) in one directory."""
-    root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            ConvGemm().eval(),
-            (torch.randn(2, 3, 8, 8),),
-            str(root / "model.onnx"),
-            dynamo=False,
-            opset_version=17,
-            input_names=["x"],
-            output_names=["y"],
-            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
-        )
-    (root / "data").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(BATCHES):
-        x = rng.standard_normal((BATCH, 3, 8, 8)).astype(np.float32)
-        np.savez(root / "data" / f"batch_{i:02d}.npz", x=x)
-    return root
-
-
-def data_batches(workdir: Path) -> list[np.ndarray]:
-    return [np.load(p)["x"] for p in sorted((workdir / "data").glob("*.npz"))]
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def run_model(path: Path, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=CPU)
-    return session.run(["y"], {"x": x})[0]
-
-
-def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
-
-
-def float_weights(workdir: Path) -> dict[str, np.ndarray]:
-    model = onnx.load(str(workdir / "model.onnx"))
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
 @pytest.fixture(scope="module")
@@ -271,8 +204,10 @@ def good(w: Path, *extra: str) -> list[str]:
     return [str(w / "model.onnx"), "--data", str(w / "data"), *extra]
 
 
-# case -> (argv after ``calibrate`` from (workdir, tmp_path), pattern of the error line)
-ERRORS = {
+# case -> (argv after ``calibrate`` from (workdir, tmp_path), pattern of the error line),
+# grouped by what is wrong: an input that is missing or unreadable, an output that cannot
+# be written, a run that cannot start
+BAD_INPUTS = {
     "missing-model": (
         lambda w, t: [str(t / "missing.onnx"), "--data", str(w / "data")],
         r"model file .*missing\.onnx does not exist$",
@@ -293,6 +228,12 @@ ERRORS = {
         lambda w, t: good(w, "--recipe", bad_recipe(t)),
         r"recipe file .*recipe\.yaml: overrides\[0\]: unknown key\(s\) \['weights'\]",
     ),
+    "missing-scales-in": (
+        lambda w, t: [str(w / "model.onnx"), "--scales-in", str(t / "s.safetensors")],
+        r"scales file .*s\.safetensors does not exist$",
+    ),
+}
+BAD_OUTPUTS = {
     "output-dir-missing": (
         lambda w, t: good(w, "-o", str(t / "no" / "q.onnx")),
         r"output model .*q\.onnx: directory .*no does not exist; create it first$",
@@ -309,10 +250,8 @@ ERRORS = {
         lambda w, t: good(w, "--report", str(t / "x" / "r.json")),
         r"report .*r\.json: directory .*x does not exist",
     ),
-    "missing-scales-in": (
-        lambda w, t: [str(w / "model.onnx"), "--scales-in", str(t / "s.safetensors")],
-        r"scales file .*s\.safetensors does not exist$",
-    ),
+}
+BAD_RUNS = {
     "no-data": (
         lambda w, t: [str(w / "model.onnx"), "-o", str(t / "q.onnx")],
         r"calibration needs data: pass --data",
@@ -322,6 +261,7 @@ ERRORS = {
         r"provider 'cuda' requested",
     ),
 }
+ERRORS = {**BAD_INPUTS, **BAD_OUTPUTS, **BAD_RUNS}
 
 
 def assert_one_error_line(captured, pattern: str) -> None:
@@ -418,168 +358,3 @@ def test_console_script(workdir, tmp_path):
         "qcal: error: model file missing.onnx does not exist"
     ]
     assert bad.stdout == ""
-
-
-# ---- calibrate_onnx -------------------------------------------------------------------------
-
-
-def test_mse_takes_two_passes(workdir):
-    result = calibrate_onnx(workdir / "model.onnx", workdir / "data", method="mse")
-    assert result.report["batches_per_pass"] == [BATCHES, BATCHES]
-    methods = {r["tensor"]: r["method"] for r in result.report["tensors"]}
-    assert methods == {"x": "mse", "/Flatten_output_0": "mse", **dict.fromkeys(WEIGHTS, "max")}
-    assert result.report["output_error"]["y"]["cosine"] > 0.99
-    limited = calibrate_onnx(
-        workdir / "model.onnx", workdir / "data", method="mse", max_batches=2, validate_batches=0
-    )
-    assert limited.report["batches_per_pass"] == [2, 2]
-    assert limited.report["output_error"] == {}
-
-
-def test_fp8_raises_the_opset_to_19(workdir, tmp_path):
-    out = tmp_path / "fp8.onnx"
-    result = calibrate_onnx(workdir / "model.onnx", workdir / "data", format="fp8", output=out)
-    assert result.report["opset"] == {"from": 17, "to": 19}
-    model = onnx.load(str(out))
-    assert next(e.version for e in model.opset_import if e.domain in ("", "ai.onnx")) == 19
-    stored = {t.name: t.data_type for t in model.graph.initializer}
-    assert stored["conv.weight_quantized"] == TensorProto.FLOAT8E4M3FN
-    assert result.report["output_error"]["y"]["cosine"] > 0.99
-    x = data_batches(workdir)[0]
-    assert run_model(out, x).shape == (BATCH, 5)
-
-
-def test_weights_mode_qdq_keeps_float_weights_with_a_q_dq_pair(workdir, tmp_path):
-    out = tmp_path / "qdq.onnx"
-    calibrate_onnx(workdir / "model.onnx", workdir / "data", weights_mode="qdq", output=out)
-    model = onnx.load(str(out))
-    stored = {t.name: t for t in model.graph.initializer}
-    originals = float_weights(workdir)
-    for name in WEIGHTS:
-        assert stored[name].data_type == TensorProto.FLOAT
-        assert np.array_equal(numpy_helper.to_array(stored[name]), originals[name])
-        assert f"{name}_quantized" not in stored
-        quantize = [
-            n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == name
-        ]
-        assert len(quantize) == 1
-        dequantize = [n for n in model.graph.node if quantize[0].output[0] in n.input]
-        assert [n.op_type for n in dequantize] == ["DequantizeLinear"]
-        consumer = [n for n in model.graph.node if dequantize[0].output[0] in n.input]
-        assert [n.op_type for n in consumer] == [{"conv.weight": "Conv", "fc.weight": "Gemm"}[name]]
-    assert op_counts(model)["QuantizeLinear"] == 4
-    # same numbers as the stored-quantized form
-    quantized = tmp_path / "quantized.onnx"
-    calibrate_onnx(workdir / "model.onnx", workdir / "data", output=quantized)
-    x = data_batches(workdir)[1]
-    assert np.allclose(run_model(out, x), run_model(quantized, x), rtol=0, atol=1e-6)
-
-
-def test_exclude_leaves_matching_nodes_in_float(workdir, tmp_path):
-    out = tmp_path / "excluded.onnx"
-    result = calibrate_onnx(
-        workdir / "model.onnx", workdir / "data", exclude=("/fc/*",), output=out
-    )
-    assert result.report["quantized_nodes"] == ["/conv/Conv"]
-    assert result.report["excluded_nodes"] == ["/fc/Gemm"]
-    assert set(result.scales) == {"x", "conv.weight"}
-    model = onnx.load(str(out))
-    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
-    assert list(gemm.input) == ["/Flatten_output_0", "fc.weight", "fc.bias"]
-    counts = op_counts(model)
-    assert (counts["QuantizeLinear"], counts["DequantizeLinear"]) == (1, 2)
-
-
-def fake_quant_forward(
-    workdir: Path, scales: dict, x: np.ndarray, fmt_name: str, quantize: bool = True
-) -> np.ndarray:
-    """Torch forward of the model with weights and activations fake-quantized by ``scales``."""
-    fmt = get_format(fmt_name)
-    w = {k: torch.from_numpy(v.copy()) for k, v in float_weights(workdir).items()}
-
-    def fq(t: torch.Tensor, name: str) -> torch.Tensor:
-        if not quantize:
-            return t
-        s = scales[name]
-        shape = (-1,) + (1,) * (t.dim() - 1) if s.axis is not None else ()
-        return fmt.fake_quant(t, s.scale.reshape(shape), s.zero_point.reshape(shape))
-
-    h = torch.nn.functional.conv2d(
-        fq(torch.from_numpy(x), "x"), fq(w["conv.weight"], "conv.weight"), w["conv.bias"]
-    )
-    a = torch.flatten(torch.relu(h), 1)
-    y = fq(a, "/Flatten_output_0") @ fq(w["fc.weight"], "fc.weight").T + w["fc.bias"]
-    return y.numpy()
-
-
-@pytest.mark.parametrize("fmt_name", ["int8", "uint8", "fp8"])
-def test_qdq_model_equals_a_fake_quant_reference(workdir, tmp_path, fmt_name):
-    """ORT's QDQ model and the torch fake-quant forward agree to float32 rounding.
-
-    ORT's and torch's convolutions sum in different orders, so an activation lying on a
-    rounding boundary may land one step apart: a few elements may differ by at most one
-    quantization step of the Gemm input (times the largest weight), none by more.
-    """
-    out = tmp_path / "q.onnx"
-    result = calibrate_onnx(workdir / "model.onnx", workdir / "data", format=fmt_name, output=out)
-    assert set(result.scales) == ACTIVATIONS | WEIGHTS
-    act = result.scales["/Flatten_output_0"]
-    # largest step between neighbouring values: the scale for ints, 32 * scale for fp8 e4m3
-    step = float(act.scale) * (32.0 if fmt_name == "fp8" else 1.0)
-    one_flip = step * float(np.abs(float_weights(workdir)["fc.weight"]).max())
-    for x in data_batches(workdir):
-        got = run_model(out, x)
-        want = fake_quant_forward(workdir, result.scales, x, fmt_name)
-        plain = fake_quant_forward(workdir, result.scales, x, fmt_name, quantize=False)
-        tight = 1e-5 * np.abs(want).max()
-        diff = np.abs(got - want)
-        assert (diff <= tight).mean() >= 0.95
-        assert diff.max() <= 2 * one_flip
-        # the reference is sensitive: the float forward is much further away
-        assert np.abs(plain - want).max() > 100 * tight
-        assert math.isfinite(float(np.abs(got).max()))
-
-
-class Reader:
-    """An ORT-style calibration data reader with rewind(), counting its rewinds."""
-
-    def __init__(self, batches: list[np.ndarray]):
-        self.batches = batches
-        self.position = 0
-        self.rewinds = 0
-
-    def get_next(self) -> dict | None:
-        if self.position == len(self.batches):
-            return None
-        self.position += 1
-        return {"x": self.batches[self.position - 1]}
-
-    def rewind(self) -> None:
-        self.rewinds += 1
-        self.position = 0
-
-
-def test_calibration_data_reader_is_rewound_for_each_pass(workdir):
-    reader = Reader(data_batches(workdir))
-    result = calibrate_onnx(workdir / "model.onnx", reader, method="mse")
-    assert result.report["batches_per_pass"] == [BATCHES, BATCHES]
-    assert reader.rewinds == 2  # the mse pass and the validation pass
-    from_files = calibrate_onnx(workdir / "model.onnx", workdir / "data", method="mse")
-    for name in ACTIVATIONS:
-        assert torch.equal(result.scales[name].amax, from_files.scales[name].amax)
-    assert result.report["output_error"] == from_files.report["output_error"]
-
-
-def test_one_shot_generator_serves_a_single_pass(workdir):
-    batches = data_batches(workdir)
-    result = calibrate_onnx(workdir / "model.onnx", ({"x": x} for x in batches), validate_batches=0)
-    assert result.report["batches_per_pass"] == [BATCHES]
-    amax = max(float(np.abs(x).max()) for x in batches)
-    assert float(result.scales["x"].amax) == amax
-    with pytest.raises(DataError, match="one-shot iterator"):
-        calibrate_onnx(
-            workdir / "model.onnx",
-            ({"x": x} for x in batches),
-            method="mse",
-            validate_batches=0,
-        )

@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from hand_scales import scales_from_range
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -38,25 +39,14 @@ def calibrated(
     computes them; per channel of ``axis`` or per tensor."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(6, 4, generator=gen) * torch.linspace(0.1, 3.0, 6)[:, None] + 0.5
-    fmt = get_format(fmt_name)
     if axis is None:
         amin, amax = x.min(), x.max()
     else:
         amin, amax = x.movedim(axis, 0).reshape(x.shape[axis], -1).aminmax(dim=1)
-    scale, zero_point = fmt.scale_zero_point(amin, amax)
-    return TensorScales(
-        name=name,
-        kind=kind,
-        format=fmt_name,
-        method=method,
-        axis=axis,
-        amax=torch.maximum(amin.abs(), amax.abs()),
-        scale=scale,
-        zero_point=zero_point,
-        min=None if fmt.symmetric else amin,
-        max=None if fmt.symmetric else amax,
-        options={"start": 0.5, "stop": 2.0, "step": 0.25} if method == "mse" else {},
-        notes=["zero range: amax floored to 1e-30"] if seed == 7 else [],
+    options = {"start": 0.5, "stop": 2.0, "step": 0.25} if method == "mse" else {}
+    notes = ["zero range: amax floored to 1e-30"] if seed == 7 else []
+    return scales_from_range(
+        name, kind, fmt_name, method, axis, amin, amax, options=options, notes=notes
     )
 
 

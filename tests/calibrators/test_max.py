@@ -10,6 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from oracle import (
+    GRANULARITIES,
+    assert_merge_of_halves_equals_one_pass,
+    export_shape,
+    grouped,
+    layout,
+)
 
 from qcal_export.calibrators.max import MaxCalibrator
 from qcal_export.errors import CalibrationError
@@ -17,7 +24,6 @@ from qcal_export.formats import AMAX_FLOOR, FP8_E4M3, INT8, UINT8
 from qcal_export.granularity import PerAxis, PerTensor
 
 SYMMETRIC = {"int8": INT8, "fp8": FP8_E4M3}
-GRANULARITIES = {"per-tensor": PerTensor(), "axis0": PerAxis(0), "last-axis": PerAxis(-1)}
 
 
 def batches(seed: int = 0, channels: int = 6) -> list[np.ndarray]:
@@ -30,27 +36,6 @@ def batches(seed: int = 0, channels: int = 6) -> list[np.ndarray]:
     ]
 
 
-def grouped(data: list[np.ndarray], granularity) -> np.ndarray:
-    """Float64 ``[G, n]`` of all batches: the oracle's own grouping, not the package's."""
-    if isinstance(granularity, PerTensor):
-        return np.concatenate([d.reshape(-1) for d in data]).astype(np.float64)[None]
-    parts = [
-        np.moveaxis(d, granularity.axis, 0).reshape(d.shape[granularity.axis], -1) for d in data
-    ]
-    return np.concatenate(parts, axis=1).astype(np.float64)
-
-
-def export_shape(granularity, channels: int) -> tuple[int, ...]:
-    return () if isinstance(granularity, PerTensor) else (channels,)
-
-
-def layout(data: list[np.ndarray], name: str) -> list[np.ndarray]:
-    """Axis 0 data puts the channels first; the others keep [b, 7, C]."""
-    if name == "axis0":
-        return [np.ascontiguousarray(np.moveaxis(d, -1, 0)) for d in data]
-    return data
-
-
 @pytest.mark.parametrize("gran_name", list(GRANULARITIES))
 @pytest.mark.parametrize("fmt_name", list(SYMMETRIC))
 def test_symmetric_amax_is_float64_abs_max(fmt_name, gran_name):
@@ -59,7 +44,7 @@ def test_symmetric_amax_is_float64_abs_max(fmt_name, gran_name):
     cal = MaxCalibrator(SYMMETRIC[fmt_name], granularity)
     for d in data:
         cal.collect(torch.from_numpy(d))
-    expected = np.abs(grouped(data, granularity)).max(axis=1)
+    expected = np.abs(grouped(data, granularity).astype(np.float64)).max(axis=1)
     amax = cal.compute_amax()
     assert amax.dtype == torch.float32
     assert tuple(amax.shape) == export_shape(granularity, 6)
@@ -81,7 +66,7 @@ def test_asymmetric_range_is_min_max_extended_to_zero(gran_name):
     cal = MaxCalibrator(UINT8, granularity)
     for d in data:
         cal.collect(torch.from_numpy(d))
-    values = grouped(data, granularity)
+    values = grouped(data, granularity).astype(np.float64)
     expected_min = np.minimum(values.min(axis=1), 0.0).astype(np.float32)
     expected_max = np.maximum(values.max(axis=1), 0.0).astype(np.float32)
     amin, amax = cal.compute_range()
@@ -153,7 +138,7 @@ def test_nonfinite_values_are_counted_and_skipped(fmt, gran_name):
     for d in data:
         cal.collect(torch.from_numpy(d))
     assert cal.nonfinite_count == count
-    values = grouped(data, granularity)
+    values = grouped(data, granularity).astype(np.float64)
     finite = np.where(np.isfinite(values), values, 0.0)  # 0 is inside every range anyway
     amin, amax = cal.compute_range()
     if fmt.symmetric:
@@ -202,16 +187,7 @@ def test_merge_of_halves_equals_one_pass(fmt, gran_name):
     data[1].reshape(-1)[[3, 17]] = [np.nan, np.inf]
     whole = MaxCalibrator(fmt, granularity)
     first, second = MaxCalibrator(fmt, granularity), MaxCalibrator(fmt, granularity)
-    for d in data:
-        whole.collect(torch.from_numpy(d))
-    first.collect(torch.from_numpy(data[0]))
-    for d in data[1:]:
-        second.collect(torch.from_numpy(d))
-    first.merge_(second.state_dict())
-    assert torch.equal(first.compute_amax(), whole.compute_amax())
-    for got, expected in zip(first.compute_range(), whole.compute_range(), strict=True):
-        assert torch.equal(got, expected)
-    assert first.nonfinite_count == whole.nonfinite_count == 2
+    assert_merge_of_halves_equals_one_pass(whole, first, second, data, nonfinite=2)
     assert torch.equal(first.state_dict()["numel"], whole.state_dict()["numel"])
     # merging into a fresh calibrator copies; merging an empty state changes nothing
     fresh = MaxCalibrator(fmt, granularity)
