@@ -182,3 +182,58 @@ def get_format(name: str) -> Format:
         return FORMATS[name]
     except KeyError:
         raise RecipeError(f"unknown format {name!r}: choose one of {sorted(FORMATS)}") from None
+
+
+FP8_SUBNORMAL_MIN = 2.0**-9
+"""Smallest positive FP8 E4M3FN value: the floor of an NVFP4 block scale."""
+
+
+@dataclass(frozen=True)
+class NVFP4Format:
+    """NVFP4: FP4 E2M1 elements in blocks of 16, an FP8 E4M3 scale per block, an FP32 global scale.
+
+    ``global_scale = global_amax / (6 * 448)``; block scale ``fp8(block_amax / 6 / global_scale)``
+    (floored at the smallest positive FP8 value, so a zero block never divides by zero);
+    value ``= e2m1(x / (block_scale * global_scale)) * block_scale * global_scale``, where the
+    product of the two scales is the float32 output of the DequantizeLinear that feeds it.
+    """
+
+    name: ClassVar[str] = "nvfp4"
+    symmetric: ClassVar[bool] = True
+    block_size: ClassVar[int] = 16
+    qmax: ClassVar[float] = 6.0
+    scale_max: ClassVar[float] = 448.0
+    min_opset: ClassVar[int] = 23
+
+    def global_scale(self, global_amax: torch.Tensor) -> torch.Tensor:
+        amax = torch.as_tensor(global_amax, dtype=torch.float32).clamp_min(AMAX_FLOOR)
+        return _divide(amax, self.qmax * self.scale_max)
+
+    def block_scales(self, block_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+        """FP8 E4M3 block scales (``float8_e4m3fn``) for float32 block amaxes."""
+        raw = _divide(block_amax.to(torch.float32), self.qmax) / global_scale
+        return raw.clamp(FP8_SUBNORMAL_MIN, self.scale_max).to(torch.float8_e4m3fn)
+
+    def effective_scales(
+        self, block_scales: torch.Tensor, global_scale: torch.Tensor
+    ) -> torch.Tensor:
+        """Float32 per-block scale: what DequantizeLinear(block scales, global scale) outputs."""
+        return block_scales.to(torch.float32) * global_scale
+
+    def round_e2m1(self, y: torch.Tensor) -> torch.Tensor:
+        """Round float32 ``y`` to the E2M1 grid, half to even, saturating at ±6.
+
+        The grid spacing is 0.5 below 2, 1 below 4 and 2 up to 6, so scaling by the spacing,
+        rounding half-even and scaling back is exact.
+        """
+        y = y.clamp(-self.qmax, self.qmax)
+        magnitude = y.abs()
+        step = torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
+        return torch.round(y / step) * step
+
+    def fake_quant_blocks(self, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """Q -> DQ of ``blocks`` (``[..., 16]``) with float32 effective scales ``[..., 1]``."""
+        return self.round_e2m1(blocks.to(torch.float32) / scales) * scales
+
+
+NVFP4 = NVFP4Format()

@@ -22,6 +22,14 @@ class PerTensor:
         """Shape that the scalar statistic takes to broadcast against a tensor of ``shape``."""
         return ()
 
+    def unflatten(self, stat: torch.Tensor, stat_shape: tuple[int, ...]) -> torch.Tensor:
+        """One statistic per group (``[G]``, in ``groups`` order) in the export shape."""
+        return stat.reshape(stat_shape)
+
+    def flatten(self, stat: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``unflatten``: export shape -> ``[G]`` in ``groups`` order."""
+        return stat.reshape(-1)
+
     def describe(self) -> str:
         return "per-tensor"
 
@@ -44,8 +52,52 @@ class PerAxis:
         axis = self.axis % len(shape)
         return tuple(n if i == axis else 1 for i, n in enumerate(shape))
 
+    def unflatten(self, stat: torch.Tensor, stat_shape: tuple[int, ...]) -> torch.Tensor:
+        return stat.reshape(stat_shape)
+
+    def flatten(self, stat: torch.Tensor) -> torch.Tensor:
+        return stat.reshape(-1)
+
     def describe(self) -> str:
         return f"per-axis({self.axis})"
 
 
-Granularity = PerTensor | PerAxis
+@dataclass(frozen=True)
+class PerBlock:
+    """One statistic per block of ``size`` along ``axis`` (the reduction axis).
+
+    ``[..., n (at axis), ...] -> [..., ceil(n / size), ...]``; a last partial block is padded
+    with zeros, which change neither an amax nor a squared error.
+    """
+
+    axis: int
+    size: int
+
+    def groups(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``[num_blocks, size]``, blocks ordered as the moved stat shape (axis last)."""
+        moved = x.movedim(self.axis, -1)
+        pad = -moved.shape[-1] % self.size
+        if pad:
+            moved = torch.nn.functional.pad(moved, (0, pad))
+        return moved.reshape(-1, self.size)
+
+    def stat_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        axis = self.axis % len(shape)
+        blocks = -(-shape[axis] // self.size)
+        return tuple(blocks if i == axis else n for i, n in enumerate(shape))
+
+    def unflatten(self, stat: torch.Tensor, stat_shape: tuple[int, ...]) -> torch.Tensor:
+        axis = self.axis % len(stat_shape)
+        moved = [n for i, n in enumerate(stat_shape) if i != axis] + [stat_shape[axis]]
+        return stat.reshape(moved).movedim(-1, axis)
+
+    def flatten(self, stat: torch.Tensor) -> torch.Tensor:
+        if stat.dim() == 0:
+            return stat.reshape(-1)
+        return stat.movedim(self.axis, -1).reshape(-1)
+
+    def describe(self) -> str:
+        return f"per-block({self.axis}, {self.size})"
+
+
+Granularity = PerTensor | PerAxis | PerBlock

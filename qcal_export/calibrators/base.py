@@ -92,7 +92,8 @@ class Calibrator(ABC):
         if not self._state:
             return None
         amin, amax = self._decide()
-        return amin.reshape(self.stat_shape), amax.reshape(self.stat_shape)
+        unflatten = self.granularity.unflatten
+        return unflatten(amin, self.stat_shape), unflatten(amax, self.stat_shape)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors that merge elementwise by ``merge_ops``; empty when nothing was collected."""

@@ -111,8 +111,9 @@ class MseCalibrator(Calibrator):
                 f"initial range of shape {tuple(self.amax0.shape)} does not fit {num} "
                 f"{self.granularity.describe()} groups of the collected tensor"
             )
-        amin0 = self.amin0.to(device).reshape(-1).expand(num).contiguous()
-        amax0 = self.amax0.to(device).reshape(-1).expand(num).contiguous()
+        flatten = self.granularity.flatten
+        amin0 = flatten(self.amin0.to(device)).expand(num).contiguous()
+        amax0 = flatten(self.amax0.to(device)).expand(num).contiguous()
         losses = torch.zeros(num, len(self.multipliers), dtype=torch.float64, device=device)
         return {"amin0": amin0, "amax0": amax0, "losses": losses}
 
@@ -146,7 +147,7 @@ class MseCalibrator(Calibrator):
         _, amax = self._candidates()
         shape = self.stat_shape
         for k in range(amax.shape[0]):
-            xq = self.quant_func(x, amax[k].reshape(shape))
+            xq = self.quant_func(x, self.granularity.unflatten(amax[k], shape))
             error = (
                 (xq.double() - x).square() if self.error_func is None else self.error_func(x, xq)
             )

@@ -1,0 +1,152 @@
+"""NVFP4 per-block FP8-scale sweep: for each block of 16, the best of the 126 FP8 E4M3 scales.
+
+Candidates are the 126 positive finite FP8 E4M3 values ``s`` (times the FP32 global scale), so a
+block's amax candidates are ``global_amax * s / 448``. The error is plain squared error or,
+given ``hessian`` ``[num_blocks_along_axis, 16, 16]``, the Hessian-weighted ``dwᵀ H dw``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from qcal_export.calibrators.base import Calibrator, MergeOp, NonFinite
+from qcal_export.errors import CalibrationError
+from qcal_export.formats import NVFP4, NVFP4Format
+from qcal_export.granularity import PerBlock
+
+WEIGHT_BLOCKS = PerBlock(-1, 16)
+"""Blocks of 16 along the last axis: the input channels of a ``[cout, cin]`` weight."""
+
+CHUNK_ELEMENTS = 1 << 21
+"""Candidates x blocks x 16 scored at once: bounds the sweep's scratch memory."""
+
+
+def fp8_scale_candidates() -> torch.Tensor:
+    """The 126 positive finite FP8 E4M3FN values, ascending (codes 0x01 to 0x7E), as float8."""
+    return torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn)
+
+
+class NVFP4MseCalibrator(Calibrator):
+    """Per-block FP8 scale search for NVFP4 weights (blocks of 16 along ``axis``).
+
+    ``global_amax`` is given or set by ``set_initial_range`` from a max pass; ``compute_amax``
+    returns the per-block amax of the winning scale, ``compute_block_scales`` the FP8 scales.
+    """
+
+    merge_ops: ClassVar[dict[str, MergeOp]] = {
+        **Calibrator.merge_ops,
+        "global_amax": "same",
+        "losses": "sum",
+    }
+
+    def __init__(
+        self,
+        fmt: NVFP4Format = NVFP4,
+        granularity: PerBlock = WEIGHT_BLOCKS,
+        *,
+        global_amax: torch.Tensor | float | None = None,
+        hessian: torch.Tensor | None = None,
+        nonfinite: NonFinite = "skip",
+    ):
+        if not isinstance(granularity, PerBlock) or granularity.size != fmt.block_size:
+            raise CalibrationError(
+                f"nvfp4-mse needs PerBlock(axis, {fmt.block_size}), not {granularity}"
+            )
+        if hessian is not None and tuple(hessian.shape[1:]) != (fmt.block_size, fmt.block_size):
+            raise CalibrationError(
+                f"hessian must be [num_blocks, 16, 16], not {tuple(hessian.shape)}"
+            )
+        self.hessian = None if hessian is None else hessian.to(torch.float64)
+        self.global_amax = (
+            None if global_amax is None else torch.as_tensor(global_amax, dtype=torch.float32)
+        )
+        super().__init__(fmt, granularity, nonfinite=nonfinite)
+
+    @property
+    def needs_initial_range(self) -> bool:
+        return self.global_amax is None
+
+    def set_initial_range(self, amin0: torch.Tensor | None, amax0: torch.Tensor) -> None:
+        """Take the global amax from a max pass's (min, max)."""
+        bound = torch.as_tensor(amax0).abs().max()
+        if amin0 is not None:
+            bound = torch.maximum(bound, torch.as_tensor(amin0).abs().max())
+        self.global_amax = bound.to(torch.float32)
+
+    def _init_state(self, groups: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.global_amax is None:
+            raise CalibrationError("nvfp4-mse needs global_amax: pass it or run a max pass first")
+        num = groups.shape[0]
+        losses = torch.zeros(num, 126, dtype=torch.float64, device=groups.device)
+        return {"global_amax": self.global_amax.to(groups.device).clone(), "losses": losses}
+
+    def _candidate_scales(self) -> torch.Tensor:
+        """Float32 effective scales (FP8 value x global scale) per candidate, ``[126]``."""
+        global_scale = self.fmt.global_scale(self._state["global_amax"])
+        candidates = fp8_scale_candidates().to(global_scale.device)
+        return self.fmt.effective_scales(candidates, global_scale)
+
+    def _update(self, x: torch.Tensor, groups: torch.Tensor) -> None:
+        scales = self._candidate_scales()[:, None, None]
+        hessian = self._block_hessians(groups.shape[0])
+        chunk = max(1, CHUNK_ELEMENTS // (scales.shape[0] * self.fmt.block_size))
+        losses = self._state["losses"]
+        for begin in range(0, groups.shape[0], chunk):
+            blocks = groups[begin : begin + chunk]
+            diff = self.fmt.fake_quant_blocks(blocks, scales).double().sub_(blocks)
+            if hessian is None:
+                error = diff.square_().sum(-1)
+            else:
+                error = torch.einsum("kgi,gij,kgj->kg", diff, hessian[begin : begin + chunk], diff)
+            losses[begin : begin + chunk] += error.T
+
+    def _block_hessians(self, num_groups: int) -> torch.Tensor | None:
+        """The ``[G, 16, 16]`` Hessian of each group: block ``g`` uses ``H[g % blocks_per_row]``."""
+        if self.hessian is None:
+            return None
+        per_row = self.stat_shape[self.granularity.axis]
+        if self.hessian.shape[0] != per_row:
+            raise CalibrationError(
+                f"hessian has {self.hessian.shape[0]} blocks, the tensor {per_row} along axis "
+                f"{self.granularity.axis}"
+            )
+        index = torch.arange(num_groups, device=self.hessian.device) % per_row
+        return self.hessian[index].to(self._state["losses"].device)
+
+    def compute_block_scales(self) -> torch.Tensor | None:
+        """The winning FP8 block scales (``float8_e4m3fn``) in export shape."""
+        if not self._state:
+            return None
+        best = self._state["losses"].argmin(dim=1)
+        scales = fp8_scale_candidates().to(best.device)[best]
+        return self.granularity.unflatten(scales.view(torch.uint8), self.stat_shape).view(
+            torch.float8_e4m3fn
+        )
+
+    def _decide(self) -> tuple[torch.Tensor, torch.Tensor]:
+        best = self._state["losses"].argmin(dim=1)
+        amax = self._candidate_scales()[best] * self.fmt.qmax
+        return -amax, amax
+
+
+class BlockHessian:
+    """Accumulates ``H = Xᵀ X`` per block of 16 input channels: ``[cin // 16, 16, 16]``.
+
+    ``collect(x)`` takes activations ``[..., cin]`` (the layer's input), summed over batches.
+    """
+
+    def __init__(self, block_size: int = 16):
+        self.block_size = block_size
+        self.hessian: torch.Tensor | None = None
+
+    def collect(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        cin = x.shape[-1]
+        if cin % self.block_size:
+            raise CalibrationError(f"{cin} input channels are not a multiple of {self.block_size}")
+        blocks = x.reshape(-1, cin // self.block_size, self.block_size).to(torch.float64)
+        update = torch.einsum("nbi,nbj->bij", blocks, blocks)
+        self.hessian = update if self.hessian is None else self.hessian + update
