@@ -90,7 +90,7 @@ class NVFP4MseCalibrator(Calibrator):
 
     def _update(self, x: torch.Tensor, groups: torch.Tensor) -> None:
         scales = self._candidate_scales()[:, None, None]
-        hessian = self._block_hessians(groups.shape[0])
+        hessian = self._row_hessian()
         chunk = max(1, CHUNK_ELEMENTS // (scales.shape[0] * self.fmt.block_size))
         losses = self._state["losses"]
         for begin in range(0, groups.shape[0], chunk):
@@ -99,11 +99,14 @@ class NVFP4MseCalibrator(Calibrator):
             if hessian is None:
                 error = diff.square_().sum(-1)
             else:
-                error = torch.einsum("kgi,gij,kgj->kg", diff, hessian[begin : begin + chunk], diff)
+                index = torch.arange(begin, begin + len(blocks), device=hessian.device)
+                h = hessian[index % hessian.shape[0]]
+                error = torch.einsum("kgi,gij,kgj->kg", diff, h, diff)
             losses[begin : begin + chunk] += error.T
 
-    def _block_hessians(self, num_groups: int) -> torch.Tensor | None:
-        """The ``[G, 16, 16]`` Hessian of each group: block ``g`` uses ``H[g % blocks_per_row]``."""
+    def _row_hessian(self) -> torch.Tensor | None:
+        """``H`` of the blocks along the axis, ``[blocks_per_row, 16, 16]``: block g uses
+        ``H[g % blocks_per_row]`` (blocks are ordered with the axis last)."""
         if self.hessian is None:
             return None
         per_row = self.stat_shape[self.granularity.axis]
@@ -112,8 +115,7 @@ class NVFP4MseCalibrator(Calibrator):
                 f"hessian has {self.hessian.shape[0]} blocks, the tensor {per_row} along axis "
                 f"{self.granularity.axis}"
             )
-        index = torch.arange(num_groups, device=self.hessian.device) % per_row
-        return self.hessian[index].to(self._state["losses"].device)
+        return self.hessian.to(self._state["losses"].device)
 
     def compute_block_scales(self) -> torch.Tensor | None:
         """The winning FP8 block scales (``float8_e4m3fn``) in export shape."""
