@@ -145,15 +145,11 @@ class MseCalibrator(Calibrator):
     def _update_custom(self, x: torch.Tensor) -> None:
         """One full pass per candidate: a user quant_func is not vectorized over candidates."""
         _, amax = self._candidates()
-        shape = self.stat_shape
+        shape, groups = self.stat_shape, self.granularity.groups
+        x_groups = groups(x)
         for k in range(amax.shape[0]):
             xq = self.quant_func(x, self.granularity.unflatten(amax[k], shape))
-            error = (
-                (xq.double() - x).square() if self.error_func is None else self.error_func(x, xq)
-            )
-            self._state["losses"][:, k] += self.granularity.groups(error).sum(
-                -1, dtype=torch.float64
-            )
+            self._state["losses"][:, k] += self._error(x_groups, groups(xq))
 
     def _error(self, x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
         """Summed error over the last axis, in float64 (exact differences, no cancellation)."""
