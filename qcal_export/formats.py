@@ -28,6 +28,8 @@ class IntFormat:
     bits: int
     signed: bool
     symmetric: bool
+    block_size: ClassVar[int] = 1
+    """Elements ``fake_quant`` treats together along the last axis (1: each on its own)."""
 
     @property
     def name(self) -> str:
@@ -43,16 +45,22 @@ class IntFormat:
 
     @property
     def onnx_type(self) -> int:
-        types = {(8, True): TensorProto.INT8, (8, False): TensorProto.UINT8}
+        types = {
+            (8, True): TensorProto.INT8,
+            (8, False): TensorProto.UINT8,
+            (4, True): TensorProto.INT4,
+            (4, False): TensorProto.UINT4,
+        }
         return types[(self.bits, self.signed)]
 
     @property
     def storage_dtype(self) -> torch.dtype:
+        """Dtype of the unpacked integers; 4-bit values are packed two per byte on export."""
         return torch.int8 if self.signed else torch.uint8
 
     @property
     def min_opset(self) -> int:
-        return 10
+        return 10 if self.bits == 8 else 21
 
     def scale_zero_point(
         self, amin: torch.Tensor, amax: torch.Tensor
@@ -108,6 +116,7 @@ class FP8E4M3Format:
 
     name: ClassVar[str] = "fp8"
     symmetric: ClassVar[bool] = True
+    block_size: ClassVar[int] = 1
     qmax: ClassVar[float] = 448.0
     onnx_type: ClassVar[int] = TensorProto.FLOAT8E4M3FN
     storage_dtype: ClassVar[torch.dtype] = torch.float8_e4m3fn
@@ -144,9 +153,6 @@ class FP8E4M3Format:
         return zero_point.to(self.storage_dtype)
 
 
-Format = IntFormat | FP8E4M3Format
-
-
 def _divide(t: torch.Tensor, number: float) -> torch.Tensor:
     """``t / number``, correctly rounded on every device.
 
@@ -167,25 +173,12 @@ def _out_like(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=x.device)
 
 
-INT8 = IntFormat(bits=8, signed=True, symmetric=True)
-UINT8 = IntFormat(bits=8, signed=False, symmetric=False)
-FP8_E4M3 = FP8E4M3Format()
-
-FORMATS: dict[str, Format] = {f.name: f for f in (INT8, UINT8, FP8_E4M3)}
-
-
-def get_format(name: str) -> Format:
-    """The format called ``name`` (int8, uint8, fp8); RecipeError lists the choices otherwise."""
-    from qcal_export.errors import RecipeError
-
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise RecipeError(f"unknown format {name!r}: choose one of {sorted(FORMATS)}") from None
-
-
 FP8_SUBNORMAL_MIN = 2.0**-9
 """Smallest positive FP8 E4M3FN value: the floor of an NVFP4 block scale."""
+
+
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+"""FP4 E2M1 magnitudes by code 0..7; code | 8 is the negative value (bit 3 is the sign)."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +189,10 @@ class NVFP4Format:
     (floored at the smallest positive FP8 value, so a zero block never divides by zero);
     value ``= e2m1(x / (block_scale * global_scale)) * block_scale * global_scale``, where the
     product of the two scales is the float32 output of the DequantizeLinear that feeds it.
+
+    As a per-tensor format (activations, or the ``mse`` sweep of the global amax) its ``scale``
+    is the global scale and the block scales are computed from each block's own amax, as the
+    exported graph computes them; blocks run along the last axis of what ``fake_quant`` gets.
     """
 
     name: ClassVar[str] = "nvfp4"
@@ -203,9 +200,12 @@ class NVFP4Format:
     block_size: ClassVar[int] = 16
     qmax: ClassVar[float] = 6.0
     scale_max: ClassVar[float] = 448.0
+    onnx_type: ClassVar[int] = TensorProto.FLOAT4E2M1
+    scale_onnx_type: ClassVar[int] = TensorProto.FLOAT8E4M3FN
+    storage_dtype: ClassVar[torch.dtype] = torch.uint8
     min_opset: ClassVar[int] = 23
 
-    def global_scale(self, global_amax: torch.Tensor) -> torch.Tensor:
+    def global_scale(self, global_amax: torch.Tensor | float) -> torch.Tensor:
         amax = torch.as_tensor(global_amax, dtype=torch.float32).clamp_min(AMAX_FLOOR)
         return _divide(amax, self.qmax * self.scale_max)
 
@@ -235,5 +235,92 @@ class NVFP4Format:
         """Q -> DQ of ``blocks`` (``[..., 16]``) with float32 effective scales ``[..., 1]``."""
         return self.round_e2m1(blocks.to(torch.float32) / scales) * scales
 
+    def scale_zero_point(
+        self, amin: torch.Tensor, amax: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The FP32 global scale of a range, and a zero zero point."""
+        bound = torch.maximum(amin.abs(), amax.abs()).to(torch.float32)
+        global_scale = self.global_scale(bound)
+        return global_scale, torch.zeros_like(global_scale)
+
+    def fake_quant(
+        self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+    ) -> torch.Tensor:
+        """Dynamic NVFP4 Q -> DQ: ``x`` ``[..., n]`` (n a multiple of 16), global ``scale``."""
+        return self.fake_quant_into(_out_like(x, scale), x, scale, zero_point)
+
+    def fake_quant_into(
+        self, out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+    ) -> torch.Tensor:
+        """``fake_quant`` into ``out``; ``scale`` broadcasts against ``x`` with a last dim of 1.
+
+        Each block's FP8 scale is computed from the block's own amax and the global scale.
+        """
+        size = self.block_size
+        blocks = x.to(torch.float32).unflatten(-1, (-1, size))
+        global_scale = scale.unsqueeze(-1)
+        block_amax = blocks.abs().amax(-1, keepdim=True)
+        effective = self.effective_scales(self.block_scales(block_amax, global_scale), global_scale)
+        view = out.unflatten(-1, (-1, size))
+        torch.div(blocks, effective, out=view)
+        view.copy_(self.round_e2m1(view))
+        view.mul_(effective)
+        return out
+
+    def encode_e2m1(self, values: torch.Tensor) -> torch.Tensor:
+        """E2M1 codes (uint8, 0..15, bit 3 the sign) of values already on the E2M1 grid."""
+        magnitude = values.abs().to(torch.float32)
+        grid = torch.tensor(E2M1_VALUES, device=values.device)
+        code = torch.searchsorted(grid, magnitude.contiguous()).to(torch.uint8)
+        return torch.where(torch.signbit(values) & (magnitude > 0), code | 8, code)
+
+    def quantize(
+        self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+    ) -> torch.Tensor:
+        """E2M1 codes (uint8) of ``x`` divided by float32 effective block ``scale`` (broadcast)."""
+        return self.encode_e2m1(self.round_e2m1(x.to(torch.float32) / scale))
+
+    def encode_zero_point(self, zero_point: torch.Tensor) -> torch.Tensor:
+        return zero_point.to(torch.uint8)
+
 
 NVFP4 = NVFP4Format()
+
+Format = IntFormat | FP8E4M3Format | NVFP4Format
+
+INT8 = IntFormat(bits=8, signed=True, symmetric=True)
+UINT8 = IntFormat(bits=8, signed=False, symmetric=False)
+INT4 = IntFormat(bits=4, signed=True, symmetric=True)
+UINT4 = IntFormat(bits=4, signed=False, symmetric=False)
+FP8_E4M3 = FP8E4M3Format()
+
+FORMATS: dict[str, Format] = {f.name: f for f in (INT8, UINT8, INT4, UINT4, FP8_E4M3, NVFP4)}
+
+
+def get_format(name: str) -> Format:
+    """The format called ``name`` (see FORMATS); RecipeError lists the choices otherwise."""
+    from qcal_export.errors import RecipeError
+
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise RecipeError(f"unknown format {name!r}: choose one of {sorted(FORMATS)}") from None
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (uint8 or int8 values) packed two per byte along the flattened tensor.
+
+    Element ``2i`` goes in the low nibble of byte ``i`` (ONNX INT4/UINT4/FLOAT4E2M1 and the
+    serving checkpoints agree); an odd count gets a zero high nibble in the last byte.
+    """
+    flat = codes.reshape(-1).to(torch.uint8) & 0x0F
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    pairs = flat.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The inverse of ``pack_nibbles``: ``count`` 4-bit codes (uint8) in order."""
+    flat = packed.reshape(-1).to(torch.uint8)
+    return torch.stack([flat & 0x0F, flat >> 4], dim=-1).reshape(-1)[:count]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,8 +31,19 @@ class PerTensor:
         """The inverse of ``unflatten``: export shape -> ``[G]`` in ``groups`` order."""
         return stat.reshape(-1)
 
+    def expand(self, stat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The statistic (export shape) made to broadcast against a tensor of ``shape``."""
+        return stat.reshape(())
+
     def describe(self) -> str:
         return "per-tensor"
+
+    def onnx_attributes(self) -> dict[str, int]:
+        """QuantizeLinear/DequantizeLinear attributes for a scale of this granularity."""
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "per-tensor"}
 
 
 @dataclass(frozen=True)
@@ -58,8 +70,17 @@ class PerAxis:
     def flatten(self, stat: torch.Tensor) -> torch.Tensor:
         return stat.reshape(-1)
 
+    def expand(self, stat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return stat.reshape(self.broadcast_shape(shape))
+
     def describe(self) -> str:
         return f"per-axis({self.axis})"
+
+    def onnx_attributes(self) -> dict[str, int]:
+        return {"axis": self.axis}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "per-axis", "axis": self.axis}
 
 
 @dataclass(frozen=True)
@@ -96,8 +117,75 @@ class PerBlock:
             return stat.reshape(-1)
         return stat.movedim(self.axis, -1).reshape(-1)
 
+    def expand(self, stat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Each block's statistic repeated over its elements: ``shape`` itself."""
+        axis = self.axis % len(shape)
+        return stat.repeat_interleave(self.size, dim=axis).narrow(axis, 0, shape[axis])
+
     def describe(self) -> str:
         return f"per-block({self.axis}, {self.size})"
 
+    def onnx_attributes(self) -> dict[str, int]:
+        return {"axis": self.axis, "block_size": self.size}
 
-Granularity = PerTensor | PerAxis | PerBlock
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "per-block", "axis": self.axis, "size": self.size}
+
+
+@dataclass(frozen=True)
+class PerTensorGroup:
+    """One statistic for the whole tensor, seen as blocks of ``size`` along ``axis``: ``[*] -> []``.
+
+    For formats with a global scale and dynamic block scales (NVFP4 activations): ``groups``
+    gives ``[1, num_blocks * size]`` with each block contiguous (the axis moved last, a partial
+    last block padded with zeros), so a fake-quantization can find every block's own amax.
+    """
+
+    axis: int
+    size: int
+
+    def groups(self, x: torch.Tensor) -> torch.Tensor:
+        return PerBlock(self.axis, self.size).groups(x).reshape(1, -1)
+
+    def stat_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return ()
+
+    def broadcast_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return ()
+
+    def unflatten(self, stat: torch.Tensor, stat_shape: tuple[int, ...]) -> torch.Tensor:
+        return stat.reshape(stat_shape)
+
+    def flatten(self, stat: torch.Tensor) -> torch.Tensor:
+        return stat.reshape(-1)
+
+    def expand(self, stat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return stat.reshape(())
+
+    def describe(self) -> str:
+        return f"per-tensor-group({self.axis}, {self.size})"
+
+    def onnx_attributes(self) -> dict[str, int]:
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "per-tensor-group", "axis": self.axis, "size": self.size}
+
+
+Granularity = PerTensor | PerAxis | PerBlock | PerTensorGroup
+
+_BY_TYPE: dict[str, type] = {
+    "per-tensor": PerTensor,
+    "per-axis": PerAxis,
+    "per-block": PerBlock,
+    "per-tensor-group": PerTensorGroup,
+}
+
+
+def granularity_from_dict(data: dict[str, Any]) -> Granularity:
+    """The inverse of ``to_dict``; ValueError for an unknown type or fields."""
+    fields = dict(data)
+    kind = _BY_TYPE.get(fields.pop("type", None))
+    if kind is None:
+        raise ValueError(f"unknown granularity {data!r}: choose one of {sorted(_BY_TYPE)}")
+    return kind(**fields)

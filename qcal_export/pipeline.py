@@ -12,22 +12,26 @@ from typing import Any
 
 import onnx
 import torch
-from onnx import numpy_helper
 
+from qcal_export.artifacts.onnx_layers import check_checkpoint_dir, write_checkpoints
 from qcal_export.artifacts.report import build_report, save_report
 from qcal_export.artifacts.scales import TensorScales, load_scales, save_scales
 from qcal_export.atomic import check_writable
-from qcal_export.calibrators import CALIBRATORS, Calibrator, MaxCalibrator
+from qcal_export.calibration import (
+    Collector,
+    calibrate_activations,
+    calibrate_weights,
+    hessian_inputs,
+    relative_weight_errors,
+)
 from qcal_export.capture.data import DataSource, open_data
 from qcal_export.capture.onnxruntime import OrtCapture, open_session, select_providers
-from qcal_export.errors import CalibrationError, DataError, RecipeError
-from qcal_export.formats import AMAX_FLOOR, get_format
-from qcal_export.granularity import PerAxis, PerTensor
+from qcal_export.errors import DataError, RecipeError
 from qcal_export.graphs.export import check_scales_match, export_qdq
 from qcal_export.graphs.model_io import LoadedModel, load_model, save_model
-from qcal_export.graphs.targets import Plan, find_targets, name_nodes
-from qcal_export.graphs.validate import check_model, compare_outputs
-from qcal_export.recipe import Recipe, TensorSpec
+from qcal_export.graphs.targets import Plan, find_targets, name_nodes, tensor_types
+from qcal_export.graphs.validate import check_model, compare_outputs, reference_runner
+from qcal_export.recipe import WEIGHT_ONLY_FORMATS, Recipe, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -44,158 +48,82 @@ class CalibrationResult:
     model_path: Path | None = None
     scales_path: Path | None = None
     report_path: Path | None = None
+    checkpoint_paths: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def make_calibrator(
-    spec: TensorSpec, granularity: PerTensor | PerAxis, nonfinite: str
-) -> Calibrator:
-    """The calibrator a spec names, for one tensor."""
-    return CALIBRATORS[spec.method](
-        get_format(spec.format), granularity, nonfinite=nonfinite, **spec.options
-    )
-
-
-def tensor_scales(
-    name: str, kind: str, spec: TensorSpec, cal: Calibrator, axis: int | None
-) -> TensorScales:
-    """Turn a calibrator's decision into scales, with notes on floored or skipped values."""
-    fmt = get_format(spec.format)
-    notes = []
-    found = cal.compute_range()
-    if found is None:
-        shape = cal.stat_shape or ()
-        found = (torch.zeros(shape), torch.zeros(shape))
-        notes.append("no values collected: amax floored")
-    amin, amax = (t.float().cpu() for t in found)
-    bound = torch.maximum(amin.abs(), amax.abs())
-    if not notes and bool((bound <= AMAX_FLOOR).any()):
-        notes.append(f"zero range: amax floored to {AMAX_FLOOR:g}")
-    if cal.nonfinite_count:
-        notes.append(f"{cal.nonfinite_count} non-finite values skipped")
-    scale, zero_point = fmt.scale_zero_point(amin, amax)
-    return TensorScales(
-        name=name,
-        kind=kind,
-        format=spec.format,
-        method=spec.method,
-        axis=axis,
-        amax=bound.clamp_min(AMAX_FLOOR),
-        min=None if fmt.symmetric else amin,
-        max=None if fmt.symmetric else amax,
-        scale=scale,
-        zero_point=zero_point,
-        options=dict(spec.options),
-        notes=notes,
-    )
-
-
-def _first_pass_calibrator(cal: Calibrator) -> Calibrator:
-    """A max calibrator when ``cal`` needs an initial range, else ``cal`` itself."""
-    if cal.needs_initial_range:
-        return MaxCalibrator(cal.fmt, cal.granularity, nonfinite=cal.nonfinite)
-    return cal
-
-
-def _second_pass(
-    cals: dict[str, Calibrator], firsts: dict[str, Calibrator]
-) -> dict[str, Calibrator]:
-    """The calibrators that take a second pass, their initial range set from the first.
-
-    A tensor whose first pass saw no value keeps an empty calibrator (its scales get floored).
-    """
-    second = {}
-    for tensor, cal in cals.items():
-        found = firsts[tensor].compute_range() if firsts[tensor] is not cal else None
-        if found is not None:
-            cal.set_initial_range(*found)
-            second[tensor] = cal
-    return second
-
-
-def calibrate_weights(
-    model: onnx.ModelProto, plan: Plan, nonfinite: str
-) -> dict[str, TensorScales]:
-    """Calibrate every planned weight from its initializer, per output channel where planned."""
-    initializers = {t.name: t for t in model.graph.initializer}
-    scales = {}
-    for tensor, weight in plan.weights.items():
-        granularity = PerTensor() if weight.axis is None else PerAxis(weight.axis)
-        cal = make_calibrator(weight.spec, granularity, nonfinite)
-        values = torch.from_numpy(numpy_helper.to_array(initializers[tensor]).copy())
-        first = _first_pass_calibrator(cal)
-        first.collect(values)
-        if _second_pass({tensor: cal}, {tensor: first}):
-            cal.collect(values)
-        scales[tensor] = tensor_scales(tensor, "weight", weight.spec, cal, weight.axis)
-    return scales
-
-
-def calibrate_activations(
-    capture: OrtCapture,
-    plan: Plan,
-    source: DataSource,
-    nonfinite: str,
-    max_batches: int | None,
-    progress: ProgressFactory | None,
-) -> tuple[dict[str, TensorScales], list[int]]:
-    """Stream the data through ORT (a second pass where a method needs an initial range)."""
-    cals = {t: make_calibrator(a.spec, PerTensor(), nonfinite) for t, a in plan.activations.items()}
-    firsts = {t: _first_pass_calibrator(cal) for t, cal in cals.items()}
-    counts = [_capture_pass(capture, firsts, source, max_batches, progress, "pass 1")]
-    second = _second_pass(cals, firsts)
-    if second:
-        counts.append(_capture_pass(capture, second, source, max_batches, progress, "pass 2"))
-    scales = {
-        t: tensor_scales(t, "activation", plan.activations[t].spec, cal, None)
-        for t, cal in cals.items()
-    }
-    return scales, counts
-
-
-def _capture_pass(
-    capture: OrtCapture,
-    cals: dict[str, Calibrator],
-    source: DataSource,
-    max_batches: int | None,
-    progress: ProgressFactory | None,
-    label: str,
-) -> int:
-    def sink(tensor: str, value: torch.Tensor) -> None:
-        try:
-            cals[tensor].collect(value)
-        except CalibrationError as e:
-            raise DataError(f"activation {tensor!r}: {e}") from None
-
-    with progress(f"calibrating ({label})") if progress else nullcontext() as on_batch:
-        return capture.run(
-            source, sink, tensors=list(cals), max_batches=max_batches, on_batch=on_batch
-        )
 
 
 def build_recipe(
     recipe: Recipe | None,
     *,
-    format: str,
-    method: str,
-    weight_method: str,
-    per_channel_weights: bool,
-    exclude: tuple[str, ...],
-    exclude_op_types: tuple[str, ...],
-    weights_mode: str,
-    nonfinite: str,
+    format: str = "int8",
+    method: str = "max",
+    weight_method: str | None = None,
+    weight_format: str | None = None,
+    activation_format: str | None = None,
+    per_channel_weights: bool = True,
+    block_size: int | None = None,
+    hessian: bool = False,
+    exclude: tuple[str, ...] = (),
+    exclude_op_types: tuple[str, ...] = (),
+    weights_mode: str = "quantized",
+    nonfinite: str = "skip",
+    nvfp4_form: str = "portable",
 ) -> Recipe:
-    """The recipe given, or one built from the keyword options."""
+    """The recipe given, or one built from the keyword options.
+
+    ``format`` applies to weights and activations unless ``weight_format`` /
+    ``activation_format`` say otherwise; weight-only formats (int4) and ``activation_format``
+    "none" leave activations in float. ``method`` "nvfp4-mse" is a weight method: activations
+    then use max. ``hessian`` weights the nvfp4-mse sweep by the layer inputs' ``Xᵀ X``.
+    """
     if recipe is not None:
         return recipe
+    weight_format = weight_format or format
+    if activation_format is None:
+        activation_format = "none" if format in WEIGHT_ONLY_FORMATS else format
+    if weight_method is None:
+        weight_method = "nvfp4-mse" if method == "nvfp4-mse" else "max"
+    if method == "nvfp4-mse":
+        method = "max"
+    if hessian and weight_method != "nvfp4-mse":
+        raise RecipeError(f"hessian weighting needs weight method nvfp4-mse, not {weight_method!r}")
+    activation = (
+        None if activation_format == "none" else TensorSpec(format=activation_format, method=method)
+    )
+    weight = TensorSpec(
+        format=weight_format,
+        method=weight_method,
+        per_channel=per_channel_weights,
+        block_size=block_size,
+        options={"hessian": True} if hessian else {},
+    )
     return Recipe(
-        activation=TensorSpec(format=format, method=method),
-        weight=TensorSpec(format=format, method=weight_method, per_channel=per_channel_weights),
+        activation=activation,
+        weight=weight,
         exclude_nodes=tuple(exclude),
         exclude_op_types=tuple(exclude_op_types),
         weights_mode=weights_mode,
         nonfinite=nonfinite,
+        nvfp4_form=nvfp4_form,
     )
+
+
+RECIPE_OPTIONS = (
+    "format",
+    "method",
+    "weight_method",
+    "weight_format",
+    "activation_format",
+    "per_channel_weights",
+    "block_size",
+    "hessian",
+    "exclude",
+    "exclude_op_types",
+    "weights_mode",
+    "nonfinite",
+    "nvfp4_form",
+)
+"""Keyword options of ``calibrate_onnx`` that build the recipe (see ``build_recipe``)."""
 
 
 def calibrate_onnx(
@@ -206,51 +134,52 @@ def calibrate_onnx(
     scales: str | Path | None = None,
     report: str | Path | None = None,
     recipe: Recipe | None = None,
-    format: str = "int8",
-    method: str = "max",
-    weight_method: str = "max",
-    per_channel_weights: bool = True,
-    exclude: tuple[str, ...] = (),
-    exclude_op_types: tuple[str, ...] = (),
-    weights_mode: str = "quantized",
-    nonfinite: str = "skip",
     batch_size: int | None = None,
     max_batches: int | None = None,
     provider: str = "auto",
     scales_in: str | Path | None = None,
     validate_batches: int = 4,
+    checkpoint: str | Path | None = None,
+    checkpoint_layouts: tuple[str, ...] = ("modelopt",),
     progress: ProgressFactory | None = None,
+    **options: Any,
 ) -> CalibrationResult:
     """Calibrate ``model`` on ``data`` and write the QDQ model, scales and report asked for.
 
     ``data``: a .npz file, a directory of .npz/.npy, an iterable of {input: array} dicts or an
     ORT CalibrationDataReader. With ``scales_in`` the scales come from that file instead
-    (``data`` then only serves validation). The input model file is never written.
+    (``data`` then only serves validation). ``options`` build the recipe when none is given
+    (``format``, ``method``, ``weight_method``, ``block_size``, ... : see ``build_recipe``).
+    ``checkpoint``: a directory for NVFP4 serving checkpoints, one subdirectory per layout.
+    The input model file is never written.
     """
-    recipe = build_recipe(
-        recipe,
-        format=format,
-        method=method,
-        weight_method=weight_method,
-        per_channel_weights=per_channel_weights,
-        exclude=exclude,
-        exclude_op_types=exclude_op_types,
-        weights_mode=weights_mode,
-        nonfinite=nonfinite,
-    )
+    unknown = set(options) - set(RECIPE_OPTIONS)
+    if unknown:
+        raise RecipeError(f"unknown option(s) {sorted(unknown)}; known: {list(RECIPE_OPTIONS)}")
+    recipe = build_recipe(recipe, **options)
     for path, what in ((output, "output model"), (scales, "scales file"), (report, "report")):
         if path is not None:
             check_writable(path, what)
+    if checkpoint is not None:
+        check_checkpoint_dir(checkpoint, checkpoint_layouts)
     run = _plan(model, recipe, data, batch_size, provider)
     with _timed(run, "calibrate_s"):
         found = _scales(run, scales_in, max_batches, progress)
+    run.weight_errors = relative_weight_errors(run.loaded.proto, found.values())
+    result = CalibrationResult(scales=found, report={}, timings=run.timings)
+    if checkpoint is not None:
+        with _timed(run, "checkpoint_s"):
+            result.checkpoint_paths = write_checkpoints(
+                run.loaded.proto, run.plan, found, checkpoint, checkpoint_layouts
+            )
     with _timed(run, "export_s"):
-        exported = export_qdq(run.loaded.proto, run.plan, found, recipe.weights_mode)
+        exported = export_qdq(
+            run.loaded.proto, run.plan, found, recipe.weights_mode, recipe.nvfp4_form
+        )
     errors: dict[str, dict[str, float]] = {}
     if run.source is not None and validate_batches > 0:
         with _timed(run, "validate_s"):
             errors = _output_error(run, exported.model, validate_batches)
-    result = CalibrationResult(scales=found, report={}, timings=run.timings)
     if output is not None:
         result.model_path = save_model(
             exported.model, output, external_data=run.loaded.external_data
@@ -278,6 +207,8 @@ class Run:
     providers: list[str]
     batches_per_pass: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    weight_errors: dict[str, float] = field(default_factory=dict)
+    validator: str = ""
 
 
 @contextmanager
@@ -319,25 +250,59 @@ def _scales(
                 "%s was calibrated on another model file than %s", scales_in, run.loaded.path
             )
         return found
-    if run.source is None and run.plan.activations:
+    hessians = hessian_inputs(run.plan)
+    if run.source is None and (run.plan.activations or hessians):
         raise DataError("calibration needs data: pass --data (or scales_in to reuse saved scales)")
-    found = calibrate_weights(run.loaded.proto, run.plan, run.recipe.nonfinite)
-    if run.plan.activations:
-        types = {t: a.elem_type for t, a in run.plan.activations.items()}
-        capture = OrtCapture(
-            run.loaded.proto, types, providers=run.providers, name=str(run.loaded.path)
-        )
-        activations, run.batches_per_pass = calibrate_activations(
-            capture, run.plan, run.source, run.recipe.nonfinite, max_batches, progress
-        )
-        found.update(activations)
+    found: dict[str, TensorScales] = {}
+    activations = calibrate_activations(
+        run.plan, _capture_pass(run, max_batches, progress), run.recipe.nonfinite
+    )
+    run.batches_per_pass = activations.batches_per_pass
+    found.update(
+        calibrate_weights(run.loaded.proto, run.plan, run.recipe.nonfinite, activations.hessians)
+    )
+    found.update(activations.scales)
     return found
+
+
+def _capture_pass(run: Run, max_batches: int | None, progress: ProgressFactory | None):
+    """A CapturePass over the run's data with one ORT session, opened on first use."""
+    sessions: list[OrtCapture] = []
+
+    def capture(collectors: dict[str, list[Collector]], label: str) -> int:
+        if not sessions:
+            types = tensor_types(run.loaded.proto)
+            wanted = {t: types[t] for t in [*run.plan.activations, *hessian_inputs(run.plan)]}
+            sessions.append(
+                OrtCapture(
+                    run.loaded.proto, wanted, providers=run.providers, name=str(run.loaded.path)
+                )
+            )
+
+        def sink(tensor: str, value: torch.Tensor) -> None:
+            for collect in collectors[tensor]:
+                collect(value)
+
+        with progress(f"calibrating ({label})") if progress else nullcontext() as on_batch:
+            return sessions[0].run(
+                run.source,
+                sink,
+                tensors=list(collectors),
+                max_batches=max_batches,
+                on_batch=on_batch,
+            )
+
+    return capture
 
 
 def _output_error(
     run: Run, exported: onnx.ModelProto, max_batches: int
 ) -> dict[str, dict[str, float]]:
-    """Error of the QDQ model's outputs against the float model's, on the first batches."""
+    """Error of the QDQ model's outputs against the float model's, on the first batches.
+
+    ONNX Runtime runs the QDQ model unless it holds ops ORT lacks (FLOAT4E2M1, TensorRT's
+    custom ops): then the ONNX reference evaluator does; ``run.validator`` says which.
+    """
     reference = open_session(run.loaded.path, run.providers, str(run.loaded.path))
-    candidate = open_session(exported, run.providers, "the quantized model")
+    candidate, run.validator = reference_runner(exported, run.providers)
     return compare_outputs(reference, candidate, exported, run.source, max_batches)

@@ -20,21 +20,33 @@ from qcal_export.errors import RecipeError
 from qcal_export.formats import FORMATS
 
 DEFAULT_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose")
-METHODS = ("max", "mse")
+METHODS = ("max", "mse", "nvfp4-mse")
+METHOD_OPTIONS: dict[str, set[str]] = {
+    "mse": {"start", "stop", "step"},
+    "nvfp4-mse": {"hessian"},
+}
+DEFAULT_BLOCK_SIZES = {"int4": 128, "uint4": 128, "nvfp4": 16}
+"""Weight block size by format when a spec names none: int4 blocks of 128 (the common
+deployment choice), NVFP4's fixed 16."""
+WEIGHT_ONLY_FORMATS = ("int4", "uint4")
 WeightsMode = Literal["quantized", "qdq"]
+NVFP4Form = Literal["portable", "tensorrt"]
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     """How one tensor is quantized: format name, method name and the method's options.
 
-    ``per_channel`` applies to weights (one scale per output channel); activations are always
-    per tensor, as ONNX Runtime and TensorRT consume them.
+    ``per_channel`` and ``block_size`` apply to weights: one scale per output channel, or per
+    block of ``block_size`` along the reduction axis (int4 defaults to 128, nvfp4 is always 16).
+    Activations get one scale per tensor, as ONNX Runtime and TensorRT consume them (nvfp4
+    activations: a per-tensor global scale, block scales computed in the graph).
     """
 
     format: str = "int8"
     method: str = "max"
     per_channel: bool = False
+    block_size: int | None = None
     options: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -42,7 +54,18 @@ class TensorSpec:
             raise RecipeError(f"unknown format {self.format!r}: choose one of {sorted(FORMATS)}")
         if self.method not in METHODS:
             raise RecipeError(f"unknown method {self.method!r}: choose one of {list(METHODS)}")
-        allowed = {"mse": {"start", "stop", "step"}}.get(self.method, set())
+        if self.method == "nvfp4-mse" and self.format != "nvfp4":
+            raise RecipeError(f"method 'nvfp4-mse' needs format nvfp4, not {self.format!r}")
+        if self.block_size is None:
+            object.__setattr__(self, "block_size", DEFAULT_BLOCK_SIZES.get(self.format))
+        fixed = FORMATS[self.format].block_size
+        if fixed > 1 and self.block_size != fixed:
+            raise RecipeError(f"{self.format} blocks are {fixed} elements, not {self.block_size}")
+        if self.block_size is not None and (
+            not isinstance(self.block_size, int) or self.block_size < 2
+        ):
+            raise RecipeError(f"block_size must be an integer >= 2, not {self.block_size!r}")
+        allowed = METHOD_OPTIONS.get(self.method, set())
         unknown = set(self.options) - allowed
         if unknown:
             raise RecipeError(
@@ -63,6 +86,9 @@ class Override:
     activation: TensorSpec | None = None
     weight: TensorSpec | None = None
 
+    def __post_init__(self) -> None:
+        _check_activation_spec(self.activation, f"override {self.nodes!r}")
+
     def matches(self, node_name: str, op_type: str) -> bool:
         by_type = not self.op_types or op_type in self.op_types
         return by_type and fnmatch.fnmatchcase(node_name, self.nodes)
@@ -70,18 +96,28 @@ class Override:
 
 @dataclass(frozen=True)
 class Recipe:
-    """The whole plan: node selection, default specs, overrides and export options."""
+    """The whole plan: node selection, default specs, overrides and export options.
 
-    activation: TensorSpec = TensorSpec()
-    weight: TensorSpec = TensorSpec(per_channel=True)
+    ``activation`` or ``weight`` None leaves those inputs in float (weight-only quantization);
+    ``nvfp4_form`` picks how NVFP4 activations are written (standard ops, or TensorRT's op).
+    """
+
+    activation: TensorSpec | None = TensorSpec()
+    weight: TensorSpec | None = TensorSpec(per_channel=True)
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     exclude_nodes: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = ()
     weights_mode: WeightsMode = "quantized"
     nonfinite: Literal["skip", "error"] = "skip"
+    nvfp4_form: NVFP4Form = "portable"
 
     def __post_init__(self) -> None:
+        _check_activation_spec(self.activation, "recipe")
+        if self.nvfp4_form not in ("portable", "tensorrt"):
+            raise RecipeError(
+                f"nvfp4_form must be 'portable' or 'tensorrt', not {self.nvfp4_form!r}"
+            )
         if self.weights_mode not in ("quantized", "qdq"):
             raise RecipeError(
                 f"weights_mode must be 'quantized' or 'qdq', not {self.weights_mode!r}"
@@ -107,6 +143,22 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+def _check_activation_spec(spec: TensorSpec | None, where: str) -> None:
+    """RecipeError for an activation spec that only weights can take."""
+    if spec is None:
+        return
+    if spec.format in WEIGHT_ONLY_FORMATS:
+        raise RecipeError(
+            f"{where}: {spec.format} is a weight format; give activations another format "
+            "or none (activation: null) for weight-only quantization"
+        )
+    if spec.method == "nvfp4-mse":
+        raise RecipeError(
+            f"{where}: nvfp4-mse chooses per-block weight scales; NVFP4 activations get their "
+            "block scales in the graph, so calibrate their global amax with max or mse"
+        )
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read a recipe from a YAML or JSON file; RecipeError names the file and the bad key."""
     path = Path(path)
@@ -130,7 +182,7 @@ def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
     """Build a Recipe from plain data, rejecting unknown keys."""
     kwargs = _fields(Recipe, data, "recipe")
     for key in ("activation", "weight"):
-        if key in kwargs:
+        if kwargs.get(key) is not None:
             kwargs[key] = _spec(kwargs[key], key)
     for key in ("op_types", "exclude_nodes", "exclude_op_types"):
         if key in kwargs:

@@ -10,6 +10,7 @@ import torch
 
 from qcal_export.artifacts.scales import TensorScales
 from qcal_export.formats import get_format
+from qcal_export.granularity import PerAxis, PerTensor
 
 
 def scales_from_range(
@@ -31,7 +32,7 @@ def scales_from_range(
         kind=kind,
         format=fmt_name,
         method=method,
-        axis=axis,
+        granularity=PerTensor() if axis is None else PerAxis(axis),
         amax=torch.maximum(amin.abs(), amax.abs()),
         scale=scale,
         zero_point=zero_point,

@@ -206,8 +206,8 @@ def test_format_constants():
     assert (FP8_E4M3.qmax, FP8_E4M3.onnx_type) == (448.0, TensorProto.FLOAT8E4M3FN)
     assert INT8.symmetric and FP8_E4M3.symmetric and not UINT8.symmetric
     assert get_format("int8") is INT8 and get_format("fp8") is FP8_E4M3
-    with pytest.raises(RecipeError, match="int4"):
-        get_format("int4")
+    with pytest.raises(RecipeError, match="int3"):
+        get_format("int3")
 
 
 # scale_zero_point by hand ------------------------------------------------------------------

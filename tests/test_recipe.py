@@ -69,7 +69,13 @@ def test_empty_yaml_recipe_is_the_default(tmp_path):
         ({"weight": {"format": "int8", "axis": 1}}, ["weight", "axis"]),
         ({"overrides": [{}, {"node": "enc/*"}]}, ["overrides[1]", "node"]),
         ({"overrides": [{"activation": {"bits": 8}}]}, ["overrides[0].activation", "bits"]),
-        ({"activation": {"format": "int4"}}, ["int4"]),
+        ({"activation": {"format": "int4"}}, ["int4", "weight format"]),
+        ({"activation": {"format": "int3"}}, ["int3"]),
+        ({"weight": {"format": "nvfp4", "block_size": 32}}, ["nvfp4", "16"]),
+        ({"weight": {"format": "int8", "method": "nvfp4-mse"}}, ["nvfp4-mse", "int8"]),
+        ({"activation": {"format": "nvfp4", "method": "nvfp4-mse"}}, ["nvfp4-mse", "activations"]),
+        ({"weight": {"format": "int4", "block_size": 1}}, ["block_size"]),
+        ({"nvfp4_form": "trt"}, ["nvfp4_form", "trt"]),
         ({"weight": {"format": "fp8", "method": "entropy"}}, ["entropy"]),
         ({"activation": {"method": "max", "options": {"start": 0.5}}}, ["'max'", "start"]),
         ({"weight": {"method": "mse", "options": {"stride": 0.5}}}, ["'mse'", "stride"]),
@@ -97,7 +103,7 @@ def test_bad_recipe_raises_naming_the_key(tmp_path, data, names):
 @pytest.mark.parametrize(
     ("data", "where"),
     [
-        ({"overrides": [{}, {"weight": {"format": "int4"}}]}, "overrides[1].weight"),
+        ({"overrides": [{}, {"weight": {"format": "int3"}}]}, "overrides[1].weight"),
         ({"overrides": [{"activation": {"method": "entropy"}}]}, "overrides[0].activation"),
         ({"weight": {"method": "max", "options": {"step": 0.1}}}, "weight"),
     ],
@@ -105,7 +111,7 @@ def test_bad_recipe_raises_naming_the_key(tmp_path, data, names):
 def test_bad_value_in_recipe_names_where_it_is(data, where):
     """Exposes a bug: recipe.py ``_spec`` calls ``TensorSpec(**...)`` without adding ``where``.
 
-    A bad format, method or option inside a spec raises "unknown format 'int4'" with no hint of
+    A bad format, method or option inside a spec raises "unknown format 'int3'" with no hint of
     which of the recipe's specs holds it, while an unknown key does name its place
     (``overrides[1].weight: unknown key(s) ...``).
     """

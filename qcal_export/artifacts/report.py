@@ -14,14 +14,14 @@ if TYPE_CHECKING:
     from qcal_export.pipeline import CalibrationResult, Run
 
 
-def tensor_row(s: TensorScales) -> dict[str, Any]:
+def tensor_row(s: TensorScales, weight_errors: dict[str, float]) -> dict[str, Any]:
     amax = s.amax.float()
     row = {
         "tensor": s.name,
         "kind": s.kind,
         "format": s.format,
         "method": s.method,
-        "granularity": s.granularity,
+        "granularity": s.granularity.describe(),
         "amax": float(amax.max()),
         "amax_min": float(amax.min()),
         "notes": list(s.notes),
@@ -29,6 +29,10 @@ def tensor_row(s: TensorScales) -> dict[str, Any]:
     if s.min is not None and s.max is not None:
         row["min"] = float(s.min.min())
         row["max"] = float(s.max.max())
+    if s.global_scale is not None:
+        row["global_scale"] = float(s.global_scale)
+    if s.name in weight_errors:
+        row["weight_rel_error"] = weight_errors[s.name]
     return row
 
 
@@ -45,13 +49,16 @@ def build_report(
         "model_sha256": run.loaded.sha256,
         "output_model": str(result.model_path) if result.model_path else None,
         "scales_file": str(result.scales_path) if result.scales_path else None,
+        "checkpoints": {k: str(v) for k, v in result.checkpoint_paths.items()},
         "recipe": run.recipe.to_dict(),
         "providers": run.providers,
         "batches_per_pass": run.batches_per_pass,
         "opset": {"from": exported.opset_from, "to": exported.opset_to},
         "quantized_nodes": run.plan.nodes,
         "excluded_nodes": run.plan.excluded,
-        "tensors": [tensor_row(s) for s in scales.values()],
+        "tensors": [tensor_row(s, run.weight_errors) for s in scales.values()],
+        "export_notes": exported.notes,
+        "validator": run.validator or None,
         "output_error": output_error,
         "timings": run.timings,
         "versions": versions(),

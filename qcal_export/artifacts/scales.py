@@ -1,9 +1,10 @@
 """The scales file: per calibrated tensor amax (min/max), scale and zero point, in safetensors.
 
 Entries are ``<tensor>.amax``, ``<tensor>.scale``, ``<tensor>.zero_point`` (in the format's
-storage dtype) and, for asymmetric formats, ``<tensor>.min`` / ``<tensor>.max``. The header's
-``qcal_export`` metadata (JSON) holds format, granularity, method and options per tensor, the
-model's checksum and the versions of qcal_export, onnx, onnxruntime and torch.
+storage dtype), for asymmetric formats ``<tensor>.min`` / ``<tensor>.max`` and, for two-level
+formats (nvfp4), ``<tensor>.global_scale``. The header's ``qcal_export`` metadata (JSON) holds
+format, granularity, method and options per tensor, the model's checksum and the versions of
+qcal_export, onnx, onnxruntime and torch.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from safetensors.torch import save_file
 from qcal_export.atomic import atomic_path
 from qcal_export.errors import ScalesError
 from qcal_export.formats import get_format
+from qcal_export.granularity import Granularity, granularity_from_dict
 from qcal_export.graphs.qdq import QParams
 
-SCHEMA = "qcal_export.scales/1"
+SCHEMA = "qcal_export.scales/2"
 
 
 @dataclass
@@ -31,27 +33,37 @@ class TensorScales:
     """Calibration result of one tensor; all tensors have the export (ONNX scale) shape.
 
     ``amax`` is ``max(|min|, |max|)``; asymmetric formats also keep the range ``min`` / ``max``.
+    NVFP4 weights: ``amax`` per block, ``scale`` the FP8 block scales (float32 values) and
+    ``global_scale`` the FP32 global scale; NVFP4 activations: ``amax`` the global amax and
+    ``scale`` = ``global_scale`` (block scales are computed in the graph).
     """
 
     name: str
     kind: Literal["activation", "weight"]
     format: str
     method: str
-    axis: int | None
+    granularity: Granularity
     amax: torch.Tensor
     scale: torch.Tensor
     zero_point: torch.Tensor
     min: torch.Tensor | None = None
     max: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
     options: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
-    def granularity(self) -> str:
-        return "per-tensor" if self.axis is None else f"per-axis({self.axis})"
+    def axis(self) -> int | None:
+        return getattr(self.granularity, "axis", None)
 
     def qparams(self) -> QParams:
-        return QParams(get_format(self.format), self.scale, self.zero_point, self.axis)
+        return QParams(
+            get_format(self.format),
+            self.scale,
+            self.zero_point,
+            self.granularity,
+            self.global_scale,
+        )
 
 
 def versions() -> dict[str, str]:
@@ -76,11 +88,12 @@ def save_scales(path: str | Path, scales: dict[str, TensorScales], model_sha256:
         if s.min is not None and s.max is not None:
             tensors[f"{name}.min"] = s.min.float().contiguous()
             tensors[f"{name}.max"] = s.max.float().contiguous()
+        if s.global_scale is not None:
+            tensors[f"{name}.global_scale"] = s.global_scale.float().contiguous()
         entries[name] = {
             "kind": s.kind,
             "format": s.format,
-            "granularity": s.granularity,
-            "axis": s.axis,
+            "granularity": s.granularity.to_dict(),
             "method": s.method,
             "options": s.options,
             "notes": s.notes,
@@ -128,15 +141,18 @@ def load_scales(path: str | Path) -> tuple[dict[str, TensorScales], dict[str, An
                 kind=entry["kind"],
                 format=entry["format"],
                 method=entry["method"],
-                axis=entry["axis"],
+                granularity=granularity_from_dict(entry["granularity"]),
                 amax=tensors[f"{name}.amax"],
                 scale=tensors[f"{name}.scale"],
                 zero_point=tensors[f"{name}.zero_point"].float(),
                 min=tensors.get(f"{name}.min"),
                 max=tensors.get(f"{name}.max"),
+                global_scale=tensors.get(f"{name}.global_scale"),
                 options=entry.get("options", {}),
                 notes=entry.get("notes", []),
             )
         except KeyError as e:
             raise ScalesError(f"{path}: tensor {name!r} lacks entry {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ScalesError(f"{path}: tensor {name!r} has a malformed granularity: {e}") from None
     return scales, header

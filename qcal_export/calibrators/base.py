@@ -41,6 +41,12 @@ class Calibrator(ABC):
         """Forget everything collected."""
         self._state: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def granularity_for(cls, fmt: Format, granularity: Granularity) -> Granularity:
+        """The granularity this calibrator collects with, for a tensor exported with
+        ``granularity`` in ``fmt`` (the same, unless the method decides something coarser)."""
+        return granularity
+
     @property
     def needs_initial_range(self) -> bool:
         """True when ``collect`` needs a range from an earlier pass (see MseCalibrator)."""
@@ -86,6 +92,11 @@ class Calibrator(ABC):
         if amax is None:
             return None
         return torch.maximum(amin.abs(), amax.abs()).clamp_min(AMAX_FLOOR)
+
+    def compute_global_amax(self) -> torch.Tensor | None:
+        """The tensor-wide amax a two-level format (nvfp4) scales by; None before collect."""
+        amax = self.compute_amax()
+        return None if amax is None else amax.max()
 
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(min, max) of export shape; for symmetric formats ``(-amax, amax)``."""

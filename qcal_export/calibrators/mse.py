@@ -16,7 +16,7 @@ import torch
 from qcal_export.calibrators.base import Calibrator, MergeOp, NonFinite
 from qcal_export.errors import CalibrationError
 from qcal_export.formats import Format
-from qcal_export.granularity import Granularity
+from qcal_export.granularity import Granularity, PerBlock, PerTensorGroup
 
 QuantFunc = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ErrorFunc = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -37,6 +37,10 @@ def mse_multipliers(start: float = 0.25, stop: float = 4.0, step: float = 0.1) -
 
 class MseCalibrator(Calibrator):
     """Amax search over multiples of an initial range, scoring every candidate per group.
+
+    With a block format (nvfp4) the candidates are global amaxes, each block's scale is
+    computed from the block inside the fake-quantization, and the granularity must be
+    ``PerTensorGroup(axis, block_size)``.
 
     ``amax0`` (and ``amin0`` for asymmetric formats) has the export shape; it is given, or set
     later by ``set_initial_range`` from a max pass. ``quant_func(x, amax)`` replaces the
@@ -69,6 +73,11 @@ class MseCalibrator(Calibrator):
             raise CalibrationError(
                 f"quant_func takes an amax: use it with a symmetric format, not {fmt.name}"
             )
+        if fmt.block_size > 1 and granularity != self.granularity_for(fmt, granularity):
+            raise CalibrationError(
+                f"mse with {fmt.name} sweeps the global amax: use "
+                f"PerTensorGroup(axis, {fmt.block_size}), not {granularity.describe()}"
+            )
         self.multipliers = mse_multipliers(start, stop, step)
         self.quant_func = quant_func
         self.error_func = error_func
@@ -77,6 +86,13 @@ class MseCalibrator(Calibrator):
         super().__init__(fmt, granularity, nonfinite=nonfinite)
         if amax0 is not None:
             self.set_initial_range(amin0, amax0)
+
+    @classmethod
+    def granularity_for(cls, fmt: Format, granularity: Granularity) -> Granularity:
+        """Block formats: one global amax over the tensor's blocks of ``fmt.block_size``."""
+        if fmt.block_size > 1 and isinstance(granularity, PerBlock | PerTensorGroup):
+            return PerTensorGroup(granularity.axis, fmt.block_size)
+        return granularity
 
     @property
     def needs_initial_range(self) -> bool:
@@ -131,7 +147,8 @@ class MseCalibrator(Calibrator):
         scale, zero_point = self.fmt.scale_zero_point(*self._candidates())
         scale, zero_point = scale[:, :, None], zero_point[:, :, None]
         num_cand, num_groups = scale.shape[:2]
-        chunk = max(1, CHUNK_ELEMENTS // (num_cand * num_groups))
+        block = self.fmt.block_size
+        chunk = max(block, CHUNK_ELEMENTS // (num_cand * num_groups) // block * block)
         scratch = torch.empty(
             num_cand * num_groups * min(chunk, groups.shape[1]), device=groups.device
         )

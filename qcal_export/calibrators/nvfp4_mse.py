@@ -127,6 +127,10 @@ class NVFP4MseCalibrator(Calibrator):
             torch.float8_e4m3fn
         )
 
+    def compute_global_amax(self) -> torch.Tensor | None:
+        """The global amax the candidates were scaled by."""
+        return self._state["global_amax"].clone() if self._state else None
+
     def _decide(self) -> tuple[torch.Tensor, torch.Tensor]:
         best = self._state["losses"].argmin(dim=1)
         amax = self._candidate_scales()[best] * self.fmt.qmax
@@ -134,9 +138,11 @@ class NVFP4MseCalibrator(Calibrator):
 
 
 class BlockHessian:
-    """Accumulates ``H = Xᵀ X`` per block of 16 input channels: ``[cin // 16, 16, 16]``.
+    """Accumulates ``H = Xᵀ X`` per block of 16 input channels: ``[ceil(cin / 16), 16, 16]``.
 
-    ``collect(x)`` takes activations ``[..., cin]`` (the layer's input), summed over batches.
+    ``collect(x)`` takes activations ``[..., cin]`` (the layer's input), summed over batches in
+    float64; a last partial block is padded with zero channels, as the weight's blocks are.
+    Non-finite rows (a NaN or Inf anywhere in the row) are left out.
     """
 
     def __init__(self, block_size: int = 16):
@@ -146,9 +152,11 @@ class BlockHessian:
     def collect(self, x: torch.Tensor) -> None:
         if x.numel() == 0:
             return
-        cin = x.shape[-1]
-        if cin % self.block_size:
-            raise CalibrationError(f"{cin} input channels are not a multiple of {self.block_size}")
-        blocks = x.reshape(-1, cin // self.block_size, self.block_size).to(torch.float64)
+        rows = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        rows = rows[torch.isfinite(rows).all(dim=1)]
+        pad = -rows.shape[-1] % self.block_size
+        if pad:
+            rows = torch.nn.functional.pad(rows, (0, pad))
+        blocks = rows.reshape(rows.shape[0], -1, self.block_size)
         update = torch.einsum("nbi,nbj->bij", blocks, blocks)
         self.hessian = update if self.hessian is None else self.hessian + update

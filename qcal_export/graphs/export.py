@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 
 from qcal_export.artifacts.scales import TensorScales
 from qcal_export.errors import ScalesError
-from qcal_export.formats import get_format
+from qcal_export.formats import NVFP4Format, get_format
+from qcal_export.granularity import PerTensor
 from qcal_export.graphs.model_io import default_opset
+from qcal_export.graphs.nvfp4 import (
+    TRT_DOMAIN,
+    add_trt_domain,
+    insert_activation_nvfp4,
+    quantize_weight_nvfp4,
+)
 from qcal_export.graphs.qdq import (
     Names,
     insert_activation_qdq,
@@ -28,41 +35,62 @@ class ExportResult:
     model: onnx.ModelProto
     opset_from: int
     opset_to: int
+    notes: list[str] = field(default_factory=list)
 
 
 def check_scales_match(plan: Plan, scales: Mapping[str, TensorScales], origin: str) -> None:
     """ScalesError naming the first planned tensor whose scales are missing or do not fit."""
-    planned = [(t, p.spec, None, "activation") for t, p in plan.activations.items()]
-    planned += [(t, p.spec, p.axis, "weight") for t, p in plan.weights.items()]
-    for tensor, spec, axis, kind in planned:
+    planned = [(t, p.spec, PerTensor(), "activation") for t, p in plan.activations.items()]
+    planned += [(t, p.spec, p.granularity, "weight") for t, p in plan.weights.items()]
+    for tensor, spec, granularity, kind in planned:
         entry = scales.get(tensor)
         if entry is None:
             raise ScalesError(
                 f"{origin} has no scales for {kind} {tensor!r}: recalibrate this model"
             )
-        if (entry.format, entry.axis) != (spec.format, axis):
+        if (entry.format, entry.granularity) != (spec.format, granularity):
             raise ScalesError(
                 f"{origin}: {kind} {tensor!r} was calibrated as {entry.format} "
-                f"{entry.granularity}, the recipe asks for {spec.format} axis={axis}"
+                f"{entry.granularity.describe()}, the recipe asks for {spec.format} "
+                f"{granularity.describe()}"
             )
 
 
 def export_qdq(
-    model: onnx.ModelProto, plan: Plan, scales: Mapping[str, TensorScales], weights_mode: str
+    model: onnx.ModelProto,
+    plan: Plan,
+    scales: Mapping[str, TensorScales],
+    weights_mode: str,
+    nvfp4_form: str = "portable",
 ) -> ExportResult:
-    """Edit ``model`` into its QDQ form, in place (a new proto if the opset converter ran)."""
+    """Edit ``model`` into its QDQ form, in place (a new proto if the opset converter ran).
+
+    ``nvfp4_form``: "portable" (standard ops) or "tensorrt" (Model Optimizer's custom op for
+    NVFP4 activations, MatMul weights stored ``[N, K]``).
+    """
     formats = [get_format(s.format) for s in scales.values()]
     float_types = {p.elem_type for p in plan.activations.values()}
     float_types |= {t.data_type for t in model.graph.initializer if t.name in plan.weights}
-    per_axis = any(p.axis is not None for p in plan.weights.values())
+    granularities = [p.granularity for p in plan.weights.values()]
     opset_from = default_opset(model)
-    model = raise_opset(model, required_opset(formats, per_axis, float_types))
+    model = raise_opset(model, required_opset(formats, granularities, float_types))
     graph = model.graph
     names = Names(graph)
+    notes = []
     for tensor, weight in plan.weights.items():
-        quantize_weight(graph, weight, scales[tensor].qparams(), weights_mode, names)
+        q = scales[tensor].qparams()
+        if isinstance(q.fmt, NVFP4Format):
+            quantize_weight_nvfp4(graph, weight, q, weights_mode, names, nvfp4_form)
+        else:
+            quantize_weight(graph, weight, q, weights_mode, names)
     for tensor, activation in plan.activations.items():
-        insert_activation_qdq(graph, activation, scales[tensor].qparams(), names)
+        q = scales[tensor].qparams()
+        if isinstance(q.fmt, NVFP4Format):
+            notes.append(insert_activation_nvfp4(graph, activation, q, names, nvfp4_form))
+        else:
+            insert_activation_qdq(graph, activation, q, names)
+    if any(node.domain == TRT_DOMAIN for node in graph.node):
+        add_trt_domain(model)
     sort_nodes(graph)
     check_model(model, "the quantized model", full=True)
-    return ExportResult(model, opset_from, default_opset(model))
+    return ExportResult(model, opset_from, default_opset(model), [n for n in notes if n])

@@ -15,18 +15,24 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qcal_export.errors import ModelError
-from qcal_export.formats import Format
+from qcal_export.formats import Format, pack_nibbles
+from qcal_export.granularity import Granularity
 from qcal_export.graphs.targets import ActivationPlan, Use, WeightPlan
+
+PACKED_TYPES = {TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1}
+"""ONNX element types stored two per byte, element 2i in the low nibble."""
 
 
 @dataclass(frozen=True)
 class QParams:
-    """Scale and zero point of export shape for one tensor, with its format and axis."""
+    """Scale and zero point of export shape for one tensor, with its format and granularity;
+    ``global_scale`` for two-level formats (nvfp4)."""
 
     fmt: Format
     scale: torch.Tensor
     zero_point: torch.Tensor
-    axis: int | None = None
+    granularity: Granularity
+    global_scale: torch.Tensor | None = None
 
 
 class Names:
@@ -47,9 +53,13 @@ class Names:
 
 
 def make_tensor(name: str, values: torch.Tensor, elem_type: int) -> TensorProto:
-    """An initializer holding ``values`` as ONNX ``elem_type`` (fp8 as raw bytes)."""
+    """An initializer holding ``values`` as ONNX ``elem_type``: fp8 as raw bytes, 4-bit types
+    as packed codes (``values`` holds the integers, or the E2M1 codes for FLOAT4E2M1)."""
     if elem_type == TensorProto.FLOAT8E4M3FN:
         raw = values.contiguous().view(torch.uint8).cpu().numpy().tobytes()
+        return helper.make_tensor(name, elem_type, list(values.shape), raw, raw=True)
+    if elem_type in PACKED_TYPES:
+        raw = pack_nibbles(values.cpu()).numpy().tobytes()
         return helper.make_tensor(name, elem_type, list(values.shape), raw, raw=True)
     array = values.cpu().numpy().astype(helper.tensor_dtype_to_np_dtype(elem_type))
     return numpy_helper.from_array(array, name)
@@ -67,7 +77,7 @@ def _qdq_inputs(
     return [scale, zero_point]
 
 
-def _rewire(graph: onnx.GraphProto, uses: list[Use], tensor: str, replacement: str) -> None:
+def rewire(graph: onnx.GraphProto, uses: list[Use], tensor: str, replacement: str) -> None:
     nodes = {n.name: n for n in graph.node}
     for use in uses:
         node = nodes[use.node]
@@ -116,12 +126,25 @@ def _node_inputs(node: onnx.NodeProto) -> Iterator[str]:
                 yield from inner.input
 
 
-def _qdq_node(
-    op: str, source: str, params: list[str], output: str, q: QParams, names: Names, tensor: str
+def qdq_node(
+    op: str,
+    source: str,
+    params: list[str],
+    output: str,
+    granularity: Granularity,
+    names: Names,
+    tensor: str,
+    **attributes: int,
 ) -> onnx.NodeProto:
     """A QuantizeLinear or DequantizeLinear node named after the tensor it quantizes."""
-    axis = {} if q.axis is None else {"axis": q.axis}
-    return helper.make_node(op, [source, *params], [output], names.new(f"{tensor}_{op}"), **axis)
+    return helper.make_node(
+        op,
+        [source, *params],
+        [output],
+        names.new(f"{tensor}_{op}"),
+        **granularity.onnx_attributes(),
+        **attributes,
+    )
 
 
 def insert_activation_qdq(
@@ -132,11 +155,13 @@ def insert_activation_qdq(
     params = _qdq_inputs(graph, names, tensor, q, plan.elem_type)
     quantized = names.new(f"{tensor}_quantized")
     dequantized = names.new(f"{tensor}_dequantized")
-    _rewire(graph, plan.uses, tensor, dequantized)
+    rewire(graph, plan.uses, tensor, dequantized)
     graph.node.extend(
         [
-            _qdq_node("QuantizeLinear", tensor, params, quantized, q, names, tensor),
-            _qdq_node("DequantizeLinear", quantized, params, dequantized, q, names, tensor),
+            qdq_node("QuantizeLinear", tensor, params, quantized, q.granularity, names, tensor),
+            qdq_node(
+                "DequantizeLinear", quantized, params, dequantized, q.granularity, names, tensor
+            ),
         ]
     )
 
@@ -146,29 +171,34 @@ def quantize_weight(
 ) -> None:
     """Store the weight quantized (``mode="quantized"``) or keep it float with a Q -> DQ pair."""
     tensor = plan.tensor
-    init = next(t for t in graph.initializer if t.name == tensor)
+    init = initializer(graph, tensor)
     params = _qdq_inputs(graph, names, tensor, q, init.data_type)
     stored = names.new(f"{tensor}_quantized")
     dequantized = names.new(f"{tensor}_dequantized")
+    gran = q.granularity
     if mode == "quantized":
         weight = torch.from_numpy(numpy_helper.to_array(init).copy())
         shape = tuple(weight.shape)
-        scale = q.scale.reshape(_broadcast(q, shape))
-        zero_point = q.zero_point.reshape(_broadcast(q, shape))
+        scale, zero_point = gran.expand(q.scale, shape), gran.expand(q.zero_point, shape)
         values = q.fmt.quantize(weight, scale, zero_point)
         graph.initializer.append(make_tensor(stored, values, q.fmt.onnx_type))
     else:
-        graph.node.append(_qdq_node("QuantizeLinear", tensor, params, stored, q, names, tensor))
-    graph.node.append(_qdq_node("DequantizeLinear", stored, params, dequantized, q, names, tensor))
-    _rewire(graph, plan.uses, tensor, dequantized)
-    if mode == "quantized" and not _is_used(graph, tensor):
+        graph.node.append(qdq_node("QuantizeLinear", tensor, params, stored, gran, names, tensor))
+    graph.node.append(
+        qdq_node("DequantizeLinear", stored, params, dequantized, gran, names, tensor)
+    )
+    rewire(graph, plan.uses, tensor, dequantized)
+    drop_if_unused(graph, init, mode)
+
+
+def initializer(graph: onnx.GraphProto, name: str) -> TensorProto:
+    return next(t for t in graph.initializer if t.name == name)
+
+
+def drop_if_unused(graph: onnx.GraphProto, init: TensorProto, mode: str) -> None:
+    """Remove the float weight once the quantized copy replaced all its uses."""
+    if mode == "quantized" and not _is_used(graph, init.name):
         graph.initializer.remove(init)
-
-
-def _broadcast(q: QParams, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if q.axis is None:
-        return ()
-    return tuple(n if i == q.axis % len(shape) else 1 for i, n in enumerate(shape))
 
 
 def _is_used(graph: onnx.GraphProto, tensor: str) -> bool:
@@ -185,11 +215,16 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                 yield from _all_nodes(sub)
 
 
-def required_opset(formats: list[Format], per_axis: bool, float_types: set[int]) -> int:
+def required_opset(
+    formats: list[Format], granularities: list[Granularity], float_types: set[int]
+) -> int:
     """Lowest default-domain opset whose Q/DQ ops take these formats, axes and scale types."""
     opset = max([10, *(f.min_opset for f in formats)])
-    if per_axis:
+    attributes = {key for g in granularities for key in g.onnx_attributes()}
+    if "axis" in attributes:
         opset = max(opset, 13)
+    if "block_size" in attributes:
+        opset = max(opset, 21)
     if float_types - {TensorProto.FLOAT}:
         opset = max(opset, 19)
     return opset

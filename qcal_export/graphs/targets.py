@@ -9,6 +9,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from qcal_export.errors import RecipeError
+from qcal_export.formats import get_format
+from qcal_export.granularity import Granularity, PerAxis, PerBlock, PerTensor
 from qcal_export.recipe import Recipe, TensorSpec
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -30,24 +32,48 @@ class Use:
     index: int
 
 
+@dataclass(frozen=True)
+class Blocks:
+    """Where a block format's blocks run in an activation: ``axis`` (>= 0) of ``rank``, of
+    static length ``length`` (the reduction dimension of every consumer)."""
+
+    axis: int
+    rank: int
+    length: int
+
+
 @dataclass
 class ActivationPlan:
-    """An activation tensor to capture and quantize before the consumers listed."""
+    """An activation tensor to capture and quantize before the consumers listed.
+
+    ``blocks`` is set for block formats (nvfp4), whose block scales the graph computes.
+    """
 
     tensor: str
     spec: TensorSpec
     elem_type: int
     uses: list[Use] = field(default_factory=list)
+    blocks: Blocks | None = None
 
 
 @dataclass
 class WeightPlan:
-    """A float initializer to quantize per ``axis`` (None: per tensor) for the consumers listed."""
+    """A float initializer quantized with ``granularity`` for the consumers listed.
+
+    ``hessian_input`` is the activation feeding the consumer's reduction (MatMul A, Gemm A)
+    when its last axis runs along the weight's blocks: the input of a Hessian-weighted sweep.
+    """
 
     tensor: str
     spec: TensorSpec
-    axis: int | None
+    granularity: Granularity
     uses: list[Use] = field(default_factory=list)
+    hessian_input: str | None = None
+
+    @property
+    def axis(self) -> int | None:
+        """The ONNX ``axis`` of the scale: output channels, or the blocks' axis; None per tensor."""
+        return getattr(self.granularity, "axis", None)
 
 
 @dataclass
@@ -60,28 +86,40 @@ class Plan:
     excluded: list[str]
 
 
-def _matmul_axis(node: onnx.NodeProto, rank: int) -> int | None:
-    return rank - 1 if rank >= 2 else None
+def _attr(node: onnx.NodeProto, name: str) -> int:
+    return next((a.i for a in node.attribute if a.name == name), 0)
 
 
-def _gemm_axis(node: onnx.NodeProto, rank: int) -> int:
-    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-    return 0 if trans_b else 1
+@dataclass(frozen=True)
+class WeightAxes:
+    """Index of an op's weight input and, from the node and the weight's rank, its
+    output-channel axis and its reduction (input-channel) axis; None where there is none."""
+
+    index: int
+    channel: Callable[[onnx.NodeProto, int], int | None]
+    reduction: Callable[[onnx.NodeProto, int], int | None]
 
 
-# op type -> (index of the weight input, rule giving its output-channel axis from its rank)
-WEIGHT_INPUTS: dict[str, tuple[int, Callable[[onnx.NodeProto, int], int | None]]] = {
-    "MatMul": (1, _matmul_axis),
-    "Gemm": (1, _gemm_axis),
-    "Conv": (1, lambda node, rank: 0),
-    "ConvTranspose": (1, lambda node, rank: 1),
+WEIGHT_INPUTS: dict[str, WeightAxes] = {
+    "MatMul": WeightAxes(
+        1, lambda n, r: r - 1 if r >= 2 else None, lambda n, r: r - 2 if r >= 2 else 0
+    ),
+    "Gemm": WeightAxes(
+        1, lambda n, r: 0 if _attr(n, "transB") else 1, lambda n, r: 1 - _attr(n, "transB")
+    ),
+    "Conv": WeightAxes(1, lambda n, r: 0, lambda n, r: 1),
+    "ConvTranspose": WeightAxes(1, lambda n, r: 1, lambda n, r: 0),
 }
-# op type -> indices of the inputs that are quantized as activations (others stay float)
-ACTIVATION_INPUTS: dict[str, tuple[int, ...]] = {
-    "MatMul": (0, 1),
-    "Gemm": (0, 1),
-    "Conv": (0,),
-    "ConvTranspose": (0,),
+# op type -> {index of an input quantized as an activation: its reduction axis (negative, from
+# the end; None: unknown)}; other inputs stay float
+ACTIVATION_INPUTS: dict[str, dict[int, Callable[[onnx.NodeProto], int | None]]] = {
+    "MatMul": {0: lambda n: -1, 1: lambda n: -2},
+    "Gemm": {
+        0: lambda n: -2 if _attr(n, "transA") else -1,
+        1: lambda n: -1 if _attr(n, "transB") else -2,
+    },
+    "Conv": {0: lambda n: None},
+    "ConvTranspose": {0: lambda n: None},
 }
 
 
@@ -104,25 +142,42 @@ def name_nodes(model: onnx.ModelProto) -> None:
         seen.add(name)
 
 
+Shape = tuple[int | None, ...]
+
+
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor whose type is known after shape inference."""
+    return {name: elem_type for name, (elem_type, _) in tensor_infos(model).items()}
+
+
+def tensor_infos(model: onnx.ModelProto) -> dict[str, tuple[int, Shape | None]]:
+    """Element type and shape (None for a symbolic dim; None if the rank is unknown) of every
+    tensor whose type is known after shape inference."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except (onnx.shape_inference.InferenceError, ValueError):
         inferred = model
     graph = inferred.graph
-    types = {t.name: t.data_type for t in graph.initializer}
+    infos: dict[str, tuple[int, Shape | None]] = {
+        t.name: (t.data_type, tuple(t.dims)) for t in graph.initializer
+    }
     for info in [*graph.input, *graph.output, *graph.value_info]:
         if info.type.HasField("tensor_type"):
-            types[info.name] = info.type.tensor_type.elem_type
-    return types
+            tensor_type = info.type.tensor_type
+            shape = None
+            if tensor_type.HasField("shape"):
+                shape = tuple(
+                    d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
+                )
+            infos[info.name] = (tensor_type.elem_type, shape)
+    return infos
 
 
 def find_targets(model: onnx.ModelProto, recipe: Recipe) -> Plan:
     """Plan which activations and weights of the main graph get quantized, and how."""
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    types = tensor_types(model)
+    infos = tensor_infos(model)
     quantized = [n.name for n in graph.node if n.op_type in QUANTIZED_OPS]
     if quantized:
         raise RecipeError(
@@ -136,43 +191,111 @@ def find_targets(model: onnx.ModelProto, recipe: Recipe) -> Plan:
             plan.excluded.append(node.name)
             continue
         act_spec, weight_spec = recipe.specs_for(node.name, node.op_type)
-        weight_index, axis_rule = WEIGHT_INPUTS.get(node.op_type, (-1, None))
         added = False
         for index, tensor in enumerate(node.input):
-            if not tensor or types.get(tensor) not in FLOAT_TYPES:
+            if not tensor or infos.get(tensor, (None,))[0] not in FLOAT_TYPES:
                 continue
             if tensor in initializers:
-                if index == weight_index and weight_spec is not None:
-                    rank = len(initializers[tensor].dims)
-                    axis = axis_rule(node, rank) if weight_spec.per_channel else None
-                    _add_weight(plan, tensor, weight_spec, axis, Use(node.name, index))
+                weight = _weight_plan(node, index, initializers[tensor], weight_spec)
+                if weight is not None:
+                    weight.hessian_input = _hessian_input(node, infos, initializers)
+                    _add_weight(plan, weight)
                     added = True
-            elif act_spec is not None and index in ACTIVATION_INPUTS.get(node.op_type, (index,)):
-                _add_activation(plan, tensor, act_spec, types[tensor], Use(node.name, index))
+            elif act_spec is not None and _is_activation_input(node, index):
+                blocks = _activation_blocks(node, index, tensor, act_spec, infos)
+                entry = ActivationPlan(tensor, act_spec, infos[tensor][0], blocks=blocks)
+                _add_activation(plan, entry, Use(node.name, index))
                 added = True
         if added:
             plan.nodes.append(node.name)
     return plan
 
 
-def _add_activation(plan: Plan, tensor: str, spec: TensorSpec, elem_type: int, use: Use) -> None:
-    entry = plan.activations.setdefault(tensor, ActivationPlan(tensor, spec, elem_type))
-    if entry.spec != spec:
-        raise RecipeError(
-            f"tensor {tensor!r} feeds node {use.node!r} with spec {spec} but node "
-            f"{entry.uses[0].node!r} with {entry.spec}: give both nodes the same activation spec"
-        )
-    entry.uses.append(use)
+def _is_activation_input(node: onnx.NodeProto, index: int) -> bool:
+    rules = ACTIVATION_INPUTS.get(node.op_type)
+    return rules is None or index in rules
 
 
-def _add_weight(plan: Plan, tensor: str, spec: TensorSpec, axis: int | None, use: Use) -> None:
-    entry = plan.weights.setdefault(tensor, WeightPlan(tensor, spec, axis))
-    if (entry.spec, entry.axis) != (spec, axis):
+def _weight_plan(
+    node: onnx.NodeProto, index: int, init: TensorProto, spec: TensorSpec | None
+) -> WeightPlan | None:
+    """The plan for initializer input ``index`` of ``node`` if it is the op's weight."""
+    axes = WEIGHT_INPUTS.get(node.op_type)
+    if spec is None or axes is None or index != axes.index:
+        return None
+    rank = len(init.dims)
+    granularity: Granularity = PerTensor()
+    if spec.block_size is not None:
+        granularity = PerBlock(axes.reduction(node, rank), spec.block_size)
+    elif spec.per_channel and axes.channel(node, rank) is not None:
+        granularity = PerAxis(axes.channel(node, rank))
+    plan = WeightPlan(init.name, spec, granularity, [Use(node.name, index)])
+    return plan
+
+
+def _hessian_input(
+    node: onnx.NodeProto, infos: dict[str, tuple[int, Shape | None]], initializers: dict
+) -> str | None:
+    """The activation whose last axis is the weight's reduction axis (MatMul A, Gemm A)."""
+    if node.op_type not in ("MatMul", "Gemm") or _attr(node, "transA"):
+        return None
+    tensor = node.input[0]
+    return None if tensor in initializers or tensor not in infos else tensor
+
+
+def _activation_blocks(
+    node: onnx.NodeProto,
+    index: int,
+    tensor: str,
+    spec: TensorSpec,
+    infos: dict[str, tuple[int, Shape | None]],
+) -> Blocks | None:
+    """Where the blocks of a block-format activation run; RecipeError if that is unknown."""
+    if get_format(spec.format).block_size == 1:
+        return None
+    rule = ACTIVATION_INPUTS.get(node.op_type, {}).get(index)
+    axis = rule(node) if rule else None
+    shape = infos.get(tensor, (None, None))[1]
+    if axis is None or shape is None or shape[axis] is None:
         raise RecipeError(
-            f"weight {tensor!r} is shared by nodes {entry.uses[0].node!r} and {use.node!r} "
-            f"that need different quantization ({entry.spec}, axis {entry.axis} vs {spec}, "
-            f"axis {axis}): exclude one or give both the same spec"
+            f"{spec.format} activation {tensor!r} (input {index} of node {node.name!r}): its "
+            "reduction axis or that axis' length is unknown; exclude the node or export the "
+            "model with static feature dimensions"
         )
+    return Blocks(axis % len(shape), len(shape), shape[axis])
+
+
+def _add_activation(plan: Plan, entry: ActivationPlan, use: Use) -> None:
+    tensor = entry.tensor
+    found = plan.activations.setdefault(tensor, entry)
+    if (found.spec, found.blocks) != (entry.spec, entry.blocks):
+        raise RecipeError(
+            f"tensor {tensor!r} feeds node {use.node!r} with spec {entry.spec} but node "
+            f"{found.uses[0].node!r} with {found.spec}"
+            + (
+                f" (blocks {entry.blocks} vs {found.blocks})"
+                if entry.blocks != found.blocks
+                else ""
+            )
+            + ": give both nodes the same activation spec, or exclude one"
+        )
+    found.uses.append(use)
+
+
+def _add_weight(plan: Plan, weight: WeightPlan) -> None:
+    entry = plan.weights.setdefault(weight.tensor, weight)
+    if entry is weight:
+        return
+    use = weight.uses[0]
+    if (entry.spec, entry.granularity) != (weight.spec, weight.granularity):
+        raise RecipeError(
+            f"weight {weight.tensor!r} is shared by nodes {entry.uses[0].node!r} and "
+            f"{use.node!r} that need different quantization ({entry.spec}, "
+            f"{entry.granularity.describe()} vs {weight.spec}, {weight.granularity.describe()}): "
+            "exclude one or give both the same spec"
+        )
+    if entry.hessian_input != weight.hessian_input:
+        entry.hessian_input = None
     entry.uses.append(use)
 
 

@@ -1,4 +1,5 @@
-"""Validate a QDQ model: onnx's full checker, then ONNX Runtime against the float model."""
+"""Validate a QDQ model: onnx's full checker, then ONNX Runtime (or, for what ORT cannot run,
+the ONNX reference evaluator) against the float model."""
 
 from __future__ import annotations
 
@@ -8,10 +9,18 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
+from onnx import TensorProto
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
 
 from qcal_export.capture.data import DataSource, as_feed, model_inputs
+from qcal_export.capture.onnxruntime import open_session
 from qcal_export.errors import ModelError
+from qcal_export.formats import NVFP4
+from qcal_export.granularity import PerBlock
 from qcal_export.graphs.model_io import PROTOBUF_LIMIT
+from qcal_export.graphs.nvfp4 import TRT_DOMAIN
 
 
 def check_model(model: onnx.ModelProto, name: str, *, full: bool) -> None:
@@ -58,7 +67,7 @@ class RunningError:
 
 def compare_outputs(
     reference: ort.InferenceSession,
-    candidate: ort.InferenceSession,
+    candidate: ort.InferenceSession | _ReferenceRunner,
     model: onnx.ModelProto,
     source: DataSource,
     max_batches: int,
@@ -76,3 +85,79 @@ def compare_outputs(
         ):
             errors[name].add(ref, cand)
     return {name: e.summary() for name, e in errors.items()}
+
+
+class _TrtFP4DynamicQuantize(OpRun):
+    """``trt::TRT_FP4DynamicQuantize`` as TensorRT defines it: per block of ``block_size`` along
+    ``axis``, the FP8 scale ``fp8(block_amax / 6 / global_scale)`` and the E2M1 values of
+    ``x / (fp8_scale * global_scale)``. Outputs hold the values as float32."""
+
+    op_domain = TRT_DOMAIN
+
+    def _run(self, x, global_scale, axis=-1, block_size=16, scale_type=None):
+        granularity = PerBlock(axis, block_size)
+        values = torch.from_numpy(np.asarray(x, dtype=np.float32))
+        scale = torch.as_tensor(np.asarray(global_scale, dtype=np.float32)).reshape(())
+        shape = tuple(values.shape)
+        block_amax = granularity.unflatten(
+            granularity.groups(values).abs().amax(-1), granularity.stat_shape(shape)
+        )
+        block_scales = NVFP4.block_scales(block_amax, scale)
+        effective = granularity.expand(NVFP4.effective_scales(block_scales, scale), shape)
+        codes = NVFP4.round_e2m1(values / effective)
+        return codes.numpy(), block_scales.float().numpy()
+
+
+class _TrtDequantizeLinear(OpRun):
+    """``trt::DequantizeLinear``: ``x * scale``, the scale per tensor or per block."""
+
+    op_domain = TRT_DOMAIN
+
+    def _run(self, x, scale, axis=None, block_size=None):
+        values = torch.from_numpy(np.asarray(x, dtype=np.float32))
+        scale_t = torch.from_numpy(np.asarray(scale, dtype=np.float32))
+        if block_size:
+            scale_t = PerBlock(axis, block_size).expand(scale_t, tuple(values.shape))
+        return ((values * scale_t).numpy(),)
+
+
+class _ReferenceRunner:
+    """The ONNX reference evaluator behind ORT's ``run(names, feed)`` interface."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self._evaluator = ReferenceEvaluator(
+            model, new_ops=[_TrtFP4DynamicQuantize, _TrtDequantizeLinear]
+        )
+
+    def run(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._evaluator.run(names, feed)
+
+
+ORT_UNSUPPORTED_TYPES = {TensorProto.FLOAT4E2M1}
+
+
+def reference_runner(
+    model: onnx.ModelProto, providers: list[str]
+) -> tuple[ort.InferenceSession | _ReferenceRunner, str]:
+    """A runner for the quantized model and the validator's name.
+
+    ONNX Runtime where it has kernels for every op; the ONNX reference evaluator for FLOAT4E2M1
+    tensors (ORT has no FP4 kernels) and TensorRT's custom ops (implemented here as TensorRT
+    documents them).
+    """
+    if _needs_reference(model):
+        return _ReferenceRunner(model), "onnx.reference.ReferenceEvaluator"
+    return open_session(model, providers, "the quantized model"), f"onnxruntime ({providers[0]})"
+
+
+def _needs_reference(model: onnx.ModelProto) -> bool:
+    graph = model.graph
+    if any(t.data_type in ORT_UNSUPPORTED_TYPES for t in graph.initializer):
+        return True
+    for node in graph.node:
+        if node.domain == TRT_DOMAIN:
+            return True
+        output_dtype = next((a.i for a in node.attribute if a.name == "output_dtype"), None)
+        if output_dtype in ORT_UNSUPPORTED_TYPES:
+            return True
+    return False

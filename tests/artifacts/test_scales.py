@@ -105,7 +105,7 @@ def test_round_trip(tmp_path, case):
     # the loaded scales drive export as the originals do
     q = scales[want.name].qparams()
     assert q.fmt is get_format(want.format)
-    assert q.axis == want.axis
+    assert q.granularity == want.granularity
     assert torch.equal(q.scale, want.scale)
 
 
@@ -178,13 +178,12 @@ def test_metadata_holds_versions_checksum_and_per_tensor_entries(tmp_path):
     assert entries["x"] == {
         "kind": "activation",
         "format": "int8",
-        "granularity": "per-tensor",
-        "axis": None,
+        "granularity": {"type": "per-tensor"},
         "method": "max",
         "options": {},
         "notes": [],
     }
-    assert entries["w"]["granularity"] == "per-axis(0)"
+    assert entries["w"]["granularity"] == {"type": "per-axis", "axis": 0}
     assert entries["w"]["method"] == "mse"
     assert entries["w"]["options"] == {"start": 0.5, "stop": 2.0, "step": 0.25}
     assert entries["u"]["format"] == "uint8"

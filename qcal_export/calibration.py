@@ -1,0 +1,265 @@
+"""Calibrate a plan's tensors: one calibrator per tensor, fed by capture (activations) or by
+the initializer itself (weights), and their decisions turned into TensorScales.
+
+Methods that need an initial range take a max pass first. NVFP4 tensors get two-level scales:
+a global scale, and FP8 block scales (weights) or none (activations: the graph computes them).
+A Hessian-weighted nvfp4-mse weight sweep takes ``H`` from its layer's input activations,
+accumulated during the first capture pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import onnx
+import torch
+from onnx import numpy_helper
+
+from qcal_export.artifacts.scales import TensorScales
+from qcal_export.calibrators import CALIBRATORS, Calibrator, MaxCalibrator
+from qcal_export.calibrators.nvfp4_mse import BlockHessian
+from qcal_export.errors import CalibrationError, DataError
+from qcal_export.formats import AMAX_FLOOR, NVFP4, NVFP4Format, get_format
+from qcal_export.granularity import Granularity, PerBlock, PerTensor, PerTensorGroup
+from qcal_export.graphs.targets import ActivationPlan, Plan, WeightPlan
+from qcal_export.recipe import TensorSpec
+
+Collector = Callable[[torch.Tensor], None]
+CapturePass = Callable[[dict[str, list[Collector]], str], int]
+"""Streams the data once, calling every collector of a tensor with each captured value;
+returns the number of batches. The string labels the pass."""
+
+
+def make_calibrator(
+    spec: TensorSpec, granularity: Granularity, nonfinite: str, **extra: object
+) -> Calibrator:
+    """The calibrator a spec names, for one tensor of the given export granularity.
+
+    ``extra`` are constructor arguments that are data, not options (a weight's Hessian).
+    """
+    kind = CALIBRATORS[spec.method]
+    fmt = get_format(spec.format)
+    options = {k: v for k, v in spec.options.items() if k != "hessian"}
+    granularity = kind.granularity_for(fmt, granularity)
+    return kind(fmt, granularity, nonfinite=nonfinite, **options, **extra)
+
+
+def activation_granularity(plan: ActivationPlan) -> Granularity:
+    """Per tensor; for block formats per tensor seen as its blocks (the graph's own blocks)."""
+    if plan.blocks is None:
+        return PerTensor()
+    return PerTensorGroup(plan.blocks.axis, get_format(plan.spec.format).block_size)
+
+
+def first_pass_calibrator(cal: Calibrator) -> Calibrator:
+    """A max calibrator when ``cal`` needs an initial range, else ``cal`` itself."""
+    if cal.needs_initial_range:
+        return MaxCalibrator(cal.fmt, cal.granularity, nonfinite=cal.nonfinite)
+    return cal
+
+
+def second_pass(
+    cals: dict[str, Calibrator], firsts: dict[str, Calibrator]
+) -> dict[str, Calibrator]:
+    """The calibrators that take a second pass, their initial range set from the first.
+
+    A tensor whose first pass saw no value keeps an empty calibrator (its scales get floored).
+    """
+    second = {}
+    for tensor, cal in cals.items():
+        found = firsts[tensor].compute_range() if firsts[tensor] is not cal else None
+        if found is not None:
+            cal.set_initial_range(*found)
+            second[tensor] = cal
+    return second
+
+
+@dataclass
+class ActivationResult:
+    scales: dict[str, TensorScales]
+    batches_per_pass: list[int]
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def calibrate_activations(plan: Plan, capture: CapturePass, nonfinite: str) -> ActivationResult:
+    """Calibrate the planned activations (and accumulate the Hessians weights ask for)."""
+    cals = {
+        t: make_calibrator(a.spec, activation_granularity(a), nonfinite)
+        for t, a in plan.activations.items()
+    }
+    firsts = {t: first_pass_calibrator(cal) for t, cal in cals.items()}
+    hessians = {t: BlockHessian() for t in hessian_inputs(plan)}
+    collectors: dict[str, list[Collector]] = {}
+    for tensor, cal in firsts.items():
+        collectors.setdefault(tensor, []).append(_named(tensor, cal.collect))
+    for tensor, accumulator in hessians.items():
+        collectors.setdefault(tensor, []).append(_named(tensor, accumulator.collect))
+    counts = [capture(collectors, "pass 1")] if collectors else []
+    second = second_pass(cals, firsts)
+    if second:
+        counts.append(capture({t: [_named(t, c.collect)] for t, c in second.items()}, "pass 2"))
+    scales = {
+        t: tensor_scales(t, "activation", plan.activations[t].spec, cal, PerTensor())
+        for t, cal in cals.items()
+    }
+    found = {t: h.hessian for t, h in hessians.items() if h.hessian is not None}
+    return ActivationResult(scales, counts, found)
+
+
+def _named(tensor: str, collect: Collector) -> Collector:
+    def run(value: torch.Tensor) -> None:
+        try:
+            collect(value)
+        except CalibrationError as e:
+            raise DataError(f"activation {tensor!r}: {e}") from None
+
+    return run
+
+
+def hessian_inputs(plan: Plan) -> list[str]:
+    """Activations whose ``Xᵀ X`` blocks a Hessian-weighted weight sweep needs."""
+    return sorted(
+        {
+            w.hessian_input
+            for w in plan.weights.values()
+            if w.spec.options.get("hessian") and w.hessian_input
+        }
+    )
+
+
+def calibrate_weights(
+    model: onnx.ModelProto,
+    plan: Plan,
+    nonfinite: str,
+    hessians: dict[str, torch.Tensor] | None = None,
+) -> dict[str, TensorScales]:
+    """Calibrate every planned weight from its initializer with its planned granularity."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    scales = {}
+    for tensor, weight in plan.weights.items():
+        values = torch.from_numpy(numpy_helper.to_array(initializers[tensor]).copy())
+        hessian = _weight_hessian(weight, hessians or {})
+        extra = {} if hessian is None else {"hessian": hessian}
+        cal = make_calibrator(weight.spec, weight.granularity, nonfinite, **extra)
+        first = first_pass_calibrator(cal)
+        first.collect(values)
+        if second_pass({tensor: cal}, {tensor: first}):
+            cal.collect(values)
+        scales[tensor] = tensor_scales(
+            tensor, "weight", weight.spec, cal, weight.granularity, values
+        )
+        if weight.spec.options.get("hessian") and hessian is None:
+            scales[tensor].notes.append("no layer input to weight by: plain squared error")
+    return scales
+
+
+def _weight_hessian(weight: WeightPlan, hessians: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    if not weight.spec.options.get("hessian") or weight.hessian_input is None:
+        return None
+    return hessians.get(weight.hessian_input)
+
+
+def tensor_scales(
+    name: str,
+    kind: str,
+    spec: TensorSpec,
+    cal: Calibrator,
+    granularity: Granularity,
+    values: torch.Tensor | None = None,
+) -> TensorScales:
+    """Turn a calibrator's decision into scales, with notes on floored or skipped values.
+
+    ``values`` (weights) give NVFP4 block amaxes when the calibrator chose only a global amax.
+    """
+    fmt = get_format(spec.format)
+    notes = []
+    found = cal.compute_range()
+    if found is None:
+        shape = cal.stat_shape or ()
+        found = (torch.zeros(shape), torch.zeros(shape))
+        notes.append("no values collected: amax floored")
+    amin, amax = (t.float().cpu() for t in found)
+    bound = torch.maximum(amin.abs(), amax.abs())
+    if not notes and bool((bound <= AMAX_FLOOR).any()):
+        notes.append(f"zero range: amax floored to {AMAX_FLOOR:g}")
+    if cal.nonfinite_count:
+        notes.append(f"{cal.nonfinite_count} non-finite values skipped")
+    common = dict(name=name, kind=kind, format=spec.format, method=spec.method)
+    common.update(granularity=granularity, options=dict(spec.options), notes=notes)
+    if isinstance(fmt, NVFP4Format):
+        return _nvfp4_scales(cal, bound, granularity, values, common)
+    scale, zero_point = fmt.scale_zero_point(amin, amax)
+    return TensorScales(
+        amax=bound.clamp_min(AMAX_FLOOR),
+        min=None if fmt.symmetric else amin,
+        max=None if fmt.symmetric else amax,
+        scale=scale,
+        zero_point=zero_point,
+        **common,
+    )
+
+
+def _nvfp4_scales(
+    cal: Calibrator,
+    bound: torch.Tensor,
+    granularity: Granularity,
+    values: torch.Tensor | None,
+    common: dict,
+) -> TensorScales:
+    """Global scale, and for block granularities the FP8 block scales of the block amaxes."""
+    global_amax = cal.compute_global_amax()
+    global_amax = bound.max() if global_amax is None else global_amax.float().cpu()
+    global_scale = NVFP4.global_scale(global_amax)
+    if not isinstance(granularity, PerBlock):
+        return TensorScales(
+            amax=global_amax.clamp_min(AMAX_FLOOR),
+            scale=global_scale,
+            zero_point=torch.zeros(()),
+            global_scale=global_scale,
+            **common,
+        )
+    block_amax = bound
+    if bound.dim() == 0 and values is not None:
+        block_amax = block_amaxes(values.float(), granularity)
+    block_scales = NVFP4.block_scales(block_amax, global_scale).float()
+    return TensorScales(
+        amax=block_amax.clamp_min(AMAX_FLOOR),
+        scale=block_scales,
+        zero_point=torch.zeros_like(block_scales),
+        global_scale=global_scale,
+        **common,
+    )
+
+
+def block_amaxes(values: torch.Tensor, granularity: PerBlock) -> torch.Tensor:
+    """Abs-max of every block of ``values``, in the export shape."""
+    stat = granularity.groups(values).abs().amax(-1)
+    return granularity.unflatten(stat, granularity.stat_shape(tuple(values.shape)))
+
+
+def relative_weight_errors(
+    model: onnx.ModelProto, scales: Iterable[TensorScales]
+) -> dict[str, float]:
+    """Per weight, ``||dequantize(quantize(W)) - W|| / ||W||`` (float64) with its scales."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    errors = {}
+    for s in scales:
+        if s.kind != "weight" or s.name not in initializers:
+            continue
+        weight = torch.from_numpy(numpy_helper.to_array(initializers[s.name]).copy()).float()
+        shape = tuple(weight.shape)
+        scale = s.granularity.expand(s.scale, shape)
+        if s.global_scale is not None:
+            scale = NVFP4.effective_scales(scale, s.global_scale)
+        zero_point = s.granularity.expand(s.zero_point, shape)
+        fmt = get_format(s.format)
+        dequantized = (
+            NVFP4.round_e2m1(weight / scale) * scale
+            if s.global_scale is not None
+            else fmt.fake_quant(weight, scale, zero_point)
+        )
+        norm = float(weight.double().norm())
+        diff = float((dequantized.double() - weight.double()).norm())
+        errors[s.name] = diff / norm if norm else diff
+    return errors

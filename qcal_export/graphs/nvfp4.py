@@ -1,0 +1,267 @@
+"""NVFP4 in the graph: two-level weight dequantization and dynamic activation quantization.
+
+Weights: FLOAT4E2M1 initializer -> ``DequantizeLinear(axis, block_size=16)`` whose scale is
+``DequantizeLinear(FP8 block scales, FP32 global scale)``. Activations, portable form (standard
+ops, opset 23): block amax by Abs -> Reshape -> ReduceMax, block scale
+``fp8(clip(amax / 6 / global_scale))`` by Div -> Clip -> QuantizeLinear(FP8), then
+QuantizeLinear -> DequantizeLinear to FLOAT4E2M1 with the dequantized block scales. TensorRT form
+(as NVIDIA Model Optimizer writes it): ``trt::TRT_FP4DynamicQuantize(x, global_scale)`` then
+``trt::DequantizeLinear`` of the FP8 block scales and of the FP4 values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from qcal_export.formats import FP8_SUBNORMAL_MIN, NVFP4
+from qcal_export.granularity import PerBlock
+from qcal_export.graphs.qdq import (
+    Names,
+    QParams,
+    drop_if_unused,
+    initializer,
+    make_tensor,
+    qdq_node,
+    rewire,
+)
+from qcal_export.graphs.targets import ActivationPlan, WeightPlan
+
+TRT_DOMAIN = "trt"
+TRT_DOMAIN_VERSION = 1
+TRT_DYNAMIC_QUANTIZE = "TRT_FP4DynamicQuantize"
+
+
+def quantize_weight_nvfp4(
+    graph: onnx.GraphProto, plan: WeightPlan, q: QParams, mode: str, names: Names, form: str
+) -> None:
+    """Store the weight as FLOAT4E2M1 behind the two-level DequantizeLinear chain.
+
+    ``mode="qdq"`` keeps the float weight behind QuantizeLinear instead. In the TensorRT form a
+    2-D weight blocked along axis 0 (MatMul ``[K, N]``) is stored transposed, blocked along its
+    last axis, with a Transpose after the DequantizeLinear, as Model Optimizer writes it.
+    """
+    tensor = plan.tensor
+    init = initializer(graph, tensor)
+    weight = torch.from_numpy(numpy_helper.to_array(init).copy()).float()
+    granularity, block_scales = q.granularity, q.scale.to(torch.float8_e4m3fn)
+    transpose = form == "tensorrt" and weight.dim() == 2 and granularity.axis % 2 == 0
+    if transpose:
+        weight, block_scales = weight.T.contiguous(), block_scales.T.contiguous()
+        granularity = PerBlock(-1, granularity.size)
+    scale = _block_scale_chain(graph, names, tensor, block_scales, q.global_scale, init.data_type)
+    stored = names.new(f"{tensor}_quantized")
+    dequantized = names.new(f"{tensor}_dequantized")
+    if mode == "quantized":
+        effective = NVFP4.effective_scales(block_scales, q.global_scale)
+        codes = NVFP4.quantize(weight, granularity.expand(effective, tuple(weight.shape)), None)
+        graph.initializer.append(make_tensor(stored, codes, TensorProto.FLOAT4E2M1))
+    else:
+        source = tensor
+        if transpose:
+            source = names.new(f"{tensor}_transposed")
+            graph.node.append(_transpose(tensor, source, names))
+        graph.node.append(
+            qdq_node(
+                "QuantizeLinear",
+                source,
+                [scale],
+                stored,
+                granularity,
+                names,
+                tensor,
+                output_dtype=TensorProto.FLOAT4E2M1,
+            )
+        )
+    graph.node.append(
+        qdq_node("DequantizeLinear", stored, [scale], dequantized, granularity, names, tensor)
+    )
+    if transpose:
+        restored = names.new(f"{tensor}_dequantized_transposed")
+        graph.node.append(_transpose(dequantized, restored, names))
+        dequantized = restored
+    rewire(graph, plan.uses, tensor, dequantized)
+    drop_if_unused(graph, init, mode)
+
+
+def _block_scale_chain(
+    graph: onnx.GraphProto,
+    names: Names,
+    tensor: str,
+    block_scales: torch.Tensor,
+    global_scale: torch.Tensor,
+    float_type: int,
+) -> str:
+    """Initializers for the FP8 block scales and the global scale, and the DequantizeLinear
+    that multiplies them; returns the name of its output (the effective per-block scale)."""
+    block_name = names.new(f"{tensor}_block_scale")
+    global_name = names.new(f"{tensor}_global_scale")
+    graph.initializer.append(make_tensor(block_name, block_scales, TensorProto.FLOAT8E4M3FN))
+    graph.initializer.append(make_tensor(global_name, global_scale.reshape(()), float_type))
+    effective = names.new(f"{tensor}_scale")
+    graph.node.append(
+        helper.make_node(
+            "DequantizeLinear",
+            [block_name, global_name],
+            [effective],
+            names.new(f"{tensor}_block_scale_DequantizeLinear"),
+        )
+    )
+    return effective
+
+
+def _transpose(source: str, output: str, names: Names) -> onnx.NodeProto:
+    return helper.make_node(
+        "Transpose", [source], [output], names.new(f"{source}_Transpose"), perm=[1, 0]
+    )
+
+
+def insert_activation_nvfp4(
+    graph: onnx.GraphProto, plan: ActivationPlan, q: QParams, names: Names, form: str
+) -> str | None:
+    """Dynamic NVFP4 Q -> DQ of an activation before its planned consumers.
+
+    Returns a note when the TensorRT form was asked for but the blocks do not run along the
+    last axis (the only axis TRT_FP4DynamicQuantize takes), so the portable form was written.
+    """
+    tensor, blocks = plan.tensor, plan.blocks
+    global_name = names.new(f"{tensor}_global_scale")
+    graph.initializer.append(make_tensor(global_name, q.global_scale.reshape(()), plan.elem_type))
+    dequantized = names.new(f"{tensor}_dequantized")
+    note = None
+    if form == "tensorrt" and blocks.axis == blocks.rank - 1:
+        nodes = _trt_dynamic(tensor, global_name, dequantized, names)
+    else:
+        nodes = _portable_dynamic(graph, plan, global_name, dequantized, names)
+        if form == "tensorrt":
+            note = (
+                f"{tensor}: blocks along axis {blocks.axis} of {blocks.rank}, not the last; "
+                "written in the portable form"
+            )
+    rewire(graph, plan.uses, tensor, dequantized)
+    graph.node.extend(nodes)
+    return note
+
+
+def _trt_dynamic(tensor: str, global_name: str, output: str, names: Names) -> list[onnx.NodeProto]:
+    quantized = names.new(f"{tensor}_fp4")
+    block_scales = names.new(f"{tensor}_block_scale")
+    effective = names.new(f"{tensor}_scale")
+    size = NVFP4.block_size
+    return [
+        helper.make_node(
+            TRT_DYNAMIC_QUANTIZE,
+            [tensor, global_name],
+            [quantized, block_scales],
+            names.new(f"{tensor}_{TRT_DYNAMIC_QUANTIZE}"),
+            domain=TRT_DOMAIN,
+            axis=-1,
+            block_size=size,
+            scale_type=TensorProto.FLOAT8E4M3FN,
+        ),
+        helper.make_node(
+            "DequantizeLinear",
+            [block_scales, global_name],
+            [effective],
+            names.new(f"{tensor}_block_scale_DequantizeLinear"),
+            domain=TRT_DOMAIN,
+        ),
+        helper.make_node(
+            "DequantizeLinear",
+            [quantized, effective],
+            [output],
+            names.new(f"{tensor}_DequantizeLinear"),
+            domain=TRT_DOMAIN,
+            axis=-1,
+            block_size=size,
+        ),
+    ]
+
+
+def _portable_dynamic(
+    graph: onnx.GraphProto, plan: ActivationPlan, global_name: str, output: str, names: Names
+) -> list[onnx.NodeProto]:
+    """Standard-op NVFP4 quantization with block scales computed from each block's amax."""
+    tensor, blocks, float_type = plan.tensor, plan.blocks, plan.elem_type
+    size, axis = NVFP4.block_size, blocks.axis
+    num_blocks = -(-blocks.length // size)
+
+    def const(base: str, values: np.ndarray | float, elem_type: int = float_type) -> str:
+        name = names.new(f"{tensor}_{base}")
+        graph.initializer.append(make_tensor(name, torch.as_tensor(values), elem_type))
+        return name
+
+    def node(op: str, inputs: list[str], base: str, **attributes: int) -> onnx.NodeProto:
+        out = names.new(f"{tensor}_{base}")
+        return helper.make_node(op, inputs, [out], names.new(f"{tensor}_{op}"), **attributes)
+
+    nodes = [node("Abs", [tensor], "abs")]
+    pad = num_blocks * size - blocks.length
+    if pad:
+        pads = np.zeros(2 * blocks.rank, dtype=np.int64)
+        pads[blocks.rank + axis] = pad
+        nodes.append(
+            node("Pad", [nodes[-1].output[0], const("pads", pads, TensorProto.INT64)], "padded")
+        )
+    source = nodes[-1].output[0]
+    head = node("Shape", [source], "head_shape", end=axis)
+    tail = node("Shape", [source], "tail_shape", start=axis + 1)
+    split = const("block_dims", np.array([num_blocks, size], dtype=np.int64), TensorProto.INT64)
+    shape = node("Concat", [head.output[0], split, tail.output[0]], "block_shape", axis=0)
+    grouped = node("Reshape", [source, shape.output[0]], "blocks")
+    reduce_axes = const("block_axis", np.array([axis + 1], dtype=np.int64), TensorProto.INT64)
+    amax = node("ReduceMax", [grouped.output[0], reduce_axes], "block_amax", keepdims=0)
+    per_element = node(
+        "Div", [amax.output[0], const("qmax", np.float32(NVFP4.qmax))], "block_amax_per_qmax"
+    )
+    raw = node("Div", [per_element.output[0], global_name], "raw_block_scale")
+    lo, hi = (
+        const("scale_min", np.float32(FP8_SUBNORMAL_MIN)),
+        const("scale_max", np.float32(NVFP4.scale_max)),
+    )
+    clipped = node("Clip", [raw.output[0], lo, hi], "clipped_block_scale")
+    fp8 = node(
+        "QuantizeLinear",
+        [clipped.output[0], const("unit_scale", np.float32(1.0))],
+        "block_scale",
+        output_dtype=TensorProto.FLOAT8E4M3FN,
+    )
+    effective = node("DequantizeLinear", [fp8.output[0], global_name], "scale")
+    block = {"axis": axis, "block_size": size}
+    quantized = node(
+        "QuantizeLinear",
+        [tensor, effective.output[0]],
+        "fp4",
+        output_dtype=TensorProto.FLOAT4E2M1,
+        **block,
+    )
+    dequantized = helper.make_node(
+        "DequantizeLinear",
+        [quantized.output[0], effective.output[0]],
+        [output],
+        names.new(f"{tensor}_DequantizeLinear"),
+        **block,
+    )
+    return [
+        *nodes,
+        head,
+        tail,
+        shape,
+        grouped,
+        amax,
+        per_element,
+        raw,
+        clipped,
+        fp8,
+        effective,
+        quantized,
+        dequantized,
+    ]
+
+
+def add_trt_domain(model: onnx.ModelProto) -> None:
+    """Import the ``trt`` domain once, for the TensorRT form's custom ops."""
+    if not any(entry.domain == TRT_DOMAIN for entry in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(TRT_DOMAIN, TRT_DOMAIN_VERSION))
