@@ -268,7 +268,10 @@ class NVFP4Format:
         return out
 
     def encode_e2m1(self, values: torch.Tensor) -> torch.Tensor:
-        """E2M1 codes (uint8, 0..15, bit 3 the sign) of values already on the E2M1 grid."""
+        """E2M1 codes (uint8, 0..15, bit 3 the sign) of values already on the E2M1 grid.
+
+        Zero is always code 0 (a rounded -0.0 too), which decodes to the same value as code 8.
+        """
         magnitude = values.abs().to(torch.float32)
         grid = torch.tensor(E2M1_VALUES, device=values.device)
         code = torch.searchsorted(grid, magnitude.contiguous()).to(torch.uint8)

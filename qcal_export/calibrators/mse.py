@@ -73,7 +73,9 @@ class MseCalibrator(Calibrator):
             raise CalibrationError(
                 f"quant_func takes an amax: use it with a symmetric format, not {fmt.name}"
             )
-        if fmt.block_size > 1 and granularity != self.granularity_for(fmt, granularity):
+        if fmt.block_size > 1 and not (
+            isinstance(granularity, PerTensorGroup) and granularity.size == fmt.block_size
+        ):
             raise CalibrationError(
                 f"mse with {fmt.name} sweeps the global amax: use "
                 f"PerTensorGroup(axis, {fmt.block_size}), not {granularity.describe()}"

@@ -186,7 +186,6 @@ def _portable_dynamic(
     """Standard-op NVFP4 quantization with block scales computed from each block's amax."""
     tensor, blocks, float_type = plan.tensor, plan.blocks, plan.elem_type
     size, axis = NVFP4.block_size, blocks.axis
-    num_blocks = -(-blocks.length // size)
 
     def const(base: str, values: np.ndarray | float, elem_type: int = float_type) -> str:
         name = names.new(f"{tensor}_{base}")
@@ -198,17 +197,13 @@ def _portable_dynamic(
         return helper.make_node(op, inputs, [out], names.new(f"{tensor}_{op}"), **attributes)
 
     nodes = [node("Abs", [tensor], "abs")]
-    pad = num_blocks * size - blocks.length
-    if pad:
-        pads = np.zeros(2 * blocks.rank, dtype=np.int64)
-        pads[blocks.rank + axis] = pad
-        nodes.append(
-            node("Pad", [nodes[-1].output[0], const("pads", pads, TensorProto.INT64)], "padded")
-        )
+    pads = _block_padding(blocks, size, const, node, nodes)
+    if pads is not None:
+        nodes.append(node("Pad", [nodes[0].output[0], pads], "padded"))
     source = nodes[-1].output[0]
     head = node("Shape", [source], "head_shape", end=axis)
     tail = node("Shape", [source], "tail_shape", start=axis + 1)
-    split = const("block_dims", np.array([num_blocks, size], dtype=np.int64), TensorProto.INT64)
+    split = const("block_dims", np.array([-1, size], dtype=np.int64), TensorProto.INT64)
     shape = node("Concat", [head.output[0], split, tail.output[0]], "block_shape", axis=0)
     grouped = node("Reshape", [source, shape.output[0]], "blocks")
     reduce_axes = const("block_axis", np.array([axis + 1], dtype=np.int64), TensorProto.INT64)
@@ -259,6 +254,29 @@ def _portable_dynamic(
         quantized,
         dequantized,
     ]
+
+
+def _block_padding(blocks, size: int, const, node, nodes: list[onnx.NodeProto]) -> str | None:
+    """The Pad ``pads`` input that makes the blocks' axis a multiple of ``size``: a constant
+    when its length is static (None when no padding is needed), else computed from Shape."""
+    rank, axis = blocks.rank, blocks.axis
+    if blocks.length is not None:
+        pad = -blocks.length % size
+        if not pad:
+            return None
+        pads = np.zeros(2 * rank, dtype=np.int64)
+        pads[rank + axis] = pad
+        return const("pads", pads, TensorProto.INT64)
+    length = node("Shape", [nodes[0].output[0]], "length", start=axis, end=axis + 1)
+    block = const("block_size", np.array([size], dtype=np.int64), TensorProto.INT64)
+    remainder = node("Mod", [length.output[0], block], "remainder")
+    short = node("Sub", [block, remainder.output[0]], "short")
+    pad = node("Mod", [short.output[0], block], "pad")
+    before = const("pads_before", np.zeros(rank + axis, dtype=np.int64), TensorProto.INT64)
+    after = const("pads_after", np.zeros(rank - axis - 1, dtype=np.int64), TensorProto.INT64)
+    pads = node("Concat", [before, pad.output[0], after], "pads", axis=0)
+    nodes.extend([length, remainder, short, pad, pads])
+    return pads.output[0]
 
 
 def add_trt_domain(model: onnx.ModelProto) -> None:

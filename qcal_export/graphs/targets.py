@@ -34,12 +34,12 @@ class Use:
 
 @dataclass(frozen=True)
 class Blocks:
-    """Where a block format's blocks run in an activation: ``axis`` (>= 0) of ``rank``, of
-    static length ``length`` (the reduction dimension of every consumer)."""
+    """Where a block format's blocks run in an activation: ``axis`` (>= 0) of ``rank``, the
+    reduction dimension of every consumer, of static ``length`` (None: known only at run time)."""
 
     axis: int
     rank: int
-    length: int
+    length: int | None
 
 
 @dataclass
@@ -105,7 +105,7 @@ WEIGHT_INPUTS: dict[str, WeightAxes] = {
         1, lambda n, r: r - 1 if r >= 2 else None, lambda n, r: r - 2 if r >= 2 else 0
     ),
     "Gemm": WeightAxes(
-        1, lambda n, r: 0 if _attr(n, "transB") else 1, lambda n, r: 1 - _attr(n, "transB")
+        1, lambda n, r: 0 if _attr(n, "transB") else 1, lambda n, r: _attr(n, "transB")
     ),
     "Conv": WeightAxes(1, lambda n, r: 0, lambda n, r: 1),
     "ConvTranspose": WeightAxes(1, lambda n, r: 1, lambda n, r: 0),
@@ -256,11 +256,10 @@ def _activation_blocks(
     rule = ACTIVATION_INPUTS.get(node.op_type, {}).get(index)
     axis = rule(node) if rule else None
     shape = infos.get(tensor, (None, None))[1]
-    if axis is None or shape is None or shape[axis] is None:
+    if axis is None or shape is None or len(shape) < -axis:
         raise RecipeError(
             f"{spec.format} activation {tensor!r} (input {index} of node {node.name!r}): its "
-            "reduction axis or that axis' length is unknown; exclude the node or export the "
-            "model with static feature dimensions"
+            f"reduction axis or its rank is unknown; exclude the node (or op type {node.op_type})"
         )
     return Blocks(axis % len(shape), len(shape), shape[axis])
 

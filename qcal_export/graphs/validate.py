@@ -96,8 +96,8 @@ class _TrtFP4DynamicQuantize(OpRun):
 
     def _run(self, x, global_scale, axis=-1, block_size=16, scale_type=None):
         granularity = PerBlock(axis, block_size)
-        values = torch.from_numpy(np.asarray(x, dtype=np.float32))
-        scale = torch.as_tensor(np.asarray(global_scale, dtype=np.float32)).reshape(())
+        values = torch.from_numpy(np.array(x, dtype=np.float32))
+        scale = torch.as_tensor(np.array(global_scale, dtype=np.float32)).reshape(())
         shape = tuple(values.shape)
         block_amax = granularity.unflatten(
             granularity.groups(values).abs().amax(-1), granularity.stat_shape(shape)
@@ -114,20 +114,37 @@ class _TrtDequantizeLinear(OpRun):
     op_domain = TRT_DOMAIN
 
     def _run(self, x, scale, axis=None, block_size=None):
-        values = torch.from_numpy(np.asarray(x, dtype=np.float32))
-        scale_t = torch.from_numpy(np.asarray(scale, dtype=np.float32))
+        values = torch.from_numpy(np.array(x, dtype=np.float32))
+        scale_t = torch.from_numpy(np.array(scale, dtype=np.float32))
         if block_size:
             scale_t = PerBlock(axis, block_size).expand(scale_t, tuple(values.shape))
         return ((values * scale_t).numpy(),)
 
 
+_TRT_DEQUANTIZE = "TRT_DequantizeLinear"
+TRT_OPS = [
+    type(op_type, (implementation,), {})  # the evaluator matches a class by its name
+    for op_type, implementation in (
+        ("TRT_FP4DynamicQuantize", _TrtFP4DynamicQuantize),
+        (_TRT_DEQUANTIZE, _TrtDequantizeLinear),
+    )
+]
+
+
 class _ReferenceRunner:
-    """The ONNX reference evaluator behind ORT's ``run(names, feed)`` interface."""
+    """The ONNX reference evaluator behind ORT's ``run(names, feed)`` interface.
+
+    The evaluator finds custom ops by name alone, so ``trt::DequantizeLinear`` is renamed in
+    the copy it runs, to keep the default-domain DequantizeLinear its own.
+    """
 
     def __init__(self, model: onnx.ModelProto):
-        self._evaluator = ReferenceEvaluator(
-            model, new_ops=[_TrtFP4DynamicQuantize, _TrtDequantizeLinear]
-        )
+        if any(node.domain == TRT_DOMAIN for node in model.graph.node):
+            model = onnx.ModelProto.FromString(model.SerializeToString())
+            for node in model.graph.node:
+                if node.domain == TRT_DOMAIN and node.op_type == "DequantizeLinear":
+                    node.op_type = _TRT_DEQUANTIZE
+        self._evaluator = ReferenceEvaluator(model, new_ops=TRT_OPS)
 
     def run(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._evaluator.run(names, feed)

@@ -1,0 +1,58 @@
+"""A small torch MLP exported to ONNX, for the block-format (int4, nvfp4) end-to-end tests.
+
+``Linear(64, 48) -> GELU -> Linear(48, 40) -> GELU -> Linear(40, 8)``: the last layer's 40 inputs
+end in a partial block of 16. ``seq=True`` exports ``[b, 5, 64]`` inputs (MatMul with the
+exporter's transposed ``onnx::MatMul_*`` weights and an Add for the bias); ``seq=False``
+exports ``[b, 64]`` inputs (Gemm, transB=1, weights named ``up.weight`` ...). Heavy-tailed data.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LAYERS = ("up", "down", "head")
+BATCHES = 3
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(64, 48)
+        self.down = torch.nn.Linear(48, 40)
+        self.head = torch.nn.Linear(40, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gelu = torch.nn.functional.gelu
+        return self.head(gelu(self.down(gelu(self.up(x)))))
+
+
+def make_mlp(root: Path, seq: bool) -> Path:
+    """mlp.onnx (opset 17) and data/ (3 .npz batches of 4) in ``root``; returns ``root``."""
+    torch.manual_seed(0)
+    shape = (2, 5, 64) if seq else (2, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            MLP().eval(),
+            (torch.randn(*shape),),
+            str(root / "mlp.onnx"),
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "b"}, "y": {0: "b"}},
+        )
+    (root / "data").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(BATCHES):
+        x = rng.standard_t(4, (4, *shape[1:])).astype(np.float32)
+        np.savez(root / "data" / f"batch_{i}.npz", x=x)
+    return root
+
+
+def batches(root: Path) -> list[np.ndarray]:
+    return [np.load(p)["x"] for p in sorted((root / "data").glob("*.npz"))]
