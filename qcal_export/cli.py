@@ -46,9 +46,52 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", help="QDQ ONNX model to write")
     p.add_argument("--scales", help="safetensors scales file to write")
     p.add_argument("--report", help="JSON report to write")
-    p.add_argument("--format", default="int8", choices=["int8", "uint8", "fp8"])
-    p.add_argument("--method", default="max", choices=["max", "mse"], help="activation method")
-    p.add_argument("--weight-method", default="max", choices=["max", "mse"])
+    formats = ["int8", "uint8", "int4", "uint4", "fp8", "nvfp4"]
+    p.add_argument(
+        "--format",
+        default="int8",
+        choices=formats,
+        help="weights and activations (int4/uint4: weights only, activations stay float)",
+    )
+    p.add_argument("--weight-format", choices=formats, help="weights' format (default --format)")
+    p.add_argument(
+        "--activation-format", choices=[*formats, "none"], help="activations' format, or none"
+    )
+    p.add_argument(
+        "--method",
+        default="max",
+        choices=["max", "mse", "nvfp4-mse"],
+        help="activation method; nvfp4-mse is a weight method (activations then use max)",
+    )
+    p.add_argument(
+        "--weight-method",
+        choices=["max", "mse", "nvfp4-mse"],
+        help="weight method (default max, or nvfp4-mse when --method nvfp4-mse)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        help="weight blocks along the reduction axis (int4 default 128; nvfp4 is always 16)",
+    )
+    p.add_argument(
+        "--hessian",
+        action="store_true",
+        help="nvfp4-mse: weight the error by each layer's input X^T X (needs --data)",
+    )
+    p.add_argument(
+        "--nvfp4-form",
+        default="portable",
+        choices=["portable", "tensorrt"],
+        help="NVFP4 activations as standard ops, or Model Optimizer's trt::TRT_FP4DynamicQuantize",
+    )
+    p.add_argument("--checkpoint", help="directory for NVFP4 serving checkpoints")
+    p.add_argument(
+        "--checkpoint-layout",
+        nargs="+",
+        default=["modelopt"],
+        choices=["modelopt", "compressed-tensors"],
+        help="serving layouts; several go to DIR/<layout>",
+    )
     p.add_argument(
         "--per-channel-weights",
         action=argparse.BooleanOptionalAction,
@@ -85,6 +128,13 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         format=args.format,
         method=args.method,
         weight_method=args.weight_method,
+        weight_format=args.weight_format,
+        activation_format=args.activation_format,
+        block_size=args.block_size,
+        hessian=args.hessian,
+        nvfp4_form=args.nvfp4_form,
+        checkpoint=args.checkpoint,
+        checkpoint_layouts=tuple(args.checkpoint_layout),
         per_channel_weights=args.per_channel_weights,
         exclude=tuple(args.exclude),
         exclude_op_types=tuple(args.exclude_op_types),
@@ -104,9 +154,11 @@ def print_summary(report: dict) -> None:
     """Tensors, notes and output error of a run, as tables on stdout."""
     out = Console()
     tensors = Table(title=f"{len(report['quantized_nodes'])} nodes quantized in {report['model']}")
-    for column in ("tensor", "kind", "format", "method", "granularity", "amax", "notes"):
+    columns = ("tensor", "kind", "format", "method", "granularity", "amax", "weight rel err")
+    for column in (*columns, "notes"):
         tensors.add_column(column, overflow="fold")
     for row in report["tensors"]:
+        error = row.get("weight_rel_error")
         tensors.add_row(
             escape(row["tensor"]),
             row["kind"],
@@ -114,11 +166,12 @@ def print_summary(report: dict) -> None:
             row["method"],
             row["granularity"],
             f"{row['amax']:.4g}",
+            "" if error is None else f"{error:.4f}",
             "; ".join(row["notes"]),
         )
     out.print(tensors)
     if report["output_error"]:
-        errors = Table(title="output error vs the float model")
+        errors = Table(title=f"output error vs the float model ({report['validator']})")
         for column in ("output", "max abs", "rel L2", "cosine"):
             errors.add_column(column)
         for name, e in report["output_error"].items():
@@ -127,9 +180,13 @@ def print_summary(report: dict) -> None:
     opset = report["opset"]
     if opset["from"] != opset["to"]:
         out.print(f"opset raised from {opset['from']} to {opset['to']} for the chosen formats")
+    for note in report["export_notes"]:
+        out.print(f"note: {escape(note)}")
     for key in ("output_model", "scales_file"):
         if report.get(key):
             out.print(f"wrote {report[key]}")
+    for layout, path in report["checkpoints"].items():
+        out.print(f"wrote the {layout} checkpoint {path}")
 
 
 def add_inspect(sub: argparse._SubParsersAction) -> None:

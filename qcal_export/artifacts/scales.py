@@ -89,7 +89,7 @@ def save_scales(path: str | Path, scales: dict[str, TensorScales], model_sha256:
             tensors[f"{name}.min"] = s.min.float().contiguous()
             tensors[f"{name}.max"] = s.max.float().contiguous()
         if s.global_scale is not None:
-            tensors[f"{name}.global_scale"] = s.global_scale.float().contiguous()
+            tensors[f"{name}.global_scale"] = s.global_scale.float().clone()
         entries[name] = {
             "kind": s.kind,
             "format": s.format,
