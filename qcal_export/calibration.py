@@ -248,17 +248,7 @@ def relative_weight_errors(
         if s.kind != "weight" or s.name not in initializers:
             continue
         weight = torch.from_numpy(numpy_helper.to_array(initializers[s.name]).copy()).float()
-        shape = tuple(weight.shape)
-        scale = s.granularity.expand(s.scale, shape)
-        if s.global_scale is not None:
-            scale = NVFP4.effective_scales(scale, s.global_scale)
-        zero_point = s.granularity.expand(s.zero_point, shape)
-        fmt = get_format(s.format)
-        dequantized = (
-            NVFP4.round_e2m1(weight / scale) * scale
-            if s.global_scale is not None
-            else fmt.fake_quant(weight, scale, zero_point)
-        )
+        dequantized = s.fake_quant_weight(weight)
         norm = float(weight.double().norm())
         diff = float((dequantized.double() - weight.double()).norm())
         errors[s.name] = diff / norm if norm else diff

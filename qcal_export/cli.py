@@ -214,13 +214,27 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="calibrate all-MiniLM-L6-v2 on stdlib docstrings; max vs mse")
+    p = sub.add_parser(
+        "demo", help="calibrate all-MiniLM-L6-v2 on stdlib docstrings; int8, fp8, nvfp4"
+    )
     p.add_argument("--out-dir", default="qcal-demo", help="where the demo writes its models")
     p.add_argument("--cache-dir", help="where the exported float model is cached")
     p.add_argument(
-        "--formats", nargs="*", default=["int8", "fp8"], choices=["int8", "uint8", "fp8"]
+        "--formats",
+        nargs="*",
+        default=["int8", "fp8", "nvfp4"],
+        choices=["int8", "uint8", "fp8", "nvfp4"],
     )
-    p.add_argument("--methods", nargs="*", default=["max", "mse"], choices=["max", "mse"])
+    p.add_argument(
+        "--methods", nargs="*", default=["max"], choices=["max", "mse"], help="activations"
+    )
+    p.add_argument(
+        "--weight-methods",
+        nargs="*",
+        default=["max", "mse", "nvfp4-mse"],
+        choices=["max", "mse", "nvfp4-mse"],
+        help="weights (nvfp4-mse: nvfp4 only)",
+    )
     p.set_defaults(run=cmd_demo)
 
 
@@ -231,6 +245,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         Path(args.out_dir),
         args.formats,
         args.methods,
+        args.weight_methods,
         cache_dir=args.cache_dir,
         progress=progress_bar(None),
     )
@@ -238,12 +253,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
         "all-MiniLM-L6-v2 static quantization: sentence-embedding cosine vs float, held-out text"
     )
     table = Table(title=title)
-    for column in ("format", "method", "mean cosine", "min cosine", "calibration s", "model"):
+    columns = ("format", "activations", "weights", "weight rel err", "mean cosine", "min cosine")
+    for column in (*columns, "calibration s", "model"):
         table.add_column(column)
     for r in rows:
         table.add_row(
             r["format"],
             r["method"],
+            r["weight_method"],
+            f"{r['weight_error']:.4f}",
             f"{r['mean']:.4f}",
             f"{r['min']:.4f}",
             f"{r['seconds']:.1f}",

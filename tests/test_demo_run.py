@@ -26,6 +26,8 @@ def test_qcal_demo_writes_models_whose_embeddings_track_the_float_model(tmp_path
             "fp8",
             "--methods",
             "max",
+            "--weight-methods",
+            "max",
         ]
     )
     assert code == 0
@@ -36,7 +38,7 @@ def test_qcal_demo_writes_models_whose_embeddings_track_the_float_model(tmp_path
     batches = demo_batches(heldout[:32], batch_size=16)
     scores = {}
     for fmt in ("int8", "fp8"):
-        path = tmp_path / "out" / f"minilm_{fmt}_max.onnx"
+        path = tmp_path / "out" / f"minilm_{fmt}_a-max_w-max.onnx"
         model = onnx.load(str(path))
         ops = [n.op_type for n in model.graph.node]
         assert ops.count("QuantizeLinear") == 48  # one per distinct activation tensor
@@ -49,3 +51,31 @@ def test_qcal_demo_writes_models_whose_embeddings_track_the_float_model(tmp_path
     assert 0.95 < scores["int8"]["mean"] < scores["fp8"]["mean"] <= 1.0
     assert scores["fp8"]["min"] > 0.99
     assert np.isfinite(scores["int8"]["min"])
+
+
+@pytest.mark.slow
+def test_qcal_demo_nvfp4_runs_in_the_reference_evaluator(tmp_path, capsys):
+    """W4A4 NVFP4 with the per-block FP8-scale sweep: validated and scored without ORT."""
+    code = main(
+        [
+            "demo",
+            "--out-dir", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache"),
+            "--formats", "nvfp4",
+            "--weight-methods", "nvfp4-mse",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    path = tmp_path / "out" / "minilm_nvfp4_a-max_w-nvfp4-mse.onnx"
+    report = json.loads(path.with_suffix(".json").read_text())
+    assert report["validator"] == "onnx.reference.ReferenceEvaluator"
+    assert report["opset"] == {"from": 17, "to": 23}
+    errors = [r["weight_rel_error"] for r in report["tensors"] if r["kind"] == "weight"]
+    assert len(errors) == 36 and all(0.0 < e < 0.2 for e in errors)
+    model = onnx.load(str(path))
+    fp4 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT4E2M1]
+    assert len(fp4) == 36
+    float_model = next((tmp_path / "cache").glob("*.onnx"))
+    _, heldout = demo_texts()
+    score = embedding_cosine(float_model, path, demo_batches(heldout[:16], batch_size=16))
+    assert 0.9 < score["mean"] < 0.999

@@ -50,13 +50,7 @@ def linear_layers(path) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
 
 def dequantized_weight(s, weight_in_graph: torch.Tensor) -> torch.Tensor:
     """The weight as the exported DequantizeLinear chain gives it (graph orientation)."""
-    shape = tuple(weight_in_graph.shape)
-    fmt = get_format(s.format)
-    if s.global_scale is not None:
-        effective = s.granularity.expand(NVFP4.effective_scales(s.scale, s.global_scale), shape)
-        return NVFP4.round_e2m1(weight_in_graph / effective) * effective
-    expand = s.granularity.expand
-    return fmt.fake_quant(weight_in_graph, expand(s.scale, shape), expand(s.zero_point, shape))
+    return s.fake_quant_weight(weight_in_graph)
 
 
 def fake_quant_forward(path, scales, x: np.ndarray) -> np.ndarray:

@@ -275,7 +275,7 @@ def _check_layer(layer: NVFP4Linear) -> None:
     if inputs % NVFP4.block_size:
         raise OutputError(
             f"{where}: in_features {inputs} is not a multiple of 16, as ModelOpt and "
-            "compressed-tensors require; keep the layer in float (qcal calibrate --exclude its node)"
+            "compressed-tensors require; keep the layer in float (qcal calibrate --exclude)"
         )
     scales, expected = layer.block_scales, [out, inputs // NVFP4.block_size]
     if scales.dtype != torch.float8_e4m3fn or list(scales.shape) != expected:

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from qcal_export.atomic import atomic_path
 from qcal_export.errors import ScalesError
-from qcal_export.formats import get_format
+from qcal_export.formats import NVFP4, get_format
 from qcal_export.granularity import Granularity, granularity_from_dict
 from qcal_export.graphs.qdq import QParams
 
@@ -55,6 +55,15 @@ class TensorScales:
     @property
     def axis(self) -> int | None:
         return getattr(self.granularity, "axis", None)
+
+    def fake_quant_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight (graph shape) as the exported DequantizeLinear chain gives it, float32."""
+        shape = tuple(weight.shape)
+        scale = self.granularity.expand(self.scale, shape)
+        if self.global_scale is not None:
+            return NVFP4.fake_quant_blocks(weight, NVFP4.effective_scales(scale, self.global_scale))
+        zero_point = self.granularity.expand(self.zero_point, shape)
+        return get_format(self.format).fake_quant(weight, scale, zero_point)
 
     def qparams(self) -> QParams:
         return QParams(

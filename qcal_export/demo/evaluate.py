@@ -31,13 +31,32 @@ def session(path: str | Path, cpu_only: bool = False) -> Any:
         raise ModelError(f"ONNX Runtime cannot load {path}: {exc}") from exc
 
 
-def _embed(session: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
-    """Run one batch; the output is ``sentence_embedding`` if present, else the first. [B, D]."""
-    names = [o.name for o in session.get_outputs()]
-    output = OUTPUT_NAME if OUTPUT_NAME in names else names[0]
-    feeds = {i.name: batch[i.name] for i in session.get_inputs()}
-    (embedding,) = session.run([output], feeds)
-    return np.asarray(embedding, dtype=np.float64)
+class _Embedder:
+    """Runs one model on batches: ONNX Runtime, or the ONNX reference evaluator for models ORT
+    cannot run (NVFP4). The output is ``sentence_embedding`` if present, else the first."""
+
+    def __init__(self, path: str | Path):
+        import onnx
+
+        from qcal_export.graphs.validate import reference_runner
+
+        model = onnx.load(str(path))
+        self.inputs = [i.name for i in model.graph.input]
+        outputs = [o.name for o in model.graph.output]
+        self.output = OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0]
+        self.runner, self.validator = reference_runner(model, _providers())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """One batch's embeddings, ``[B, D]`` float64."""
+        (embedding,) = self.runner.run([self.output], {name: batch[name] for name in self.inputs})
+        return np.asarray(embedding, dtype=np.float64)
+
+
+def _providers() -> list[str]:
+    import onnxruntime as ort
+
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
 
 
 def embedding_cosine(
@@ -48,13 +67,14 @@ def embedding_cosine(
     """Per-sentence cosine similarity of two models' sentence embeddings, over all batches.
 
     Each batch feeds both models ([B, seq] int64 arrays); returns {"mean", "min", "count"}.
+    Models ONNX Runtime cannot run (NVFP4) go through the ONNX reference evaluator.
     """
-    reference = session(reference_model)
-    candidate = session(candidate_model)
+    reference = _Embedder(reference_model)
+    candidate = _Embedder(candidate_model)
     cosines: list[np.ndarray] = []
     for batch in batches:
         try:
-            ref, cand = _embed(reference, batch), _embed(candidate, batch)
+            ref, cand = reference(batch), candidate(batch)
         except KeyError as exc:
             raise DataError(f"embedding_cosine: a batch lacks the model input {exc}") from exc
         if ref.shape != cand.shape:

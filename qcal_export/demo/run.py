@@ -17,15 +17,19 @@ NUM_CALIB, NUM_HELDOUT, BATCH_SIZE = 256, 128, 16
 
 def run_demo(
     out_dir: Path,
-    formats: Sequence[str] = ("int8", "fp8"),
-    methods: Sequence[str] = ("max", "mse"),
+    formats: Sequence[str] = ("int8", "fp8", "nvfp4"),
+    methods: Sequence[str] = ("max",),
+    weight_methods: Sequence[str] = ("max", "mse", "nvfp4-mse"),
     *,
     cache_dir: str | Path | None = None,
     progress: ProgressFactory | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (format, method): held-out embedding cosine vs float, time, model path.
+    """One row per (format, activation method, weight method): held-out embedding cosine vs
+    float, mean relative weight error, time, model path.
 
-    Calibration and held-out texts are disjoint; weights are int8/fp8 per output channel.
+    Calibration and held-out texts are disjoint; int8/fp8 weights are per output channel, NVFP4
+    weights per block of 16 (nvfp4-mse applies to nvfp4 only). NVFP4 models are validated
+    and scored with the ONNX reference evaluator (ONNX Runtime has no FP4 kernels).
     """
     float_model = demo_model_path(cache_dir)
     calib_texts, heldout_texts = demo_texts(NUM_CALIB, NUM_HELDOUT)
@@ -33,29 +37,40 @@ def run_demo(
     heldout = demo_batches(heldout_texts, batch_size=BATCH_SIZE)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for fmt in formats:
-        for method in methods:
-            stem = out_dir / f"minilm_{fmt}_{method}"
-            start = time.perf_counter()
-            calibrate_onnx(
-                float_model,
-                calib,
-                output=stem.with_suffix(".onnx"),
-                scales=stem.with_suffix(".safetensors"),
-                report=stem.with_suffix(".json"),
-                format=fmt,
-                method=method,
-                progress=progress,
-            )
-            seconds = time.perf_counter() - start
-            score = embedding_cosine(float_model, stem.with_suffix(".onnx"), heldout)
-            rows.append(
-                {
-                    "format": fmt,
-                    "method": method,
-                    "seconds": seconds,
-                    "model": str(stem.with_suffix(".onnx")),
-                    **score,
-                }
-            )
+    runs = [
+        (fmt, method, weight_method)
+        for fmt in formats
+        for method in methods
+        for weight_method in weight_methods
+        if weight_method != "nvfp4-mse" or fmt == "nvfp4"
+    ]
+    for fmt, method, weight_method in runs:
+        stem = out_dir / f"minilm_{fmt}_a-{method}_w-{weight_method}"
+        start = time.perf_counter()
+        result = calibrate_onnx(
+            float_model,
+            calib,
+            output=stem.with_suffix(".onnx"),
+            scales=stem.with_suffix(".safetensors"),
+            report=stem.with_suffix(".json"),
+            format=fmt,
+            method=method,
+            weight_method=weight_method,
+            validate_batches=1,
+            progress=progress,
+        )
+        seconds = time.perf_counter() - start
+        score = embedding_cosine(float_model, stem.with_suffix(".onnx"), heldout)
+        errors = [r["weight_rel_error"] for r in result.report["tensors"] if r["kind"] == "weight"]
+        rows.append(
+            {
+                "format": fmt,
+                "method": method,
+                "weight_method": weight_method,
+                "weight_error": sum(errors) / len(errors),
+                "seconds": seconds,
+                "model": str(stem.with_suffix(".onnx")),
+                **score,
+            }
+        )
     return rows

@@ -27,7 +27,7 @@ from qcal_export.graphs.qdq import (
     qdq_node,
     rewire,
 )
-from qcal_export.graphs.targets import ActivationPlan, WeightPlan
+from qcal_export.graphs.targets import ActivationPlan, Blocks, WeightPlan
 
 TRT_DOMAIN = "trt"
 TRT_DOMAIN_VERSION = 1
@@ -180,83 +180,67 @@ def _trt_dynamic(tensor: str, global_name: str, output: str, names: Names) -> li
     ]
 
 
+class _Builder:
+    """Appends nodes and constants named after one tensor; ``node`` returns the output name."""
+
+    def __init__(self, graph: onnx.GraphProto, names: Names, tensor: str, float_type: int):
+        self.graph, self.names, self.tensor, self.float_type = graph, names, tensor, float_type
+        self.nodes: list[onnx.NodeProto] = []
+
+    def const(self, base: str, values: np.ndarray | float, elem_type: int | None = None) -> str:
+        name = self.names.new(f"{self.tensor}_{base}")
+        elem_type = self.float_type if elem_type is None else elem_type
+        self.graph.initializer.append(make_tensor(name, torch.as_tensor(values), elem_type))
+        return name
+
+    def ints(self, base: str, values: list[int]) -> str:
+        return self.const(base, np.array(values, dtype=np.int64), TensorProto.INT64)
+
+    def node(self, op: str, inputs: list[str], base: str, **attributes: int) -> str:
+        out = self.names.new(f"{self.tensor}_{base}")
+        name = self.names.new(f"{self.tensor}_{op}")
+        self.nodes.append(helper.make_node(op, inputs, [out], name, **attributes))
+        return out
+
+
 def _portable_dynamic(
     graph: onnx.GraphProto, plan: ActivationPlan, global_name: str, output: str, names: Names
 ) -> list[onnx.NodeProto]:
     """Standard-op NVFP4 quantization with block scales computed from each block's amax."""
-    tensor, blocks, float_type = plan.tensor, plan.blocks, plan.elem_type
+    tensor, blocks = plan.tensor, plan.blocks
     size, axis = NVFP4.block_size, blocks.axis
-
-    def const(base: str, values: np.ndarray | float, elem_type: int = float_type) -> str:
-        name = names.new(f"{tensor}_{base}")
-        graph.initializer.append(make_tensor(name, torch.as_tensor(values), elem_type))
-        return name
-
-    def node(op: str, inputs: list[str], base: str, **attributes: int) -> onnx.NodeProto:
-        out = names.new(f"{tensor}_{base}")
-        return helper.make_node(op, inputs, [out], names.new(f"{tensor}_{op}"), **attributes)
-
-    nodes = [node("Abs", [tensor], "abs")]
-    pads = _block_padding(blocks, size, const, node, nodes)
+    b = _Builder(graph, names, tensor, plan.elem_type)
+    source = b.node("Abs", [tensor], "abs")
+    pads = _block_padding(b, blocks, source, size)
     if pads is not None:
-        nodes.append(node("Pad", [nodes[0].output[0], pads], "padded"))
-    source = nodes[-1].output[0]
-    head = node("Shape", [source], "head_shape", end=axis)
-    tail = node("Shape", [source], "tail_shape", start=axis + 1)
-    split = const("block_dims", np.array([-1, size], dtype=np.int64), TensorProto.INT64)
-    shape = node("Concat", [head.output[0], split, tail.output[0]], "block_shape", axis=0)
-    grouped = node("Reshape", [source, shape.output[0]], "blocks")
-    reduce_axes = const("block_axis", np.array([axis + 1], dtype=np.int64), TensorProto.INT64)
-    amax = node("ReduceMax", [grouped.output[0], reduce_axes], "block_amax", keepdims=0)
-    per_element = node(
-        "Div", [amax.output[0], const("qmax", np.float32(NVFP4.qmax))], "block_amax_per_qmax"
+        source = b.node("Pad", [source, pads], "padded")
+    head = b.node("Shape", [source], "head_shape", end=axis)
+    tail = b.node("Shape", [source], "tail_shape", start=axis + 1)
+    shape = b.node("Concat", [head, b.ints("block_dims", [-1, size]), tail], "block_shape", axis=0)
+    grouped = b.node("Reshape", [source, shape], "blocks")
+    amax = b.node(
+        "ReduceMax", [grouped, b.ints("block_axis", [axis + 1])], "block_amax", keepdims=0
     )
-    raw = node("Div", [per_element.output[0], global_name], "raw_block_scale")
-    lo, hi = (
-        const("scale_min", np.float32(FP8_SUBNORMAL_MIN)),
-        const("scale_max", np.float32(NVFP4.scale_max)),
-    )
-    clipped = node("Clip", [raw.output[0], lo, hi], "clipped_block_scale")
-    fp8 = node(
-        "QuantizeLinear",
-        [clipped.output[0], const("unit_scale", np.float32(1.0))],
-        "block_scale",
-        output_dtype=TensorProto.FLOAT8E4M3FN,
-    )
-    effective = node("DequantizeLinear", [fp8.output[0], global_name], "scale")
+    raw = b.node("Div", [amax, b.const("qmax", np.float32(NVFP4.qmax))], "block_amax_per_qmax")
+    raw = b.node("Div", [raw, global_name], "raw_block_scale")
+    lo = b.const("scale_min", np.float32(FP8_SUBNORMAL_MIN))
+    hi = b.const("scale_max", np.float32(NVFP4.scale_max))
+    clipped = b.node("Clip", [raw, lo, hi], "clipped_block_scale")
+    unit = b.const("unit_scale", np.float32(1.0))
+    fp8_type = TensorProto.FLOAT8E4M3FN
+    fp8 = b.node("QuantizeLinear", [clipped, unit], "block_scale", output_dtype=fp8_type)
+    effective = b.node("DequantizeLinear", [fp8, global_name], "scale")
     block = {"axis": axis, "block_size": size}
-    quantized = node(
-        "QuantizeLinear",
-        [tensor, effective.output[0]],
-        "fp4",
-        output_dtype=TensorProto.FLOAT4E2M1,
-        **block,
+    fp4_type = TensorProto.FLOAT4E2M1
+    quantized = b.node("QuantizeLinear", [tensor, effective], "fp4", output_dtype=fp4_type, **block)
+    name = names.new(f"{tensor}_DequantizeLinear")
+    dequantize = helper.make_node(
+        "DequantizeLinear", [quantized, effective], [output], name, **block
     )
-    dequantized = helper.make_node(
-        "DequantizeLinear",
-        [quantized.output[0], effective.output[0]],
-        [output],
-        names.new(f"{tensor}_DequantizeLinear"),
-        **block,
-    )
-    return [
-        *nodes,
-        head,
-        tail,
-        shape,
-        grouped,
-        amax,
-        per_element,
-        raw,
-        clipped,
-        fp8,
-        effective,
-        quantized,
-        dequantized,
-    ]
+    return [*b.nodes, dequantize]
 
 
-def _block_padding(blocks, size: int, const, node, nodes: list[onnx.NodeProto]) -> str | None:
+def _block_padding(b: _Builder, blocks: Blocks, source: str, size: int) -> str | None:
     """The Pad ``pads`` input that makes the blocks' axis a multiple of ``size``: a constant
     when its length is static (None when no padding is needed), else computed from Shape."""
     rank, axis = blocks.rank, blocks.axis
@@ -264,19 +248,18 @@ def _block_padding(blocks, size: int, const, node, nodes: list[onnx.NodeProto]) 
         pad = -blocks.length % size
         if not pad:
             return None
-        pads = np.zeros(2 * rank, dtype=np.int64)
+        pads = [0] * (2 * rank)
         pads[rank + axis] = pad
-        return const("pads", pads, TensorProto.INT64)
-    length = node("Shape", [nodes[0].output[0]], "length", start=axis, end=axis + 1)
-    block = const("block_size", np.array([size], dtype=np.int64), TensorProto.INT64)
-    remainder = node("Mod", [length.output[0], block], "remainder")
-    short = node("Sub", [block, remainder.output[0]], "short")
-    pad = node("Mod", [short.output[0], block], "pad")
-    before = const("pads_before", np.zeros(rank + axis, dtype=np.int64), TensorProto.INT64)
-    after = const("pads_after", np.zeros(rank - axis - 1, dtype=np.int64), TensorProto.INT64)
-    pads = node("Concat", [before, pad.output[0], after], "pads", axis=0)
-    nodes.extend([length, remainder, short, pad, pads])
-    return pads.output[0]
+        return b.ints("pads", pads)
+    length = b.node("Shape", [source], "length", start=axis, end=axis + 1)
+    block = b.ints("block_size", [size])
+    short = b.node("Sub", [block, b.node("Mod", [length, block], "remainder")], "short")
+    pad = b.node("Mod", [short, block], "pad")
+    before, after = (
+        b.ints("pads_before", [0] * (rank + axis)),
+        b.ints("pads_after", [0] * (rank - axis - 1)),
+    )
+    return b.node("Concat", [before, pad, after], "pads", axis=0)
 
 
 def add_trt_domain(model: onnx.ModelProto) -> None:
