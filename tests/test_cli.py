@@ -323,10 +323,10 @@ def test_output_dir_not_writable_exits_2(workdir, tmp_path, capsys):
 
 def test_bad_format_choice_is_argparse_exit_2(workdir, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["calibrate", str(workdir / "model.onnx"), "--format", "int4"])
+        main(["calibrate", str(workdir / "model.onnx"), "--format", "int3"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "argument --format: invalid choice: 'int4'" in err
+    assert "argument --format: invalid choice: 'int3'" in err
     assert "Traceback" not in err
 
 
