@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from qcal_export.errors import QcalError
+from qcal_export.recipe import METHODS
 
 console = Console(stderr=True)
 
@@ -60,12 +61,12 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method",
         default="max",
-        choices=["max", "mse", "nvfp4-mse"],
+        choices=METHODS,
         help="activation method; nvfp4-mse is a weight method (activations then use max)",
     )
     p.add_argument(
         "--weight-method",
-        choices=["max", "mse", "nvfp4-mse"],
+        choices=METHODS,
         help="weight method (default max, or nvfp4-mse when --method nvfp4-mse)",
     )
     p.add_argument(

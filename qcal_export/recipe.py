@@ -20,10 +20,13 @@ from qcal_export.errors import RecipeError
 from qcal_export.formats import FORMATS
 
 DEFAULT_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose")
-METHODS = ("max", "mse", "nvfp4-mse")
+METHODS = ("max", "mse", "nvfp4-mse", "shrink-mse", "percentile", "entropy")
 METHOD_OPTIONS: dict[str, set[str]] = {
     "mse": {"start", "stop", "step"},
     "nvfp4-mse": {"hessian"},
+    "shrink-mse": {"maxshrink", "grid", "norm", "patience", "averaging_constant"},
+    "percentile": {"percentile", "bins"},
+    "entropy": {"bins", "quantized_bins"},
 }
 DEFAULT_BLOCK_SIZES = {"int4": 128, "uint4": 128, "nvfp4": 16}
 """Weight block size by format when a spec names none: int4 blocks of 128 (the common
