@@ -47,6 +47,32 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", help="QDQ ONNX model to write")
     p.add_argument("--scales", help="safetensors scales file to write")
     p.add_argument("--report", help="JSON report to write")
+    add_quantization_args(p)
+    p.add_argument("--checkpoint", help="directory for NVFP4 serving checkpoints")
+    p.add_argument(
+        "--checkpoint-layout",
+        nargs="+",
+        default=["modelopt"],
+        choices=["modelopt", "compressed-tensors"],
+        help="serving layouts; several go to DIR/<layout>",
+    )
+    p.add_argument(
+        "--exclude", nargs="*", default=[], metavar="NODE", help="node name patterns left in float"
+    )
+    p.add_argument("--exclude-op-types", nargs="*", default=[], metavar="OP")
+    p.add_argument("--recipe", help="YAML/JSON recipe (overrides --format/--method/--exclude)")
+    p.add_argument("--weights-mode", default="quantized", choices=["quantized", "qdq"])
+    p.add_argument("--nonfinite", default="skip", choices=["skip", "error"])
+    p.add_argument("--batches", type=int, help="use at most N batches")
+    p.add_argument("--batch-size", type=int, help="split a single .npz along axis 0")
+    p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--scales-in", help="re-export from a saved scales file, no calibration")
+    p.add_argument("--validate-batches", type=int, default=4, help="batches for the error check")
+    p.set_defaults(run=cmd_calibrate)
+
+
+def add_quantization_args(p: argparse.ArgumentParser) -> None:
+    """Formats, methods and their options, block sizes: what builds the recipe."""
     formats = ["int8", "uint8", "int4", "uint4", "fp8", "nvfp4"]
     p.add_argument(
         "--format",
@@ -85,13 +111,13 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
         choices=["portable", "tensorrt"],
         help="NVFP4 activations as standard ops, or Model Optimizer's trt::TRT_FP4DynamicQuantize",
     )
-    p.add_argument("--checkpoint", help="directory for NVFP4 serving checkpoints")
     p.add_argument(
-        "--checkpoint-layout",
-        nargs="+",
-        default=["modelopt"],
-        choices=["modelopt", "compressed-tensors"],
-        help="serving layouts; several go to DIR/<layout>",
+        "--option",
+        action="append",
+        default=[],
+        type=method_option,
+        metavar="KEY=VALUE",
+        help="a method option, e.g. percentile=99.99, bins=4096, grid=200 (repeatable)",
     )
     p.add_argument(
         "--per-channel-weights",
@@ -99,19 +125,18 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
         default=True,
         help="one weight scale per output channel (default) or per tensor",
     )
-    p.add_argument(
-        "--exclude", nargs="*", default=[], metavar="NODE", help="node name patterns left in float"
-    )
-    p.add_argument("--exclude-op-types", nargs="*", default=[], metavar="OP")
-    p.add_argument("--recipe", help="YAML/JSON recipe (overrides --format/--method/--exclude)")
-    p.add_argument("--weights-mode", default="quantized", choices=["quantized", "qdq"])
-    p.add_argument("--nonfinite", default="skip", choices=["skip", "error"])
-    p.add_argument("--batches", type=int, help="use at most N batches")
-    p.add_argument("--batch-size", type=int, help="split a single .npz along axis 0")
-    p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--scales-in", help="re-export from a saved scales file, no calibration")
-    p.add_argument("--validate-batches", type=int, default=4, help="batches for the error check")
-    p.set_defaults(run=cmd_calibrate)
+
+
+def method_option(text: str) -> tuple[str, float]:
+    """``KEY=VALUE`` with a number value (an int where it has no fraction)."""
+    key, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if not sep or not key or number is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=NUMBER (e.g. percentile=99.99)")
+    return key, int(number) if number.is_integer() and "." not in value else number
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -134,6 +159,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         block_size=args.block_size,
         hessian=args.hessian,
         nvfp4_form=args.nvfp4_form,
+        method_options=dict(args.option),
         checkpoint=args.checkpoint,
         checkpoint_layouts=tuple(args.checkpoint_layout),
         per_channel_weights=args.per_channel_weights,

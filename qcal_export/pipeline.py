@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,7 @@ from qcal_export.graphs.export import check_scales_match, export_qdq
 from qcal_export.graphs.model_io import LoadedModel, load_model, save_model
 from qcal_export.graphs.targets import Plan, find_targets, name_nodes, tensor_types
 from qcal_export.graphs.validate import check_model, compare_outputs, reference_runner
-from qcal_export.recipe import WEIGHT_ONLY_FORMATS, Recipe, TensorSpec
+from qcal_export.recipe import METHOD_OPTIONS, WEIGHT_ONLY_FORMATS, Recipe, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def build_recipe(
     weights_mode: str = "quantized",
     nonfinite: str = "skip",
     nvfp4_form: str = "portable",
+    method_options: Mapping[str, float] | None = None,
 ) -> Recipe:
     """The recipe given, or one built from the keyword options.
 
@@ -75,6 +76,8 @@ def build_recipe(
     ``activation_format`` say otherwise; weight-only formats (int4) and ``activation_format``
     "none" leave activations in float. ``method`` "nvfp4-mse" is a weight method: activations
     then use max. ``hessian`` weights the nvfp4-mse sweep by the layer inputs' ``Xᵀ X``.
+    ``method_options`` (``percentile``, ``bins``, ``grid``, ...) go to whichever of the two
+    methods takes them (see ``recipe.METHOD_OPTIONS``).
     """
     if recipe is not None:
         return recipe
@@ -87,15 +90,20 @@ def build_recipe(
         method = "max"
     if hessian and weight_method != "nvfp4-mse":
         raise RecipeError(f"hessian weighting needs weight method nvfp4-mse, not {weight_method!r}")
+    activation_options, weight_options = split_method_options(
+        method_options or {}, method if activation_format != "none" else None, weight_method
+    )
     activation = (
-        None if activation_format == "none" else TensorSpec(format=activation_format, method=method)
+        None
+        if activation_format == "none"
+        else TensorSpec(format=activation_format, method=method, options=activation_options)
     )
     weight = TensorSpec(
         format=weight_format,
         method=weight_method,
         per_channel=per_channel_weights,
         block_size=block_size,
-        options={"hessian": True} if hessian else {},
+        options={**weight_options, **({"hessian": True} if hessian else {})},
     )
     return Recipe(
         activation=activation,
@@ -106,6 +114,29 @@ def build_recipe(
         nonfinite=nonfinite,
         nvfp4_form=nvfp4_form,
     )
+
+
+def split_method_options(
+    options: Mapping[str, float], activation_method: str | None, weight_method: str
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``options`` split into the keys each method takes (``METHOD_OPTIONS``); a key both
+    take goes to both. RecipeError for a key that neither takes."""
+    taken = {
+        "activation": METHOD_OPTIONS.get(activation_method, set()) if activation_method else set(),
+        "weight": METHOD_OPTIONS.get(weight_method, set()),
+    }
+    unknown = set(options) - taken["activation"] - taken["weight"]
+    if unknown:
+        accepted = {
+            f"{kind} method {method!r}": sorted(taken[kind])
+            for kind, method in (("activation", activation_method), ("weight", weight_method))
+            if method
+        }
+        raise RecipeError(f"method option(s) {sorted(unknown)} fit no method used: {accepted}")
+    activation, weight = (
+        {k: v for k, v in options.items() if k in taken[kind]} for kind in ("activation", "weight")
+    )
+    return activation, weight
 
 
 RECIPE_OPTIONS = (
@@ -122,6 +153,7 @@ RECIPE_OPTIONS = (
     "weights_mode",
     "nonfinite",
     "nvfp4_form",
+    "method_options",
 )
 """Keyword options of ``calibrate_onnx`` that build the recipe (see ``build_recipe``)."""
 

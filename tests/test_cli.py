@@ -256,6 +256,11 @@ BAD_RUNS = {
         lambda w, t: [str(w / "model.onnx"), "-o", str(t / "q.onnx")],
         r"calibration needs data: pass --data",
     ),
+    "option-no-method-takes": (
+        lambda w, t: good(w, "--option", "percentile=99.9"),
+        r"method option\(s\) \['percentile'\] fit no method used: "
+        r"\{\"activation method 'max'\": \[\], \"weight method 'max'\": \[\]\}$",
+    ),
     "cuda-without-cuda": (
         lambda w, t: good(w, "--provider", "cuda"),
         r"provider 'cuda' requested",
