@@ -253,13 +253,17 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
         choices=["int8", "uint8", "fp8", "nvfp4"],
     )
     p.add_argument(
-        "--methods", nargs="*", default=["max"], choices=["max", "mse"], help="activations"
+        "--methods",
+        nargs="*",
+        default=["max"],
+        choices=[m for m in METHODS if m != "nvfp4-mse"],
+        help="activations",
     )
     p.add_argument(
         "--weight-methods",
         nargs="*",
         default=["max", "mse", "nvfp4-mse"],
-        choices=["max", "mse", "nvfp4-mse"],
+        choices=METHODS,
         help="weights (nvfp4-mse: nvfp4 only)",
     )
     p.set_defaults(run=cmd_demo)
