@@ -7,15 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from checkpoint_oracle import (
-    NAME,
-    make_layer,
-    write,
-)
+from checkpoint_oracle import NAME, make_layer, write
 
-from qcal_export.artifacts.checkpoint import (
-    load_nvfp4_checkpoint,
-)
+from qcal_export.artifacts.checkpoint import load_nvfp4_checkpoint
 
 # -- configs --------------------------------------------------------------------------------
 

@@ -8,18 +8,10 @@ import json
 
 import pytest
 import torch
-from checkpoint_oracle import (
-    NAME,
-    make_layer,
-    raw_tensors,
-    write,
-)
+from checkpoint_oracle import NAME, make_layer, raw_tensors, write
 from safetensors.torch import save_file
 
-from qcal_export.artifacts.checkpoint import (
-    NVFP4Linear,
-    load_nvfp4_checkpoint,
-)
+from qcal_export.artifacts.checkpoint import NVFP4Linear, load_nvfp4_checkpoint
 from qcal_export.errors import OutputError, ScalesError
 
 # -- files ----------------------------------------------------------------------------------

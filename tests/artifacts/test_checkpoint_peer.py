@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checkpoint_oracle import (
-    make_layer,
-    write,
-)
+from checkpoint_oracle import make_layer, write
 
-from qcal_export.artifacts.checkpoint import (
-    NVFP4Linear,
-    load_nvfp4_checkpoint,
-)
+from qcal_export.artifacts.checkpoint import NVFP4Linear, load_nvfp4_checkpoint
 
 # -- compressed-tensors itself ----------------------------------------------------------------
 

@@ -24,11 +24,7 @@ from checkpoint_oracle import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcal_export.artifacts.checkpoint import (
-    LAYOUTS,
-    NVFP4Linear,
-    load_nvfp4_checkpoint,
-)
+from qcal_export.artifacts.checkpoint import LAYOUTS, NVFP4Linear, load_nvfp4_checkpoint
 from qcal_export.formats import NVFP4
 
 # -- tensors --------------------------------------------------------------------------------
