@@ -1,7 +1,8 @@
 """qcal_export: calibrate quantization ranges for ONNX models and export deployable results.
 
-Data flow: readers -> capture (ONNX Runtime) -> calibrators -> QDQ ONNX, safetensors scales,
-report. ``calibrate_onnx`` runs all of it; the pieces are importable on their own.
+Data flow: readers -> capture (ONNX Runtime or torch hooks) -> calibrators -> QDQ ONNX,
+safetensors scales, report. ``calibrate_onnx`` runs all of it for an ONNX model,
+``calibrate_torch`` (or ``capture``) for a torch model, whose result exports the QDQ ONNX model.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from qcal_export.formats import FP8_E4M3, INT8, UINT8, FP8E4M3Format, IntFormat,
 from qcal_export.granularity import PerAxis, PerTensor
 from qcal_export.pipeline import CalibrationResult, calibrate_onnx
 from qcal_export.recipe import Override, Recipe, TensorSpec, load_recipe
+from qcal_export.torch_calibration import TorchCalibration, calibrate_torch, capture
 
 __version__ = "0.1.0"
 
@@ -48,7 +50,10 @@ __all__ = [
     "ScalesError",
     "TensorScales",
     "TensorSpec",
+    "TorchCalibration",
     "calibrate_onnx",
+    "calibrate_torch",
+    "capture",
     "get_format",
     "load_recipe",
     "load_scales",

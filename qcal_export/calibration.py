@@ -92,13 +92,15 @@ def calibrate_activations(plan: Plan, capture: CapturePass, nonfinite: str) -> A
     hessians = {t: BlockHessian() for t in hessian_inputs(plan)}
     collectors: dict[str, list[Collector]] = {}
     for tensor, cal in firsts.items():
-        collectors.setdefault(tensor, []).append(_named(tensor, cal.collect))
+        collectors.setdefault(tensor, []).append(named_collector(tensor, cal.collect))
     for tensor, accumulator in hessians.items():
-        collectors.setdefault(tensor, []).append(_named(tensor, accumulator.collect))
+        collectors.setdefault(tensor, []).append(named_collector(tensor, accumulator.collect))
     counts = [capture(collectors, "pass 1")] if collectors else []
     second = second_pass(cals, firsts)
     if second:
-        counts.append(capture({t: [_named(t, c.collect)] for t, c in second.items()}, "pass 2"))
+        counts.append(
+            capture({t: [named_collector(t, c.collect)] for t, c in second.items()}, "pass 2")
+        )
     scales = {
         t: tensor_scales(t, "activation", plan.activations[t].spec, cal, PerTensor())
         for t, cal in cals.items()
@@ -107,7 +109,10 @@ def calibrate_activations(plan: Plan, capture: CapturePass, nonfinite: str) -> A
     return ActivationResult(scales, counts, found)
 
 
-def _named(tensor: str, collect: Collector) -> Collector:
+def named_collector(tensor: str, collect: Collector) -> Collector:
+    """``collect`` with a calibrator's fault (a non-finite value under nonfinite="error")
+    raised as a DataError naming the tensor."""
+
     def run(value: torch.Tensor) -> None:
         try:
             collect(value)
@@ -140,17 +145,33 @@ def calibrate_weights(
     for tensor, weight in plan.weights.items():
         values = torch.from_numpy(numpy_helper.to_array(initializers[tensor]).copy())
         hessian = _weight_hessian(weight, hessians or {})
-        extra = {} if hessian is None else {"hessian": hessian}
-        cal = make_calibrator(weight.spec, weight.granularity, nonfinite, **extra)
-        first = first_pass_calibrator(cal)
-        first.collect(values)
-        if second_pass({tensor: cal}, {tensor: first}):
-            cal.collect(values)
-        scales[tensor] = tensor_scales(
-            tensor, "weight", weight.spec, cal, weight.granularity, values
+        scales[tensor] = calibrate_weight(
+            tensor, values, weight.spec, weight.granularity, nonfinite, hessian
         )
-        if weight.spec.options.get("hessian") and hessian is None:
-            scales[tensor].notes.append("no layer input to weight by: plain squared error")
+    return scales
+
+
+def calibrate_weight(
+    name: str,
+    values: torch.Tensor,
+    spec: TensorSpec,
+    granularity: Granularity,
+    nonfinite: str,
+    hessian: torch.Tensor | None = None,
+) -> TensorScales:
+    """Calibrate one weight from its values (any device), with a max pass first if needed.
+
+    ``hessian`` (``[ceil(cin / 16), 16, 16]``) weights a Hessian-weighted nvfp4-mse sweep.
+    """
+    extra = {} if hessian is None else {"hessian": hessian}
+    cal = make_calibrator(spec, granularity, nonfinite, **extra)
+    first = first_pass_calibrator(cal)
+    first.collect(values)
+    if second_pass({name: cal}, {name: first}):
+        cal.collect(values)
+    scales = tensor_scales(name, "weight", spec, cal, granularity, values)
+    if spec.options.get("hessian") and hessian is None:
+        scales.notes.append("no layer input to weight by: plain squared error")
     return scales
 
 
@@ -221,7 +242,7 @@ def _nvfp4_scales(
         )
     block_amax = bound
     if bound.dim() == 0 and values is not None:
-        block_amax = block_amaxes(values.float(), granularity)
+        block_amax = block_amaxes(values.float(), granularity).cpu()
     block_scales = NVFP4.block_scales(block_amax, global_scale).float()
     return TensorScales(
         amax=block_amax.clamp_min(AMAX_FLOOR),

@@ -32,6 +32,7 @@ DEFAULT_BLOCK_SIZES = {"int4": 128, "uint4": 128, "nvfp4": 16}
 """Weight block size by format when a spec names none: int4 blocks of 128 (the common
 deployment choice), NVFP4's fixed 16."""
 WEIGHT_ONLY_FORMATS = ("int4", "uint4")
+SPEC_KEYS = ("activation", "weight", "output")
 WeightsMode = Literal["quantized", "qdq"]
 NVFP4Form = Literal["portable", "tensorrt"]
 
@@ -81,16 +82,20 @@ class TensorSpec:
 class Override:
     """Specs for the nodes whose name matches ``nodes`` and whose op type is in ``op_types``.
 
-    ``activation`` or ``weight`` set to None leaves that input in float.
+    ``activation`` or ``weight`` set to None leaves that input in float; ``output`` (torch
+    modules) quantizes the module's output, None leaves it in float. In torch, ``nodes`` matches
+    module names and ``op_types`` module class names (or the ONNX op types they export to).
     """
 
     nodes: str = "*"
     op_types: tuple[str, ...] = ()
     activation: TensorSpec | None = None
     weight: TensorSpec | None = None
+    output: TensorSpec | None = None
 
     def __post_init__(self) -> None:
         _check_activation_spec(self.activation, f"override {self.nodes!r}")
+        _check_activation_spec(self.output, f"override {self.nodes!r} output")
 
     def matches(self, node_name: str, op_type: str) -> bool:
         by_type = not self.op_types or op_type in self.op_types
@@ -103,6 +108,9 @@ class Recipe:
 
     ``activation`` or ``weight`` None leaves those inputs in float (weight-only quantization);
     ``nvfp4_form`` picks how NVFP4 activations are written (standard ops, or TensorRT's op).
+    Torch capture only: ``output`` quantizes module outputs (None: left in float);
+    ``module_types`` (class names) and ``modules`` (module name patterns) add targets beside
+    Linear, Conv and ConvTranspose. Overrides only choose specs: they add no target.
     """
 
     activation: TensorSpec | None = TensorSpec()
@@ -114,9 +122,13 @@ class Recipe:
     weights_mode: WeightsMode = "quantized"
     nonfinite: Literal["skip", "error"] = "skip"
     nvfp4_form: NVFP4Form = "portable"
+    output: TensorSpec | None = None
+    module_types: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_activation_spec(self.activation, "recipe")
+        _check_activation_spec(self.output, "recipe output")
         if self.nvfp4_form not in ("portable", "tensorrt"):
             raise RecipeError(
                 f"nvfp4_form must be 'portable' or 'tensorrt', not {self.nvfp4_form!r}"
@@ -184,10 +196,10 @@ def load_recipe(path: str | Path) -> Recipe:
 def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
     """Build a Recipe from plain data, rejecting unknown keys."""
     kwargs = _fields(Recipe, data, "recipe")
-    for key in ("activation", "weight"):
+    for key in SPEC_KEYS:
         if kwargs.get(key) is not None:
             kwargs[key] = _spec(kwargs[key], key)
-    for key in ("op_types", "exclude_nodes", "exclude_op_types"):
+    for key in ("op_types", "module_types", "modules", "exclude_nodes", "exclude_op_types"):
         if key in kwargs:
             kwargs[key] = _names(kwargs[key], key)
     if "overrides" in kwargs:
@@ -200,7 +212,7 @@ def _override(data: Mapping[str, Any], index: int) -> Override:
     kwargs = _fields(Override, data, where)
     if "op_types" in kwargs:
         kwargs["op_types"] = _names(kwargs["op_types"], f"{where}.op_types")
-    for key in ("activation", "weight"):
+    for key in SPEC_KEYS:
         if kwargs.get(key) is not None:
             kwargs[key] = _spec(kwargs[key], f"{where}.{key}")
     return Override(**kwargs)

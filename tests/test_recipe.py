@@ -76,7 +76,7 @@ def test_empty_yaml_recipe_is_the_default(tmp_path):
         ({"activation": {"format": "nvfp4", "method": "nvfp4-mse"}}, ["nvfp4-mse", "activations"]),
         ({"weight": {"format": "int4", "block_size": 1}}, ["block_size"]),
         ({"nvfp4_form": "trt"}, ["nvfp4_form", "trt"]),
-        ({"weight": {"format": "fp8", "method": "entropy"}}, ["entropy"]),
+        ({"weight": {"format": "fp8", "method": "kl-divergence"}}, ["kl-divergence"]),
         ({"activation": {"method": "max", "options": {"start": 0.5}}}, ["'max'", "start"]),
         ({"weight": {"method": "mse", "options": {"stride": 0.5}}}, ["'mse'", "stride"]),
         ({"weights_mode": "fake"}, ["weights_mode", "fake"]),
@@ -104,7 +104,7 @@ def test_bad_recipe_raises_naming_the_key(tmp_path, data, names):
     ("data", "where"),
     [
         ({"overrides": [{}, {"weight": {"format": "int3"}}]}, "overrides[1].weight"),
-        ({"overrides": [{"activation": {"method": "entropy"}}]}, "overrides[0].activation"),
+        ({"overrides": [{"activation": {"method": "kl-divergence"}}]}, "overrides[0].activation"),
         ({"weight": {"method": "max", "options": {"step": 0.1}}}, "weight"),
     ],
 )
