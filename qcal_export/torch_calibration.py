@@ -163,7 +163,7 @@ class TorchCapture:
             raise RecipeError(
                 f"{type(model).__name__} has no module to calibrate: the recipe targets op types "
                 f"{list(recipe.op_types)} (Linear: MatMul/Gemm, Conv, ConvTranspose) and module "
-                f"types {list(recipe.module_types)}; add module_types or an override pattern"
+                f"types {list(recipe.module_types)}; add module_types or modules (name patterns)"
             )
         self._specs: dict[str, TensorSpec] = {}
         self._cals: dict[str, Calibrator] = {}
