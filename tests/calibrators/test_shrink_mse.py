@@ -1,0 +1,473 @@
+"""ShrinkMseCalibrator against a float64 brute force of the sequential observer definition
+(shrink_oracle.py), for every strategy: tensor, channel, group, group by g_idx, 2-D block, token
+and both nvfp4 forms; early stop, moving average, merge, options and the pipeline."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from mlp import batches as mlp_batches
+from mlp import make_mlp
+from onnx import numpy_helper
+from shrink_oracle import (
+    F32,
+    F64,
+    expected_range,
+    fp8_block_scale,
+    fp8_quant,
+    g_idx_groups,
+    global_scale_of,
+    int_quant,
+    last_axis_blocks,
+    make_batches,
+    nvfp4_block_quant,
+    nvfp4_global_quant,
+    oracle,
+    sequential_search,
+    tiles_2d,
+)
+
+from qcal_export.calibration import tensor_scales
+from qcal_export.calibrators import CALIBRATORS, shrink_mse
+from qcal_export.calibrators.max import MaxCalibrator
+from qcal_export.calibrators.shrink_mse import ShrinkMseCalibrator, shrink_factors
+from qcal_export.errors import CalibrationError
+from qcal_export.formats import FP8_E4M3, INT4, INT8, NVFP4, UINT4, UINT8, get_format
+from qcal_export.granularity import (
+    PerAxis,
+    PerBlock,
+    PerBlock2D,
+    PerGroupIndex,
+    PerTensor,
+    PerTensorGroup,
+    PerToken,
+)
+from qcal_export.pipeline import calibrate_onnx
+from qcal_export.recipe import TensorSpec
+
+# cases -------------------------------------------------------------------------------------
+
+G_IDX = np.empty(40, dtype=np.int64)
+G_IDX[np.random.default_rng(3).permutation(40)] = np.arange(40) // 16  # GPTQ actorder
+
+STRATEGIES = {
+    "tensor": (PerTensor(), (6, 5, 24), lambda x: x.reshape(1, -1)),
+    "channel": (PerAxis(0), (24, 40), lambda x: x.reshape(len(x), -1)),
+    "group": (PerBlock(-1, 16), (12, 40), lambda x: last_axis_blocks(x, 16)),
+    "g_idx": (PerGroupIndex(1, 16, tuple(G_IDX)), (12, 40), lambda x: g_idx_groups(x, 16, G_IDX)),
+    "block": (PerBlock2D(8, 16), (2, 20, 40), lambda x: tiles_2d(x, 8, 16)),
+    "large-block": (PerBlock2D(64, 128), (2, 150, 300), lambda x: tiles_2d(x, 64, 128)),
+    "token": (PerToken(), (3, 5, 24), lambda x: x.reshape(-1, x.shape[-1])),
+}
+CASES = {  # 8-bit asymmetric ranges shrink only in groups of thousands (norm 2.4): larger data
+    "tensor-int8": (INT8, "tensor", None),
+    "tensor-uint8": (UINT8, "tensor", (8, 50, 60)),
+    "tensor-fp8": (FP8_E4M3, "tensor", None),
+    "channel-int8": (INT8, "channel", None),
+    "channel-uint8": (UINT8, "channel", (24, 4000)),
+    "channel-fp8": (FP8_E4M3, "channel", None),
+    "group-int4": (INT4, "group", None),
+    "group-uint4": (UINT4, "group", None),
+    "g_idx-int4": (INT4, "g_idx", None),
+    "g_idx-uint4": (UINT4, "g_idx", None),
+    "block-fp8": (FP8_E4M3, "block", None),
+    "block-uint4": (UINT4, "block", None),
+    "block-uint8": (UINT8, "large-block", None),
+    "block-int8": (INT8, "block", None),
+    "token-int8": (INT8, "token", None),
+    "token-uint4": (UINT4, "token", None),
+}
+
+
+def case_of(name):
+    """(format, granularity, data shape, numpy grouping) of a case."""
+    fmt, strategy, shape = CASES[name]
+    gran, default_shape, group = STRATEGIES[strategy]
+    return fmt, gran, shape or default_shape, group
+
+
+def quant_for(fmt):
+    quant = fp8_quant if fmt is FP8_E4M3 else int_quant(fmt)
+    return lambda seen: quant
+
+
+def run(cal, data):
+    for x in data:
+        cal.collect(torch.from_numpy(x))
+    return cal
+
+
+def assert_equals_oracle(cal, fmt, gran, shape, running):
+    amin, amax = cal.compute_range()
+    stat_shape = gran.stat_shape(shape)
+    assert tuple(amin.shape) == tuple(amax.shape) == stat_shape
+    expected_min, expected_max = expected_range(fmt, running)
+    np.testing.assert_array_equal(amin.cpu().numpy().reshape(-1), expected_min)
+    np.testing.assert_array_equal(amax.cpu().numpy().reshape(-1), expected_max)
+    assert torch.isfinite(cal.compute_amax()).all()
+
+
+# tests -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_strategy_matches_the_float64_oracle(case):
+    fmt, gran, shape, group = case_of(case)
+    data = make_batches(shape, fmt, seed=zlib.crc32(case.encode()))
+    cal = run(ShrinkMseCalibrator(fmt, gran), data)
+    running, _, shrunk = oracle([(group(x), x) for x in data], quant_for(fmt))
+    assert_equals_oracle(cal, fmt, gran, shape, running)
+    assert cal.state_dict()["batches"].item() == 3
+    assert max(shrunk) > 0  # the search is not degenerate: some range was shrunk
+
+
+def nvfp4_cases(form, data):
+    """(granularity, oracle batches, quant factory) of one nvfp4 form for [rows, 40] batches."""
+    if form == "tensor-group":
+        batches = [(last_axis_blocks(x, 16)[None], x) for x in data]
+        return PerTensorGroup(-1, 16), batches, lambda seen: nvfp4_global_quant
+
+    def running_absmax(seen):
+        return nvfp4_block_quant(max(np.abs(x).max() for x in seen))
+
+    return PerBlock(-1, 16), [(last_axis_blocks(x, 16), x) for x in data], running_absmax
+
+
+@pytest.mark.parametrize("form", ["tensor-group", "block"])
+def test_nvfp4_forms_match_the_float64_oracle(form):
+    data = make_batches((12, 40), NVFP4, seed=21)
+    gran, batches, make_quant = nvfp4_cases(form, data)
+    cal = run(ShrinkMseCalibrator(NVFP4, gran), data)
+    running, _, shrunk = oracle(batches, make_quant)
+    assert_equals_oracle(cal, NVFP4, gran, (12, 40), running)
+    assert max(shrunk) > 0
+    global_amax = cal.compute_global_amax()
+    if form == "block":  # the running abs-max of every batch fixed the global scale
+        assert global_amax.item() == max(np.abs(x).max() for x in data)
+    else:
+        assert global_amax.item() == expected_range(NVFP4, running)[1].item()
+
+
+def test_nvfp4_block_scales_of_the_export_are_the_scored_ones():
+    """calibration.tensor_scales turns the winners into exactly the FP8 block scales that were
+    scored, and no block's error is worse than with the unshrunk (max) block scales."""
+    w = make_batches((8, 40), NVFP4, seed=5, count=1)[0]
+    cal = run(ShrinkMseCalibrator(NVFP4, PerBlock(-1, 16)), [w])
+    spec = TensorSpec(format="nvfp4", method="shrink-mse")
+    scales = tensor_scales("w", "weight", spec, cal, PerBlock(-1, 16), torch.from_numpy(w))
+    quant = nvfp4_block_quant(np.abs(w).max())
+    running, _, _ = oracle([(last_axis_blocks(w, 16), w)], lambda seen: quant)
+    global_scale = global_scale_of(np.abs(w).max())
+    winners = fp8_block_scale(expected_range(NVFP4, running)[1], global_scale)
+    assert scales.global_scale.item() == global_scale
+    np.testing.assert_array_equal(scales.scale.numpy().reshape(-1), winners)
+    plain = MaxCalibrator(NVFP4, PerBlock(-1, 16))
+    plain.collect(torch.from_numpy(w))
+    unshrunk = tensor_scales("w", "weight", spec, plain, PerBlock(-1, 16), torch.from_numpy(w))
+    assert not torch.equal(unshrunk.scale, scales.scale)
+    errors = [
+        last_axis_blocks(np.abs(s.fake_quant_weight(torch.from_numpy(w)).numpy() - w), 16)
+        for s in (scales, unshrunk)
+    ]
+    shrunk_error, max_error = (np.nansum(e.astype(F64) ** 2.4, axis=1) for e in errors)
+    assert (shrunk_error <= max_error).all() and (shrunk_error < max_error).any()
+
+
+def test_early_stop_ends_the_search_before_the_grid_does():
+    """One small int4 group: the error curve is bumpy, the search stops early and misses a later
+    better candidate, which a patience as long as the grid finds."""
+    x = np.random.default_rng(5).standard_t(3.0, size=(1, 64)).astype(F32)
+    batches = [(x, x)]
+    stopped, scored, _ = oracle(batches, quant_for(INT4))
+    full, full_scored, _ = oracle(batches, quant_for(INT4), patience=20)
+    assert scored == [7] and full_scored == [20]
+    assert full[1][0] < stopped[1][0]  # the early stop changed the answer
+    for patience, expected in ((5, stopped), (20, full)):
+        cal = run(ShrinkMseCalibrator(INT4, PerTensor(), patience=patience), [x])
+        assert_equals_oracle(cal, INT4, PerTensor(), x.shape, expected)
+
+
+def test_search_runs_the_whole_grid_while_some_group_improves():
+    fmt, gran, shape, group = case_of("group-int4")
+    data = make_batches(shape, fmt, seed=4)
+    running, scored, _ = oracle([(group(x), x) for x in data], quant_for(fmt))
+    assert scored == [20, 20, 20]
+    assert_equals_oracle(run(ShrinkMseCalibrator(fmt, gran), data), fmt, gran, shape, running)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    errors=hnp.arrays(
+        np.int64, st.tuples(st.integers(1, 30), st.integers(1, 4)), elements=st.integers(0, 5)
+    ),
+    patience=st.integers(1, 8),
+)
+def test_vectorized_early_stop_is_the_sequential_search(errors, patience):
+    """The chunked search on given error matrices (small integers: many ties, stops anywhere)
+    picks the sequential winners and never scores a chunk past the sequential stop."""
+    count, num_groups = errors.shape
+    cal = ShrinkMseCalibrator(INT8, PerTensor(), maxshrink=1.0, grid=count, patience=patience)
+    starts = []
+
+    def given_errors(groups, lo, hi, p, scratch, previous):
+        begin = round((1 - p[0].item()) * count)
+        starts.append(begin)
+        return torch.from_numpy(errors[begin : begin + len(p)]).double(), None
+
+    cal._errors = given_errors
+    zeros = torch.zeros(num_groups)
+    best = cal._search(zeros[:, None], zeros, zeros)
+    expected, scored = sequential_search(errors.astype(F64), patience)
+    np.testing.assert_array_equal(best.numpy(), expected)
+    assert starts[-1] < scored and starts == list(range(0, starts[-1] + 1, patience + 1))
+
+
+def test_equal_block_scales_score_equal_across_chunks():
+    """A run of candidates with one FP8 block scale that crosses a chunk boundary takes the
+    error scored before the boundary (another tile shape could round the sum differently)."""
+    w = make_batches((8, 64), NVFP4, seed=6, count=1)[0]
+    cal = run(ShrinkMseCalibrator(NVFP4, PerBlock(-1, 16)), [w])
+    groups = PerBlock(-1, 16).groups(torch.from_numpy(w))
+    lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+    scratch = torch.empty(1 << 12), torch.empty(1 << 12, dtype=torch.float64)
+    shrink = cal.shrink
+    _, (params, last) = cal._errors(groups, lo, hi, shrink[:3], scratch, None)
+    _, (following, _) = cal._errors(groups, lo, hi, shrink[3:4], scratch, None)
+    same = (following == params).all(dim=0)
+    marked = (params, last + 1.0)  # a marker no scoring gives
+    again, _ = cal._errors(groups, lo, hi, shrink[3:6], scratch, marked)
+    fresh, _ = cal._errors(groups, lo, hi, shrink[3:6], scratch, None)
+    assert same.any() and not same.all()
+    assert torch.equal(again[0][same], last[same] + 1.0)
+    assert torch.equal(again[0][~same], fresh[0][~same])
+    assert torch.equal(fresh[0][same], last[same])  # here the sums agree anyway
+
+
+@pytest.mark.parametrize("patience", [1, 2, 3, 7])
+@pytest.mark.parametrize("case", ["tensor-int8", "g_idx-uint4", "block-fp8"])
+def test_early_stop_across_chunks_and_tiles(monkeypatch, case, patience):
+    """Candidate chunks of patience + 1 and tiles of a few columns: the sequential result."""
+    monkeypatch.setattr(shrink_mse, "CHUNK_ELEMENTS", 64)
+    fmt, gran, shape, group = case_of(case)
+    data = make_batches(shape, fmt, seed=patience)
+    options = dict(maxshrink=0.3, grid=50, norm=2.0, patience=patience)
+    cal = run(ShrinkMseCalibrator(fmt, gran, **options), data)
+    running, scored, _ = oracle([(group(x), x) for x in data], quant_for(fmt), **options)
+    assert_equals_oracle(cal, fmt, gran, shape, running)
+    if patience < 3:
+        assert min(scored) < 15
+
+
+def test_moving_average_over_four_batches():
+    fmt, gran, shape, group = case_of("group-uint4")
+    data = make_batches(shape, fmt, seed=9, count=4)
+    for constant in (0.01, 0.3, 1.0):
+        cal = ShrinkMseCalibrator(fmt, gran, averaging_constant=constant)
+        running, _, _ = oracle([(group(x), x) for x in data], quant_for(fmt), constant=constant)
+        assert_equals_oracle(run(cal, data), fmt, gran, shape, running)
+    last, _, _ = oracle([(group(x), x) for x in data[-1:]], quant_for(fmt))
+    assert_equals_oracle(cal, fmt, gran, shape, last)  # constant 1: the last batch only
+    first = run(ShrinkMseCalibrator(fmt, gran, averaging_constant=0.3), data[:1])
+    only_first, _, _ = oracle([(group(data[0]), data[0])], quant_for(fmt))
+    assert_equals_oracle(first, fmt, gran, shape, only_first)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    shape=st.sampled_from([(1, 9), (3, 17), (5, 4)]),
+    fmt=st.sampled_from([INT8, UINT8, INT4, FP8_E4M3]),
+    grid=st.integers(5, 60),
+    maxshrink=st.floats(0.05, 1.0),
+    patience=st.integers(1, 6),
+    norm=st.sampled_from([1.0, 2.0, 2.4, 3.5]),
+)
+def test_any_small_input_matches_the_oracle(seed, shape, fmt, grid, maxshrink, patience, norm):
+    if int(maxshrink * grid) < 1:
+        return
+    rng = np.random.default_rng(seed)
+    data = [(rng.standard_t(2.0, size=shape) * rng.uniform(0.01, 100)).astype(F32) for _ in "ab"]
+    options = dict(maxshrink=maxshrink, grid=grid, norm=norm, patience=patience)
+    cal = run(ShrinkMseCalibrator(fmt, PerAxis(0), **options), data)
+    running, _, _ = oracle([(x, x) for x in data], quant_for(fmt), **options)
+    assert_equals_oracle(cal, fmt, PerAxis(0), shape, running)
+
+
+def test_padding_zeros_dequantize_to_zero_in_asymmetric_formats():
+    """Partial blocks are padded with 0; with the range extended to include 0 and an integer
+    zero point, 0 comes back as exactly 0, so the padding adds no error."""
+    rng = np.random.default_rng(0)
+    amin = torch.from_numpy(-np.abs(rng.standard_t(2, 2000)).astype(F32) * rng.choice([0, 1], 2000))
+    amax = torch.from_numpy(
+        np.abs(rng.standard_t(2, 2000)).astype(F32) * 10.0 ** rng.integers(-8, 8, 2000)
+    )
+    for fmt in (UINT8, UINT4):
+        scale, zero_point = fmt.scale_zero_point(amin, amax)
+        assert torch.equal(fmt.fake_quant(torch.zeros(2000), scale, zero_point), torch.zeros(2000))
+
+
+def test_nonfinite_values_are_counted_and_left_out():
+    fmt, gran, shape, group = case_of("block-uint8")
+    data = make_batches(shape, fmt, seed=13)
+    data[0][0, 0, :3] = [np.nan, np.inf, -np.inf]
+    data[2][1, 19, 39] = np.nan
+    cal = run(ShrinkMseCalibrator(fmt, gran), data)
+    assert cal.nonfinite_count == 4
+    missing = [np.where(np.isfinite(x), x, np.nan).astype(F32) for x in data]
+    running, _, _ = oracle([(group(x), x) for x in missing], quant_for(fmt))
+    assert_equals_oracle(cal, fmt, gran, shape, running)
+    strict = ShrinkMseCalibrator(fmt, gran, nonfinite="error")
+    with pytest.raises(CalibrationError, match="non-finite"):
+        strict.collect(torch.from_numpy(data[0]))
+
+
+def test_empty_tensors_are_a_no_op():
+    cal = ShrinkMseCalibrator(INT8, PerToken())
+    cal.collect(torch.empty(0, 4))
+    assert cal.compute_amax() is None and cal.compute_range() is None
+    assert cal.compute_global_amax() is None and cal.state_dict() == {}
+    x = make_batches((3, 4), INT8, seed=1, count=1)[0]
+    cal.collect(torch.from_numpy(x))
+    state = cal.state_dict()
+    cal.collect(torch.empty(0, 4))
+    assert all(torch.equal(v, state[k]) for k, v in cal.state_dict().items())
+
+
+def test_merge_is_the_batch_weighted_mean_of_running_values():
+    fmt, gran, shape, _ = case_of("channel-int8")
+    data = make_batches(shape, fmt, seed=17)
+    first, second = (
+        run(ShrinkMseCalibrator(fmt, gran), data[:2]),
+        run(ShrinkMseCalibrator(fmt, gran), data[2:]),
+    )
+    assert set(first.state_dict()) == set(ShrinkMseCalibrator.merge_ops)
+    ran_first, _, _ = oracle([(x, x) for x in data[:2]], quant_for(fmt))
+    ran_second, _, _ = oracle([(x, x) for x in data[2:]], quant_for(fmt))
+    first.merge_(second.state_dict())
+    mean = [(2 * a + b) / 3 for a, b in zip(ran_first, ran_second, strict=True)]
+    assert_equals_oracle(first, fmt, gran, shape, mean)
+    assert (
+        first.state_dict()["batches"].item() == 3
+        and first.state_dict()["numel"].item() == 3 * 24 * 40
+    )
+    empty = ShrinkMseCalibrator(fmt, gran)
+    empty.merge_(first.state_dict())  # into an empty calibrator: the same state
+    assert all(
+        torch.equal(a, b) for a, b in zip(empty.compute_range(), first.compute_range(), strict=True)
+    )
+
+
+def test_merge_keeps_the_larger_abs_max_of_the_block_form():
+    small, large = make_batches((4, 32), NVFP4, seed=2, count=2)
+    a = run(ShrinkMseCalibrator(NVFP4, PerBlock(-1, 16)), [small])
+    b = run(ShrinkMseCalibrator(NVFP4, PerBlock(-1, 16)), [large * 3])
+    a.merge_(b.state_dict())
+    assert a.compute_global_amax().item() == np.abs(large * 3).max()
+
+
+def test_failed_merge_leaves_the_state_alone():
+    a = run(ShrinkMseCalibrator(INT8, PerAxis(0)), make_batches((4, 8), INT8, seed=3, count=2))
+    b = run(ShrinkMseCalibrator(INT8, PerAxis(0)), make_batches((5, 8), INT8, seed=3, count=1))
+    before = a.state_dict()
+    with pytest.raises(CalibrationError, match="cannot merge"):
+        a.merge_(b.state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in a.state_dict().items())
+    a.merge_({})
+    assert all(torch.equal(v, before[k]) for k, v in a.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("maxshrink", 0),
+        ("maxshrink", 1.5),
+        ("maxshrink", float("nan")),
+        ("maxshrink", "0.2"),
+        ("grid", 0),
+        ("grid", float("inf")),
+        ("grid", True),
+        ("norm", 0),
+        ("norm", -2.0),
+        ("patience", 0),
+        ("patience", 2.5),
+        ("patience", float("inf")),
+        ("averaging_constant", 0.0),
+        ("averaging_constant", 1.01),
+    ],
+)
+def test_bad_options_raise_naming_the_option(option, value):
+    with pytest.raises(CalibrationError, match=f"option {option} must be"):
+        ShrinkMseCalibrator(INT8, PerTensor(), **{option: value})
+
+
+def test_candidates_are_the_observer_grid():
+    assert torch.equal(shrink_factors(), 1 - torch.arange(20, dtype=torch.float64) / 100)
+    assert len(shrink_factors(1.0, 7)) == 7 and len(shrink_factors(0.29, 100)) == 28
+    with pytest.raises(CalibrationError, match="no candidate"):
+        shrink_factors(0.001, 100)
+    assert CALIBRATORS["shrink-mse"] is ShrinkMseCalibrator
+
+
+@pytest.mark.parametrize("gran", [PerAxis(0), PerBlock(-1, 32), PerTensorGroup(-1, 8), PerToken()])
+def test_nvfp4_needs_blocks_of_16(gran):
+    with pytest.raises(CalibrationError, match=r"PerBlock\(axis, 16\).*PerTensorGroup"):
+        ShrinkMseCalibrator(NVFP4, gran)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "activations"), [("int8", PerTensor()), ("nvfp4", PerTensorGroup(-1, 16))]
+)
+def test_calibrate_onnx_gives_the_calibrators_scales(tmp_path, fmt, activations):
+    """The MLP's input and weights: the pipeline's scales are those of a calibrator run by hand
+    on the same tensors, with the method options passed through."""
+    root = make_mlp(tmp_path, seq=False)
+    result = calibrate_onnx(
+        root / "mlp.onnx",
+        root / "data",
+        format=fmt,
+        method="shrink-mse",
+        weight_method="shrink-mse",
+        method_options={"maxshrink": 0.3, "patience": 3},
+        validate_batches=0,
+    )
+    assert all(
+        torch.isfinite(s.scale).all() and (s.scale > 0).all() for s in result.scales.values()
+    )
+    options = dict(maxshrink=0.3, patience=3)
+    cal = run(ShrinkMseCalibrator(get_format(fmt), activations, **options), mlp_batches(root))
+    assert torch.equal(result.scales["x"].amax, cal.compute_amax())
+    initializers = {t.name: t for t in onnx.load(str(root / "mlp.onnx")).graph.initializer}
+    for name in ("up.weight", "head.weight"):
+        s = result.scales[name]
+        weight = numpy_helper.to_array(initializers[name]).copy()
+        cal = run(ShrinkMseCalibrator(get_format(fmt), s.granularity, **options), [weight])
+        assert torch.equal(s.amax, cal.compute_amax())
+        if fmt == "nvfp4":
+            assert s.global_scale == NVFP4.global_scale(np.abs(weight).max())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", [*CASES, "nvfp4-tensor-group", "nvfp4-block"])
+def test_cuda_matches_the_float64_oracle(case):
+    if case.startswith("nvfp4-"):
+        fmt, shape = NVFP4, (12, 40)
+        data = make_batches(shape, fmt, seed=21)
+        gran, batches, make_quant = nvfp4_cases(case.removeprefix("nvfp4-"), data)
+    else:
+        fmt, gran, shape, group = case_of(case)
+        data = make_batches(shape, fmt, seed=zlib.crc32(case.encode()))
+        batches, make_quant = [(group(x), x) for x in data], quant_for(fmt)
+    cal = ShrinkMseCalibrator(fmt, gran)
+    for x in data:
+        cal.collect(torch.from_numpy(x).cuda())
+    assert cal.compute_amax().is_cuda
+    running, _, _ = oracle(batches, make_quant)
+    assert_equals_oracle(cal, fmt, gran, shape, running)
