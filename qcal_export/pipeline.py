@@ -189,6 +189,11 @@ def calibrate_onnx(
     if unknown:
         raise RecipeError(f"unknown option(s) {sorted(unknown)}; known: {list(RECIPE_OPTIONS)}")
     recipe = build_recipe(recipe, **options)
+    torch_only = [k for k in ("output", "module_types", "modules") if getattr(recipe, k)]
+    if torch_only:
+        log.warning(
+            "recipe fields %s apply to torch models only; the ONNX run ignores them", torch_only
+        )
     for path, what in ((output, "output model"), (scales, "scales file"), (report, "report")):
         if path is not None:
             check_writable(path, what)

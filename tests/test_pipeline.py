@@ -18,7 +18,7 @@ import torch
 from convgemm import ACTIVATIONS, BATCH, BATCHES, WEIGHTS, data_batches, op_counts, run_model
 from onnx import TensorProto, helper, numpy_helper
 
-from qcal_export import calibrate_onnx
+from qcal_export import Recipe, TensorSpec, calibrate_onnx
 from qcal_export.errors import DataError
 from qcal_export.formats import AMAX_FLOOR, get_format
 
@@ -111,6 +111,16 @@ def test_weights_mode_qdq_keeps_float_weights_with_a_q_dq_pair(workdir, tmp_path
     calibrate_onnx(workdir / "model.onnx", workdir / "data", output=quantized)
     x = data_batches(workdir)[1]
     assert np.allclose(run_model(out, x), run_model(quantized, x), rtol=0, atol=1e-6)
+
+
+def test_torch_only_recipe_fields_are_ignored_with_a_warning(workdir, caplog):
+    recipe = Recipe(output=TensorSpec(), modules=("head",))
+    with_torch_fields = calibrate_onnx(workdir / "model.onnx", workdir / "data", recipe=recipe)
+    plain = calibrate_onnx(workdir / "model.onnx", workdir / "data", recipe=Recipe())
+    assert "['output', 'modules'] apply to torch models only" in caplog.text
+    assert set(with_torch_fields.scales) == set(plain.scales)
+    for name, entry in plain.scales.items():
+        assert torch.equal(with_torch_fields.scales[name].scale, entry.scale)
 
 
 def test_exclude_leaves_matching_nodes_in_float(workdir, tmp_path):
