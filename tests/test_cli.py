@@ -24,7 +24,11 @@ from convgemm import ACTIVATIONS, BATCH, BATCHES, CPU, WEIGHTS, data_batches, op
 from onnx import TensorProto
 
 from qcal_export.artifacts.scales import load_scales
+from qcal_export.calibrators import EntropyCalibrator, PercentileCalibrator, ShrinkMseCalibrator
 from qcal_export.cli import main
+from qcal_export.formats import get_format
+from qcal_export.granularity import PerTensor
+from qcal_export.recipe import METHOD_OPTIONS
 
 
 def sha256(path: Path) -> str:
@@ -150,6 +154,32 @@ def test_calibrate_prints_tables_and_what_it_wrote(workdir, tmp_path, capsys, mo
     assert "conv.weight" in captured.out
     assert "Traceback" not in captured.err
     assert out.is_file()
+
+
+@pytest.mark.parametrize(
+    ("method", "weight_method", "options", "calibrator"),
+    [
+        ("percentile", "shrink-mse", {"percentile": 99.9, "grid": 50}, PercentileCalibrator),
+        ("entropy", "max", {"bins": 512, "quantized_bins": 64}, EntropyCalibrator),
+        ("shrink-mse", "shrink-mse", {"norm": 2.0, "patience": 3}, ShrinkMseCalibrator),
+    ],
+)
+def test_histogram_and_shrink_methods_from_the_command_line(
+    workdir, tmp_path, method, weight_method, options, calibrator
+):
+    scales = tmp_path / "s.safetensors"
+    argv = ["calibrate", str(workdir / "model.onnx"), "--data", str(workdir / "data")]
+    argv += ["--method", method, "--weight-method", weight_method, "--scales", str(scales)]
+    argv += [f"--option={k}={v}" for k, v in options.items()]
+    assert main(argv) == 0
+    found, _ = load_scales(scales)
+    taken = {k: v for k, v in options.items() if k in METHOD_OPTIONS[method]}
+    assert (found["x"].method, found["x"].options) == (method, taken)
+    assert found["conv.weight"].method == weight_method
+    cal = calibrator(get_format("int8"), PerTensor(), **taken)
+    for x in data_batches(workdir):
+        cal.collect(torch.from_numpy(x))
+    assert torch.equal(found["x"].amax, cal.compute_amax())
 
 
 def test_scales_in_reexport_gives_the_same_model_outputs(workdir, calibrated, tmp_path):
