@@ -60,10 +60,12 @@ def open_session(
     """An ORT session over ``model``, optionally exposing ``extra_outputs`` (name -> elem type).
 
     ``model`` is a proto or a file. The outputs are added to a proto only while it is
-    serialized; protos over 2 GB go through a temporary external-data file.
+    serialized; protos over 2 GB go through a temporary external-data file. Worker threads do
+    not spin-wait after a run: between runs the calibrators need the same cores.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if isinstance(model, Path):
         try:
             return ort.InferenceSession(str(model), options, providers=list(providers))
