@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import onnx
 import torch
@@ -24,11 +25,24 @@ from qcal_export.formats import AMAX_FLOOR, NVFP4, NVFP4Format, get_format
 from qcal_export.granularity import Granularity, PerBlock, PerTensor, PerTensorGroup
 from qcal_export.graphs.targets import ActivationPlan, Plan, WeightPlan
 from qcal_export.recipe import TensorSpec
+from qcal_export.resume import Progress, StateFile, Stateful, restore_all
 
 Collector = Callable[[torch.Tensor], None]
-CapturePass = Callable[[dict[str, list[Collector]], str], int]
-"""Streams the data once, calling every collector of a tensor with each captured value;
-returns the number of batches. The string labels the pass."""
+
+
+class CapturePass(Protocol):
+    """Streams the data once, calling every collector of a tensor with each captured value;
+    returns the number of batches. ``label`` names the pass; the first ``skip`` batches are
+    passed over (a resumed run holds them already); ``after_batch(done)`` follows each batch."""
+
+    def __call__(
+        self,
+        collectors: dict[str, list[Collector]],
+        label: str,
+        *,
+        skip: int = 0,
+        after_batch: Callable[[int], None] | None = None,
+    ) -> int: ...
 
 
 def make_calibrator(
@@ -82,8 +96,18 @@ class ActivationResult:
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def calibrate_activations(plan: Plan, capture: CapturePass, nonfinite: str) -> ActivationResult:
-    """Calibrate the planned activations (and accumulate the Hessians weights ask for)."""
+def calibrate_activations(
+    plan: Plan,
+    capture: CapturePass,
+    nonfinite: str,
+    state: StateFile | None = None,
+    resume: bool = False,
+) -> ActivationResult:
+    """Calibrate the planned activations (and accumulate the Hessians weights ask for).
+
+    ``state`` saves the calibrators every few batches; with ``resume`` the run continues from
+    what it saved, and the state file is removed once both passes are done.
+    """
     cals = {
         t: make_calibrator(a.spec, activation_granularity(a), nonfinite)
         for t, a in plan.activations.items()
@@ -95,18 +119,50 @@ def calibrate_activations(plan: Plan, capture: CapturePass, nonfinite: str) -> A
         collectors.setdefault(tensor, []).append(named_collector(tensor, cal.collect))
     for tensor, accumulator in hessians.items():
         collectors.setdefault(tensor, []).append(named_collector(tensor, accumulator.collect))
-    counts = [capture(collectors, "pass 1")] if collectors else []
+    firsts_state: dict[str, Stateful] = {f"first/{t}": c for t, c in firsts.items()}
+    firsts_state.update({f"hessian/{t}": h for t, h in hessians.items()})
+    progress = state.resume() if state is not None and resume else None
+    counts = [_first_pass(capture, collectors, firsts_state, state, progress)] if collectors else []
     second = second_pass(cals, firsts)
     if second:
-        counts.append(
-            capture({t: [named_collector(t, c.collect)] for t, c in second.items()}, "pass 2")
-        )
+        seconds_state = {f"second/{t}": c for t, c in second.items()}
+        skip = 0
+        if progress is not None and progress.pass_number == 2 and progress.batches:
+            restore_all(seconds_state, progress.snapshots)
+            skip = progress.batches
+        collectors = {t: [named_collector(t, c.collect)] for t, c in second.items()}
+        saver = state.saver(2, seconds_state) if state is not None else None
+        counts.append(capture(collectors, "pass 2", skip=skip, after_batch=saver))
+    if state is not None:
+        state.finish()
     scales = {
         t: tensor_scales(t, "activation", plan.activations[t].spec, cal, PerTensor())
         for t, cal in cals.items()
     }
     found = {t: h.hessian for t, h in hessians.items() if h.hessian is not None}
     return ActivationResult(scales, counts, found)
+
+
+def _first_pass(
+    capture: CapturePass,
+    collectors: dict[str, list[Collector]],
+    objects: dict[str, Stateful],
+    state: StateFile | None,
+    progress: Progress | None,
+) -> int:
+    """Run (or resume, or restore a finished) first pass; returns its number of batches."""
+    if progress is not None and progress.pass_number == 2:
+        restore_all(objects, progress.first_pass)
+        return progress.first_pass_batches
+    skip = 0
+    if progress is not None:
+        restore_all(objects, progress.snapshots)
+        skip = progress.batches
+    saver = state.saver(1, objects) if state is not None else None
+    count = capture(collectors, "pass 1", skip=skip, after_batch=saver)
+    if state is not None:
+        state.end_first_pass(objects, count)
+    return count
 
 
 def named_collector(tensor: str, collect: Collector) -> Collector:
@@ -117,7 +173,10 @@ def named_collector(tensor: str, collect: Collector) -> Collector:
         try:
             collect(value)
         except CalibrationError as e:
-            raise DataError(f"activation {tensor!r}: {e}") from None
+            raise DataError(
+                f"activation {tensor!r}: {e}; fix the data or the model, or count and skip "
+                "them with --nonfinite skip (nonfinite='skip')"
+            ) from None
 
     return run
 

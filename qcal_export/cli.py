@@ -33,7 +33,11 @@ def progress_bar(total: int | None) -> Callable[[str], object]:
         ]
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task(label, total=total)
-            yield lambda: progress.advance(task)
+            try:
+                yield lambda: progress.advance(task)
+            except BaseException:
+                progress.live.transient = True  # a failed pass leaves the error line alone
+                raise
 
     return bar
 
@@ -68,6 +72,13 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--scales-in", help="re-export from a saved scales file, no calibration")
     p.add_argument("--validate-batches", type=int, default=4, help="batches for the error check")
+    p.add_argument(
+        "--state", help="file where calibrator state is saved every --state-every batches"
+    )
+    p.add_argument("--state-every", type=int, default=100, metavar="N", help="default 100")
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from its --state file"
+    )
     p.set_defaults(run=cmd_calibrate)
 
 
@@ -172,6 +183,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         provider=args.provider,
         scales_in=args.scales_in,
         validate_batches=args.validate_batches,
+        state=args.state,
+        state_every=args.state_every,
+        resume=args.resume,
         progress=progress_bar(args.batches),
     )
     print_summary(result.report)
@@ -207,7 +221,7 @@ def print_summary(report: dict) -> None:
     opset = report["opset"]
     if opset["from"] != opset["to"]:
         out.print(f"opset raised from {opset['from']} to {opset['to']} for the chosen formats")
-    for note in report["export_notes"]:
+    for note in [*report.get("plan_notes", []), *report["export_notes"]]:
         out.print(f"note: {escape(note)}")
     for key in ("output_model", "scales_file"):
         if report.get(key):

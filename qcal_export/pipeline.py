@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -28,10 +29,11 @@ from qcal_export.capture.data import DataSource, open_data
 from qcal_export.capture.onnxruntime import OrtCapture, open_session, select_providers
 from qcal_export.errors import DataError, RecipeError
 from qcal_export.graphs.export import check_scales_match, export_qdq
-from qcal_export.graphs.model_io import LoadedModel, load_model, save_model
+from qcal_export.graphs.model_io import LoadedModel, check_opset, load_model, save_model
 from qcal_export.graphs.targets import Plan, find_targets, name_nodes, tensor_types
 from qcal_export.graphs.validate import check_model, compare_outputs, reference_runner
 from qcal_export.recipe import METHOD_OPTIONS, WEIGHT_ONLY_FORMATS, Recipe, TensorSpec
+from qcal_export.resume import StateFile
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +176,9 @@ def calibrate_onnx(
     checkpoint: str | Path | None = None,
     checkpoint_layouts: tuple[str, ...] = ("modelopt",),
     progress: ProgressFactory | None = None,
+    state: str | Path | None = None,
+    state_every: int = 100,
+    resume: bool = False,
     **options: Any,
 ) -> CalibrationResult:
     """Calibrate ``model`` on ``data`` and write the QDQ model, scales and report asked for.
@@ -183,6 +188,9 @@ def calibrate_onnx(
     (``data`` then only serves validation). ``options`` build the recipe when none is given
     (``format``, ``method``, ``weight_method``, ``block_size``, ... : see ``build_recipe``).
     ``checkpoint``: a directory for NVFP4 serving checkpoints, one subdirectory per layout.
+    ``state``: a file where calibrator state is saved every ``state_every`` batches; with
+    ``resume`` a run continues from it (same model, recipe and data order) and gives the scales
+    of an uninterrupted run. It is removed when calibration completes.
     The input model file is never written.
     """
     unknown = set(options) - set(RECIPE_OPTIONS)
@@ -200,8 +208,14 @@ def calibrate_onnx(
     if checkpoint is not None:
         check_checkpoint_dir(checkpoint, checkpoint_layouts)
     run = _plan(model, recipe, data, batch_size, provider)
+    if state is not None:
+        identity = {"model_sha256": run.loaded.sha256, "recipe": recipe.to_dict()}
+        identity.update(max_batches=max_batches, batch_size=batch_size)
+        run.state = StateFile(state, identity, every=state_every)
+    elif resume:
+        raise RecipeError("resume needs the state file to resume from: pass state=PATH (--state)")
     with _timed(run, "calibrate_s"):
-        found = _scales(run, scales_in, max_batches, progress)
+        found = _scales(run, scales_in, max_batches, progress, resume)
     run.weight_errors = relative_weight_errors(run.loaded.proto, found.values())
     result = CalibrationResult(scales=found, report={}, timings=run.timings)
     if checkpoint is not None:
@@ -246,6 +260,7 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)
     weight_errors: dict[str, float] = field(default_factory=dict)
     validator: str = ""
+    state: StateFile | None = None
 
 
 @contextmanager
@@ -260,9 +275,13 @@ def _plan(
 ) -> Run:
     """Load and check the model, plan its targets, open the data; nothing runs yet."""
     loaded = load_model(model)
+    check_opset(loaded.proto, str(loaded.path))
     check_model(loaded.proto, str(loaded.path), full=False)
     name_nodes(loaded.proto)
     plan = find_targets(loaded.proto, recipe)
+    plan.notes += unmatched_patterns(loaded.proto, recipe, str(loaded.path))
+    for note in plan.notes:
+        log.warning("%s", note)
     if not plan.activations and not plan.weights:
         raise RecipeError(
             f"{loaded.path}: no node of types {list(recipe.op_types)} left to quantize "
@@ -272,11 +291,31 @@ def _plan(
     return Run(loaded, plan, recipe, source, select_providers(provider))
 
 
+def unmatched_patterns(model: onnx.ModelProto, recipe: Recipe, name: str) -> list[str]:
+    """Notes on exclude / override node patterns with wildcards that match no node of the main
+    graph; RecipeError for a plain node name that matches none (a typo, or another model)."""
+    nodes = [n.name for n in model.graph.node]
+    patterns = [("exclude", p) for p in recipe.exclude_nodes]
+    patterns += [(f"overrides[{i}]", o.nodes) for i, o in enumerate(recipe.overrides)]
+    notes = []
+    for where, pattern in patterns:
+        if any(fnmatch.fnmatchcase(node, pattern) for node in nodes):
+            continue
+        if not any(c in pattern for c in "*?["):
+            raise RecipeError(
+                f"{where} names node {pattern!r}, which {name} does not have: check the name "
+                "(`qcal inspect MODEL` lists the quantizable nodes) or use a pattern"
+            )
+        notes.append(f"{where} pattern {pattern!r} matches no node of {name}")
+    return notes
+
+
 def _scales(
     run: Run,
     scales_in: str | Path | None,
     max_batches: int | None,
     progress: ProgressFactory | None,
+    resume: bool,
 ) -> dict[str, TensorScales]:
     """Scales for every planned tensor: read from ``scales_in`` or calibrated now."""
     if scales_in is not None:
@@ -291,8 +330,9 @@ def _scales(
     if run.source is None and (run.plan.activations or hessians):
         raise DataError("calibration needs data: pass --data (or scales_in to reuse saved scales)")
     found: dict[str, TensorScales] = {}
+    capture = _capture_pass(run, max_batches, progress)
     activations = calibrate_activations(
-        run.plan, _capture_pass(run, max_batches, progress), run.recipe.nonfinite
+        run.plan, capture, run.recipe.nonfinite, state=run.state, resume=resume
     )
     run.batches_per_pass = activations.batches_per_pass
     found.update(
@@ -306,7 +346,13 @@ def _capture_pass(run: Run, max_batches: int | None, progress: ProgressFactory |
     """A CapturePass over the run's data with one ORT session, opened on first use."""
     sessions: list[OrtCapture] = []
 
-    def capture(collectors: dict[str, list[Collector]], label: str) -> int:
+    def capture(
+        collectors: dict[str, list[Collector]],
+        label: str,
+        *,
+        skip: int = 0,
+        after_batch: Callable[[int], None] | None = None,
+    ) -> int:
         if not sessions:
             types = tensor_types(run.loaded.proto)
             wanted = {t: types[t] for t in [*run.plan.activations, *hessian_inputs(run.plan)]}
@@ -327,6 +373,8 @@ def _capture_pass(run: Run, max_batches: int | None, progress: ProgressFactory |
                 tensors=list(collectors),
                 max_batches=max_batches,
                 on_batch=on_batch,
+                skip=skip,
+                after_batch=after_batch,
             )
 
     return capture

@@ -56,6 +56,8 @@ def build_report(
         "opset": {"from": exported.opset_from, "to": exported.opset_to},
         "quantized_nodes": run.plan.nodes,
         "excluded_nodes": run.plan.excluded,
+        "float_subgraph_nodes": run.plan.float_subgraph_nodes,
+        "plan_notes": run.plan.notes,
         "tensors": [tensor_row(s, run.weight_errors) for s in scales.values()],
         "export_notes": exported.notes,
         "validator": run.validator or None,

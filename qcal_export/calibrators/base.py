@@ -110,6 +110,15 @@ class Calibrator(ABC):
         """Tensors that merge elementwise by ``merge_ops``; empty when nothing was collected."""
         return {k: v.clone() for k, v in self._state.items()}
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """The raw state on the CPU, for resumable runs: ``restore`` gives this calibrator back
+        exactly (``state_dict`` is for merging, which may transform it)."""
+        return {k: v.detach().cpu().clone() for k, v in self._state.items()}
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Replace the state with a ``snapshot`` of a calibrator built the same way."""
+        self._state = {k: v.clone() for k, v in snapshot.items()}
+
     def merge_(self, state: dict[str, torch.Tensor]) -> None:
         """Fold another calibrator's ``state_dict`` into this one (same format and shapes)."""
         if not state:

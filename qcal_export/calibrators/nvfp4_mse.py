@@ -149,6 +149,13 @@ class BlockHessian:
         self.block_size = block_size
         self.hessian: torch.Tensor | None = None
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """The accumulated ``H`` for resumable runs (empty before the first collect)."""
+        return {} if self.hessian is None else {"hessian": self.hessian.cpu().clone()}
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        self.hessian = snapshot["hessian"].clone() if snapshot else None
+
     def collect(self, x: torch.Tensor) -> None:
         if x.numel() == 0:
             return

@@ -126,8 +126,14 @@ class OrtCapture:
         tensors: Sequence[str] | None = None,
         max_batches: int | None = None,
         on_batch: Callable[[], None] | None = None,
+        skip: int = 0,
+        after_batch: Callable[[int], None] | None = None,
     ) -> int:
-        """Stream one pass over ``source``; returns the number of batches."""
+        """Stream one pass over ``source``; returns the number of batches.
+
+        The first ``skip`` batches are counted but not run (a resumed calibration holds them);
+        ``after_batch(count)`` follows every batch that ran.
+        """
         wanted = set(self.fed + self.fetched) if tensors is None else set(tensors)
         fetched = [t for t in self.fetched if t in wanted]
         fed = [t for t in self.fed if t in wanted]
@@ -135,6 +141,9 @@ class OrtCapture:
         for index, item in enumerate(source.batches()):
             if max_batches is not None and index >= max_batches:
                 break
+            if index < skip:
+                count += 1
+                continue
             feed = as_feed(item, self.inputs, index)
             try:
                 values = self._session.run(fetched, feed) if fetched else []
@@ -148,6 +157,13 @@ class OrtCapture:
             count += 1
             if on_batch is not None:
                 on_batch()
+            if after_batch is not None:
+                after_batch(count)
         if count == 0:
             raise DataError(f"calibration data {source.description} yielded no batch")
+        if count < skip:
+            raise DataError(
+                f"the resumed state has {skip} batches of this pass done, but calibration data "
+                f"{source.description} has only {count}: resume with the same data"
+            )
         return count

@@ -39,6 +39,27 @@ def default_opset(model: onnx.ModelProto) -> int:
     raise ModelError(f"model {model.graph.name!r} imports no default-domain opset")
 
 
+MIN_OPSET = 7
+"""The oldest default-domain opset ONNX Runtime (which captures the activations) loads."""
+
+
+def check_opset(model: onnx.ModelProto, name: str) -> int:
+    """The model's default-domain opset; ModelError if ONNX Runtime or onnx cannot take it."""
+    opset = default_opset(model)
+    newest = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET:
+        raise ModelError(
+            f"{name} uses opset {opset}, older than {MIN_OPSET}, the oldest ONNX Runtime "
+            "loads: re-export it at a newer opset (or onnx.version_converter.convert_version)"
+        )
+    if opset > newest:
+        raise ModelError(
+            f"{name} uses opset {opset}, newer than {newest}, the newest this onnx "
+            f"({onnx.__version__}) knows: upgrade onnx and onnxruntime, or re-export the model"
+        )
+    return opset
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

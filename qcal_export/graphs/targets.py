@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import TensorProto, helper
 
-from qcal_export.errors import RecipeError
+from qcal_export.errors import ModelError, RecipeError
 from qcal_export.formats import get_format
 from qcal_export.granularity import Granularity, PerAxis, PerBlock, PerTensor
 from qcal_export.recipe import Recipe, TensorSpec
@@ -78,12 +78,19 @@ class WeightPlan:
 
 @dataclass
 class Plan:
-    """Everything one calibration quantizes, keyed by tensor name."""
+    """Everything one calibration quantizes, keyed by tensor name.
+
+    ``float_subgraph_nodes``: nodes of a quantized op type inside subgraphs (If, Loop, Scan
+    bodies), named ``<owner node>/<attribute>/<node>``; they are left in float. ``notes`` say
+    what the plan left out and why, for the report.
+    """
 
     activations: dict[str, ActivationPlan]
     weights: dict[str, WeightPlan]
     nodes: list[str]
     excluded: list[str]
+    float_subgraph_nodes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _attr(node: onnx.NodeProto, name: str) -> int:
@@ -180,10 +187,15 @@ def find_targets(model: onnx.ModelProto, recipe: Recipe) -> Plan:
     infos = tensor_infos(model)
     quantized = [n.name for n in graph.node if n.op_type in QUANTIZED_OPS]
     if quantized:
-        raise RecipeError(
+        raise ModelError(
             f"model is already quantized (nodes {quantized[:3]}...): calibrate the float model"
         )
-    plan = Plan({}, {}, [], [])
+    plan = Plan({}, {}, [], [], subgraph_nodes(graph, set(recipe.op_types)))
+    if plan.float_subgraph_nodes:
+        plan.notes.append(
+            f"{len(plan.float_subgraph_nodes)} node(s) inside subgraphs (If/Loop/Scan bodies) "
+            f"left in float: {plan.float_subgraph_nodes}; only the main graph is quantized"
+        )
     for node in graph.node:
         if node.op_type not in recipe.op_types:
             continue
@@ -209,6 +221,23 @@ def find_targets(model: onnx.ModelProto, recipe: Recipe) -> Plan:
         if added:
             plan.nodes.append(node.name)
     return plan
+
+
+def subgraph_nodes(graph: onnx.GraphProto, op_types: set[str], prefix: str = "") -> list[str]:
+    """Nodes of ``op_types`` inside the subgraphs of ``graph``'s nodes, at any depth, named
+    ``<owner node>/<attribute>/<node or OpType_index>``."""
+    found = []
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else attr.graphs:
+                where = f"{prefix}{node.name or node.op_type}/{attr.name}/"
+                found += [
+                    f"{where}{n.name or f'{n.op_type}_{i}'}"
+                    for i, n in enumerate(sub.node)
+                    if n.op_type in op_types
+                ]
+                found += subgraph_nodes(sub, op_types, where)
+    return found
 
 
 def _is_activation_input(node: onnx.NodeProto, index: int) -> bool:

@@ -30,8 +30,11 @@ def check_model(model: onnx.ModelProto, name: str, *, full: bool) -> None:
     try:
         onnx.checker.check_model(model, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise ModelError(f"{name} fails onnx's checker: {first}") from None
+        reason = " ".join(str(e).split())
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        raise ModelError(
+            f"{name} fails onnx's checker: {reason} (fix or re-export the model)"
+        ) from None
 
 
 @dataclass

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qcal_export.errors import RecipeError
+from qcal_export.errors import ModelError, RecipeError
 from qcal_export.graphs.inspect import quantizable_nodes
 from qcal_export.graphs.targets import Use, find_targets, name_nodes
 from qcal_export.recipe import Override, Recipe, TensorSpec
@@ -320,7 +320,7 @@ def test_already_quantized_model_raises():
         {"y": (FLOAT, ["b", 3])},
         [*scale_zp, weight("w", (4, 3))],
     )
-    with pytest.raises(RecipeError, match="already quantized") as e:
+    with pytest.raises(ModelError, match="already quantized") as e:
         find_targets(dq, Recipe())
     assert "already_dq" in str(e.value)
 
@@ -333,7 +333,7 @@ def test_already_quantized_model_raises():
         {"yq": (TensorProto.UINT8, ["b", 3])},
         [*scale_zp, weight("w", (4, 3))],
     )
-    with pytest.raises(RecipeError, match="already quantized") as e:
+    with pytest.raises(ModelError, match="already quantized") as e:
         find_targets(q, Recipe())
     assert "already_q" in str(e.value)
 

@@ -1,0 +1,136 @@
+"""Resumable calibration: calibrator state saved every N batches, and a run that continues it.
+
+The state file (``torch.save``, written atomically) holds the pass and the batches done in it,
+every calibrator's raw ``snapshot`` for that pass (and the first pass's, once in the second),
+and what the run was started with: the model's sha256, the recipe and the batch limit. A resumed
+run checks those, restores the calibrators, skips the batches already seen and goes on, so its
+scales equal those of a run that was never interrupted (the data must come in the same order).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from qcal_export.atomic import atomic_path, check_writable
+from qcal_export.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "qcal_export.state/1"
+
+
+class Stateful(Protocol):
+    def snapshot(self) -> dict[str, torch.Tensor]: ...
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a saved run stopped: ``batches`` done in pass ``pass_number`` (1 or 2)."""
+
+    pass_number: int
+    batches: int
+    snapshots: dict[str, dict[str, torch.Tensor]]
+    first_pass: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    first_pass_batches: int = 0
+
+
+class StateFile:
+    """Saves calibrator state to ``path`` every ``every`` batches; ``resume`` reads it back.
+
+    ``identity`` (model checksum, recipe, batch limit) must match for a resume: a state saved
+    for another model or recipe is refused with the difference named.
+    """
+
+    def __init__(self, path: str | Path, identity: Mapping[str, Any], *, every: int = 100):
+        if not isinstance(every, int) or every < 1:
+            raise DataError(f"state_every must be a positive number of batches, not {every!r}")
+        self.path = check_writable(path, "state file")
+        self.identity = json.loads(json.dumps(identity, default=str))
+        self.every = every
+        self._first_pass: dict[str, dict[str, torch.Tensor]] = {}
+        self._first_pass_batches = 0
+
+    def resume(self) -> Progress | None:
+        """The saved progress, or None (and a log line) when there is no state file yet."""
+        if not self.path.exists():
+            log.info("no state file %s: starting from the first batch", self.path)
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DataError(f"state file {self.path} cannot be read ({e}): delete it") from None
+        if not isinstance(saved, dict) or saved.get("schema") != SCHEMA:
+            raise DataError(f"state file {self.path} is not a {SCHEMA} file: delete it")
+        for key, value in self.identity.items():
+            if saved["identity"].get(key) != value:
+                raise DataError(
+                    f"state file {self.path} was saved with another {key} than this run's: "
+                    "resume with the same model, recipe and options, or delete it"
+                )
+        progress = Progress(
+            saved["pass"],
+            saved["batches"],
+            saved["snapshots"],
+            saved["first_pass"],
+            saved["first_pass_batches"],
+        )
+        self._first_pass = progress.first_pass
+        self._first_pass_batches = progress.first_pass_batches
+        log.info("resuming pass %d after batch %d", progress.pass_number, progress.batches)
+        return progress
+
+    def saver(self, pass_number: int, objects: Mapping[str, Stateful]) -> Any:
+        """A callback for each finished batch of a pass: saves every ``every`` batches."""
+
+        def after_batch(batches: int) -> None:
+            if batches % self.every == 0:
+                self.save(pass_number, batches, objects)
+
+        return after_batch
+
+    def end_first_pass(self, objects: Mapping[str, Stateful], batches: int) -> None:
+        """Keep the first pass's final state; the second pass's saves carry it."""
+        self._first_pass = _snapshots(objects)
+        self._first_pass_batches = batches
+        self.save(2, 0, {})
+
+    def save(self, pass_number: int, batches: int, objects: Mapping[str, Stateful]) -> None:
+        state = {
+            "schema": SCHEMA,
+            "identity": self.identity,
+            "pass": pass_number,
+            "batches": batches,
+            "snapshots": _snapshots(objects),
+            "first_pass": self._first_pass if pass_number == 2 else {},
+            "first_pass_batches": self._first_pass_batches,
+        }
+        with atomic_path(self.path, "state file") as tmp:
+            torch.save(state, tmp)
+
+    def finish(self) -> None:
+        """The run completed: the state file is no longer needed."""
+        self.path.unlink(missing_ok=True)
+
+
+def _snapshots(objects: Mapping[str, Stateful]) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: obj.snapshot() for name, obj in objects.items()}
+
+
+def restore_all(objects: Mapping[str, Stateful], snapshots: Mapping[str, dict]) -> None:
+    """Restore each object from its snapshot; DataError if the saved run had other tensors."""
+    if set(snapshots) != set(objects):
+        raise DataError(
+            f"the state file holds tensors {sorted(set(snapshots) - set(objects))[:3]} this run "
+            f"does not, or lacks {sorted(set(objects) - set(snapshots))[:3]}: delete it"
+        )
+    for name, obj in objects.items():
+        obj.restore(snapshots[name])
