@@ -136,10 +136,15 @@ class MseCalibrator(Calibrator):
         return {"amin0": amin0, "amax0": amax0, "losses": losses}
 
     def _candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidate (min, max) per candidate and group, each ``[K, G]`` float32."""
+        """Candidate (min, max) per candidate and group, each ``[K, G]`` float32.
+
+        Clamped to float32's range: an overflowing candidate (amax0 near 3.4e38) would give an
+        infinite scale, a NaN loss and an infinite amax; clamped, it ties with the largest.
+        """
         m = self.multipliers.to(self._state["amax0"].device)[:, None]
-        amin = (self._state["amin0"].double()[None] * m).float()
-        amax = (self._state["amax0"].double()[None] * m).float()
+        limit = torch.finfo(torch.float32).max
+        amin = (self._state["amin0"].double()[None] * m).clamp(-limit, limit).float()
+        amax = (self._state["amax0"].double()[None] * m).clamp(-limit, limit).float()
         return amin, amax
 
     def _update(self, x: torch.Tensor, groups: torch.Tensor) -> None:

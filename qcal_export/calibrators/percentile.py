@@ -26,7 +26,8 @@ class PercentileCalibrator(HistogramCalibrator):
     fraction reaches ``percentile / 100``. Asymmetric formats: with ``cut = (100 - percentile)
     / 200``, min is the lower edge of the first signed bin whose cumulative fraction reaches
     ``cut`` and max the upper edge of the first that reaches ``1 - cut``. Both are clamped to
-    the observed range, so ``percentile=100`` gives the max calibrator's range.
+    the observed range, which holds 0 (as the asymmetric formats' ranges do), so
+    ``percentile=100`` gives the max calibrator's range.
 
     ONNX Runtime returns the lower edge of that bin, ours the upper edge (the whole bin is kept):
     on the same histogram they differ by one bin. ORT's ``num_bins`` span ``[min|x|, max|x|]``,
@@ -61,7 +62,8 @@ class PercentileCalibrator(HistogramCalibrator):
         cut = (100 - self.percentile) / 200
         lower = (first_reaching(hist, cut) - bins) * width
         upper = (first_reaching(hist, 1 - cut) - bins + 1) * width
-        return lower.clamp(amin, amax).float(), upper.clamp(amin, amax).float()
+        zero = torch.zeros_like(amin)  # the range holds 0, as the asymmetric formats' does
+        return lower.clamp(amin, zero).float(), upper.clamp(zero, amax).float()
 
 
 def first_reaching(counts: torch.Tensor, fraction: float) -> torch.Tensor:

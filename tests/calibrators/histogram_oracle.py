@@ -117,7 +117,7 @@ def percentile_range(counts, width, amin, amax, percentile, symmetric):
     cut = (100 - percentile) / 200
     lower = (first_bin_reaching(counts, cut) - bins) * width
     upper = (first_bin_reaching(counts, 1 - cut) - bins + 1) * width
-    return min(max(lower, amin), amax), min(max(upper, amin), amax)
+    return min(max(lower, amin), 0.0), max(min(upper, amax), 0.0)
 
 
 # entropy ------------------------------------------------------------------------------------
