@@ -18,7 +18,7 @@ from onnx import helper
 
 from qcal_export.capture.data import DataSource, InputSpec, as_feed, model_inputs
 from qcal_export.errors import DataError, ModelError
-from qcal_export.graphs.model_io import PROTOBUF_LIMIT
+from qcal_export.graphs.model_io import over_protobuf_limit
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def open_session(
             raise ModelError(f"ONNX Runtime cannot load {name}: {e}") from None
     added = _append_outputs(model, extra_outputs or {})
     try:
-        if model.ByteSize() <= PROTOBUF_LIMIT:
+        if not over_protobuf_limit(model):
             return ort.InferenceSession(
                 model.SerializeToString(), options, providers=list(providers)
             )

@@ -9,13 +9,43 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
+from onnx import helper
 
 from qcal_export.atomic import atomic_dir, check_writable
 from qcal_export.errors import ModelError, OutputError
 
 PROTOBUF_LIMIT = 2**31 - 1
 """A serialized ModelProto cannot exceed 2 GB: larger models must keep external data."""
+
+
+def inference_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` itself, or past 2 GB a copy for shape inference: main-graph initializers over
+    1 MiB become graph inputs of their type and shape (inference reads no weight values)."""
+    if not over_protobuf_limit(model):
+        return model
+    graph = onnx.GraphProto(name=model.graph.name)
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    for init in model.graph.initializer:
+        if len(init.raw_data) > 1 << 20:
+            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+        else:
+            graph.initializer.append(init)
+    view = helper.make_model(graph, opset_imports=model.opset_import)
+    view.ir_version = model.ir_version
+    view.functions.extend(model.functions)
+    return view
+
+
+def over_protobuf_limit(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` serializes past 2 GB (protobuf cannot even size such a message)."""
+    try:
+        return model.ByteSize() > PROTOBUF_LIMIT
+    except EncodeError:
+        return True
 
 
 @dataclass
@@ -95,7 +125,7 @@ def save_model(model: onnx.ModelProto, path: str | Path, *, external_data: bool)
     a reader never sees a model whose data file is missing or torn; ``model`` is left as given.
     """
     path = check_writable(path, "output model")
-    external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT
+    external_data = external_data or over_protobuf_limit(model)
     with atomic_dir(path.parent) as tmp:
         staged = tmp / path.name
         data_name = f"{path.name}.data"
@@ -114,6 +144,8 @@ def save_model(model: onnx.ModelProto, path: str | Path, *, external_data: bool)
                 for tensor in _tensors(model.graph):
                     tensor.ClearField("data_location")
             if (tmp / data_name).exists():
+                # onnx creates the data file 0600; give it the model file's (umask) mode
+                os.chmod(tmp / data_name, staged.stat().st_mode & 0o777)
                 os.replace(tmp / data_name, path.parent / data_name)
             os.replace(staged, path)
         except OSError as e:

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 from qcal_export.errors import ModelError, RecipeError
 from qcal_export.formats import get_format
 from qcal_export.granularity import Granularity, PerAxis, PerBlock, PerTensor
+from qcal_export.graphs.model_io import inference_view
 from qcal_export.recipe import Recipe, TensorSpec
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -161,7 +162,7 @@ def tensor_infos(model: onnx.ModelProto) -> dict[str, tuple[int, Shape | None]]:
     """Element type and shape (None for a symbolic dim; None if the rank is unknown) of every
     tensor whose type is known after shape inference."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(inference_view(model), strict_mode=False)
     except (onnx.shape_inference.InferenceError, ValueError):
         inferred = model
     graph = inferred.graph

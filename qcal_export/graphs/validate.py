@@ -19,13 +19,13 @@ from qcal_export.capture.onnxruntime import open_session
 from qcal_export.errors import ModelError
 from qcal_export.formats import NVFP4
 from qcal_export.granularity import PerBlock
-from qcal_export.graphs.model_io import PROTOBUF_LIMIT
+from qcal_export.graphs.model_io import over_protobuf_limit
 from qcal_export.graphs.nvfp4 import TRT_DOMAIN
 
 
 def check_model(model: onnx.ModelProto, name: str, *, full: bool) -> None:
     """Run onnx's checker (with shape inference when ``full``); ModelError names the model."""
-    if model.ByteSize() > PROTOBUF_LIMIT:
+    if over_protobuf_limit(model):
         return
     try:
         onnx.checker.check_model(model, full_check=full)

@@ -177,6 +177,8 @@ def test_save_model_with_external_data_writes_name_dot_data(tmp_path):
         if t.data_location == TensorProto.EXTERNAL
     }
     assert locations.get("w") == "out.onnx.data"  # relative, beside the model
+    data_mode = (tmp_path / "out.onnx.data").stat().st_mode & 0o777
+    assert data_mode == path.stat().st_mode & 0o777  # readable as the model is, not 0600
     loaded = load_model(path)
     assert loaded.external_data is True
     assert_same_weights(loaded.proto, make_model())
