@@ -276,7 +276,7 @@ def _plan(
     """Load and check the model, plan its targets, open the data; nothing runs yet."""
     loaded = load_model(model)
     check_opset(loaded.proto, str(loaded.path))
-    check_model(loaded.proto, str(loaded.path), full=False)
+    check_model(loaded.proto, str(loaded.path), full=False, path=loaded.path)
     name_nodes(loaded.proto)
     plan = find_targets(loaded.proto, recipe)
     plan.notes += unmatched_patterns(loaded.proto, recipe, str(loaded.path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,16 +20,21 @@ from qcal_export.capture.onnxruntime import open_session
 from qcal_export.errors import ModelError
 from qcal_export.formats import NVFP4
 from qcal_export.granularity import PerBlock
-from qcal_export.graphs.model_io import over_protobuf_limit
+from qcal_export.graphs.model_io import inference_view, over_protobuf_limit
 from qcal_export.graphs.nvfp4 import TRT_DOMAIN
 
 
-def check_model(model: onnx.ModelProto, name: str, *, full: bool) -> None:
-    """Run onnx's checker (with shape inference when ``full``); ModelError names the model."""
+def check_model(model: onnx.ModelProto, name: str, *, full: bool, path: Path | None = None) -> None:
+    """Run onnx's checker (with shape inference when ``full``); ModelError names the model.
+
+    A model past 2 GB is checked from its file ``path`` (the checker reads its external data
+    there); without one, only its graph is checked, on a weightless view.
+    """
+    target: onnx.ModelProto | str = model
     if over_protobuf_limit(model):
-        return
+        target = str(path) if path is not None else inference_view(model)
     try:
-        onnx.checker.check_model(model, full_check=full)
+        onnx.checker.check_model(target, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         reason = " ".join(str(e).split())
         reason = reason if len(reason) <= 300 else reason[:297] + "..."
