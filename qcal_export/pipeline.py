@@ -193,10 +193,7 @@ def calibrate_onnx(
     of an uninterrupted run. It is removed when calibration completes.
     The input model file is never written.
     """
-    unknown = set(options) - set(RECIPE_OPTIONS)
-    if unknown:
-        raise RecipeError(f"unknown option(s) {sorted(unknown)}; known: {list(RECIPE_OPTIONS)}")
-    recipe = build_recipe(recipe, **options)
+    recipe = recipe_from_options(recipe, options)
     torch_only = [k for k in ("output", "module_types", "modules") if getattr(recipe, k)]
     if torch_only:
         log.warning(
@@ -209,9 +206,7 @@ def calibrate_onnx(
         check_checkpoint_dir(checkpoint, checkpoint_layouts)
     run = _plan(model, recipe, data, batch_size, provider)
     if state is not None:
-        identity = {"model_sha256": run.loaded.sha256, "recipe": recipe.to_dict()}
-        identity.update(max_batches=max_batches, batch_size=batch_size)
-        run.state = StateFile(state, identity, every=state_every)
+        run.state = StateFile(state, _identity(run, max_batches, batch_size), every=state_every)
     elif resume:
         raise RecipeError("resume needs the state file to resume from: pass state=PATH (--state)")
     with _timed(run, "calibrate_s"):
@@ -241,6 +236,24 @@ def calibrate_onnx(
     if report is not None:
         result.report_path = save_report(report, result.report)
     return result
+
+
+def recipe_from_options(recipe: Recipe | None, options: dict[str, Any]) -> Recipe:
+    """The recipe given, or one built from ``RECIPE_OPTIONS`` keywords (unknown ones refused)."""
+    unknown = set(options) - set(RECIPE_OPTIONS)
+    if unknown:
+        raise RecipeError(f"unknown option(s) {sorted(unknown)}; known: {list(RECIPE_OPTIONS)}")
+    return build_recipe(recipe, **options)
+
+
+def _identity(run: Run, max_batches: int | None, batch_size: int | None) -> dict[str, Any]:
+    """What a resumed run must share with the one that saved its state."""
+    return {
+        "model_sha256": run.loaded.sha256,
+        "recipe": run.recipe.to_dict(),
+        "max_batches": max_batches,
+        "batch_size": batch_size,
+    }
 
 
 @dataclass

@@ -39,7 +39,7 @@ from qcal_export.capture.torch_hooks import (
 from qcal_export.errors import DataError, RecipeError
 from qcal_export.formats import get_format
 from qcal_export.granularity import PerTensor
-from qcal_export.pipeline import RECIPE_OPTIONS, ProgressFactory, build_recipe
+from qcal_export.pipeline import ProgressFactory, recipe_from_options
 from qcal_export.recipe import Recipe, TensorSpec
 
 if TYPE_CHECKING:
@@ -289,14 +289,6 @@ def _wants_hessian(target: ModuleTarget) -> bool:
     return bool(target.is_linear and target.weight and target.weight.options.get("hessian"))
 
 
-def torch_recipe(recipe: Recipe | None, options: dict[str, Any]) -> Recipe:
-    """The recipe given, or one built from ``calibrate_onnx``'s recipe options."""
-    unknown = set(options) - set(RECIPE_OPTIONS)
-    if unknown:
-        raise RecipeError(f"unknown option(s) {sorted(unknown)}; known: {list(RECIPE_OPTIONS)}")
-    return build_recipe(recipe, **options)
-
-
 def capture(model: nn.Module, recipe: Recipe | None = None, **options: Any) -> TorchCapture:
     """Hooks for a script's own forward loop, as a context manager.
 
@@ -304,7 +296,7 @@ def capture(model: nn.Module, recipe: Recipe | None = None, **options: Any) -> T
     (or the loop alone for single-pass methods), and ``cal.result()``. ``options`` build the
     recipe when none is given (``format``, ``method``, ...: see ``pipeline.build_recipe``).
     """
-    return TorchCapture(model, torch_recipe(recipe, options))
+    return TorchCapture(model, recipe_from_options(recipe, options))
 
 
 def calibrate_torch(
