@@ -27,9 +27,11 @@ from qcal_export.granularity import PerAxis, PerTensor
 
 ROWS, COLS = 16384, 4096
 START, STOP, STEP = 0.25, 3.95, 0.1
-INSTRUCTIONS = 15
-"""SASS per element per candidate (int8 symmetric): div.rn.f32 ~8 (MUFU.RCP, 5 FFMA, FCHK,
-branch), FRND, 2 FMNMX, FMUL, FADD (diff), FMUL + FADD (square, sum)."""
+INSTRUCTIONS = 23
+"""FP32-equivalent instructions per element per candidate (int8 symmetric), by hand, not yet
+checked against SASS: div.rn.f32 ~8 (MUFU.RCP, 5 FFMA, FCHK, branch), FRND, 2 FMNMX, FMUL
+(dequantize) = 12 FP32; then the float64 difference and square-sum, 2 F2F + DADD + DFMA = 4
+FP64 at the H100's half FP32 rate = 8; plus ~3 for the candidate loop."""
 
 
 def cuda_median(fn, reps: int, warmup: int = 2) -> float:

@@ -13,9 +13,10 @@ from typing import ClassVar
 
 import torch
 
+from qcal_export.calibrators import kernels
 from qcal_export.calibrators.base import Calibrator, MergeOp, NonFinite
 from qcal_export.errors import CalibrationError
-from qcal_export.formats import Format
+from qcal_export.formats import Format, FP8E4M3Format, IntFormat
 from qcal_export.granularity import Granularity, PerBlock, PerTensorGroup
 
 QuantFunc = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -152,6 +153,11 @@ class MseCalibrator(Calibrator):
             self._update_custom(x)
             return
         scale, zero_point = self.fmt.scale_zero_point(*self._candidates())
+        if self._fused(groups):
+            from qcal_export.calibrators.kernels.mse_sweep import mse_sweep_
+
+            mse_sweep_(self._state["losses"], groups, scale, zero_point, self.fmt)
+            return
         scale, zero_point = scale[:, :, None], zero_point[:, :, None]
         num_cand, num_groups = scale.shape[:2]
         block = self.fmt.block_size
@@ -165,6 +171,16 @@ class MseCalibrator(Calibrator):
             xq = scratch[: num_cand * xc.numel()].view(num_cand, num_groups, -1)
             self.fmt.fake_quant_into(xq, xc, scale, zero_point)
             losses += self._error(xc, xq).T
+
+    def _fused(self, groups: torch.Tensor) -> bool:
+        """Whether the Triton sweep scores ``groups``: CUDA, Triton, the default squared error
+        and an int or fp8 format (block formats keep the torch path)."""
+        return (
+            groups.is_cuda
+            and kernels.HAS_TRITON
+            and self.error_func is None
+            and isinstance(self.fmt, IntFormat | FP8E4M3Format)
+        )
 
     def _update_custom(self, x: torch.Tensor) -> None:
         """One full pass per candidate: a user quant_func is not vectorized over candidates."""

@@ -3,9 +3,10 @@
 For one tile of a group's values (float32, bf16 or fp16, upcast in registers) the kernel loops
 over the candidates and computes the exact QuantizeLinear -> DequantizeLinear float32 arithmetic
 of ``formats.py`` (correctly rounded ``x / scale``, round half to even, saturation; fp8 through
-the hardware's E4M3 conversion), then ``(xq - x) ** 2`` summed in float32 over the tile. Tile sums
-are added in float64 per program and written as per-split partials, which torch sums in float64:
-the result is deterministic, and within about 1e-7 (relative) of the float64 torch reference.
+the hardware's E4M3 conversion), then ``(xq - x) ** 2`` in float64 (the float32 ``xq`` and ``x``
+differ exactly there, as in the torch path) summed over the tile. Tile sums are added per
+program and written as per-split partials, which torch sums: the result is deterministic and
+differs from the torch reference only in the order of float64 additions.
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ def _sweep_kernel(
                     y = tl.minimum(tl.maximum(y, QMIN - zero_point), QMAX - zero_point)
                 else:
                     y = tl.minimum(tl.maximum(y, QMIN), QMAX)
-            diff = y * scale - x
+            diff = (y * scale).to(tl.float64) - x.to(tl.float64)
             tile = tl.sum(diff * diff, axis=0)
-            acc += tl.where(cands == k, tile.to(tl.float64), 0.0)
+            acc += tl.where(cands == k, tile, 0.0)
     out = partial_ptr + (split.to(tl.int64) * num_groups + group) * num_cand
     tl.store(out + cands, acc, mask=cands < num_cand)
 
@@ -114,7 +115,7 @@ def mse_sweep_(
         BLOCK=block,
         CAND_PAD=triton.next_power_of_2(num_cand),
         num_warps=4,
-        # ``y * scale - x`` must round twice, as torch does, not fuse into one FMA.
+        # ``y * scale`` must round to float32 before the difference, as torch does.
         enable_fp_fusion=False,
     )
     return losses.add_(partial.sum(0))
