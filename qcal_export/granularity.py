@@ -11,8 +11,28 @@ import torch
 from qcal_export.errors import RecipeError
 
 
+class _RowMajorStats:
+    """Statistics whose ``groups`` order is the export shape's row-major order."""
+
+    def unflatten(self, stat: torch.Tensor, stat_shape: tuple[int, ...]) -> torch.Tensor:
+        """One statistic per group (``[G]``, in ``groups`` order) in the export shape."""
+        return stat.reshape(stat_shape)
+
+    def flatten(self, stat: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``unflatten``: export shape -> ``[G]`` in ``groups`` order."""
+        return stat.reshape(-1)
+
+
+class _BroadcastStats(_RowMajorStats):
+    """Statistics that broadcast against the tensor as they are (one per tensor, axis or row)."""
+
+    def expand(self, stat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The statistic (export shape) made to broadcast against a tensor of ``shape``."""
+        return stat.reshape(self.broadcast_shape(shape))
+
+
 @dataclass(frozen=True)
-class PerTensor:
+class PerTensor(_BroadcastStats):
     """One statistic for the whole tensor: ``[*] -> []``."""
 
     def groups(self, x: torch.Tensor) -> torch.Tensor:
@@ -26,18 +46,6 @@ class PerTensor:
         """Shape that the scalar statistic takes to broadcast against a tensor of ``shape``."""
         return ()
 
-    def unflatten(self, stat: torch.Tensor, stat_shape: tuple[int, ...]) -> torch.Tensor:
-        """One statistic per group (``[G]``, in ``groups`` order) in the export shape."""
-        return stat.reshape(stat_shape)
-
-    def flatten(self, stat: torch.Tensor) -> torch.Tensor:
-        """The inverse of ``unflatten``: export shape -> ``[G]`` in ``groups`` order."""
-        return stat.reshape(-1)
-
-    def expand(self, stat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """The statistic (export shape) made to broadcast against a tensor of ``shape``."""
-        return stat.reshape(())
-
     def describe(self) -> str:
         return "per-tensor"
 
@@ -50,7 +58,7 @@ class PerTensor:
 
 
 @dataclass(frozen=True)
-class PerAxis:
+class PerAxis(_BroadcastStats):
     """One statistic per index of ``axis``: ``[..., C (at axis), ...] -> [C]``."""
 
     axis: int
@@ -66,15 +74,6 @@ class PerAxis:
         """Shape that a ``[C]`` statistic takes to broadcast against a tensor of ``shape``."""
         axis = self.axis % len(shape)
         return tuple(n if i == axis else 1 for i, n in enumerate(shape))
-
-    def unflatten(self, stat: torch.Tensor, stat_shape: tuple[int, ...]) -> torch.Tensor:
-        return stat.reshape(stat_shape)
-
-    def flatten(self, stat: torch.Tensor) -> torch.Tensor:
-        return stat.reshape(-1)
-
-    def expand(self, stat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        return stat.reshape(self.broadcast_shape(shape))
 
     def describe(self) -> str:
         return f"per-axis({self.axis})"
@@ -136,7 +135,7 @@ class PerBlock:
 
 
 @dataclass(frozen=True)
-class PerTensorGroup:
+class PerTensorGroup(_BroadcastStats):
     """One statistic for the whole tensor, seen as blocks of ``size`` along ``axis``: ``[*] -> []``.
 
     For formats with a global scale and dynamic block scales (NVFP4 activations): ``groups``
@@ -155,15 +154,6 @@ class PerTensorGroup:
 
     def broadcast_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return ()
-
-    def unflatten(self, stat: torch.Tensor, stat_shape: tuple[int, ...]) -> torch.Tensor:
-        return stat.reshape(stat_shape)
-
-    def flatten(self, stat: torch.Tensor) -> torch.Tensor:
-        return stat.reshape(-1)
-
-    def expand(self, stat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        return stat.reshape(())
 
     def describe(self) -> str:
         return f"per-tensor-group({self.axis}, {self.size})"
@@ -267,7 +257,7 @@ class PerGroupIndex:
 
 
 @dataclass(frozen=True)
-class PerBlock2D:
+class PerBlock2D(_RowMajorStats):
     """One statistic per 2-D block ``[rows, cols]`` of the last two axes (FP8 128x128 weights).
 
     ``[..., R, C] -> [..., ceil(R / rows), ceil(C / cols)]``; partial blocks are padded with
@@ -296,12 +286,6 @@ class PerBlock2D:
         *lead, rows, cols = shape
         return (*lead, -(-rows // self.rows), -(-cols // self.cols))
 
-    def unflatten(self, stat: torch.Tensor, stat_shape: tuple[int, ...]) -> torch.Tensor:
-        return stat.reshape(stat_shape)
-
-    def flatten(self, stat: torch.Tensor) -> torch.Tensor:
-        return stat.reshape(-1)
-
     def expand(self, stat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Each block's statistic repeated over its elements: ``shape`` itself."""
         rows = stat.repeat_interleave(self.rows, dim=-2).narrow(-2, 0, shape[-2])
@@ -318,7 +302,7 @@ class PerBlock2D:
 
 
 @dataclass(frozen=True)
-class PerToken:
+class PerToken(_BroadcastStats):
     """One statistic per row along the last axis (per token of an activation).
 
     ``[..., C] -> [...]``.
@@ -336,15 +320,6 @@ class PerToken:
 
     def broadcast_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (*shape[:-1], 1)
-
-    def unflatten(self, stat: torch.Tensor, stat_shape: tuple[int, ...]) -> torch.Tensor:
-        return stat.reshape(stat_shape)
-
-    def flatten(self, stat: torch.Tensor) -> torch.Tensor:
-        return stat.reshape(-1)
-
-    def expand(self, stat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        return stat.reshape(self.broadcast_shape(shape))
 
     def describe(self) -> str:
         return "per-token"
