@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,8 @@ from qcal_export.graphs.export import check_scales_match, export_qdq
 from qcal_export.graphs.model_io import LoadedModel, check_opset, load_model, save_model
 from qcal_export.graphs.targets import Plan, find_targets, name_nodes, tensor_types
 from qcal_export.graphs.validate import check_model, compare_outputs, reference_runner
-from qcal_export.recipe import METHOD_OPTIONS, WEIGHT_ONLY_FORMATS, Recipe, TensorSpec
+from qcal_export.recipe import Recipe
+from qcal_export.recipe_options import recipe_from_options
 from qcal_export.resume import StateFile
 
 log = logging.getLogger(__name__)
@@ -52,112 +53,6 @@ class CalibrationResult:
     report_path: Path | None = None
     checkpoint_paths: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def build_recipe(
-    recipe: Recipe | None,
-    *,
-    format: str = "int8",
-    method: str = "max",
-    weight_method: str | None = None,
-    weight_format: str | None = None,
-    activation_format: str | None = None,
-    per_channel_weights: bool = True,
-    block_size: int | None = None,
-    hessian: bool = False,
-    exclude: tuple[str, ...] = (),
-    exclude_op_types: tuple[str, ...] = (),
-    weights_mode: str = "quantized",
-    nonfinite: str = "skip",
-    nvfp4_form: str = "portable",
-    method_options: Mapping[str, float] | None = None,
-) -> Recipe:
-    """The recipe given, or one built from the keyword options.
-
-    ``format`` applies to weights and activations unless ``weight_format`` /
-    ``activation_format`` say otherwise; weight-only formats (int4) and ``activation_format``
-    "none" leave activations in float. ``method`` "nvfp4-mse" is a weight method: activations
-    then use max. ``hessian`` weights the nvfp4-mse sweep by the layer inputs' ``Xᵀ X``.
-    ``method_options`` (``percentile``, ``bins``, ``grid``, ...) go to whichever of the two
-    methods takes them (see ``recipe.METHOD_OPTIONS``).
-    """
-    if recipe is not None:
-        return recipe
-    weight_format = weight_format or format
-    if activation_format is None:
-        activation_format = "none" if format in WEIGHT_ONLY_FORMATS else format
-    if weight_method is None:
-        weight_method = "nvfp4-mse" if method == "nvfp4-mse" else "max"
-    if method == "nvfp4-mse":
-        method = "max"
-    if hessian and weight_method != "nvfp4-mse":
-        raise RecipeError(f"hessian weighting needs weight method nvfp4-mse, not {weight_method!r}")
-    activation_options, weight_options = split_method_options(
-        method_options or {}, method if activation_format != "none" else None, weight_method
-    )
-    activation = (
-        None
-        if activation_format == "none"
-        else TensorSpec(format=activation_format, method=method, options=activation_options)
-    )
-    weight = TensorSpec(
-        format=weight_format,
-        method=weight_method,
-        per_channel=per_channel_weights,
-        block_size=block_size,
-        options={**weight_options, **({"hessian": True} if hessian else {})},
-    )
-    return Recipe(
-        activation=activation,
-        weight=weight,
-        exclude_nodes=tuple(exclude),
-        exclude_op_types=tuple(exclude_op_types),
-        weights_mode=weights_mode,
-        nonfinite=nonfinite,
-        nvfp4_form=nvfp4_form,
-    )
-
-
-def split_method_options(
-    options: Mapping[str, float], activation_method: str | None, weight_method: str
-) -> tuple[dict[str, float], dict[str, float]]:
-    """``options`` split into the keys each method takes (``METHOD_OPTIONS``); a key both
-    take goes to both. RecipeError for a key that neither takes."""
-    taken = {
-        "activation": METHOD_OPTIONS.get(activation_method, set()) if activation_method else set(),
-        "weight": METHOD_OPTIONS.get(weight_method, set()),
-    }
-    unknown = set(options) - taken["activation"] - taken["weight"]
-    if unknown:
-        accepted = {
-            f"{kind} method {method!r}": sorted(taken[kind])
-            for kind, method in (("activation", activation_method), ("weight", weight_method))
-            if method
-        }
-        raise RecipeError(f"method option(s) {sorted(unknown)} fit no method used: {accepted}")
-    activation, weight = (
-        {k: v for k, v in options.items() if k in taken[kind]} for kind in ("activation", "weight")
-    )
-    return activation, weight
-
-
-RECIPE_OPTIONS = (
-    "format",
-    "method",
-    "weight_method",
-    "weight_format",
-    "activation_format",
-    "per_channel_weights",
-    "block_size",
-    "hessian",
-    "exclude",
-    "exclude_op_types",
-    "weights_mode",
-    "nonfinite",
-    "nvfp4_form",
-    "method_options",
-)
-"""Keyword options of ``calibrate_onnx`` that build the recipe (see ``build_recipe``)."""
 
 
 def calibrate_onnx(
@@ -186,7 +81,7 @@ def calibrate_onnx(
     ``data``: a .npz file, a directory of .npz/.npy, an iterable of {input: array} dicts or an
     ORT CalibrationDataReader. With ``scales_in`` the scales come from that file instead
     (``data`` then only serves validation). ``options`` build the recipe when none is given
-    (``format``, ``method``, ``weight_method``, ``block_size``, ... : see ``build_recipe``).
+    (``format``, ``method``, ``weight_method``, ``block_size``, ... : see ``recipe_options.build_recipe``).
     ``checkpoint``: a directory for NVFP4 serving checkpoints, one subdirectory per layout.
     ``state``: a file where calibrator state is saved every ``state_every`` batches; with
     ``resume`` a run continues from it (same model, recipe and data order) and gives the scales
@@ -236,14 +131,6 @@ def calibrate_onnx(
     if report is not None:
         result.report_path = save_report(report, result.report)
     return result
-
-
-def recipe_from_options(recipe: Recipe | None, options: dict[str, Any]) -> Recipe:
-    """The recipe given, or one built from ``RECIPE_OPTIONS`` keywords (unknown ones refused)."""
-    unknown = set(options) - set(RECIPE_OPTIONS)
-    if unknown:
-        raise RecipeError(f"unknown option(s) {sorted(unknown)}; known: {list(RECIPE_OPTIONS)}")
-    return build_recipe(recipe, **options)
 
 
 def _identity(run: Run, max_batches: int | None, batch_size: int | None) -> dict[str, Any]:

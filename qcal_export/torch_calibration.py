@@ -39,8 +39,9 @@ from qcal_export.capture.torch_hooks import (
 from qcal_export.errors import DataError, RecipeError
 from qcal_export.formats import get_format
 from qcal_export.granularity import PerTensor
-from qcal_export.pipeline import ProgressFactory, recipe_from_options
+from qcal_export.pipeline import ProgressFactory
 from qcal_export.recipe import Recipe, TensorSpec
+from qcal_export.recipe_options import recipe_from_options
 
 if TYPE_CHECKING:
     from qcal_export.torch_export import TorchExportResult
@@ -294,7 +295,7 @@ def capture(model: nn.Module, recipe: Recipe | None = None, **options: Any) -> T
 
     ``with capture(model, recipe) as cal:`` then ``for _ in cal.passes(): <forward loop>``
     (or the loop alone for single-pass methods), and ``cal.result()``. ``options`` build the
-    recipe when none is given (``format``, ``method``, ...: see ``pipeline.build_recipe``).
+    recipe when none is given (``format``, ``method``, ...: see ``recipe_options.build_recipe``).
     """
     return TorchCapture(model, recipe_from_options(recipe, options))
 
