@@ -81,7 +81,8 @@ def calibrate_onnx(
     ``data``: a .npz file, a directory of .npz/.npy, an iterable of {input: array} dicts or an
     ORT CalibrationDataReader. With ``scales_in`` the scales come from that file instead
     (``data`` then only serves validation). ``options`` build the recipe when none is given
-    (``format``, ``method``, ``weight_method``, ``block_size``, ... : see ``recipe_options.build_recipe``).
+    (``format``, ``method``, ``weight_method``, ``block_size``, ...: see
+    ``recipe_options.build_recipe``).
     ``checkpoint``: a directory for NVFP4 serving checkpoints, one subdirectory per layout.
     ``state``: a file where calibrator state is saved every ``state_every`` batches; with
     ``resume`` a run continues from it (same model, recipe and data order) and gives the scales
