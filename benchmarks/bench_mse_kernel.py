@@ -1,10 +1,12 @@
 """MSE candidate sweep on CUDA: plain per-candidate loop vs our torch sweep vs the Triton kernel.
 
 16384 x 4096 bf16, int8, 38 candidates (multipliers 0.25 .. 3.95 step 0.1), per-tensor and
-per-axis. Median of CUDA-event timings after warm-up. The floor is the larger of the kernel's
-FP32 instructions (per element per candidate, times elements times candidates) over the measured
-FP32 instruction rate (an FMA kernel) and the bytes read over the measured device-to-device copy
-rate. Writes the table to ``$OUT`` (or ``benchmarks/results``) as ``mse_kernel_h100.md``.
+per-axis; then other formats and int4 blocks, kernel only. Median of CUDA-event timings after
+warm-up. The floor is the larger of the kernel's instructions per element per candidate (read
+off its SASS: the candidate loop's instructions over the values each thread holds) times
+elements times candidates over the measured FP32 instruction rate, and the bytes read over the
+measured device-to-device copy rate. Writes the table to ``$OUT`` (or ``benchmarks/results``)
+as ``mse_kernel_h100.md``.
 
 Usage: ``python benchmarks/bench_mse_kernel.py`` on a CUDA machine with Triton.
 """
@@ -13,141 +15,149 @@ from __future__ import annotations
 
 import datetime
 import os
-import statistics
 from pathlib import Path
 
 import torch
 import triton
-import triton.language as tl
+from gpu_timing import copy_rate, cuda_median, fma_rate, innermost_loop
 
-from qcal_export.calibrators.kernels.mse_sweep import mse_sweep_
-from qcal_export.calibrators.mse import MseCalibrator
-from qcal_export.formats import INT8
-from qcal_export.granularity import PerAxis, PerTensor
+from qcal_export.calibrators.kernels import mse_sweep
+from qcal_export.calibrators.mse import MseCalibrator, mse_multipliers
+from qcal_export.formats import FP8_E4M3, INT4, INT8, UINT8
+from qcal_export.granularity import PerAxis, PerBlock, PerTensor
 
 ROWS, COLS = 16384, 4096
 START, STOP, STEP = 0.25, 3.95, 0.1
-INSTRUCTIONS = 23
-"""FP32-equivalent instructions per element per candidate (int8 symmetric), by hand, not yet
-checked against SASS: div.rn.f32 ~8 (MUFU.RCP, 5 FFMA, FCHK, branch), FRND, 2 FMNMX, FMUL
-(dequantize) = 12 FP32; then the float64 difference and square-sum, 2 F2F + DADD + DFMA = 4
-FP64 at the H100's half FP32 rate = 8; plus ~3 for the candidate loop."""
+THREADS = 128
+"""Threads per program (4 warps): each holds ``TILE / THREADS`` values of a tile."""
 
 
-def cuda_median(fn, reps: int, warmup: int = 2) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` CUDA-event timings, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end))
-    return statistics.median(times)
-
-
-@triton.jit
-def _fma_kernel(out_ptr, a, b, ITERS: tl.constexpr, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    x = offsets.to(tl.float32)
-    y = x + 1.0
-    for _ in range(ITERS):
-        x = x * a + b
-        y = y * a + b
-    tl.store(out_ptr + offsets, x + y)
-
-
-def fma_rate() -> float:
-    """Measured FP32 FMA instructions per second (per lane)."""
-    block, iters, programs = 1024, 4096, 132 * 64
-    out = torch.empty(programs * block, device="cuda")
-    ms = cuda_median(lambda: _fma_kernel[(programs,)](out, 0.999, 0.001, iters, block), 5)
-    return programs * block * iters * 2 / (ms * 1e-3)
-
-
-def copy_rate() -> float:
-    """Measured device-to-device copy, bytes read plus written per second."""
-    src = torch.empty(1 << 28, device="cuda")
-    dst = torch.empty_like(src)
-    ms = cuda_median(lambda: dst.copy_(src), 10)
-    return 2 * src.numel() * 4 / (ms * 1e-3)
-
-
-def plain_loop(x, granularity, scale, zero_point):
-    """One full-tensor pass per candidate (the reference sweeps' shape)."""
+def plain_loop(fmt, x, granularity, scale, zero_point):
+    """One full-tensor pass per candidate (the reference sweeps' shape): scales broadcast
+    against the tensor as it is laid out, blocks fake-quantized on the blocks view."""
     xf = x.float()
-    shape = granularity.broadcast_shape(tuple(x.shape))
-    groups = granularity.groups
+    if isinstance(granularity, PerBlock):
+        xf, shape = granularity.groups(xf), (-1, 1)
+    else:
+        shape = granularity.broadcast_shape(tuple(x.shape))
     losses = []
     for k in range(scale.shape[0]):
-        xq = INT8.fake_quant(xf, scale[k].reshape(shape), zero_point[k].reshape(shape))
-        losses.append(groups(xq.sub_(xf).square_()).sum(-1, dtype=torch.float64))
+        xq = fmt.fake_quant(xf, scale[k].reshape(shape), zero_point[k].reshape(shape))
+        error = xq.sub_(xf).square_()
+        losses.append(granularity.groups(error).sum(-1, dtype=torch.float64))
     return torch.stack(losses, 1)
 
 
-def calibrator(granularity, amax0, fused: bool) -> MseCalibrator:
-    cal = MseCalibrator(INT8, granularity, amax0=amax0, start=START, stop=STOP, step=STEP)
+def calibrator(fmt, granularity, amax0, fused: bool) -> MseCalibrator:
+    cal = MseCalibrator(fmt, granularity, amax0=amax0, start=START, stop=STOP, step=STEP)
     cal._fused = lambda groups: fused
     return cal
 
 
-def bench(x, granularity, fma: float, copy: float) -> tuple[int, list[str]]:
-    """Table rows for one granularity; returns (candidate count, rows)."""
+def candidates(fmt, x, granularity):
+    """``(amax0, scale, zero_point)`` of the sweep: the calibrator's own candidate grid."""
     g = granularity.groups(x.float())
     amax0 = granularity.unflatten(g.abs().amax(1), (g.shape[0],))
-    cal = calibrator(granularity, amax0, fused=True)
-    cal.collect(x[:1] if isinstance(granularity, PerTensor) else x)  # state for the candidates
-    scale, zero_point = INT8.scale_zero_point(*cal._candidates())
+    cal = calibrator(fmt, granularity, amax0, fused=True)
+    cal.collect(x[:1] if isinstance(granularity, PerTensor) else x)
+    return amax0, *fmt.scale_zero_point(*cal._candidates())
+
+
+def kernel_time(fmt, x, granularity, scale, zero_point) -> tuple[float, float]:
+    """(median ms, instructions per element per candidate) of the kernel on bf16 ``x``."""
+    groups = granularity.groups(x)
+    losses = torch.zeros(groups.shape[0], scale.shape[0], dtype=torch.float64, device="cuda")
+    seen = set(_compiled())
+    ms = cuda_median(lambda: mse_sweep.mse_sweep_(losses, groups, scale, zero_point, fmt), 20)
+    new = [k for key, k in _compiled().items() if key not in seen] or list(_compiled().values())
+    sass = new[-1].asm["sass"]
+    if fmt is INT8 and "OUT" in os.environ:  # for reading the loop by hand
+        name = granularity.describe().replace("(", "").replace(")", "")
+        (Path(os.environ["OUT"]) / f"mse_sweep_int8_{name}.sass").write_text(sass)
+    try:
+        return ms, len(innermost_loop(sass)) / (mse_sweep.TILE // THREADS)
+    except RuntimeError as error:
+        print(f"{fmt.name} {granularity.describe()}: {error}")
+        return ms, float("nan")
+
+
+def _compiled() -> dict:
+    """The sweep kernel's compiled specializations on this device, by cache key."""
+    caches = mse_sweep._sweep_kernel.device_caches[torch.cuda.current_device()][0]
+    return dict(caches)
+
+
+def bench_int8(x, granularity, fma: float, copy: float) -> list[str]:
+    """Rows for one granularity: plain loop, torch sweep, kernel via collect, kernel alone."""
+    amax0, scale, zero_point = candidates(INT8, x, granularity)
     num_cand = scale.shape[0]
-    groups_bf16 = granularity.groups(x).contiguous()
-    losses = torch.zeros(g.shape[0], num_cand, dtype=torch.float64, device="cuda")
-    plain = cuda_median(lambda: plain_loop(x, granularity, scale, zero_point), 5)
+    plain = cuda_median(lambda: plain_loop(INT8, x, granularity, scale, zero_point), 5)
+    alone, instructions = kernel_time(INT8, x, granularity, scale, zero_point)
     times = {
         "plain loop, one torch pass per candidate": plain,
         "torch chunked sweep (collect)": cuda_median(
-            lambda: calibrator(granularity, amax0, False).collect(x), 3, 1
+            lambda: calibrator(INT8, granularity, amax0, False).collect(x), 3, 1
         ),
         "Triton kernel (collect)": cuda_median(
-            lambda: calibrator(granularity, amax0, True).collect(x), 10
+            lambda: calibrator(INT8, granularity, amax0, True).collect(x), 10
         ),
-        "Triton kernel alone (bf16 groups)": cuda_median(
-            lambda: mse_sweep_(losses, groups_bf16, scale, zero_point, INT8), 20
-        ),
+        "Triton kernel alone": alone,
     }
-    floor = max(INSTRUCTIONS * x.numel() * num_cand / fma, x.numel() * 2 / copy) * 1e3
-    times["floor"] = floor
+    floor = max(instructions * x.numel() * num_cand / fma, x.numel() * 2 / copy) * 1e3
+    times[f"floor ({instructions:.1f} instr / element / candidate)"] = floor
     name = granularity.describe()
-    rows = [
-        f"| {name} | {path} | {ms:.3f} | {plain / ms:.1f}x | {ms / floor:.1f}x |"
+    return [
+        f"| {name} | {path} | {ms:.3f} | {plain / ms:.1f}x | {ms / floor:.2f}x |"
         for path, ms in times.items()
     ]
-    return num_cand, rows
+
+
+def bench_other(x, fmt, granularity, fma: float, copy: float) -> str:
+    """One row of the kernel alone against the plain loop for another format."""
+    _, scale, zero_point = candidates(fmt, x, granularity)
+    plain = cuda_median(lambda: plain_loop(fmt, x, granularity, scale, zero_point), 3)
+    ms, instructions = kernel_time(fmt, x, granularity, scale, zero_point)
+    floor = max(instructions * x.numel() * scale.shape[0] / fma, x.numel() * 2 / copy) * 1e3
+    return (
+        f"| {fmt.name} | {granularity.describe()} | {plain:.3f} | {ms:.3f} | {plain / ms:.1f}x "
+        f"| {instructions:.1f} | {floor:.3f} | {ms / floor:.2f}x |"
+    )
 
 
 def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(ROWS, COLS, device="cuda").to(torch.bfloat16)
     fma, copy = fma_rate(), copy_rate()
-    rows = []
-    for granularity in (PerTensor(), PerAxis(0), PerAxis(-1)):
-        num_cand, more = bench(x, granularity, fma, copy)
-        rows += more
+    rows = [r for g in (PerTensor(), PerAxis(0), PerAxis(-1)) for r in bench_int8(x, g, fma, copy)]
+    weight = x[:4096]
+    others = [
+        bench_other(x, UINT8, PerTensor(), fma, copy),
+        bench_other(x, FP8_E4M3, PerTensor(), fma, copy),
+        bench_other(x, FP8_E4M3, PerAxis(-1), fma, copy),
+        bench_other(weight, INT4, PerBlock(-1, 32), fma, copy),
+        bench_other(weight, INT4, PerBlock(-1, 128), fma, copy),
+    ]
     props = torch.cuda.get_device_properties(0)
+    num_cand = len(mse_multipliers(START, STOP, STEP))
     lines = [
         f"# MSE sweep on CUDA ({datetime.date.today()}, {props.name}, torch {torch.__version__}, "
         f"triton {triton.__version__})",
         "",
         f"{ROWS} x {COLS} bf16, int8 symmetric, {num_cand} candidates; median ms (CUDA events).",
         f"Measured: FP32 FMA {fma / 1e12:.1f} T instr/s, copy {copy / 1e12:.2f} TB/s (read + "
-        f"write); floor = max({INSTRUCTIONS} instr x elements x candidates / FMA rate, "
-        "bf16 bytes / copy rate).",
+        "write); floor = max(SASS instructions per element per candidate x elements x "
+        "candidates / FMA rate, bf16 bytes / copy rate).",
         "",
         "| granularity | path | ms | vs plain loop | vs floor |",
         "| --- | --- | ---: | ---: | ---: |",
         *rows,
+        "",
+        f"Other formats, kernel alone (int4 blocks on the first 4096 rows), {num_cand} candidates:",
+        "",
+        "| format | granularity | plain loop ms | kernel ms | speed-up | instr | floor ms "
+        "| vs floor |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *others,
     ]
     text = "\n".join(lines) + "\n"
     print(text)

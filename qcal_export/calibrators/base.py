@@ -70,7 +70,7 @@ class Calibrator(ABC):
         if x.numel() == 0:
             return
         shape = self.granularity.stat_shape(tuple(x.shape))
-        x, nonfinite = self._drop_nonfinite(x.detach().to(torch.float32))
+        x, nonfinite = self._drop_nonfinite(x.detach().to(self._input_dtype(x)))
         if not self._state:
             self._state = self._init_state(self.granularity.groups(x))
             device = x.device
@@ -138,6 +138,10 @@ class Calibrator(ABC):
                 )
             _merge_entry(key, self.merge_ops[key], mine, theirs)
 
+    def _input_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype ``_update`` gets ``x`` in: float32, unless a kernel upcasts in registers."""
+        return torch.float32
+
     def _drop_nonfinite(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """``x`` with non-finite values replaced by 0 (which adds no error), and their count.
 
@@ -159,7 +163,8 @@ class Calibrator(ABC):
 
     @abstractmethod
     def _update(self, x: torch.Tensor, groups: torch.Tensor) -> None:
-        """Fold finite float32 ``x`` (also given as ``groups``, ``[G, n]``) into the state."""
+        """Fold finite ``x`` (also given as ``groups``, ``[G, n]``) into the state; ``x`` is
+        float32, or of the dtype ``_input_dtype`` chose."""
 
     @abstractmethod
     def _decide(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 
+from qcal_export.calibrators import kernels
 from qcal_export.calibrators.base import Calibrator, MergeOp, NonFinite
 from qcal_export.errors import CalibrationError
 from qcal_export.formats import Format
@@ -183,9 +184,15 @@ class HistogramCalibrator(Calibrator):
         """Add every value of ``groups`` (``[G, n]``, finite) to its group's bin.
 
         ``x * 2**-e`` is exact in float32 while every ``e <= 0``; a wider bin could round a tiny
-        negative value to -0 (bin 0 instead of -1), so those batches bin in float64.
+        negative value to -0 (bin 0 instead of -1), so those batches bin in float64. On CUDA
+        the Triton kernel (``kernels/histogram.py``) gives the same bins in one pass.
         """
         hist, exponent = self._state["hist"], self._state["exponent"]
+        if self._fused(groups):
+            from qcal_export.calibrators.kernels.histogram import histogram_add_
+
+            histogram_add_(hist, groups, exponent)
+            return
         num, length = groups.shape
         device = hist.device
         dtype = torch.float32 if bool((exponent <= 0).all()) else torch.float64
@@ -201,6 +208,15 @@ class HistogramCalibrator(Calibrator):
             torch.mul(part, scale, out=scaled[:size].view(part.shape)).floor_()
             index[:size].view(part.shape).copy_(scaled[:size].view(part.shape)).add_(offset)
             hist.view(-1).index_add_(0, index[:size], ones[:size])
+
+    def _input_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """bf16 and fp16 stay as they are for the kernel (it reads their bits): no copy."""
+        low = x.dtype in (torch.bfloat16, torch.float16)
+        return x.dtype if low and self._fused(x) else torch.float32
+
+    def _fused(self, groups: torch.Tensor) -> bool:
+        """Whether the Triton kernel bins ``groups`` (CUDA and Triton); torch is the reference."""
+        return groups.is_cuda and kernels.HAS_TRITON
 
 
 def _extremes(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

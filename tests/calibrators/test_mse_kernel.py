@@ -1,7 +1,10 @@
 """The Triton MSE sweep against the torch sweep on the same device: same losses, same choice.
 
-Both paths get the same candidate scales (computed on the device), so they score the same grid;
-the kernel sums the same float64 squares in another order, hence rtol 1e-12 on the losses.
+Both paths get the same candidate scales (computed on the device), so they score the same grid
+with the same float32 QDQ arithmetic; the kernel sums each tile's squares in float32 (the torch
+path in float64), hence rtol 2e-6 on the losses. The chosen candidate must be the same, except
+in a group whose two choices the reference scores equal to float32 accuracy: such a tie is
+below what float32 sums can order, and either candidate is then the minimum.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ import torch
 
 from qcal_export.calibrators import kernels
 from qcal_export.calibrators.mse import MseCalibrator
-from qcal_export.formats import FP8_E4M3, INT8, UINT8
-from qcal_export.granularity import PerAxis, PerTensor
+from qcal_export.formats import FP8_E4M3, INT4, INT8, UINT4, UINT8
+from qcal_export.granularity import PerAxis, PerBlock, PerTensor
 
 pytestmark = [
     pytest.mark.cuda,
@@ -24,6 +27,7 @@ pytestmark = [
 FORMATS = {"int8": INT8, "uint8": UINT8, "fp8": FP8_E4M3}
 GRANULARITIES = {"per-tensor": PerTensor(), "axis0": PerAxis(0), "last-axis": PerAxis(-1)}
 SHAPES = [(1000, 37), (3, 5), (4097, 129), (2, 70001)]
+RTOL = 2e-6
 
 
 def sample(shape, dtype, seed) -> torch.Tensor:
@@ -51,8 +55,26 @@ def sweep(fmt, granularity, x, *, fused, monkeypatch) -> MseCalibrator:
         return cal
 
 
+def assert_same_choice(fused: MseCalibrator, reference: MseCalibrator) -> None:
+    """Same candidate per group, or a float32 tie in the reference's float64 losses."""
+    losses = reference.state_dict()["losses"]
+    mine, theirs = fused.state_dict()["losses"].argmin(1), losses.argmin(1)
+    differ = mine != theirs
+    assert int(differ.sum()) <= max(1, differ.numel() // 1000)
+    at_mine = losses.gather(1, mine[:, None])[:, 0][differ]
+    at_theirs = losses.gather(1, theirs[:, None])[:, 0][differ]
+    torch.testing.assert_close(at_mine, at_theirs, rtol=RTOL, atol=0)
+    same = ~differ
+    amax, expected = fused.compute_amax().reshape(-1), reference.compute_amax().reshape(-1)
+    if amax.numel() == same.numel():
+        assert torch.equal(amax[same], expected[same])
+
+
 def half(x: torch.Tensor, granularity) -> torch.Tensor:
-    """A second batch of other size along an axis that is not the channel axis."""
+    """A second batch: other size along an axis that is not the channel axis (for blocks, of a
+    weight, the same shape, rows reversed)."""
+    if isinstance(granularity, PerBlock):
+        return x.flip(0)
     axis = 1 if granularity == PerAxis(0) else 0
     return x.narrow(axis, 0, max(1, x.shape[axis] // 2))
 
@@ -69,8 +91,8 @@ def test_kernel_matches_torch_sweep(fmt_name, gran_name, shape, dtype, monkeypat
     fused = sweep(fmt, granularity, x, fused=True, monkeypatch=monkeypatch)
     reference = sweep(fmt, granularity, x, fused=False, monkeypatch=monkeypatch)
     losses, expected = fused.state_dict()["losses"], reference.state_dict()["losses"]
-    torch.testing.assert_close(losses, expected, rtol=1e-12, atol=0)
-    assert torch.equal(fused.compute_amax(), reference.compute_amax())
+    torch.testing.assert_close(losses, expected, rtol=RTOL, atol=0)
+    assert_same_choice(fused, reference)
 
 
 def test_kernel_is_used_on_cuda(monkeypatch):
@@ -115,4 +137,62 @@ def test_fp8_grid_rounds_like_torch(monkeypatch):
         if fused:
             losses = cal.state_dict()["losses"]
         else:
-            torch.testing.assert_close(losses, cal.state_dict()["losses"], rtol=1e-12, atol=0)
+            torch.testing.assert_close(losses, cal.state_dict()["losses"], rtol=RTOL, atol=0)
+
+
+@pytest.mark.parametrize("fmt_name", ["int4", "uint4"])
+@pytest.mark.parametrize("shape", [(64, 96), (33, 70), (5, 1000)], ids=str)
+def test_blocks_match_torch_sweep(fmt_name, shape, monkeypatch):
+    """int4 blocks of 32 along the last axis, a partial last block included."""
+    fmt = {"int4": INT4, "uint4": UINT4}[fmt_name]
+    granularity = PerBlock(-1, 32)
+    x = sample(shape, torch.bfloat16, seed=shape[1])
+    fused = sweep(fmt, granularity, x, fused=True, monkeypatch=monkeypatch)
+    reference = sweep(fmt, granularity, x, fused=False, monkeypatch=monkeypatch)
+    losses, expected = fused.state_dict()["losses"], reference.state_dict()["losses"]
+    torch.testing.assert_close(losses, expected, rtol=RTOL, atol=0)
+    assert_same_choice(fused, reference)
+
+
+@pytest.mark.parametrize("axis", [-1, 1, 0])
+def test_strided_groups_are_read_in_place(axis, monkeypatch):
+    """Channels of a [batch, tokens, channels] activation: column groups of a strided view."""
+    x = sample((3, 257, 96), torch.bfloat16, seed=axis + 5)
+    granularity = PerAxis(axis)
+    fused = sweep(INT8, granularity, x, fused=True, monkeypatch=monkeypatch)
+    reference = sweep(INT8, granularity, x, fused=False, monkeypatch=monkeypatch)
+    losses, expected = fused.state_dict()["losses"], reference.state_dict()["losses"]
+    torch.testing.assert_close(losses, expected, rtol=RTOL, atol=0)
+    assert_same_choice(fused, reference)
+
+
+def test_quotient_is_correctly_rounded():
+    """The kernel's division (reciprocal, product, one Newton step) equals IEEE ``x / s``,
+    also next to every half-integer, where a one-ulp error would change the rounded value."""
+    import triton
+    import triton.language as tl
+
+    from qcal_export.calibrators.kernels.mse_sweep import _quotient
+
+    @triton.jit
+    def quotient_kernel(x_ptr, s_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        x = tl.load(x_ptr + offsets, mask=mask)
+        s = tl.load(s_ptr + offsets, mask=mask, other=1.0)
+        inverse = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+        tl.store(out_ptr + offsets, _quotient(x, s, inverse), mask=mask)
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n = 1 << 22
+    s = torch.exp2(torch.empty(n, device="cuda").uniform_(-40, 40, generator=gen))
+    s *= torch.empty(n, device="cuda").uniform_(1, 2, generator=gen)
+    halves = torch.randint(-300, 300, (n,), device="cuda", generator=gen) + 0.5
+    x = (halves.double() * s.double()).float()  # the float32 nearest to a half-integer times s
+    x = torch.cat([x, x.nextafter(x * 2), x.nextafter(torch.zeros_like(x))])
+    x = torch.cat([x, torch.randn(n, device="cuda", generator=gen) * s])
+    s = s.repeat(4)
+    out = torch.empty_like(x)
+    quotient_kernel[(triton.cdiv(x.numel(), 1024),)](x, s, out, x.numel(), BLOCK=1024)
+    expected = x.cpu() / s.cpu()
+    assert torch.equal(out.cpu(), expected)

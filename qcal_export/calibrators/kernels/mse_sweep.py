@@ -1,12 +1,24 @@
 """Fused MSE candidate sweep: read each group's values once, score every candidate in registers.
 
-For one tile of a group's values (float32, bf16 or fp16, upcast in registers) the kernel loops
-over the candidates and computes the exact QuantizeLinear -> DequantizeLinear float32 arithmetic
-of ``formats.py`` (correctly rounded ``x / scale``, round half to even, saturation; fp8 through
-the hardware's E4M3 conversion), then ``(xq - x) ** 2`` in float64 (the float32 ``xq`` and ``x``
-differ exactly there, as in the torch path) summed over the tile. Tile sums are added per
-program and written as per-split partials, which torch sums: the result is deterministic and
-differs from the torch reference only in the order of float64 additions.
+``groups`` is any 2-D strided view ``[G, n]`` (rows of a row-major tensor, columns of one, or
+blocks), read in place in float32, bf16 or fp16 and upcast in registers. A program holds a tile
+of ``TILE_G`` groups x ``TILE_N`` values and, per candidate, computes the float32 arithmetic of
+``formats.py``'s QuantizeLinear -> DequantizeLinear:
+
+- ``x / scale`` correctly rounded without a division: ``r = 1 / scale`` (correctly rounded,
+  by torch, once per candidate and group), ``q = x * r``, then one Newton step on the exact
+  residual ``fma(-q, scale, x)`` (Markstein: with ``r`` correctly rounded this gives the
+  correctly rounded quotient). ``x`` is clamped first to a bound past every candidate's
+  saturation, so ``x * r`` never overflows and saturated values stay saturated;
+- int formats: saturate, then round half to even by adding and subtracting ``1.5 * 2**23``
+  (one correctly rounded add, so exact); fp8: the hardware's E4M3 conversion after saturating;
+- ``xq = q * scale`` rounded to float32, then ``(xq - x) ** 2``.
+
+The squares are summed in float32 over each tile (at most 4096 per group) and the tile sums in
+float64, into per-split partials that torch adds. Deterministic; the losses agree with the
+float64 torch reference to about 1e-7 relative (2e-6 at worst), so the chosen candidate is the
+same except where two candidates' losses are equal to float32 accuracy, which no float32 sum
+can order (the torch path sums in float64 and remains the reference).
 """
 
 from __future__ import annotations
@@ -18,59 +30,86 @@ from triton.language.extra import libdevice
 
 from qcal_export.formats import FP8E4M3Format, IntFormat
 
-MAX_BLOCK = 4096
-"""Values of one group held in registers at a time (32 per thread with 4 warps)."""
+TILE = 4096
+"""Values held in registers per program: 32 per thread with ``WARPS`` 4."""
+WARPS = 4
 PROGRAMS_PER_SM = 4
+ROUNDING = tl.constexpr(12582912.0)
+"""``1.5 * 2**23``: adding it rounds any float32 below ``2**22`` in magnitude to an integer."""
+
+
+@triton.jit
+def _quotient(x, scale, inverse):
+    """``x / scale`` correctly rounded, from ``inverse = 1 / scale`` correctly rounded."""
+    q = x * inverse
+    return tl.fma(tl.fma(q, -scale, x), inverse, q)
+
+
+@triton.jit
+def _fake_quant(x, scale, inverse, lo, hi, FP8: tl.constexpr):
+    """QuantizeLinear -> DequantizeLinear with saturation to ``[lo, hi]`` (float32)."""
+    y = tl.minimum(tl.maximum(_quotient(x, scale, inverse), lo), hi)
+    y = y.to(tl.float8e4nv).to(tl.float32) if FP8 else (y + ROUNDING) - ROUNDING
+    return libdevice.mul_rn(y, scale)  # rounded to float32, never contracted into the difference
 
 
 @triton.jit
 def _sweep_kernel(
     x_ptr,
-    row_stride,
-    n,
-    cols_per_split,
-    scale_ptr,
-    zero_point_ptr,
-    partial_ptr,
+    group_stride,
+    elem_stride,
     num_groups,
+    n,
+    n_per_split,
+    scale_ptr,
+    inverse_ptr,
+    zero_point_ptr,
+    bound_ptr,
+    partial_ptr,
     num_cand,
     QMIN: tl.constexpr,
     QMAX: tl.constexpr,
     FP8: tl.constexpr,
     ASYMMETRIC: tl.constexpr,
-    BLOCK: tl.constexpr,
-    CAND_PAD: tl.constexpr,
+    GROUPS_CONTIGUOUS: tl.constexpr,
+    REDUCE: tl.constexpr,
+    TILE_G: tl.constexpr,
+    TILE_N: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):
-    group = tl.program_id(0)
     split = tl.program_id(1)
-    cols = tl.arange(0, BLOCK)
-    cands = tl.arange(0, CAND_PAD)
-    acc = tl.zeros([CAND_PAD], dtype=tl.float64)
-    row = x_ptr + group.to(tl.int64) * row_stride
-    begin = split.to(tl.int64) * cols_per_split
-    end = tl.minimum(begin + cols_per_split, n)
-    for start in range(begin, end, BLOCK):
-        offsets = start + cols
+    g = tl.program_id(0) * TILE_G + tl.arange(0, TILE_G)
+    g_mask = g < num_groups
+    begin = split.to(tl.int64) * n_per_split
+    end = tl.minimum(begin + n_per_split, n)
+    # Tiles are [TILE_N, TILE_G] when groups are adjacent in memory (columns), else [TILE_G,
+    # TILE_N], so that loads run along the contiguous axis; REDUCE is the values' axis.
+    g_off = g[None, :] if GROUPS_CONTIGUOUS else g[:, None]
+    g_off_mask = g_off < num_groups
+    bound = tl.load(bound_ptr + g_off, mask=g_off_mask, other=0.0)
+    out = partial_ptr + split.to(tl.int64) * num_cand * num_groups + g
+    for start in range(0, n_per_split, TILE_N):
+        i = begin + start + tl.arange(0, TILE_N)
+        i_off = i[:, None] if GROUPS_CONTIGUOUS else i[None, :]
+        mask = (i_off < end) & g_off_mask
+        ptrs = x_ptr + g_off.to(tl.int64) * group_stride + i_off.to(tl.int64) * elem_stride
         # Masked lanes read 0, which every candidate reproduces exactly: they add nothing.
-        x = tl.load(row + offsets, mask=offsets < end, other=0.0).to(tl.float32)
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        x_safe = tl.minimum(tl.maximum(x, -bound), bound)
         for k in range(num_cand):
-            scale = tl.load(scale_ptr + k * num_groups + group)
-            y = tl.math.div_rn(x, scale)
-            if FP8:
-                y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-                y = y.to(tl.float8e4nv).to(tl.float32)
-            else:
-                y = libdevice.rint(y)
-                if ASYMMETRIC:
-                    zero_point = tl.load(zero_point_ptr + k * num_groups + group)
-                    y = tl.minimum(tl.maximum(y, QMIN - zero_point), QMAX - zero_point)
-                else:
-                    y = tl.minimum(tl.maximum(y, QMIN), QMAX)
-            diff = (y * scale).to(tl.float64) - x.to(tl.float64)
-            tile = tl.sum(diff * diff, axis=0)
-            acc += tl.where(cands == k, tile, 0.0)
-    out = partial_ptr + (split.to(tl.int64) * num_groups + group) * num_cand
-    tl.store(out + cands, acc, mask=cands < num_cand)
+            offset = k * num_groups + g_off
+            scale = tl.load(scale_ptr + offset, mask=g_off_mask, other=1.0)
+            inverse = tl.load(inverse_ptr + offset, mask=g_off_mask, other=1.0)
+            lo, hi = QMIN, QMAX
+            if ASYMMETRIC:
+                zero_point = tl.load(zero_point_ptr + offset, mask=g_off_mask, other=0.0)
+                lo, hi = QMIN - zero_point, QMAX - zero_point
+            diff = _fake_quant(x_safe, scale, inverse, lo, hi, FP8) - x
+            tile = tl.sum(diff * diff, axis=REDUCE).to(tl.float64)
+            ptr = out + k * num_groups
+            if not ONE_TILE:
+                tile += tl.load(ptr, mask=g_mask)
+            tl.store(ptr, tile, mask=g_mask)
 
 
 def mse_sweep_(
@@ -82,40 +121,54 @@ def mse_sweep_(
 ) -> torch.Tensor:
     """Add each candidate's summed squared QDQ error per group to ``losses``, in place.
 
-    ``losses`` ``[G, K]`` float64; ``groups`` ``[G, n]`` float32/bf16/fp16 on CUDA;
+    ``losses`` ``[G, K]`` float64; ``groups`` ``[G, n]`` float32/bf16/fp16 on CUDA, any strides;
     ``scale`` and ``zero_point`` ``[K, G]`` float32 (``zero_point`` unused when symmetric).
     """
-    if groups.stride(1) != 1:
-        groups = groups.contiguous()
     num_groups, n = groups.shape
     num_cand = scale.shape[0]
-    block = min(MAX_BLOCK, max(128, triton.next_power_of_2(n)))
-    programs = (
-        PROGRAMS_PER_SM * torch.cuda.get_device_properties(groups.device).multi_processor_count
-    )
-    splits = min(triton.cdiv(n, block), max(1, triton.cdiv(programs, num_groups)))
-    cols_per_split = triton.cdiv(triton.cdiv(n, splits), block) * block
-    splits = triton.cdiv(n, cols_per_split)
-    partial = torch.empty(splits, num_groups, num_cand, dtype=torch.float64, device=groups.device)
     fp8 = isinstance(fmt, FP8E4M3Format)
-    _sweep_kernel[(num_groups, splits)](
+    qmin, qmax = (-fmt.qmax, fmt.qmax) if fp8 else (fmt.qmin, fmt.qmax)
+    # Past (qmax - qmin + 2) times a group's largest scale every candidate saturates.
+    bound = scale.amax(0).mul_(qmax - qmin + 2).contiguous()
+    scale = scale.contiguous()
+    inverse = torch.ones_like(scale).div_(scale)  # IEEE division: correctly rounded
+    contiguous_groups = groups.stride(0) == 1 and num_groups > 1
+    tile_n = min(TILE, max(16, triton.next_power_of_2(n)))
+    tile_g = TILE // tile_n
+    group_tiles = triton.cdiv(num_groups, tile_g)
+    sms = (
+        torch.cuda.get_device_properties(groups.device).multi_processor_count
+        if groups.is_cuda
+        else 1  # the Triton interpreter (TRITON_INTERPRET=1) runs on CPU tensors
+    )
+    splits = min(triton.cdiv(n, tile_n), max(1, triton.cdiv(PROGRAMS_PER_SM * sms, group_tiles)))
+    n_per_split = triton.cdiv(triton.cdiv(n, splits), tile_n) * tile_n
+    splits = triton.cdiv(n, n_per_split)
+    one_tile = n_per_split <= tile_n  # each program writes its partials once: no zeroing
+    new = torch.empty if one_tile else torch.zeros
+    partial = new(splits, num_cand, num_groups, dtype=torch.float64, device=groups.device)
+    _sweep_kernel[(group_tiles, splits)](
         groups,
         groups.stride(0),
-        n,
-        cols_per_split,
-        scale.contiguous(),
-        zero_point.contiguous(),
-        partial,
+        groups.stride(1),
         num_groups,
+        n,
+        n_per_split,
+        scale,
+        inverse,
+        zero_point.contiguous(),
+        bound,
+        partial,
         num_cand,
-        QMIN=-fmt.qmax if fp8 else fmt.qmin,
-        QMAX=fmt.qmax,
+        QMIN=qmin,
+        QMAX=qmax,
         FP8=fp8,
         ASYMMETRIC=not fmt.symmetric,
-        BLOCK=block,
-        CAND_PAD=triton.next_power_of_2(num_cand),
-        num_warps=4,
-        # ``y * scale`` must round to float32 before the difference, as torch does.
-        enable_fp_fusion=False,
+        GROUPS_CONTIGUOUS=contiguous_groups,
+        REDUCE=0 if contiguous_groups else 1,
+        TILE_G=tile_g,
+        TILE_N=tile_n,
+        ONE_TILE=one_tile,
+        num_warps=WARPS,
     )
-    return losses.add_(partial.sum(0))
+    return losses.add_(partial.sum(0).T)

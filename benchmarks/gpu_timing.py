@@ -1,0 +1,72 @@
+"""CUDA timing helpers shared by the kernel benchmarks: event medians, FMA and copy rates."""
+
+from __future__ import annotations
+
+import re
+import statistics
+
+import torch
+import triton
+import triton.language as tl
+
+
+def cuda_median(fn, reps: int, warmup: int = 2) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` CUDA-event timings, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(begin.elapsed_time(end))
+    return statistics.median(times)
+
+
+@triton.jit
+def _fma_kernel(out_ptr, a, b, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = offsets.to(tl.float32)
+    y = x + 1.0
+    for _ in range(ITERS):
+        x = x * a + b
+        y = y * a + b
+    tl.store(out_ptr + offsets, x + y)
+
+
+def fma_rate() -> float:
+    """Measured FP32 FMA instructions per second (per lane)."""
+    block, iters, programs = 1024, 4096, 132 * 64
+    out = torch.empty(programs * block, device="cuda")
+    ms = cuda_median(lambda: _fma_kernel[(programs,)](out, 0.999, 0.001, iters, block), 5)
+    return programs * block * iters * 2 / (ms * 1e-3)
+
+
+def copy_rate() -> float:
+    """Measured device-to-device copy, bytes read plus written per second."""
+    src = torch.empty(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_median(lambda: dst.copy_(src), 10)
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def sass_instructions(sass: str) -> list[tuple[int, str]]:
+    """``(address, instruction)`` of each SASS line in a ``cuobjdump -sass`` listing."""
+    found = re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", sass)
+    return [(int(address, 16), text) for address, text in found]
+
+
+def innermost_loop(sass: str) -> list[str]:
+    """Instructions of the shortest backward-branch loop (the candidate loop of a sweep)."""
+    instructions = sass_instructions(sass)
+    loops = []
+    for address, text in instructions:
+        targets = re.findall(r"BRA\b.*?0x([0-9a-f]+)", text)
+        if targets and int(targets[-1], 16) < address:
+            loops.append((int(targets[-1], 16), address))
+    if not loops:
+        return []
+    begin, end = min(loops, key=lambda loop: loop[1] - loop[0])
+    return [text for address, text in instructions if begin <= address <= end]
