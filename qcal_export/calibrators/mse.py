@@ -162,15 +162,15 @@ class MseCalibrator(Calibrator):
         num_cand, num_groups = scale.shape[:2]
         block = self.fmt.block_size
         chunk = max(block, CHUNK_ELEMENTS // (num_cand * num_groups) // block * block)
-        scratch = torch.empty(
-            num_cand * num_groups * min(chunk, groups.shape[1]), device=groups.device
-        )
+        size = num_cand * num_groups * min(chunk, groups.shape[1])
+        scratch = torch.empty(size, device=groups.device)
+        wide = torch.empty(size, dtype=torch.float64, device=groups.device)
         losses = self._state["losses"]
         for begin in range(0, groups.shape[1], chunk):
             xc = groups[:, begin : begin + chunk]
             xq = scratch[: num_cand * xc.numel()].view(num_cand, num_groups, -1)
             self.fmt.fake_quant_into(xq, xc, scale, zero_point)
-            losses += self._error(xc, xq).T
+            losses += self._error(xc, xq, wide[: xq.numel()].view(xq.shape)).T
 
     def _input_dtype(self, x: torch.Tensor) -> torch.dtype:
         """bf16 and fp16 stay as they are for the kernel (it upcasts in registers): no copy."""
@@ -201,11 +201,15 @@ class MseCalibrator(Calibrator):
             xq = self.quant_func(x, self.granularity.unflatten(amax[k], shape))
             self._state["losses"][:, k] += self._error(x_groups, groups(xq))
 
-    def _error(self, x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
-        """Summed error over the last axis, in float64 (exact differences, no cancellation)."""
+    def _error(
+        self, x: torch.Tensor, xq: torch.Tensor, wide: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Summed error over the last axis, in float64 (exact differences, no cancellation);
+        ``wide`` is a float64 scratch of ``xq``'s shape, reused across chunks."""
         if self.error_func is not None:
             return self.error_func(x, xq).sum(-1, dtype=torch.float64)
-        return xq.double().sub_(x).square_().sum(-1)
+        wide = xq.double() if wide is None else wide.copy_(xq)
+        return wide.sub_(x).square_().sum(-1)
 
     def _decide(self) -> tuple[torch.Tensor, torch.Tensor]:
         best = self._state["losses"].argmin(dim=1)
