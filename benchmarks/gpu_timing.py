@@ -52,21 +52,41 @@ def copy_rate() -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
-def sass_instructions(sass: str) -> list[tuple[int, str]]:
-    """``(address, instruction)`` of each SASS line in a ``cuobjdump -sass`` listing."""
-    found = re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", sass)
-    return [(int(address, 16), text) for address, text in found]
+def sass_instructions(sass: str) -> tuple[list[str], dict[str, int]]:
+    """Instructions of a SASS listing in order, and each label's or address's index among them.
+
+    Reads both ``cuobjdump -sass`` (``/*0a30*/ FFMA ...;``) and Triton's ``asm["sass"]``
+    (``--:-:-:-:1 FFMA ...;`` with ``LBB0:`` labels).
+    """
+    instructions: list[str] = []
+    labels: dict[str, int] = {}
+    for line in sass.splitlines():
+        label = re.match(r"^\s*([.\w]+):\s*$", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        found = re.search(r"(?:/\*([0-9a-f]{4,})\*/|\t)\s*([^;/]*?)\s*;", line)
+        if found and found.group(2):
+            if found.group(1):
+                labels["0x" + found.group(1).lstrip("0").rjust(1, "0")] = len(instructions)
+            instructions.append(found.group(2))
+    return instructions, labels
 
 
 def innermost_loop(sass: str) -> list[str]:
     """Instructions of the shortest backward-branch loop (the candidate loop of a sweep)."""
-    instructions = sass_instructions(sass)
+    instructions, labels = sass_instructions(sass)
     loops = []
-    for address, text in instructions:
-        targets = re.findall(r"BRA\b.*?0x([0-9a-f]+)", text)
-        if targets and int(targets[-1], 16) < address:
-            loops.append((int(targets[-1], 16), address))
+    for index, text in enumerate(instructions):
+        target = re.search(r"\bBRA\b.*?(`\(([.\w]+)\)|0x([0-9a-f]+)|\b(\.?L\w+)\b)", text)
+        if not target:
+            continue
+        name = target.group(2) or target.group(4)
+        name = name if name else "0x" + target.group(3).lstrip("0").rjust(1, "0")
+        begin = labels.get(name)
+        if begin is not None and begin < index:
+            loops.append((begin, index))
     if not loops:
         return []
     begin, end = min(loops, key=lambda loop: loop[1] - loop[0])
-    return [text for address, text in instructions if begin <= address <= end]
+    return instructions[begin : end + 1]

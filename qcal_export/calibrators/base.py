@@ -139,8 +139,15 @@ class Calibrator(ABC):
             _merge_entry(key, self.merge_ops[key], mine, theirs)
 
     def _input_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The dtype ``_update`` gets ``x`` in: float32, unless a kernel upcasts in registers."""
+        """The dtype ``_update`` gets ``x`` in: float32, but bf16 and fp16 stay as they are
+        where a fused kernel reads them (it upcasts in registers): no float32 copy."""
+        if x.dtype in (torch.bfloat16, torch.float16) and self._fused(x):
+            return x.dtype
         return torch.float32
+
+    def _fused(self, groups: torch.Tensor) -> bool:
+        """Whether a Triton kernel collects ``groups`` (calibrators that have one say when)."""
+        return False
 
     def _drop_nonfinite(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """``x`` with non-finite values replaced by 0 (which adds no error), and their count.

@@ -209,11 +209,6 @@ class HistogramCalibrator(Calibrator):
             index[:size].view(part.shape).copy_(scaled[:size].view(part.shape)).add_(offset)
             hist.view(-1).index_add_(0, index[:size], ones[:size])
 
-    def _input_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """bf16 and fp16 stay as they are for the kernel (it reads their bits): no copy."""
-        low = x.dtype in (torch.bfloat16, torch.float16)
-        return x.dtype if low and self._fused(x) else torch.float32
-
     def _fused(self, groups: torch.Tensor) -> bool:
         """Whether the Triton kernel bins ``groups`` (CUDA and Triton); torch is the reference."""
         return groups.is_cuda and kernels.HAS_TRITON

@@ -172,22 +172,13 @@ class MseCalibrator(Calibrator):
             self.fmt.fake_quant_into(xq, xc, scale, zero_point)
             losses += self._error(xc, xq, wide[: xq.numel()].view(xq.shape)).T
 
-    def _input_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """bf16 and fp16 stay as they are for the kernel (it upcasts in registers): no copy."""
-        if (
-            x.dtype in (torch.bfloat16, torch.float16)
-            and self.quant_func is None
-            and self._fused(x)
-        ):
-            return x.dtype
-        return torch.float32
-
     def _fused(self, groups: torch.Tensor) -> bool:
-        """Whether the Triton sweep scores ``groups``: CUDA, Triton, the default squared error
-        and an int or fp8 format, per tensor, axis or block (nvfp4 keeps the torch path)."""
+        """Whether the Triton sweep scores ``groups``: CUDA, Triton, the format's own QDQ and
+        squared error, an int or fp8 format, per tensor, axis or block (nvfp4 keeps torch)."""
         return (
             groups.is_cuda
             and kernels.HAS_TRITON
+            and self.quant_func is None
             and self.error_func is None
             and isinstance(self.fmt, IntFormat | FP8E4M3Format)
         )

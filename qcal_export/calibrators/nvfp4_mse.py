@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 
+from qcal_export.calibrators import kernels
 from qcal_export.calibrators.base import Calibrator, MergeOp, NonFinite
 from qcal_export.errors import CalibrationError
 from qcal_export.formats import NVFP4, NVFP4Format
@@ -33,6 +34,11 @@ class NVFP4MseCalibrator(Calibrator):
 
     ``global_amax`` is given or set by ``set_initial_range`` from a max pass; ``compute_amax``
     returns the per-block amax of the winning scale, ``compute_block_scales`` the FP8 scales.
+
+    On CUDA with Triton, ``collect`` runs the fused sweep (``kernels/nvfp4_sweep.py``): same
+    losses within a relative 2^-18 (float32 accumulation), float64 for near ties, so the same
+    choices. Its losses are stored candidate-major (a transposed view, same shape) and the first
+    collect's per-block best is kept until the state changes, so deciding reads no losses.
     """
 
     merge_ops: ClassVar[dict[str, MergeOp]] = {
@@ -64,6 +70,19 @@ class NVFP4MseCalibrator(Calibrator):
         )
         super().__init__(fmt, granularity, nonfinite=nonfinite)
 
+    def reset(self) -> None:
+        super().reset()
+        self._best: torch.Tensor | None = None
+        self._unwritten = False
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        super().restore(snapshot)
+        self._best = None
+
+    def merge_(self, state: dict[str, torch.Tensor]) -> None:
+        super().merge_(state)
+        self._best = None
+
     @property
     def needs_initial_range(self) -> bool:
         return self.global_amax is None
@@ -79,7 +98,12 @@ class NVFP4MseCalibrator(Calibrator):
         if self.global_amax is None:
             raise CalibrationError("nvfp4-mse needs global_amax: pass it or run a max pass first")
         num = groups.shape[0]
-        losses = torch.zeros(num, 126, dtype=torch.float64, device=groups.device)
+        if self._fused(groups):
+            # The first fused collect writes every entry: no zero fill of [G, 126] float64.
+            losses = torch.empty(126, num, dtype=torch.float64, device=groups.device).T
+            self._unwritten = True
+        else:
+            losses = torch.zeros(num, 126, dtype=torch.float64, device=groups.device)
         return {"global_amax": self.global_amax.to(groups.device).clone(), "losses": losses}
 
     def _candidate_scales(self) -> torch.Tensor:
@@ -88,9 +112,17 @@ class NVFP4MseCalibrator(Calibrator):
         candidates = fp8_scale_candidates().to(global_scale.device)
         return self.fmt.effective_scales(candidates, global_scale)
 
+    def _fused(self, groups: torch.Tensor) -> bool:
+        """Whether the Triton sweep scores ``groups``: CUDA and Triton."""
+        return groups.is_cuda and kernels.HAS_TRITON
+
     def _update(self, x: torch.Tensor, groups: torch.Tensor) -> None:
-        scales = self._candidate_scales()[:, None, None]
         hessian = self._row_hessian()
+        if self._fused(groups):
+            self._update_fused(groups, hessian)
+            return
+        self._best = None
+        scales = self._candidate_scales()[:, None, None]
         chunk = max(1, CHUNK_ELEMENTS // (scales.shape[0] * self.fmt.block_size))
         losses = self._state["losses"]
         for begin in range(0, groups.shape[0], chunk):
@@ -103,6 +135,19 @@ class NVFP4MseCalibrator(Calibrator):
                 h = hessian[index % hessian.shape[0]]
                 error = torch.einsum("kgi,gij,kgj->kg", diff, h, diff)
             losses[begin : begin + chunk] += error.T
+
+    def _update_fused(self, groups: torch.Tensor, hessian: torch.Tensor | None) -> None:
+        from qcal_export.calibrators.kernels.nvfp4_sweep import nvfp4_scale_sweep
+
+        losses = self._state["losses"]
+        if self._unwritten and losses.stride(0) == 1:
+            _, self._best, _ = nvfp4_scale_sweep(
+                groups, self._candidate_scales(), hessian, losses.T
+            )
+        else:
+            losses += nvfp4_scale_sweep(groups, self._candidate_scales(), hessian)[0].T
+            self._best = None
+        self._unwritten = False
 
     def _row_hessian(self) -> torch.Tensor | None:
         """``H`` of the blocks along the axis, ``[blocks_per_row, 16, 16]``: block g uses
@@ -121,7 +166,7 @@ class NVFP4MseCalibrator(Calibrator):
         """The winning FP8 block scales (``float8_e4m3fn``) in export shape."""
         if not self._state:
             return None
-        best = self._state["losses"].argmin(dim=1)
+        best = self._best_candidates()
         scales = fp8_scale_candidates().to(best.device)[best]
         return self.granularity.unflatten(scales.view(torch.uint8), self.stat_shape).view(
             torch.float8_e4m3fn
@@ -131,8 +176,12 @@ class NVFP4MseCalibrator(Calibrator):
         """The global amax the candidates were scaled by."""
         return self._state["global_amax"].clone() if self._state else None
 
+    def _best_candidates(self) -> torch.Tensor:
+        """Per group, the index of the candidate with the least loss (the first on ties)."""
+        return self._best if self._best is not None else self._state["losses"].argmin(dim=1)
+
     def _decide(self) -> tuple[torch.Tensor, torch.Tensor]:
-        best = self._state["losses"].argmin(dim=1)
+        best = self._best_candidates()
         amax = self._candidate_scales()[best] * self.fmt.qmax
         return -amax, amax
 

@@ -1,0 +1,393 @@
+"""Fused NVFP4 block-scale sweep: each block of 16 read once, every candidate scored in registers.
+
+One thread owns one block. For each candidate effective scale ``s`` (FP8 value x global scale,
+float32) it computes the float32 arithmetic of ``NVFP4Format.fake_quant_blocks``: ``y = x / s``
+correctly rounded (Markstein: ``r = 1/s`` rounded once per candidate, ``q0 = x r``,
+``e = fma(-q0, s, x)``, ``y = fma(e, r, q0)``, exact for normal operands, which a power-of-two
+normalisation guarantees), E2M1 rounding of ``|y|`` half to even (clamp to 6, then one
+``fma(c, 2^22, v)`` with ``c = 1.5 * max(2^e(v), 1)`` rounds to the grid step, and the inverse
+``fma`` is exact), ``xq = q * s`` rounded to float32, ``d = xq - |x|`` (exact while ``|y| <= 12``).
+
+The loss ``sum d^2`` (or ``dᵀ H d`` with the signs folded into ``H``) is accumulated in float32,
+so each loss is within a relative ``2^-18`` (plain; for ``H``: ``2^-18 |d|ᵀ|H||d|``) of the
+float64 torch reference. Each thread also keeps the best and second-best candidate; a block
+whose two best are closer than that bound (a near or exact tie, or a block out of float32
+range) is flagged, and a second kernel recomputes in float64, exactly as the torch path does,
+that block's candidates that may still be the argmin (those whose loss minus its bound is below
+every loss plus its bound; the Hessian kernel writes the bounds to a float32 scratch), or all of
+them for a block out of range. So the argmin always equals the torch path's (the first
+candidate on ties).
+"""
+
+# Triton's JIT builds tuples by concatenation; it does not take ``(*xs, x)``.
+# ruff: noqa: RUF005
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 16
+"""NVFP4 block size: the elements one thread holds."""
+TOLERANCE = 2.0**-18
+"""Bound on a Hessian-weighted loss's float32 error relative to ``rho |d|^2`` (about 35 units of
+2^-24 worst case: H rounded, d, two 16-term FMA chains), ``rho`` the max absolute row sum."""
+PLAIN_TOLERANCE = 2.0**-19
+"""Bound on a squared-error loss's relative float32 error (18 units of 2^-24 worst case)."""
+PACKED = BLOCK * (BLOCK + 1) // 2
+"""Upper triangle of a 16 x 16 Hessian: 136 entries, off-diagonals doubled."""
+RANGE_LIMIT = 2.0**40
+"""Normalised magnitudes above this could overflow float32 squares: such blocks are recomputed."""
+SCORE_WARPS = 4
+PLAIN_BLOCKS_PER_THREAD = 2
+"""Two blocks per thread share the per-candidate loads and loop (12.7 instead of 13.4 SASS
+instructions per element and candidate); the Hessian kernel keeps one (202 registers)."""
+REPAIR_WARPS = 1
+
+
+@triton.jit
+def _e2m1_dequant(ax, s, neg_s, r, MARKSTEIN: tl.constexpr):
+    """``round_e2m1(ax / s) * s`` in float32 for ``ax >= 0``, as formats.py computes it."""
+    if MARKSTEIN:
+        q0 = ax * r
+        e = tl.fma(q0, neg_s, ax)
+        y = tl.fma(e, r, q0)
+    else:
+        y = tl.math.div_rn(ax, s)
+    v = tl.minimum(y, 6.0)
+    binade = (v.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    c = tl.maximum(binade, 1.0)
+    t = tl.fma(c, 6291456.0, v)
+    q = tl.fma(c, -6291456.0, t)
+    return q * s
+
+
+@triton.jit
+def _quadratic_form(hs, ds):
+    """``dᵀ H d`` from the packed upper triangle (off-diagonals doubled): 136 FMAs."""
+    loss = tl.zeros_like(ds[0])
+    for i in tl.static_range(16):
+        u = hs[i * 16 - (i * (i - 1)) // 2] * ds[i]
+        for j in tl.static_range(i + 1, 16):
+            u = tl.fma(hs[i * 16 - (i * (i - 1)) // 2 + j - i], ds[j], u)
+        loss = tl.fma(ds[i], u, loss)
+    return loss
+
+
+@triton.jit(do_not_specialize=["num_blocks", "per_row"])
+def _score_kernel(
+    x_ptr,
+    num_blocks,
+    scale_ptr,
+    recip_ptr,
+    norm_ptr,
+    loss_norm_ptr,
+    h_ptr,
+    rho_ptr,
+    per_row,
+    loss_ptr,
+    bound_ptr,
+    best_ptr,
+    flag_ptr,
+    NUM_CAND: tl.constexpr,
+    HESSIAN: tl.constexpr,
+    TOL: tl.constexpr,
+    LIMIT: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    blocks = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    inside = blocks < num_blocks
+    base = x_ptr + blocks.to(tl.int64) * 16
+    norm = tl.load(norm_ptr)
+    xs = ()
+    amax = tl.zeros([TILE], tl.float32)
+    for j in tl.static_range(16):
+        xj = tl.load(base + j, mask=inside, other=0.0).to(tl.float32)
+        axj = tl.abs(xj) * norm
+        amax = tl.maximum(amax, axj)
+        xs = xs + (axj,)
+    rho = tl.full([TILE], 1.0, tl.float32)
+    hs = ()
+    if HESSIAN:
+        group = blocks % per_row
+        rho = tl.load(rho_ptr + group, mask=inside, other=0.0)
+        signs = ()
+        for j in tl.static_range(16):
+            xj = tl.load(base + j, mask=inside, other=0.0)
+            signs = signs + (tl.where(xj < 0, -1.0, 1.0),)
+        hrow = h_ptr + group.to(tl.int64) * 136
+        for i in tl.static_range(16):
+            for j in tl.static_range(i, 16):
+                index = i * 16 - (i * (i - 1)) // 2 + (j - i)
+                h = tl.load(hrow + index, mask=inside, other=0.0)
+                if j != i:
+                    h = h * (signs[i] * signs[j])
+                hs = hs + (h,)
+    loss_norm = tl.load(loss_norm_ptr)
+    best = tl.full([TILE], float("inf"), tl.float32)
+    second = tl.full([TILE], float("inf"), tl.float32)
+    best_bound = tl.zeros([TILE], tl.float32)
+    second_bound = tl.zeros([TILE], tl.float32)
+    best_k = tl.zeros([TILE], tl.int32)
+    for k in range(NUM_CAND):
+        s = tl.load(scale_ptr + k)
+        r = tl.load(recip_ptr + k)
+        neg_s = -s
+        loss = tl.zeros([TILE], tl.float32)
+        if HESSIAN:
+            ds = ()
+            plain = tl.zeros([TILE], tl.float32)
+            for j in tl.static_range(16):
+                d = _e2m1_dequant(xs[j], s, neg_s, r, True) - xs[j]
+                plain = tl.fma(d, d, plain)
+                ds = ds + (d,)
+            loss = _quadratic_form(hs, ds)
+            bound = rho * plain
+            tl.store(bound_ptr + k * num_blocks + blocks, bound, mask=inside)
+        else:
+            for j in tl.static_range(16):
+                d = _e2m1_dequant(xs[j], s, neg_s, r, True) - xs[j]
+                loss = tl.fma(d, d, loss)
+            bound = loss
+        tl.store(loss_ptr + k * num_blocks + blocks, loss.to(tl.float64) * loss_norm, mask=inside)
+        below_best = loss < best
+        below_second = loss < second
+        second_bound = tl.where(below_best, best_bound, tl.where(below_second, bound, second_bound))
+        second = tl.where(below_best, best, tl.where(below_second, loss, second))
+        best_bound = tl.where(below_best, bound, best_bound)
+        best_k = tl.where(below_best, k, best_k)
+        best = tl.where(below_best, loss, best)
+    near = (second - best) <= TOL * (best_bound + second_bound) + 1e-27
+    out_of_range = (amax > LIMIT) | (best != best)
+    flag = tl.where(out_of_range, 2, tl.where(near & (amax > 0) & (rho > 0), 1, 0))
+    tl.store(best_ptr + blocks, best_k, mask=inside)
+    tl.store(flag_ptr + blocks, flag.to(tl.int8), mask=inside)
+
+
+@triton.jit(do_not_specialize=["num_blocks", "per_row"])
+def _repair_kernel(
+    x_ptr,
+    num_blocks,
+    scale_ptr,
+    h_ptr,
+    per_row,
+    loss_ptr,
+    bound_ptr,
+    loss_norm_ptr,
+    best_ptr,
+    flag_ptr,
+    NUM_CAND: tl.constexpr,
+    HESSIAN: tl.constexpr,
+    TOL: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """Float64 losses, as the torch path computes them, of the flagged blocks' candidates that
+    may still be the argmin: ``loss - TOL * bound <= min(loss + TOL * bound)``."""
+    blocks = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    inside = blocks < num_blocks
+    flag = tl.load(flag_ptr + blocks, mask=inside, other=0)
+    flagged = flag != 0
+    if tl.max(flagged.to(tl.int32), 0) != 0:
+        loss_norm = tl.load(loss_norm_ptr)
+        ceiling = tl.full([TILE], float("inf"), tl.float64)
+        for k in range(NUM_CAND):
+            loss = tl.load(loss_ptr + k * num_blocks + blocks, mask=flagged, other=0.0)
+            if HESSIAN:
+                bound = tl.load(bound_ptr + k * num_blocks + blocks, mask=flagged, other=0.0)
+                bound = bound.to(tl.float64) * loss_norm
+            else:
+                bound = loss
+            ceiling = tl.minimum(ceiling, loss + TOL * bound)
+        base = x_ptr + blocks.to(tl.int64) * 16
+        xs = ()
+        signs = ()
+        for j in tl.static_range(16):
+            xj = tl.load(base + j, mask=flagged, other=0.0).to(tl.float32)
+            xs = xs + (tl.abs(xj),)
+            signs = signs + (tl.where(xj < 0, -1.0, 1.0).to(tl.float64),)
+        hrow = h_ptr + (blocks % per_row).to(tl.int64) * 256
+        best = tl.full([TILE], float("inf"), tl.float64)
+        best_k = tl.zeros([TILE], tl.int32)
+        for k in range(NUM_CAND):
+            loss = tl.load(loss_ptr + k * num_blocks + blocks, mask=flagged, other=0.0)
+            if HESSIAN:
+                bound = tl.load(bound_ptr + k * num_blocks + blocks, mask=flagged, other=0.0)
+                bound = bound.to(tl.float64) * loss_norm
+            else:
+                bound = loss
+            needed = flagged & ((loss - TOL * bound <= ceiling) | (flag == 2))
+            if tl.max(needed.to(tl.int32), 0) != 0:
+                s = tl.load(scale_ptr + k)
+                ds = ()
+                exact = tl.zeros([TILE], tl.float64)
+                for j in tl.static_range(16):
+                    xq = _e2m1_dequant(xs[j], s, s, s, False)
+                    d = xq.to(tl.float64) - xs[j].to(tl.float64)
+                    if HESSIAN:
+                        ds = ds + (d * signs[j],)
+                    else:
+                        exact += d * d
+                if HESSIAN:
+                    for i in tl.static_range(16):
+                        hd = tl.zeros([TILE], tl.float64)
+                        for j in tl.static_range(16):
+                            h = tl.load(hrow + i * 16 + j, mask=needed, other=0.0)
+                            hd += h * ds[j]
+                        exact += ds[i] * hd
+                tl.store(loss_ptr + k * num_blocks + blocks, exact, mask=needed)
+                loss = tl.where(needed, exact, loss)
+            below = loss < best
+            best_k = tl.where(below, k, best_k)
+            best = tl.where(below, loss, best)
+        tl.store(best_ptr + blocks, best_k, mask=flagged)
+
+
+@triton.jit
+def _dequant_kernel(x_ptr, n, scale_ptr, recip_ptr, norm_ptr, out_ptr, TILE: tl.constexpr):
+    """``[K, n]``: each value's normalised Q -> DQ under candidate ``program_id(1)``."""
+    offsets = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    inside = offsets < n
+    k = tl.program_id(1)
+    s = tl.load(scale_ptr + k)
+    x = tl.load(x_ptr + offsets, mask=inside, other=0.0) * tl.load(norm_ptr)
+    xq = _e2m1_dequant(tl.abs(x), s, -s, tl.load(recip_ptr + k), True)
+    tl.store(out_ptr + k.to(tl.int64) * n + offsets, tl.where(x < 0, -xq, xq), mask=inside)
+
+
+def _normalised_candidates(
+    scales: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scales times ``2^k`` (so that the global scale lies in [1, 2): every operand of the
+    Markstein division is then normal and no square under- or overflows for in-range blocks),
+    their correctly rounded reciprocals, ``2^k`` (float32, ``[1]``) and ``k``."""
+    k = _pow2_exponent(scales.amax() / 448.0).to(torch.float32)
+    norm = torch.ldexp(torch.ones((), device=scales.device), k).reshape(1)
+    scaled = scales * norm
+    return scaled, torch.ones_like(scaled).div_(scaled), norm, k
+
+
+def fake_quant_like_sweep(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The sweep's Q -> DQ of float32 ``x`` ``[n]`` under each of ``scales`` ``[K]``: ``[K, n]``.
+
+    For tests: must equal ``NVFP4.fake_quant_blocks`` bit for bit (scaled back by ``2^-k``).
+    """
+    scales = scales.to(device=x.device, dtype=torch.float32).contiguous()
+    scaled, recip, norm, _ = _normalised_candidates(scales)
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty(scales.shape[0], x.numel(), dtype=torch.float32, device=x.device)
+    _dequant_kernel[(triton.cdiv(x.numel(), 1024), scales.shape[0])](
+        x, x.numel(), scaled, recip, norm, out, TILE=1024, enable_fp_fusion=False
+    )
+    return out / norm
+
+
+def _pow2_exponent(t: torch.Tensor) -> torch.Tensor:
+    """``-floor(log2(t))`` for positive float32/64 ``t`` (0 for 0), as an int tensor."""
+    _, exponent = torch.frexp(t)
+    return torch.where(t > 0, 1 - exponent, torch.zeros_like(exponent))
+
+
+def _packed_hessian(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``H`` normalised by a power of two ``2^m``, upper triangle packed with off-diagonals
+    doubled (float32 ``[per_row, 136]``), its max absolute row sums (float32 ``[per_row]``)
+    and ``2^-m`` (float64)."""
+    h = hessian.to(torch.float64)
+    m = _pow2_exponent(h.abs().amax())
+    h = torch.ldexp(h, m.to(torch.float64))
+    rows, cols = torch.triu_indices(BLOCK, BLOCK, device=h.device)
+    packed = h[:, rows, cols] * torch.where(rows == cols, 1.0, 2.0).to(h)
+    rho = h.abs().sum(-1).amax(-1)
+    return (
+        packed.float().contiguous(),
+        rho.float().contiguous(),
+        torch.ldexp(torch.ones((), dtype=torch.float64, device=h.device), -m.to(torch.float64)),
+    )
+
+
+def nvfp4_scale_sweep(
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    hessian: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    repair: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss of every candidate scale for every block, and each block's first best candidate.
+
+    ``blocks`` ``[G, 16]`` float32/bf16/fp16 on CUDA; ``scales`` ``[K]`` float32 effective
+    scales (FP8 value x global scale, ascending); ``hessian`` ``[per_row, 16, 16]`` (block ``g``
+    uses ``hessian[g % per_row]``) or None for squared error. Returns ``losses`` ``[K, G]``
+    float64 (written into ``out`` when given), ``best`` ``[G]`` int64 and a 0-dim count of the
+    blocks recomputed in float64 (``repair=False`` skips that pass: for benchmarks only).
+    """
+    blocks = blocks.contiguous()
+    num_blocks, num_cand = blocks.shape[0], scales.shape[0]
+    device = blocks.device
+    losses = (
+        out
+        if out is not None
+        else torch.empty(num_cand, num_blocks, dtype=torch.float64, device=device)
+    )
+    best = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    bounds = torch.empty(
+        (num_cand, num_blocks) if hessian is not None else (1,), dtype=torch.float32, device=device
+    )
+    flags = torch.empty(num_blocks, dtype=torch.int8, device=device)
+    scales = scales.to(device=device, dtype=torch.float32).contiguous()
+    scaled, recip, norm, k = _normalised_candidates(scales)
+    loss_norm = torch.ldexp(torch.ones((), dtype=torch.float64, device=device), -2 * k.double())
+    if hessian is None:
+        packed = rho = scaled  # unused
+        per_row = 1
+    else:
+        packed, rho, h_norm = _packed_hessian(hessian.to(device))
+        loss_norm = loss_norm * h_norm
+        per_row = hessian.shape[0]
+    tile = 32 * SCORE_WARPS * (1 if hessian is not None else PLAIN_BLOCKS_PER_THREAD)
+    grid = (triton.cdiv(num_blocks, tile),)
+    tolerance = TOLERANCE if hessian is not None else PLAIN_TOLERANCE
+    _score_kernel[grid](
+        blocks,
+        num_blocks,
+        scaled,
+        recip,
+        norm,
+        loss_norm.reshape(1),
+        packed,
+        rho,
+        per_row,
+        losses,
+        bounds,
+        best,
+        flags,
+        NUM_CAND=num_cand,
+        HESSIAN=hessian is not None,
+        TOL=tolerance,
+        LIMIT=RANGE_LIMIT,
+        TILE=tile,
+        num_warps=SCORE_WARPS,
+        enable_fp_fusion=False,
+    )
+    if not repair:
+        return losses, best.long(), (flags != 0).sum()
+    h64 = scales if hessian is None else hessian.to(device=device, dtype=torch.float64)
+    _repair_kernel[(triton.cdiv(num_blocks, 32 * REPAIR_WARPS),)](
+        blocks,
+        num_blocks,
+        scales,
+        h64.contiguous(),
+        per_row,
+        losses,
+        bounds,
+        loss_norm.reshape(1),
+        best,
+        flags,
+        NUM_CAND=num_cand,
+        HESSIAN=hessian is not None,
+        TOL=tolerance,
+        TILE=32 * REPAIR_WARPS,
+        num_warps=REPAIR_WARPS,
+        enable_fp_fusion=False,
+    )
+    return losses, best.long(), (flags != 0).sum()
