@@ -70,6 +70,9 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", type=int, help="use at most N batches")
     p.add_argument("--batch-size", type=int, help="split a single .npz along axis 0")
     p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--device-id", type=int, default=0, help="GPU the CUDA EP captures on (tensors stay there)"
+    )
     p.add_argument("--scales-in", help="re-export from a saved scales file, no calibration")
     p.add_argument("--validate-batches", type=int, default=4, help="batches for the error check")
     p.add_argument(
@@ -181,6 +184,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         max_batches=args.batches,
         provider=args.provider,
+        device_id=args.device_id,
         scales_in=args.scales_in,
         validate_batches=args.validate_batches,
         state=args.state,

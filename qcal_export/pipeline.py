@@ -66,6 +66,7 @@ def calibrate_onnx(
     batch_size: int | None = None,
     max_batches: int | None = None,
     provider: str = "auto",
+    device_id: int = 0,
     scales_in: str | Path | None = None,
     validate_batches: int = 4,
     checkpoint: str | Path | None = None,
@@ -83,6 +84,7 @@ def calibrate_onnx(
     (``data`` then only serves validation). ``options`` build the recipe when none is given
     (``format``, ``method``, ``weight_method``, ``block_size``, ...: see
     ``recipe_options.build_recipe``).
+    ``device_id``: the GPU that captures under the CUDA EP (activations stay on it).
     ``checkpoint``: a directory for NVFP4 serving checkpoints, one subdirectory per layout.
     ``state``: a file where calibrator state is saved every ``state_every`` batches; with
     ``resume`` a run continues from it (same model, recipe and data order) and gives the scales
@@ -101,6 +103,7 @@ def calibrate_onnx(
     if checkpoint is not None:
         check_checkpoint_dir(checkpoint, checkpoint_layouts)
     run = _plan(model, recipe, data, batch_size, provider)
+    run.device_id = device_id
     if state is not None:
         run.state = StateFile(state, _identity(run, max_batches, batch_size), every=state_every)
     elif resume:
@@ -162,6 +165,7 @@ class Run:
     weight_errors: dict[str, float] = field(default_factory=dict)
     validator: str = ""
     state: StateFile | None = None
+    device_id: int = 0
 
 
 @contextmanager
@@ -259,7 +263,11 @@ def _capture_pass(run: Run, max_batches: int | None, progress: ProgressFactory |
             wanted = {t: types[t] for t in [*run.plan.activations, *hessian_inputs(run.plan)]}
             sessions.append(
                 OrtCapture(
-                    run.loaded.proto, wanted, providers=run.providers, name=str(run.loaded.path)
+                    run.loaded.proto,
+                    wanted,
+                    providers=run.providers,
+                    name=str(run.loaded.path),
+                    device_id=run.device_id,
                 )
             )
 

@@ -291,6 +291,10 @@ BAD_RUNS = {
         r"method option\(s\) \['percentile'\] fit no method used: "
         r"\{\"activation method 'max'\": \[\], \"weight method 'max'\": \[\]\}$",
     ),
+    "negative-device-id": (
+        lambda w, t: good(w, "--device-id", "-1"),
+        r"device_id must be a GPU index >= 0, not -1$",
+    ),
     "cuda-without-cuda": (
         lambda w, t: good(w, "--provider", "cuda"),
         r"provider 'cuda' requested",

@@ -1,7 +1,8 @@
 """Capture activations with ONNX Runtime: planned tensors become extra graph outputs.
 
 Batches stream through one session; each captured tensor goes straight to its sink (a
-calibrator) and is dropped, so memory is one batch plus calibrator state.
+calibrator) and is dropped, so memory is one batch plus calibrator state. Under the CUDA EP the
+captured tensors stay on the GPU (IOBinding and DLPack: see ``iobinding``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ import onnxruntime as ort
 import torch
 from onnx import helper
 
-from qcal_export.capture.data import DataSource, InputSpec, as_feed, model_inputs
+from qcal_export.capture.data import Batch, DataSource, InputSpec, as_feed, model_inputs
+from qcal_export.capture.iobinding import (
+    BoundRunError,
+    BoundRunner,
+    ProviderEntry,
+    bind_device_id,
+    binding_problem,
+    session_device,
+)
 from qcal_export.errors import DataError, ModelError
 from qcal_export.graphs.model_io import over_protobuf_limit
 
@@ -52,7 +61,7 @@ def select_providers(provider: str) -> list[str]:
 
 def open_session(
     model: onnx.ModelProto | Path,
-    providers: Sequence[str],
+    providers: Sequence[ProviderEntry],
     name: str,
     *,
     extra_outputs: dict[str, int] | None = None,
@@ -100,23 +109,47 @@ def _append_outputs(model: onnx.ModelProto, tensors: dict[str, int]) -> int:
 
 
 class OrtCapture:
-    """One ORT session that feeds the values of ``tensors`` to a sink, batch by batch."""
+    """One ORT session that feeds the values of ``tensors`` to a sink, batch by batch.
+
+    ``device_id``: the GPU the CUDA EP runs on, unless its providers entry names one (ignored
+    on the CPU). ``iobinding``: None runs with IOBinding where the session computes on CUDA, so
+    the sink gets CUDA tensors with no host copy; True also on the CPU (outputs bound to
+    ``cpu``); False always through a plain ``session.run`` (numpy outputs, on the host).
+    ``device`` says where the sink's tensors are.
+    """
 
     def __init__(
         self,
         model: onnx.ModelProto,
         tensors: dict[str, int],
         *,
-        providers: Sequence[str],
+        providers: Sequence[ProviderEntry],
         name: str = "model",
+        device_id: int = 0,
+        iobinding: bool | None = None,
     ):
+        if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
+            raise DataError(f"device_id must be a GPU index >= 0, not {device_id!r}")
         self.inputs: list[InputSpec] = model_inputs(model)
         input_names = {spec.name for spec in self.inputs}
         self.fed = [t for t in tensors if t in input_names]
         self.fetched = [t for t in tensors if t not in input_names]
         self._session = open_session(
-            model, providers, name, extra_outputs={t: tensors[t] for t in self.fetched}
+            model,
+            bind_device_id(providers, device_id),
+            name,
+            extra_outputs={t: tensors[t] for t in self.fetched},
         )
+        device = session_device(self._session)
+        use_binding = device.type == "cuda" if iobinding is None else iobinding
+        problem = binding_problem(device) if use_binding else None
+        if problem and iobinding:
+            raise DataError(f"iobinding=True: {problem}; use iobinding=None or False")
+        if problem:
+            log.warning("%s: captured tensors are copied to the host", problem)
+            use_binding = False
+        self._bound = BoundRunner(self._session, device) if use_binding else None
+        self.device = device if use_binding else torch.device("cpu")
 
     def run(
         self,
@@ -146,14 +179,16 @@ class OrtCapture:
                 continue
             feed = as_feed(item, self.inputs, index)
             try:
-                values = self._session.run(fetched, feed) if fetched else []
-            except ORT_ERRORS as e:
+                values, inputs = self._run_batch(fetched, feed)
+            except (*ORT_ERRORS, BoundRunError) as e:
                 raise DataError(f"batch {index}: ONNX Runtime failed on it: {e}") from None
             for name, value in zip(fetched, values, strict=True):
-                sink(name, torch.from_numpy(value))
+                sink(name, value)
             for name in fed:
-                sink(name, torch.from_numpy(feed[name]))
-            del values, feed
+                sink(name, inputs[name])
+            del values, inputs, feed
+            if self._bound is not None:
+                self._bound.release()
             count += 1
             if on_batch is not None:
                 on_batch()
@@ -167,3 +202,13 @@ class OrtCapture:
                 f"{source.description} has only {count}: resume with the same data"
             )
         return count
+
+    def _run_batch(
+        self, fetched: list[str], feed: Batch
+    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """The ``fetched`` outputs and the inputs of one batch, as tensors on ``self.device``."""
+        if self._bound is not None:
+            return self._bound.run(fetched, feed)
+        values = self._session.run(fetched, feed) if fetched else []
+        inputs = {name: torch.from_numpy(array) for name, array in feed.items()}
+        return [torch.from_numpy(v) for v in values], inputs
