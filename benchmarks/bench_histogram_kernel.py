@@ -7,8 +7,8 @@ groups (also with more programs, and per-tensor without or with more private int
 ``torch.histc`` is one call per group over the same range (float bin edges, so not our exact
 bins: a speed baseline only). Median of CUDA-event timings after warm-up. The floor is the bf16
 bytes read over the measured device-to-device copy rate; per-axis(0) also touches its 512 MiB
-int64 state, which the floor leaves out. Writes ``histogram_kernel_h100.md`` to ``$OUT`` (or
-``benchmarks/results``).
+int64 state, which the floor leaves out. Writes ``histogram_kernel_<gpu>.md`` (``h100``,
+``h200``, ...) to ``$OUT`` (or ``benchmarks/results``).
 
 Usage: ``python benchmarks/bench_histogram_kernel.py`` on a CUDA machine with Triton.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import triton
-from gpu_timing import copy_rate, cuda_median
+from gpu_timing import copy_rate, cuda_median, gpu_tag
 
 from qcal_export.calibrators import PercentileCalibrator
 from qcal_export.calibrators.histogram import HistogramCalibrator
@@ -119,7 +119,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(os.environ.get("OUT", Path(__file__).parent / "results"))
-    (out / "histogram_kernel_h100.md").write_text(text)
+    (out / f"histogram_kernel_{gpu_tag()}.md").write_text(text)
 
 
 if __name__ == "__main__":

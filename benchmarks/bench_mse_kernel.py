@@ -6,7 +6,7 @@ warm-up. The floor is the larger of the kernel's instructions per element per ca
 off its SASS: the candidate loop's instructions over the values each thread holds) times
 elements times candidates over the measured FP32 instruction rate, and the bytes read over the
 measured device-to-device copy rate. Writes the table to ``$OUT`` (or ``benchmarks/results``)
-as ``mse_kernel_h100.md``.
+as ``mse_kernel_<gpu>.md`` (``h100``, ``h200``, ...).
 
 Usage: ``python benchmarks/bench_mse_kernel.py`` on a CUDA machine with Triton.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import triton
-from gpu_timing import copy_rate, cuda_median, fma_rate, innermost_loop
+from gpu_timing import copy_rate, cuda_median, fma_rate, gpu_tag, innermost_loop
 
 from qcal_export.calibrators.kernels import mse_sweep
 from qcal_export.calibrators.mse import MseCalibrator, mse_multipliers
@@ -162,7 +162,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(os.environ.get("OUT", Path(__file__).parent / "results"))
-    (out / "mse_kernel_h100.md").write_text(text)
+    (out / f"mse_kernel_{gpu_tag()}.md").write_text(text)
 
 
 if __name__ == "__main__":

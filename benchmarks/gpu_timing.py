@@ -90,3 +90,12 @@ def innermost_loop(sass: str) -> list[str]:
         return []
     begin, end = min(loops, key=lambda loop: loop[1] - loop[0])
     return instructions[begin : end + 1]
+
+
+def gpu_tag() -> str:
+    """A short name of this GPU for result file names: ``h100``, ``h200``, ...
+
+    Results of different GPUs stay side by side instead of overwriting each other."""
+    name = torch.cuda.get_device_properties(0).name
+    found = re.search(r"\b([A-Z]\d{2,4})\b", name)
+    return (found.group(1) if found else re.sub(r"\W+", "_", name)).lower()

@@ -20,6 +20,9 @@ from qcal_export.granularity import PerBlock
 WEIGHT_BLOCKS = PerBlock(-1, 16)
 """Blocks of 16 along the last axis: the input channels of a ``[cout, cin]`` weight."""
 
+SCHUR_CONDITION_LIMIT = 1e8
+"""Hessian blocks worse conditioned than this get no Schur floor (0: no bound from it); float64
+inverses of better ones are good to far below the floor's 1e-6 margin."""
 CHUNK_ELEMENTS = 1 << 21
 """Candidates x blocks x 16 scored at once: bounds the sweep's scratch memory."""
 
@@ -35,10 +38,13 @@ class NVFP4MseCalibrator(Calibrator):
     ``global_amax`` is given or set by ``set_initial_range`` from a max pass; ``compute_amax``
     returns the per-block amax of the winning scale, ``compute_block_scales`` the FP8 scales.
 
-    On CUDA with Triton, ``collect`` runs the fused sweep (``kernels/nvfp4_sweep.py``): same
-    losses within a relative 2^-18 (float32 accumulation), float64 for near ties, so the same
-    choices. Its losses are stored candidate-major (a transposed view, same shape) and the first
-    collect's per-block best is kept until the state changes, so deciding reads no losses.
+    On CUDA with Triton the first ``collect`` only finds each block's best candidate
+    (``kernels/nvfp4_best.py``: the candidates that can still win, float64 for near ties) and
+    keeps a copy of the blocks; the 126 losses per block (``[G, 126]`` float64, 63x the bf16
+    weight) are computed only when something needs them (``state_dict``, ``snapshot``,
+    ``merge_`` or a second ``collect``), by the fused full sweep (``kernels/nvfp4_sweep.py``:
+    losses within a relative 2^-18, float64 for near ties), stored candidate-major (a
+    transposed view, same shape). Both give the torch path's choices.
     """
 
     merge_ops: ClassVar[dict[str, MergeOp]] = {
@@ -73,13 +79,23 @@ class NVFP4MseCalibrator(Calibrator):
     def reset(self) -> None:
         super().reset()
         self._best: torch.Tensor | None = None
-        self._unwritten = False
+        self._pending: torch.Tensor | None = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        self._materialize()
+        return super().state_dict()
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        self._materialize()
+        return super().snapshot()
 
     def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
         super().restore(snapshot)
         self._best = None
+        self._pending = None
 
     def merge_(self, state: dict[str, torch.Tensor]) -> None:
+        self._materialize()
         super().merge_(state)
         self._best = None
 
@@ -97,14 +113,11 @@ class NVFP4MseCalibrator(Calibrator):
     def _init_state(self, groups: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.global_amax is None:
             raise CalibrationError("nvfp4-mse needs global_amax: pass it or run a max pass first")
-        num = groups.shape[0]
-        if self._fused(groups):
-            # The first fused collect writes every entry: no zero fill of [G, 126] float64.
-            losses = torch.empty(126, num, dtype=torch.float64, device=groups.device).T
-            self._unwritten = True
-        else:
-            losses = torch.zeros(num, 126, dtype=torch.float64, device=groups.device)
-        return {"global_amax": self.global_amax.to(groups.device).clone(), "losses": losses}
+        state = {"global_amax": self.global_amax.to(groups.device).clone()}
+        if not self._fused(groups):  # the fused path adds losses when they are needed
+            shape = (groups.shape[0], 126)
+            state["losses"] = torch.zeros(shape, dtype=torch.float64, device=groups.device)
+        return state
 
     def _candidate_scales(self) -> torch.Tensor:
         """Float32 effective scales (FP8 value x global scale) per candidate, ``[126]``."""
@@ -137,17 +150,27 @@ class NVFP4MseCalibrator(Calibrator):
             losses[begin : begin + chunk] += error.T
 
     def _update_fused(self, groups: torch.Tensor, hessian: torch.Tensor | None) -> None:
+        from qcal_export.calibrators.kernels.nvfp4_best import nvfp4_best_scales
         from qcal_export.calibrators.kernels.nvfp4_sweep import nvfp4_scale_sweep
 
-        losses = self._state["losses"]
-        if self._unwritten and losses.stride(0) == 1:
-            _, self._best, _ = nvfp4_scale_sweep(
-                groups, self._candidate_scales(), hessian, losses.T
-            )
-        else:
-            losses += nvfp4_scale_sweep(groups, self._candidate_scales(), hessian)[0].T
-            self._best = None
-        self._unwritten = False
+        if "losses" not in self._state and self._pending is None:
+            self._pending = groups.contiguous().clone()
+            self._best = nvfp4_best_scales(groups, self._candidate_scales(), hessian)[0]
+            return
+        self._materialize()
+        self._state["losses"] += nvfp4_scale_sweep(groups, self._candidate_scales(), hessian)[0].T
+        self._best = None
+
+    def _materialize(self) -> None:
+        """Score every candidate of the blocks the first fused collect only chose for."""
+        if self._pending is None:
+            return
+        from qcal_export.calibrators.kernels.nvfp4_sweep import nvfp4_scale_sweep
+
+        blocks, self._pending = self._pending, None
+        losses = torch.empty(126, blocks.shape[0], dtype=torch.float64, device=blocks.device)
+        nvfp4_scale_sweep(blocks, self._candidate_scales(), self._row_hessian(), losses)
+        self._state["losses"] = losses.T
 
     def _row_hessian(self) -> torch.Tensor | None:
         """``H`` of the blocks along the axis, ``[blocks_per_row, 16, 16]``: block g uses
@@ -160,7 +183,7 @@ class NVFP4MseCalibrator(Calibrator):
                 f"hessian has {self.hessian.shape[0]} blocks, the tensor {per_row} along axis "
                 f"{self.granularity.axis}"
             )
-        return self.hessian.to(self._state["losses"].device)
+        return self.hessian.to(self._state["global_amax"].device)
 
     def compute_block_scales(self) -> torch.Tensor | None:
         """The winning FP8 block scales (``float8_e4m3fn``) in export shape."""
@@ -216,3 +239,16 @@ class BlockHessian:
         blocks = rows.reshape(rows.shape[0], -1, self.block_size)
         update = torch.einsum("nbi,nbj->bij", blocks, blocks)
         self.hessian = update if self.hessian is None else self.hessian + update
+
+
+def schur_floors(hessian: torch.Tensor) -> torch.Tensor:
+    """Per block and element ``i``, the least ``dᵀ H d`` with ``d_i = 1``: ``1 / (H⁻¹)_ii``,
+    rounded down (float32 ``[blocks, 16]``); 0 for blocks worse conditioned than
+    ``SCHUR_CONDITION_LIMIT`` (singular ones too), where float64 could not bound it safely."""
+    h = hessian.to(torch.float64)
+    eigenvalues = torch.linalg.eigvalsh(h)
+    usable = eigenvalues[:, 0] * SCHUR_CONDITION_LIMIT > eigenvalues[:, -1]
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device).expand_as(h)
+    inverse = torch.linalg.inv(torch.where(usable[:, None, None], h, eye))
+    floors = (1.0 - 1e-6) / inverse.diagonal(dim1=-2, dim2=-1)
+    return torch.where(usable[:, None], floors, 0.0).clamp_min(0.0).float().contiguous()

@@ -7,6 +7,7 @@ captured tensors stay on the GPU (IOBinding and DLPack: see ``iobinding``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
@@ -44,6 +45,8 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 def select_providers(provider: str) -> list[str]:
     """ORT providers for ``auto`` / ``cpu`` / ``cuda``; auto falls back to CPU with a log line."""
     available = ort.get_available_providers()
+    if PROVIDERS["cuda"] in available and provider in ("auto", "cuda"):
+        _preload_cuda_libraries()
     if provider == "auto":
         if PROVIDERS["cuda"] in available:
             return [PROVIDERS["cuda"], PROVIDERS["cpu"]]
@@ -57,6 +60,18 @@ def select_providers(provider: str) -> list[str]:
             "onnxruntime-gpu for cuda, or use --provider auto"
         )
     return [PROVIDERS[provider]] + ([PROVIDERS["cpu"]] if provider != "cpu" else [])
+
+
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of the nvidia-* wheels (those torch also uses) before
+    the CUDA EP looks for them, where onnxruntime can (>= 1.21); else the system's are used."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except OSError as e:  # a missing library: the session falls back to CPU and says so
+            log.warning("onnxruntime.preload_dlls: %s", e)
 
 
 def open_session(

@@ -165,6 +165,29 @@ def _score_kernel(
     tl.store(flag_ptr + blocks, flag.to(tl.int8), mask=inside)
 
 
+@triton.jit
+def _exact_loss(xs, signs, s, hrow, needed, TILE: tl.constexpr, HESSIAN: tl.constexpr):
+    """Float64 loss of scale ``s`` as the torch path computes it: ``sum d^2`` or ``dᵀ H d``
+    with ``d = fl32(q s) - x`` (``hrow``: float64 ``[16, 16]`` rows of each lane's ``H``)."""
+    ds = ()
+    exact = tl.zeros([TILE], tl.float64)
+    for j in tl.static_range(16):
+        xq = _e2m1_dequant(xs[j], s, s, s, False)
+        d = xq.to(tl.float64) - xs[j].to(tl.float64)
+        if HESSIAN:
+            ds = ds + (d * signs[j],)
+        else:
+            exact += d * d
+    if HESSIAN:
+        for i in tl.static_range(16):
+            hd = tl.zeros([TILE], tl.float64)
+            for j in tl.static_range(16):
+                h = tl.load(hrow + i * 16 + j, mask=needed, other=0.0)
+                hd += h * ds[j]
+            exact += ds[i] * hd
+    return exact
+
+
 @triton.jit(do_not_specialize=["num_blocks", "per_row"])
 def _repair_kernel(
     x_ptr,
@@ -218,23 +241,7 @@ def _repair_kernel(
                 bound = loss
             needed = flagged & ((loss - TOL * bound <= ceiling) | (flag == 2))
             if tl.max(needed.to(tl.int32), 0) != 0:
-                s = tl.load(scale_ptr + k)
-                ds = ()
-                exact = tl.zeros([TILE], tl.float64)
-                for j in tl.static_range(16):
-                    xq = _e2m1_dequant(xs[j], s, s, s, False)
-                    d = xq.to(tl.float64) - xs[j].to(tl.float64)
-                    if HESSIAN:
-                        ds = ds + (d * signs[j],)
-                    else:
-                        exact += d * d
-                if HESSIAN:
-                    for i in tl.static_range(16):
-                        hd = tl.zeros([TILE], tl.float64)
-                        for j in tl.static_range(16):
-                            h = tl.load(hrow + i * 16 + j, mask=needed, other=0.0)
-                            hd += h * ds[j]
-                        exact += ds[i] * hd
+                exact = _exact_loss(xs, signs, tl.load(scale_ptr + k), hrow, needed, TILE, HESSIAN)
                 tl.store(loss_ptr + k * num_blocks + blocks, exact, mask=needed)
                 loss = tl.where(needed, exact, loss)
             below = loss < best

@@ -1,0 +1,486 @@
+"""Each block's best NVFP4 FP8 scale, scoring only the candidates that can still win.
+
+``nvfp4_scale_sweep`` scores all 126 candidates of every block and writes every loss, which
+merging and several collects need. One collect that only wants the choice needs neither: this
+kernel first scores one reference candidate ``r`` (the smallest scale that does not clip the
+block's largest value ``a``), then skips the candidates whose loss provably exceeds ``L_r``
+(plus its float32 error bound), using two lower bounds of the float64 loss the torch path
+computes:
+
+- scale ``s`` with ``6 s < a`` clips ``a`` to ``fl(6 s)``, so the loss is at least
+  ``c (a - fl(6 s))^2`` (``c = 1`` for squared error; for ``dᵀ H d`` the Schur complement
+  ``1 / (H⁻¹)_ii`` of ``a``'s element ``i``, the least ``dᵀ H d`` with ``d_i`` fixed);
+- scale ``s >= 4 z`` rounds every value ``<= z`` to 0, each such value then adding its full
+  ``x^2`` (for ``H``: at least ``c_i x_i^2`` of its largest term), and from ``4 a`` on every
+  scale gives the same loss, of which the first stands for all.
+
+Both bounds are monotone in the scale, so each block keeps one contiguous range of candidates.
+A first kernel finds each block's range; the blocks are sorted by range, and a second kernel
+scores, per tile of blocks in that order, the union of their ranges (little wider than each).
+Inside it the scoring, the near-tie flags and the float64 repair of flagged blocks are those of
+``nvfp4_sweep``, so the choice is the same: the first candidate of least float64 loss.
+"""
+
+# ruff: noqa: RUF005
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qcal_export.calibrators.kernels.nvfp4_sweep import (
+    PLAIN_TOLERANCE,
+    RANGE_LIMIT,
+    TOLERANCE,
+    _e2m1_dequant,
+    _exact_loss,
+    _normalised_candidates,
+    _packed_hessian,
+    _quadratic_form,
+)
+from qcal_export.calibrators.nvfp4_mse import schur_floors
+
+BEST_WARPS = 2
+"""Small tiles: a tile scores the union of its blocks' ranges."""
+PLAIN_BLOCKS_PER_THREAD = 2
+SLACK = 1.01
+"""Bounds are loosened by 1%: far above the float32 rounding of computing them."""
+
+
+@triton.jit
+def _first_at_least(scale_ptr, t, NUM_CAND: tl.constexpr, STEPS: tl.constexpr):
+    """Per lane, the first candidate index ``k`` with ``scale[k] >= t`` (``NUM_CAND`` if none)."""
+    lo = tl.zeros(t.shape, tl.int32)
+    hi = tl.full(t.shape, NUM_CAND, tl.int32)
+    for _ in tl.static_range(STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        s = tl.load(scale_ptr + mid, mask=active, other=0.0)
+        right = active & (s < t)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & (s >= t), mid, hi)
+    return lo
+
+
+@triton.jit
+def _zero_bound_edge(xs, cs, threshold, HESSIAN: tl.constexpr):
+    """The least value ``z`` whose zeroing alone (with every value below it) costs more than
+    ``threshold``, or +inf: from scale ``4 z`` on, every candidate is pruned."""
+    edge = tl.full(xs[0].shape, float("inf"), tl.float32)
+    for j in tl.static_range(16):
+        bound = tl.zeros_like(xs[0])
+        for i in tl.static_range(16):
+            below = xs[i] <= xs[j]
+            if HESSIAN:
+                bound = tl.maximum(bound, tl.where(below, cs[i] * xs[i] * xs[i], 0.0))
+            else:
+                bound += tl.where(below, xs[i] * xs[i], 0.0)
+        edge = tl.where(bound * (1.0 / 1.01) > threshold, tl.minimum(edge, xs[j]), edge)
+    return edge
+
+
+@triton.jit
+def _candidate_range(
+    scale_ptr,
+    xs,
+    cs,
+    amax,
+    c_max,
+    threshold,
+    ref,
+    NUM_CAND: tl.constexpr,
+    STEPS: tl.constexpr,
+    HESSIAN: tl.constexpr,
+):
+    """``[first, end)``: the candidates whose lower bounds do not exceed ``threshold``."""
+    gap = tl.sqrt(threshold / c_max) * 1.01
+    clip_scale = tl.where(c_max > 0, (amax - gap) * (0.999 / 6.0), 0.0)
+    first = _first_at_least(scale_ptr, clip_scale, NUM_CAND, STEPS)
+    edge = _zero_bound_edge(xs, cs, threshold, HESSIAN)
+    end = _first_at_least(scale_ptr, edge * 4.004, NUM_CAND, STEPS)
+    plateau = tl.minimum(_first_at_least(scale_ptr, amax * 4.004, NUM_CAND, STEPS) + 1, NUM_CAND)
+    end = tl.where(edge < float("inf"), end, plateau)
+    return tl.minimum(first, ref), tl.maximum(end, ref + 1)
+
+
+@triton.jit
+def _block_values(x_ptr, blocks, inside, norm_ptr, schur_ptr, per_row, HESSIAN: tl.constexpr):
+    """A tile's normalised ``|x|`` (16 ``[TILE]`` values), their Schur floors (Hessian), the
+    amax and the floor of the amax's element (1 for squared error)."""
+    base = x_ptr + blocks.to(tl.int64) * 16
+    norm = tl.load(norm_ptr)
+    group = blocks % per_row
+    xs = ()
+    cs = ()
+    amax = tl.zeros(blocks.shape, tl.float32)
+    c_max = tl.full(blocks.shape, 0.0 if HESSIAN else 1.0, tl.float32)
+    for j in tl.static_range(16):
+        axj = tl.abs(tl.load(base + j, mask=inside, other=0.0).to(tl.float32)) * norm
+        if HESSIAN:
+            cj = tl.load(schur_ptr + group * 16 + j, mask=inside, other=0.0)
+            c_max = tl.where(axj > amax, cj, c_max)
+            cs = cs + (cj,)
+        amax = tl.maximum(amax, axj)
+        xs = xs + (axj,)
+    return xs, cs, amax, c_max
+
+
+@triton.jit
+def _block_hessian(x_ptr, blocks, inside, h_ptr, rho_ptr, per_row, HESSIAN: tl.constexpr):
+    """The tile's signed packed ``H`` and its row-sum bound ``rho`` (1 for squared error)."""
+    rho = tl.full(blocks.shape, 1.0, tl.float32)
+    hs = ()
+    if HESSIAN:
+        group = blocks % per_row
+        rho = tl.load(rho_ptr + group, mask=inside, other=0.0)
+        hs = _signed_hessian(x_ptr, x_ptr + blocks.to(tl.int64) * 16, h_ptr, group, inside)
+    return hs, rho
+
+
+@triton.jit(do_not_specialize=["num_blocks", "per_row"])
+def _range_kernel(
+    x_ptr,
+    num_blocks,
+    scale_ptr,
+    recip_ptr,
+    norm_ptr,
+    h_ptr,
+    rho_ptr,
+    schur_ptr,
+    per_row,
+    range_ptr,
+    key_ptr,
+    NUM_CAND: tl.constexpr,
+    STEPS: tl.constexpr,
+    HESSIAN: tl.constexpr,
+    TOL: tl.constexpr,
+    LIMIT: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """Each block's candidate range ``[first, end)`` (all of them for a block out of float32
+    range), and ``first * (NUM_CAND + 1) + end`` as the key that orders the tiles."""
+    blocks = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    inside = blocks < num_blocks
+    xs, cs, amax, c_max = _block_values(
+        x_ptr, blocks, inside, norm_ptr, schur_ptr, per_row, HESSIAN
+    )
+    hs, rho = _block_hessian(x_ptr, blocks, inside, h_ptr, rho_ptr, per_row, HESSIAN)
+    ref = tl.minimum(_first_at_least(scale_ptr, amax * (1.0 / 6.0), NUM_CAND, STEPS), NUM_CAND - 1)
+    ref_loss, ref_bound = _loss_and_bound(
+        xs, hs, rho, tl.load(scale_ptr + ref), tl.load(recip_ptr + ref), HESSIAN
+    )
+    threshold = (ref_loss + TOL * ref_bound) * 1.001 + 1e-30
+    first, end = _candidate_range(
+        scale_ptr, xs, cs, amax, c_max, threshold, ref, NUM_CAND, STEPS, HESSIAN
+    )
+    out_of_range = (amax > LIMIT) | (ref_loss != ref_loss)
+    first = tl.where(out_of_range, 0, first)
+    end = tl.where(out_of_range, NUM_CAND, end)
+    tl.store(range_ptr + blocks * 2, first, mask=inside)
+    tl.store(range_ptr + blocks * 2 + 1, end, mask=inside)
+    tl.store(key_ptr + blocks, first * (NUM_CAND + 1) + end, mask=inside)
+
+
+@triton.jit(do_not_specialize=["num_blocks", "per_row"])
+def _best_kernel(
+    x_ptr,
+    order_ptr,
+    num_blocks,
+    scale_ptr,
+    recip_ptr,
+    norm_ptr,
+    h_ptr,
+    rho_ptr,
+    per_row,
+    range_ptr,
+    loss_ptr,
+    bound_ptr,
+    best_ptr,
+    flag_ptr,
+    work_ptr,
+    HESSIAN: tl.constexpr,
+    TOL: tl.constexpr,
+    LIMIT: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """The tile (blocks ``order[lanes]``) scores the union of its blocks' ranges; best, flags
+    (1: a near tie, 2: out of float32 range), the tile's candidate count, and the float32
+    losses (and Hessian bounds) of the scored candidates for the repair pass."""
+    lanes = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    inside = lanes < num_blocks
+    blocks = tl.load(order_ptr + lanes, mask=inside, other=0)
+    xs, _, amax, _ = _block_values(x_ptr, blocks, inside, norm_ptr, norm_ptr, per_row, False)
+    hs, rho = _block_hessian(x_ptr, blocks, inside, h_ptr, rho_ptr, per_row, HESSIAN)
+    first = tl.load(range_ptr + blocks * 2, mask=inside, other=1 << 20)
+    end = tl.load(range_ptr + blocks * 2 + 1, mask=inside, other=0)
+    k_begin = tl.min(first, 0)
+    k_end = tl.max(end, 0)
+    where = (loss_ptr, bound_ptr, blocks, inside, num_blocks)
+    best, second, best_bound, second_bound, best_k = _scan(
+        xs, hs, rho, scale_ptr, recip_ptr, k_begin, k_end, where, TILE, HESSIAN
+    )
+    near = (second - best) <= TOL * (best_bound + second_bound) + 1e-27
+    out_of_range = (amax > LIMIT) | (best != best)
+    flag = tl.where(out_of_range, 2, tl.where(near & (amax > 0) & (rho > 0), 1, 0))
+    tl.store(best_ptr + blocks, best_k, mask=inside)
+    tl.store(flag_ptr + blocks, flag.to(tl.int8), mask=inside)
+    tl.store(work_ptr + tl.program_id(0), tl.maximum(k_end - k_begin, 0))
+
+
+@triton.jit
+def _signed_hessian(x_ptr, base, h_ptr, group, inside):
+    """The block's packed ``H`` with the value signs folded into its off-diagonals."""
+    signs = ()
+    for j in tl.static_range(16):
+        xj = tl.load(base + j, mask=inside, other=0.0)
+        signs = signs + (tl.where(xj < 0, -1.0, 1.0),)
+    hrow = h_ptr + group.to(tl.int64) * 136
+    hs = ()
+    for i in tl.static_range(16):
+        for j in tl.static_range(i, 16):
+            h = tl.load(hrow + i * 16 - (i * (i - 1)) // 2 + (j - i), mask=inside, other=0.0)
+            if j != i:
+                h = h * (signs[i] * signs[j])
+            hs = hs + (h,)
+    return hs
+
+
+@triton.jit
+def _loss_and_bound(xs, hs, rho, s, r, HESSIAN: tl.constexpr):
+    """Float32 loss of scale ``s`` and the quantity its error bound is relative to."""
+    neg_s = -s
+    loss = tl.zeros_like(xs[0])
+    if HESSIAN:
+        ds = ()
+        plain = tl.zeros_like(xs[0])
+        for j in tl.static_range(16):
+            d = _e2m1_dequant(xs[j], s, neg_s, r, True) - xs[j]
+            plain = tl.fma(d, d, plain)
+            ds = ds + (d,)
+        return _quadratic_form(hs, ds), rho * plain
+    for j in tl.static_range(16):
+        d = _e2m1_dequant(xs[j], s, neg_s, r, True) - xs[j]
+        loss = tl.fma(d, d, loss)
+    return loss, loss
+
+
+@triton.jit
+def _scan(
+    xs,
+    hs,
+    rho,
+    scale_ptr,
+    recip_ptr,
+    k_begin,
+    k_end,
+    where,
+    TILE: tl.constexpr,
+    HESSIAN: tl.constexpr,
+):
+    """Best and second-best loss (with their bounds) over candidates ``[k_begin, k_end)``; each
+    loss (and Hessian bound) stored at ``[k, block]`` of ``where``'s float32 scratch."""
+    loss_ptr, bound_ptr, blocks, inside, num_blocks = where
+    best = tl.full([TILE], float("inf"), tl.float32)
+    second = tl.full([TILE], float("inf"), tl.float32)
+    best_bound = tl.zeros([TILE], tl.float32)
+    second_bound = tl.zeros([TILE], tl.float32)
+    best_k = tl.zeros([TILE], tl.int32)
+    for k in range(k_begin, k_end):
+        loss, bound = _loss_and_bound(
+            xs, hs, rho, tl.load(scale_ptr + k), tl.load(recip_ptr + k), HESSIAN
+        )
+        tl.store(loss_ptr + k * num_blocks + blocks, loss, mask=inside)
+        if HESSIAN:
+            tl.store(bound_ptr + k * num_blocks + blocks, bound, mask=inside)
+        below_best = loss < best
+        below_second = loss < second
+        second_bound = tl.where(below_best, best_bound, tl.where(below_second, bound, second_bound))
+        second = tl.where(below_best, best, tl.where(below_second, loss, second))
+        best_bound = tl.where(below_best, bound, best_bound)
+        best_k = tl.where(below_best, k, best_k)
+        best = tl.where(below_best, loss, best)
+    return best, second, best_bound, second_bound, best_k
+
+
+@triton.jit(do_not_specialize=["num_blocks", "per_row"])
+def _best_repair_kernel(
+    x_ptr,
+    num_blocks,
+    scale_ptr,
+    h_ptr,
+    per_row,
+    range_ptr,
+    loss_ptr,
+    bound_ptr,
+    loss_norm_ptr,
+    best_ptr,
+    flag_ptr,
+    HESSIAN: tl.constexpr,
+    TOL: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """Float64 losses, as the torch path computes them, of the candidates in a flagged block's
+    range that may still be the argmin (``loss - TOL * bound <= min(loss + TOL * bound)``, as in
+    ``nvfp4_sweep``); the others keep their float32 losses, which cannot win."""
+    blocks = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    inside = blocks < num_blocks
+    flag = tl.load(flag_ptr + blocks, mask=inside, other=0)
+    flagged = flag != 0
+    if tl.max(flagged.to(tl.int32), 0) != 0:
+        first = tl.load(range_ptr + blocks * 2, mask=flagged, other=0)
+        end = tl.load(range_ptr + blocks * 2 + 1, mask=flagged, other=0)
+        base = x_ptr + blocks.to(tl.int64) * 16
+        xs = ()
+        signs = ()
+        for j in tl.static_range(16):
+            xj = tl.load(base + j, mask=flagged, other=0.0).to(tl.float32)
+            xs = xs + (tl.abs(xj),)
+            signs = signs + (tl.where(xj < 0, -1.0, 1.0).to(tl.float64),)
+        hrow = h_ptr + (blocks % per_row).to(tl.int64) * 256
+        loss_norm = tl.load(loss_norm_ptr)
+        k_begin = tl.min(tl.where(flagged, first, 1 << 20), 0)
+        k_end = tl.max(end, 0)
+        ceiling = tl.full([TILE], float("inf"), tl.float64)
+        for k in range(k_begin, k_end):
+            kept = flagged & (k >= first) & (k < end)
+            loss, bound = _stored(
+                loss_ptr, bound_ptr, k, num_blocks, blocks, kept, loss_norm, HESSIAN
+            )
+            ceiling = tl.where(kept, tl.minimum(ceiling, loss + TOL * bound), ceiling)
+        best = tl.full([TILE], float("inf"), tl.float64)
+        best_k = tl.zeros([TILE], tl.int32)
+        for k in range(k_begin, k_end):
+            kept = flagged & (k >= first) & (k < end)
+            loss, bound = _stored(
+                loss_ptr, bound_ptr, k, num_blocks, blocks, kept, loss_norm, HESSIAN
+            )
+            needed = kept & ((loss - TOL * bound <= ceiling) | (flag == 2))
+            if tl.max(needed.to(tl.int32), 0) != 0:
+                exact = _exact_loss(xs, signs, tl.load(scale_ptr + k), hrow, needed, TILE, HESSIAN)
+                loss = tl.where(needed, exact, loss)
+            below = kept & (loss < best)
+            best_k = tl.where(below, k, best_k)
+            best = tl.where(below, loss, best)
+        tl.store(best_ptr + blocks, best_k, mask=flagged)
+
+
+@triton.jit
+def _stored(loss_ptr, bound_ptr, k, num_blocks, blocks, kept, loss_norm, HESSIAN: tl.constexpr):
+    """Candidate ``k``'s scratch loss and bound, in float64 and the torch path's units."""
+    loss = tl.load(loss_ptr + k * num_blocks + blocks, mask=kept, other=0.0).to(tl.float64)
+    bound = loss
+    if HESSIAN:
+        bound = tl.load(bound_ptr + k * num_blocks + blocks, mask=kept, other=0.0).to(tl.float64)
+    return loss * loss_norm, bound * loss_norm
+
+
+def nvfp4_best_scales(
+    blocks: torch.Tensor, scales: torch.Tensor, hessian: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Each block's first best candidate, as ``nvfp4_scale_sweep`` chooses it, without losses.
+
+    ``blocks`` ``[G, 16]`` float32/bf16/fp16 on CUDA; ``scales`` ``[K]`` ascending float32
+    effective scales; ``hessian`` ``[per_row, 16, 16]`` or None. Returns ``best`` ``[G]`` int64
+    and counts for benchmarks: ``scored`` (candidates scored per block, tile unions counted),
+    ``needed`` (the mean of the blocks' own ranges), ``repaired`` (blocks redone in float64).
+    """
+    blocks = blocks.contiguous()
+    num_blocks, num_cand = blocks.shape[0], scales.shape[0]
+    device = blocks.device
+    scales = scales.to(device=device, dtype=torch.float32).contiguous()
+    scaled, recip, norm, exponent = _normalised_candidates(scales)
+    loss_norm = torch.ldexp(
+        torch.ones((), dtype=torch.float64, device=device), -2 * exponent.double()
+    )
+    if hessian is None:
+        packed = rho = schur = scaled  # unused
+        per_row, tile = 1, 32 * BEST_WARPS * PLAIN_BLOCKS_PER_THREAD
+    else:
+        packed, rho, h_norm = _packed_hessian(hessian.to(device))
+        schur = schur_floors(hessian.to(device, torch.float64) / h_norm)
+        loss_norm = loss_norm * h_norm
+        per_row, tile = hessian.shape[0], 32 * BEST_WARPS
+    grid = (triton.cdiv(num_blocks, tile),)
+    best = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    flags = torch.empty(num_blocks, dtype=torch.int8, device=device)
+    ranges = torch.empty(num_blocks, 2, dtype=torch.int32, device=device)
+    keys = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    work = torch.empty(grid[0], dtype=torch.int32, device=device)
+    weighted = hessian is not None
+    # Float32 scratch [K, G]: only the scored candidates' entries are written and read.
+    losses = torch.empty(num_cand, num_blocks, dtype=torch.float32, device=device)
+    bounds = torch.empty_like(losses) if weighted else losses
+    tolerance = TOLERANCE if weighted else PLAIN_TOLERANCE
+    _range_kernel[grid](
+        blocks,
+        num_blocks,
+        scaled,
+        recip,
+        norm,
+        packed,
+        rho,
+        schur,
+        per_row,
+        ranges,
+        keys,
+        NUM_CAND=num_cand,
+        STEPS=num_cand.bit_length(),
+        HESSIAN=weighted,
+        TOL=tolerance,
+        LIMIT=RANGE_LIMIT,
+        TILE=tile,
+        num_warps=BEST_WARPS,
+        enable_fp_fusion=False,
+    )
+    # Tiles of blocks with the same range score little more than each block's own range.
+    order = keys.argsort().to(torch.int32)
+    _best_kernel[grid](
+        blocks,
+        order,
+        num_blocks,
+        scaled,
+        recip,
+        norm,
+        packed,
+        rho,
+        per_row,
+        ranges,
+        losses,
+        bounds,
+        best,
+        flags,
+        work,
+        HESSIAN=weighted,
+        TOL=tolerance,
+        LIMIT=RANGE_LIMIT,
+        TILE=tile,
+        num_warps=BEST_WARPS,
+        enable_fp_fusion=False,
+    )
+    h64 = scales if hessian is None else hessian.to(device=device, dtype=torch.float64)
+    _best_repair_kernel[(triton.cdiv(num_blocks, 32),)](
+        blocks,
+        num_blocks,
+        scales,
+        h64.contiguous(),
+        per_row,
+        ranges,
+        losses,
+        bounds,
+        loss_norm.reshape(1),
+        best,
+        flags,
+        HESSIAN=weighted,
+        TOL=tolerance,
+        TILE=32,
+        num_warps=1,
+        enable_fp_fusion=False,
+    )
+    in_tile = (num_blocks - torch.arange(grid[0], device=device) * tile).clamp(max=tile)
+    counts = {
+        "scored": (work * in_tile).sum() / max(num_blocks, 1),
+        "needed": (ranges[:, 1] - ranges[:, 0]).double().mean(),
+        "repaired": (flags != 0).sum(),
+    }
+    return best.long(), counts
