@@ -1,24 +1,13 @@
 """Each block's best NVFP4 FP8 scale, scoring only the candidates that can still win.
 
 ``nvfp4_scale_sweep`` scores all 126 candidates of every block and writes every loss, which
-merging and several collects need. One collect that only wants the choice needs neither: this
-kernel first scores one reference candidate ``r`` (the smallest scale that does not clip the
-block's largest value ``a``), then skips the candidates whose loss provably exceeds ``L_r``
-(plus its float32 error bound), using two lower bounds of the float64 loss the torch path
-computes:
-
-- scale ``s`` with ``6 s < a`` clips ``a`` to ``fl(6 s)``, so the loss is at least
-  ``c (a - fl(6 s))^2`` (``c = 1`` for squared error; for ``dᵀ H d`` the Schur complement
-  ``1 / (H⁻¹)_ii`` of ``a``'s element ``i``, the least ``dᵀ H d`` with ``d_i`` fixed);
-- scale ``s >= 4 z`` rounds every value ``<= z`` to 0, each such value then adding its full
-  ``x^2`` (for ``H``: at least ``c_i x_i^2`` of its largest term), and from ``4 a`` on every
-  scale gives the same loss, of which the first stands for all.
-
-Both bounds are monotone in the scale, so each block keeps one contiguous range of candidates.
-A first kernel finds each block's range; the blocks are sorted by range, and a second kernel
-scores, per tile of blocks in that order, the union of their ranges (little wider than each).
-Inside it the scoring, the near-tie flags and the float64 repair of flagged blocks are those of
-``nvfp4_sweep``, so the choice is the same: the first candidate of least float64 loss.
+merging and several collects need. One collect that only wants the choice needs neither: a
+first kernel (``nvfp4_ranges``) bounds each block's losses from below and keeps the contiguous
+range of candidates that can still beat a reference candidate; the blocks are sorted by range,
+and a second kernel scores, per tile of blocks in that order, the union of their ranges (little
+wider than each). Inside it the scoring, the near-tie flags and the float64 repair of flagged
+blocks are those of ``nvfp4_sweep``, so the choice is the same: the first candidate of least
+float64 loss.
 """
 
 # ruff: noqa: RUF005
@@ -29,157 +18,25 @@ import torch
 import triton
 import triton.language as tl
 
+from qcal_export.calibrators.kernels.nvfp4_ranges import (
+    _block_hessian,
+    _block_values,
+    _loss_and_bound,
+    _range_kernel,
+)
 from qcal_export.calibrators.kernels.nvfp4_sweep import (
     PLAIN_TOLERANCE,
     RANGE_LIMIT,
     TOLERANCE,
-    _e2m1_dequant,
     _exact_loss,
     _normalised_candidates,
     _packed_hessian,
-    _quadratic_form,
 )
 from qcal_export.calibrators.nvfp4_mse import schur_floors
 
 BEST_WARPS = 2
 """Small tiles: a tile scores the union of its blocks' ranges."""
 PLAIN_BLOCKS_PER_THREAD = 2
-SLACK = 1.01
-"""Bounds are loosened by 1%: far above the float32 rounding of computing them."""
-
-
-@triton.jit
-def _first_at_least(scale_ptr, t, NUM_CAND: tl.constexpr, STEPS: tl.constexpr):
-    """Per lane, the first candidate index ``k`` with ``scale[k] >= t`` (``NUM_CAND`` if none)."""
-    lo = tl.zeros(t.shape, tl.int32)
-    hi = tl.full(t.shape, NUM_CAND, tl.int32)
-    for _ in tl.static_range(STEPS):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        s = tl.load(scale_ptr + mid, mask=active, other=0.0)
-        right = active & (s < t)
-        lo = tl.where(right, mid + 1, lo)
-        hi = tl.where(active & (s >= t), mid, hi)
-    return lo
-
-
-@triton.jit
-def _zero_bound_edge(xs, cs, threshold, HESSIAN: tl.constexpr):
-    """The least value ``z`` whose zeroing alone (with every value below it) costs more than
-    ``threshold``, or +inf: from scale ``4 z`` on, every candidate is pruned."""
-    edge = tl.full(xs[0].shape, float("inf"), tl.float32)
-    for j in tl.static_range(16):
-        bound = tl.zeros_like(xs[0])
-        for i in tl.static_range(16):
-            below = xs[i] <= xs[j]
-            if HESSIAN:
-                bound = tl.maximum(bound, tl.where(below, cs[i] * xs[i] * xs[i], 0.0))
-            else:
-                bound += tl.where(below, xs[i] * xs[i], 0.0)
-        edge = tl.where(bound * (1.0 / 1.01) > threshold, tl.minimum(edge, xs[j]), edge)
-    return edge
-
-
-@triton.jit
-def _candidate_range(
-    scale_ptr,
-    xs,
-    cs,
-    amax,
-    c_max,
-    threshold,
-    ref,
-    NUM_CAND: tl.constexpr,
-    STEPS: tl.constexpr,
-    HESSIAN: tl.constexpr,
-):
-    """``[first, end)``: the candidates whose lower bounds do not exceed ``threshold``."""
-    gap = tl.sqrt(threshold / c_max) * 1.01
-    clip_scale = tl.where(c_max > 0, (amax - gap) * (0.999 / 6.0), 0.0)
-    first = _first_at_least(scale_ptr, clip_scale, NUM_CAND, STEPS)
-    edge = _zero_bound_edge(xs, cs, threshold, HESSIAN)
-    end = _first_at_least(scale_ptr, edge * 4.004, NUM_CAND, STEPS)
-    plateau = tl.minimum(_first_at_least(scale_ptr, amax * 4.004, NUM_CAND, STEPS) + 1, NUM_CAND)
-    end = tl.where(edge < float("inf"), end, plateau)
-    return tl.minimum(first, ref), tl.maximum(end, ref + 1)
-
-
-@triton.jit
-def _block_values(x_ptr, blocks, inside, norm_ptr, schur_ptr, per_row, HESSIAN: tl.constexpr):
-    """A tile's normalised ``|x|`` (16 ``[TILE]`` values), their Schur floors (Hessian), the
-    amax and the floor of the amax's element (1 for squared error)."""
-    base = x_ptr + blocks.to(tl.int64) * 16
-    norm = tl.load(norm_ptr)
-    group = blocks % per_row
-    xs = ()
-    cs = ()
-    amax = tl.zeros(blocks.shape, tl.float32)
-    c_max = tl.full(blocks.shape, 0.0 if HESSIAN else 1.0, tl.float32)
-    for j in tl.static_range(16):
-        axj = tl.abs(tl.load(base + j, mask=inside, other=0.0).to(tl.float32)) * norm
-        if HESSIAN:
-            cj = tl.load(schur_ptr + group * 16 + j, mask=inside, other=0.0)
-            c_max = tl.where(axj > amax, cj, c_max)
-            cs = cs + (cj,)
-        amax = tl.maximum(amax, axj)
-        xs = xs + (axj,)
-    return xs, cs, amax, c_max
-
-
-@triton.jit
-def _block_hessian(x_ptr, blocks, inside, h_ptr, rho_ptr, per_row, HESSIAN: tl.constexpr):
-    """The tile's signed packed ``H`` and its row-sum bound ``rho`` (1 for squared error)."""
-    rho = tl.full(blocks.shape, 1.0, tl.float32)
-    hs = ()
-    if HESSIAN:
-        group = blocks % per_row
-        rho = tl.load(rho_ptr + group, mask=inside, other=0.0)
-        hs = _signed_hessian(x_ptr, x_ptr + blocks.to(tl.int64) * 16, h_ptr, group, inside)
-    return hs, rho
-
-
-@triton.jit(do_not_specialize=["num_blocks", "per_row"])
-def _range_kernel(
-    x_ptr,
-    num_blocks,
-    scale_ptr,
-    recip_ptr,
-    norm_ptr,
-    h_ptr,
-    rho_ptr,
-    schur_ptr,
-    per_row,
-    range_ptr,
-    key_ptr,
-    NUM_CAND: tl.constexpr,
-    STEPS: tl.constexpr,
-    HESSIAN: tl.constexpr,
-    TOL: tl.constexpr,
-    LIMIT: tl.constexpr,
-    TILE: tl.constexpr,
-):
-    """Each block's candidate range ``[first, end)`` (all of them for a block out of float32
-    range), and ``first * (NUM_CAND + 1) + end`` as the key that orders the tiles."""
-    blocks = tl.program_id(0) * TILE + tl.arange(0, TILE)
-    inside = blocks < num_blocks
-    xs, cs, amax, c_max = _block_values(
-        x_ptr, blocks, inside, norm_ptr, schur_ptr, per_row, HESSIAN
-    )
-    hs, rho = _block_hessian(x_ptr, blocks, inside, h_ptr, rho_ptr, per_row, HESSIAN)
-    ref = tl.minimum(_first_at_least(scale_ptr, amax * (1.0 / 6.0), NUM_CAND, STEPS), NUM_CAND - 1)
-    ref_loss, ref_bound = _loss_and_bound(
-        xs, hs, rho, tl.load(scale_ptr + ref), tl.load(recip_ptr + ref), HESSIAN
-    )
-    threshold = (ref_loss + TOL * ref_bound) * 1.001 + 1e-30
-    first, end = _candidate_range(
-        scale_ptr, xs, cs, amax, c_max, threshold, ref, NUM_CAND, STEPS, HESSIAN
-    )
-    out_of_range = (amax > LIMIT) | (ref_loss != ref_loss)
-    first = tl.where(out_of_range, 0, first)
-    end = tl.where(out_of_range, NUM_CAND, end)
-    tl.store(range_ptr + blocks * 2, first, mask=inside)
-    tl.store(range_ptr + blocks * 2 + 1, end, mask=inside)
-    tl.store(key_ptr + blocks, first * (NUM_CAND + 1) + end, mask=inside)
 
 
 @triton.jit(do_not_specialize=["num_blocks", "per_row"])
@@ -226,43 +83,6 @@ def _best_kernel(
     tl.store(best_ptr + blocks, best_k, mask=inside)
     tl.store(flag_ptr + blocks, flag.to(tl.int8), mask=inside)
     tl.store(work_ptr + tl.program_id(0), tl.maximum(k_end - k_begin, 0))
-
-
-@triton.jit
-def _signed_hessian(x_ptr, base, h_ptr, group, inside):
-    """The block's packed ``H`` with the value signs folded into its off-diagonals."""
-    signs = ()
-    for j in tl.static_range(16):
-        xj = tl.load(base + j, mask=inside, other=0.0)
-        signs = signs + (tl.where(xj < 0, -1.0, 1.0),)
-    hrow = h_ptr + group.to(tl.int64) * 136
-    hs = ()
-    for i in tl.static_range(16):
-        for j in tl.static_range(i, 16):
-            h = tl.load(hrow + i * 16 - (i * (i - 1)) // 2 + (j - i), mask=inside, other=0.0)
-            if j != i:
-                h = h * (signs[i] * signs[j])
-            hs = hs + (h,)
-    return hs
-
-
-@triton.jit
-def _loss_and_bound(xs, hs, rho, s, r, HESSIAN: tl.constexpr):
-    """Float32 loss of scale ``s`` and the quantity its error bound is relative to."""
-    neg_s = -s
-    loss = tl.zeros_like(xs[0])
-    if HESSIAN:
-        ds = ()
-        plain = tl.zeros_like(xs[0])
-        for j in tl.static_range(16):
-            d = _e2m1_dequant(xs[j], s, neg_s, r, True) - xs[j]
-            plain = tl.fma(d, d, plain)
-            ds = ds + (d,)
-        return _quadratic_form(hs, ds), rho * plain
-    for j in tl.static_range(16):
-        d = _e2m1_dequant(xs[j], s, neg_s, r, True) - xs[j]
-        loss = tl.fma(d, d, loss)
-    return loss, loss
 
 
 @triton.jit
