@@ -106,8 +106,6 @@ def _ort(args: argparse.Namespace, batches: list[dict], output: Path) -> tuple[f
     """One quantize_static call: (calibration s, whole call s, the calibration providers)."""
     import importlib
 
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
-
     from qcal_export.capture.iobinding import bind_device_id
     from qcal_export.capture.onnxruntime import select_providers
 
@@ -132,24 +130,17 @@ def _ort(args: argparse.Namespace, batches: list[dict], output: Path) -> tuple[f
         return calibrator
 
     ort_quantize.create_calibrator = timed_create
-    model = demo_model()
     start = time.perf_counter()
     try:
-        ort_quantize.quantize_static(
-            str(model),
-            str(output),
-            ort_static_rows.ort_reader(batches),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            per_channel=True,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=getattr(CalibrationMethod, ORT[args.row]),
-            calibration_providers=providers,
-            extra_options={
-                "ActivationSymmetric": True,
-                "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
-            },
+        ort_static_rows.calibrate_ort(
+            demo_model(),
+            batches,
+            ORT[args.row],
+            output,
+            preprocess=False,
+            symmetric=True,
+            quantize_outputs=False,
+            providers=providers,
         )
     finally:
         ort_quantize.create_calibrator = create
@@ -305,10 +296,7 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, total_s: float)
         "- `*-hostcopy` rows: ours with `OrtCapture(iobinding=False)`, the captured tensors "
         "fetched to the host as numpy (as before device-resident capture).",
     ]
-    for row in rows:
-        if "error" in row:
-            lines += ["", f"{row['method']} failed:", "", "```", row["error"], "```"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + harness.failures(rows)) + "\n"
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:

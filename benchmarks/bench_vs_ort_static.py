@@ -257,10 +257,7 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, total_s: float)
         "- cos: per-sentence cosine of the quantized model's sentence embedding vs the float "
         "model's, on the held-out texts (`qcal_export.demo.embedding_cosine`), CPU EP.",
     ]
-    for row in rows:
-        if "error" in row:
-            lines += ["", f"{row['method']} failed:", "", "```", row["error"], "```"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + harness.failures(rows)) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -42,3 +42,12 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+
+
+def failures(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines giving each failed row's error (rows with an ``error``), for a table's end."""
+    lines: list[str] = []
+    for row in rows:
+        if "error" in row:
+            lines += ["", f"{row['method']} failed:", "", "```", row["error"], "```"]
+    return lines

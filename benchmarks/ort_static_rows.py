@@ -51,7 +51,10 @@ def calibrate_ort(
     preprocess: bool,
     symmetric: bool,
     quantize_outputs: bool,
+    providers: list | None = None,
 ) -> None:
+    """quantize_static as the benchmarks compare it (QDQ, int8, per-channel, MatMul/Gemm);
+    ``providers`` for its calibration session (ORT's default where None)."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -75,6 +78,7 @@ def calibrate_ort(
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=getattr(CalibrationMethod, method),
+        **({} if providers is None else {"calibration_providers": providers}),
         extra_options={
             "ActivationSymmetric": symmetric,
             # ORT's QDQ quantizer also quantizes MatMul outputs by default; ours quantizes inputs.

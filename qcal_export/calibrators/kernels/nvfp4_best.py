@@ -10,27 +10,26 @@ blocks are those of ``nvfp4_sweep``, so the choice is the same: the first candid
 float64 loss.
 """
 
-# ruff: noqa: RUF005
-
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from qcal_export.calibrators.kernels.nvfp4_ranges import (
-    _block_hessian,
-    _block_values,
-    _loss_and_bound,
-    _range_kernel,
-)
+from qcal_export.calibrators.kernels.nvfp4_ranges import _range_kernel
 from qcal_export.calibrators.kernels.nvfp4_sweep import (
     PLAIN_TOLERANCE,
     RANGE_LIMIT,
     TOLERANCE,
+    _block_hessian,
+    _block_values,
     _exact_loss,
+    _flagged_values,
+    _loss_and_bound,
     _normalised_candidates,
     _packed_hessian,
+    _track_best,
+    _untracked,
 )
 from qcal_export.calibrators.nvfp4_mse import schur_floors
 
@@ -101,11 +100,7 @@ def _scan(
     """Best and second-best loss (with their bounds) over candidates ``[k_begin, k_end)``; each
     loss (and Hessian bound) stored at ``[k, block]`` of ``where``'s float32 scratch."""
     loss_ptr, bound_ptr, blocks, inside, num_blocks = where
-    best = tl.full([TILE], float("inf"), tl.float32)
-    second = tl.full([TILE], float("inf"), tl.float32)
-    best_bound = tl.zeros([TILE], tl.float32)
-    second_bound = tl.zeros([TILE], tl.float32)
-    best_k = tl.zeros([TILE], tl.int32)
+    best, second, best_bound, second_bound, best_k = _untracked(TILE)
     for k in range(k_begin, k_end):
         loss, bound = _loss_and_bound(
             xs, hs, rho, tl.load(scale_ptr + k), tl.load(recip_ptr + k), HESSIAN
@@ -113,13 +108,9 @@ def _scan(
         tl.store(loss_ptr + k * num_blocks + blocks, loss, mask=inside)
         if HESSIAN:
             tl.store(bound_ptr + k * num_blocks + blocks, bound, mask=inside)
-        below_best = loss < best
-        below_second = loss < second
-        second_bound = tl.where(below_best, best_bound, tl.where(below_second, bound, second_bound))
-        second = tl.where(below_best, best, tl.where(below_second, loss, second))
-        best_bound = tl.where(below_best, bound, best_bound)
-        best_k = tl.where(below_best, k, best_k)
-        best = tl.where(below_best, loss, best)
+        best, second, best_bound, second_bound, best_k = _track_best(
+            loss, bound, k, best, second, best_bound, second_bound, best_k
+        )
     return best, second, best_bound, second_bound, best_k
 
 
@@ -150,14 +141,7 @@ def _best_repair_kernel(
     if tl.max(flagged.to(tl.int32), 0) != 0:
         first = tl.load(range_ptr + blocks * 2, mask=flagged, other=0)
         end = tl.load(range_ptr + blocks * 2 + 1, mask=flagged, other=0)
-        base = x_ptr + blocks.to(tl.int64) * 16
-        xs = ()
-        signs = ()
-        for j in tl.static_range(16):
-            xj = tl.load(base + j, mask=flagged, other=0.0).to(tl.float32)
-            xs = xs + (tl.abs(xj),)
-            signs = signs + (tl.where(xj < 0, -1.0, 1.0).to(tl.float64),)
-        hrow = h_ptr + (blocks % per_row).to(tl.int64) * 256
+        xs, signs, hrow = _flagged_values(x_ptr, blocks, flagged, h_ptr, per_row)
         loss_norm = tl.load(loss_norm_ptr)
         k_begin = tl.min(tl.where(flagged, first, 1 << 20), 0)
         k_end = tl.max(end, 0)

@@ -15,14 +15,16 @@ Both bounds are monotone in the scale, so each block keeps one contiguous range 
 end)``, loosened by 1% against the float32 rounding of computing them.
 """
 
-# ruff: noqa: RUF005
-
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from qcal_export.calibrators.kernels.nvfp4_sweep import _e2m1_dequant, _quadratic_form
+from qcal_export.calibrators.kernels.nvfp4_sweep import (
+    _block_hessian,
+    _block_values,
+    _loss_and_bound,
+)
 
 
 @triton.jit
@@ -79,77 +81,6 @@ def _candidate_range(
     plateau = tl.minimum(_first_at_least(scale_ptr, amax * 4.004, NUM_CAND, STEPS) + 1, NUM_CAND)
     end = tl.where(edge < float("inf"), end, plateau)
     return tl.minimum(first, ref), tl.maximum(end, ref + 1)
-
-
-@triton.jit
-def _block_values(x_ptr, blocks, inside, norm_ptr, schur_ptr, per_row, HESSIAN: tl.constexpr):
-    """A tile's normalised ``|x|`` (16 ``[TILE]`` values), their Schur floors (Hessian), the
-    amax and the floor of the amax's element (1 for squared error)."""
-    base = x_ptr + blocks.to(tl.int64) * 16
-    norm = tl.load(norm_ptr)
-    group = blocks % per_row
-    xs = ()
-    cs = ()
-    amax = tl.zeros(blocks.shape, tl.float32)
-    c_max = tl.full(blocks.shape, 0.0 if HESSIAN else 1.0, tl.float32)
-    for j in tl.static_range(16):
-        axj = tl.abs(tl.load(base + j, mask=inside, other=0.0).to(tl.float32)) * norm
-        if HESSIAN:
-            cj = tl.load(schur_ptr + group * 16 + j, mask=inside, other=0.0)
-            c_max = tl.where(axj > amax, cj, c_max)
-            cs = cs + (cj,)
-        amax = tl.maximum(amax, axj)
-        xs = xs + (axj,)
-    return xs, cs, amax, c_max
-
-
-@triton.jit
-def _block_hessian(x_ptr, blocks, inside, h_ptr, rho_ptr, per_row, HESSIAN: tl.constexpr):
-    """The tile's signed packed ``H`` and its row-sum bound ``rho`` (1 for squared error)."""
-    rho = tl.full(blocks.shape, 1.0, tl.float32)
-    hs = ()
-    if HESSIAN:
-        group = blocks % per_row
-        rho = tl.load(rho_ptr + group, mask=inside, other=0.0)
-        hs = _signed_hessian(x_ptr, x_ptr + blocks.to(tl.int64) * 16, h_ptr, group, inside)
-    return hs, rho
-
-
-@triton.jit
-def _signed_hessian(x_ptr, base, h_ptr, group, inside):
-    """The block's packed ``H`` with the value signs folded into its off-diagonals."""
-    signs = ()
-    for j in tl.static_range(16):
-        xj = tl.load(base + j, mask=inside, other=0.0)
-        signs = signs + (tl.where(xj < 0, -1.0, 1.0),)
-    hrow = h_ptr + group.to(tl.int64) * 136
-    hs = ()
-    for i in tl.static_range(16):
-        for j in tl.static_range(i, 16):
-            h = tl.load(hrow + i * 16 - (i * (i - 1)) // 2 + (j - i), mask=inside, other=0.0)
-            if j != i:
-                h = h * (signs[i] * signs[j])
-            hs = hs + (h,)
-    return hs
-
-
-@triton.jit
-def _loss_and_bound(xs, hs, rho, s, r, HESSIAN: tl.constexpr):
-    """Float32 loss of scale ``s`` and the quantity its error bound is relative to."""
-    neg_s = -s
-    loss = tl.zeros_like(xs[0])
-    if HESSIAN:
-        ds = ()
-        plain = tl.zeros_like(xs[0])
-        for j in tl.static_range(16):
-            d = _e2m1_dequant(xs[j], s, neg_s, r, True) - xs[j]
-            plain = tl.fma(d, d, plain)
-            ds = ds + (d,)
-        return _quadratic_form(hs, ds), rho * plain
-    for j in tl.static_range(16):
-        d = _e2m1_dequant(xs[j], s, neg_s, r, True) - xs[j]
-        loss = tl.fma(d, d, loss)
-    return loss, loss
 
 
 @triton.jit(do_not_specialize=["num_blocks", "per_row"])

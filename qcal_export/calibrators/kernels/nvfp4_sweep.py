@@ -75,6 +75,113 @@ def _quadratic_form(hs, ds):
     return loss
 
 
+@triton.jit
+def _block_values(x_ptr, blocks, inside, norm_ptr, schur_ptr, per_row, HESSIAN: tl.constexpr):
+    """A tile's normalised ``|x|`` (16 ``[TILE]`` values), their Schur floors (Hessian), the
+    amax and the floor of the amax's element (1 for squared error)."""
+    base = x_ptr + blocks.to(tl.int64) * 16
+    norm = tl.load(norm_ptr)
+    group = blocks % per_row
+    xs = ()
+    cs = ()
+    amax = tl.zeros(blocks.shape, tl.float32)
+    c_max = tl.full(blocks.shape, 0.0 if HESSIAN else 1.0, tl.float32)
+    for j in tl.static_range(16):
+        axj = tl.abs(tl.load(base + j, mask=inside, other=0.0).to(tl.float32)) * norm
+        if HESSIAN:
+            cj = tl.load(schur_ptr + group * 16 + j, mask=inside, other=0.0)
+            c_max = tl.where(axj > amax, cj, c_max)
+            cs = cs + (cj,)
+        amax = tl.maximum(amax, axj)
+        xs = xs + (axj,)
+    return xs, cs, amax, c_max
+
+
+@triton.jit
+def _block_hessian(x_ptr, blocks, inside, h_ptr, rho_ptr, per_row, HESSIAN: tl.constexpr):
+    """The tile's signed packed ``H`` and its row-sum bound ``rho`` (1 for squared error)."""
+    rho = tl.full(blocks.shape, 1.0, tl.float32)
+    hs = ()
+    if HESSIAN:
+        group = blocks % per_row
+        rho = tl.load(rho_ptr + group, mask=inside, other=0.0)
+        hs = _signed_hessian(x_ptr, x_ptr + blocks.to(tl.int64) * 16, h_ptr, group, inside)
+    return hs, rho
+
+
+@triton.jit
+def _signed_hessian(x_ptr, base, h_ptr, group, inside):
+    """The block's packed ``H`` with the value signs folded into its off-diagonals."""
+    signs = ()
+    for j in tl.static_range(16):
+        xj = tl.load(base + j, mask=inside, other=0.0)
+        signs = signs + (tl.where(xj < 0, -1.0, 1.0),)
+    hrow = h_ptr + group.to(tl.int64) * 136
+    hs = ()
+    for i in tl.static_range(16):
+        for j in tl.static_range(i, 16):
+            h = tl.load(hrow + i * 16 - (i * (i - 1)) // 2 + (j - i), mask=inside, other=0.0)
+            if j != i:
+                h = h * (signs[i] * signs[j])
+            hs = hs + (h,)
+    return hs
+
+
+@triton.jit
+def _loss_and_bound(xs, hs, rho, s, r, HESSIAN: tl.constexpr):
+    """Float32 loss of scale ``s`` and the quantity its error bound is relative to."""
+    neg_s = -s
+    loss = tl.zeros_like(xs[0])
+    if HESSIAN:
+        ds = ()
+        plain = tl.zeros_like(xs[0])
+        for j in tl.static_range(16):
+            d = _e2m1_dequant(xs[j], s, neg_s, r, True) - xs[j]
+            plain = tl.fma(d, d, plain)
+            ds = ds + (d,)
+        return _quadratic_form(hs, ds), rho * plain
+    for j in tl.static_range(16):
+        d = _e2m1_dequant(xs[j], s, neg_s, r, True) - xs[j]
+        loss = tl.fma(d, d, loss)
+    return loss, loss
+
+
+@triton.jit
+def _track_best(loss, bound, k, best, second, best_bound, second_bound, best_k):
+    """Fold candidate ``k``'s loss (and its error bound) into the best and second-best loss,
+    their bounds and the best's index (the first on ties)."""
+    below_best = loss < best
+    below_second = loss < second
+    second_bound = tl.where(below_best, best_bound, tl.where(below_second, bound, second_bound))
+    second = tl.where(below_best, best, tl.where(below_second, loss, second))
+    best_bound = tl.where(below_best, bound, best_bound)
+    best_k = tl.where(below_best, k, best_k)
+    best = tl.where(below_best, loss, best)
+    return best, second, best_bound, second_bound, best_k
+
+
+@triton.jit
+def _untracked(TILE: tl.constexpr):
+    """``_track_best``'s state before any candidate."""
+    inf = tl.full([TILE], float("inf"), tl.float32)
+    zero = tl.zeros([TILE], tl.float32)
+    return inf, inf, zero, zero, tl.zeros([TILE], tl.int32)
+
+
+@triton.jit
+def _flagged_values(x_ptr, blocks, flagged, h_ptr, per_row):
+    """For the float64 repair: the flagged lanes' ``|x|`` (float32), their signs (float64) and
+    the float64 ``[16, 16]`` rows of each lane's ``H``."""
+    base = x_ptr + blocks.to(tl.int64) * 16
+    xs = ()
+    signs = ()
+    for j in tl.static_range(16):
+        xj = tl.load(base + j, mask=flagged, other=0.0).to(tl.float32)
+        xs = xs + (tl.abs(xj),)
+        signs = signs + (tl.where(xj < 0, -1.0, 1.0).to(tl.float64),)
+    return xs, signs, h_ptr + (blocks % per_row).to(tl.int64) * 256
+
+
 @triton.jit(do_not_specialize=["num_blocks", "per_row"])
 def _score_kernel(
     x_ptr,
@@ -98,66 +205,20 @@ def _score_kernel(
 ):
     blocks = tl.program_id(0) * TILE + tl.arange(0, TILE)
     inside = blocks < num_blocks
-    base = x_ptr + blocks.to(tl.int64) * 16
-    norm = tl.load(norm_ptr)
-    xs = ()
-    amax = tl.zeros([TILE], tl.float32)
-    for j in tl.static_range(16):
-        xj = tl.load(base + j, mask=inside, other=0.0).to(tl.float32)
-        axj = tl.abs(xj) * norm
-        amax = tl.maximum(amax, axj)
-        xs = xs + (axj,)
-    rho = tl.full([TILE], 1.0, tl.float32)
-    hs = ()
-    if HESSIAN:
-        group = blocks % per_row
-        rho = tl.load(rho_ptr + group, mask=inside, other=0.0)
-        signs = ()
-        for j in tl.static_range(16):
-            xj = tl.load(base + j, mask=inside, other=0.0)
-            signs = signs + (tl.where(xj < 0, -1.0, 1.0),)
-        hrow = h_ptr + group.to(tl.int64) * 136
-        for i in tl.static_range(16):
-            for j in tl.static_range(i, 16):
-                index = i * 16 - (i * (i - 1)) // 2 + (j - i)
-                h = tl.load(hrow + index, mask=inside, other=0.0)
-                if j != i:
-                    h = h * (signs[i] * signs[j])
-                hs = hs + (h,)
+    xs, _, amax, _ = _block_values(x_ptr, blocks, inside, norm_ptr, norm_ptr, per_row, False)
+    hs, rho = _block_hessian(x_ptr, blocks, inside, h_ptr, rho_ptr, per_row, HESSIAN)
     loss_norm = tl.load(loss_norm_ptr)
-    best = tl.full([TILE], float("inf"), tl.float32)
-    second = tl.full([TILE], float("inf"), tl.float32)
-    best_bound = tl.zeros([TILE], tl.float32)
-    second_bound = tl.zeros([TILE], tl.float32)
-    best_k = tl.zeros([TILE], tl.int32)
+    best, second, best_bound, second_bound, best_k = _untracked(TILE)
     for k in range(NUM_CAND):
-        s = tl.load(scale_ptr + k)
-        r = tl.load(recip_ptr + k)
-        neg_s = -s
-        loss = tl.zeros([TILE], tl.float32)
+        loss, bound = _loss_and_bound(
+            xs, hs, rho, tl.load(scale_ptr + k), tl.load(recip_ptr + k), HESSIAN
+        )
         if HESSIAN:
-            ds = ()
-            plain = tl.zeros([TILE], tl.float32)
-            for j in tl.static_range(16):
-                d = _e2m1_dequant(xs[j], s, neg_s, r, True) - xs[j]
-                plain = tl.fma(d, d, plain)
-                ds = ds + (d,)
-            loss = _quadratic_form(hs, ds)
-            bound = rho * plain
             tl.store(bound_ptr + k * num_blocks + blocks, bound, mask=inside)
-        else:
-            for j in tl.static_range(16):
-                d = _e2m1_dequant(xs[j], s, neg_s, r, True) - xs[j]
-                loss = tl.fma(d, d, loss)
-            bound = loss
         tl.store(loss_ptr + k * num_blocks + blocks, loss.to(tl.float64) * loss_norm, mask=inside)
-        below_best = loss < best
-        below_second = loss < second
-        second_bound = tl.where(below_best, best_bound, tl.where(below_second, bound, second_bound))
-        second = tl.where(below_best, best, tl.where(below_second, loss, second))
-        best_bound = tl.where(below_best, bound, best_bound)
-        best_k = tl.where(below_best, k, best_k)
-        best = tl.where(below_best, loss, best)
+        best, second, best_bound, second_bound, best_k = _track_best(
+            loss, bound, k, best, second, best_bound, second_bound, best_k
+        )
     near = (second - best) <= TOL * (best_bound + second_bound) + 1e-27
     out_of_range = (amax > LIMIT) | (best != best)
     flag = tl.where(out_of_range, 2, tl.where(near & (amax > 0) & (rho > 0), 1, 0))
@@ -222,14 +283,7 @@ def _repair_kernel(
             else:
                 bound = loss
             ceiling = tl.minimum(ceiling, loss + TOL * bound)
-        base = x_ptr + blocks.to(tl.int64) * 16
-        xs = ()
-        signs = ()
-        for j in tl.static_range(16):
-            xj = tl.load(base + j, mask=flagged, other=0.0).to(tl.float32)
-            xs = xs + (tl.abs(xj),)
-            signs = signs + (tl.where(xj < 0, -1.0, 1.0).to(tl.float64),)
-        hrow = h_ptr + (blocks % per_row).to(tl.int64) * 256
+        xs, signs, hrow = _flagged_values(x_ptr, blocks, flagged, h_ptr, per_row)
         best = tl.full([TILE], float("inf"), tl.float64)
         best_k = tl.zeros([TILE], tl.int32)
         for k in range(NUM_CAND):
