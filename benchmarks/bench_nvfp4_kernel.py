@@ -149,7 +149,7 @@ def bench(weight, hessian, fma: float, copy: float, out: Path | None):
         nvfp4_best._best_kernel, best, 16 * per_thread, out, f"nvfp4_best_{name}.sass"
     )
     _, sweep_best, flagged = sweep()
-    pruned, counts = best()
+    pruned, counts = nvfp4_best.nvfp4_best_scales(blocks, scales, hessian, counts=True)
     ours, expected = calibrate(True), calibrate(False)
     same = float((ours.view(torch.uint8) == expected.view(torch.uint8)).float().mean()) * 100
     plain = cuda_median(lambda: plain_loop(blocks.float(), scales, h32), 3, 1)

@@ -40,6 +40,7 @@ class Calibrator(ABC):
     def reset(self) -> None:
         """Forget everything collected."""
         self._state: dict[str, torch.Tensor] = {}
+        self._shape: tuple[int, ...] | None = None
 
     @classmethod
     def granularity_for(cls, fmt: Format, granularity: Granularity) -> Granularity:
@@ -58,8 +59,13 @@ class Calibrator(ABC):
 
     @property
     def stat_shape(self) -> tuple[int, ...] | None:
-        """Export shape of the statistics; None before the first collect."""
-        return tuple(self._state["stat_shape"].tolist()) if self._state else None
+        """Export shape of the statistics; None before the first collect. Read from the state
+        once (it may live on a GPU: each read would wait for the device)."""
+        if not self._state:
+            return None
+        if self._shape is None:
+            self._shape = tuple(self._state["stat_shape"].tolist())
+        return self._shape
 
     @property
     def nonfinite_count(self) -> int:
@@ -75,6 +81,7 @@ class Calibrator(ABC):
             self._state = self._init_state(self.granularity.groups(x))
             device = x.device
             self._state["stat_shape"] = torch.tensor(shape, dtype=torch.int64, device=device)
+            self._shape = shape
             self._state["numel"] = torch.zeros((), dtype=torch.float64, device=device)
             self._state["nonfinite"] = torch.zeros((), dtype=torch.float64, device=device)
         elif shape != self.stat_shape:
@@ -118,6 +125,7 @@ class Calibrator(ABC):
     def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
         """Replace the state with a ``snapshot`` of a calibrator built the same way."""
         self._state = {k: v.clone() for k, v in snapshot.items()}
+        self._shape = None
 
     def merge_(self, state: dict[str, torch.Tensor]) -> None:
         """Fold another calibrator's ``state_dict`` into this one (same format and shapes)."""
@@ -125,6 +133,7 @@ class Calibrator(ABC):
             return
         if not self._state:
             self._state = {k: v.clone() for k, v in state.items()}
+            self._shape = None
             return
         if state.keys() != self._state.keys():
             raise CalibrationError(

@@ -27,9 +27,10 @@ CHUNK_ELEMENTS = 1 << 21
 """Candidates x blocks x 16 scored at once: bounds the sweep's scratch memory."""
 
 
-def fp8_scale_candidates() -> torch.Tensor:
-    """The 126 positive finite FP8 E4M3FN values, ascending (codes 0x01 to 0x7E), as float8."""
-    return torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn)
+def fp8_scale_candidates(device: torch.device | str | None = None) -> torch.Tensor:
+    """The 126 positive finite FP8 E4M3FN values, ascending (codes 0x01 to 0x7E), as float8:
+    candidate ``k`` has code ``k + 1``. Made on ``device`` (no host copy)."""
+    return torch.arange(1, 127, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
 
 
 class NVFP4MseCalibrator(Calibrator):
@@ -122,7 +123,7 @@ class NVFP4MseCalibrator(Calibrator):
     def _candidate_scales(self) -> torch.Tensor:
         """Float32 effective scales (FP8 value x global scale) per candidate, ``[126]``."""
         global_scale = self.fmt.global_scale(self._state["global_amax"])
-        candidates = fp8_scale_candidates().to(global_scale.device)
+        candidates = fp8_scale_candidates(global_scale.device)
         return self.fmt.effective_scales(candidates, global_scale)
 
     def _fused(self, groups: torch.Tensor) -> bool:
@@ -189,11 +190,8 @@ class NVFP4MseCalibrator(Calibrator):
         """The winning FP8 block scales (``float8_e4m3fn``) in export shape."""
         if not self._state:
             return None
-        best = self._best_candidates()
-        scales = fp8_scale_candidates().to(best.device)[best]
-        return self.granularity.unflatten(scales.view(torch.uint8), self.stat_shape).view(
-            torch.float8_e4m3fn
-        )
+        codes = (self._best_candidates() + 1).to(torch.uint8)  # candidate k is FP8 code k + 1
+        return self.granularity.unflatten(codes, self.stat_shape).view(torch.float8_e4m3fn)
 
     def compute_global_amax(self) -> torch.Tensor | None:
         """The global amax the candidates were scaled by."""

@@ -213,7 +213,7 @@ def test_pruned_choice_on_a_large_weight_equals_the_full_sweep(weighted):
     global_amax = weight.float().abs().amax()
     scales = NVFP4.effective_scales(fp8_scale_candidates().cuda(), NVFP4.global_scale(global_amax))
     blocks = PerBlock(-1, 16).groups(weight)
-    best, counts = nvfp4_best_scales(blocks, scales, hessian)
+    best, counts = nvfp4_best_scales(blocks, scales, hessian, counts=True)
     _, full, _ = nvfp4_scale_sweep(blocks, scales, hessian)
     assert torch.equal(best, full)
     assert float(counts["needed"]) <= float(counts["scored"]) < 126

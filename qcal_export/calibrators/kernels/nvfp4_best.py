@@ -180,13 +180,17 @@ def _stored(loss_ptr, bound_ptr, k, num_blocks, blocks, kept, loss_norm, HESSIAN
 
 
 def nvfp4_best_scales(
-    blocks: torch.Tensor, scales: torch.Tensor, hessian: torch.Tensor | None = None
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    hessian: torch.Tensor | None = None,
+    *,
+    counts: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Each block's first best candidate, as ``nvfp4_scale_sweep`` chooses it, without losses.
 
     ``blocks`` ``[G, 16]`` float32/bf16/fp16 on CUDA; ``scales`` ``[K]`` ascending float32
     effective scales; ``hessian`` ``[per_row, 16, 16]`` or None. Returns ``best`` ``[G]`` int64
-    and counts for benchmarks: ``scored`` (candidates scored per block, tile unions counted),
+    and, with ``counts`` (else empty: they cost a dozen small kernels), for benchmarks: ``scored`` (candidates scored per block, tile unions counted),
     ``needed`` (the mean of the blocks' own ranges), ``repaired`` (blocks redone in float64).
     """
     blocks = blocks.contiguous()
@@ -281,10 +285,11 @@ def nvfp4_best_scales(
         num_warps=1,
         enable_fp_fusion=False,
     )
+    if not counts:
+        return best.long(), {}
     in_tile = (num_blocks - torch.arange(grid[0], device=device) * tile).clamp(max=tile)
-    counts = {
+    return best.long(), {
         "scored": (work * in_tile).sum() / max(num_blocks, 1),
         "needed": (ranges[:, 1] - ranges[:, 0]).double().mean(),
         "repaired": (flags != 0).sum(),
     }
-    return best.long(), counts
