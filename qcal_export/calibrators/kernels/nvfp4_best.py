@@ -50,8 +50,6 @@ def _best_kernel(
     rho_ptr,
     per_row,
     range_ptr,
-    loss_ptr,
-    bound_ptr,
     best_ptr,
     flag_ptr,
     work_ptr,
@@ -61,8 +59,7 @@ def _best_kernel(
     TILE: tl.constexpr,
 ):
     """The tile (blocks ``order[lanes]``) scores the union of its blocks' ranges; best, flags
-    (1: a near tie, 2: out of float32 range), the tile's candidate count, and the float32
-    losses (and Hessian bounds) of the scored candidates for the repair pass."""
+    (1: a near tie, 2: out of float32 range) and the tile's candidate count."""
     lanes = tl.program_id(0) * TILE + tl.arange(0, TILE)
     inside = lanes < num_blocks
     blocks = tl.load(order_ptr + lanes, mask=inside, other=0)
@@ -72,9 +69,8 @@ def _best_kernel(
     end = tl.load(range_ptr + blocks * 2 + 1, mask=inside, other=0)
     k_begin = tl.min(first, 0)
     k_end = tl.max(end, 0)
-    where = (loss_ptr, bound_ptr, blocks, inside, num_blocks)
     best, second, best_bound, second_bound, best_k = _scan(
-        xs, hs, rho, scale_ptr, recip_ptr, k_begin, k_end, where, TILE, HESSIAN
+        xs, hs, rho, scale_ptr, recip_ptr, k_begin, k_end, TILE, HESSIAN
     )
     near = (second - best) <= TOL * (best_bound + second_bound) + 1e-27
     out_of_range = (amax > LIMIT) | (best != best)
@@ -93,21 +89,15 @@ def _scan(
     recip_ptr,
     k_begin,
     k_end,
-    where,
     TILE: tl.constexpr,
     HESSIAN: tl.constexpr,
 ):
-    """Best and second-best loss (with their bounds) over candidates ``[k_begin, k_end)``; each
-    loss (and Hessian bound) stored at ``[k, block]`` of ``where``'s float32 scratch."""
-    loss_ptr, bound_ptr, blocks, inside, num_blocks = where
+    """Best and second-best loss (with their bounds) over candidates ``[k_begin, k_end)``."""
     best, second, best_bound, second_bound, best_k = _untracked(TILE)
     for k in range(k_begin, k_end):
         loss, bound = _loss_and_bound(
             xs, hs, rho, tl.load(scale_ptr + k), tl.load(recip_ptr + k), HESSIAN
         )
-        tl.store(loss_ptr + k * num_blocks + blocks, loss, mask=inside)
-        if HESSIAN:
-            tl.store(bound_ptr + k * num_blocks + blocks, bound, mask=inside)
         best, second, best_bound, second_bound, best_k = _track_best(
             loss, bound, k, best, second, best_bound, second_bound, best_k
         )
@@ -119,11 +109,14 @@ def _best_repair_kernel(
     x_ptr,
     num_blocks,
     scale_ptr,
+    scaled_ptr,
+    recip_ptr,
+    norm_ptr,
+    packed_ptr,
+    rho_ptr,
     h_ptr,
     per_row,
     range_ptr,
-    loss_ptr,
-    bound_ptr,
     loss_norm_ptr,
     best_ptr,
     flag_ptr,
@@ -133,7 +126,8 @@ def _best_repair_kernel(
 ):
     """Float64 losses, as the torch path computes them, of the candidates in a flagged block's
     range that may still be the argmin (``loss - TOL * bound <= min(loss + TOL * bound)``, as in
-    ``nvfp4_sweep``); the others keep their float32 losses, which cannot win."""
+    ``nvfp4_sweep``); the others keep their float32 losses, which cannot win. The float32
+    losses are scored again here, as ``_best_kernel`` scored them: the scan stores none."""
     blocks = tl.program_id(0) * TILE + tl.arange(0, TILE)
     inside = blocks < num_blocks
     flag = tl.load(flag_ptr + blocks, mask=inside, other=0)
@@ -142,23 +136,21 @@ def _best_repair_kernel(
         first = tl.load(range_ptr + blocks * 2, mask=flagged, other=0)
         end = tl.load(range_ptr + blocks * 2 + 1, mask=flagged, other=0)
         xs, signs, hrow = _flagged_values(x_ptr, blocks, flagged, h_ptr, per_row)
-        loss_norm = tl.load(loss_norm_ptr)
+        xs32, _, _, _ = _block_values(x_ptr, blocks, flagged, norm_ptr, norm_ptr, per_row, False)
+        hs, rho = _block_hessian(x_ptr, blocks, flagged, packed_ptr, rho_ptr, per_row, HESSIAN)
+        scored = (xs32, hs, rho, scaled_ptr, recip_ptr, tl.load(loss_norm_ptr))
         k_begin = tl.min(tl.where(flagged, first, 1 << 20), 0)
         k_end = tl.max(end, 0)
         ceiling = tl.full([TILE], float("inf"), tl.float64)
         for k in range(k_begin, k_end):
             kept = flagged & (k >= first) & (k < end)
-            loss, bound = _stored(
-                loss_ptr, bound_ptr, k, num_blocks, blocks, kept, loss_norm, HESSIAN
-            )
+            loss, bound = _rescored(k, scored, HESSIAN)
             ceiling = tl.where(kept, tl.minimum(ceiling, loss + TOL * bound), ceiling)
         best = tl.full([TILE], float("inf"), tl.float64)
         best_k = tl.zeros([TILE], tl.int32)
         for k in range(k_begin, k_end):
             kept = flagged & (k >= first) & (k < end)
-            loss, bound = _stored(
-                loss_ptr, bound_ptr, k, num_blocks, blocks, kept, loss_norm, HESSIAN
-            )
+            loss, bound = _rescored(k, scored, HESSIAN)
             needed = kept & ((loss - TOL * bound <= ceiling) | (flag == 2))
             if tl.max(needed.to(tl.int32), 0) != 0:
                 exact = _exact_loss(xs, signs, tl.load(scale_ptr + k), hrow, needed, TILE, HESSIAN)
@@ -170,13 +162,13 @@ def _best_repair_kernel(
 
 
 @triton.jit
-def _stored(loss_ptr, bound_ptr, k, num_blocks, blocks, kept, loss_norm, HESSIAN: tl.constexpr):
-    """Candidate ``k``'s scratch loss and bound, in float64 and the torch path's units."""
-    loss = tl.load(loss_ptr + k * num_blocks + blocks, mask=kept, other=0.0).to(tl.float64)
-    bound = loss
-    if HESSIAN:
-        bound = tl.load(bound_ptr + k * num_blocks + blocks, mask=kept, other=0.0).to(tl.float64)
-    return loss * loss_norm, bound * loss_norm
+def _rescored(k, scored, HESSIAN: tl.constexpr):
+    """Candidate ``k``'s float32 loss and bound, in float64 and the torch path's units."""
+    xs, hs, rho, scaled_ptr, recip_ptr, loss_norm = scored
+    loss, bound = _loss_and_bound(
+        xs, hs, rho, tl.load(scaled_ptr + k), tl.load(recip_ptr + k), HESSIAN
+    )
+    return loss.to(tl.float64) * loss_norm, bound.to(tl.float64) * loss_norm
 
 
 def nvfp4_best_scales(
@@ -216,9 +208,6 @@ def nvfp4_best_scales(
     keys = torch.empty(num_blocks, dtype=torch.int32, device=device)
     work = torch.empty(grid[0], dtype=torch.int32, device=device)
     weighted = hessian is not None
-    # Float32 scratch [K, G]: only the scored candidates' entries are written and read.
-    losses = torch.empty(num_cand, num_blocks, dtype=torch.float32, device=device)
-    bounds = torch.empty_like(losses) if weighted else losses
     tolerance = TOLERANCE if weighted else PLAIN_TOLERANCE
     _range_kernel[grid](
         blocks,
@@ -254,8 +243,6 @@ def nvfp4_best_scales(
         rho,
         per_row,
         ranges,
-        losses,
-        bounds,
         best,
         flags,
         work,
@@ -271,11 +258,14 @@ def nvfp4_best_scales(
         blocks,
         num_blocks,
         scales,
+        scaled,
+        recip,
+        norm,
+        packed,
+        rho,
         h64.contiguous(),
         per_row,
         ranges,
-        losses,
-        bounds,
         loss_norm.reshape(1),
         best,
         flags,
