@@ -182,8 +182,9 @@ def nvfp4_best_scales(
 
     ``blocks`` ``[G, 16]`` float32/bf16/fp16 on CUDA; ``scales`` ``[K]`` ascending float32
     effective scales; ``hessian`` ``[per_row, 16, 16]`` or None. Returns ``best`` ``[G]`` int64
-    and, with ``counts`` (else empty: they cost a dozen small kernels), for benchmarks: ``scored`` (candidates scored per block, tile unions counted),
-    ``needed`` (the mean of the blocks' own ranges), ``repaired`` (blocks redone in float64).
+    and, with ``counts`` (else empty: they cost a dozen small kernels), for benchmarks:
+    ``scored`` (candidates scored per block, tile unions counted), ``needed`` (the mean of the
+    blocks' own ranges), ``repaired`` (blocks redone in float64).
     """
     blocks = blocks.contiguous()
     num_blocks, num_cand = blocks.shape[0], scales.shape[0]
