@@ -20,9 +20,6 @@ from qcal_export.granularity import PerBlock
 WEIGHT_BLOCKS = PerBlock(-1, 16)
 """Blocks of 16 along the last axis: the input channels of a ``[cout, cin]`` weight."""
 
-SCHUR_CONDITION_LIMIT = 1e8
-"""Hessian blocks worse conditioned than this get no Schur floor (0: no bound from it); float64
-inverses of better ones are good to far below the floor's 1e-6 margin."""
 CHUNK_ELEMENTS = 1 << 21
 """Candidates x blocks x 16 scored at once: bounds the sweep's scratch memory."""
 
@@ -237,16 +234,3 @@ class BlockHessian:
         blocks = rows.reshape(rows.shape[0], -1, self.block_size)
         update = torch.einsum("nbi,nbj->bij", blocks, blocks)
         self.hessian = update if self.hessian is None else self.hessian + update
-
-
-def schur_floors(hessian: torch.Tensor) -> torch.Tensor:
-    """Per block and element ``i``, the least ``dᵀ H d`` with ``d_i = 1``: ``1 / (H⁻¹)_ii``,
-    rounded down (float32 ``[blocks, 16]``); 0 for blocks worse conditioned than
-    ``SCHUR_CONDITION_LIMIT`` (singular ones too), where float64 could not bound it safely."""
-    h = hessian.to(torch.float64)
-    eigenvalues = torch.linalg.eigvalsh(h)
-    usable = eigenvalues[:, 0] * SCHUR_CONDITION_LIMIT > eigenvalues[:, -1]
-    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device).expand_as(h)
-    inverse = torch.linalg.inv(torch.where(usable[:, None, None], h, eye))
-    floors = (1.0 - 1e-6) / inverse.diagonal(dim1=-2, dim2=-1)
-    return torch.where(usable[:, None], floors, 0.0).clamp_min(0.0).float().contiguous()

@@ -10,7 +10,6 @@ from qcal_export.calibrators.nvfp4_mse import (
     BlockHessian,
     NVFP4MseCalibrator,
     fp8_scale_candidates,
-    schur_floors,
 )
 from qcal_export.errors import CalibrationError
 from qcal_export.formats import NVFP4
@@ -195,29 +194,3 @@ def test_zero_blocks_get_the_smallest_scale_and_stay_zero():
     scales = cal.compute_block_scales().float().reshape(-1)
     assert bool((scales > 0).all()) and bool(torch.isfinite(scales).all())
     assert float(scales[1]) == 2.0**-9  # an all-zero block: first (smallest) candidate
-
-
-def test_schur_floors_are_the_least_quadratic_form_with_one_value_fixed():
-    """``c_i = min dᵀ H d over d with d_i = 1`` (float64 brute force: the other values solve
-    ``H_rr d_r = -H_ri``), rounded down; singular and ill-conditioned blocks get 0."""
-    rng = np.random.default_rng(4)
-    acts = rng.standard_normal((64, 48)) * rng.uniform(0.1, 3.0, 48)
-    acts[:, 20:28] += acts[:, 12:20] * 0.9  # correlated channels: c_i far below H_ii
-    hessian = BlockHessian()
-    hessian.collect(torch.from_numpy(acts))
-    h = hessian.hessian.clone()
-    h[2, 5] = h[2, :, 5] = 0.0  # a dead channel: singular block
-    floors = schur_floors(h).double().numpy()
-    for b in range(2):
-        hb = h[b].numpy()
-        for i in range(16):
-            rest = [j for j in range(16) if j != i]
-            d = np.ones(16)
-            d[rest] = np.linalg.solve(hb[np.ix_(rest, rest)], -hb[rest, i])
-            least = d @ hb @ d
-            assert least * (1 - 2e-6) <= floors[b, i] <= least, (b, i)
-        assert (floors[b] < np.diag(hb) * 0.999).any()
-    assert np.all(floors[2] == 0.0)
-    d = rng.standard_normal((1000, 16))
-    forms = np.einsum("ni,ij,nj->n", d, h[1].numpy(), d)
-    assert np.all(forms[:, None] >= floors[1] * d**2)

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qcal_export.calibrators.kernels.nvfp4_prep import normalised_candidates, prepared_hessian
 from qcal_export.calibrators.kernels.nvfp4_ranges import _range_kernel
 from qcal_export.calibrators.kernels.nvfp4_sweep import (
     PLAIN_TOLERANCE,
@@ -26,12 +27,9 @@ from qcal_export.calibrators.kernels.nvfp4_sweep import (
     _exact_loss,
     _flagged_values,
     _loss_and_bound,
-    _normalised_candidates,
-    _packed_hessian,
     _track_best,
     _untracked,
 )
-from qcal_export.calibrators.nvfp4_mse import schur_floors
 
 BEST_WARPS = 2
 """Small tiles: a tile scores the union of its blocks' ranges."""
@@ -92,15 +90,21 @@ def _scan(
     TILE: tl.constexpr,
     HESSIAN: tl.constexpr,
 ):
-    """Best and second-best loss (with their bounds) over candidates ``[k_begin, k_end)``."""
+    """Best and second-best loss (with their bounds) over candidates ``[k_begin, k_end)``.
+    Each candidate's scale and reciprocal are loaded one iteration ahead: the loop is short,
+    and waiting for those loads would stall every iteration."""
     best, second, best_bound, second_bound, best_k = _untracked(TILE)
+    s = tl.load(scale_ptr + k_begin, mask=k_begin < k_end, other=1.0)
+    r = tl.load(recip_ptr + k_begin, mask=k_begin < k_end, other=1.0)
     for k in range(k_begin, k_end):
-        loss, bound = _loss_and_bound(
-            xs, hs, rho, tl.load(scale_ptr + k), tl.load(recip_ptr + k), HESSIAN
-        )
+        following = k + 1 < k_end
+        s_next = tl.load(scale_ptr + k + 1, mask=following, other=1.0)
+        r_next = tl.load(recip_ptr + k + 1, mask=following, other=1.0)
+        loss, bound = _loss_and_bound(xs, hs, rho, s, r, HESSIAN)
         best, second, best_bound, second_bound, best_k = _track_best(
             loss, bound, k, best, second, best_bound, second_bound, best_k
         )
+        s, r = s_next, r_next
     return best, second, best_bound, second_bound, best_k
 
 
@@ -190,17 +194,13 @@ def nvfp4_best_scales(
     num_blocks, num_cand = blocks.shape[0], scales.shape[0]
     device = blocks.device
     scales = scales.to(device=device, dtype=torch.float32).contiguous()
-    scaled, recip, norm, exponent = _normalised_candidates(scales)
-    loss_norm = torch.ldexp(
-        torch.ones((), dtype=torch.float64, device=device), -2 * exponent.double()
-    )
+    scaled, recip, norm, loss_norm = normalised_candidates(scales)
     if hessian is None:
-        packed = rho = schur = scaled  # unused
+        packed = rho = schur = h64 = scaled  # unused
         per_row, tile = 1, 32 * BEST_WARPS * PLAIN_BLOCKS_PER_THREAD
     else:
-        packed, rho, h_norm = _packed_hessian(hessian.to(device))
-        schur = schur_floors(hessian.to(device, torch.float64) / h_norm)
-        loss_norm = loss_norm * h_norm
+        h64 = hessian.to(device=device, dtype=torch.float64).contiguous()
+        packed, rho, schur, loss_norm = prepared_hessian(h64, loss_norm, floors=True)
         per_row, tile = hessian.shape[0], 32 * BEST_WARPS
     grid = (triton.cdiv(num_blocks, tile),)
     best = torch.empty(num_blocks, dtype=torch.int32, device=device)
@@ -254,7 +254,6 @@ def nvfp4_best_scales(
         num_warps=BEST_WARPS,
         enable_fp_fusion=False,
     )
-    h64 = scales if hessian is None else hessian.to(device=device, dtype=torch.float64)
     _best_repair_kernel[(triton.cdiv(num_blocks, 32),)](
         blocks,
         num_blocks,
@@ -264,10 +263,10 @@ def nvfp4_best_scales(
         norm,
         packed,
         rho,
-        h64.contiguous(),
+        h64,
         per_row,
         ranges,
-        loss_norm.reshape(1),
+        loss_norm,
         best,
         flags,
         HESSIAN=weighted,

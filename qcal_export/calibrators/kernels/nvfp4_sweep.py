@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qcal_export.calibrators.kernels.nvfp4_prep import normalised_candidates, prepared_hessian
+
 BLOCK = 16
 """NVFP4 block size: the elements one thread holds."""
 TOLERANCE = 2.0**-18
@@ -316,54 +318,19 @@ def _dequant_kernel(x_ptr, n, scale_ptr, recip_ptr, norm_ptr, out_ptr, TILE: tl.
     tl.store(out_ptr + k.to(tl.int64) * n + offsets, tl.where(x < 0, -xq, xq), mask=inside)
 
 
-def _normalised_candidates(
-    scales: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scales times ``2^k`` (so that the global scale lies in [1, 2): every operand of the
-    Markstein division is then normal and no square under- or overflows for in-range blocks),
-    their correctly rounded reciprocals, ``2^k`` (float32, ``[1]``) and ``k``."""
-    k = _pow2_exponent(scales.amax() / 448.0).to(torch.float32)
-    norm = torch.ldexp(torch.ones((), device=scales.device), k).reshape(1)
-    scaled = scales * norm
-    return scaled, torch.ones_like(scaled).div_(scaled), norm, k
-
-
 def fake_quant_like_sweep(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The sweep's Q -> DQ of float32 ``x`` ``[n]`` under each of ``scales`` ``[K]``: ``[K, n]``.
 
     For tests: must equal ``NVFP4.fake_quant_blocks`` bit for bit (scaled back by ``2^-k``).
     """
     scales = scales.to(device=x.device, dtype=torch.float32).contiguous()
-    scaled, recip, norm, _ = _normalised_candidates(scales)
+    scaled, recip, norm, _ = normalised_candidates(scales)
     x = x.to(torch.float32).contiguous()
     out = torch.empty(scales.shape[0], x.numel(), dtype=torch.float32, device=x.device)
     _dequant_kernel[(triton.cdiv(x.numel(), 1024), scales.shape[0])](
         x, x.numel(), scaled, recip, norm, out, TILE=1024, enable_fp_fusion=False
     )
     return out / norm
-
-
-def _pow2_exponent(t: torch.Tensor) -> torch.Tensor:
-    """``-floor(log2(t))`` for positive float32/64 ``t`` (0 for 0), as an int tensor."""
-    _, exponent = torch.frexp(t)
-    return torch.where(t > 0, 1 - exponent, torch.zeros_like(exponent))
-
-
-def _packed_hessian(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``H`` normalised by a power of two ``2^m``, upper triangle packed with off-diagonals
-    doubled (float32 ``[per_row, 136]``), its max absolute row sums (float32 ``[per_row]``)
-    and ``2^-m`` (float64)."""
-    h = hessian.to(torch.float64)
-    m = _pow2_exponent(h.abs().amax())
-    h = torch.ldexp(h, m.to(torch.float64))
-    rows, cols = torch.triu_indices(BLOCK, BLOCK, device=h.device)
-    packed = h[:, rows, cols] * torch.where(rows == cols, 1.0, 2.0).to(h)
-    rho = h.abs().sum(-1).amax(-1)
-    return (
-        packed.float().contiguous(),
-        rho.float().contiguous(),
-        torch.ldexp(torch.ones((), dtype=torch.float64, device=h.device), -m.to(torch.float64)),
-    )
 
 
 def nvfp4_scale_sweep(
@@ -396,14 +363,13 @@ def nvfp4_scale_sweep(
     )
     flags = torch.empty(num_blocks, dtype=torch.int8, device=device)
     scales = scales.to(device=device, dtype=torch.float32).contiguous()
-    scaled, recip, norm, k = _normalised_candidates(scales)
-    loss_norm = torch.ldexp(torch.ones((), dtype=torch.float64, device=device), -2 * k.double())
+    scaled, recip, norm, loss_norm = normalised_candidates(scales)
     if hessian is None:
-        packed = rho = scaled  # unused
+        packed = rho = h64 = scaled  # unused
         per_row = 1
     else:
-        packed, rho, h_norm = _packed_hessian(hessian.to(device))
-        loss_norm = loss_norm * h_norm
+        h64 = hessian.to(device=device, dtype=torch.float64).contiguous()
+        packed, rho, _, loss_norm = prepared_hessian(h64, loss_norm, floors=False)
         per_row = hessian.shape[0]
     tile = 32 * SCORE_WARPS * (1 if hessian is not None else PLAIN_BLOCKS_PER_THREAD)
     grid = (triton.cdiv(num_blocks, tile),)
@@ -414,7 +380,7 @@ def nvfp4_scale_sweep(
         scaled,
         recip,
         norm,
-        loss_norm.reshape(1),
+        loss_norm,
         packed,
         rho,
         per_row,
@@ -432,16 +398,15 @@ def nvfp4_scale_sweep(
     )
     if not repair:
         return losses, best.long(), (flags != 0).sum()
-    h64 = scales if hessian is None else hessian.to(device=device, dtype=torch.float64)
     _repair_kernel[(triton.cdiv(num_blocks, 32 * REPAIR_WARPS),)](
         blocks,
         num_blocks,
         scales,
-        h64.contiguous(),
+        h64,
         per_row,
         losses,
         bounds,
-        loss_norm.reshape(1),
+        loss_norm,
         best,
         flags,
         NUM_CAND=num_cand,
