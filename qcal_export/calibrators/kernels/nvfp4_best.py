@@ -50,6 +50,8 @@ def _best_kernel(
     range_ptr,
     best_ptr,
     flag_ptr,
+    flagged_ptr,
+    count_ptr,
     work_ptr,
     HESSIAN: tl.constexpr,
     TOL: tl.constexpr,
@@ -57,7 +59,8 @@ def _best_kernel(
     TILE: tl.constexpr,
 ):
     """The tile (blocks ``order[lanes]``) scores the union of its blocks' ranges; best, flags
-    (1: a near tie, 2: out of float32 range) and the tile's candidate count."""
+    (1: a near tie, 2: out of float32 range), the flagged blocks appended to ``flagged`` (their
+    number in ``count``) and the tile's candidate count."""
     lanes = tl.program_id(0) * TILE + tl.arange(0, TILE)
     inside = lanes < num_blocks
     blocks = tl.load(order_ptr + lanes, mask=inside, other=0)
@@ -75,6 +78,9 @@ def _best_kernel(
     flag = tl.where(out_of_range, 2, tl.where(near & (amax > 0) & (rho > 0), 1, 0))
     tl.store(best_ptr + blocks, best_k, mask=inside)
     tl.store(flag_ptr + blocks, flag.to(tl.int8), mask=inside)
+    repair = inside & (flag != 0)
+    slots = tl.atomic_add(count_ptr + tl.zeros_like(lanes), 1, mask=repair)
+    tl.store(flagged_ptr + slots, blocks, mask=repair)
     tl.store(work_ptr + tl.program_id(0), tl.maximum(k_end - k_begin, 0))
 
 
@@ -108,10 +114,9 @@ def _scan(
     return best, second, best_bound, second_bound, best_k
 
 
-@triton.jit(do_not_specialize=["num_blocks", "per_row"])
+@triton.jit(do_not_specialize=["per_row"])
 def _best_repair_kernel(
     x_ptr,
-    num_blocks,
     scale_ptr,
     scaled_ptr,
     recip_ptr,
@@ -124,6 +129,8 @@ def _best_repair_kernel(
     loss_norm_ptr,
     best_ptr,
     flag_ptr,
+    flagged_ptr,
+    count_ptr,
     HESSIAN: tl.constexpr,
     TOL: tl.constexpr,
     TILE: tl.constexpr,
@@ -131,12 +138,15 @@ def _best_repair_kernel(
     """Float64 losses, as the torch path computes them, of the candidates in a flagged block's
     range that may still be the argmin (``loss - TOL * bound <= min(loss + TOL * bound)``, as in
     ``nvfp4_sweep``); the others keep their float32 losses, which cannot win. The float32
-    losses are scored again here, as ``_best_kernel`` scored them: the scan stores none."""
-    blocks = tl.program_id(0) * TILE + tl.arange(0, TILE)
-    inside = blocks < num_blocks
-    flag = tl.load(flag_ptr + blocks, mask=inside, other=0)
-    flagged = flag != 0
-    if tl.max(flagged.to(tl.int32), 0) != 0:
+    losses are scored again here, as ``_best_kernel`` scored them: the scan stores none. Lanes
+    take the listed flagged blocks, so that every lane of a working tile has one; the tiles
+    past the list's end return at once."""
+    lanes = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    count = tl.load(count_ptr)
+    if tl.program_id(0) * TILE < count:
+        flagged = lanes < count
+        blocks = tl.load(flagged_ptr + lanes, mask=flagged, other=0)
+        flag = tl.load(flag_ptr + blocks, mask=flagged, other=0)
         first = tl.load(range_ptr + blocks * 2, mask=flagged, other=0)
         end = tl.load(range_ptr + blocks * 2 + 1, mask=flagged, other=0)
         xs, signs, hrow = _flagged_values(x_ptr, blocks, flagged, h_ptr, per_row)
@@ -208,6 +218,8 @@ def nvfp4_best_scales(
     ranges = torch.empty(num_blocks, 2, dtype=torch.int32, device=device)
     keys = torch.empty(num_blocks, dtype=torch.int32, device=device)
     work = torch.empty(grid[0], dtype=torch.int32, device=device)
+    flagged = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    count = torch.zeros(1, dtype=torch.int32, device=device)
     weighted = hessian is not None
     tolerance = TOLERANCE if weighted else PLAIN_TOLERANCE
     _range_kernel[grid](
@@ -246,6 +258,8 @@ def nvfp4_best_scales(
         ranges,
         best,
         flags,
+        flagged,
+        count,
         work,
         HESSIAN=weighted,
         TOL=tolerance,
@@ -256,7 +270,6 @@ def nvfp4_best_scales(
     )
     _best_repair_kernel[(triton.cdiv(num_blocks, 32),)](
         blocks,
-        num_blocks,
         scales,
         scaled,
         recip,
@@ -269,6 +282,8 @@ def nvfp4_best_scales(
         loss_norm,
         best,
         flags,
+        flagged,
+        count,
         HESSIAN=weighted,
         TOL=tolerance,
         TILE=32,
@@ -281,5 +296,5 @@ def nvfp4_best_scales(
     return best.long(), {
         "scored": (work * in_tile).sum() / max(num_blocks, 1),
         "needed": (ranges[:, 1] - ranges[:, 0]).double().mean(),
-        "repaired": (flags != 0).sum(),
+        "repaired": count[0],
     }
