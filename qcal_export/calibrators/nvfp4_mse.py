@@ -127,6 +127,14 @@ class NVFP4MseCalibrator(Calibrator):
         """Whether the Triton sweep scores ``groups``: CUDA and Triton."""
         return groups.is_cuda and kernels.HAS_TRITON
 
+    def _input_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """As for any fused calibrator, except fp16 with a Hessian, widened to float32
+        (exactly): the first such collect took 117 s on an H200, compiling its fp16 kernels
+        (Triton 3.6), where bf16 and float32 take seconds."""
+        if x.dtype == torch.float16 and self.hessian is not None:
+            return torch.float32
+        return super()._input_dtype(x)
+
     def _update(self, x: torch.Tensor, groups: torch.Tensor) -> None:
         hessian = self._row_hessian()
         if self._fused(groups):

@@ -349,8 +349,6 @@ def nvfp4_scale_sweep(
     float64 (written into ``out`` when given), ``best`` ``[G]`` int64 and a 0-dim count of the
     blocks recomputed in float64 (``repair=False`` skips that pass: for benchmarks only).
     """
-    if blocks.dtype == torch.float16 and hessian is not None:
-        blocks = blocks.float()  # exact; Triton 3.6 takes minutes to compile this fp16 variant
     blocks = blocks.contiguous()
     num_blocks, num_cand = blocks.shape[0], scales.shape[0]
     device = blocks.device
