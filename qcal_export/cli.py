@@ -82,7 +82,37 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from its --state file"
     )
+    add_layer_args(p)
     p.set_defaults(run=cmd_calibrate)
+
+
+def add_layer_args(p: argparse.ArgumentParser) -> None:
+    """The per-layer view and the precision search."""
+    p.add_argument(
+        "--layer-view",
+        action="store_true",
+        help="report each quantized node's SQNR and its output error when quantized alone",
+    )
+    target = p.add_mutually_exclusive_group()
+    target.add_argument(
+        "--target-cosine",
+        type=float,
+        metavar="C",
+        help="leave the fewest nodes in float so that held-out batches reach this mean cosine",
+    )
+    target.add_argument(
+        "--target-rel-l2", type=float, metavar="E", help="the same for a relative L2 error"
+    )
+    p.add_argument(
+        "--holdout-every",
+        type=int,
+        default=5,
+        metavar="N",
+        help="with a target, every Nth batch is held out from calibration (default 5)",
+    )
+    p.add_argument(
+        "--view-batches", type=int, default=4, metavar="N", help="batches of the view (default 4)"
+    )
 
 
 def add_quantization_args(p: argparse.ArgumentParser) -> None:
@@ -190,9 +220,15 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         state=args.state,
         state_every=args.state_every,
         resume=args.resume,
+        layer_view=args.layer_view,
+        target_cosine=args.target_cosine,
+        target_rel_l2=args.target_rel_l2,
+        holdout_every=args.holdout_every,
+        view_batches=args.view_batches,
         progress=progress_bar(args.batches),
     )
     print_summary(result.report)
+    print_layers(result.report)
 
 
 def print_summary(report: dict) -> None:
@@ -232,6 +268,45 @@ def print_summary(report: dict) -> None:
             out.print(f"wrote {report[key]}")
     for layout, path in report["checkpoints"].items():
         out.print(f"wrote the {layout} checkpoint {path}")
+
+
+def print_layers(report: dict) -> None:
+    """The per-layer view (most sensitive first) and the precision choice, if the run made them."""
+    if "layers" not in report:
+        return
+    out = Console()
+    rows = sorted(
+        report["layers"], key=lambda r: r["output_error_quantized_alone"]["rel_l2"], reverse=True
+    )
+    table = Table(title="per-layer view: output error with only that node quantized")
+    for column in ("node", "precision", "act SQNR dB", "weight SQNR dB", "rel L2", "cosine"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        alone = row["output_error_quantized_alone"]
+        table.add_row(
+            escape(row["node"]),
+            row["precision"],
+            _db(row["activation_sqnr_db"]),
+            _db(row["weight_sqnr_db"]),
+            f"{alone['rel_l2']:.4g}",
+            f"{alone['cosine']:.6f}",
+        )
+    out.print(table)
+    precision = report.get("precision")
+    if precision:
+        target, share = precision["target"], precision["quantized_matmul_gemm"]
+        final = precision["heldout_exported"]
+        out.print(
+            f"target {target['metric']} {target['value']:g}: {len(precision['float_nodes'])} "
+            f"nodes left in float, {share['quantized']} of {share['of']} MatMul/Gemm quantized; "
+            f"held-out cosine {final['cosine']:.5f}, rel L2 {final['rel_l2']:.4g}"
+        )
+        for node in precision["float_nodes"]:
+            out.print(f"float: {escape(node['node'])}: {escape(node['reason'])}")
+
+
+def _db(values: dict) -> str:
+    return ", ".join("exact" if v is None else f"{v:.1f}" for v in values.values())
 
 
 def add_inspect(sub: argparse._SubParsersAction) -> None:

@@ -25,16 +25,18 @@ from qcal_export.calibration import (
     hessian_inputs,
     relative_weight_errors,
 )
-from qcal_export.capture.data import DataSource, open_data
+from qcal_export.capture.data import DataSource, open_data, split_holdout
 from qcal_export.capture.onnxruntime import OrtCapture, open_session, select_providers
 from qcal_export.errors import DataError, RecipeError
 from qcal_export.graphs.export import check_scales_match, export_qdq
 from qcal_export.graphs.model_io import LoadedModel, check_opset, load_model, save_model
 from qcal_export.graphs.targets import Plan, find_targets, name_nodes, tensor_types
 from qcal_export.graphs.validate import check_model, compare_outputs, reference_runner
+from qcal_export.layer_analysis import analyse_layers
 from qcal_export.recipe import Recipe
 from qcal_export.recipe_options import recipe_from_options
 from qcal_export.resume import StateFile
+from qcal_export.sensitivity import Target
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,11 @@ def calibrate_onnx(
     state: str | Path | None = None,
     state_every: int = 100,
     resume: bool = False,
+    layer_view: bool = False,
+    target_cosine: float | None = None,
+    target_rel_l2: float | None = None,
+    holdout_every: int = 5,
+    view_batches: int = 4,
     **options: Any,
 ) -> CalibrationResult:
     """Calibrate ``model`` on ``data`` and write the QDQ model, scales and report asked for.
@@ -89,6 +96,10 @@ def calibrate_onnx(
     ``state``: a file where calibrator state is saved every ``state_every`` batches; with
     ``resume`` a run continues from it (same model, recipe and data order) and gives the scales
     of an uninterrupted run. It is removed when calibration completes.
+    ``layer_view``: the report gets each quantized node's SQNR and sensitivity (on the first
+    ``view_batches`` calibration batches). ``target_cosine`` / ``target_rel_l2``: leave the
+    fewest nodes in float so that held-out batches (every ``holdout_every``-th batch, never
+    calibrated on) meet that output error; implies ``layer_view``.
     The input model file is never written.
     """
     recipe = recipe_from_options(recipe, options)
@@ -102,14 +113,23 @@ def calibrate_onnx(
             check_writable(path, what)
     if checkpoint is not None:
         check_checkpoint_dir(checkpoint, checkpoint_layouts)
+    target = _target(target_cosine, target_rel_l2)
     run = _plan(model, recipe, data, batch_size, provider)
     run.device_id = device_id
+    holdout = None
+    if target is not None and run.source is not None:
+        run.source, holdout = split_holdout(run.source, holdout_every)
     if state is not None:
         run.state = StateFile(state, _identity(run, max_batches, batch_size), every=state_every)
     elif resume:
         raise RecipeError("resume needs the state file to resume from: pass state=PATH (--state)")
     with _timed(run, "calibrate_s"):
         found = _scales(run, scales_in, max_batches, progress, resume)
+    analysis = None
+    if layer_view or target is not None:
+        with _timed(run, "layer_view_s"):
+            analysis = analyse_layers(run, found, holdout, target, view_batches)
+        found = analysis.narrow(run, found)
     run.weight_errors = relative_weight_errors(run.loaded.proto, found.values())
     result = CalibrationResult(scales=found, report={}, timings=run.timings)
     if checkpoint is not None:
@@ -132,9 +152,20 @@ def calibrate_onnx(
     if scales is not None:
         result.scales_path = save_scales(scales, found, run.loaded.sha256)
     result.report = build_report(run, found, exported, errors, result)
+    if analysis is not None:
+        with _timed(run, "heldout_s"):
+            result.report.update(analysis.report(run, exported.model, holdout))
     if report is not None:
         result.report_path = save_report(report, result.report)
     return result
+
+
+def _target(cosine: float | None, rel_l2: float | None) -> Target | None:
+    if cosine is not None and rel_l2 is not None:
+        raise RecipeError("give one output-error target: target_cosine or target_rel_l2")
+    if cosine is not None:
+        return Target("cosine", cosine)
+    return None if rel_l2 is None else Target("rel_l2", rel_l2)
 
 
 def _identity(run: Run, max_batches: int | None, batch_size: int | None) -> dict[str, Any]:

@@ -156,6 +156,22 @@ def test_calibrate_prints_tables_and_what_it_wrote(workdir, tmp_path, capsys, mo
     assert out.is_file()
 
 
+def test_layer_view_and_target_from_the_command_line(workdir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    report = tmp_path / "r.json"
+    argv = ["calibrate", str(workdir / "model.onnx"), "--data", str(workdir / "data")]
+    argv += ["--target-cosine", "0.99999999", "--holdout-every", "2", "--report", str(report)]
+    assert main([*argv, "-o", str(tmp_path / "q.onnx")]) == 0
+    printed = capsys.readouterr().out
+    written = json.loads(report.read_text())
+    precision = written["precision"]
+    assert "per-layer view: output error with only that node quantized" in printed
+    assert f"{len(precision['float_nodes'])} nodes left in float" in printed
+    assert {row["node"] for row in written["layers"]} == {"/conv/Conv", "/fc/Gemm"}
+    assert precision["heldout_switchable"]["cosine"] >= 0.99999999
+    assert precision["target"] == {"metric": "cosine", "value": 0.99999999}
+
+
 @pytest.mark.parametrize(
     ("method", "weight_method", "options", "calibrator"),
     [

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import onnx
 from onnx import TensorProto, helper
@@ -330,3 +332,28 @@ def _add_weight(plan: Plan, weight: WeightPlan) -> None:
 
 def describe_type(elem_type: int) -> str:
     return helper.tensor_dtype_to_string(elem_type).removeprefix("TensorProto.")
+
+
+_Planned = TypeVar("_Planned", ActivationPlan, WeightPlan)
+
+
+def without_nodes(plan: Plan, nodes: Collection[str]) -> Plan:
+    """``plan`` with ``nodes`` left in float: their uses dropped, and the tensors no other
+    planned node uses with them."""
+    left = set(nodes)
+
+    def keep(plans: dict[str, _Planned]) -> dict[str, _Planned]:
+        kept = {}
+        for tensor, planned in plans.items():
+            uses = [use for use in planned.uses if use.node not in left]
+            if uses:
+                kept[tensor] = dataclasses.replace(planned, uses=uses)
+        return kept
+
+    return dataclasses.replace(
+        plan,
+        activations=keep(plan.activations),
+        weights=keep(plan.weights),
+        nodes=[node for node in plan.nodes if node not in left],
+        excluded=[*plan.excluded, *(node for node in plan.nodes if node in left)],
+    )

@@ -171,12 +171,13 @@ def reference_runner(
     tensors (ORT has no FP4 kernels) and TensorRT's custom ops (implemented here as TensorRT
     documents them).
     """
-    if _needs_reference(model):
+    if needs_reference_evaluator(model):
         return _ReferenceRunner(model), "onnx.reference.ReferenceEvaluator"
     return open_session(model, providers, "the quantized model"), f"onnxruntime ({providers[0]})"
 
 
-def _needs_reference(model: onnx.ModelProto) -> bool:
+def needs_reference_evaluator(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` holds types or ops ONNX Runtime cannot run (FP4, TensorRT's ops)."""
     graph = model.graph
     if any(t.data_type in ORT_UNSUPPORTED_TYPES for t in graph.initializer):
         return True

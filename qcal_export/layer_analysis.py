@@ -1,0 +1,137 @@
+"""The pipeline's per-layer analysis: the switchable form of the run's model, the per-layer
+view, the precision search for a target, the plan narrowed to what stays quantized, and the
+report (with the exported model's own error on the held-out batches)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import onnx
+
+from qcal_export.artifacts.scales import TensorScales
+from qcal_export.calibration import relative_weight_errors
+from qcal_export.capture.data import DataSource, as_feed, model_inputs
+from qcal_export.capture.onnxruntime import open_session
+from qcal_export.errors import RecipeError
+from qcal_export.graphs.export import export_qdq
+from qcal_export.graphs.model_io import load_model
+from qcal_export.graphs.switchable import planned_inputs, switchable_model
+from qcal_export.graphs.targets import name_nodes, without_nodes
+from qcal_export.graphs.validate import needs_reference_evaluator, reference_runner
+from qcal_export.sensitivity import (
+    LayerView,
+    OutputError,
+    PrecisionChoice,
+    SwitchedRuns,
+    Target,
+    layer_view,
+    search_precision,
+)
+
+if TYPE_CHECKING:
+    from qcal_export.pipeline import Run
+
+
+@dataclass
+class Analysis:
+    view: LayerView
+    inputs: dict[str, list[tuple[int, str, str]]]
+    weight_sqnr_db: dict[str, float | None]
+    choice: PrecisionChoice | None
+
+    @property
+    def float_nodes(self) -> list[str]:
+        return [] if self.choice is None else [f["node"] for f in self.choice.float_nodes]
+
+    def narrow(self, run: Run, found: dict[str, TensorScales]) -> dict[str, TensorScales]:
+        """Leave the chosen nodes in float: ``run.plan`` narrowed, the scales still used."""
+        if not self.float_nodes:
+            return found
+        run.plan = without_nodes(run.plan, self.float_nodes)
+        planned = {*run.plan.activations, *run.plan.weights}
+        return {tensor: s for tensor, s in found.items() if tensor in planned}
+
+    def report(self, run: Run, exported: onnx.ModelProto, holdout: DataSource | None):
+        """The report's ``layers`` and, with a target, ``precision`` sections."""
+        rows = []
+        for node, alone in self.view.alone.items():
+            acts = [t for _, t, kind in self.inputs[node] if kind == "activation"]
+            weights = [t for _, t, kind in self.inputs[node] if kind == "weight"]
+            rows.append(
+                {
+                    "node": node,
+                    "precision": "float" if node in self.float_nodes else "quantized",
+                    "activation_sqnr_db": {t: self.view.activation_sqnr_db.get(t) for t in acts},
+                    "weight_sqnr_db": {t: self.weight_sqnr_db.get(t) for t in weights},
+                    "output_error_quantized_alone": alone,
+                }
+            )
+        section: dict[str, Any] = {
+            "layers": rows,
+            "layer_view": {"batches": self.view.batches, "all_quantized": self.view.all_quantized},
+        }
+        if self.choice is not None and holdout is not None:
+            choice = self.choice
+            section["precision"] = {
+                "target": {"metric": choice.target.metric, "value": choice.target.value},
+                "float_nodes": choice.float_nodes,
+                "quantized_matmul_gemm": _matmul_share(run),
+                "steps": choice.steps,
+                "heldout_switchable": choice.heldout,
+                "heldout_exported": exported_error(run, exported, holdout),
+            }
+        return section
+
+
+def analyse_layers(
+    run: Run,
+    found: dict[str, TensorScales],
+    holdout: DataSource | None,
+    target: Target | None,
+    batches: int,
+) -> Analysis:
+    """Per-layer view of the run's plan and scales, and the precision choice for ``target``."""
+    if run.source is None:
+        raise RecipeError("the per-layer view and a precision target need calibration data")
+    original = load_model(run.loaded.path).proto
+    name_nodes(original)
+    weight_errors = relative_weight_errors(original, found.values())
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    exported = export_qdq(model, run.plan, found, run.recipe.weights_mode, run.recipe.nvfp4_form)
+    if needs_reference_evaluator(exported.model):
+        raise RecipeError(
+            "the per-layer view and precision targets run in ONNX Runtime, which cannot run "
+            "this model's quantized form (FLOAT4E2M1 or TensorRT ops): not available for nvfp4"
+        )
+    switchable = switchable_model(original, exported.model, run.plan)
+    runs = SwitchedRuns(switchable, run.providers, f"the switchable form of {run.loaded.path}")
+    view = layer_view(runs, run.source, batches)
+    choice = None
+    if target is not None and holdout is not None:
+        choice = search_precision(runs, view, holdout, target)
+    sqnr = {t: -20 * math.log10(e) if e > 0 else None for t, e in weight_errors.items()}
+    return Analysis(view, planned_inputs(run.plan), sqnr, choice)
+
+
+def exported_error(run: Run, exported: onnx.ModelProto, holdout: DataSource) -> dict[str, float]:
+    """The exported model's output error against the float model's on the held-out batches."""
+    reference = open_session(run.loaded.path, run.providers, str(run.loaded.path))
+    candidate, _ = reference_runner(exported, run.providers)
+    outputs = [o.name for o in reference.get_outputs() if "float" in o.type]
+    inputs = model_inputs(exported)
+    error = OutputError(outputs)
+    for index, item in enumerate(holdout.batches()):
+        feed = as_feed(item, inputs, index)
+        error.add(reference.run(outputs, feed), candidate.run(outputs, feed))
+    return error.summary()
+
+
+def _matmul_share(run: Run) -> dict[str, int]:
+    """How many MatMul/Gemm nodes stay quantized, of those planned."""
+    ops = {n.name: n.op_type for n in run.loaded.proto.graph.node}
+    planned = [n for n in run.plan.nodes + run.plan.excluded if ops.get(n) in ("MatMul", "Gemm")]
+    quantized = [n for n in run.plan.nodes if ops.get(n) in ("MatMul", "Gemm")]
+    return {"quantized": len(quantized), "of": len(planned)}
