@@ -113,6 +113,12 @@ def add_layer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--view-batches", type=int, default=4, metavar="N", help="batches of the view (default 4)"
     )
+    p.add_argument(
+        "--smooth",
+        type=float,
+        metavar="ALPHA",
+        help="migrate activation outliers into the weights first (SmoothQuant alpha, e.g. 0.5)",
+    )
 
 
 def add_quantization_args(p: argparse.ArgumentParser) -> None:
@@ -225,6 +231,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         target_rel_l2=args.target_rel_l2,
         holdout_every=args.holdout_every,
         view_batches=args.view_batches,
+        smooth=args.smooth,
         progress=progress_bar(args.batches),
     )
     print_summary(result.report)

@@ -16,9 +16,8 @@ from qcal_export.capture.data import DataSource, as_feed, model_inputs
 from qcal_export.capture.onnxruntime import open_session
 from qcal_export.errors import RecipeError
 from qcal_export.graphs.export import export_qdq
-from qcal_export.graphs.model_io import load_model
 from qcal_export.graphs.switchable import planned_inputs, switchable_model
-from qcal_export.graphs.targets import name_nodes, without_nodes
+from qcal_export.graphs.targets import without_nodes
 from qcal_export.graphs.validate import needs_reference_evaluator, reference_runner
 from qcal_export.sensitivity import (
     LayerView,
@@ -95,8 +94,7 @@ def analyse_layers(
     """Per-layer view of the run's plan and scales, and the precision choice for ``target``."""
     if run.source is None:
         raise RecipeError("the per-layer view and a precision target need calibration data")
-    original = load_model(run.loaded.path).proto
-    name_nodes(original)
+    original = run.loaded.proto  # still the float model (smoothed, if asked): export comes later
     weight_errors = relative_weight_errors(original, found.values())
     model = onnx.ModelProto()
     model.CopyFrom(original)

@@ -37,6 +37,7 @@ from qcal_export.recipe import Recipe
 from qcal_export.recipe_options import recipe_from_options
 from qcal_export.resume import StateFile
 from qcal_export.sensitivity import Target
+from qcal_export.smoothing import smooth_run
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def calibrate_onnx(
     target_rel_l2: float | None = None,
     holdout_every: int = 5,
     view_batches: int = 4,
+    smooth: float | None = None,
     **options: Any,
 ) -> CalibrationResult:
     """Calibrate ``model`` on ``data`` and write the QDQ model, scales and report asked for.
@@ -99,7 +101,8 @@ def calibrate_onnx(
     ``layer_view``: the report gets each quantized node's SQNR and sensitivity (on the first
     ``view_batches`` calibration batches). ``target_cosine`` / ``target_rel_l2``: leave the
     fewest nodes in float so that held-out batches (every ``holdout_every``-th batch, never
-    calibrated on) meet that output error; implies ``layer_view``.
+    calibrated on) meet that output error; implies ``layer_view``. ``smooth``: migrate
+    activation outliers into the weights (SmoothQuant, this alpha) before calibrating.
     The input model file is never written.
     """
     recipe = recipe_from_options(recipe, options)
@@ -119,6 +122,10 @@ def calibrate_onnx(
     holdout = None
     if target is not None and run.source is not None:
         run.source, holdout = split_holdout(run.source, holdout_every)
+    smoothing = None
+    if smooth is not None:
+        with _timed(run, "smooth_s"):
+            smoothing = {"alpha": smooth, "notes": smooth_run(run, smooth, max_batches)}
     if state is not None:
         run.state = StateFile(state, _identity(run, max_batches, batch_size), every=state_every)
     elif resume:
@@ -152,6 +159,8 @@ def calibrate_onnx(
     if scales is not None:
         result.scales_path = save_scales(scales, found, run.loaded.sha256)
     result.report = build_report(run, found, exported, errors, result)
+    if smoothing is not None:
+        result.report["smoothing"] = smoothing
     if analysis is not None:
         with _timed(run, "heldout_s"):
             result.report.update(analysis.report(run, exported.model, holdout))
