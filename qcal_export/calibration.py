@@ -9,6 +9,7 @@ accumulated during the first capture pass.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,11 +21,11 @@ from onnx import numpy_helper
 from qcal_export.artifacts.scales import TensorScales
 from qcal_export.calibrators import CALIBRATORS, Calibrator, MaxCalibrator
 from qcal_export.calibrators.nvfp4_mse import BlockHessian
-from qcal_export.errors import CalibrationError, DataError
+from qcal_export.errors import CalibrationError, DataError, RecipeError
 from qcal_export.formats import AMAX_FLOOR, NVFP4, NVFP4Format, get_format
 from qcal_export.granularity import Granularity, PerBlock, PerTensor, PerTensorGroup
 from qcal_export.graphs.targets import ActivationPlan, Plan, WeightPlan
-from qcal_export.recipe import TensorSpec
+from qcal_export.recipe import AUTO_METHODS, METHOD_OPTIONS, METHODS, TensorSpec
 from qcal_export.resume import Progress, StateFile, Stateful, restore_all
 
 Collector = Callable[[torch.Tensor], None]
@@ -52,6 +53,11 @@ def make_calibrator(
 
     ``extra`` are constructor arguments that are data, not options (a weight's Hessian).
     """
+    if spec.method == "auto":
+        raise RecipeError(
+            "method auto chooses among activation methods per tensor in calibrate_onnx; "
+            f"give weights and torch models a method of {[m for m in METHODS if m != 'auto']}"
+        )
     kind = CALIBRATORS[spec.method]
     fmt = get_format(spec.format)
     options = {k: v for k, v in spec.options.items() if k != "hessian"}
@@ -91,9 +97,31 @@ def second_pass(
 
 @dataclass
 class ActivationResult:
+    """Scales per activation (for a method ``auto`` one its choice replaces: max's), each
+    ``auto`` activation's candidates by method, pass counts and the Hessians asked for."""
+
     scales: dict[str, TensorScales]
     batches_per_pass: list[int]
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    candidates: dict[str, dict[str, TensorScales]] = field(default_factory=dict)
+
+
+def candidate_specs(tensor: str, spec: TensorSpec) -> list[tuple[str, TensorSpec]]:
+    """(key, spec) of each calibrator an activation gets: its own, or under ``auto`` one per
+    candidate method (key ``tensor#method``), each with the options that method takes."""
+    if spec.method != "auto":
+        return [(tensor, spec)]
+    return [
+        (
+            f"{tensor}#{method}",
+            dataclasses.replace(spec, method=method, options=_options(spec, method)),
+        )
+        for method in AUTO_METHODS
+    ]
+
+
+def _options(spec: TensorSpec, method: str) -> dict[str, float]:
+    return {k: v for k, v in spec.options.items() if k in METHOD_OPTIONS.get(method, ())}
 
 
 def calibrate_activations(
@@ -108,14 +136,20 @@ def calibrate_activations(
     ``state`` saves the calibrators every few batches; with ``resume`` the run continues from
     what it saved, and the state file is removed once both passes are done.
     """
-    cals = {
-        t: make_calibrator(a.spec, activation_granularity(a), nonfinite)
+    specs = {
+        key: (t, spec)
         for t, a in plan.activations.items()
+        for key, spec in candidate_specs(t, a.spec)
     }
-    firsts = {t: first_pass_calibrator(cal) for t, cal in cals.items()}
+    cals = {
+        key: make_calibrator(spec, activation_granularity(plan.activations[t]), nonfinite)
+        for key, (t, spec) in specs.items()
+    }
+    firsts = {key: first_pass_calibrator(cal) for key, cal in cals.items()}
     hessians = {t: BlockHessian() for t in hessian_inputs(plan)}
     collectors: dict[str, list[Collector]] = {}
-    for tensor, cal in firsts.items():
+    for key, cal in firsts.items():
+        tensor = specs[key][0]
         collectors.setdefault(tensor, []).append(named_collector(tensor, cal.collect))
     for tensor, accumulator in hessians.items():
         collectors.setdefault(tensor, []).append(named_collector(tensor, accumulator.collect))
@@ -130,17 +164,27 @@ def calibrate_activations(
         if progress is not None and progress.pass_number == 2 and progress.batches:
             restore_all(seconds_state, progress.snapshots)
             skip = progress.batches
-        collectors = {t: [named_collector(t, c.collect)] for t, c in second.items()}
+        collectors = {}
+        for key, cal in second.items():
+            tensor = specs[key][0]
+            collectors.setdefault(tensor, []).append(named_collector(tensor, cal.collect))
         saver = state.saver(2, seconds_state) if state is not None else None
         counts.append(capture(collectors, "pass 2", skip=skip, after_batch=saver))
     if state is not None:
         state.finish()
-    scales = {
-        t: tensor_scales(t, "activation", plan.activations[t].spec, cal, PerTensor())
-        for t, cal in cals.items()
+    every = {
+        key: tensor_scales(specs[key][0], "activation", specs[key][1], cal, PerTensor())
+        for key, cal in cals.items()
     }
+    scales = {key: s for key, s in every.items() if specs[key][0] == key}
+    candidates: dict[str, dict[str, TensorScales]] = {}
+    for key, s in every.items():
+        tensor, spec = specs[key]
+        if key != tensor:
+            candidates.setdefault(tensor, {})[spec.method] = s
+    scales.update({t: c[AUTO_METHODS[0]] for t, c in candidates.items()})
     found = {t: h.hessian for t, h in hessians.items() if h.hessian is not None}
-    return ActivationResult(scales, counts, found)
+    return ActivationResult(scales, counts, found, candidates)
 
 
 def _first_pass(

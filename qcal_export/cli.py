@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -278,10 +279,19 @@ def print_summary(report: dict) -> None:
 
 
 def print_layers(report: dict) -> None:
-    """The per-layer view (most sensitive first) and the precision choice, if the run made them."""
+    """Smoothing, the method choice, the per-layer view (most sensitive first) and the
+    precision choice, where the run made them."""
+    out = Console()
+    smoothing = report.get("smoothing")
+    if smoothing:
+        out.print(f"smoothed {len(smoothing['notes'])} activations (alpha {smoothing['alpha']:g})")
+    choice = report.get("method_choice")
+    if choice:
+        picked = Counter(c["picked"] for c in choice.values())
+        counts = ", ".join(f"{method} for {n}" for method, n in picked.most_common())
+        out.print(f"method auto picked {counts} of {len(choice)} activations")
     if "layers" not in report:
         return
-    out = Console()
     rows = sorted(
         report["layers"], key=lambda r: r["output_error_quantized_alone"]["rel_l2"], reverse=True
     )

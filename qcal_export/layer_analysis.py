@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import onnx
+from onnx import numpy_helper
 
 from qcal_export.artifacts.scales import TensorScales
 from qcal_export.calibration import relative_weight_errors
@@ -25,6 +26,7 @@ from qcal_export.sensitivity import (
     PrecisionChoice,
     SwitchedRuns,
     Target,
+    choose_methods,
     layer_view,
     search_precision,
 )
@@ -92,26 +94,64 @@ def analyse_layers(
     batches: int,
 ) -> Analysis:
     """Per-layer view of the run's plan and scales, and the precision choice for ``target``."""
+    runs = switched_runs(run, found)
+    view = layer_view(runs, run.source, batches)
+    choice = None
+    if target is not None and holdout is not None:
+        choice = search_precision(runs, view, holdout, target)
+    errors = relative_weight_errors(run.loaded.proto, found.values())
+    sqnr = {t: -20 * math.log10(e) if e > 0 else None for t, e in errors.items()}
+    return Analysis(view, planned_inputs(run.plan), sqnr, choice)
+
+
+def choose_activation_methods(
+    run: Run, found: dict[str, TensorScales], batches: int
+) -> tuple[dict[str, TensorScales], dict[str, Any]]:
+    """Method ``auto``: per activation, the candidate nearest float by the graph outputs with
+    only its consumers quantized (on the first ``batches`` calibration batches); the chosen
+    scales and the report section."""
+    consumers = {t: [u.node for u in run.plan.activations[t].uses] for t in run.candidates}
+    runs = switched_runs(run, found)
+    inits = {t.name: t for t in runs.model.graph.initializer}
+    feeds = {
+        tensor: {m: _scale_feed(s, runs.scales[tensor], inits) for m, s in methods.items()}
+        for tensor, methods in run.candidates.items()
+    }
+    choice = choose_methods(runs, run.source, feeds, consumers, batches)
+    chosen = {t: run.candidates[t][c["picked"]] for t, c in choice.items()}
+    return chosen, choice
+
+
+def _scale_feed(scales: TensorScales, names: tuple[str, str], inits: dict) -> dict[str, Any]:
+    """A candidate's scale (and, for asymmetric formats, zero point) as the inputs that
+    replace the exported initializers, in their dtypes."""
+    q = scales.qparams()
+    scale_name, zero_name = names
+    dtype = numpy_helper.to_array(inits[scale_name]).dtype
+    feed = {scale_name: q.scale.numpy().astype(dtype).reshape(inits[scale_name].dims)}
+    if not q.fmt.symmetric:
+        zero = numpy_helper.to_array(inits[zero_name])
+        values = q.fmt.encode_zero_point(q.zero_point).numpy()
+        feed[zero_name] = values.astype(zero.dtype).reshape(zero.shape)
+    return feed
+
+
+def switched_runs(run: Run, found: dict[str, TensorScales]) -> SwitchedRuns:
+    """A session over the switchable form of the run's model under ``found``."""
     if run.source is None:
-        raise RecipeError("the per-layer view and a precision target need calibration data")
+        raise RecipeError("the per-layer view, precision targets and method auto need data")
     original = run.loaded.proto  # still the float model (smoothed, if asked): export comes later
-    weight_errors = relative_weight_errors(original, found.values())
     model = onnx.ModelProto()
     model.CopyFrom(original)
     exported = export_qdq(model, run.plan, found, run.recipe.weights_mode, run.recipe.nvfp4_form)
     if needs_reference_evaluator(exported.model):
         raise RecipeError(
-            "the per-layer view and precision targets run in ONNX Runtime, which cannot run "
-            "this model's quantized form (FLOAT4E2M1 or TensorRT ops): not available for nvfp4"
+            "the per-layer view, precision targets and method auto run in ONNX Runtime, which "
+            "cannot run this model's quantized form (FLOAT4E2M1 or TensorRT ops): not for nvfp4"
         )
     switchable = switchable_model(original, exported.model, run.plan)
-    runs = SwitchedRuns(switchable, run.providers, f"the switchable form of {run.loaded.path}")
-    view = layer_view(runs, run.source, batches)
-    choice = None
-    if target is not None and holdout is not None:
-        choice = search_precision(runs, view, holdout, target)
-    sqnr = {t: -20 * math.log10(e) if e > 0 else None for t, e in weight_errors.items()}
-    return Analysis(view, planned_inputs(run.plan), sqnr, choice)
+    name = f"the switchable form of {run.loaded.path}"
+    return SwitchedRuns(switchable, run.providers, name)
 
 
 def exported_error(run: Run, exported: onnx.ModelProto, holdout: DataSource) -> dict[str, float]:

@@ -32,7 +32,7 @@ from qcal_export.graphs.export import check_scales_match, export_qdq
 from qcal_export.graphs.model_io import LoadedModel, check_opset, load_model, save_model
 from qcal_export.graphs.targets import Plan, find_targets, name_nodes, tensor_types
 from qcal_export.graphs.validate import check_model, compare_outputs, reference_runner
-from qcal_export.layer_analysis import analyse_layers
+from qcal_export.layer_analysis import Analysis, analyse_layers, choose_activation_methods
 from qcal_export.recipe import Recipe
 from qcal_export.recipe_options import recipe_from_options
 from qcal_export.resume import StateFile
@@ -99,44 +99,36 @@ def calibrate_onnx(
     ``resume`` a run continues from it (same model, recipe and data order) and gives the scales
     of an uninterrupted run. It is removed when calibration completes.
     ``layer_view``: the report gets each quantized node's SQNR and sensitivity (on the first
-    ``view_batches`` calibration batches). ``target_cosine`` / ``target_rel_l2``: leave the
-    fewest nodes in float so that held-out batches (every ``holdout_every``-th batch, never
-    calibrated on) meet that output error; implies ``layer_view``. ``smooth``: migrate
-    activation outliers into the weights (SmoothQuant, this alpha) before calibrating.
+    ``view_batches`` calibration batches, which also serve ``method="auto"``: per activation,
+    the method nearest float by the graph outputs with only its consumers quantized).
+    ``target_cosine`` / ``target_rel_l2``: leave the fewest nodes in float so that held-out
+    batches (every ``holdout_every``-th batch, never calibrated on) meet that output error;
+    implies ``layer_view``. ``smooth``: migrate activation outliers into the weights (SmoothQuant,
+    this alpha) before calibrating.
     The input model file is never written.
     """
     recipe = recipe_from_options(recipe, options)
-    torch_only = [k for k in ("output", "module_types", "modules") if getattr(recipe, k)]
-    if torch_only:
-        log.warning(
-            "recipe fields %s apply to torch models only; the ONNX run ignores them", torch_only
+    _check_request(recipe, output, scales, report, checkpoint, checkpoint_layouts)
+    accuracy = Accuracy(
+        layer_view, _target(target_cosine, target_rel_l2), holdout_every, view_batches, smooth
+    )
+    if smooth is not None and scales_in is not None:
+        raise RecipeError(
+            "smooth recomputes the smoothing factors from the data, which saved scales do not "
+            "follow: calibrate again instead of passing scales_in (--scales-in)"
         )
-    for path, what in ((output, "output model"), (scales, "scales file"), (report, "report")):
-        if path is not None:
-            check_writable(path, what)
-    if checkpoint is not None:
-        check_checkpoint_dir(checkpoint, checkpoint_layouts)
-    target = _target(target_cosine, target_rel_l2)
     run = _plan(model, recipe, data, batch_size, provider)
     run.device_id = device_id
-    holdout = None
-    if target is not None and run.source is not None:
-        run.source, holdout = split_holdout(run.source, holdout_every)
-    smoothing = None
-    if smooth is not None:
-        with _timed(run, "smooth_s"):
-            smoothing = {"alpha": smooth, "notes": smooth_run(run, smooth, max_batches)}
+    holdout, sections = _prepare(run, accuracy, max_batches)
     if state is not None:
-        run.state = StateFile(state, _identity(run, max_batches, batch_size), every=state_every)
+        identity = _identity(run, max_batches, batch_size)
+        identity.update(smooth=smooth, holdout_every=holdout_every if holdout else None)
+        run.state = StateFile(state, identity, every=state_every)
     elif resume:
         raise RecipeError("resume needs the state file to resume from: pass state=PATH (--state)")
     with _timed(run, "calibrate_s"):
         found = _scales(run, scales_in, max_batches, progress, resume)
-    analysis = None
-    if layer_view or target is not None:
-        with _timed(run, "layer_view_s"):
-            analysis = analyse_layers(run, found, holdout, target, view_batches)
-        found = analysis.narrow(run, found)
+    found, analysis = _refine(run, found, accuracy, holdout, sections)
     run.weight_errors = relative_weight_errors(run.loaded.proto, found.values())
     result = CalibrationResult(scales=found, report={}, timings=run.timings)
     if checkpoint is not None:
@@ -158,15 +150,77 @@ def calibrate_onnx(
         )
     if scales is not None:
         result.scales_path = save_scales(scales, found, run.loaded.sha256)
-    result.report = build_report(run, found, exported, errors, result)
-    if smoothing is not None:
-        result.report["smoothing"] = smoothing
+    result.report = {**build_report(run, found, exported, errors, result), **sections}
     if analysis is not None:
         with _timed(run, "heldout_s"):
             result.report.update(analysis.report(run, exported.model, holdout))
     if report is not None:
         result.report_path = save_report(report, result.report)
     return result
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """What a run does beyond calibrating: smoothing first, the method choice (``auto``), the
+    per-layer view and the precision search for a target."""
+
+    layer_view: bool = False
+    target: Target | None = None
+    holdout_every: int = 5
+    view_batches: int = 4
+    smooth: float | None = None
+
+
+def _check_request(recipe, output, scales, report, checkpoint, checkpoint_layouts) -> None:
+    """Refuse what cannot be written before anything runs; warn about torch-only fields."""
+    torch_only = [k for k in ("output", "module_types", "modules") if getattr(recipe, k)]
+    if torch_only:
+        log.warning(
+            "recipe fields %s apply to torch models only; the ONNX run ignores them", torch_only
+        )
+    for path, what in ((output, "output model"), (scales, "scales file"), (report, "report")):
+        if path is not None:
+            check_writable(path, what)
+    if checkpoint is not None:
+        check_checkpoint_dir(checkpoint, checkpoint_layouts)
+
+
+def _prepare(
+    run: Run, accuracy: Accuracy, max_batches: int | None
+) -> tuple[DataSource | None, dict[str, Any]]:
+    """Hold out every ``holdout_every``-th batch for a target, and smooth the model if asked;
+    returns the held-out batches and the report's ``smoothing`` section."""
+    holdout = None
+    if accuracy.target is not None and run.source is not None:
+        run.source, holdout = split_holdout(run.source, accuracy.holdout_every)
+    sections: dict[str, Any] = {}
+    if accuracy.smooth is not None:
+        with _timed(run, "smooth_s"):
+            notes = smooth_run(run, accuracy.smooth, max_batches)
+        sections["smoothing"] = {"alpha": accuracy.smooth, "notes": notes}
+    return holdout, sections
+
+
+def _refine(
+    run: Run,
+    found: dict[str, TensorScales],
+    accuracy: Accuracy,
+    holdout: DataSource | None,
+    sections: dict[str, Any],
+) -> tuple[dict[str, TensorScales], Analysis | None]:
+    """Method ``auto``'s choice, then the per-layer view and the target's float nodes: the
+    scales to export (``run.plan`` narrowed to them) and the analysis, if any."""
+    if run.candidates:
+        with _timed(run, "method_choice_s"):
+            chosen, sections["method_choice"] = choose_activation_methods(
+                run, found, accuracy.view_batches
+            )
+        found = {**found, **chosen}
+    if not accuracy.layer_view and accuracy.target is None:
+        return found, None
+    with _timed(run, "layer_view_s"):
+        analysis = analyse_layers(run, found, holdout, accuracy.target, accuracy.view_batches)
+    return analysis.narrow(run, found), analysis
 
 
 def _target(cosine: float | None, rel_l2: float | None) -> Target | None:
@@ -206,6 +260,7 @@ class Run:
     validator: str = ""
     state: StateFile | None = None
     device_id: int = 0
+    candidates: dict[str, dict[str, TensorScales]] = field(default_factory=dict)
 
 
 @contextmanager
@@ -284,6 +339,7 @@ def _scales(
         calibrate_weights(run.loaded.proto, run.plan, run.recipe.nonfinite, activations.hessians)
     )
     found.update(activations.scales)
+    run.candidates = activations.candidates
     return found
 
 

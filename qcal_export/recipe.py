@@ -20,7 +20,9 @@ from qcal_export.errors import RecipeError
 from qcal_export.formats import FORMATS
 
 DEFAULT_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose")
-METHODS = ("max", "mse", "nvfp4-mse", "shrink-mse", "percentile", "entropy")
+METHODS = ("max", "mse", "nvfp4-mse", "shrink-mse", "percentile", "entropy", "auto")
+AUTO_METHODS = ("max", "mse", "percentile", "entropy")
+"""What ``auto`` chooses among, per activation, by its consumers' output error."""
 METHOD_OPTIONS: dict[str, set[str]] = {
     "mse": {"start", "stop", "step"},
     "nvfp4-mse": {"hessian"},
@@ -28,6 +30,7 @@ METHOD_OPTIONS: dict[str, set[str]] = {
     "percentile": {"percentile", "bins"},
     "entropy": {"bins", "quantized_bins"},
 }
+METHOD_OPTIONS["auto"] = set().union(*(METHOD_OPTIONS.get(m, set()) for m in AUTO_METHODS))
 DEFAULT_BLOCK_SIZES = {"int4": 128, "uint4": 128, "nvfp4": 16}
 """Weight block size by format when a spec names none: int4 blocks of 128 (the common
 deployment choice), NVFP4's fixed 16."""

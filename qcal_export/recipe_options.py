@@ -46,6 +46,8 @@ def build_recipe(
         weight_method = "nvfp4-mse" if method == "nvfp4-mse" else "max"
     if method == "nvfp4-mse":
         method = "max"
+    if weight_method == "auto":
+        raise RecipeError("method auto chooses activation methods; give weights another method")
     if hessian and weight_method != "nvfp4-mse":
         raise RecipeError(f"hessian weighting needs weight method nvfp4-mse, not {weight_method!r}")
     activation_options, weight_options = split_method_options(

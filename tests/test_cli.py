@@ -172,6 +172,20 @@ def test_layer_view_and_target_from_the_command_line(workdir, tmp_path, capsys, 
     assert precision["target"] == {"metric": "cosine", "value": 0.99999999}
 
 
+def test_method_auto_and_smoothing_from_the_command_line(workdir, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    argv = ["calibrate", str(workdir / "model.onnx"), "--data", str(workdir / "data")]
+    argv += ["--method", "auto", "--smooth", "0.5", "--report", str(report)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    written = json.loads(report.read_text())
+    picked = [c["picked"] for c in written["method_choice"].values()]
+    assert "method auto picked" in printed and len(picked) == len(written["method_choice"])
+    assert f"smoothed {len(written['smoothing']['notes'])} activations (alpha 0.5)" in printed
+    activation_methods = {r["method"] for r in written["tensors"] if r["kind"] == "activation"}
+    assert activation_methods == set(picked)
+
+
 @pytest.mark.parametrize(
     ("method", "weight_method", "options", "calibrator"),
     [

@@ -165,3 +165,44 @@ def test_holdout_split_and_bad_targets(mlp):
         calibrate_onnx(mlp, heavy_batches(5), target_cosine=1.5)
     with pytest.raises(RecipeError, match="nvfp4"):
         calibrate_onnx(mlp, heavy_batches(5), format="nvfp4", layer_view=True)
+
+
+def test_method_auto_picks_the_method_nearest_float_with_only_its_consumers_quantized(
+    mlp, tmp_path
+):
+    batches = heavy_batches(3)
+    result = calibrate_onnx(
+        mlp, batches, format="int8", method="auto", view_batches=3, validate_batches=0
+    )
+    choice = result.report["method_choice"]
+    assert len(choice) == 3  # x and the two GELU outputs
+    model = onnx.load(str(mlp))
+    tensor = "/Mul_1_output_0"
+    consumer = next(n for n in model.graph.node if tensor in n.input and n.op_type == "MatMul")
+    others = tuple(n for n in result.report["quantized_nodes"] if n != consumer.name)
+    errors = choice[tensor]["output_rel_l2"]
+    for method, got in errors.items():
+        scales = tmp_path / f"{method}.safetensors"
+        calibrate_onnx(
+            mlp, batches, format="int8", method=method, scales=scales, validate_batches=0
+        )
+        alone = tmp_path / f"{method}.onnx"
+        calibrate_onnx(
+            mlp,
+            batches,
+            format="int8",
+            scales_in=scales,
+            exclude=others,
+            output=alone,
+            validate_batches=0,
+        )
+        want = output_error(plain_session(mlp), plain_session(alone), batches)["rel_l2"]
+        assert got == pytest.approx(want, rel=1e-4), method
+        if method == choice[tensor]["picked"]:
+            assert np.array_equal(result.scales[tensor].amax, load_scales(scales)[0][tensor].amax)
+    assert len(set(errors.values())) > 2  # the candidates differ
+    assert choice[tensor]["picked"] == min(errors, key=errors.get)
+    picked = {t: c["picked"] for t, c in choice.items()}
+    assert {t: result.scales[t].method for t in choice} == picked
+    with pytest.raises(RecipeError, match="auto"):
+        calibrate_onnx(mlp, batches, weight_method="auto")

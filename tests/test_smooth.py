@@ -106,7 +106,10 @@ def test_mlp_smoothing_keeps_the_outputs_and_calibrates(tmp_path, seq):
     )
 
 
-def test_bad_alpha_and_channel_count():
+def test_bad_alpha_channel_count_and_saved_scales(tmp_path):
+    root = make_mlp(tmp_path, seq=True)
+    with pytest.raises(RecipeError, match="scales_in"):
+        calibrate_onnx(root / "mlp.onnx", root / "data", smooth=0.5, scales_in=tmp_path / "s")
     model = layernorm_model(False)
     with pytest.raises(RecipeError, match="alpha"):
         smooth_model(model, {"h": np.ones(8)}, 1.0)

@@ -31,6 +31,9 @@ class Switchable:
     model: onnx.ModelProto
     nodes: list[str]
     probes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    scales: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Per quantized activation, its (scale, zero point) initializers, also graph inputs: a run
+    may feed other values in their place."""
 
 
 def planned_inputs(plan: Plan) -> dict[str, list[tuple[int, str, str]]]:
@@ -75,5 +78,23 @@ def switchable_model(
             node.input[slot] = out
     graph.node.extend(added)
     graph.input.append(helper.make_tensor_value_info(ENABLE, TensorProto.BOOL, [len(order)]))
+    switched.scales = _overridable_scales(graph, set(plan.activations))
     sort_nodes(graph)
     return switched
+
+
+def _overridable_scales(graph: onnx.GraphProto, tensors: set[str]) -> dict[str, tuple[str, str]]:
+    """The (scale, zero point) initializers of each activation's QuantizeLinear, declared as
+    graph inputs too (an initializer that is also an input is a default a run may replace)."""
+    inits = {t.name: t for t in graph.initializer}
+    found = {}
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in tensors:
+            scale, zero_point = node.input[1], node.input[2]
+            found[node.input[0]] = (scale, zero_point)
+            for name in (scale, zero_point):
+                init = inits[name]
+                graph.input.append(
+                    helper.make_tensor_value_info(name, init.data_type, list(init.dims))
+                )
+    return found
