@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -193,6 +192,7 @@ def method_option(text: str) -> tuple[str, float]:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from qcal_export.pipeline import calibrate_onnx
     from qcal_export.recipe import load_recipe
+    from qcal_export.summary import print_layers, print_summary
 
     recipe = load_recipe(args.recipe) if args.recipe else None
     result = calibrate_onnx(
@@ -237,93 +237,6 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     )
     print_summary(result.report)
     print_layers(result.report)
-
-
-def print_summary(report: dict) -> None:
-    """Tensors, notes and output error of a run, as tables on stdout."""
-    out = Console()
-    tensors = Table(title=f"{len(report['quantized_nodes'])} nodes quantized in {report['model']}")
-    columns = ("tensor", "kind", "format", "method", "granularity", "amax", "weight rel err")
-    for column in (*columns, "notes"):
-        tensors.add_column(column, overflow="fold")
-    for row in report["tensors"]:
-        error = row.get("weight_rel_error")
-        tensors.add_row(
-            escape(row["tensor"]),
-            row["kind"],
-            row["format"],
-            row["method"],
-            row["granularity"],
-            f"{row['amax']:.4g}",
-            "" if error is None else f"{error:.4f}",
-            "; ".join(row["notes"]),
-        )
-    out.print(tensors)
-    if report["output_error"]:
-        errors = Table(title=f"output error vs the float model ({report['validator']})")
-        for column in ("output", "max abs", "rel L2", "cosine"):
-            errors.add_column(column)
-        for name, e in report["output_error"].items():
-            errors.add_row(name, f"{e['max_abs']:.4g}", f"{e['rel_l2']:.4g}", f"{e['cosine']:.6f}")
-        out.print(errors)
-    opset = report["opset"]
-    if opset["from"] != opset["to"]:
-        out.print(f"opset raised from {opset['from']} to {opset['to']} for the chosen formats")
-    for note in [*report.get("plan_notes", []), *report["export_notes"]]:
-        out.print(f"note: {escape(note)}")
-    for key in ("output_model", "scales_file"):
-        if report.get(key):
-            out.print(f"wrote {report[key]}")
-    for layout, path in report["checkpoints"].items():
-        out.print(f"wrote the {layout} checkpoint {path}")
-
-
-def print_layers(report: dict) -> None:
-    """Smoothing, the method choice, the per-layer view (most sensitive first) and the
-    precision choice, where the run made them."""
-    out = Console()
-    smoothing = report.get("smoothing")
-    if smoothing:
-        out.print(f"smoothed {len(smoothing['notes'])} activations (alpha {smoothing['alpha']:g})")
-    choice = report.get("method_choice")
-    if choice:
-        picked = Counter(c["picked"] for c in choice.values())
-        counts = ", ".join(f"{method} for {n}" for method, n in picked.most_common())
-        out.print(f"method auto picked {counts} of {len(choice)} activations")
-    if "layers" not in report:
-        return
-    rows = sorted(
-        report["layers"], key=lambda r: r["output_error_quantized_alone"]["rel_l2"], reverse=True
-    )
-    table = Table(title="per-layer view: output error with only that node quantized")
-    for column in ("node", "precision", "act SQNR dB", "weight SQNR dB", "rel L2", "cosine"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        alone = row["output_error_quantized_alone"]
-        table.add_row(
-            escape(row["node"]),
-            row["precision"],
-            _db(row["activation_sqnr_db"]),
-            _db(row["weight_sqnr_db"]),
-            f"{alone['rel_l2']:.4g}",
-            f"{alone['cosine']:.6f}",
-        )
-    out.print(table)
-    precision = report.get("precision")
-    if precision:
-        target, share = precision["target"], precision["quantized_matmul_gemm"]
-        final = precision["heldout_exported"]
-        out.print(
-            f"target {target['metric']} {target['value']:g}: {len(precision['float_nodes'])} "
-            f"nodes left in float, {share['quantized']} of {share['of']} MatMul/Gemm quantized; "
-            f"held-out cosine {final['cosine']:.5f}, rel L2 {final['rel_l2']:.4g}"
-        )
-        for node in precision["float_nodes"]:
-            out.print(f"float: {escape(node['node'])}: {escape(node['reason'])}")
-
-
-def _db(values: dict) -> str:
-    return ", ".join("exact" if v is None else f"{v:.1f}" for v in values.values())
 
 
 def add_inspect(sub: argparse._SubParsersAction) -> None:
