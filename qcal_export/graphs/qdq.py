@@ -122,7 +122,7 @@ def _node_inputs(node: onnx.NodeProto) -> Iterator[str]:
     yield from node.input
     for attr in node.attribute:
         for sub in [attr.g] if attr.HasField("g") else attr.graphs:
-            for inner in _all_nodes(sub):
+            for inner in all_nodes(sub):
                 yield from inner.input
 
 
@@ -204,15 +204,16 @@ def drop_if_unused(graph: onnx.GraphProto, init: TensorProto, mode: str) -> None
 def _is_used(graph: onnx.GraphProto, tensor: str) -> bool:
     if any(o.name == tensor for o in graph.output):
         return True
-    return any(tensor in node.input for node in _all_nodes(graph))
+    return any(tensor in node.input for node in all_nodes(graph))
 
 
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of ``graph`` and of its subgraphs (If, Loop, Scan bodies), depth first."""
     for node in graph.node:
         yield node
         for attr in node.attribute:
             for sub in [attr.g] if attr.HasField("g") else attr.graphs:
-                yield from _all_nodes(sub)
+                yield from all_nodes(sub)
 
 
 def required_opset(
@@ -240,7 +241,7 @@ def raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     changed = sorted(
         {
             n.op_type
-            for n in _all_nodes(model.graph)
+            for n in all_nodes(model.graph)
             if n.domain in ("", "ai.onnx")
             and _since(n.op_type, current) != _since(n.op_type, target)
         }

@@ -23,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qcal_export.errors import RecipeError
-from qcal_export.graphs.qdq import Names, drop_if_unused, sort_nodes
+from qcal_export.graphs.qdq import Names, all_nodes, drop_if_unused, sort_nodes
 
 SCALE_RANGE = (1e-5, 1e5)
 """Smoothing factors are clamped to this range (dead channels would give 0 or infinity)."""
@@ -122,9 +122,11 @@ def _factors(amax, consumers, arrays, alpha, tensor) -> np.ndarray:
 def _fold_into_layernorm(graph, tensor, consumers, factors, weights, names, replaced):
     """Divide the producing LayerNormalization's scale and bias by the factors, if it
     normalises over the last axis and ``tensor`` has no other consumer."""
-    users = [n for n in graph.node if tensor in n.input]
+    users = [n for n in all_nodes(graph) if tensor in n.input]
     producer = next((n for n in graph.node if tensor in n.output), None)
     if producer is None or producer.op_type != "LayerNormalization" or len(users) != len(consumers):
+        return None
+    if any(o.name == tensor for o in graph.output):
         return None
     axis = next((a.i for a in producer.attribute if a.name == "axis"), -1)
     params = [name for name in producer.input[1:3] if name]

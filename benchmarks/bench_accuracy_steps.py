@@ -1,0 +1,103 @@
+"""Accuracy steps on the demo model: int8 W8A8 with each activation method, smoothing, method
+search and a precision target, scored on the held-out texts.
+
+Each row is ``METHOD[:ALPHA][@TARGET]`` (``auto:0.8@0.99``: method auto, ``--smooth 0.8``,
+``--target-cosine 0.99``); weights are per-channel int8 with max, all MatMuls are quantized
+unless a target leaves some in float. Per row: mean and min cosine of the sentence embeddings
+against the float model on the 128 held-out texts, the MatMuls left in int8, the target's own
+held-out split figure, and the wall time of the calibration. Not a test; run it by hand:
+
+    python benchmarks/bench_accuracy_steps.py [--rows max mse auto:0.8 max@0.99 ...]
+
+The table is printed and written to ``benchmarks/results/accuracy_steps.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import harness
+
+from qcal_export.demo.evaluate import embedding_cosine
+from qcal_export.demo.model import demo_model_path
+from qcal_export.demo.texts import demo_batches, demo_texts
+from qcal_export.pipeline import calibrate_onnx
+
+RESULT_FILE = Path(__file__).resolve().parent / "results" / "accuracy_steps.md"
+ROWS = (
+    "max", "mse", "percentile", "mse:0.8", "max:0.5", "max:0.8", "percentile:0.8", "auto",
+    "auto:0.8", "max@0.99", "mse@0.99", "auto@0.99", "auto:0.8@0.99",
+)  # fmt: skip
+
+
+def parse_row(text: str) -> tuple[str, float | None, float | None]:
+    """``METHOD[:ALPHA][@TARGET]`` -> (method, alpha, target)."""
+    rest, _, target = text.partition("@")
+    method, _, alpha = rest.partition(":")
+    return method, float(alpha) if alpha else None, float(target) if target else None
+
+
+def run_row(text: str, model: Path, calib: list, heldout: list, out: Path) -> str:
+    method, alpha, target = parse_row(text)
+    start = time.perf_counter()
+    result = calibrate_onnx(
+        model,
+        calib,
+        output=out,
+        format="int8",
+        method=method,
+        weight_method="max",
+        validate_batches=0,
+        smooth=alpha,
+        target_cosine=target,
+    )
+    seconds = time.perf_counter() - start
+    score = embedding_cosine(model, out, heldout)
+    precision = result.report.get("precision")
+    share = precision["quantized_matmul_gemm"] if precision else None
+    kept = f"{share['quantized']} of {share['of']}" if share else "all"
+    split = f"{precision['heldout_exported']['cosine']:.4f}" if precision else ""
+    picked = Counter(c["picked"] for c in result.report.get("method_choice", {}).values())
+    picks = ", ".join(f"{m} {n}" for m, n in picked.most_common())
+    return (
+        f"| {method} | {alpha or ''} | {target or ''} | {score['mean']:.4f} | {score['min']:.4f} "
+        f"| {kept} | {split} | {seconds:.0f} | {picks} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), help="METHOD[:ALPHA][@TARGET]")
+    args = parser.parse_args()
+    model = demo_model_path()
+    calib_texts, heldout_texts = demo_texts(256, 128)
+    calib = demo_batches(calib_texts, batch_size=16)
+    heldout = demo_batches(heldout_texts, batch_size=16)
+    lines = [
+        "# Accuracy steps: int8 W8A8 on the demo model",
+        "",
+        f"- date: {dt.datetime.now().isoformat(timespec='seconds')}; {os.cpu_count()} cores",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in harness.versions().items())}",
+        "- 256 calibration texts (16 batches of 16), 128 held-out texts; weights per-channel "
+        "int8 max; a target holds out every 5th calibration batch",
+        "",
+        "| activations | smooth | target cosine | mean cosine | min cosine | MatMuls int8 "
+        "| held-out split | time (s) | auto picked |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for text in args.rows:
+            lines.append(run_row(text, model, calib, heldout, Path(tmp) / "q.onnx"))
+            print(lines[-1], flush=True)
+    RESULT_FILE.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
