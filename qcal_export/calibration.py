@@ -147,10 +147,7 @@ def calibrate_activations(
     }
     firsts = {key: first_pass_calibrator(cal) for key, cal in cals.items()}
     hessians = {t: BlockHessian() for t in hessian_inputs(plan)}
-    collectors: dict[str, list[Collector]] = {}
-    for key, cal in firsts.items():
-        tensor = specs[key][0]
-        collectors.setdefault(tensor, []).append(named_collector(tensor, cal.collect))
+    collectors = _collectors(firsts, specs)
     for tensor, accumulator in hessians.items():
         collectors.setdefault(tensor, []).append(named_collector(tensor, accumulator.collect))
     firsts_state: dict[str, Stateful] = {f"first/{t}": c for t, c in firsts.items()}
@@ -164,27 +161,42 @@ def calibrate_activations(
         if progress is not None and progress.pass_number == 2 and progress.batches:
             restore_all(seconds_state, progress.snapshots)
             skip = progress.batches
-        collectors = {}
-        for key, cal in second.items():
-            tensor = specs[key][0]
-            collectors.setdefault(tensor, []).append(named_collector(tensor, cal.collect))
+        collectors = _collectors(second, specs)
         saver = state.saver(2, seconds_state) if state is not None else None
         counts.append(capture(collectors, "pass 2", skip=skip, after_batch=saver))
     if state is not None:
         state.finish()
-    every = {
-        key: tensor_scales(specs[key][0], "activation", specs[key][1], cal, PerTensor())
-        for key, cal in cals.items()
-    }
-    scales = {key: s for key, s in every.items() if specs[key][0] == key}
-    candidates: dict[str, dict[str, TensorScales]] = {}
-    for key, s in every.items():
-        tensor, spec = specs[key]
-        if key != tensor:
-            candidates.setdefault(tensor, {})[spec.method] = s
-    scales.update({t: c[AUTO_METHODS[0]] for t, c in candidates.items()})
+    scales, candidates = _activation_scales(cals, specs)
     found = {t: h.hessian for t, h in hessians.items() if h.hessian is not None}
     return ActivationResult(scales, counts, found, candidates)
+
+
+def _collectors(
+    cals: dict[str, Calibrator], specs: dict[str, tuple[str, TensorSpec]]
+) -> dict[str, list[Collector]]:
+    """Per captured tensor, the collect of every calibrator it feeds."""
+    collectors: dict[str, list[Collector]] = {}
+    for key, cal in cals.items():
+        tensor = specs[key][0]
+        collectors.setdefault(tensor, []).append(named_collector(tensor, cal.collect))
+    return collectors
+
+
+def _activation_scales(
+    cals: dict[str, Calibrator], specs: dict[str, tuple[str, TensorSpec]]
+) -> tuple[dict[str, TensorScales], dict[str, dict[str, TensorScales]]]:
+    """Scales per activation and, for ``auto`` ones, per candidate method (their scales stand
+    at the first candidate's until the choice)."""
+    scales, candidates = {}, {}
+    for key, cal in cals.items():
+        tensor, spec = specs[key]
+        found = tensor_scales(tensor, "activation", spec, cal, PerTensor())
+        if key == tensor:
+            scales[tensor] = found
+        else:
+            candidates.setdefault(tensor, {})[spec.method] = found
+    scales.update({t: c[AUTO_METHODS[0]] for t, c in candidates.items()})
+    return scales, candidates
 
 
 def _first_pass(

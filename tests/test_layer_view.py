@@ -15,13 +15,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from mlp import make_mlp
 
 from qcal_export.artifacts.scales import load_scales
 from qcal_export.capture.data import open_data, split_holdout
 from qcal_export.errors import DataError, RecipeError
 from qcal_export.pipeline import calibrate_onnx
 from qcal_export.sensitivity import OutputError
-from tests.mlp import make_mlp
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,20 @@ def output_error(reference, candidate, batches) -> dict[str, float]:
     return error.summary()
 
 
+def reexported(mlp, batches, scales, exclude, path):
+    """The model re-exported from saved ``scales`` with the nodes ``exclude`` left in float."""
+    calibrate_onnx(
+        mlp,
+        batches,
+        format="int8",
+        scales_in=scales,
+        exclude=exclude,
+        output=path,
+        validate_batches=0,
+    )
+    return path
+
+
 def test_cosine_and_rel_l2_by_hand():
     error = OutputError(["y"])
     error.add([np.array([[3.0, 4.0], [1.0, 0.0]])], [np.array([[3.0, 4.0], [0.0, 1.0]])])
@@ -69,17 +83,8 @@ def test_each_nodes_sensitivity_is_that_of_a_model_quantizing_only_it(mlp, tmp_p
     assert len(rows) == 3 and result.report["layer_view"]["batches"] == 3
     reference = plain_session(mlp)
     for node, row in rows.items():
-        alone = tmp_path / "alone.onnx"
         others = tuple(n for n in rows if n != node)
-        calibrate_onnx(
-            mlp,
-            batches,
-            format="int8",
-            scales_in=scales,
-            exclude=others,
-            output=alone,
-            validate_batches=0,
-        )
+        alone = reexported(mlp, batches, scales, others, tmp_path / "alone.onnx")
         want = output_error(reference, plain_session(alone), batches)
         got = row["output_error_quantized_alone"]
         assert got["rel_l2"] == pytest.approx(want["rel_l2"], rel=1e-4), node
@@ -138,16 +143,8 @@ def test_target_leaves_the_fewest_nodes_float_and_holds_out_every_fifth_batch(ml
     found, expected = load_scales(scales)[0], load_scales(alone_scales)[0]
     assert found and all(np.array_equal(found[t].amax, expected[t].amax) for t in found)
     for node in floats:
-        trial = tmp_path / "trial.onnx"
-        calibrate_onnx(
-            mlp,
-            calibrated,
-            format="int8",
-            scales_in=alone_scales,
-            exclude=tuple(f for f in floats if f != node),
-            output=trial,
-            validate_batches=0,
-        )
+        rest = tuple(f for f in floats if f != node)
+        trial = reexported(mlp, calibrated, alone_scales, rest, tmp_path / "trial.onnx")
         again = output_error(plain_session(mlp), plain_session(trial), held)
         assert again["cosine"] < target, node
 
@@ -186,16 +183,7 @@ def test_method_auto_picks_the_method_nearest_float_with_only_its_consumers_quan
         calibrate_onnx(
             mlp, batches, format="int8", method=method, scales=scales, validate_batches=0
         )
-        alone = tmp_path / f"{method}.onnx"
-        calibrate_onnx(
-            mlp,
-            batches,
-            format="int8",
-            scales_in=scales,
-            exclude=others,
-            output=alone,
-            validate_batches=0,
-        )
+        alone = reexported(mlp, batches, scales, others, tmp_path / f"{method}.onnx")
         want = output_error(plain_session(mlp), plain_session(alone), batches)["rel_l2"]
         assert got == pytest.approx(want, rel=1e-4), method
         if method == choice[tensor]["picked"]:

@@ -10,12 +10,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from mlp import batches, make_mlp
 from onnx import TensorProto, helper, numpy_helper
 
 from qcal_export.errors import RecipeError
 from qcal_export.graphs.smooth import smooth_model, smoothing_groups
 from qcal_export.pipeline import calibrate_onnx
-from tests.mlp import batches, make_mlp
 
 
 def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:

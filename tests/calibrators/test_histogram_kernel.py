@@ -9,26 +9,17 @@ With ``TRITON_INTERPRET=1`` and no GPU the same tests run on the CPU in Triton's
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+from triton_device import DEVICE, INTERPRET, MARKS
 
-from qcal_export.calibrators import PercentileCalibrator, kernels
+from qcal_export.calibrators import PercentileCalibrator
 from qcal_export.calibrators.histogram import HistogramCalibrator, bin_exponent
 from qcal_export.formats import INT8
 from qcal_export.granularity import PerAxis, PerBlock, PerTensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
-DEVICE = "cpu" if INTERPRET else "cuda"
-
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(
-        not (kernels.HAS_TRITON and (torch.cuda.is_available() or INTERPRET)),
-        reason="needs CUDA (or TRITON_INTERPRET=1) and Triton",
-    ),
-]
+pytestmark = MARKS
 
 GRANULARITIES = {
     "per-tensor": PerTensor(),

@@ -8,26 +8,15 @@ no GPU the same tests run on the CPU in Triton's interpreter.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
+from triton_device import DEVICE, MARKS
 
-from qcal_export.calibrators import kernels
 from qcal_export.calibrators.nvfp4_mse import BlockHessian, fp8_scale_candidates
 from qcal_export.formats import NVFP4
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
-DEVICE = "cpu" if INTERPRET else "cuda"
-
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(
-        not (kernels.HAS_TRITON and (torch.cuda.is_available() or INTERPRET)),
-        reason="needs CUDA (or TRITON_INTERPRET=1) and Triton",
-    ),
-]
+pytestmark = MARKS
 
 
 @pytest.mark.parametrize(
