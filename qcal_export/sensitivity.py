@@ -25,7 +25,7 @@ import onnx
 
 from qcal_export.capture.data import DataSource, as_feed, model_inputs
 from qcal_export.capture.onnxruntime import open_session
-from qcal_export.errors import RecipeError
+from qcal_export.errors import DataError, RecipeError
 from qcal_export.graphs.switchable import ENABLE, Switchable
 from qcal_export.graphs.targets import tensor_types
 
@@ -134,6 +134,11 @@ class SwitchedRuns:
         off = np.zeros(len(self.nodes), dtype=bool)
         for feed in self.feeds(source):
             error.add(self.run(feed, off, self.outputs), self.run(feed, enable, self.outputs))
+        if not any(error.samples.values()):
+            raise DataError(
+                f"{source.description} holds no batch: give more batches than holdout_every "
+                "(--holdout-every), or a smaller holdout_every"
+            )
         return error.summary()
 
 

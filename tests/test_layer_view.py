@@ -160,6 +160,8 @@ def test_holdout_split_and_bad_targets(mlp):
         calibrate_onnx(mlp, heavy_batches(5), target_cosine=0.9, target_rel_l2=0.1)
     with pytest.raises(RecipeError, match="out of range"):
         calibrate_onnx(mlp, heavy_batches(5), target_cosine=1.5)
+    with pytest.raises(DataError, match=r"held out\).*holds no batch"):
+        calibrate_onnx(mlp, heavy_batches(4), target_cosine=0.99, validate_batches=0)
     with pytest.raises(RecipeError, match="nvfp4"):
         calibrate_onnx(mlp, heavy_batches(5), format="nvfp4", layer_view=True)
 
