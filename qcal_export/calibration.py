@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import onnx
@@ -21,6 +22,7 @@ from onnx import numpy_helper
 from qcal_export.artifacts.scales import TensorScales
 from qcal_export.calibrators import CALIBRATORS, Calibrator, MaxCalibrator
 from qcal_export.calibrators.nvfp4_mse import BlockHessian
+from qcal_export.distributed import Ranks
 from qcal_export.errors import CalibrationError, DataError, RecipeError
 from qcal_export.formats import AMAX_FLOOR, NVFP4, NVFP4Format, get_format
 from qcal_export.granularity import Granularity, PerBlock, PerTensor, PerTensorGroup
@@ -130,12 +132,15 @@ def calibrate_activations(
     nonfinite: str,
     state: StateFile | None = None,
     resume: bool = False,
+    ranks: Ranks | None = None,
 ) -> ActivationResult:
     """Calibrate the planned activations (and accumulate the Hessians weights ask for).
 
     ``state`` saves the calibrators every few batches; with ``resume`` the run continues from
-    what it saved, and the state file is removed once both passes are done.
+    what it saved, and the state file is removed once both passes are done. With ``ranks``
+    (several processes, each capturing its shard) the states are merged after each pass.
     """
+    ranks = ranks or Ranks()
     specs = {
         key: (t, spec)
         for t, a in plan.activations.items()
@@ -153,7 +158,10 @@ def calibrate_activations(
     firsts_state: dict[str, Stateful] = {f"first/{t}": c for t, c in firsts.items()}
     firsts_state.update({f"hessian/{t}": h for t, h in hessians.items()})
     progress = state.resume() if state is not None and resume else None
-    counts = [_first_pass(capture, collectors, firsts_state, state, progress)] if collectors else []
+    counts = []
+    if collectors:
+        first = partial(_first_pass, capture, collectors, firsts_state, state, progress)
+        counts.append(ranks.run_pass(first, firsts_state))
     second = second_pass(cals, firsts)
     if second:
         seconds_state = {f"second/{t}": c for t, c in second.items()}
@@ -163,7 +171,8 @@ def calibrate_activations(
             skip = progress.batches
         collectors = _collectors(second, specs)
         saver = state.saver(2, seconds_state) if state is not None else None
-        counts.append(capture(collectors, "pass 2", skip=skip, after_batch=saver))
+        pass_2 = partial(capture, collectors, "pass 2", skip=skip, after_batch=saver)
+        counts.append(ranks.run_pass(pass_2, seconds_state))
     if state is not None:
         state.finish()
     scales, candidates = _activation_scales(cals, specs)

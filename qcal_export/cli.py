@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -83,6 +84,13 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
         "--resume", action="store_true", help="continue an interrupted run from its --state file"
     )
     add_layer_args(p)
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the batches across N processes (torch's launcher; gloo on CPU, NCCL on GPUs)",
+    )
     p.set_defaults(run=cmd_calibrate)
 
 
@@ -235,8 +243,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         smooth=args.smooth,
         progress=progress_bar(args.batches),
     )
-    print_summary(result.report)
-    print_layers(result.report)
+    if os.environ.get("RANK", "0") == "0":  # one summary for a distributed run
+        print_summary(result.report)
+        print_layers(result.report)
 
 
 def add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -335,11 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="qcal: %(message)s",
     )
+    if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(argv, args.nproc)
     try:
         args.run(args)
     except QcalError as e:
@@ -348,7 +360,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("qcal: interrupted")
         return 130
+    finally:
+        _leave_process_group()
     return 0
+
+
+def launch(argv: list[str], nproc: int) -> int:
+    """``argv`` again under torch's launcher (``torchrun --standalone``) in ``nproc``
+    processes; the exit status is the worst of theirs."""
+    from torch.distributed.run import get_args_parser, run
+
+    child = [a for i, a in enumerate(argv) if a != "--nproc" and argv[i - 1 : i] != ["--nproc"]]
+    child = [a for a in child if not a.startswith("--nproc=")]
+    launcher = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "-m", "qcal_export.cli", *child]
+    )
+    try:
+        run(launcher)
+    except Exception as error:  # torch's ChildFailedError: each rank printed its own error
+        console.print(f"qcal: {nproc} processes: {type(error).__name__}", markup=False)
+        return 2
+    return 0
+
+
+def _leave_process_group() -> None:
+    """End the process group a distributed run started (torch loaded it, if any)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -27,6 +28,7 @@ from qcal_export.calibration import (
 )
 from qcal_export.capture.data import DataSource, open_data, split_holdout
 from qcal_export.capture.onnxruntime import OrtCapture, open_session, select_providers
+from qcal_export.distributed import Ranks, ranks_from_env
 from qcal_export.errors import DataError, RecipeError
 from qcal_export.graphs.export import check_scales_match, export_qdq
 from qcal_export.graphs.model_io import LoadedModel, check_opset, load_model, save_model
@@ -119,6 +121,12 @@ def calibrate_onnx(
         )
     run = _plan(model, recipe, data, batch_size, provider)
     run.device_id = device_id
+    run.ranks = ranks_from_env(cuda="CUDAExecutionProvider" in run.providers)
+    if run.ranks.world > 1:
+        _shard(run, accuracy, state, resume)
+        if not run.ranks.writes:
+            output = scales = report = checkpoint = None
+            validate_batches = 0
     holdout, sections = _prepare(run, accuracy, max_batches)
     if state is not None:
         identity = _identity(run, max_batches, batch_size)
@@ -169,6 +177,21 @@ class Accuracy:
     holdout_every: int = 5
     view_batches: int = 4
     smooth: float | None = None
+
+
+def _shard(run: Run, accuracy: Accuracy, state: str | Path | None, resume: bool) -> None:
+    """This rank's share of the data (and, under CUDA, its own GPU: ``LOCAL_RANK``); the
+    options that do not run across processes yet are refused."""
+    auto = any(a.spec.method == "auto" for a in run.plan.activations.values())
+    if accuracy != Accuracy() or auto or state is not None or resume:
+        raise RecipeError(
+            "smoothing, method auto, the layer view, precision targets and state files run in "
+            "one process only: calibrate without torchrun (--nproc) for them"
+        )
+    if run.source is not None:
+        run.source = run.ranks.shard(run.source)
+    if "CUDAExecutionProvider" in run.providers:
+        run.device_id = int(os.environ.get("LOCAL_RANK", run.device_id))
 
 
 def _check_request(recipe, output, scales, report, checkpoint, checkpoint_layouts) -> None:
@@ -260,6 +283,7 @@ class Run:
     validator: str = ""
     state: StateFile | None = None
     device_id: int = 0
+    ranks: Ranks = field(default_factory=Ranks)
     candidates: dict[str, dict[str, TensorScales]] = field(default_factory=dict)
 
 
@@ -332,7 +356,7 @@ def _scales(
     found: dict[str, TensorScales] = {}
     capture = _capture_pass(run, max_batches, progress)
     activations = calibrate_activations(
-        run.plan, capture, run.recipe.nonfinite, state=run.state, resume=resume
+        run.plan, capture, run.recipe.nonfinite, state=run.state, resume=resume, ranks=run.ranks
     )
     run.batches_per_pass = activations.batches_per_pass
     found.update(
@@ -380,6 +404,7 @@ def _capture_pass(run: Run, max_batches: int | None, progress: ProgressFactory |
                 on_batch=on_batch,
                 skip=skip,
                 after_batch=after_batch,
+                allow_empty=run.ranks.world > 1,
             )
 
     return capture

@@ -231,6 +231,20 @@ class BlockHessian:
     def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
         self.hessian = snapshot["hessian"].clone() if snapshot else None
 
+    def reset(self) -> None:
+        self.hessian = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Merges by sum (``merge_``), as ``H`` of the union of the batches."""
+        return self.snapshot()
+
+    def merge_(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            theirs = state["hessian"].to(torch.float64)
+            if self.hessian is not None:
+                theirs = self.hessian + theirs.to(self.hessian.device)
+            self.hessian = theirs
+
     def collect(self, x: torch.Tensor) -> None:
         if x.numel() == 0:
             return

@@ -176,8 +176,10 @@ class OrtCapture:
         on_batch: Callable[[], None] | None = None,
         skip: int = 0,
         after_batch: Callable[[int], None] | None = None,
+        allow_empty: bool = False,
     ) -> int:
-        """Stream one pass over ``source``; returns the number of batches.
+        """Stream one pass over ``source``; returns the number of batches (none is an error
+        unless ``allow_empty``: one rank's share of a distributed run may be empty).
 
         The first ``skip`` batches are counted but not run (a resumed calibration holds them);
         ``after_batch(count)`` follows every batch that ran.
@@ -209,7 +211,7 @@ class OrtCapture:
                 on_batch()
             if after_batch is not None:
                 after_batch(count)
-        if count == 0:
+        if count == 0 and not allow_empty:
             raise DataError(f"calibration data {source.description} yielded no batch")
         if count < skip:
             raise DataError(
