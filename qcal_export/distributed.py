@@ -124,6 +124,8 @@ def ranks_from_env(cuda: bool) -> Ranks:
     if world == 1:
         return Ranks()
     if not dist.is_initialized():
+        if cuda:  # NCCL's object collectives run on the current device: this rank's GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         timeout = float(os.environ.get("QCAL_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
         dist.init_process_group(
             "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout)
