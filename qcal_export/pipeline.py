@@ -183,7 +183,8 @@ def _shard(run: Run, accuracy: Accuracy, state: str | Path | None, resume: bool)
     """This rank's share of the data (and, under CUDA, its own GPU: ``LOCAL_RANK``); the
     options that do not run across processes yet are refused."""
     auto = any(a.spec.method == "auto" for a in run.plan.activations.values())
-    if accuracy != Accuracy() or auto or state is not None or resume:
+    one_process = accuracy.layer_view or accuracy.target or accuracy.smooth is not None
+    if one_process or auto or state is not None or resume:
         raise RecipeError(
             "smoothing, method auto, the layer view, precision targets and state files run in "
             "one process only: calibrate without torchrun (--nproc) for them"
