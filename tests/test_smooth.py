@@ -77,6 +77,47 @@ def test_layernorm_fold_or_mul_keeps_the_outputs(residual):
     onnx.checker.check_model(smoothed, full_check=True)
 
 
+def producer_model(kind: str) -> onnx.ModelProto:
+    """a -> MatMul (+ bias Add) or Gemm(transB=1, with bias) -> h -> MatMul -> y."""
+    rng = np.random.default_rng(3)
+    w0 = rng.normal(0, 1, (6, 8)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(w0.T.copy() if kind == "gemm" else w0, "w0"),
+        numpy_helper.from_array(rng.normal(0, 1, 8).astype(np.float32), "b0"),
+        numpy_helper.from_array(rng.normal(0, 1, (8, 4)).astype(np.float32), "w1"),
+    ]
+    if kind == "gemm":
+        nodes = [helper.make_node("Gemm", ["a", "w0", "b0"], ["h"], name="p", transB=1)]
+    elif kind == "matmul+bias":
+        nodes = [
+            helper.make_node("MatMul", ["a", "w0"], ["u"], name="p"),
+            helper.make_node("Add", ["u", "b0"], ["h"], name="bias"),
+        ]
+    else:
+        nodes = [helper.make_node("MatMul", ["a", "w0"], ["h"], name="p")]
+    nodes.append(helper.make_node("MatMul", ["h", "w1"], ["y"], name="c"))
+    graph = helper.make_graph(
+        nodes,
+        kind,
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [None, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        [i for i in inits if kind != "matmul" or i.name != "b0"],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("kind", ["matmul", "matmul+bias", "gemm"])
+def test_factors_fold_into_the_producing_matmul(kind):
+    model = producer_model(kind)
+    amax = np.array([0.1, 5.0, 1.0, 30.0, 0.5, 2.0, 8.0, 3.0])
+    smoothed, notes = smooth_model(model, {"h": amax}, 0.7)
+    assert [n.op_type for n in smoothed.graph.node] == [n.op_type for n in model.graph.node]
+    assert "folded into" in notes[0] and "p" in notes[0]
+    a = np.random.default_rng(4).normal(0, 2, (5, 6)).astype(np.float32)
+    np.testing.assert_allclose(run(smoothed, {"a": a})[0], run(model, {"a": a})[0], rtol=1e-5)
+    onnx.checker.check_model(smoothed, full_check=True)
+
+
 @pytest.mark.parametrize("seq", [True, False], ids=["matmul", "gemm-transB"])
 def test_mlp_smoothing_keeps_the_outputs_and_calibrates(tmp_path, seq):
     root = make_mlp(tmp_path, seq=seq)
@@ -115,3 +156,16 @@ def test_bad_alpha_channel_count_and_saved_scales(tmp_path):
         smooth_model(model, {"h": np.ones(8)}, 1.0)
     with pytest.raises(RecipeError, match="7 channels"):
         smooth_model(model, {"h": np.ones(7)}, 0.5)
+
+
+def test_a_chain_of_matmuls_smooths_each_on_the_weights_as_they_stand():
+    """a -> p -> h -> c: both activations smoothed; p's weight takes a's factors on its rows
+    and h's on its columns, whatever the order the groups come in."""
+    model = producer_model("matmul")
+    amax = {"a": np.array([4.0, 0.1, 1.0, 9.0, 0.3, 2.0]), "h": np.linspace(0.1, 20, 8)}
+    smoothed, notes = smooth_model(model, amax, 0.6)
+    assert len(notes) == 2
+    a = np.random.default_rng(5).normal(0, 2, (5, 6)).astype(np.float32)
+    np.testing.assert_allclose(run(smoothed, {"a": a})[0], run(model, {"a": a})[0], rtol=1e-5)
+    weights = {t.name for t in smoothed.graph.initializer}
+    assert {"w0", "w1"}.isdisjoint(weights)  # both replaced, the originals dropped

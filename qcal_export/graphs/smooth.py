@@ -5,8 +5,9 @@ For an activation ``X`` feeding MatMul/Gemm nodes with an initializer weight (``
 ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``, the weight maximum taken over every such
 consumer's row (or column) ``j``. The weights are scaled by ``s``; ``1 / s`` goes
 
-- into the producing LayerNormalization's scale and bias (normalising over the last axis) when
-  every consumer of ``X`` is such a MatMul/Gemm: no new op;
+- into the producer when every reader of ``X`` takes the factors: a LayerNormalization's scale
+  and bias (normalising over the last axis), or a MatMul/Gemm's weight along its output
+  channels (and its bias, also through an Add of one): no new op;
 - otherwise into a ``Mul(X, 1 / s)`` in front of the smoothed consumers (a residual Add or
   another consumer keeps the unscaled ``X``).
 
@@ -17,6 +18,7 @@ whose channels are flatter, and ``s W``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnx
@@ -77,26 +79,23 @@ def smooth_model(
     smoothed.CopyFrom(model)
     graph = smoothed.graph
     weights = {t.name: t for t in graph.initializer}
-    names = Names(graph)
+    replace = _Replacer(graph, weights, Names(graph))
     notes = []
-    replaced = set()
     for tensor, consumers in smoothing_groups(smoothed).items():
         if tensor not in act_amax:
             continue
-        arrays = [numpy_helper.to_array(weights[c.weight]) for c in consumers]
+        # A weight an earlier group changed (this consumer produced its activation) counts
+        # as it now is: the current input, not the name found at the start.
+        arrays = [numpy_helper.to_array(weights[c.node.input[1]]) for c in consumers]
         factors = _factors(act_amax[tensor], consumers, arrays, alpha, tensor)
-        for consumer, array in zip(consumers, arrays, strict=True):
+        for consumer in consumers:
             shape = [-1, 1] if consumer.axis == 0 else [1, -1]
-            scaled = (array * factors.reshape(shape)).astype(array.dtype)
-            name = names.new(f"{consumer.weight}_smoothed")
-            graph.initializer.append(numpy_helper.from_array(scaled, name))
-            consumer.node.input[1] = name
-            replaced.add(consumer.weight)
-        how = _fold_into_layernorm(graph, tensor, consumers, factors, weights, names, replaced)
+            replace(consumer.node, 1, partial(np.multiply, factors.reshape(shape)))
+        how = _fold(graph, tensor, consumers, factors, weights, replace)
         if how is None:
-            how = _insert_mul(graph, tensor, consumers, factors, names, arrays[0].dtype)
+            how = _insert_mul(graph, tensor, consumers, factors, replace.names, arrays[0].dtype)
         notes.append(f"smoothed {tensor} (alpha {alpha:g}, {len(consumers)} consumers): {how}")
-    for name in replaced:
+    for name in replace.replaced:
         drop_if_unused(graph, weights[name], "quantized")
     sort_nodes(graph)
     return smoothed, notes
@@ -119,29 +118,94 @@ def _factors(amax, consumers, arrays, alpha, tensor) -> np.ndarray:
     return np.clip(a / w, low, high)
 
 
-def _fold_into_layernorm(graph, tensor, consumers, factors, weights, names, replaced):
-    """Divide the producing LayerNormalization's scale and bias by the factors, if it
-    normalises over the last axis and ``tensor`` has no other consumer."""
-    users = [n for n in all_nodes(graph) if tensor in n.input]
-    producer = next((n for n in graph.node if tensor in n.output), None)
-    if producer is None or producer.op_type != "LayerNormalization" or len(users) != len(consumers):
+def _fold(graph, tensor, consumers, factors, weights, replace) -> str | None:
+    """Divide the producer's parameters by the factors where ``tensor`` is read only by the
+    smoothed consumers: a LayerNormalization over the last axis (scale and bias), or a
+    MatMul/Gemm with a weight (its output channels), possibly through an Add of a bias."""
+    if not _only_read_by(graph, tensor, len(consumers)):
         return None
-    if any(o.name == tensor for o in graph.output):
+    producer = _producer(graph, tensor)
+    if producer is None:
         return None
-    axis = next((a.i for a in producer.attribute if a.name == "axis"), -1)
-    params = [name for name in producer.input[1:3] if name]
-    if axis != -1 or any(p not in weights for p in params) or producer.output[0] != tensor:
-        return None
-    for slot, name in enumerate(producer.input[1:3], start=1):
-        if not name:
-            continue
-        values = numpy_helper.to_array(weights[name])
-        folded = (values / factors).astype(values.dtype)
-        new = names.new(f"{name}_smoothed")
-        graph.initializer.append(numpy_helper.from_array(folded, new))
-        producer.input[slot] = new
-        replaced.add(name)
-    return f"folded into LayerNormalization {producer.name}"
+    if producer.op_type == "LayerNormalization":
+        axis = next((a.i for a in producer.attribute if a.name == "axis"), -1)
+        params = [(slot, n) for slot, n in enumerate(producer.input[1:3], start=1) if n]
+        if axis != -1 or any(n not in weights for _, n in params):
+            return None
+        for slot, _ in params:
+            replace(producer, slot, lambda v: v / factors)
+        return f"folded into LayerNormalization {producer.name}"
+    if producer.op_type == "Add":
+        bias = next((i for i, n in enumerate(producer.input) if n in weights), None)
+        if bias is None or _channels(weights[producer.input[bias]]) != factors.size:
+            return None
+        matmul = _producer(graph, producer.input[1 - bias])
+        if matmul is None or not _only_read_by(graph, matmul.output[0], 1):
+            return None
+        if not _fold_into_matmul(matmul, factors, weights, replace):
+            return None
+        replace(producer, bias, lambda v: v / factors.reshape(v.shape))
+        return f"folded into {matmul.op_type} {matmul.name} and the bias of {producer.name}"
+    if _fold_into_matmul(producer, factors, weights, replace):
+        return f"folded into {producer.op_type} {producer.name}"
+    return None
+
+
+def _fold_into_matmul(node, factors, weights, replace) -> bool:
+    """Divide a MatMul/Gemm's weight (and a Gemm's bias) along its output channels."""
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+        return False
+    weight = weights.get(node.input[1])
+    attrs = {a.name: a.i for a in node.attribute}
+    if weight is None or len(weight.dims) != 2 or node.input[0] in weights:
+        return False
+    axis = 0 if node.op_type == "Gemm" and attrs.get("transB", 0) else 1
+    bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
+    if weight.dims[axis] != factors.size:
+        return False
+    if bias and (bias not in weights or _channels(weights[bias]) != factors.size):
+        return False
+    shape = [-1, 1] if axis == 0 else [1, -1]
+    replace(node, 1, lambda v: v / factors.reshape(shape))
+    if bias:
+        replace(node, 2, lambda v: v / factors.reshape(v.shape))
+    return True
+
+
+class _Replacer:
+    """Replaces a node's initializer input by a transformed copy (other readers keep the
+    original, dropped at the end if nothing reads it any more); ``weights`` follows."""
+
+    def __init__(self, graph, weights, names):
+        self.graph, self.weights, self.names = graph, weights, names
+        self.replaced: set[str] = set()
+
+    def __call__(self, node, slot, transform) -> None:
+        name = node.input[slot]
+        values = numpy_helper.to_array(self.weights[name])
+        new = self.names.new(f"{name.removesuffix('_smoothed')}_smoothed")
+        changed = transform(values.astype(np.float64)).astype(values.dtype)
+        tensor = numpy_helper.from_array(changed, new)
+        self.graph.initializer.append(tensor)
+        self.weights[new] = tensor
+        node.input[slot] = new
+        self.replaced.add(name)
+
+
+def _only_read_by(graph, tensor: str, count: int) -> bool:
+    """Whether ``count`` nodes read ``tensor`` (subgraphs included) and it is no graph output."""
+    readers = sum(tensor in n.input for n in all_nodes(graph))
+    return readers == count and all(o.name != tensor for o in graph.output)
+
+
+def _producer(graph, tensor: str):
+    return next((n for n in graph.node if tensor in n.output), None)
+
+
+def _channels(init) -> int:
+    """Entries of a bias-like initializer whose dims are all 1 but the last; 0 otherwise."""
+    dims = list(init.dims)
+    return dims[-1] if dims and all(d == 1 for d in dims[:-1]) else 0
 
 
 def _insert_mul(graph, tensor, consumers, factors, names, dtype) -> str:
