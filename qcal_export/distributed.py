@@ -16,14 +16,14 @@ from __future__ import annotations
 import datetime
 import os
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-from qcal_export.capture.data import DataSource
+from qcal_export.capture.data import DataSource, select_batches
 from qcal_export.errors import DataError, QcalError
 
 DEFAULT_TIMEOUT_S = 600
@@ -56,13 +56,9 @@ class Ranks:
         """The batches of ``source`` this rank calibrates on: ``i % world == rank``."""
         if self.world == 1:
             return source
-
-        def batches() -> Iterator[Any]:
-            for index, item in enumerate(source.batches()):
-                if index % self.world == self.rank:
-                    yield item
-
-        return DataSource(batches, f"{source.description} (rank {self.rank} of {self.world})")
+        return select_batches(
+            source, lambda i: i % self.world == self.rank, f"rank {self.rank} of {self.world}"
+        )
 
     def merge(
         self, objects: dict[str, Mergeable], count: int, failure: BaseException | None = None

@@ -13,13 +13,18 @@ from onnx import numpy_helper
 
 from qcal_export.artifacts.scales import TensorScales
 from qcal_export.calibration import relative_weight_errors
-from qcal_export.capture.data import DataSource, as_feed, model_inputs
+from qcal_export.capture.data import DataSource
 from qcal_export.capture.onnxruntime import open_session
 from qcal_export.errors import RecipeError
 from qcal_export.graphs.export import export_qdq
 from qcal_export.graphs.switchable import planned_inputs, switchable_model
 from qcal_export.graphs.targets import without_nodes
-from qcal_export.graphs.validate import needs_reference_evaluator, reference_runner
+from qcal_export.graphs.validate import (
+    float_outputs,
+    needs_reference_evaluator,
+    output_pairs,
+    reference_runner,
+)
 from qcal_export.sensitivity import (
     LayerView,
     OutputError,
@@ -158,12 +163,9 @@ def exported_error(run: Run, exported: onnx.ModelProto, holdout: DataSource) -> 
     """The exported model's output error against the float model's on the held-out batches."""
     reference = open_session(run.loaded.path, run.providers, str(run.loaded.path))
     candidate, _ = reference_runner(exported, run.providers)
-    outputs = [o.name for o in reference.get_outputs() if "float" in o.type]
-    inputs = model_inputs(exported)
-    error = OutputError(outputs)
-    for index, item in enumerate(holdout.batches()):
-        feed = as_feed(item, inputs, index)
-        error.add(reference.run(outputs, feed), candidate.run(outputs, feed))
+    error = OutputError(float_outputs(reference))
+    for refs, cands in output_pairs(reference, candidate, exported, holdout):
+        error.add(refs, cands)
     return error.summary()
 
 

@@ -27,7 +27,7 @@ from qcal_export.capture.data import DataSource, as_feed, model_inputs
 from qcal_export.capture.onnxruntime import open_session
 from qcal_export.errors import DataError, RecipeError
 from qcal_export.graphs.switchable import ENABLE, Switchable
-from qcal_export.graphs.targets import tensor_types
+from qcal_export.graphs.targets import FLOAT_TYPES, tensor_types
 
 METRICS = ("cosine", "rel_l2")
 
@@ -96,7 +96,10 @@ class SwitchedRuns:
     def __init__(self, switchable: Switchable, providers: list[str], name: str):
         model = switchable.model
         types = tensor_types(model)
-        self.outputs = [o.name for o in model.graph.output if _is_float(o)]
+        floats = FLOAT_TYPES | {onnx.TensorProto.DOUBLE}
+        self.outputs = [
+            o.name for o in model.graph.output if o.type.tensor_type.elem_type in floats
+        ]
         probes = {t for pair in switchable.probes.values() for t in pair}
         self.session = open_session(
             model,
@@ -140,16 +143,6 @@ class SwitchedRuns:
                 "(--holdout-every), or a smaller holdout_every"
             )
         return error.summary()
-
-
-def _is_float(value: onnx.ValueInfoProto) -> bool:
-    elem = value.type.tensor_type.elem_type
-    return elem in (
-        onnx.TensorProto.FLOAT,
-        onnx.TensorProto.FLOAT16,
-        onnx.TensorProto.BFLOAT16,
-        onnx.TensorProto.DOUBLE,
-    )
 
 
 @dataclass

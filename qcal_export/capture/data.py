@@ -98,23 +98,27 @@ class DataSource:
         return self._make_iter()
 
 
+def select_batches(source: DataSource, keep: Callable[[int], bool], description: str) -> DataSource:
+    """The batches ``i`` of ``source`` with ``keep(i)``: the same ones on every pass."""
+
+    def batches() -> Iterator[Any]:
+        for index, item in enumerate(source.batches()):
+            if keep(index):
+                yield item
+
+    return DataSource(batches, f"{source.description} ({description})")
+
+
 def split_holdout(source: DataSource, every: int) -> tuple[DataSource, DataSource]:
     """(calibration, held-out): batch ``i`` is held out when ``i % every == every - 1``, so the
     split is the same on every pass and the held-out batches never reach a calibrator."""
     if every < 2:
         raise DataError(f"holdout_every must be at least 2 (one batch in N held out), not {every}")
-
-    def pick(held_out: bool) -> Callable[[], Iterator[Any]]:
-        def batches() -> Iterator[Any]:
-            for index, item in enumerate(source.batches()):
-                if (index % every == every - 1) == held_out:
-                    yield item
-
-        return batches
-
     return (
-        DataSource(pick(False), f"{source.description} (calibration split)"),
-        DataSource(pick(True), f"{source.description} (every {every}th batch, held out)"),
+        select_batches(source, lambda i: i % every != every - 1, "calibration split"),
+        select_batches(
+            source, lambda i: i % every == every - 1, f"every {every}th batch, held out"
+        ),
     )
 
 

@@ -4,6 +4,7 @@ the ONNX reference evaluator) against the float model."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,18 +83,34 @@ def compare_outputs(
     max_batches: int,
 ) -> dict[str, dict[str, float]]:
     """Max abs, relative L2 and cosine of each float graph output over ``max_batches`` batches."""
-    inputs = model_inputs(model)
-    names = [o.name for o in reference.get_outputs() if "float" in o.type]
+    names = float_outputs(reference)
     errors = {name: RunningError() for name in names}
-    for index, item in enumerate(source.batches()):
-        if index >= max_batches:
-            break
-        feed = as_feed(item, inputs, index)
-        for name, ref, cand in zip(
-            names, reference.run(names, feed), candidate.run(names, feed), strict=True
-        ):
+    for refs, cands in output_pairs(reference, candidate, model, source, max_batches):
+        for name, ref, cand in zip(names, refs, cands, strict=True):
             errors[name].add(ref, cand)
     return {name: e.summary() for name, e in errors.items()}
+
+
+def float_outputs(session: ort.InferenceSession) -> list[str]:
+    """The names of a session's float outputs, in order: what output errors compare."""
+    return [o.name for o in session.get_outputs() if "float" in o.type]
+
+
+def output_pairs(
+    reference: ort.InferenceSession,
+    candidate: ort.InferenceSession | _ReferenceRunner,
+    model: onnx.ModelProto,
+    source: DataSource,
+    max_batches: int | None = None,
+) -> Iterator[tuple[list[np.ndarray], list[np.ndarray]]]:
+    """Per batch (the first ``max_batches``, or all), both models' float outputs."""
+    inputs = model_inputs(model)
+    names = float_outputs(reference)
+    for index, item in enumerate(source.batches()):
+        if max_batches is not None and index >= max_batches:
+            return
+        feed = as_feed(item, inputs, index)
+        yield reference.run(names, feed), candidate.run(names, feed)
 
 
 class _TrtFP4DynamicQuantize(OpRun):
