@@ -15,6 +15,7 @@ from typing import Any
 import onnx
 import torch
 
+from qcal_export.accuracy import Accuracy, prepare, refine, target_from
 from qcal_export.artifacts.onnx_layers import check_checkpoint_dir, write_checkpoints
 from qcal_export.artifacts.report import build_report, save_report
 from qcal_export.artifacts.scales import TensorScales, load_scales, save_scales
@@ -26,7 +27,7 @@ from qcal_export.calibration import (
     hessian_inputs,
     relative_weight_errors,
 )
-from qcal_export.capture.data import DataSource, open_data, split_holdout
+from qcal_export.capture.data import DataSource, open_data
 from qcal_export.capture.onnxruntime import OrtCapture, open_session, select_providers
 from qcal_export.distributed import Ranks, ranks_from_env
 from qcal_export.errors import DataError, RecipeError
@@ -34,12 +35,9 @@ from qcal_export.graphs.export import check_scales_match, export_qdq
 from qcal_export.graphs.model_io import LoadedModel, check_opset, load_model, save_model
 from qcal_export.graphs.targets import Plan, find_targets, name_nodes, tensor_types
 from qcal_export.graphs.validate import check_model, compare_outputs, reference_runner
-from qcal_export.layer_analysis import Analysis, analyse_layers, choose_activation_methods
 from qcal_export.recipe import Recipe
 from qcal_export.recipe_options import recipe_from_options
 from qcal_export.resume import StateFile
-from qcal_export.sensitivity import Target
-from qcal_export.smoothing import smooth_run
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +110,9 @@ def calibrate_onnx(
     recipe = recipe_from_options(recipe, options)
     _check_request(recipe, output, scales, report, checkpoint, checkpoint_layouts)
     accuracy = Accuracy(
-        layer_view, _target(target_cosine, target_rel_l2), holdout_every, view_batches, smooth
+        layer_view, target_from(target_cosine, target_rel_l2), holdout_every, view_batches, smooth
     )
-    if smooth is not None and scales_in is not None:
-        raise RecipeError(
-            "smooth recomputes the smoothing factors from the data, which saved scales do not "
-            "follow: calibrate again instead of passing scales_in (--scales-in)"
-        )
+    accuracy.check(scales_in)
     run = _plan(model, recipe, data, batch_size, provider)
     run.device_id = device_id
     run.ranks = ranks_from_env(cuda="CUDAExecutionProvider" in run.providers)
@@ -127,30 +121,30 @@ def calibrate_onnx(
         if not run.ranks.writes:
             output = scales = report = checkpoint = None
             validate_batches = 0
-    holdout, sections = _prepare(run, accuracy, max_batches)
+    holdout, sections = prepare(run, accuracy, max_batches)
     if state is not None:
         identity = _identity(run, max_batches, batch_size)
         identity.update(smooth=smooth, holdout_every=holdout_every if holdout else None)
         run.state = StateFile(state, identity, every=state_every)
     elif resume:
         raise RecipeError("resume needs the state file to resume from: pass state=PATH (--state)")
-    with _timed(run, "calibrate_s"):
+    with run.timed("calibrate_s"):
         found = _scales(run, scales_in, max_batches, progress, resume)
-    found, analysis = _refine(run, found, accuracy, holdout, sections)
+    found, analysis = refine(run, found, accuracy, holdout, sections)
     run.weight_errors = relative_weight_errors(run.loaded.proto, found.values())
     result = CalibrationResult(scales=found, report={}, timings=run.timings)
     if checkpoint is not None:
-        with _timed(run, "checkpoint_s"):
+        with run.timed("checkpoint_s"):
             result.checkpoint_paths = write_checkpoints(
                 run.loaded.proto, run.plan, found, checkpoint, checkpoint_layouts
             )
-    with _timed(run, "export_s"):
+    with run.timed("export_s"):
         exported = export_qdq(
             run.loaded.proto, run.plan, found, recipe.weights_mode, recipe.nvfp4_form
         )
     errors: dict[str, dict[str, float]] = {}
     if run.source is not None and validate_batches > 0:
-        with _timed(run, "validate_s"):
+        with run.timed("validate_s"):
             errors = _output_error(run, exported.model, validate_batches)
     if output is not None:
         result.model_path = save_model(
@@ -160,23 +154,11 @@ def calibrate_onnx(
         result.scales_path = save_scales(scales, found, run.loaded.sha256)
     result.report = {**build_report(run, found, exported, errors, result), **sections}
     if analysis is not None:
-        with _timed(run, "heldout_s"):
+        with run.timed("heldout_s"):
             result.report.update(analysis.report(run, exported.model, holdout))
     if report is not None:
         result.report_path = save_report(report, result.report)
     return result
-
-
-@dataclass(frozen=True)
-class Accuracy:
-    """What a run does beyond calibrating: smoothing first, the method choice (``auto``), the
-    per-layer view and the precision search for a target."""
-
-    layer_view: bool = False
-    target: Target | None = None
-    holdout_every: int = 5
-    view_batches: int = 4
-    smooth: float | None = None
 
 
 def _shard(run: Run, accuracy: Accuracy, state: str | Path | None, resume: bool) -> None:
@@ -207,52 +189,6 @@ def _check_request(recipe, output, scales, report, checkpoint, checkpoint_layout
             check_writable(path, what)
     if checkpoint is not None:
         check_checkpoint_dir(checkpoint, checkpoint_layouts)
-
-
-def _prepare(
-    run: Run, accuracy: Accuracy, max_batches: int | None
-) -> tuple[DataSource | None, dict[str, Any]]:
-    """Hold out every ``holdout_every``-th batch for a target, and smooth the model if asked;
-    returns the held-out batches and the report's ``smoothing`` section."""
-    holdout = None
-    if accuracy.target is not None and run.source is not None:
-        run.source, holdout = split_holdout(run.source, accuracy.holdout_every)
-    sections: dict[str, Any] = {}
-    if accuracy.smooth is not None:
-        with _timed(run, "smooth_s"):
-            notes = smooth_run(run, accuracy.smooth, max_batches)
-        sections["smoothing"] = {"alpha": accuracy.smooth, "notes": notes}
-    return holdout, sections
-
-
-def _refine(
-    run: Run,
-    found: dict[str, TensorScales],
-    accuracy: Accuracy,
-    holdout: DataSource | None,
-    sections: dict[str, Any],
-) -> tuple[dict[str, TensorScales], Analysis | None]:
-    """Method ``auto``'s choice, then the per-layer view and the target's float nodes: the
-    scales to export (``run.plan`` narrowed to them) and the analysis, if any."""
-    if run.candidates:
-        with _timed(run, "method_choice_s"):
-            chosen, sections["method_choice"] = choose_activation_methods(
-                run, found, accuracy.view_batches
-            )
-        found = {**found, **chosen}
-    if not accuracy.layer_view and accuracy.target is None:
-        return found, None
-    with _timed(run, "layer_view_s"):
-        analysis = analyse_layers(run, found, holdout, accuracy.target, accuracy.view_batches)
-    return analysis.narrow(run, found), analysis
-
-
-def _target(cosine: float | None, rel_l2: float | None) -> Target | None:
-    if cosine is not None and rel_l2 is not None:
-        raise RecipeError("give one output-error target: target_cosine or target_rel_l2")
-    if cosine is not None:
-        return Target("cosine", cosine)
-    return None if rel_l2 is None else Target("rel_l2", rel_l2)
 
 
 def _identity(run: Run, max_batches: int | None, batch_size: int | None) -> dict[str, Any]:
@@ -287,12 +223,12 @@ class Run:
     ranks: Ranks = field(default_factory=Ranks)
     candidates: dict[str, dict[str, TensorScales]] = field(default_factory=dict)
 
-
-@contextmanager
-def _timed(run: Run, key: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    run.timings[key] = time.perf_counter() - start
+    @contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        """Time the block into ``timings[key]`` (seconds)."""
+        start = time.perf_counter()
+        yield
+        self.timings[key] = time.perf_counter() - start
 
 
 def _plan(
