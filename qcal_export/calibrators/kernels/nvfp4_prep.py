@@ -21,7 +21,9 @@ import triton
 import triton.language as tl
 
 BLOCK = 16
+"""NVFP4 block size: the elements one thread holds."""
 PACKED = BLOCK * (BLOCK + 1) // 2
+"""Upper triangle of a 16 x 16 Hessian: 136 entries, off-diagonals doubled."""
 CONDITION_LIMIT = 1e8
 """Hessian blocks whose 1-norm condition number ``‖H‖₁ ‖H⁻¹‖₁`` (at least the 2-norm one for a
 symmetric ``H``) reaches this get no Schur floor (0: no bound from it); float64 inverses of the

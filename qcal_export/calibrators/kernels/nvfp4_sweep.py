@@ -30,15 +30,11 @@ import triton.language as tl
 
 from qcal_export.calibrators.kernels.nvfp4_prep import normalised_candidates, prepared_hessian
 
-BLOCK = 16
-"""NVFP4 block size: the elements one thread holds."""
 TOLERANCE = 2.0**-18
 """Bound on a Hessian-weighted loss's float32 error relative to ``rho |d|^2`` (about 35 units of
 2^-24 worst case: H rounded, d, two 16-term FMA chains), ``rho`` the max absolute row sum."""
 PLAIN_TOLERANCE = 2.0**-19
 """Bound on a squared-error loss's relative float32 error (18 units of 2^-24 worst case)."""
-PACKED = BLOCK * (BLOCK + 1) // 2
-"""Upper triangle of a 16 x 16 Hessian: 136 entries, off-diagonals doubled."""
 RANGE_LIMIT = 2.0**40
 """Normalised magnitudes above this could overflow float32 squares: such blocks are recomputed."""
 SCORE_WARPS = 4
