@@ -8,6 +8,7 @@ ONNX Runtime ``CalibrationDataReader`` objects (rewound with ``rewind()`` betwee
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,26 +88,47 @@ def check_batch(batch: Any, inputs: list[InputSpec], index: int) -> Batch:
     return checked
 
 
-class DataSource:
-    """A re-iterable stream of batches; ``batches()`` starts a new pass each call."""
+Keep = Callable[[int], bool]
 
-    def __init__(self, make_iter: Callable[[], Iterator[Any]], description: str):
+
+class DataSource:
+    """A re-iterable stream of batches; ``batches()`` starts a new pass each call.
+
+    ``select(keep)`` passes over the batches ``i`` with ``keep(i)`` only, calling ``keep`` once
+    per index in order; a source that can reach a batch without reading the ones before it (a
+    directory of files) gives ``select`` and reads only those.
+    """
+
+    def __init__(
+        self,
+        make_iter: Callable[[], Iterator[Any]],
+        description: str,
+        select: Callable[[Keep], Iterator[Any]] | None = None,
+    ):
         self._make_iter = make_iter
+        self._select = select
         self.description = description
 
     def batches(self) -> Iterator[Any]:
         return self._make_iter()
 
+    def select(self, keep: Keep) -> Iterator[Any]:
+        if self._select is not None:
+            return self._select(keep)
+        return (item for index, item in enumerate(self.batches()) if keep(index))
 
-def select_batches(source: DataSource, keep: Callable[[int], bool], description: str) -> DataSource:
-    """The batches ``i`` of ``source`` with ``keep(i)``: the same ones on every pass."""
 
-    def batches() -> Iterator[Any]:
-        for index, item in enumerate(source.batches()):
-            if keep(index):
-                yield item
+def select_batches(source: DataSource, keep: Keep, description: str) -> DataSource:
+    """The batches ``i`` of ``source`` with ``keep(i)``: the same ones on every pass. A
+    directory's other files are never read; selections of selections compose."""
 
-    return DataSource(batches, f"{source.description} ({description})")
+    def select(more: Keep) -> Iterator[Any]:
+        kept = itertools.count()  # the index among the kept batches, where ``more`` applies
+        return source.select(lambda index: keep(index) and more(next(kept)))
+
+    return DataSource(
+        lambda: source.select(keep), f"{source.description} ({description})", select=select
+    )
 
 
 def split_holdout(source: DataSource, every: int) -> tuple[DataSource, DataSource]:
@@ -188,7 +210,11 @@ def _open_path(path: Path, batch_size: int | None) -> DataSource:
         kinds = {p.suffix for p in files}
         if len(kinds) > 1:
             raise DataError(f"data directory {path} mixes .npz and .npy files: keep one kind")
-        return DataSource(lambda: (_load_file(p) for p in files), f"{len(files)} files in {path}")
+        return DataSource(
+            lambda: (_load_file(p) for p in files),
+            f"{len(files)} files in {path}",
+            select=lambda keep: (_load_file(p) for i, p in enumerate(files) if keep(i)),
+        )
     if not path.is_file():
         raise DataError(f"data path {path} does not exist")
     if path.suffix != ".npz":

@@ -12,7 +12,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
-from qcal_export.capture.data import as_feed, check_batch, model_inputs, open_data
+from qcal_export.capture.data import (
+    as_feed,
+    check_batch,
+    model_inputs,
+    open_data,
+    select_batches,
+    split_holdout,
+)
 from qcal_export.errors import DataError
 
 
@@ -143,6 +150,34 @@ def test_npz_directory_reads_lazily_and_names_a_corrupt_file(tmp_path):
     assert first["x"].shape == (2, 3)
     with pytest.raises(DataError, match=r"cannot read data file .*b\.npz"):
         next(batches)
+
+
+def test_selected_batches_of_a_directory_read_only_their_files(tmp_path):
+    """A rank's shard of the calibration split: the held-out files and the other rank's are
+    never opened (they are corrupt here), on every pass; a kept corrupt file is named."""
+    for i in range(10):
+        data = batch(1, seed=i)
+        data["x"][:] = i
+        np.savez(tmp_path / f"{i:02d}.npz", **data)
+    for i in (4, 9, 0, 2, 5, 7):  # held out (every 5th), then rank 0's shard of the rest
+        (tmp_path / f"{i:02d}.npz").write_bytes(b"this is no zip archive")
+    calibration, held = split_holdout(open_data(tmp_path), 5)
+    rank = select_batches(calibration, lambda i: i % 2 == 1, "rank 1 of 2")
+    for _ in range(2):
+        assert [int(b["x"][0, 0]) for b in rank.batches()] == [1, 3, 6, 8]
+    assert rank.description.endswith("(calibration split) (rank 1 of 2)")
+    other = select_batches(calibration, lambda i: i % 2 == 0, "rank 0 of 2")
+    with pytest.raises(DataError, match=r"cannot read data file .*00\.npz"):
+        list(other.batches())
+    with pytest.raises(DataError, match=r"cannot read data file .*04\.npz"):
+        list(held.batches())
+
+
+def test_selected_batches_of_an_iterable_keep_their_order():
+    source = open_data([{"x": np.full((1, 3), i, np.float32)} for i in range(7)])
+    calibration, _ = split_holdout(source, 3)
+    rank = select_batches(calibration, lambda i: i % 2 == 0, "rank 0 of 2")
+    assert [int(b["x"][0, 0]) for b in rank.batches()] == [0, 3, 6]
 
 
 def test_npy_directory_feeds_a_single_input_model(tmp_path):
