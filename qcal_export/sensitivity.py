@@ -126,10 +126,10 @@ class SwitchedRuns:
         return self.session.run(names, {**feed, ENABLE: enable, **(scales or {})})
 
     def feeds(self, source: DataSource, max_batches: int | None = None):
-        for index, item in enumerate(source.batches()):
+        for index, (batch, item) in enumerate(source.pairs()):
             if max_batches is not None and index >= max_batches:
                 return
-            yield as_feed(item, self.inputs, index)
+            yield as_feed(item, self.inputs, batch)
 
     def error(self, source: DataSource, enable: np.ndarray) -> dict[str, float]:
         """The error of one switch setting against all-float, over every batch of ``source``."""

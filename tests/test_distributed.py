@@ -72,7 +72,7 @@ def test_a_failing_rank_stops_both_with_its_error_and_nothing_is_written(workdir
     argv = [str(workdir / "model.onnx"), "--data", str(data), "-o", str(output)]
     done = qcal_nproc(*argv)
     assert done.returncode != 0
-    assert "qcal: error: rank 1 of 2 failed: batch 0, input 'x': dim 1 is 5" in done.stderr
+    assert "qcal: error: rank 1 of 2 failed: batch 1, input 'x': dim 1 is 5" in done.stderr
     assert not output.exists() and not list(tmp_path.glob("*.tmp*"))
 
 

@@ -89,45 +89,50 @@ def check_batch(batch: Any, inputs: list[InputSpec], index: int) -> Batch:
 
 
 Keep = Callable[[int], bool]
+Pairs = Iterator[tuple[int, Any]]
 
 
 class DataSource:
     """A re-iterable stream of batches; ``batches()`` starts a new pass each call.
 
-    ``select(keep)`` passes over the batches ``i`` with ``keep(i)`` only, calling ``keep`` once
-    per index in order; a source that can reach a batch without reading the ones before it (a
-    directory of files) gives ``select`` and reads only those.
+    ``pairs(keep)`` passes over ``(i, batch)`` for the batches ``i`` with ``keep(i)`` only,
+    calling ``keep`` once per index in order; a source that can reach a batch without reading
+    the ones before it (a directory of files) gives ``pairs`` and reads only those. A selection
+    (``select_batches``) numbers its batches as its source does, so errors name the batch of the
+    data the user gave.
     """
 
     def __init__(
         self,
         make_iter: Callable[[], Iterator[Any]],
         description: str,
-        select: Callable[[Keep], Iterator[Any]] | None = None,
+        pairs: Callable[[Keep], Pairs] | None = None,
     ):
         self._make_iter = make_iter
-        self._select = select
+        self._pairs = pairs
         self.description = description
 
     def batches(self) -> Iterator[Any]:
         return self._make_iter()
 
-    def select(self, keep: Keep) -> Iterator[Any]:
-        if self._select is not None:
-            return self._select(keep)
-        return (item for index, item in enumerate(self.batches()) if keep(index))
+    def pairs(self, keep: Keep = lambda index: True) -> Pairs:
+        if self._pairs is not None:
+            return self._pairs(keep)
+        return ((index, item) for index, item in enumerate(self.batches()) if keep(index))
 
 
 def select_batches(source: DataSource, keep: Keep, description: str) -> DataSource:
     """The batches ``i`` of ``source`` with ``keep(i)``: the same ones on every pass. A
     directory's other files are never read; selections of selections compose."""
 
-    def select(more: Keep) -> Iterator[Any]:
+    def pairs(more: Keep) -> Pairs:
         kept = itertools.count()  # the index among the kept batches, where ``more`` applies
-        return source.select(lambda index: keep(index) and more(next(kept)))
+        return source.pairs(lambda index: keep(index) and more(next(kept)))
 
     return DataSource(
-        lambda: source.select(keep), f"{source.description} ({description})", select=select
+        lambda: (item for _, item in source.pairs(keep)),
+        f"{source.description} ({description})",
+        pairs=pairs,
     )
 
 
@@ -213,7 +218,7 @@ def _open_path(path: Path, batch_size: int | None) -> DataSource:
         return DataSource(
             lambda: (_load_file(p) for p in files),
             f"{len(files)} files in {path}",
-            select=lambda keep: (_load_file(p) for i, p in enumerate(files) if keep(i)),
+            pairs=lambda keep: ((i, _load_file(p)) for i, p in enumerate(files) if keep(i)),
         )
     if not path.is_file():
         raise DataError(f"data path {path} does not exist")

@@ -188,17 +188,17 @@ class OrtCapture:
         fetched = [t for t in self.fetched if t in wanted]
         fed = [t for t in self.fed if t in wanted]
         count = 0
-        for index, item in enumerate(source.batches()):
+        for index, (batch, item) in enumerate(source.pairs()):
             if max_batches is not None and index >= max_batches:
                 break
             if index < skip:
                 count += 1
                 continue
-            feed = as_feed(item, self.inputs, index)
+            feed = as_feed(item, self.inputs, batch)
             try:
                 values, inputs = self._run_batch(fetched, feed)
             except (*ORT_ERRORS, BoundRunError) as e:
-                raise DataError(f"batch {index}: ONNX Runtime failed on it: {e}") from None
+                raise DataError(f"batch {batch}: ONNX Runtime failed on it: {e}") from None
             for name, value in zip(fetched, values, strict=True):
                 sink(name, value)
             for name in fed:

@@ -106,10 +106,10 @@ def output_pairs(
     """Per batch (the first ``max_batches``, or all), both models' float outputs."""
     inputs = model_inputs(model)
     names = float_outputs(reference)
-    for index, item in enumerate(source.batches()):
+    for index, (batch, item) in enumerate(source.pairs()):
         if max_batches is not None and index >= max_batches:
             return
-        feed = as_feed(item, inputs, index)
+        feed = as_feed(item, inputs, batch)
         yield reference.run(names, feed), candidate.run(names, feed)
 
 

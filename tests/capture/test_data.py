@@ -165,6 +165,7 @@ def test_selected_batches_of_a_directory_read_only_their_files(tmp_path):
     rank = select_batches(calibration, lambda i: i % 2 == 1, "rank 1 of 2")
     for _ in range(2):
         assert [int(b["x"][0, 0]) for b in rank.batches()] == [1, 3, 6, 8]
+    assert [index for index, _ in rank.pairs()] == [1, 3, 6, 8]  # errors name these
     assert rank.description.endswith("(calibration split) (rank 1 of 2)")
     other = select_batches(calibration, lambda i: i % 2 == 0, "rank 0 of 2")
     with pytest.raises(DataError, match=r"cannot read data file .*00\.npz"):
