@@ -5,11 +5,10 @@
   overflows for in-range blocks), their correctly rounded reciprocals, ``2^k`` and ``2^-2k``,
   the factor that brings a normalised loss back to the torch path's units.
 - ``prepared_hessian``: ``H`` normalised by a power of two ``2^m``, its upper triangle packed
-  with the off-diagonals doubled, its max absolute row sum ``rho`` and, for the pruned choice,
+  with the off-diagonals doubled (entry-major, ``[136, per_row]``: the lanes of a tile, which
+  hold consecutive blocks and so consecutive matrices, load each entry in one coalesced read), its max absolute row sum ``rho`` and, for the pruned choice,
   the Schur floors: per element ``i`` the least ``dᵀ H d`` with ``d_i = 1``, ``1 / (H⁻¹)_ii``,
-  from an in-register float64 Gauss-Jordan inverse. Packed entries and floors are stored
-  entry-major (``[136, per_row]``, ``[16, per_row]``): a tile's lanes hold consecutive blocks,
-  so consecutive matrices, and load each entry in one coalesced read.
+  from an in-register float64 Gauss-Jordan inverse.
 
 One launch each instead of a few dozen small torch operations and the batched ``eigvalsh`` /
 ``inv`` (whose error checks wait for the device): on a 4096 x 4096 weight these cost more host
