@@ -1,10 +1,8 @@
 """The Triton MSE sweep against the torch sweep on the same device: same losses, same choice.
 
 Both paths get the same candidate scales (computed on the device), so they score the same grid
-with the float32 QDQ arithmetic (the int kernels round the exact ``x * (1 / scale)``, which
-differs from ``x / scale`` only next to a rounding midpoint, by a relative 2^-24 of one value's
-error); the kernel sums each tile's squares in float32 (the torch path in float64), hence rtol
-2e-6 on the losses. The chosen candidate must be the same, except
+with the same float32 QDQ arithmetic; the kernel sums each tile's squares in float32 (the torch
+path in float64), hence rtol 2e-6 on the losses. The chosen candidate must be the same, except
 in a group whose two choices the reference scores equal to float32 accuracy: such a tie is
 below what float32 sums can order, and either candidate is then the minimum.
 """
