@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qcal_export.capture.data import DataSource, as_feed, model_inputs
+from qcal_export.capture.data import DataSource, feeds, model_inputs
 from qcal_export.capture.onnxruntime import open_session
 from qcal_export.errors import DataError, RecipeError
 from qcal_export.graphs.switchable import ENABLE, Switchable
@@ -126,10 +126,7 @@ class SwitchedRuns:
         return self.session.run(names, {**feed, ENABLE: enable, **(scales or {})})
 
     def feeds(self, source: DataSource, max_batches: int | None = None):
-        for index, (batch, item) in enumerate(source.pairs()):
-            if max_batches is not None and index >= max_batches:
-                return
-            yield as_feed(item, self.inputs, batch)
+        return feeds(source, self.inputs, max_batches)
 
     def error(self, source: DataSource, enable: np.ndarray) -> dict[str, float]:
         """The error of one switch setting against all-float, over every batch of ``source``."""

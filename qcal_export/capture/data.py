@@ -251,6 +251,17 @@ def _split_npz(path: Path, batch_size: int | None) -> Iterator[Batch]:
         yield {name: a[start : start + batch_size] for name, a in whole.items()}
 
 
+def feeds(
+    source: DataSource, inputs: list[InputSpec], max_batches: int | None = None
+) -> Iterator[Batch]:
+    """The first ``max_batches`` (or all) batches of ``source``, checked against ``inputs`` and
+    named in errors by their index in the data given."""
+    for index, (batch, item) in enumerate(source.pairs()):
+        if max_batches is not None and index >= max_batches:
+            return
+        yield as_feed(item, inputs, batch)
+
+
 def as_feed(item: Any, inputs: list[InputSpec], index: int) -> Batch:
     """A batch item (dict, or bare array for a single-input model) checked against the inputs."""
     if isinstance(item, np.ndarray):

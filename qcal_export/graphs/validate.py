@@ -16,7 +16,7 @@ from onnx import TensorProto
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-from qcal_export.capture.data import DataSource, as_feed, model_inputs
+from qcal_export.capture.data import DataSource, feeds, model_inputs
 from qcal_export.capture.onnxruntime import open_session
 from qcal_export.errors import ModelError
 from qcal_export.formats import NVFP4
@@ -106,10 +106,7 @@ def output_pairs(
     """Per batch (the first ``max_batches``, or all), both models' float outputs."""
     inputs = model_inputs(model)
     names = float_outputs(reference)
-    for index, (batch, item) in enumerate(source.pairs()):
-        if max_batches is not None and index >= max_batches:
-            return
-        feed = as_feed(item, inputs, batch)
+    for feed in feeds(source, inputs, max_batches):
         yield reference.run(names, feed), candidate.run(names, feed)
 
 
