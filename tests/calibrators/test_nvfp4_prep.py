@@ -57,7 +57,7 @@ def test_packed_hessian_rho_and_loss_norm_are_exact():
     normalised = torch.ldexp(h, 1 - exponent.double())
     rows, cols = torch.triu_indices(16, 16)
     doubled = torch.where(rows == cols, 1.0, 2.0).double()
-    assert torch.equal(packed.cpu(), (normalised[:, rows, cols] * doubled).float())
+    assert torch.equal(packed.cpu(), (normalised[:, rows, cols] * doubled).float().T)
     assert torch.equal(rho.cpu(), normalised.abs().sum(-1).amax(-1).float())
     assert float(loss_norm) == 0.25 * 2.0 ** (int(exponent) - 1)
     assert floors.numel() == 0
@@ -78,7 +78,7 @@ def test_schur_floors_are_the_least_quadratic_form_with_one_value_fixed():
     _, _, floors, _ = prepared_hessian(
         h.to(DEVICE), torch.ones(1, dtype=torch.float64, device=DEVICE), floors=True
     )
-    floors = floors.cpu().double().numpy() / 2.0 ** float(1 - torch.frexp(h.abs().amax())[1])
+    floors = floors.T.cpu().double().numpy() / 2.0 ** float(1 - torch.frexp(h.abs().amax())[1])
     for b in range(2):
         hb = h[b].numpy()
         for i in range(16):

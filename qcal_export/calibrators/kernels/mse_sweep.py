@@ -5,13 +5,21 @@ blocks), read in place in float32, bf16 or fp16 and upcast in registers. A progr
 of ``TILE_G`` groups x ``TILE_N`` values and, per candidate, computes the float32 arithmetic of
 ``formats.py``'s QuantizeLinear -> DequantizeLinear:
 
-- ``x / scale`` correctly rounded without a division: ``r = 1 / scale`` (correctly rounded,
-  by torch, once per candidate and group), ``q = x * r``, then one Newton step on the exact
-  residual ``fma(-q, scale, x)`` (Markstein: with ``r`` correctly rounded this gives the
-  correctly rounded quotient). ``x`` is clamped first to a bound past every candidate's
-  saturation, so ``x * r`` never overflows and saturated values stay saturated;
-- int formats: saturate, then round half to even by adding and subtracting ``1.5 * 2**23``
-  (one correctly rounded add, so exact); fp8: the hardware's E4M3 conversion after saturating;
+- symmetric int formats (zero point 0): ``|x|`` against the saturation level of ``x``'s sign
+  (``-qmin`` or ``qmax``), so that one clamp a candidate does: ``t = fma(|x|, r, 1.5 * 2**23)``
+  with ``r = 1 / scale`` (correctly rounded, by torch, once per candidate and group) rounds the
+  exact product ``|x| r`` half to even, ``min(t, level + 1.5 * 2**23)`` saturates it, and
+  ``|xq| = (t - 1.5 * 2**23) * scale``. ``|x - xq| = ||x| - |xq||`` exactly, since QDQ is odd
+  for these formats. The rounded integer is that of ``x / scale`` except where ``x / scale``
+  lies within 2^-24 relative of a midpoint between two integers; there both give the same
+  ``|error|`` to within that. Six instructions per value and candidate;
+- asymmetric int formats and fp8: ``x / scale`` correctly rounded without a division:
+  ``q = x * r``, then one Newton step on the exact residual ``fma(-q, scale, x)`` (Markstein:
+  with ``r`` correctly rounded this gives the correctly rounded quotient). ``x`` is clamped
+  first to a bound past every candidate's saturation, so ``x * r`` never overflows and
+  saturated values stay saturated; then saturation to ``[qmin - zero_point, qmax -
+  zero_point]``, and rounding half to even by adding and subtracting ``1.5 * 2**23`` (one
+  correctly rounded add, so exact), or for fp8 the hardware's E4M3 conversion;
 - ``xq = q * scale`` rounded to float32, then ``(xq - x) ** 2``.
 
 The squares are summed in float32 over each tile (at most 4096 per group) and the tile sums in
@@ -46,11 +54,27 @@ def _quotient(x, scale, inverse):
 
 
 @triton.jit
-def _fake_quant(x, scale, inverse, lo, hi, FP8: tl.constexpr):
-    """QuantizeLinear -> DequantizeLinear with saturation to ``[lo, hi]`` (float32)."""
-    y = tl.minimum(tl.maximum(_quotient(x, scale, inverse), lo), hi)
-    y = y.to(tl.float8e4nv).to(tl.float32) if FP8 else (y + ROUNDING) - ROUNDING
-    return libdevice.mul_rn(y, scale)  # rounded to float32, never contracted into the difference
+def _fp8_dequant(x, scale, inverse, top):
+    """E4M3 QuantizeLinear -> DequantizeLinear (saturating at ``top``) of ``x`` clamped past
+    saturation (float32)."""
+    y = tl.minimum(tl.maximum(_quotient(x, scale, inverse), -top), top)
+    return libdevice.mul_rn(y.to(tl.float8e4nv).to(tl.float32), scale)  # never contracted
+
+
+@triton.jit
+def _int_dequant(x, scale, inverse, lo, hi):
+    """Int QuantizeLinear -> DequantizeLinear: ``fma(x, inverse, 1.5 * 2**23)`` rounds the exact
+    ``x * inverse`` half to even, saturated to ``[lo, hi]`` plus the same offset."""
+    t = tl.minimum(tl.maximum(tl.fma(x, inverse, ROUNDING), ROUNDING + lo), ROUNDING + hi)
+    return libdevice.mul_rn(t - ROUNDING, scale)
+
+
+@triton.jit
+def _symmetric_dequant(ax, scale, inverse, top):
+    """``|QDQ(x)|`` of a symmetric int format from ``ax = |x|`` and ``top``, the saturation
+    level of ``x``'s sign plus ``1.5 * 2**23``: one clamp."""
+    t = tl.minimum(tl.fma(ax, inverse, ROUNDING), top)
+    return libdevice.mul_rn(t - ROUNDING, scale)
 
 
 @triton.jit
@@ -70,12 +94,13 @@ def _sweep_kernel(
     QMIN: tl.constexpr,
     QMAX: tl.constexpr,
     FP8: tl.constexpr,
-    ASYMMETRIC: tl.constexpr,
+    SIGN_FOLD: tl.constexpr,
     GROUPS_CONTIGUOUS: tl.constexpr,
     REDUCE: tl.constexpr,
     TILE_G: tl.constexpr,
     TILE_N: tl.constexpr,
     ONE_TILE: tl.constexpr,
+    CANDIDATES: tl.constexpr,
 ):
     split = tl.program_id(1)
     g = tl.program_id(0) * TILE_G + tl.arange(0, TILE_G)
@@ -88,6 +113,9 @@ def _sweep_kernel(
     g_off_mask = g_off < num_groups
     bound = tl.load(bound_ptr + g_off, mask=g_off_mask, other=0.0)
     out = partial_ptr + split.to(tl.int64) * num_cand * num_groups + g
+    # Several tiles per group (then TILE_G is 1): the candidates' sums stay in registers.
+    slots = tl.arange(0, CANDIDATES)
+    sums = tl.zeros([CANDIDATES], tl.float64)
     for start in range(0, n_per_split, TILE_N):
         i = begin + start + tl.arange(0, TILE_N)
         i_off = i[:, None] if GROUPS_CONTIGUOUS else i[None, :]
@@ -95,21 +123,29 @@ def _sweep_kernel(
         ptrs = x_ptr + g_off.to(tl.int64) * group_stride + i_off.to(tl.int64) * elem_stride
         # Masked lanes read 0, which every candidate reproduces exactly: they add nothing.
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        x_safe = tl.minimum(tl.maximum(x, -bound), bound)
+        if SIGN_FOLD:  # |x| against its sign's saturation level: one clamp per candidate
+            ax = tl.abs(x)
+            top = tl.where(x < 0, ROUNDING - QMIN, ROUNDING + QMAX)
+        if FP8:
+            x_safe = tl.minimum(tl.maximum(x, -bound), bound)
         for k in range(num_cand):
             offset = k * num_groups + g_off
             scale = tl.load(scale_ptr + offset, mask=g_off_mask, other=1.0)
             inverse = tl.load(inverse_ptr + offset, mask=g_off_mask, other=1.0)
-            lo, hi = QMIN, QMAX
-            if ASYMMETRIC:
+            if FP8:
+                diff = _fp8_dequant(x_safe, scale, inverse, QMAX) - x
+            elif SIGN_FOLD:
+                diff = _symmetric_dequant(ax, scale, inverse, top) - ax
+            else:
                 zero_point = tl.load(zero_point_ptr + offset, mask=g_off_mask, other=0.0)
-                lo, hi = QMIN - zero_point, QMAX - zero_point
-            diff = _fake_quant(x_safe, scale, inverse, lo, hi, FP8) - x
+                diff = _int_dequant(x, scale, inverse, QMIN - zero_point, QMAX - zero_point) - x
             tile = tl.sum(diff * diff, axis=REDUCE).to(tl.float64)
-            ptr = out + k * num_groups
-            if not ONE_TILE:
-                tile += tl.load(ptr, mask=g_mask)
-            tl.store(ptr, tile, mask=g_mask)
+            if ONE_TILE:
+                tl.store(out + k * num_groups, tile, mask=g_mask)
+            else:
+                sums = tl.where(slots == k, sums + tile, sums)
+    if not ONE_TILE:
+        tl.store(out + slots * num_groups, sums, mask=(slots < num_cand) & g_mask)
 
 
 def mse_sweep_(
@@ -128,9 +164,9 @@ def mse_sweep_(
     num_cand = scale.shape[0]
     fp8 = isinstance(fmt, FP8E4M3Format)
     qmin, qmax = (-fmt.qmax, fmt.qmax) if fp8 else (fmt.qmin, fmt.qmax)
-    # Past (qmax - qmin + 2) times a group's largest scale every candidate saturates.
-    bound = scale.amax(0).mul_(qmax - qmin + 2).contiguous()
     scale = scale.contiguous()
+    # Past (qmax - qmin + 2) times a group's largest scale every fp8 candidate saturates.
+    bound = scale.amax(0).mul_(qmax - qmin + 2).contiguous() if fp8 else scale
     inverse = torch.ones_like(scale).div_(scale)  # IEEE division: correctly rounded
     contiguous_groups = groups.stride(0) == 1 and num_groups > 1
     tile_n = min(TILE, max(16, triton.next_power_of_2(n)))
@@ -144,9 +180,7 @@ def mse_sweep_(
     splits = min(triton.cdiv(n, tile_n), max(1, triton.cdiv(PROGRAMS_PER_SM * sms, group_tiles)))
     n_per_split = triton.cdiv(triton.cdiv(n, splits), tile_n) * tile_n
     splits = triton.cdiv(n, n_per_split)
-    one_tile = n_per_split <= tile_n  # each program writes its partials once: no zeroing
-    new = torch.empty if one_tile else torch.zeros
-    partial = new(splits, num_cand, num_groups, dtype=torch.float64, device=groups.device)
+    partial = torch.empty(splits, num_cand, num_groups, dtype=torch.float64, device=groups.device)
     _sweep_kernel[(group_tiles, splits)](
         groups,
         groups.stride(0),
@@ -163,12 +197,13 @@ def mse_sweep_(
         QMIN=qmin,
         QMAX=qmax,
         FP8=fp8,
-        ASYMMETRIC=not fmt.symmetric,
+        SIGN_FOLD=fmt.symmetric and not fp8,
         GROUPS_CONTIGUOUS=contiguous_groups,
         REDUCE=0 if contiguous_groups else 1,
         TILE_G=tile_g,
         TILE_N=tile_n,
-        ONE_TILE=one_tile,
+        ONE_TILE=n_per_split <= tile_n,
+        CANDIDATES=triton.next_power_of_2(num_cand),
         num_warps=WARPS,
     )
     return losses.add_(partial.sum(0).T)

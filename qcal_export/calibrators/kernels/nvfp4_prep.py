@@ -5,8 +5,10 @@
   overflows for in-range blocks), their correctly rounded reciprocals, ``2^k`` and ``2^-2k``,
   the factor that brings a normalised loss back to the torch path's units.
 - ``prepared_hessian``: ``H`` normalised by a power of two ``2^m``, its upper triangle packed
-  with the off-diagonals doubled, its max absolute row sum ``rho`` and, for the pruned choice,
-  the Schur floors: per element ``i`` the least ``dᵀ H d`` with ``d_i = 1``, ``1 / (H⁻¹)_ii``,
+  with the off-diagonals doubled, entry-major (``[136, per_row]``: the lanes of a tile hold
+  consecutive blocks, so consecutive matrices, and load each entry in one coalesced read), its
+  max absolute row sum ``rho`` and, for the pruned choice, the Schur floors (``[16, per_row]``):
+  per element ``i`` the least ``dᵀ H d`` with ``d_i = 1``, ``1 / (H⁻¹)_ii``,
   from an in-register float64 Gauss-Jordan inverse.
 
 One launch each instead of a few dozen small torch operations and the batched ``eigvalsh`` /
@@ -107,7 +109,8 @@ def _hessian_kernel(
     h = tl.load(h_ptr + g.to(tl.int64) * 256 + rows * 16 + cols) * _pow2(m)
     packed = tl.where(rows == cols, h, 2.0 * h).to(tl.float32)
     index = rows * 16 - (rows * (rows - 1)) // 2 + (cols - rows)
-    tl.store(packed_ptr + g.to(tl.int64) * 136 + index, packed, mask=rows <= cols)
+    per_row = tl.num_programs(0)
+    tl.store(packed_ptr + index.to(tl.int64) * per_row + g, packed, mask=rows <= cols)
     rho = tl.max(tl.sum(tl.abs(h), axis=1), axis=0)
     tl.store(rho_ptr + g, rho.to(tl.float32))
     if g == 0:
@@ -118,7 +121,8 @@ def _hessian_kernel(
         diagonal = tl.sum(tl.where(rows == cols, inverse, 0.0), axis=1)
         usable = positive & (kappa < LIMIT)
         floors = tl.where(usable, tl.maximum(MARGIN / diagonal, 0.0), 0.0)
-        tl.store(floor_ptr + g.to(tl.int64) * 16 + tl.arange(0, 16), floors.to(tl.float32))
+        entries = tl.arange(0, 16).to(tl.int64) * per_row
+        tl.store(floor_ptr + entries + g, floors.to(tl.float32))
 
 
 @triton.jit
@@ -147,14 +151,14 @@ def prepared_hessian(
     hessian: torch.Tensor, loss_norm: torch.Tensor, *, floors: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For float64 ``hessian`` ``[per_row, 16, 16]`` on CUDA: the packed ``H 2^m`` (float32
-    ``[per_row, 136]``), ``rho`` (float32 ``[per_row]``), the Schur floors (float32
-    ``[per_row, 16]``, 0 for blocks not positive definite or ill-conditioned; empty without
+    ``[136, per_row]``), ``rho`` (float32 ``[per_row]``), the Schur floors (float32
+    ``[16, per_row]``, 0 for blocks not positive definite or ill-conditioned; empty without
     ``floors``) and ``loss_norm * 2^-m`` (float64 ``[1]``)."""
     per_row, device = hessian.shape[0], hessian.device
     hessian = hessian.contiguous()
-    packed = torch.empty(per_row, PACKED, dtype=torch.float32, device=device)
+    packed = torch.empty(PACKED, per_row, dtype=torch.float32, device=device)
     rho = torch.empty(per_row, dtype=torch.float32, device=device)
-    schur = torch.empty(per_row if floors else 0, BLOCK, dtype=torch.float32, device=device)
+    schur = torch.empty(BLOCK, per_row if floors else 0, dtype=torch.float32, device=device)
     out_loss_norm = torch.empty(1, dtype=torch.float64, device=device)
     _hessian_kernel[(per_row,)](
         hessian,

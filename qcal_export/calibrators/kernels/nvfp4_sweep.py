@@ -87,7 +87,7 @@ def _block_values(x_ptr, blocks, inside, norm_ptr, schur_ptr, per_row, HESSIAN: 
     for j in tl.static_range(16):
         axj = tl.abs(tl.load(base + j, mask=inside, other=0.0).to(tl.float32)) * norm
         if HESSIAN:
-            cj = tl.load(schur_ptr + group * 16 + j, mask=inside, other=0.0)
+            cj = tl.load(schur_ptr + j * per_row + group, mask=inside, other=0.0)
             c_max = tl.where(axj > amax, cj, c_max)
             cs = cs + (cj,)
         amax = tl.maximum(amax, axj)
@@ -103,22 +103,23 @@ def _block_hessian(x_ptr, blocks, inside, h_ptr, rho_ptr, per_row, HESSIAN: tl.c
     if HESSIAN:
         group = blocks % per_row
         rho = tl.load(rho_ptr + group, mask=inside, other=0.0)
-        hs = _signed_hessian(x_ptr, x_ptr + blocks.to(tl.int64) * 16, h_ptr, group, inside)
+        hs = _signed_hessian(x_ptr + blocks.to(tl.int64) * 16, h_ptr, group, per_row, inside)
     return hs, rho
 
 
 @triton.jit
-def _signed_hessian(x_ptr, base, h_ptr, group, inside):
-    """The block's packed ``H`` with the value signs folded into its off-diagonals."""
+def _signed_hessian(base, h_ptr, group, per_row, inside):
+    """The block's packed ``H`` (entry-major ``[136, per_row]``) with the value signs folded
+    into its off-diagonals."""
     signs = ()
     for j in tl.static_range(16):
         xj = tl.load(base + j, mask=inside, other=0.0)
         signs = signs + (tl.where(xj < 0, -1.0, 1.0),)
-    hrow = h_ptr + group.to(tl.int64) * 136
     hs = ()
     for i in tl.static_range(16):
         for j in tl.static_range(i, 16):
-            h = tl.load(hrow + i * 16 - (i * (i - 1)) // 2 + (j - i), mask=inside, other=0.0)
+            entry = i * 16 - (i * (i - 1)) // 2 + (j - i)
+            h = tl.load(h_ptr + entry * per_row + group, mask=inside, other=0.0)
             if j != i:
                 h = h * (signs[i] * signs[j])
             hs = hs + (h,)
