@@ -158,7 +158,7 @@ def _divide(t: torch.Tensor, number: float) -> torch.Tensor:
 
     CUDA computes ``t / 127`` as ``t * (1 / 127)``, one ulp off what ONNX Runtime computes.
     """
-    return t / torch.tensor(number, dtype=t.dtype, device=t.device)
+    return t / torch.full((), number, dtype=t.dtype, device=t.device)  # made there: no copy
 
 
 @functools.cache

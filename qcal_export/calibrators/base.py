@@ -80,7 +80,8 @@ class Calibrator(ABC):
         if not self._state:
             self._state = self._init_state(self.granularity.groups(x))
             device = x.device
-            self._state["stat_shape"] = torch.tensor(shape, dtype=torch.int64, device=device)
+            stat_shape = torch.tensor(shape, dtype=torch.int64)
+            self._state["stat_shape"] = stat_shape.to(device, non_blocking=True)  # no host sync
             self._shape = shape
             self._state["numel"] = torch.zeros((), dtype=torch.float64, device=device)
             self._state["nonfinite"] = torch.zeros((), dtype=torch.float64, device=device)

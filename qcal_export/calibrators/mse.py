@@ -82,6 +82,7 @@ class MseCalibrator(Calibrator):
                 f"PerTensorGroup(axis, {fmt.block_size}), not {granularity.describe()}"
             )
         self.multipliers = mse_multipliers(start, stop, step)
+        self._grid = self.multipliers[:, None]
         self.quant_func = quant_func
         self.error_func = error_func
         self.amin0: torch.Tensor | None = None
@@ -142,7 +143,10 @@ class MseCalibrator(Calibrator):
         Clamped to float32's range: an overflowing candidate (amax0 near 3.4e38) would give an
         infinite scale, a NaN loss and an infinite amax; clamped, it ties with the largest.
         """
-        m = self.multipliers.to(self._state["amax0"].device)[:, None]
+        device = self._state["amax0"].device
+        if self._grid.device != device:  # copied once, not on every collect (a host sync)
+            self._grid = self.multipliers.to(device)[:, None]
+        m = self._grid
         limit = torch.finfo(torch.float32).max
         amin = (self._state["amin0"].double()[None] * m).clamp(-limit, limit).float()
         amax = (self._state["amax0"].double()[None] * m).clamp(-limit, limit).float()

@@ -22,11 +22,12 @@ of ``TILE_G`` groups x ``TILE_N`` values and, per candidate, computes the float3
   correctly rounded add, so exact), or for fp8 the hardware's E4M3 conversion;
 - ``xq = q * scale`` rounded to float32, then ``(xq - x) ** 2``.
 
-The squares are summed in float32 over each tile (at most 4096 per group) and the tile sums in
-float64, into per-split partials that torch adds. Deterministic; the losses agree with the
-float64 torch reference to about 1e-7 relative (2e-6 at worst), so the chosen candidate is the
-same except where two candidates' losses are equal to float32 accuracy, which no float32 sum
-can order (the torch path sums in float64 and remains the reference).
+The squares are summed in float32 over each tile (at most 4096 per group); each tile stores its
+sums in a slot of its own and torch adds the slots in float64. Deterministic; the losses agree
+with the float64 reference of this arithmetic to about 1e-7 relative (2e-6 at worst), so the
+chosen candidate is the torch path's except where two candidates' losses are equal to float32
+accuracy, which no float32 sum can order (the torch path sums in float64 and remains the
+reference).
 """
 
 from __future__ import annotations
@@ -99,8 +100,6 @@ def _sweep_kernel(
     REDUCE: tl.constexpr,
     TILE_G: tl.constexpr,
     TILE_N: tl.constexpr,
-    ONE_TILE: tl.constexpr,
-    CANDIDATES: tl.constexpr,
 ):
     split = tl.program_id(1)
     g = tl.program_id(0) * TILE_G + tl.arange(0, TILE_G)
@@ -112,10 +111,9 @@ def _sweep_kernel(
     g_off = g[None, :] if GROUPS_CONTIGUOUS else g[:, None]
     g_off_mask = g_off < num_groups
     bound = tl.load(bound_ptr + g_off, mask=g_off_mask, other=0.0)
-    out = partial_ptr + split.to(tl.int64) * num_cand * num_groups + g
-    # Several tiles per group (then TILE_G is 1): the candidates' sums stay in registers.
-    slots = tl.arange(0, CANDIDATES)
-    sums = tl.zeros([CANDIDATES], tl.float64)
+    # Each tile stores its sums in its own slot: no read-modify-write waits on memory.
+    tiles_per_split = n_per_split // TILE_N
+    out = partial_ptr + split.to(tl.int64) * tiles_per_split * num_cand * num_groups + g
     for start in range(0, n_per_split, TILE_N):
         i = begin + start + tl.arange(0, TILE_N)
         i_off = i[:, None] if GROUPS_CONTIGUOUS else i[None, :]
@@ -139,13 +137,8 @@ def _sweep_kernel(
             else:
                 zero_point = tl.load(zero_point_ptr + offset, mask=g_off_mask, other=0.0)
                 diff = _int_dequant(x, scale, inverse, QMIN - zero_point, QMAX - zero_point) - x
-            tile = tl.sum(diff * diff, axis=REDUCE).to(tl.float64)
-            if ONE_TILE:
-                tl.store(out + k * num_groups, tile, mask=g_mask)
-            else:
-                sums = tl.where(slots == k, sums + tile, sums)
-    if not ONE_TILE:
-        tl.store(out + slots * num_groups, sums, mask=(slots < num_cand) & g_mask)
+            tl.store(out + k * num_groups, tl.sum(diff * diff, axis=REDUCE), mask=g_mask)
+        out += num_cand * num_groups
 
 
 def mse_sweep_(
@@ -180,7 +173,10 @@ def mse_sweep_(
     splits = min(triton.cdiv(n, tile_n), max(1, triton.cdiv(PROGRAMS_PER_SM * sms, group_tiles)))
     n_per_split = triton.cdiv(triton.cdiv(n, splits), tile_n) * tile_n
     splits = triton.cdiv(n, n_per_split)
-    partial = torch.empty(splits, num_cand, num_groups, dtype=torch.float64, device=groups.device)
+    # A slot per tile, float32 (cdiv(n, TILE_N) x candidates x groups: a few % of the input),
+    # every slot written (a tile past n stores zeros), added in float64 by torch.
+    slots = splits * (n_per_split // tile_n)
+    partial = torch.empty(slots, num_cand, num_groups, dtype=torch.float32, device=groups.device)
     _sweep_kernel[(group_tiles, splits)](
         groups,
         groups.stride(0),
@@ -202,8 +198,6 @@ def mse_sweep_(
         REDUCE=0 if contiguous_groups else 1,
         TILE_G=tile_g,
         TILE_N=tile_n,
-        ONE_TILE=n_per_split <= tile_n,
-        CANDIDATES=triton.next_power_of_2(num_cand),
         num_warps=WARPS,
     )
-    return losses.add_(partial.sum(0).T)
+    return losses.add_(partial.sum(0, dtype=torch.float64).T)
