@@ -5,21 +5,20 @@ blocks), read in place in float32, bf16 or fp16 and upcast in registers. A progr
 of ``TILE_G`` groups x ``TILE_N`` values and, per candidate, computes the float32 arithmetic of
 ``formats.py``'s QuantizeLinear -> DequantizeLinear:
 
-- symmetric int formats (zero point 0): ``|x|`` against the saturation level of ``x``'s sign
-  (``-qmin`` or ``qmax``), so that one clamp a candidate does: ``t = fma(|x|, r, 1.5 * 2**23)``
-  with ``r = 1 / scale`` (correctly rounded, by torch, once per candidate and group) rounds the
-  exact product ``|x| r`` half to even, ``min(t, level + 1.5 * 2**23)`` saturates it, and
-  ``|xq| = (t - 1.5 * 2**23) * scale``. ``|x - xq| = ||x| - |xq||`` exactly, since QDQ is odd
-  for these formats. The rounded integer is that of ``x / scale`` except where ``x / scale``
-  lies within 2^-24 relative of a midpoint between two integers; there both give the same
-  ``|error|`` to within that. Six instructions per value and candidate;
-- asymmetric int formats and fp8: ``x / scale`` correctly rounded without a division:
-  ``q = x * r``, then one Newton step on the exact residual ``fma(-q, scale, x)`` (Markstein:
-  with ``r`` correctly rounded this gives the correctly rounded quotient). ``x`` is clamped
-  first to a bound past every candidate's saturation, so ``x * r`` never overflows and
-  saturated values stay saturated; then saturation to ``[qmin - zero_point, qmax -
-  zero_point]``, and rounding half to even by adding and subtracting ``1.5 * 2**23`` (one
-  correctly rounded add, so exact), or for fp8 the hardware's E4M3 conversion;
+- int formats: with ``r = 1 / scale`` (correctly rounded, by torch, once per candidate and
+  group), ``t = fma(x, r, 1.5 * 2**23)`` rounds the exact product ``x r`` half to even, and
+  saturating ``t`` to ``[qmin - zero_point, qmax - zero_point] + 1.5 * 2**23`` saturates
+  the integer (a product past ``2**22`` is past saturation too, inf included). The integer is
+  that of ``x / scale`` except where ``x / scale`` lies within 2^-24 relative of a midpoint
+  between two integers; there the value's error moves by about that much. Symmetric formats
+  take ``|x|`` against the saturation level of ``x``'s sign (``-qmin`` or ``qmax``), so one
+  clamp does, and ``|x - xq| = ||x| - |xq||`` since QDQ is odd for them: 7.5 SASS
+  instructions per value and candidate;
+- fp8: ``x / scale`` correctly rounded without a division: ``q = x * r``, then one Newton step
+  on the exact residual ``fma(-q, scale, x)`` (Markstein: with ``r`` correctly rounded this
+  gives the correctly rounded quotient), ``x`` clamped first to a bound past every candidate's
+  saturation so that ``x * r`` never overflows; then saturation and the hardware's E4M3
+  conversion;
 - ``xq = q * scale`` rounded to float32, then ``(xq - x) ** 2``.
 
 The squares are summed in float32 over each tile (at most 4096 per group); each tile stores its
@@ -110,7 +109,7 @@ def _sweep_kernel(
     # TILE_N], so that loads run along the contiguous axis; REDUCE is the values' axis.
     g_off = g[None, :] if GROUPS_CONTIGUOUS else g[:, None]
     g_off_mask = g_off < num_groups
-    bound = tl.load(bound_ptr + g_off, mask=g_off_mask, other=0.0)
+    bound = tl.load(bound_ptr + g_off, mask=g_off_mask, other=0.0)  # used by fp8 only
     # Each tile stores its sums in its own slot: no read-modify-write waits on memory.
     tiles_per_split = n_per_split // TILE_N
     out = partial_ptr + split.to(tl.int64) * tiles_per_split * num_cand * num_groups + g
@@ -158,8 +157,9 @@ def mse_sweep_(
     fp8 = isinstance(fmt, FP8E4M3Format)
     qmin, qmax = (-fmt.qmax, fmt.qmax) if fp8 else (fmt.qmin, fmt.qmax)
     scale = scale.contiguous()
-    # Past (qmax - qmin + 2) times a group's largest scale every fp8 candidate saturates.
-    bound = scale.amax(0).mul_(qmax - qmin + 2).contiguous() if fp8 else scale
+    # Past (qmax - qmin + 2) times a group's largest scale every fp8 candidate saturates; the
+    # int formats round the product, which saturates past 2**22, so they need no bound.
+    bound = scale.amax(0).mul_(qmax - qmin + 2).contiguous() if fp8 else scale[0]
     inverse = torch.ones_like(scale).div_(scale)  # IEEE division: correctly rounded
     contiguous_groups = groups.stride(0) == 1 and num_groups > 1
     tile_n = min(TILE, max(16, triton.next_power_of_2(n)))
