@@ -88,6 +88,15 @@ def kernel_losses(cal: MseCalibrator, xs: list[torch.Tensor]) -> torch.Tensor:
     return losses
 
 
+def assert_kernel_matches(fmt, granularity, x, monkeypatch) -> None:
+    """The kernel's losses are ``expected_losses`` and its choices the torch path's."""
+    fused = sweep(fmt, granularity, x, fused=True, monkeypatch=monkeypatch)
+    reference = sweep(fmt, granularity, x, fused=False, monkeypatch=monkeypatch)
+    expected = expected_losses(fmt, granularity, x, reference)
+    torch.testing.assert_close(fused.state_dict()["losses"], expected, rtol=RTOL, atol=0)
+    assert_same_choice(fused, reference)
+
+
 def assert_same_choice(fused: MseCalibrator, reference: MseCalibrator) -> None:
     """Same candidate per group, or a float32 tie in the reference's float64 losses."""
     losses = reference.state_dict()["losses"]
@@ -121,11 +130,7 @@ def test_kernel_matches_torch_sweep(fmt_name, gran_name, shape, dtype, monkeypat
     if gran_name == "axis0" and shape[1] == 70001:
         shape = (70001, 2)
     x = sample(shape, dtype, seed=sum(shape))
-    fused = sweep(fmt, granularity, x, fused=True, monkeypatch=monkeypatch)
-    reference = sweep(fmt, granularity, x, fused=False, monkeypatch=monkeypatch)
-    expected = expected_losses(fmt, granularity, x, reference)
-    torch.testing.assert_close(fused.state_dict()["losses"], expected, rtol=RTOL, atol=0)
-    assert_same_choice(fused, reference)
+    assert_kernel_matches(fmt, granularity, x, monkeypatch)
 
 
 def test_kernel_is_used_on_cuda(monkeypatch):
@@ -180,11 +185,7 @@ def test_blocks_match_torch_sweep(fmt_name, shape, monkeypatch):
     fmt = {"int4": INT4, "uint4": UINT4}[fmt_name]
     granularity = PerBlock(-1, 32)
     x = sample(shape, torch.bfloat16, seed=shape[1])
-    fused = sweep(fmt, granularity, x, fused=True, monkeypatch=monkeypatch)
-    reference = sweep(fmt, granularity, x, fused=False, monkeypatch=monkeypatch)
-    expected = expected_losses(fmt, granularity, x, reference)
-    torch.testing.assert_close(fused.state_dict()["losses"], expected, rtol=RTOL, atol=0)
-    assert_same_choice(fused, reference)
+    assert_kernel_matches(fmt, granularity, x, monkeypatch)
 
 
 @pytest.mark.parametrize("axis", [-1, 1, 0])
@@ -192,11 +193,7 @@ def test_strided_groups_are_read_in_place(axis, monkeypatch):
     """Channels of a [batch, tokens, channels] activation: column groups of a strided view."""
     x = sample((3, 257, 96), torch.bfloat16, seed=axis + 5)
     granularity = PerAxis(axis)
-    fused = sweep(INT8, granularity, x, fused=True, monkeypatch=monkeypatch)
-    reference = sweep(INT8, granularity, x, fused=False, monkeypatch=monkeypatch)
-    expected = expected_losses(INT8, granularity, x, reference)
-    torch.testing.assert_close(fused.state_dict()["losses"], expected, rtol=RTOL, atol=0)
-    assert_same_choice(fused, reference)
+    assert_kernel_matches(INT8, granularity, x, monkeypatch)
 
 
 def test_quotient_is_correctly_rounded():
