@@ -1,7 +1,8 @@
 """MSE candidate sweep on CUDA: plain per-candidate loop vs our torch sweep vs the Triton kernel.
 
 16384 x 4096 bf16, int8, 38 candidates (multipliers 0.25 .. 3.95 step 0.1), per-tensor and
-per-axis; then other formats and int4 blocks, kernel only. Median of CUDA-event timings after
+per-axis; then other formats (nvfp4: the global amax sweep, each block's FP8 scale from its own
+amax) and int4 blocks, kernel only. Median of CUDA-event timings after
 warm-up. The floor is the larger of the kernel's instructions per element per candidate (read
 off its SASS: the candidate loop's instructions over the values each thread holds) times
 elements times candidates over the measured FP32 instruction rate, and the bytes read over the
@@ -21,10 +22,10 @@ import torch
 import triton
 from gpu_timing import copy_rate, cuda_median, fma_rate, gpu_tag, innermost_loop
 
-from qcal_export.calibrators.kernels import mse_sweep
+from qcal_export.calibrators.kernels import mse_sweep, nvfp4_global
 from qcal_export.calibrators.mse import MseCalibrator, mse_multipliers
-from qcal_export.formats import FP8_E4M3, INT4, INT8, UINT8
-from qcal_export.granularity import PerAxis, PerBlock, PerTensor
+from qcal_export.formats import FP8_E4M3, INT4, INT8, NVFP4, UINT8, NVFP4Format
+from qcal_export.granularity import PerAxis, PerBlock, PerTensor, PerTensorGroup
 
 ROWS, COLS = 16384, 4096
 START, STOP, STEP = 0.25, 3.95, 0.1
@@ -65,26 +66,39 @@ def candidates(fmt, x, granularity):
 
 def kernel_time(fmt, x, granularity, scale, zero_point) -> tuple[float, float]:
     """(median ms, instructions per element per candidate) of the kernel on bf16 ``x``."""
+    sweep, kernel, per_thread = sweep_kernel(fmt)
     groups = granularity.groups(x)
     losses = torch.zeros(groups.shape[0], scale.shape[0], dtype=torch.float64, device="cuda")
-    seen = set(_compiled())
-    ms = cuda_median(lambda: mse_sweep.mse_sweep_(losses, groups, scale, zero_point, fmt), 20)
-    new = [k for key, k in _compiled().items() if key not in seen] or list(_compiled().values())
+    seen = set(_compiled(kernel))
+    ms = cuda_median(lambda: sweep(losses, groups, scale, zero_point, fmt), 20)
+    compiled = _compiled(kernel)
+    new = [k for key, k in compiled.items() if key not in seen] or list(compiled.values())
     sass = new[-1].asm["sass"]
     if fmt is INT8 and "OUT" in os.environ:  # for reading the loop by hand
         name = granularity.describe().replace("(", "").replace(")", "")
         (Path(os.environ["OUT"]) / f"mse_sweep_int8_{name}.sass").write_text(sass)
     try:
-        return ms, len(innermost_loop(sass)) / (mse_sweep.TILE // THREADS)
+        return ms, len(innermost_loop(sass)) / per_thread
     except RuntimeError as error:
         print(f"{fmt.name} {granularity.describe()}: {error}")
         return ms, float("nan")
 
 
-def _compiled() -> dict:
-    """The sweep kernel's compiled specializations on this device, by cache key."""
-    caches = mse_sweep._sweep_kernel.device_caches[torch.cuda.current_device()][0]
-    return dict(caches)
+def sweep_kernel(fmt):
+    """``fmt``'s sweep (``mse_sweep_``'s arguments), its Triton kernel and values per thread."""
+    if isinstance(fmt, NVFP4Format):
+
+        def sweep(losses, groups, scale, zero_point, fmt):
+            return nvfp4_global.nvfp4_global_sweep_(losses, groups, scale, fmt)
+
+        per_thread = fmt.block_size * nvfp4_global.BLOCKS_PER_THREAD
+        return sweep, nvfp4_global._global_sweep_kernel, per_thread
+    return mse_sweep.mse_sweep_, mse_sweep._sweep_kernel, mse_sweep.TILE // THREADS
+
+
+def _compiled(kernel) -> dict:
+    """``kernel``'s compiled specializations on this device, by cache key."""
+    return dict(kernel.device_caches[torch.cuda.current_device()][0])
 
 
 def bench_int8(x, granularity, fma: float, copy: float) -> list[str]:
@@ -134,6 +148,7 @@ def main() -> None:
         bench_other(x, UINT8, PerTensor(), fma, copy),
         bench_other(x, FP8_E4M3, PerTensor(), fma, copy),
         bench_other(x, FP8_E4M3, PerAxis(-1), fma, copy),
+        bench_other(x, NVFP4, PerTensorGroup(-1, 16), fma, copy),
         bench_other(weight, INT4, PerBlock(-1, 32), fma, copy),
         bench_other(weight, INT4, PerBlock(-1, 128), fma, copy),
     ]

@@ -16,7 +16,7 @@ import torch
 from qcal_export.calibrators import kernels
 from qcal_export.calibrators.base import Calibrator, MergeOp, NonFinite
 from qcal_export.errors import CalibrationError
-from qcal_export.formats import Format, FP8E4M3Format, IntFormat
+from qcal_export.formats import Format, FP8E4M3Format, IntFormat, NVFP4Format
 from qcal_export.granularity import Granularity, PerBlock, PerTensorGroup
 
 QuantFunc = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -158,9 +158,7 @@ class MseCalibrator(Calibrator):
             return
         scale, zero_point = self.fmt.scale_zero_point(*self._candidates())
         if self._fused(groups):
-            from qcal_export.calibrators.kernels.mse_sweep import mse_sweep_
-
-            mse_sweep_(self._state["losses"], groups, scale, zero_point, self.fmt)
+            self._update_fused(groups, scale, zero_point)
             return
         scale, zero_point = scale[:, :, None], zero_point[:, :, None]
         num_cand, num_groups = scale.shape[:2]
@@ -177,15 +175,27 @@ class MseCalibrator(Calibrator):
             losses += self._error(xc, xq, wide[: xq.numel()].view(xq.shape)).T
 
     def _fused(self, groups: torch.Tensor) -> bool:
-        """Whether the Triton sweep scores ``groups``: CUDA, Triton, the format's own QDQ and
-        squared error, an int or fp8 format, per tensor, axis or block (nvfp4 keeps torch)."""
+        """Whether a Triton sweep scores ``groups``: CUDA, Triton, the format's own QDQ and
+        squared error (int or fp8 per tensor, axis or block; nvfp4's global amax)."""
         return (
             groups.is_cuda
             and kernels.HAS_TRITON
             and self.quant_func is None
             and self.error_func is None
-            and isinstance(self.fmt, IntFormat | FP8E4M3Format)
+            and isinstance(self.fmt, IntFormat | FP8E4M3Format | NVFP4Format)
         )
+
+    def _update_fused(
+        self, groups: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+    ) -> None:
+        if isinstance(self.fmt, NVFP4Format):
+            from qcal_export.calibrators.kernels.nvfp4_global import nvfp4_global_sweep_
+
+            nvfp4_global_sweep_(self._state["losses"], groups, scale, self.fmt)
+            return
+        from qcal_export.calibrators.kernels.mse_sweep import mse_sweep_
+
+        mse_sweep_(self._state["losses"], groups, scale, zero_point, self.fmt)
 
     def _update_custom(self, x: torch.Tensor) -> None:
         """One full pass per candidate: a user quant_func is not vectorized over candidates."""

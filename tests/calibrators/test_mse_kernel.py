@@ -1,7 +1,8 @@
 """The Triton MSE sweep against the torch sweep on the same device: same losses, same choice.
 
-Both paths get the same candidate scales (computed on the device). For fp8 they score the grid
-with the same float32 QDQ arithmetic. The int kernels round the exact ``x * (1 / scale)``
+Both paths get the same candidate scales (computed on the device). For fp8, and for nvfp4's
+global amax sweep (each block's FP8 scale from its own amax), they score the grid with the same
+float32 QDQ arithmetic. The int kernels round the exact ``x * (1 / scale)``
 instead of ``x / scale``; the two differ only where ``x / scale`` lies within 2^-24 relative
 of a rounding midpoint, where the value's error moves by about that much. A group of two
 values shows it in its loss, so the int kernels' losses are checked against that arithmetic
@@ -19,8 +20,8 @@ import torch
 
 from qcal_export.calibrators import kernels
 from qcal_export.calibrators.mse import MseCalibrator
-from qcal_export.formats import FP8_E4M3, INT4, INT8, UINT4, UINT8, FP8E4M3Format
-from qcal_export.granularity import PerAxis, PerBlock, PerTensor
+from qcal_export.formats import FP8_E4M3, INT4, INT8, NVFP4, UINT4, UINT8, IntFormat
+from qcal_export.granularity import PerAxis, PerBlock, PerTensor, PerTensorGroup
 
 pytestmark = [
     pytest.mark.cuda,
@@ -65,8 +66,8 @@ def batches(x: torch.Tensor, granularity) -> list[torch.Tensor]:
 
 
 def expected_losses(fmt, granularity, x, reference: MseCalibrator) -> torch.Tensor:
-    """What the kernel must compute: the torch path's losses for fp8, else ``kernel_losses``."""
-    if isinstance(fmt, FP8E4M3Format):
+    """What the kernel must compute: ``kernel_losses`` for int formats, else the torch path's."""
+    if not isinstance(fmt, IntFormat):
         return reference.state_dict()["losses"]
     return kernel_losses(reference, batches(x, granularity))
 
@@ -142,6 +143,18 @@ def test_kernel_is_used_on_cuda(monkeypatch):
     cal = MseCalibrator(INT8, PerTensor(), amax0=1.0)
     cal.collect(torch.randn(64, 3, device="cuda"))
     assert calls and cal.state_dict()["losses"].is_cuda
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("shape", "axis"),
+    [((64, 96), -1), ((33, 40), -1), ((40, 9), 0), ((4097, 48), -1), ((3, 5, 64), 1)],
+    ids=str,
+)
+def test_nvfp4_global_amax_matches_torch_sweep(shape, axis, dtype, monkeypatch):
+    """Partial last blocks (padded with zeros), several tiles, blocks along a middle axis."""
+    x = sample(shape, dtype, seed=sum(shape))
+    assert_kernel_matches(NVFP4, PerTensorGroup(axis, 16), x, monkeypatch)
 
 
 @pytest.mark.parametrize("fmt_name", list(FORMATS))

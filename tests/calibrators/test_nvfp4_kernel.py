@@ -217,3 +217,25 @@ def test_pruned_choice_on_a_large_weight_equals_the_full_sweep(weighted):
     _, full, _ = nvfp4_scale_sweep(blocks, scales, hessian)
     assert torch.equal(best, full)
     assert float(counts["needed"]) <= float(counts["scored"]) < 126
+
+
+def test_pruned_choice_when_the_amax_sits_on_a_weak_channel():
+    """Each block's amax on an input channel weighted 1e-4 of the others, its other values on
+    heavy ones: the range's clipping bound comes from those, and must keep the winner."""
+    from qcal_export.calibrators.kernels.nvfp4_best import nvfp4_best_scales
+    from qcal_export.calibrators.kernels.nvfp4_sweep import nvfp4_scale_sweep
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    weight = torch.randn(256, 1024, device="cuda", generator=gen) * 0.02
+    weight[:, ::16] = weight.abs().amax(1, keepdim=True) * 1.5  # the amax of every block
+    acts = torch.randn(512, 1024, device="cuda", generator=gen)
+    acts[:, ::16] *= 0.01
+    hessian = BlockHessian()
+    hessian.collect(acts)
+    global_amax = weight.abs().amax()
+    scales = NVFP4.effective_scales(fp8_scale_candidates().cuda(), NVFP4.global_scale(global_amax))
+    blocks = PerBlock(-1, 16).groups(weight)
+    best, counts = nvfp4_best_scales(blocks, scales, hessian.hessian, counts=True)
+    _, full, _ = nvfp4_scale_sweep(blocks, scales, hessian.hessian)
+    assert torch.equal(best, full)
+    assert float(counts["scored"]) < 126

@@ -64,7 +64,7 @@ def _best_kernel(
     lanes = tl.program_id(0) * TILE + tl.arange(0, TILE)
     inside = lanes < num_blocks
     blocks = tl.load(order_ptr + lanes, mask=inside, other=0)
-    xs, _, amax, _ = _block_values(x_ptr, blocks, inside, norm_ptr, norm_ptr, per_row, False)
+    xs, amax = _block_values(x_ptr, blocks, inside, norm_ptr)
     hs, rho = _block_hessian(x_ptr, blocks, inside, h_ptr, rho_ptr, per_row, HESSIAN)
     first = tl.load(range_ptr + blocks * 2, mask=inside, other=1 << 20)
     end = tl.load(range_ptr + blocks * 2 + 1, mask=inside, other=0)
@@ -150,7 +150,7 @@ def _best_repair_kernel(
         first = tl.load(range_ptr + blocks * 2, mask=flagged, other=0)
         end = tl.load(range_ptr + blocks * 2 + 1, mask=flagged, other=0)
         xs, signs, hrow = _flagged_values(x_ptr, blocks, flagged, h_ptr, per_row)
-        xs32, _, _, _ = _block_values(x_ptr, blocks, flagged, norm_ptr, norm_ptr, per_row, False)
+        xs32, _ = _block_values(x_ptr, blocks, flagged, norm_ptr)
         hs, rho = _block_hessian(x_ptr, blocks, flagged, packed_ptr, rho_ptr, per_row, HESSIAN)
         scored = (xs32, hs, rho, scaled_ptr, recip_ptr, tl.load(loss_norm_ptr))
         k_begin = tl.min(tl.where(flagged, first, 1 << 20), 0)

@@ -74,25 +74,17 @@ def _quadratic_form(hs, ds):
 
 
 @triton.jit
-def _block_values(x_ptr, blocks, inside, norm_ptr, schur_ptr, per_row, HESSIAN: tl.constexpr):
-    """A tile's normalised ``|x|`` (16 ``[TILE]`` values), their Schur floors (Hessian), the
-    amax and the floor of the amax's element (1 for squared error)."""
+def _block_values(x_ptr, blocks, inside, norm_ptr):
+    """A tile's normalised ``|x|`` (16 ``[TILE]`` values) and their amax."""
     base = x_ptr + blocks.to(tl.int64) * 16
     norm = tl.load(norm_ptr)
-    group = blocks % per_row
     xs = ()
-    cs = ()
     amax = tl.zeros(blocks.shape, tl.float32)
-    c_max = tl.full(blocks.shape, 0.0 if HESSIAN else 1.0, tl.float32)
     for j in tl.static_range(16):
         axj = tl.abs(tl.load(base + j, mask=inside, other=0.0).to(tl.float32)) * norm
-        if HESSIAN:
-            cj = tl.load(schur_ptr + j * per_row + group, mask=inside, other=0.0)
-            c_max = tl.where(axj > amax, cj, c_max)
-            cs = cs + (cj,)
         amax = tl.maximum(amax, axj)
         xs = xs + (axj,)
-    return xs, cs, amax, c_max
+    return xs, amax
 
 
 @triton.jit
@@ -204,7 +196,7 @@ def _score_kernel(
 ):
     blocks = tl.program_id(0) * TILE + tl.arange(0, TILE)
     inside = blocks < num_blocks
-    xs, _, amax, _ = _block_values(x_ptr, blocks, inside, norm_ptr, norm_ptr, per_row, False)
+    xs, amax = _block_values(x_ptr, blocks, inside, norm_ptr)
     hs, rho = _block_hessian(x_ptr, blocks, inside, h_ptr, rho_ptr, per_row, HESSIAN)
     loss_norm = tl.load(loss_norm_ptr)
     best, second, best_bound, second_bound, best_k = _untracked(TILE)
