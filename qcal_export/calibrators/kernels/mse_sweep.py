@@ -41,11 +41,6 @@ from qcal_export.formats import FP8E4M3Format, IntFormat
 TILE = 4096
 """Values held in registers per program: 32 per thread with ``WARPS`` 4."""
 WARPS = 4
-COLUMN_TILE_G = 8
-"""Groups per tile when groups are adjacent in memory (columns): a warp's lanes take 8 adjacent
-columns x 4 rows, so each 32-byte sector of bf16 is half used, each thread sums its 32 rows
-before 2 shuffle levels, and a slot holds ``TILE / 8`` rows (slots: ``76 / TILE_N`` of the bf16
-input's bytes with 38 candidates)."""
 PROGRAMS_PER_SM = 4
 ROUNDING = tl.constexpr(12582912.0)
 """``1.5 * 2**23``: adding it rounds any float32 below ``2**22`` in magnitude to an integer."""
@@ -167,8 +162,7 @@ def mse_sweep_(
     bound = scale.amax(0).mul_(qmax - qmin + 2).contiguous() if fp8 else scale[0]
     inverse = torch.ones_like(scale).div_(scale)  # IEEE division: correctly rounded
     contiguous_groups = groups.stride(0) == 1 and num_groups > 1
-    across = min(COLUMN_TILE_G, triton.next_power_of_2(num_groups)) if contiguous_groups else 1
-    tile_n = min(TILE // across, max(16, triton.next_power_of_2(n)))
+    tile_n = min(TILE, max(16, triton.next_power_of_2(n)))
     tile_g = TILE // tile_n
     group_tiles = triton.cdiv(num_groups, tile_g)
     sms = (
