@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from qcal_export.calibrators.kernels.mse_sweep import _quotient
 from qcal_export.calibrators.kernels.nvfp4_prep import normalised_candidates
 from qcal_export.calibrators.kernels.nvfp4_sweep import _block_values, _loss_and_bound
 from qcal_export.formats import FP8_SUBNORMAL_MIN, NVFP4Format
@@ -37,9 +38,7 @@ BLOCKS_PER_THREAD = 2
 @triton.jit
 def _block_scale(a6, g, g_inverse, SCALE_MIN: tl.constexpr, SCALE_MAX: tl.constexpr):
     """The effective scale ``fp8(clamp(a6 / g)) * g`` of blocks whose ``amax / 6`` is ``a6``."""
-    q = a6 * g_inverse
-    raw = tl.fma(tl.fma(q, -g, a6), g_inverse, q)  # a6 / g correctly rounded
-    raw = tl.minimum(tl.maximum(raw, SCALE_MIN), SCALE_MAX)
+    raw = tl.minimum(tl.maximum(_quotient(a6, g, g_inverse), SCALE_MIN), SCALE_MAX)
     return libdevice.mul_rn(raw.to(tl.float8e4nv).to(tl.float32), g)  # never contracted
 
 
