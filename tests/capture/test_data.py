@@ -1,78 +1,24 @@
-"""Calibration data readers and the per-batch check against the model's inputs.
+"""Calibration data readers: every source is read through ``open_data`` and checked with
+``as_feed`` exactly as the capture does (the per-batch check itself: test_batch_checks.py).
 
-Every source is read through ``open_data`` and checked with ``as_feed`` exactly as the capture
-does; the models are small graphs built with onnx.helper, the data real files in tmp_path.
+The models are small graphs built with onnx.helper (data_models.py), the data real files in
+tmp_path.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from data_models import ONE, TWO, batch, feeds
 from onnxruntime.quantization import CalibrationDataReader
 
 from qcal_export.capture.data import (
     as_feed,
-    check_batch,
-    model_inputs,
     open_data,
     select_batches,
     split_holdout,
 )
 from qcal_export.errors import DataError
-
-
-def two_input_model() -> onnx.ModelProto:
-    """Inputs x float32 [batch, 3] and ids int64 [batch, 4]; w is an initializer also listed
-    as a graph input (old exporters do that) and must not be asked for."""
-    w = numpy_helper.from_array(np.ones((3, 2), np.float32), "w")
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "w"], ["y"], "mm"),
-            helper.make_node("Identity", ["ids"], ["ids_out"], "id"),
-        ],
-        "two_inputs",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3]),
-            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 4]),
-            helper.make_tensor_value_info("w", TensorProto.FLOAT, [3, 2]),
-        ],
-        [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2]),
-            helper.make_tensor_value_info("ids_out", TensorProto.INT64, ["batch", 4]),
-        ],
-        [w],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def one_input_model() -> onnx.ModelProto:
-    """Input x float32 [batch, 3] with a symbolic batch."""
-    graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"], "relu")],
-        "one_input",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-TWO = model_inputs(two_input_model())
-ONE = model_inputs(one_input_model())
-
-
-def batch(n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "x": rng.standard_normal((n, 3)).astype(np.float32),
-        "ids": rng.integers(0, 100, size=(n, 4)).astype(np.int64),
-    }
-
-
-def feeds(source, inputs) -> list[dict[str, np.ndarray]]:
-    """One pass over ``source``, each item checked as the capture checks it."""
-    return [as_feed(item, inputs, i) for i, item in enumerate(source.batches())]
 
 
 def assert_same_batches(got: list[dict], want: list[dict]) -> None:
@@ -306,111 +252,3 @@ def test_calibration_data_reader_without_rewind_fails_on_the_second_pass():
     assert_same_batches(feeds(source, TWO), want)
     with pytest.raises(DataError, match=r"ForwardOnlyReader has no rewind\(\)"):
         source.batches()
-
-
-# ---- batch checks ---------------------------------------------------------------------------
-
-
-def bad_third_batch(**change) -> list[dict]:
-    """Two good batches then one with ``change`` applied (None removes an input)."""
-    third = batch(2, seed=3)
-    for name, value in change.items():
-        if value is None:
-            del third[name]
-        else:
-            third[name] = value
-    return [batch(2, seed=1), batch(2, seed=2), third]
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (
-            {"ids": None},
-            r"^batch 2: missing input\(s\) \['ids'\] \(the model expects \['ids', 'x'\]",
-        ),
-        (
-            {"mask": np.zeros((2, 4), np.int64)},
-            r"^batch 2: unknown input\(s\) \['mask'\]",
-        ),
-        (
-            {"x": np.zeros((2, 3), np.float64)},
-            r"^batch 2, input 'x': dtype float64, the model expects float32$",
-        ),
-        (
-            {"ids": np.zeros((2, 4), np.int32)},
-            r"^batch 2, input 'ids': dtype int32, the model expects int64$",
-        ),
-        (
-            {"x": np.zeros((2, 3, 1), np.float32)},
-            r"^batch 2, input 'x': rank 3 \(shape \(2, 3, 1\)\), "
-            r"the model expects x float32\[\?, 3\]$",
-        ),
-        (
-            {"ids": np.zeros((2, 5), np.int64)},
-            r"^batch 2, input 'ids': dim 1 is 5, the model expects ids int64\[\?, 4\]$",
-        ),
-    ],
-    ids=["missing", "extra", "dtype", "int-dtype", "rank", "static-dim"],
-)
-def test_bad_batch_names_the_input_and_the_batch_index(change, message):
-    source = open_data(bad_third_batch(**change))
-    batches = source.batches()
-    as_feed(next(batches), TWO, 0)
-    as_feed(next(batches), TWO, 1)
-    with pytest.raises(DataError, match=message):
-        as_feed(next(batches), TWO, 2)
-
-
-def test_missing_and_extra_inputs_are_reported_together():
-    with pytest.raises(
-        DataError, match=r"missing input\(s\) \['ids'\]; unknown input\(s\) \['y'\]"
-    ):
-        check_batch({"x": np.zeros((1, 3), np.float32), "y": np.zeros(1)}, TWO, 7)
-
-
-def test_batch_that_is_not_a_dict_is_refused():
-    with pytest.raises(DataError, match=r"^batch 4 is a list, not a dict"):
-        check_batch([np.zeros((1, 3), np.float32)], ONE, 4)
-
-
-def test_dynamic_dims_accept_varying_sizes_and_arrays_come_back_contiguous():
-    sizes = [1, 5, 17, 2]
-    items = [batch(n, seed=n) for n in sizes]
-    items[1]["x"] = np.asfortranarray(items[1]["x"])  # non-contiguous input is accepted
-    got = feeds(open_data(items), TWO)
-    assert [b["x"].shape for b in got] == [(n, 3) for n in sizes]
-    assert [b["ids"].shape for b in got] == [(n, 4) for n in sizes]
-    assert all(b[k].flags.c_contiguous for b in got for k in b)
-    assert np.array_equal(got[1]["x"], items[1]["x"])
-
-
-def test_input_without_shape_accepts_any_rank():
-    graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])],
-        "no_shape",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-    )
-    inputs = model_inputs(helper.make_model(graph))
-    assert inputs[0].dims is None and inputs[0].describe() == "x float32[?]"
-    for shape in [(3,), (2, 3, 4), (1, 1, 1, 1, 5)]:
-        assert check_batch({"x": np.zeros(shape, np.float32)}, inputs, 0)["x"].shape == shape
-
-
-def test_scalar_input_keeps_its_rank():
-    """A rank-0 input (declared shape []) passes the check and must reach ORT as rank 0."""
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "gain"], ["y"])],
-        "scalar_input",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3]),
-            helper.make_tensor_value_info("gain", TensorProto.FLOAT, []),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-    )
-    inputs = model_inputs(helper.make_model(graph))
-    assert inputs[1].dims == ()
-    fed = check_batch({"x": np.ones((2, 3), np.float32), "gain": np.float32(2.5)}, inputs, 0)
-    assert fed["gain"].shape == ()
-    assert float(fed["gain"]) == 2.5
