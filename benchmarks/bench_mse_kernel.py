@@ -105,6 +105,7 @@ def bench_int8(x, granularity, fma: float, copy: float) -> list[str]:
     """Rows for one granularity: plain loop, torch sweep, kernel via collect, kernel alone."""
     amax0, scale, zero_point = candidates(INT8, x, granularity)
     num_cand = scale.shape[0]
+    steady = calibrator(INT8, granularity, amax0, True)  # collects batch after batch
     plain = cuda_median(lambda: plain_loop(INT8, x, granularity, scale, zero_point), 5)
     alone, instructions = kernel_time(INT8, x, granularity, scale, zero_point)
     times = {
@@ -112,9 +113,10 @@ def bench_int8(x, granularity, fma: float, copy: float) -> list[str]:
         "torch chunked sweep (collect)": cuda_median(
             lambda: calibrator(INT8, granularity, amax0, False).collect(x), 3, 1
         ),
-        "Triton kernel (collect)": cuda_median(
+        "Triton kernel (collect, new calibrator)": cuda_median(
             lambda: calibrator(INT8, granularity, amax0, True).collect(x), 10
         ),
+        "Triton kernel (collect, per batch)": cuda_median(lambda: steady.collect(x), 20),
         "Triton kernel alone": alone,
     }
     floor = max(instructions * x.numel() * num_cand / fma, x.numel() * 2 / copy) * 1e3

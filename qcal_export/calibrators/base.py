@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from qcal_export.calibrators import kernels
 from qcal_export.errors import CalibrationError
 from qcal_export.formats import AMAX_FLOOR, Format
 from qcal_export.granularity import Granularity
@@ -28,6 +29,9 @@ class Calibrator(ABC):
         "numel": "sum",
         "nonfinite": "sum",
     }
+    nonfinite_fill: ClassVar[float] = 0.0
+    """What a skipped non-finite value becomes before ``_update``: 0 adds no error and lies
+    inside every range."""
 
     def __init__(self, fmt: Format, granularity: Granularity, *, nonfinite: NonFinite = "skip"):
         if nonfinite not in ("skip", "error"):
@@ -159,20 +163,31 @@ class Calibrator(ABC):
         """Whether a Triton kernel collects ``groups`` (calibrators that have one say when)."""
         return False
 
-    def _drop_nonfinite(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """``x`` with non-finite values replaced by 0 (which adds no error), and their count.
+    def _drop_nonfinite(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """``x`` with ``nonfinite_fill`` in place of each non-finite value, and their count.
 
-        Raises before any state changes when ``nonfinite="error"``.
+        Raises before any state changes when ``nonfinite="error"``, which waits for the device.
+        On CUDA, "skip" never waits: a Triton pass counts them into a device tensor and
+        replaces them, or only counts them where ``_update``'s kernel reads them as no data.
         """
+        if x.is_cuda and self.nonfinite == "skip" and kernels.HAS_TRITON:
+            from qcal_export.calibrators.kernels.nonfinite import nonfinite
+
+            return nonfinite(x, None if self._skips_nonfinite(x) else self.nonfinite_fill)
         if bool(torch.isfinite(x.sum())):  # one reduction; NaN/Inf (or overflow) look closer
             return x, 0
-        bad = ~torch.isfinite(x)
-        count = int(bad.sum())
+        finite = torch.isfinite(x)
+        count = finite.numel() - int(finite.sum())
         if count == 0:
             return x, 0
         if self.nonfinite == "error":
             raise CalibrationError(f"{count} non-finite values (NaN/Inf) in a collected tensor")
-        return torch.where(bad, torch.zeros((), device=x.device), x), count
+        return torch.where(finite, x, self.nonfinite_fill), count
+
+    def _skips_nonfinite(self, x: torch.Tensor) -> bool:
+        """Whether ``_update`` reads the non-finite values of ``x`` as no data itself (a fused
+        kernel that adds no error for them, or leaves them out of its counts)."""
+        return False
 
     @abstractmethod
     def _init_state(self, groups: torch.Tensor) -> dict[str, torch.Tensor]:

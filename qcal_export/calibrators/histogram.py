@@ -8,6 +8,7 @@ merged across processes, give the histogram of all the data at once, in ``[G, 2 
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import ClassVar
 
@@ -87,6 +88,8 @@ class HistogramCalibrator(Calibrator):
         "min": "min",
         "max": "max",
     }
+    nonfinite_fill: ClassVar[float] = math.nan
+    """Skipped non-finite values become NaN, which ``_update`` leaves out."""
 
     def __init__(
         self,
@@ -132,13 +135,6 @@ class HistogramCalibrator(Calibrator):
             and all(state[k].shape == v.shape for k, v in self._state.items())
             and torch.equal(state["stat_shape"].cpu(), self._state["stat_shape"].cpu())
         )
-
-    def _drop_nonfinite(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """``x`` with non-finite values turned into NaN, which ``_update`` leaves out."""
-        _, count = super()._drop_nonfinite(x)
-        if count:
-            x = torch.where(torch.isfinite(x), x, torch.nan)
-        return x, count
 
     def _init_state(self, groups: torch.Tensor) -> dict[str, torch.Tensor]:
         num, device = groups.shape[0], groups.device

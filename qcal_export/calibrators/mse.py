@@ -185,6 +185,10 @@ class MseCalibrator(Calibrator):
             and isinstance(self.fmt, IntFormat | FP8E4M3Format | NVFP4Format)
         )
 
+    def _skips_nonfinite(self, x: torch.Tensor) -> bool:
+        """The int and fp8 sweep kernels read a non-finite value as 0."""
+        return self._fused(x) and not isinstance(self.fmt, NVFP4Format)
+
     def _update_fused(
         self, groups: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     ) -> None:

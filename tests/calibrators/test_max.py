@@ -252,3 +252,25 @@ def test_amax_equals_numpy_for_any_finite_data_and_split(x, split):
     amax = cal.compute_amax().numpy()
     assert np.array_equal(amax, expected)
     assert np.isfinite(amax).all() and (amax > 0).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nonfinite_skip_on_cuda_never_waits():
+    """On CUDA, "skip" replaces non-finite values on the device and counts them there: a
+    collect after the first never waits for the device; the range is that of the finite ones."""
+    x = torch.randn(513, 77, device="cuda")
+    x[7, ::3], x[::50, 2], x[100, 100 % 77] = torch.nan, torch.inf, -torch.inf
+    cal = MaxCalibrator(UINT8, PerAxis(-1))
+    cal.collect(x)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cal.collect(x * 2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    finite = torch.where(x.isfinite(), x, 0).cpu()
+    both = torch.cat([finite, 2 * finite])
+    amin, amax = cal.compute_range()
+    assert torch.equal(amin.cpu().reshape(-1), both.amin(0))
+    assert torch.equal(amax.cpu().reshape(-1), both.amax(0))
+    assert cal.nonfinite_count == 2 * int((~x.isfinite()).sum())

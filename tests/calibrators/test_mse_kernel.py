@@ -201,12 +201,17 @@ def test_blocks_match_torch_sweep(fmt_name, shape, monkeypatch):
     assert_kernel_matches(fmt, granularity, x, monkeypatch)
 
 
+@pytest.mark.parametrize("slab_bytes", [1 << 26, 4096], ids=["one-slab", "slabs"])
 @pytest.mark.parametrize("axis", [-1, 1, 0])
-def test_strided_groups_are_read_in_place(axis, monkeypatch):
-    """Channels of a [batch, tokens, channels] activation: column groups of a strided view."""
-    x = sample((3, 257, 96), torch.bfloat16, seed=axis + 5)
-    granularity = PerAxis(axis)
-    assert_kernel_matches(INT8, granularity, x, monkeypatch)
+def test_strided_groups(axis, slab_bytes, monkeypatch):
+    """Channels of a [batch, tokens, channels] activation: groups of a strided view. Channels
+    of the last axis (9000 values each) are copied in row-major slabs, here in one or in three
+    (4096 values each, the last one partial)."""
+    from qcal_export.calibrators.kernels import mse_sweep
+
+    monkeypatch.setattr(mse_sweep, "SLAB_BYTES", slab_bytes)
+    x = sample((3, 3000, 20), torch.bfloat16, seed=axis + 5)
+    assert_kernel_matches(INT8, PerAxis(axis), x, monkeypatch)
 
 
 def test_quotient_is_correctly_rounded():
@@ -239,3 +244,39 @@ def test_quotient_is_correctly_rounded():
     quotient_kernel[(triton.cdiv(x.numel(), 1024),)](x, s, out, x.numel(), BLOCK=1024)
     expected = x.cpu() / s.cpu()
     assert torch.equal(out.cpu(), expected)
+
+
+@pytest.mark.parametrize("granularity", [PerTensor(), PerAxis(-1)], ids=lambda g: g.describe())
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_nonfinite_values_are_read_as_zero_without_waiting(fmt_name, granularity, monkeypatch):
+    """NaN and +-inf among the values: the kernel's losses are those of zeros in their place,
+    the count is exact, and a collect after the first never waits for the device."""
+    fmt = FORMATS[fmt_name]
+    x = sample((1000, 37), torch.bfloat16, seed=11)
+    bad = x.clone()
+    bad[::97, 5], bad[3, ::7], bad[500, 0] = torch.nan, torch.inf, -torch.inf
+    zeroed = torch.where(bad.isfinite(), bad, 0)
+    g = granularity.groups(zeroed.float())
+    stat = (g.shape[0],)
+    amin0, amax0 = granularity.unflatten(g.amin(1), stat), granularity.unflatten(g.amax(1), stat)
+    options = {"amin0": None if fmt.symmetric else amin0, "amax0": amax0}
+    fused = MseCalibrator(fmt, granularity, **options)
+    fused.collect(bad)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused.collect(bad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with monkeypatch.context() as patch:
+        patch.setattr(MseCalibrator, "_fused", lambda self, groups: False)
+        reference = MseCalibrator(fmt, granularity, **options)
+        for _ in range(2):
+            reference.collect(zeroed)
+    assert fused.nonfinite_count == 2 * int((~bad.isfinite()).sum())
+    expected = (
+        kernel_losses(reference, [zeroed, zeroed])
+        if isinstance(fmt, IntFormat)
+        else reference.state_dict()["losses"]
+    )
+    torch.testing.assert_close(fused.state_dict()["losses"], expected, rtol=RTOL, atol=0)
+    assert_same_choice(fused, reference)
