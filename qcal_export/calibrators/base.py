@@ -32,6 +32,9 @@ class Calibrator(ABC):
     nonfinite_fill: ClassVar[float] = 0.0
     """What a skipped non-finite value becomes before ``_update``: 0 adds no error and lies
     inside every range."""
+    host_nonfinite_check: ClassVar[bool] = False
+    """Check for non-finite values on the host even on CUDA: for a calibrator whose collect
+    waits for the device anyway, one early sync is cheaper than the device-side pass."""
 
     def __init__(self, fmt: Format, granularity: Granularity, *, nonfinite: NonFinite = "skip"):
         if nonfinite not in ("skip", "error"):
@@ -167,10 +170,16 @@ class Calibrator(ABC):
         """``x`` with ``nonfinite_fill`` in place of each non-finite value, and their count.
 
         Raises before any state changes when ``nonfinite="error"``, which waits for the device.
-        On CUDA, "skip" never waits: a Triton pass counts them into a device tensor and
-        replaces them, or only counts them where ``_update``'s kernel reads them as no data.
+        On CUDA, "skip" never waits (unless ``host_nonfinite_check``): a Triton pass counts
+        them into a device tensor and replaces them, or only counts them where ``_update``'s
+        kernel reads them as no data.
         """
-        if x.is_cuda and self.nonfinite == "skip" and kernels.HAS_TRITON:
+        if (
+            x.is_cuda
+            and self.nonfinite == "skip"
+            and kernels.HAS_TRITON
+            and not self.host_nonfinite_check
+        ):
             from qcal_export.calibrators.kernels.nonfinite import nonfinite
 
             return nonfinite(x, None if self._skips_nonfinite(x) else self.nonfinite_fill)

@@ -181,9 +181,11 @@ def mse_sweep_(
 
 @triton.jit
 def _transpose_kernel(src, dst, num_groups, n, elem_stride, BG: tl.constexpr, BN: tl.constexpr):
-    """``dst[g, i] = src[g + i * elem_stride]``: tiles read along the groups, written along i."""
-    g = tl.program_id(0) * BG + tl.arange(0, BG)
-    i = tl.program_id(1) * BN + tl.arange(0, BN)
+    """``dst[g, i] = src[g + i * elem_stride]``: tiles read along the groups, written along i
+    (a 1-D grid, so that neither count of tiles meets a grid axis's limit)."""
+    tiles_n = tl.cdiv(n, BN)
+    g = (tl.program_id(0) // tiles_n) * BG + tl.arange(0, BG)
+    i = (tl.program_id(0) % tiles_n) * BN + tl.arange(0, BN)
     tile = tl.load(
         src + i[:, None].to(tl.int64) * elem_stride + g[None, :],
         mask=(i[:, None] < n) & (g[None, :] < num_groups),
@@ -196,7 +198,7 @@ def _rows(columns: torch.Tensor) -> torch.Tensor:
     """``columns`` ``[G, n]`` (``stride(0) == 1``: groups adjacent in memory) as row-major."""
     num_groups, n = columns.shape
     rows = torch.empty(num_groups, n, dtype=columns.dtype, device=columns.device)
-    grid = (triton.cdiv(num_groups, 64), triton.cdiv(n, 64))
+    grid = (triton.cdiv(num_groups, 64) * triton.cdiv(n, 64),)
     _transpose_kernel[grid](columns, rows, num_groups, n, columns.stride(1), BG=64, BN=64)
     return rows
 
