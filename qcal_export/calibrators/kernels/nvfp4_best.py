@@ -16,9 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcal_export.calibrators.kernels.nvfp4_prep import normalised_candidates, prepared_hessian
-from qcal_export.calibrators.kernels.nvfp4_ranges import _range_kernel
-from qcal_export.calibrators.kernels.nvfp4_sweep import (
+from qcal_export.calibrators.kernels.nvfp4_blocks import (
     PLAIN_TOLERANCE,
     RANGE_LIMIT,
     TOLERANCE,
@@ -30,6 +28,8 @@ from qcal_export.calibrators.kernels.nvfp4_sweep import (
     _track_best,
     _untracked,
 )
+from qcal_export.calibrators.kernels.nvfp4_prep import normalised_candidates, prepared_hessian
+from qcal_export.calibrators.kernels.nvfp4_ranges import _range_kernel
 
 BEST_WARPS = 2
 """Small tiles: a tile scores the union of its blocks' ranges."""

@@ -26,8 +26,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from qcal_export.calibrators.kernels.mse_sweep import _quotient
+from qcal_export.calibrators.kernels.nvfp4_blocks import _block_values, _loss_and_bound
 from qcal_export.calibrators.kernels.nvfp4_prep import normalised_candidates
-from qcal_export.calibrators.kernels.nvfp4_sweep import _block_values, _loss_and_bound
 from qcal_export.formats import FP8_SUBNORMAL_MIN, NVFP4Format
 
 WARPS = 4

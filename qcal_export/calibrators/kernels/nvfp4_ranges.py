@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from qcal_export.calibrators.kernels.nvfp4_sweep import (
+from qcal_export.calibrators.kernels.nvfp4_blocks import (
     _block_hessian,
     _block_values,
     _loss_and_bound,
