@@ -164,7 +164,9 @@ def calibrate_onnx(
     if report is not None:
         result.report_path = save_report(report, result.report)
     if strict and validation is not None and validation.issue is not None:
-        raise RuntimeMismatchError(f"--strict: {validation.issue.message}")
+        paths = (result.model_path, result.scales_path, result.report_path)
+        written = ", ".join(str(p) for p in paths if p) or "nothing asked"
+        raise RuntimeMismatchError(f"--strict: {validation.issue.summary}; written: {written}")
     return result
 
 

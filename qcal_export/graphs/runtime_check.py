@@ -185,6 +185,15 @@ class RuntimeIssue:
         )
 
     @property
+    def summary(self) -> str:
+        """Short: what ORT does to the model at its default level, and the optimizer at fault."""
+        what = "fails to run" if self.kind == "fails" else "miscomputes"
+        return (
+            f"{self.runtime} at its default graph optimizations {what} the quantized model "
+            f"({self.culprit})"
+        )
+
+    @property
     def culprit(self) -> str:
         if self.level is None:
             return "not reproduced on the first batch alone"

@@ -213,16 +213,7 @@ def _against_default(
     """The validation without diagnosis, and the first batch (feed, output names, float and
     reference outputs) to diagnose on."""
     device = sessions.providers[0]
-    validator = f"onnxruntime ({device}, optimizations off)"
-    try:
-        reference = sessions.open(Level.ORT_DISABLE_ALL)
-    except ORT_ERRORS as e:
-        raise ModelError(f"ONNX Runtime cannot load {name}: {one_line(e)}") from None
-    failure = None
-    try:
-        default = sessions.open()
-    except ORT_ERRORS as e:
-        default, failure = None, one_line(e)
+    reference, default, failure = _open_both(sessions, name)
     names = float_outputs(float_session)
     quantization = {n: RunningError() for n in names}
     deployed = {n: RunningError() for n in names}
@@ -247,6 +238,7 @@ def _against_default(
         for n, flt, ref, out in zip(names, floats, refs, outs, strict=True):
             deployed[n].add(flt, out)
             gap[n].add(ref, out)
+    validator = f"onnxruntime ({device}, optimizations off)"
     validation = Validation({n: e.summary() for n, e in quantization.items()}, validator)
     validation.runtime = f"onnxruntime ({device})"
     if failure is not None:
@@ -262,3 +254,18 @@ def _against_default(
     if off:
         validation.issue = RuntimeIssue("disagrees", validation.runtime, "; ".join(off[:2]))
     return validation, first
+
+
+def _open_both(
+    sessions: ModelSessions, name: str
+) -> tuple[ort.InferenceSession, ort.InferenceSession | None, str | None]:
+    """The reference session (ModelError naming ``name`` if it cannot load), and the default
+    one or ORT's reason why it cannot load."""
+    try:
+        reference = sessions.open(Level.ORT_DISABLE_ALL)
+    except ORT_ERRORS as e:
+        raise ModelError(f"ONNX Runtime cannot load {name}: {one_line(e)}") from None
+    try:
+        return reference, sessions.open(), None
+    except ORT_ERRORS as e:
+        return reference, None, one_line(e)
