@@ -77,6 +77,12 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scales-in", help="re-export from a saved scales file, no calibration")
     p.add_argument("--validate-batches", type=int, default=4, help="batches for the error check")
     p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 3 when ONNX Runtime's default optimizations fail on or miscompute the model "
+        "(outputs and report are still written)",
+    )
+    p.add_argument(
         "--state", help="file where calibrator state is saved every --state-every batches"
     )
     p.add_argument("--state-every", type=int, default=100, metavar="N", help="default 100")
@@ -232,6 +238,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         device_id=args.device_id,
         scales_in=args.scales_in,
         validate_batches=args.validate_batches,
+        strict=args.strict,
         state=args.state,
         state_every=args.state_every,
         resume=args.resume,
@@ -356,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.run(args)
     except QcalError as e:
         console.print(f"qcal: error: {e}", markup=False, highlight=False, soft_wrap=True)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         console.print("qcal: interrupted")
         return 130

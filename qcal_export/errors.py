@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class QcalError(Exception):
-    """Base of every error qcal_export raises on purpose; the CLI prints it in one line."""
+    """Base of every error qcal_export raises on purpose; the CLI prints it in one line and
+    exits with ``exit_code``."""
+
+    exit_code = 2
 
 
 class ModelError(QcalError):
@@ -29,3 +32,11 @@ class CalibrationError(QcalError):
 
 class OutputError(QcalError):
     """An output path cannot be written."""
+
+
+class RuntimeMismatchError(QcalError):
+    """Under ``strict``: ONNX Runtime at its default optimizations fails to run the written
+    model or computes it unlike its graph (the runtime is at fault, not the input); the outputs
+    and the report are written."""
+
+    exit_code = 3

@@ -28,13 +28,13 @@ from qcal_export.calibration import (
     relative_weight_errors,
 )
 from qcal_export.capture.data import DataSource, open_data
-from qcal_export.capture.onnxruntime import OrtCapture, open_session, select_providers
+from qcal_export.capture.onnxruntime import OrtCapture, select_providers
 from qcal_export.distributed import Ranks, ranks_from_env
-from qcal_export.errors import DataError, RecipeError
+from qcal_export.errors import DataError, RecipeError, RuntimeMismatchError
 from qcal_export.graphs.export import check_scales_match, export_qdq
 from qcal_export.graphs.model_io import LoadedModel, check_opset, load_model, save_model
 from qcal_export.graphs.targets import Plan, find_targets, name_nodes, tensor_types
-from qcal_export.graphs.validate import check_model, compare_outputs, reference_runner
+from qcal_export.graphs.validate import Validation, check_model, validate_outputs
 from qcal_export.recipe import Recipe
 from qcal_export.recipe_options import recipe_from_options
 from qcal_export.resume import StateFile
@@ -84,6 +84,7 @@ def calibrate_onnx(
     holdout_every: int = 5,
     view_batches: int = 4,
     smooth: float | None = None,
+    strict: bool = False,
     **options: Any,
 ) -> CalibrationResult:
     """Calibrate ``model`` on ``data`` and write the QDQ model, scales and report asked for.
@@ -105,6 +106,10 @@ def calibrate_onnx(
     batches (every ``holdout_every``-th batch, never calibrated on) meet that output error;
     implies ``layer_view``. ``smooth``: migrate activation outliers into the weights (SmoothQuant,
     this alpha) before calibrating.
+    Validation runs the QDQ model in ONNX Runtime at its default optimizations and with them off
+    (the reference); where the default fails or disagrees, a warning names the ORT optimizer at
+    fault and the report's ``validation`` section records it. ``strict``: then raise
+    RuntimeMismatchError (CLI exit code 3) once the outputs and the report are written.
     The input model file is never written.
     """
     recipe = recipe_from_options(recipe, options)
@@ -142,22 +147,26 @@ def calibrate_onnx(
         exported = export_qdq(
             run.loaded.proto, run.plan, found, recipe.weights_mode, recipe.nvfp4_form
         )
-    errors: dict[str, dict[str, float]] = {}
+    validation = None
     if run.source is not None and validate_batches > 0:
         with run.timed("validate_s"):
-            errors = _output_error(run, exported.model, validate_batches)
+            validation = _output_error(run, exported.model, validate_batches)
     if output is not None:
         result.model_path = save_model(
             exported.model, output, external_data=run.loaded.external_data
         )
     if scales is not None:
         result.scales_path = save_scales(scales, found, run.loaded.sha256)
-    result.report = {**build_report(run, found, exported, errors, result), **sections}
+    result.report = {**build_report(run, found, exported, validation, result), **sections}
     if analysis is not None:
         with run.timed("heldout_s"):
             result.report.update(analysis.report(run, exported.model, holdout))
     if report is not None:
         result.report_path = save_report(report, result.report)
+    if strict and validation is not None and validation.issue is not None:
+        paths = (result.model_path, result.scales_path, result.report_path)
+        written = ", ".join(str(p) for p in paths if p) or "nothing asked"
+        raise RuntimeMismatchError(f"--strict: {validation.issue.summary}; written: {written}")
     return result
 
 
@@ -347,14 +356,14 @@ def _capture_pass(run: Run, max_batches: int | None, progress: ProgressFactory |
     return capture
 
 
-def _output_error(
-    run: Run, exported: onnx.ModelProto, max_batches: int
-) -> dict[str, dict[str, float]]:
-    """Error of the QDQ model's outputs against the float model's, on the first batches.
-
-    ONNX Runtime runs the QDQ model unless it holds ops ORT lacks (FLOAT4E2M1, TensorRT's
-    custom ops): then the ONNX reference evaluator does; ``run.validator`` says which.
-    """
-    reference = open_session(run.loaded.path, run.providers, str(run.loaded.path))
-    candidate, run.validator = reference_runner(exported, run.providers)
-    return compare_outputs(reference, candidate, exported, run.source, max_batches)
+def _output_error(run: Run, exported: onnx.ModelProto, max_batches: int) -> Validation:
+    """Error of the QDQ model's outputs against the float model's, on the first batches: in ONNX
+    Runtime as users run it (default optimizations) and in a reference (optimizations off; the
+    ONNX reference evaluator for FLOAT4E2M1 and TensorRT's ops); ``run.validator`` names the
+    runner of the error users get."""
+    name = f"the quantized model of {run.loaded.path}"
+    validation = validate_outputs(
+        run.loaded.path, exported, run.providers, run.source, max_batches, name
+    )
+    run.validator = validation.output_validator
+    return validation

@@ -31,12 +31,7 @@ def print_summary(report: dict) -> None:
         )
     out.print(tensors)
     if report["output_error"]:
-        errors = Table(title=f"output error vs the float model ({report['validator']})")
-        for column in ("output", "max abs", "rel L2", "cosine"):
-            errors.add_column(column)
-        for name, e in report["output_error"].items():
-            errors.add_row(name, f"{e['max_abs']:.4g}", f"{e['rel_l2']:.4g}", f"{e['cosine']:.6f}")
-        out.print(errors)
+        print_output_error(out, report)
     opset = report["opset"]
     if opset["from"] != opset["to"]:
         out.print(f"opset raised from {opset['from']} to {opset['to']} for the chosen formats")
@@ -47,6 +42,25 @@ def print_summary(report: dict) -> None:
             out.print(f"wrote {report[key]}")
     for layout, path in report["checkpoints"].items():
         out.print(f"wrote the {layout} checkpoint {path}")
+
+
+def print_output_error(out: Console, report: dict) -> None:
+    """The output error users get, with the reference's relative L2 beside it where ONNX Runtime
+    ran the model at its default optimizations, and the runtime issue if any."""
+    validation = report.get("validation") or {}
+    reference = validation.get("reference") if validation.get("default") is not None else None
+    errors = Table(title=f"output error vs the float model ({report['validator']})")
+    columns = ["output", "max abs", "rel L2", "cosine"]
+    for column in columns + (["rel L2, optimizations off"] if reference else []):
+        errors.add_column(column)
+    for name, e in report["output_error"].items():
+        cells = [escape(name), f"{e['max_abs']:.4g}", f"{e['rel_l2']:.4g}", f"{e['cosine']:.6f}"]
+        errors.add_row(*cells, *([f"{reference[name]['rel_l2']:.4g}"] if reference else []))
+    out.print(errors)
+    issue = validation.get("runtime_issue")
+    if issue:
+        culprit = issue["optimizer"] or "optimizer not found"
+        out.print(f"runtime issue: ONNX Runtime {issue['kind']} ({culprit}): see the report")
 
 
 def print_layers(report: dict) -> None:

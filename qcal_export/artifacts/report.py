@@ -1,4 +1,4 @@
-"""The run report: what was quantized, how, what was noted, and the output error."""
+"""The run report: what was quantized, how, what was noted, and the validated output error."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from qcal_export.atomic import atomic_path
 
 if TYPE_CHECKING:
     from qcal_export.graphs.export import ExportResult
+    from qcal_export.graphs.validate import Validation
     from qcal_export.pipeline import CalibrationResult, Run
 
 
@@ -40,10 +41,15 @@ def build_report(
     run: Run,
     scales: dict[str, TensorScales],
     exported: ExportResult,
-    output_error: dict[str, dict[str, float]],
+    validation: Validation | None,
     result: CalibrationResult,
 ) -> dict[str, Any]:
-    """A JSON-able summary of one run."""
+    """A JSON-able summary of one run.
+
+    ``output_error`` is the error users get: ONNX Runtime at its default optimizations, or the
+    reference where ORT cannot run the model (``validator`` names which); ``validation`` holds
+    both figures and any runtime issue (None when no batch was validated).
+    """
     return {
         "model": str(run.loaded.path),
         "model_sha256": run.loaded.sha256,
@@ -61,7 +67,8 @@ def build_report(
         "tensors": [tensor_row(s, run.weight_errors) for s in scales.values()],
         "export_notes": exported.notes,
         "validator": run.validator or None,
-        "output_error": output_error,
+        "output_error": {} if validation is None else validation.output_error,
+        "validation": None if validation is None else validation.to_report(),
         "timings": run.timings,
         "versions": versions(),
     }

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from qcal_export.artifacts.scales import TensorScales
-from qcal_export.errors import ScalesError
+from qcal_export.errors import ModelError, ScalesError
 from qcal_export.formats import NVFP4Format, get_format
 from qcal_export.granularity import PerTensor
 from qcal_export.graphs.model_io import default_opset
@@ -17,6 +17,12 @@ from qcal_export.graphs.nvfp4 import (
     add_trt_domain,
     insert_activation_nvfp4,
     quantize_weight_nvfp4,
+)
+from qcal_export.graphs.ort_forms import (
+    ZERO_POINT_FREE_OPSET,
+    drop_zero_points,
+    fp8_after_relu,
+    shield_matmul_weights,
 )
 from qcal_export.graphs.qdq import (
     Names,
@@ -66,17 +72,26 @@ def export_qdq(
     """Edit ``model`` into its QDQ form, in place (a new proto if the opset converter ran).
 
     ``nvfp4_form``: "portable" (standard ops) or "tensorrt" (Model Optimizer's custom op for
-    NVFP4 activations, MatMul weights stored ``[N, K]``).
+    NVFP4 activations, MatMul weights stored ``[N, K]``). Where ONNX Runtime's default
+    optimizations miscompute the plain QDQ form, the same math is written in a form they run
+    (``ort_forms``; opset 21 for fp8 activations after a Relu), and the notes say so.
     """
     formats = [get_format(s.format) for s in scales.values()]
     float_types = {p.elem_type for p in plan.activations.values()}
     float_types |= {t.data_type for t in model.graph.initializer if t.name in plan.weights}
     granularities = [p.granularity for p in plan.weights.values()]
     opset_from = default_opset(model)
+    notes: list[str] = []
+    zero_point_free = fp8_after_relu(model.graph, plan)
+    if zero_point_free:
+        try:
+            model = raise_opset(model, ZERO_POINT_FREE_OPSET)
+        except ModelError as e:
+            zero_point_free = []
+            notes.append(f"fp8 activations after a Relu keep their zero points: {e}")
     model = raise_opset(model, required_opset(formats, granularities, float_types))
     graph = model.graph
     names = Names(graph)
-    notes = []
     for tensor, weight in plan.weights.items():
         q = scales[tensor].qparams()
         if isinstance(q.fmt, NVFP4Format):
@@ -89,6 +104,8 @@ def export_qdq(
             notes.append(insert_activation_nvfp4(graph, activation, q, names, nvfp4_form))
         else:
             insert_activation_qdq(graph, activation, q, names)
+    notes += drop_zero_points(graph, zero_point_free)
+    notes += shield_matmul_weights(graph, names)
     if any(node.domain == TRT_DOMAIN for node in graph.node):
         add_trt_domain(model)
     sort_nodes(graph)

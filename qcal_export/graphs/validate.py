@@ -1,28 +1,37 @@
-"""Validate a QDQ model: onnx's full checker, then ONNX Runtime (or, for what ORT cannot run,
-the ONNX reference evaluator) against the float model."""
+"""Validate a QDQ model: onnx's full checker, then its outputs against the float model's, as
+ONNX Runtime runs it by default and in a reference (ORT with graph optimizations off, or the ONNX
+reference evaluator for what ORT cannot run)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
-from onnx import TensorProto
-from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
 
 from qcal_export.capture.data import DataSource, feeds, model_inputs
-from qcal_export.capture.onnxruntime import open_session
+from qcal_export.capture.onnxruntime import ORT_ERRORS, open_session
 from qcal_export.errors import ModelError
-from qcal_export.formats import NVFP4
-from qcal_export.granularity import PerBlock
 from qcal_export.graphs.model_io import inference_view, over_protobuf_limit
-from qcal_export.graphs.nvfp4 import TRT_DOMAIN
+from qcal_export.graphs.reference import ReferenceRunner, needs_reference_evaluator
+from qcal_export.graphs.runtime_check import (
+    Level,
+    ModelSessions,
+    RuntimeIssue,
+    beyond_noise,
+    diagnose,
+    one_line,
+)
+
+log = logging.getLogger(__name__)
+
+EVALUATOR = "onnx.reference.ReferenceEvaluator"
 
 
 def check_model(model: onnx.ModelProto, name: str, *, full: bool, path: Path | None = None) -> None:
@@ -77,7 +86,7 @@ class RunningError:
 
 def compare_outputs(
     reference: ort.InferenceSession,
-    candidate: ort.InferenceSession | _ReferenceRunner,
+    candidate: ort.InferenceSession | ReferenceRunner,
     model: onnx.ModelProto,
     source: DataSource,
     max_batches: int,
@@ -98,7 +107,7 @@ def float_outputs(session: ort.InferenceSession) -> list[str]:
 
 def output_pairs(
     reference: ort.InferenceSession,
-    candidate: ort.InferenceSession | _ReferenceRunner,
+    candidate: ort.InferenceSession | ReferenceRunner,
     model: onnx.ModelProto,
     source: DataSource,
     max_batches: int | None = None,
@@ -110,75 +119,9 @@ def output_pairs(
         yield reference.run(names, feed), candidate.run(names, feed)
 
 
-class _TrtFP4DynamicQuantize(OpRun):
-    """``trt::TRT_FP4DynamicQuantize`` as TensorRT defines it: per block of ``block_size`` along
-    ``axis``, the FP8 scale ``fp8(block_amax / 6 / global_scale)`` and the E2M1 values of
-    ``x / (fp8_scale * global_scale)``. Outputs hold the values as float32."""
-
-    op_domain = TRT_DOMAIN
-
-    def _run(self, x, global_scale, axis=-1, block_size=16, scale_type=None):
-        granularity = PerBlock(axis, block_size)
-        values = torch.from_numpy(np.array(x, dtype=np.float32))
-        scale = torch.as_tensor(np.array(global_scale, dtype=np.float32)).reshape(())
-        shape = tuple(values.shape)
-        block_amax = granularity.unflatten(
-            granularity.groups(values).abs().amax(-1), granularity.stat_shape(shape)
-        )
-        block_scales = NVFP4.block_scales(block_amax, scale)
-        effective = granularity.expand(NVFP4.effective_scales(block_scales, scale), shape)
-        codes = NVFP4.round_e2m1(values / effective)
-        return codes.numpy(), block_scales.float().numpy()
-
-
-class _TrtDequantizeLinear(OpRun):
-    """``trt::DequantizeLinear``: ``x * scale``, the scale per tensor or per block."""
-
-    op_domain = TRT_DOMAIN
-
-    def _run(self, x, scale, axis=None, block_size=None):
-        values = torch.from_numpy(np.array(x, dtype=np.float32))
-        scale_t = torch.from_numpy(np.array(scale, dtype=np.float32))
-        if block_size:
-            scale_t = PerBlock(axis, block_size).expand(scale_t, tuple(values.shape))
-        return ((values * scale_t).numpy(),)
-
-
-_TRT_DEQUANTIZE = "TRT_DequantizeLinear"
-TRT_OPS = [
-    type(op_type, (implementation,), {})  # the evaluator matches a class by its name
-    for op_type, implementation in (
-        ("TRT_FP4DynamicQuantize", _TrtFP4DynamicQuantize),
-        (_TRT_DEQUANTIZE, _TrtDequantizeLinear),
-    )
-]
-
-
-class _ReferenceRunner:
-    """The ONNX reference evaluator behind ORT's ``run(names, feed)`` interface.
-
-    The evaluator finds custom ops by name alone, so ``trt::DequantizeLinear`` is renamed in
-    the copy it runs, to keep the default-domain DequantizeLinear its own.
-    """
-
-    def __init__(self, model: onnx.ModelProto):
-        if any(node.domain == TRT_DOMAIN for node in model.graph.node):
-            model = onnx.ModelProto.FromString(model.SerializeToString())
-            for node in model.graph.node:
-                if node.domain == TRT_DOMAIN and node.op_type == "DequantizeLinear":
-                    node.op_type = _TRT_DEQUANTIZE
-        self._evaluator = ReferenceEvaluator(model, new_ops=TRT_OPS)
-
-    def run(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self._evaluator.run(names, feed)
-
-
-ORT_UNSUPPORTED_TYPES = {TensorProto.FLOAT4E2M1}
-
-
 def reference_runner(
     model: onnx.ModelProto, providers: list[str]
-) -> tuple[ort.InferenceSession | _ReferenceRunner, str]:
+) -> tuple[ort.InferenceSession | ReferenceRunner, str]:
     """A runner for the quantized model and the validator's name.
 
     ONNX Runtime where it has kernels for every op; the ONNX reference evaluator for FLOAT4E2M1
@@ -186,19 +129,143 @@ def reference_runner(
     documents them).
     """
     if needs_reference_evaluator(model):
-        return _ReferenceRunner(model), "onnx.reference.ReferenceEvaluator"
+        return ReferenceRunner(model), EVALUATOR
     return open_session(model, providers, "the quantized model"), f"onnxruntime ({providers[0]})"
 
 
-def needs_reference_evaluator(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` holds types or ops ONNX Runtime cannot run (FP4, TensorRT's ops)."""
-    graph = model.graph
-    if any(t.data_type in ORT_UNSUPPORTED_TYPES for t in graph.initializer):
-        return True
-    for node in graph.node:
-        if node.domain == TRT_DOMAIN:
-            return True
-        output_dtype = next((a.i for a in node.attribute if a.name == "output_dtype"), None)
-        if output_dtype in ORT_UNSUPPORTED_TYPES:
-            return True
-    return False
+Errors = dict[str, dict[str, float]]
+
+
+@dataclass
+class Validation:
+    """The QDQ model's output error against the float model's, per graph output: in the
+    reference (``validator``: ORT with graph optimizations off, or the ONNX reference evaluator)
+    and as ORT runs it by default (``runtime``; ``default`` is None where ORT cannot run the
+    model's types or failed: ``issue`` says how)."""
+
+    reference: Errors
+    validator: str
+    default: Errors | None = None
+    runtime: str | None = None
+    issue: RuntimeIssue | None = None
+
+    @property
+    def output_error(self) -> Errors:
+        """What users get: the default session's error, else the reference's."""
+        return self.reference if self.default is None else self.default
+
+    @property
+    def output_validator(self) -> str:
+        """The runner of ``output_error``."""
+        return self.validator if self.default is None or self.runtime is None else self.runtime
+
+    def to_report(self) -> dict[str, Any]:
+        return {
+            "validator": self.validator,
+            "reference": self.reference,
+            "runtime": self.runtime,
+            "default": self.default,
+            "runtime_issue": None if self.issue is None else self.issue.to_report(),
+        }
+
+
+def validate_outputs(
+    float_model: Path,
+    model: onnx.ModelProto,
+    providers: list[str],
+    source: DataSource,
+    max_batches: int,
+    name: str = "the quantized model",
+) -> Validation:
+    """``model``'s outputs against ``float_model``'s on the first ``max_batches`` batches, in
+    ORT at its default level and with optimizations off (one pass over the batches).
+
+    Where the default session fails, or disagrees with the reference beyond float noise
+    (``runtime_check.beyond_noise``), one warning says so and names the ORT optimizer at fault;
+    a reference that cannot run is a ModelError naming ``name``. Models with types or ops ORT
+    has no kernels for (FP4, TensorRT's) run in the ONNX reference evaluator alone.
+    """
+    float_session = open_session(float_model, providers, str(float_model))
+    if needs_reference_evaluator(model):
+        runner = ReferenceRunner(model)
+        return Validation(
+            compare_outputs(float_session, runner, model, source, max_batches), EVALUATOR
+        )
+    with ModelSessions(model, providers) as sessions:
+        validation, first = _against_default(
+            sessions, float_session, model, source, max_batches, name
+        )
+        if validation.issue is not None:
+            if first is not None:
+                diagnose(sessions, *first, validation.issue)
+            log.warning("%s", validation.issue.message)
+    return validation
+
+
+def _against_default(
+    sessions: ModelSessions,
+    float_session: ort.InferenceSession,
+    model: onnx.ModelProto,
+    source: DataSource,
+    max_batches: int,
+    name: str,
+) -> tuple[Validation, tuple | None]:
+    """The validation without diagnosis, and the first batch (feed, output names, float and
+    reference outputs) to diagnose on."""
+    device = sessions.providers[0]
+    reference, default, failure = _open_both(sessions, name)
+    names = float_outputs(float_session)
+    quantization = {n: RunningError() for n in names}
+    deployed = {n: RunningError() for n in names}
+    gap = {n: RunningError() for n in names}
+    first = None
+    for feed in feeds(source, model_inputs(model), max_batches):
+        floats = float_session.run(names, feed)
+        try:
+            refs = reference.run(names, feed)
+        except ORT_ERRORS as e:
+            raise ModelError(f"ONNX Runtime cannot run {name}: {one_line(e)}") from None
+        first = first or (feed, names, floats, refs)
+        for n, flt, ref in zip(names, floats, refs, strict=True):
+            quantization[n].add(flt, ref)
+        if default is None:
+            continue
+        try:
+            outs = default.run(names, feed)
+        except ORT_ERRORS as e:
+            default, failure = None, one_line(e)
+            continue
+        for n, flt, ref, out in zip(names, floats, refs, outs, strict=True):
+            deployed[n].add(flt, out)
+            gap[n].add(ref, out)
+    validator = f"onnxruntime ({device}, optimizations off)"
+    validation = Validation({n: e.summary() for n, e in quantization.items()}, validator)
+    validation.runtime = f"onnxruntime ({device})"
+    if failure is not None:
+        validation.issue = RuntimeIssue("fails", validation.runtime, "", error=failure)
+        return validation, first
+    validation.default = {n: e.summary() for n, e in deployed.items()}
+    off = [
+        f"output {n!r} rel L2 {validation.default[n]['rel_l2']:.3g}, "
+        f"{validation.reference[n]['rel_l2']:.3g} with optimizations off"
+        for n in names
+        if beyond_noise(gap[n].diff_sq, quantization[n].diff_sq, quantization[n].cand_sq)
+    ]
+    if off:
+        validation.issue = RuntimeIssue("disagrees", validation.runtime, "; ".join(off[:2]))
+    return validation, first
+
+
+def _open_both(
+    sessions: ModelSessions, name: str
+) -> tuple[ort.InferenceSession, ort.InferenceSession | None, str | None]:
+    """The reference session (ModelError naming ``name`` if it cannot load), and the default
+    one or ORT's reason why it cannot load."""
+    try:
+        reference = sessions.open(Level.ORT_DISABLE_ALL)
+    except ORT_ERRORS as e:
+        raise ModelError(f"ONNX Runtime cannot load {name}: {one_line(e)}") from None
+    try:
+        return reference, sessions.open(), None
+    except ORT_ERRORS as e:
+        return reference, None, one_line(e)
