@@ -18,7 +18,7 @@ from qcal_export.errors import OutputError
 
 
 def check_writable(path: str | Path, what: str) -> Path:
-    """``path`` resolved; OutputError naming it if its directory is missing or not writable."""
+    """``path`` as a Path; OutputError naming it if its directory is missing or not writable."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():

@@ -149,7 +149,9 @@ def save_model(
     """
     path = check_writable(path, "output model")
     external_data = external_data or over_protobuf_limit(model)
-    old_data = _own_data_files(path) - {Path(f).resolve() for f in keep}
+    old_data = _own_data_files(path)
+    if old_data:
+        old_data -= {Path(f).resolve() for f in keep}
     placed: Path | None = None
     try:
         with (
@@ -158,7 +160,7 @@ def save_model(
             write_errors(path),
         ):
             mode = tmp.stat().st_mode & 0o777
-            data = _write_data(model, staging, path.name, mode) if external_data else None
+            data = _write_data(model, staging, path, mode) if external_data else None
             _step("data_written")
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
@@ -170,6 +172,7 @@ def save_model(
             if data is not None:
                 placed = path.parent / data.name
                 os.replace(data, placed)
+                fsync(path.parent)
                 _step("data_placed")
     except BaseException:
         if placed is not None:
@@ -199,12 +202,12 @@ def external_data_files(path: str | Path) -> list[Path]:
     return files
 
 
-def _write_data(model: onnx.ModelProto, folder: Path, name: str, mode: int) -> Path | None:
-    """Move ``model``'s tensors of 1 KiB or more to ``folder/<name>.<token>.data`` (a name
-    unused beside the output too); None when every tensor is smaller and stays inline."""
+def _write_data(model: onnx.ModelProto, folder: Path, path: Path, mode: int) -> Path | None:
+    """Move ``model``'s tensors of 1 KiB or more to ``folder/<name>.<token>.data``, a name
+    unused beside the output ``path`` too; None when every tensor is smaller (all inline)."""
     while True:
-        data_name = f"{name}.{secrets.token_hex(6)}.data"
-        if not (folder.parent / data_name).exists():
+        data_name = f"{path.name}.{secrets.token_hex(6)}.data"
+        if not (path.parent / data_name).exists():
             break
     convert_model_to_external_data(
         model, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
