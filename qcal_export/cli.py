@@ -205,17 +205,15 @@ def method_option(text: str) -> tuple[str, float]:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from qcal_export.pipeline import calibrate_onnx
-    from qcal_export.recipe import load_recipe
     from qcal_export.summary import print_layers, print_summary
 
-    recipe = load_recipe(args.recipe) if args.recipe else None
     result = calibrate_onnx(
         args.model,
         args.data,
         output=args.output,
         scales=args.scales,
         report=args.report,
-        recipe=recipe,
+        recipe=args.recipe,
         format=args.format,
         method=args.method,
         weight_method=args.weight_method,

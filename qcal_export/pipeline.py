@@ -32,10 +32,17 @@ from qcal_export.capture.onnxruntime import OrtCapture, select_providers
 from qcal_export.distributed import Ranks, ranks_from_env
 from qcal_export.errors import DataError, RecipeError, RuntimeMismatchError
 from qcal_export.graphs.export import check_scales_match, export_qdq
-from qcal_export.graphs.model_io import LoadedModel, check_opset, load_model, save_model
+from qcal_export.graphs.model_io import (
+    LoadedModel,
+    check_opset,
+    external_data_files,
+    load_model,
+    save_model,
+)
 from qcal_export.graphs.targets import Plan, find_targets, name_nodes, tensor_types
 from qcal_export.graphs.validate import Validation, check_model, validate_outputs
-from qcal_export.recipe import Recipe
+from qcal_export.paths import check_paths
+from qcal_export.recipe import Recipe, load_recipe
 from qcal_export.recipe_options import recipe_from_options
 from qcal_export.resume import StateFile
 
@@ -65,7 +72,7 @@ def calibrate_onnx(
     output: str | Path | None = None,
     scales: str | Path | None = None,
     report: str | Path | None = None,
-    recipe: Recipe | None = None,
+    recipe: Recipe | str | Path | None = None,
     batch_size: int | None = None,
     max_batches: int | None = None,
     provider: str = "auto",
@@ -90,10 +97,10 @@ def calibrate_onnx(
     """Calibrate ``model`` on ``data`` and write the QDQ model, scales and report asked for.
 
     ``data``: a .npz file, a directory of .npz/.npy, an iterable of {input: array} dicts or an
-    ORT CalibrationDataReader. With ``scales_in`` the scales come from that file instead
-    (``data`` then only serves validation). ``options`` build the recipe when none is given
-    (``format``, ``method``, ``weight_method``, ``block_size``, ...: see
-    ``recipe_options.build_recipe``).
+    ORT CalibrationDataReader. ``recipe``: a Recipe, or a YAML/JSON recipe file to load. With
+    ``scales_in`` the scales come from that file instead (``data`` then only serves
+    validation). ``options`` build the recipe when none is given (``format``, ``method``,
+    ``weight_method``, ``block_size``, ...: see ``recipe_options.build_recipe``).
     ``device_id``: the GPU that captures under the CUDA EP (activations stay on it).
     ``checkpoint``: a directory for NVFP4 serving checkpoints, one subdirectory per layout.
     ``state``: a file where calibrator state is saved every ``state_every`` batches; with
@@ -110,15 +117,28 @@ def calibrate_onnx(
     (the reference); where the default fails or disagrees, a warning names the ORT optimizer at
     fault and the report's ``validation`` section records it. ``strict``: then raise
     RuntimeMismatchError (CLI exit code 3) once the outputs and the report are written.
-    The input model file is never written.
+    No input (the model, its external data, the data, ``scales_in``, the recipe file) is ever
+    written: an output on one of them, or on another output, is refused before anything runs.
     """
-    recipe = recipe_from_options(recipe, options)
-    _check_request(recipe, output, scales, report, checkpoint, checkpoint_layouts)
+    recipe_file = recipe if isinstance(recipe, (str, Path)) else None
+    recipe = recipe_from_options(load_recipe(recipe_file) if recipe_file else recipe, options)
     accuracy = Accuracy(
         layer_view, target_from(target_cosine, target_rel_l2), holdout_every, view_batches, smooth
     )
     accuracy.check(scales_in)
     run = _plan(model, recipe, data, batch_size, provider)
+    reads = _check_request(
+        run,
+        checkpoint_layouts,
+        data=data,
+        recipe=recipe_file,
+        scales_in=scales_in,
+        output=output,
+        scales=scales,
+        report=report,
+        state=state,
+        checkpoint=checkpoint,
+    )
     run.device_id = device_id
     run.ranks = ranks_from_env(cuda="CUDAExecutionProvider" in run.providers)
     if run.ranks.world > 1:
@@ -153,7 +173,7 @@ def calibrate_onnx(
             validation = _output_error(run, exported.model, validate_batches)
     if output is not None:
         result.model_path = save_model(
-            exported.model, output, external_data=run.loaded.external_data
+            exported.model, output, external_data=run.loaded.external_data, keep=reads
         )
     if scales is not None:
         result.scales_path = save_scales(scales, found, run.loaded.sha256)
@@ -186,18 +206,28 @@ def _shard(run: Run, accuracy: Accuracy, state: str | Path | None, resume: bool)
         run.device_id = int(os.environ.get("LOCAL_RANK", run.device_id))
 
 
-def _check_request(recipe, output, scales, report, checkpoint, checkpoint_layouts) -> None:
-    """Refuse what cannot be written before anything runs; warn about torch-only fields."""
-    torch_only = [k for k in ("output", "module_types", "modules") if getattr(recipe, k)]
+def _check_request(run: Run, checkpoint_layouts: tuple[str, ...], **paths: Any) -> frozenset[Path]:
+    """Refuse what cannot be written, or would land on an input or another output, before
+    anything runs; warn about torch-only fields. Returns the files read (no write removes them).
+    """
+    torch_only = [k for k in ("output", "module_types", "modules") if getattr(run.recipe, k)]
     if torch_only:
         log.warning(
             "recipe fields %s apply to torch models only; the ONNX run ignores them", torch_only
         )
-    for path, what in ((output, "output model"), (scales, "scales file"), (report, "report")):
-        if path is not None:
-            check_writable(path, what)
-    if checkpoint is not None:
-        check_checkpoint_dir(checkpoint, checkpoint_layouts)
+    outputs = {"output": "output model", "scales": "scales file", "report": "report"}
+    for key, what in {**outputs, "state": "state file"}.items():
+        if paths[key] is not None:
+            check_writable(paths[key], what)
+    if paths["checkpoint"] is not None:
+        check_checkpoint_dir(paths["checkpoint"], checkpoint_layouts)
+    model_data = external_data_files(run.loaded.path) if run.loaded.external_data else []
+    return check_paths(
+        model=run.loaded.path,
+        model_data=model_data,
+        checkpoint_layouts=checkpoint_layouts,
+        **paths,
+    )
 
 
 def _identity(run: Run, max_batches: int | None, batch_size: int | None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ scales equal those of a run that was never interrupted (the data must come in th
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from qcal_export.atomic import atomic_path, check_writable
+from qcal_export.atomic import check_writable, write_file
 from qcal_export.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,9 @@ class StateFile:
             "first_pass": self._first_pass if pass_number == 2 else {},
             "first_pass_batches": self._first_pass_batches,
         }
-        with atomic_path(self.path, "state file") as tmp:
-            torch.save(state, tmp)
+        buffer = io.BytesIO()  # torch.save reports a full disk as a bare RuntimeError
+        torch.save(state, buffer)
+        write_file(self.path, buffer.getvalue(), "state file")
 
     def finish(self) -> None:
         """The run completed: the state file is no longer needed."""

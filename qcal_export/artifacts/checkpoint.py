@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from qcal_export.atomic import atomic_path
+from qcal_export.atomic import atomic_path, write_file
 from qcal_export.errors import OutputError, ScalesError
 from qcal_export.formats import E2M1_VALUES, NVFP4, pack_nibbles, unpack_nibbles
 
@@ -202,11 +202,11 @@ def write_nvfp4_checkpoint(
     files = form.quant_configs([layer.name for layer in layers], w4a4, list(ignore))
     files[CONFIG_FILE] = {**(base_config or {}), "quantization_config": files[CONFIG_FILE]}
     folder = _make_directory(directory)
-    with atomic_path(folder / WEIGHTS_FILE, "checkpoint weights") as tmp:
+    weights = folder / WEIGHTS_FILE
+    with atomic_path(weights, "checkpoint weights", failures=(OSError, SafetensorError)) as tmp:
         save_file(_storable(tensors | extra), str(tmp), metadata={"format": "pt"})
     for file_name, content in files.items():
-        with atomic_path(folder / file_name, "checkpoint config") as tmp:
-            tmp.write_text(json.dumps(content, indent=2) + "\n")
+        write_file(folder / file_name, json.dumps(content, indent=2) + "\n", "checkpoint config")
     if HF_QUANT_CONFIG_FILE not in files:
         (folder / HF_QUANT_CONFIG_FILE).unlink(missing_ok=True)  # a stale ModelOpt marker
     return folder

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qcal_export.artifacts.scales import TensorScales, versions
-from qcal_export.atomic import atomic_path
+from qcal_export.atomic import write_file
 
 if TYPE_CHECKING:
     from qcal_export.graphs.export import ExportResult
@@ -75,6 +75,4 @@ def build_report(
 
 
 def save_report(path: str | Path, report: dict[str, Any]) -> Path:
-    with atomic_path(path, "report") as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-    return Path(path)
+    return write_file(path, json.dumps(report, indent=2) + "\n", "report")

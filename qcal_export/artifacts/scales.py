@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from qcal_export.atomic import atomic_path
+from qcal_export.atomic import write_file
 from qcal_export.errors import ScalesError
 from qcal_export.formats import NVFP4, get_format
 from qcal_export.granularity import Granularity, granularity_from_dict
@@ -113,13 +113,10 @@ def save_scales(path: str | Path, scales: dict[str, TensorScales], model_sha256:
         "versions": versions(),
         "tensors": entries,
     }
-    with atomic_path(path, "scales file") as tmp:
-        save_file(
-            {k: v.cpu() for k, v in tensors.items()},
-            str(tmp),
-            metadata={"qcal_export": json.dumps(header)},
-        )
-    return Path(path)
+    content = save(
+        {k: v.cpu() for k, v in tensors.items()}, metadata={"qcal_export": json.dumps(header)}
+    )
+    return write_file(path, content, "scales file")
 
 
 def load_scales(path: str | Path) -> tuple[dict[str, TensorScales], dict[str, Any]]:

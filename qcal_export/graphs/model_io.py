@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-from collections.abc import Iterator
+import re
+import secrets
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
 from onnx import helper
+from onnx.external_data_helper import convert_model_to_external_data, write_external_data_tensors
 
-from qcal_export.atomic import atomic_dir, check_writable
-from qcal_export.errors import ModelError, OutputError
+from qcal_export.atomic import atomic_dir, atomic_path, check_writable, fsync, write_errors
+from qcal_export.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 PROTOBUF_LIMIT = 2**31 - 1
 """A serialized ModelProto cannot exceed 2 GB: larger models must keep external data."""
@@ -118,39 +124,119 @@ def load_model(path: str | Path) -> LoadedModel:
     return LoadedModel(proto, path, file_sha256(path), external)
 
 
-def save_model(model: onnx.ModelProto, path: str | Path, *, external_data: bool) -> Path:
-    """Write ``model`` atomically; with ``external_data`` its tensors go to ``<name>.data``.
+SAVE_STEPS: list[Callable[[str], None]] = []
+"""Called with the name of each step ``save_model`` completes, in order: ``data_written``,
+``model_staged``, ``data_placed``, ``model_placed``, ``old_data_removed`` (the interrupted-write
+tests kill the writer at each)."""
 
-    Models over 2 GB always get external data. The model file is renamed into place last, so
-    a reader never sees a model whose data file is missing or torn; ``model`` is left as given.
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | Path,
+    *,
+    external_data: bool,
+    keep: Collection[Path] = (),
+) -> Path:
+    """Write ``model`` atomically; with ``external_data`` its tensors go to a data file of its own.
+
+    The data file, ``<name>.<token>.data``, has a name no earlier write used: it is written in a
+    temporary folder and moved beside the model, whose file is renamed into place last, so at
+    every instant ``path`` is the old model with its old data or the new one with its new data.
+    Only then are the old model's data files removed: those a save_model named
+    (``<name>.data``, ``<name>.<token>.data``), never one in ``keep`` (the files a run reads).
+    Models over 2 GB always get external data; ``model`` is left as given (when the write
+    succeeds).
     """
     path = check_writable(path, "output model")
     external_data = external_data or over_protobuf_limit(model)
-    with atomic_dir(path.parent) as tmp:
-        staged = tmp / path.name
-        data_name = f"{path.name}.data"
-        try:
-            onnx.save_model(
-                model,
-                str(staged),
-                save_as_external_data=external_data,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-            if external_data:
-                # save_model moved the tensors out of ``model``: read them back in.
-                onnx.load_external_data_for_model(model, str(tmp))
+    old_data = _own_data_files(path)
+    if old_data:
+        old_data -= {Path(f).resolve() for f in keep}
+    placed: Path | None = None
+    try:
+        with (
+            atomic_path(path, "output model") as tmp,
+            atomic_dir(path.parent) as staging,
+            write_errors(path),
+        ):
+            mode = tmp.stat().st_mode & 0o777
+            data = _write_data(model, staging, path, mode) if external_data else None
+            _step("data_written")
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString())
+            if external_data:  # the tensors went to the data file: read them back in
+                onnx.load_external_data_for_model(model, str(staging))
                 for tensor in _tensors(model.graph):
                     tensor.ClearField("data_location")
-            if (tmp / data_name).exists():
-                # onnx creates the data file 0600; give it the model file's (umask) mode
-                os.chmod(tmp / data_name, staged.stat().st_mode & 0o777)
-                os.replace(tmp / data_name, path.parent / data_name)
-            os.replace(staged, path)
+            _step("model_staged")
+            if data is not None:
+                placed = path.parent / data.name
+                os.replace(data, placed)
+                fsync(path.parent)
+                _step("data_placed")
+    except BaseException:
+        if placed is not None:
+            placed.unlink(missing_ok=True)
+        raise
+    _step("model_placed")
+    for stale in sorted(old_data):
+        try:
+            stale.unlink(missing_ok=True)
         except OSError as e:
-            raise OutputError(f"cannot write {path}: {e}") from None
+            log.warning("cannot remove %s, the old data file of %s: %s", stale, path, e.strerror)
+    _step("old_data_removed")
     return path
+
+
+def external_data_files(path: str | Path) -> list[Path]:
+    """The files the tensors of the ONNX model at ``path`` keep their data in (beside it)."""
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    files: list[Path] = []
+    for tensor in _tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if location and path.parent / location not in files:
+            files.append(path.parent / location)
+    return files
+
+
+def _write_data(model: onnx.ModelProto, folder: Path, path: Path, mode: int) -> Path | None:
+    """Move ``model``'s tensors of 1 KiB or more to ``folder/<name>.<token>.data``, a name
+    unused beside the output ``path`` too; None when every tensor is smaller (all inline)."""
+    while True:
+        data_name = f"{path.name}.{secrets.token_hex(6)}.data"
+        if not (path.parent / data_name).exists():
+            break
+    convert_model_to_external_data(
+        model, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
+    )
+    write_external_data_tensors(model, str(folder))
+    data = folder / data_name
+    if not data.exists():
+        return None
+    os.chmod(data, mode)  # onnx creates it 0600: give it the mode of every other output
+    fsync(data)
+    return data
+
+
+def _own_data_files(path: Path) -> set[Path]:
+    """The data files of the model now at ``path`` (resolved) named as save_model names them."""
+    pattern = re.compile(re.escape(path.name) + r"(\.[0-9a-f]{12})?\.data")
+    named = {p.resolve() for p in path.parent.iterdir() if pattern.fullmatch(p.name)}
+    if not named or not path.is_file():
+        return set()
+    try:
+        referenced = {f.resolve() for f in external_data_files(path)}
+    except Exception:  # an unreadable old output: leave every file as it is
+        return set()
+    return named & referenced
+
+
+def _step(name: str) -> None:
+    for hook in SAVE_STEPS:
+        hook(name)
 
 
 def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

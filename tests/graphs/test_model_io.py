@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import sys
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from full_disk import run_with_file_limit
 from onnx import TensorProto, helper, numpy_helper
 
 from qcal_export.errors import ModelError, OutputError
@@ -164,20 +167,29 @@ def test_save_model_inline_writes_one_complete_file(tmp_path):
     assert_same_weights(loaded.proto, model)
 
 
-def test_save_model_with_external_data_writes_name_dot_data(tmp_path):
-    path = tmp_path / "out.onnx"
-    save_model(make_model(), path, external_data=True)
-    assert sorted(os.listdir(tmp_path)) == ["out.onnx", "out.onnx.data"]
-    assert (tmp_path / "out.onnx.data").stat().st_size >= 64 * 32 * 4
-    assert path.stat().st_size < 64 * 32 * 4  # w went to the data file
+def data_files(folder) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if name.endswith(".data"))
+
+
+def locations(path) -> set[str]:
     raw = onnx.load(str(path), load_external_data=False)
-    locations = {
-        t.name: {e.key: e.value for e in t.external_data}.get("location")
+    return {
+        {e.key: e.value for e in t.external_data}["location"]
         for t in raw.graph.initializer
         if t.data_location == TensorProto.EXTERNAL
     }
-    assert locations.get("w") == "out.onnx.data"  # relative, beside the model
-    data_mode = (tmp_path / "out.onnx.data").stat().st_mode & 0o777
+
+
+def test_save_model_with_external_data_writes_a_data_file_of_its_own(tmp_path):
+    path = tmp_path / "out.onnx"
+    save_model(make_model(), path, external_data=True)
+    [data] = data_files(tmp_path)
+    assert re.fullmatch(r"out\.onnx\.[0-9a-f]{12}\.data", data)
+    assert sorted(os.listdir(tmp_path)) == sorted(["out.onnx", data])  # no temporary left
+    assert (tmp_path / data).stat().st_size >= 64 * 32 * 4
+    assert path.stat().st_size < 64 * 32 * 4  # w went to the data file
+    assert locations(path) == {data}  # relative, beside the model
+    data_mode = (tmp_path / data).stat().st_mode & 0o777
     assert data_mode == path.stat().st_mode & 0o777  # readable as the model is, not 0600
     loaded = load_model(path)
     assert loaded.external_data is True
@@ -200,37 +212,87 @@ def test_save_model_leaves_the_callers_model_unchanged(tmp_path):
 
 
 def test_save_model_with_external_data_and_only_small_tensors(tmp_path):
-    """Exposes a bug: model_io.py save_model passes ``size_threshold=1024`` to onnx, which then
-    writes no data file when every tensor is smaller, and ``os.replace(tmp / data_name, ...)``
-    (line 89) raises FileNotFoundError. load_model reports external_data=True for any model
-    saved with external data, so the pipeline hits this for small models saved that way."""
+    """Every tensor under 1 KiB stays inline: no data file, nothing left behind."""
     path = tmp_path / "small.onnx"
-    save_model(make_model(k=4, n=3), path, external_data=True)  # every tensor under 1 KiB
-    leftovers = set(os.listdir(tmp_path)) - {"small.onnx", "small.onnx.data"}
-    assert leftovers == set()
+    save_model(make_model(k=4, n=3), path, external_data=True)
+    assert os.listdir(tmp_path) == ["small.onnx"]
     assert_same_weights(load_model(path).proto, make_model(k=4, n=3))
 
 
-def test_save_model_replaces_an_existing_model_and_its_data(tmp_path):
+def test_save_model_replaces_an_existing_model_and_removes_its_old_data(tmp_path):
     path = tmp_path / "out.onnx"
     save_model(make_model(seed=1), path, external_data=True)
+    [first] = data_files(tmp_path)
     save_model(make_model(seed=2), path, external_data=True)
-    assert sorted(os.listdir(tmp_path)) == ["out.onnx", "out.onnx.data"]
+    [second] = data_files(tmp_path)
+    assert second != first and locations(path) == {second}
+    assert sorted(os.listdir(tmp_path)) == sorted(["out.onnx", second])
     assert_same_weights(load_model(path).proto, make_model(seed=2))
     save_model(make_model(seed=1), path, external_data=False)
+    assert os.listdir(tmp_path) == ["out.onnx"]
     assert_same_weights(load_model(path).proto, make_model(seed=1))
 
 
-def test_save_model_failure_leaves_no_model_and_no_temporaries(tmp_path):
-    """The data file cannot be renamed into place (a folder has its name): the model file is
-    never written, and the temporary folder is gone."""
+def test_save_model_removes_only_the_old_models_own_data_files(tmp_path):
+    """The old output's ``out.onnx.data`` (as earlier releases named it) goes; a data file it
+    references under another name, a file in ``keep`` and unreferenced look-alikes stay."""
+    path = tmp_path / "out.onnx"
+    onnx.save_model(
+        make_model(seed=1), str(path), save_as_external_data=True, location="out.onnx.data"
+    )
+    save_model(make_model(seed=2), path, external_data=True)
+    [written] = data_files(tmp_path)
+    assert written != "out.onnx.data"
+    (tmp_path / written).unlink()  # the next old model is onnx's
+
+    onnx.save_model(make_model(seed=1), str(path), save_as_external_data=True, location="w.bin")
+    stray = tmp_path / "out.onnx.0123456789ab.data"
+    stray.write_bytes(b"not referenced")
+    save_model(make_model(seed=2), path, external_data=False)
+    assert sorted(os.listdir(tmp_path)) == ["out.onnx", stray.name, "w.bin"]
+
+    onnx.save_model(
+        make_model(seed=1), str(path), save_as_external_data=True, location="out.onnx.data"
+    )
+    before = sha256(tmp_path / "out.onnx.data")
+    save_model(make_model(seed=2), path, external_data=False, keep=[tmp_path / "out.onnx.data"])
+    assert sha256(tmp_path / "out.onnx.data") == before
+    assert_same_weights(load_model(path).proto, make_model(seed=2))
+
+
+def test_save_model_leaves_a_folder_with_the_old_data_name_alone(tmp_path):
     (tmp_path / "out.onnx.data").mkdir()
     (tmp_path / "out.onnx.data" / "keep").write_text("x")
     path = tmp_path / "out.onnx"
-    with pytest.raises((OutputError, OSError)):
-        save_model(make_model(), path, external_data=True)
-    assert sorted(os.listdir(tmp_path)) == ["out.onnx.data"]
+    save_model(make_model(), path, external_data=True)
     assert os.listdir(tmp_path / "out.onnx.data") == ["keep"]
+    assert_same_weights(load_model(path).proto, make_model())
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE")
+@pytest.mark.parametrize("external_data", [True, False], ids=["external-data", "inline"])
+def test_save_model_on_a_full_disk_names_the_file_and_keeps_the_old_model(tmp_path, external_data):
+    """Writing a 512 KiB weight where files stop at 64 KiB: one OutputError naming the model,
+    the old model and its data as they were, no temporary file or folder left."""
+    path = tmp_path / "out.onnx"
+    save_model(make_model(seed=1), path, external_data=True)
+    before = {p.name: sha256(p) for p in tmp_path.iterdir()}
+    source = tmp_path.parent / f"{tmp_path.name}-big.onnx"
+    onnx.save_model(make_model(k=512, n=256, seed=2), str(source))
+    code = f"""
+        import onnx
+        from qcal_export.errors import OutputError
+        from qcal_export.graphs.model_io import save_model
+        try:
+            save_model(onnx.load({str(source)!r}), {str(path)!r}, external_data={external_data})
+        except OutputError as e:
+            print(e)
+    """
+    child = run_with_file_limit(code, 64 << 10)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout == f"cannot write {path}: File too large\n"
+    assert {p.name: sha256(p) for p in tmp_path.iterdir()} == before
+    assert_same_weights(load_model(path).proto, make_model(seed=1))
 
 
 def test_save_model_into_a_missing_directory_raises_naming_it(tmp_path):
