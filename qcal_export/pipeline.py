@@ -33,7 +33,13 @@ from qcal_export.distributed import Ranks, ranks_from_env
 from qcal_export.errors import DataError, RecipeError
 from qcal_export.graphs.export import check_scales_match, export_qdq
 from qcal_export.graphs.model_io import LoadedModel, check_opset, load_model, save_model
-from qcal_export.graphs.targets import Plan, find_targets, name_nodes, tensor_types
+from qcal_export.graphs.targets import (
+    Plan,
+    find_targets,
+    name_nodes,
+    skipped_reasons,
+    tensor_types,
+)
 from qcal_export.graphs.validate import check_model, compare_outputs, reference_runner
 from qcal_export.recipe import Recipe
 from qcal_export.recipe_options import recipe_from_options
@@ -247,6 +253,7 @@ def _plan(
         raise RecipeError(
             f"{loaded.path}: no node of types {list(recipe.op_types)} left to quantize "
             f"(excluded: {plan.excluded[:5]})"
+            + (f": {skipped_reasons(plan)}" if plan.skipped else "")
         )
     source = open_data(data, batch_size=batch_size) if data is not None else None
     return Run(loaded, plan, recipe, source, select_providers(provider))
