@@ -368,18 +368,22 @@ def tensor_scales(
     )
 
 
-def scale_notes(scales: torch.Tensor, scale_type: int) -> list[str]:
-    """Notes on scales (of non-zero ranges, as computed before any floor) that are below the
-    smallest positive value of ``scale_type`` (floored there) or subnormal in it."""
+def scale_notes(scales: torch.Tensor, scale_type: int, floor: float | None = None) -> list[str]:
+    """Notes on scales (of non-zero ranges, as computed before any floor) that are below
+    ``floor`` (default: the smallest positive ``scale_type``; floored there) or subnormal."""
     smallest, normal = SCALE_LIMITS[scale_type]
+    floor = smallest if floor is None else floor
     name = type_name(scale_type)
     notes = []
-    below = scales[scales < smallest]
+    below = scales[scales < floor]
     if below.numel():
-        notes.append(
-            f"{_some(below)} below {smallest:.3g}, the smallest positive {name}: floored there"
+        what = (
+            f"the smallest positive {name}"
+            if floor == smallest
+            else f"where the smallest FP8 block scale times it is the smallest positive {name}"
         )
-    subnormal = scales[(scales >= smallest) & (scales < normal)]
+        notes.append(f"{_some(below)} below {floor:.3g}, {what}: floored there")
+    subnormal = scales[(scales >= floor) & (scales < normal)]
     if subnormal.numel():
         notes.append(
             f"{_some(subnormal)} subnormal in {name} (below {normal:.3g}): ONNX Runtime "
@@ -406,9 +410,11 @@ def _nvfp4_scales(
     """Global scale, and for block granularities the FP8 block scales of the block amaxes."""
     global_amax = cal.compute_global_amax()
     global_amax = bound.max() if global_amax is None else global_amax.float().cpu()
-    global_scale = NVFP4.global_scale(global_amax, SCALE_LIMITS[scale_type][0])
+    smallest = SCALE_LIMITS[scale_type][0]
+    global_scale = NVFP4.global_scale(global_amax, smallest)
     if global_amax > 0:
-        common["notes"] += scale_notes(NVFP4.global_scale(global_amax, 0.0)[None], scale_type)
+        raw = NVFP4.global_scale(global_amax, 0.0)[None]
+        common["notes"] += scale_notes(raw, scale_type, NVFP4.global_floor(smallest))
     if not isinstance(granularity, PerBlock):
         return TensorScales(
             amax=floor_zero(global_amax),

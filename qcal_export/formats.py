@@ -233,8 +233,14 @@ class NVFP4Format:
     def global_scale(
         self, global_amax: torch.Tensor | float, scale_floor: float = SCALE_FLOOR
     ) -> torch.Tensor:
+        """``global_amax / (6 * 448)``, at least ``global_floor(scale_floor)``."""
         amax = floor_zero(torch.as_tensor(global_amax, dtype=torch.float32))
-        return _divide(amax, self.qmax * self.scale_max).clamp_min(scale_floor)
+        return _divide(amax, self.qmax * self.scale_max).clamp_min(self.global_floor(scale_floor))
+
+    def global_floor(self, scale_floor: float = SCALE_FLOOR) -> float:
+        """The smallest global scale: the smallest FP8 block scale times it is ``scale_floor``
+        (the smallest effective scale), never 0."""
+        return scale_floor / FP8_SUBNORMAL_MIN
 
     def block_scales(self, block_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
         """FP8 E4M3 block scales (``float8_e4m3fn``) for float32 block amaxes."""
