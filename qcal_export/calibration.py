@@ -386,9 +386,9 @@ def scale_notes(scales: torch.Tensor, scale_type: int, floor: float | None = Non
     subnormal = scales[(scales >= floor) & (scales < normal)]
     if subnormal.numel():
         notes.append(
-            f"{_some(subnormal)} subnormal in {name} (below {normal:.3g}): ONNX Runtime "
-            "computes with subnormal scales exactly; a runtime that flushes denormals to zero "
-            "reads them as 0"
+            f"{_some(subnormal)} subnormal in {name} (below {normal:.3g}): ONNX Runtime's "
+            "Q/DQ kernels compute with subnormal scales exactly; a runtime or fused kernel that "
+            "flushes denormals to zero reads them as 0"
         )
     return notes
 

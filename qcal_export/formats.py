@@ -25,7 +25,8 @@ SCALE_LIMITS: dict[int, tuple[float, float]] = {
 }
 """Per ONNX scale type: (smallest positive value, smallest normal value). A scale is floored at
 the first, never rounded to 0; below the second it is subnormal, which ONNX Runtime's CPU
-kernels compute with exactly and a runtime that flushes denormals to zero reads as 0."""
+QuantizeLinear/DequantizeLinear compute with exactly (as the reference evaluator does) and a
+runtime that flushes denormals to zero reads as 0: such scales get a note, not a floor."""
 
 SCALE_FLOOR = SCALE_LIMITS[TensorProto.FLOAT][0]
 """Smallest positive float32: no float32 scale is ever 0."""

@@ -54,7 +54,7 @@ def model_inputs(model: onnx.ModelProto, name: str = "the model") -> list[InputS
         )
         if kind != "tensor_type" and not optional:
             raise ModelError(
-                f"{name}: input {value.name!r} is a {type_name(value.type)}; calibration feeds "
+                f"{name}: input {value.name!r} is a {type_string(value.type)}; calibration feeds "
                 "tensors (or optional tensors) only: export the model with tensor inputs"
             )
         tensor_type = (
@@ -70,7 +70,7 @@ def model_inputs(model: onnx.ModelProto, name: str = "the model") -> list[InputS
     return specs
 
 
-def type_name(type_proto: onnx.TypeProto) -> str:
+def type_string(type_proto: onnx.TypeProto) -> str:
     """An ONNX type as ONNX Runtime writes it: ``tensor(float)``, ``optional(tensor(float))``,
     ``sequence(tensor(int64))``, ``map(string, tensor(float))``."""
     kind = type_proto.WhichOneof("value")
@@ -79,11 +79,11 @@ def type_name(type_proto: onnx.TypeProto) -> str:
         element = helper.tensor_dtype_to_string(elem).removeprefix("TensorProto.").lower()
         return f"{kind.removesuffix('_type')}({element})"
     if kind in ("optional_type", "sequence_type"):
-        return f"{kind.removesuffix('_type')}({type_name(getattr(type_proto, kind).elem_type)})"
+        return f"{kind.removesuffix('_type')}({type_string(getattr(type_proto, kind).elem_type)})"
     if kind == "map_type":
         key = helper.tensor_dtype_to_string(type_proto.map_type.key_type)
         key = key.removeprefix("TensorProto.").lower()
-        return f"map({key}, {type_name(type_proto.map_type.value_type)})"
+        return f"map({key}, {type_string(type_proto.map_type.value_type)})"
     return str(kind)
 
 

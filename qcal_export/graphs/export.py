@@ -85,7 +85,8 @@ def _check_fit(
     for key, value in (("scale", entry.scale), ("global_scale", entry.global_scale)):
         if value is None:
             continue
-        cast = value.float().numpy().astype(dtype).astype(np.float32)
+        with np.errstate(over="ignore"):  # an overflow to inf is what this looks for
+            cast = value.float().numpy().astype(dtype).astype(np.float32)
         if not (np.isfinite(cast).all() and (cast > 0).all()):
             raise ScalesError(
                 f"{where}: {key} (from {float(value.min()):g} to {float(value.max()):g}) is 0 "
