@@ -17,20 +17,31 @@ from typing import Protocol
 
 import onnx
 import torch
-from onnx import numpy_helper
+from onnx import TensorProto
 
 from qcal_export.artifacts.scales import TensorScales
 from qcal_export.calibrators import CALIBRATORS, Calibrator, MaxCalibrator
 from qcal_export.calibrators.nvfp4_mse import BlockHessian
 from qcal_export.distributed import Ranks
 from qcal_export.errors import CalibrationError, DataError, RecipeError
-from qcal_export.formats import AMAX_FLOOR, NVFP4, NVFP4Format, get_format
+from qcal_export.formats import (
+    AMAX_FLOOR,
+    NVFP4,
+    SCALE_LIMITS,
+    NVFP4Format,
+    floor_zero,
+    get_format,
+    type_name,
+)
 from qcal_export.granularity import Granularity, PerBlock, PerTensor, PerTensorGroup
+from qcal_export.graphs.qdq import initializer_values
 from qcal_export.graphs.targets import ActivationPlan, Plan, WeightPlan
 from qcal_export.recipe import AUTO_METHODS, METHOD_OPTIONS, METHODS, TensorSpec
 from qcal_export.resume import Progress, StateFile, Stateful, restore_all
 
 Collector = Callable[[torch.Tensor], None]
+SCALE_TYPES = {torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16}
+"""A weight's scale type by its dtype (float32 otherwise): the exported scale has its type."""
 
 
 class CapturePass(Protocol):
@@ -175,7 +186,8 @@ def calibrate_activations(
         counts.append(ranks.run_pass(pass_2, seconds_state))
     if state is not None:
         state.finish()
-    scales, candidates = _activation_scales(cals, specs)
+    types = {t: a.elem_type for t, a in plan.activations.items()}
+    scales, candidates = _activation_scales(cals, specs, types)
     found = {t: h.hessian for t, h in hessians.items() if h.hessian is not None}
     return ActivationResult(scales, counts, found, candidates)
 
@@ -192,14 +204,18 @@ def _collectors(
 
 
 def _activation_scales(
-    cals: dict[str, Calibrator], specs: dict[str, tuple[str, TensorSpec]]
+    cals: dict[str, Calibrator],
+    specs: dict[str, tuple[str, TensorSpec]],
+    types: dict[str, int],
 ) -> tuple[dict[str, TensorScales], dict[str, dict[str, TensorScales]]]:
     """Scales per activation and, for ``auto`` ones, per candidate method (their scales stand
-    at the first candidate's until the choice)."""
+    at the first candidate's until the choice); ``types``: each activation's ONNX type."""
     scales, candidates = {}, {}
     for key, cal in cals.items():
         tensor, spec = specs[key]
-        found = tensor_scales(tensor, "activation", spec, cal, PerTensor())
+        found = tensor_scales(
+            tensor, "activation", spec, cal, PerTensor(), scale_type=types[tensor]
+        )
         if key == tensor:
             scales[tensor] = found
         else:
@@ -267,7 +283,7 @@ def calibrate_weights(
     initializers = {t.name: t for t in model.graph.initializer}
     scales = {}
     for tensor, weight in plan.weights.items():
-        values = torch.from_numpy(numpy_helper.to_array(initializers[tensor]).copy())
+        values = initializer_values(initializers[tensor])
         hessian = _weight_hessian(weight, hessians or {})
         scales[tensor] = calibrate_weight(
             tensor, values, weight.spec, weight.granularity, nonfinite, hessian
@@ -293,7 +309,8 @@ def calibrate_weight(
     first.collect(values)
     if second_pass({name: cal}, {name: first}):
         cal.collect(values)
-    scales = tensor_scales(name, "weight", spec, cal, granularity, values)
+    scale_type = SCALE_TYPES.get(values.dtype, TensorProto.FLOAT)
+    scales = tensor_scales(name, "weight", spec, cal, granularity, values, scale_type)
     if spec.options.get("hessian") and hessian is None:
         scales.notes.append("no layer input to weight by: plain squared error")
     return scales
@@ -312,10 +329,13 @@ def tensor_scales(
     cal: Calibrator,
     granularity: Granularity,
     values: torch.Tensor | None = None,
+    scale_type: int = TensorProto.FLOAT,
 ) -> TensorScales:
     """Turn a calibrator's decision into scales, with notes on floored or skipped values.
 
     ``values`` (weights) give NVFP4 block amaxes when the calibrator chose only a global amax.
+    ``scale_type``: the ONNX type the scale is exported in (the tensor's own float type); a
+    scale below its smallest positive value is floored there, never exported as 0.
     """
     fmt = get_format(spec.format)
     notes = []
@@ -326,17 +346,20 @@ def tensor_scales(
         notes.append("no values collected: amax floored")
     amin, amax = (t.float().cpu() for t in found)
     bound = torch.maximum(amin.abs(), amax.abs())
-    if not notes and bool((bound <= AMAX_FLOOR).any()):
+    if not notes and bool((bound == 0).any()):
         notes.append(f"zero range: amax floored to {AMAX_FLOOR:g}")
     if cal.nonfinite_count:
         notes.append(f"{cal.nonfinite_count} non-finite values skipped")
     common = dict(name=name, kind=kind, format=spec.format, method=spec.method)
     common.update(granularity=granularity, options=dict(spec.options), notes=notes)
+    floor = SCALE_LIMITS[scale_type][0]
     if isinstance(fmt, NVFP4Format):
-        return _nvfp4_scales(cal, bound, granularity, values, common)
-    scale, zero_point = fmt.scale_zero_point(amin, amax)
+        return _nvfp4_scales(cal, bound, granularity, values, common, scale_type)
+    scale, zero_point = fmt.scale_zero_point(amin, amax, floor)
+    raw, _ = fmt.scale_zero_point(amin, amax, 0.0)
+    notes += scale_notes(raw[bound > 0], scale_type)
     return TensorScales(
-        amax=bound.clamp_min(AMAX_FLOOR),
+        amax=floor_zero(bound),
         min=None if fmt.symmetric else amin,
         max=None if fmt.symmetric else amax,
         scale=scale,
@@ -345,20 +368,56 @@ def tensor_scales(
     )
 
 
+def scale_notes(scales: torch.Tensor, scale_type: int, floor: float | None = None) -> list[str]:
+    """Notes on scales (of non-zero ranges, as computed before any floor) that are below
+    ``floor`` (default: the smallest positive ``scale_type``; floored there) or subnormal."""
+    smallest, normal = SCALE_LIMITS[scale_type]
+    floor = smallest if floor is None else floor
+    name = type_name(scale_type)
+    notes = []
+    below = scales[scales < floor]
+    if below.numel():
+        what = (
+            f"the smallest positive {name}"
+            if floor == smallest
+            else f"where the smallest FP8 block scale times it is the smallest positive {name}"
+        )
+        notes.append(f"{_some(below)} below {floor:.3g}, {what}: floored there")
+    subnormal = scales[(scales >= floor) & (scales < normal)]
+    if subnormal.numel():
+        notes.append(
+            f"{_some(subnormal)} subnormal in {name} (below {normal:.3g}): ONNX Runtime's "
+            "Q/DQ kernels compute with subnormal scales exactly; a runtime or fused kernel that "
+            "flushes denormals to zero reads them as 0"
+        )
+    return notes
+
+
+def _some(scales: torch.Tensor) -> str:
+    if scales.numel() == 1:
+        return f"scale {float(scales[0]):.3g}"
+    return f"{scales.numel()} scales (the smallest {float(scales.min()):.3g})"
+
+
 def _nvfp4_scales(
     cal: Calibrator,
     bound: torch.Tensor,
     granularity: Granularity,
     values: torch.Tensor | None,
     common: dict,
+    scale_type: int,
 ) -> TensorScales:
     """Global scale, and for block granularities the FP8 block scales of the block amaxes."""
     global_amax = cal.compute_global_amax()
     global_amax = bound.max() if global_amax is None else global_amax.float().cpu()
-    global_scale = NVFP4.global_scale(global_amax)
+    smallest = SCALE_LIMITS[scale_type][0]
+    global_scale = NVFP4.global_scale(global_amax, smallest)
+    if global_amax > 0:
+        raw = NVFP4.global_scale(global_amax, 0.0)[None]
+        common["notes"] += scale_notes(raw, scale_type, NVFP4.global_floor(smallest))
     if not isinstance(granularity, PerBlock):
         return TensorScales(
-            amax=global_amax.clamp_min(AMAX_FLOOR),
+            amax=floor_zero(global_amax),
             scale=global_scale,
             zero_point=torch.zeros(()),
             global_scale=global_scale,
@@ -369,7 +428,7 @@ def _nvfp4_scales(
         block_amax = block_amaxes(values.float(), granularity).cpu()
     block_scales = NVFP4.block_scales(block_amax, global_scale).float()
     return TensorScales(
-        amax=block_amax.clamp_min(AMAX_FLOOR),
+        amax=floor_zero(block_amax),
         scale=block_scales,
         zero_point=torch.zeros_like(block_scales),
         global_scale=global_scale,
@@ -392,7 +451,7 @@ def relative_weight_errors(
     for s in scales:
         if s.kind != "weight" or s.name not in initializers:
             continue
-        weight = torch.from_numpy(numpy_helper.to_array(initializers[s.name]).copy()).float()
+        weight = initializer_values(initializers[s.name]).float()
         dequantized = s.fake_quant_weight(weight)
         norm = float(weight.double().norm())
         diff = float((dequantized.double() - weight.double()).norm())

@@ -10,11 +10,36 @@ import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 AMAX_FLOOR = 1e-30
-"""Smallest amax (and range width) ever turned into a scale: zero or empty tensors get this."""
+"""The amax (and range width) of a zero range: a tensor of zeros, nothing collected, or only
+non-finite values skipped. A non-zero amax, however small, keeps its own value."""
+
+SCALE_LIMITS: dict[int, tuple[float, float]] = {
+    TensorProto.FLOAT: (2.0**-149, 2.0**-126),
+    TensorProto.FLOAT16: (2.0**-24, 2.0**-14),
+    TensorProto.BFLOAT16: (2.0**-133, 2.0**-126),
+}
+"""Per ONNX scale type: (smallest positive value, smallest normal value). A scale is floored at
+the first, never rounded to 0; below the second it is subnormal, which ONNX Runtime's CPU
+QuantizeLinear/DequantizeLinear compute with exactly (as the reference evaluator does) and a
+runtime that flushes denormals to zero reads as 0: such scales get a note, not a floor."""
+
+SCALE_FLOOR = SCALE_LIMITS[TensorProto.FLOAT][0]
+"""Smallest positive float32: no float32 scale is ever 0."""
+
+
+def type_name(elem_type: int) -> str:
+    """numpy's name for an ONNX element type (float32, float16, bfloat16), for messages."""
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+
+
+def floor_zero(amax: torch.Tensor) -> torch.Tensor:
+    """``amax`` with AMAX_FLOOR in place of each zero (a zero range); others kept as they are."""
+    return torch.where(amax == 0, torch.full_like(amax, AMAX_FLOOR), amax)
 
 
 @dataclass(frozen=True)
@@ -63,20 +88,21 @@ class IntFormat:
         return 10 if self.bits == 8 else 21
 
     def scale_zero_point(
-        self, amin: torch.Tensor, amax: torch.Tensor
+        self, amin: torch.Tensor, amax: torch.Tensor, scale_floor: float = SCALE_FLOOR
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 scale and zero point (integer-valued float32) for a range; shapes as given."""
+        """Float32 scale (at least ``scale_floor``) and zero point (integer-valued float32) for
+        a range; shapes as given."""
         if self.symmetric:
-            bound = torch.maximum(amin.abs(), amax.abs()).to(torch.float32).clamp_min(AMAX_FLOOR)
-            return _divide(bound, self.qmax), torch.zeros_like(bound)
+            bound = floor_zero(torch.maximum(amin.abs(), amax.abs()).to(torch.float32))
+            return _divide(bound, self.qmax).clamp_min(scale_floor), torch.zeros_like(bound)
         lo = amin.to(torch.float32).clamp(max=0.0)
         hi = amax.to(torch.float32).clamp(min=0.0)
         levels = self.qmax - self.qmin
         width = hi - lo
-        scale = _divide(width, levels)
+        scale = _divide(floor_zero(width), levels)
         # A width past float32's range (only for |min|, |max| near 3.4e38) is split to stay finite.
         scale = torch.where(torch.isinf(width), _divide(hi, levels) - _divide(lo, levels), scale)
-        scale = scale.clamp_min(AMAX_FLOOR / self.qmax)
+        scale = scale.clamp_min(scale_floor)
         zero_point = torch.round(self.qmin - lo / scale)
         return scale, zero_point.clamp(self.qmin, self.qmax)
 
@@ -123,10 +149,10 @@ class FP8E4M3Format:
     min_opset: ClassVar[int] = 19
 
     def scale_zero_point(
-        self, amin: torch.Tensor, amax: torch.Tensor
+        self, amin: torch.Tensor, amax: torch.Tensor, scale_floor: float = SCALE_FLOOR
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        bound = torch.maximum(amin.abs(), amax.abs()).to(torch.float32).clamp_min(AMAX_FLOOR)
-        return _divide(bound, self.qmax), torch.zeros_like(bound)
+        bound = floor_zero(torch.maximum(amin.abs(), amax.abs()).to(torch.float32))
+        return _divide(bound, self.qmax).clamp_min(scale_floor), torch.zeros_like(bound)
 
     def quantize(
         self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
@@ -205,9 +231,17 @@ class NVFP4Format:
     storage_dtype: ClassVar[torch.dtype] = torch.uint8
     min_opset: ClassVar[int] = 23
 
-    def global_scale(self, global_amax: torch.Tensor | float) -> torch.Tensor:
-        amax = torch.as_tensor(global_amax, dtype=torch.float32).clamp_min(AMAX_FLOOR)
-        return _divide(amax, self.qmax * self.scale_max)
+    def global_scale(
+        self, global_amax: torch.Tensor | float, scale_floor: float = SCALE_FLOOR
+    ) -> torch.Tensor:
+        """``global_amax / (6 * 448)``, at least ``global_floor(scale_floor)``."""
+        amax = floor_zero(torch.as_tensor(global_amax, dtype=torch.float32))
+        return _divide(amax, self.qmax * self.scale_max).clamp_min(self.global_floor(scale_floor))
+
+    def global_floor(self, scale_floor: float = SCALE_FLOOR) -> float:
+        """The smallest global scale: the smallest FP8 block scale times it is ``scale_floor``
+        (the smallest effective scale), never 0."""
+        return scale_floor / FP8_SUBNORMAL_MIN
 
     def block_scales(self, block_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
         """FP8 E4M3 block scales (``float8_e4m3fn``) for float32 block amaxes."""
@@ -236,11 +270,11 @@ class NVFP4Format:
         return self.round_e2m1(blocks.to(torch.float32) / scales) * scales
 
     def scale_zero_point(
-        self, amin: torch.Tensor, amax: torch.Tensor
+        self, amin: torch.Tensor, amax: torch.Tensor, scale_floor: float = SCALE_FLOOR
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The FP32 global scale of a range, and a zero zero point."""
         bound = torch.maximum(amin.abs(), amax.abs()).to(torch.float32)
-        global_scale = self.global_scale(bound)
+        global_scale = self.global_scale(bound, scale_floor)
         return global_scale, torch.zeros_like(global_scale)
 
     def fake_quant(

@@ -39,7 +39,13 @@ from qcal_export.graphs.model_io import (
     load_model,
     save_model,
 )
-from qcal_export.graphs.targets import Plan, find_targets, name_nodes, tensor_types
+from qcal_export.graphs.targets import (
+    Plan,
+    find_targets,
+    name_nodes,
+    skipped_reasons,
+    tensor_types,
+)
 from qcal_export.graphs.validate import Validation, check_model, validate_outputs
 from qcal_export.paths import check_paths
 from qcal_export.recipe import Recipe, load_recipe
@@ -286,6 +292,7 @@ def _plan(
         raise RecipeError(
             f"{loaded.path}: no node of types {list(recipe.op_types)} left to quantize "
             f"(excluded: {plan.excluded[:5]})"
+            + (f": {skipped_reasons(plan)}" if plan.skipped else "")
         )
     source = open_data(data, batch_size=batch_size) if data is not None else None
     return Run(loaded, plan, recipe, source, select_providers(provider))

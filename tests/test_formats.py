@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -20,7 +21,15 @@ from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper
 
 from qcal_export.errors import RecipeError
-from qcal_export.formats import AMAX_FLOOR, FP8_E4M3, INT8, UINT8, get_format
+from qcal_export.formats import (
+    AMAX_FLOOR,
+    FP8_E4M3,
+    INT8,
+    NVFP4,
+    SCALE_LIMITS,
+    UINT8,
+    get_format,
+)
 from qcal_export.granularity import PerAxis, PerTensor
 
 FORMATS = {"int8": INT8, "uint8": UINT8, "fp8": FP8_E4M3}
@@ -376,3 +385,43 @@ def test_fake_quant_equals_onnxruntime_for_random_values(name, x, scale, zero_po
     xt, scale_t, zp_t = torch.from_numpy(x), torch.tensor(scale), torch.tensor(zp)
     assert np.array_equal(stored_bytes(fmt.quantize(xt, scale_t, zp_t)), q_ort)
     assert np.array_equal(fmt.fake_quant(xt, scale_t, zp_t).numpy(), y_ort)
+
+
+@pytest.mark.parametrize("name", ["int8", "uint8", "int4", "fp8"])
+@pytest.mark.parametrize("amax", [1e-36, 1e-40, 1e-44])
+def test_a_tiny_range_keeps_its_own_scale_floored_only_below_the_smallest_float32(name, amax):
+    """amax / qmax in float32 as numpy computes it, or 2**-149 where that is 0: never the zero
+    range's floor, never 0."""
+    fmt = get_format(name)
+    bound = np.float32(amax)
+    scale, zero_point = fmt.scale_zero_point(torch.tensor(-bound), torch.tensor(bound))
+    width, levels = (2 * bound, 255) if name == "uint8" else (bound, fmt.qmax)
+    expected = np.maximum(np.float32(width) / np.float32(levels), np.float32(2.0**-149))
+    assert scale.item() == expected > 0
+    x = torch.tensor([bound, -bound / 2])
+    assert (fmt.fake_quant(x, scale, zero_point) != 0).all()
+
+
+def test_scale_limits_are_the_types_own():
+    for elem_type, dtype in [
+        (TensorProto.FLOAT, np.float32),
+        (TensorProto.FLOAT16, np.float16),
+        (TensorProto.BFLOAT16, ml_dtypes.bfloat16),
+    ]:
+        info = ml_dtypes.finfo(dtype)
+        assert SCALE_LIMITS[elem_type] == (float(info.smallest_subnormal), float(info.tiny))
+
+
+def test_nvfp4_global_scale_keeps_the_smallest_block_scale_positive():
+    """Zero: the zero range's floor; a tiny amax: its own scale down to 2**-140, where the
+    smallest FP8 block scale (2**-9) times it is the smallest float32, so blocks never
+    dequantize with a 0 scale."""
+    assert NVFP4.global_scale(0.0).item() == np.float32(AMAX_FLOOR) / np.float32(2688)
+    assert NVFP4.global_scale(1e-36).item() == np.float32(np.float32(1e-36) / np.float32(2688))
+    assert NVFP4.global_scale(1e-40).item() == 2.0**-140
+    effective = NVFP4.effective_scales(
+        torch.tensor(2.0**-9).to(torch.float8_e4m3fn), NVFP4.global_scale(1e-40)
+    )
+    assert effective.item() == 2.0**-149
+    x = torch.full((1, 16), 1e-40)
+    assert not torch.isnan(NVFP4.fake_quant(x, NVFP4.global_scale(1e-40), torch.zeros(()))).any()

@@ -21,8 +21,8 @@ from safetensors.torch import save
 
 from qcal_export.atomic import write_file
 from qcal_export.errors import ScalesError
-from qcal_export.formats import NVFP4, get_format
-from qcal_export.granularity import Granularity, granularity_from_dict
+from qcal_export.formats import FORMATS, FP8_SUBNORMAL_MIN, NVFP4, Format, NVFP4Format, get_format
+from qcal_export.granularity import Granularity, PerBlock, granularity_from_dict
 from qcal_export.graphs.qdq import QParams
 
 SCHEMA = "qcal_export.scales/2"
@@ -120,7 +120,8 @@ def save_scales(path: str | Path, scales: dict[str, TensorScales], model_sha256:
 
 
 def load_scales(path: str | Path) -> tuple[dict[str, TensorScales], dict[str, Any]]:
-    """Read a scales file: ({tensor: TensorScales}, header); ScalesError names the file."""
+    """Read a scales file: ({tensor: TensorScales}, header); ScalesError names the file, and
+    the tensor whose entries are missing or hold values no export can use."""
     path = Path(path)
     if not path.is_file():
         raise ScalesError(f"scales file {path} does not exist")
@@ -141,13 +142,23 @@ def load_scales(path: str | Path) -> tuple[dict[str, TensorScales], dict[str, An
         raise ScalesError(f"{path}: qcal_export metadata is malformed ({e!r})") from None
     scales = {}
     for name, entry in entries:
+        where = f"{path}: tensor {name!r}"
         try:
+            fmt, granularity = entry["format"], granularity_from_dict(entry["granularity"])
+        except KeyError as e:
+            raise ScalesError(f"{where} lacks entry {e}") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ScalesError(f"{where} has a malformed granularity: {e}") from None
+        if fmt not in FORMATS:
+            raise ScalesError(f"{where} has format {fmt!r}, not one of {sorted(FORMATS)}")
+        try:
+            check_values(where, fmt, granularity, name, tensors)
             scales[name] = TensorScales(
                 name=name,
                 kind=entry["kind"],
-                format=entry["format"],
+                format=fmt,
                 method=entry["method"],
-                granularity=granularity_from_dict(entry["granularity"]),
+                granularity=granularity,
                 amax=tensors[f"{name}.amax"],
                 scale=tensors[f"{name}.scale"],
                 zero_point=tensors[f"{name}.zero_point"].float(),
@@ -158,7 +169,91 @@ def load_scales(path: str | Path) -> tuple[dict[str, TensorScales], dict[str, An
                 notes=entry.get("notes", []),
             )
         except KeyError as e:
-            raise ScalesError(f"{path}: tensor {name!r} lacks entry {e}") from None
-        except (TypeError, ValueError) as e:
-            raise ScalesError(f"{path}: tensor {name!r} has a malformed granularity: {e}") from None
+            raise ScalesError(f"{where} lacks entry {e}") from None
     return scales, header
+
+
+def check_values(
+    where: str,
+    fmt_name: str,
+    granularity: Granularity,
+    name: str,
+    tensors: dict[str, torch.Tensor],
+) -> None:
+    """ScalesError (prefixed ``where``) for entries of tensor ``name`` that no export can use:
+    scales (and global scales) that are not positive finite float32, an amax, min or max that
+    is not finite float32 of the scale's shape, a zero point off the format's integer grid.
+
+    KeyError for a missing entry; shapes against the model are ``check_scales_match``'s.
+    """
+    fmt = get_format(fmt_name)
+    scale = tensors[f"{name}.scale"]
+    _check_float(where, "scale", scale, positive=True)
+    for key in ("amax", "min", "max"):
+        value = tensors[f"{name}.{key}"] if key == "amax" else tensors.get(f"{name}.{key}")
+        if value is None:
+            continue
+        _check_float(where, key, value, positive=False)
+        if value.shape != scale.shape:
+            raise ScalesError(
+                f"{where}: {key} has shape {list(value.shape)}, its scale {list(scale.shape)}"
+            )
+    zero_point = tensors[f"{name}.zero_point"]
+    if zero_point.shape != scale.shape:
+        raise ScalesError(
+            f"{where}: zero_point has shape {list(zero_point.shape)}, its scale {list(scale.shape)}"
+        )
+    _check_zero_point(where, fmt, zero_point)
+    if isinstance(fmt, NVFP4Format):
+        global_scale = tensors[f"{name}.global_scale"]
+        _check_float(where, "global_scale", global_scale, positive=True)
+        if global_scale.dim() != 0:
+            raise ScalesError(
+                f"{where}: global_scale has shape {list(global_scale.shape)}, not [] (one per "
+                "tensor)"
+            )
+        blocks = isinstance(granularity, PerBlock)
+        if blocks and bool((scale > NVFP4.scale_max).any() | (scale < FP8_SUBNORMAL_MIN).any()):
+            raise ScalesError(
+                f"{where}: nvfp4 block scales must lie in [{FP8_SUBNORMAL_MIN:g}, "
+                f"{NVFP4.scale_max:g}] (FP8 E4M3), found {float(scale.min()):g} to "
+                f"{float(scale.max()):g}"
+            )
+
+
+def _check_float(where: str, field: str, value: torch.Tensor, *, positive: bool) -> None:
+    if value.dtype != torch.float32:
+        raise ScalesError(f"{where}: {field} is {_dtype(value)}, not float32")
+    bad = ~torch.isfinite(value)
+    if positive:
+        bad |= value <= 0
+    if bool(bad.any()):
+        found = value[bad][0].item()
+        what = "positive finite" if positive else "finite"
+        raise ScalesError(
+            f"{where}: {field} must be {what}, found {found!r} ({int(bad.sum())} of "
+            f"{value.numel()}): recalibrate, or fix the file"
+        )
+
+
+def _check_zero_point(where: str, fmt: Format, zero_point: torch.Tensor) -> None:
+    """Integer-valued, in the format's range, and 0 for symmetric formats (fp8, nvfp4: the
+    calibrators assume it)."""
+    if zero_point.dtype == torch.bool or zero_point.is_complex():
+        raise ScalesError(f"{where}: zero_point is {_dtype(zero_point)}, not a number type")
+    values = zero_point.double()
+    if fmt.symmetric:
+        low = high = 0.0
+    else:
+        low, high = fmt.qmin, fmt.qmax
+    bad = ~torch.isfinite(values) | (values != values.round()) | (values < low) | (values > high)
+    if bool(bad.any()):
+        found = values[bad][0].item()
+        allowed = "0 (symmetric format)" if fmt.symmetric else f"integers in [{low}, {high}]"
+        raise ScalesError(
+            f"{where}: zero_point {found:g} does not fit {fmt.name}: it takes {allowed}"
+        )
+
+
+def _dtype(value: torch.Tensor) -> str:
+    return str(value.dtype).removeprefix("torch.")

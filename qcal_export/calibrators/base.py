@@ -14,7 +14,7 @@ import torch
 
 from qcal_export.calibrators import kernels
 from qcal_export.errors import CalibrationError
-from qcal_export.formats import AMAX_FLOOR, Format
+from qcal_export.formats import Format, floor_zero
 from qcal_export.granularity import Granularity
 
 NonFinite = Literal["skip", "error"]
@@ -102,11 +102,12 @@ class Calibrator(ABC):
         self._update(x, self.granularity.groups(x))
 
     def compute_amax(self) -> torch.Tensor | None:
-        """Amax of export shape (floored at AMAX_FLOOR); None if nothing was collected."""
+        """Amax of export shape (AMAX_FLOOR where the range is zero); None if nothing was
+        collected."""
         amin, amax = self.compute_range() or (None, None)
         if amax is None:
             return None
-        return torch.maximum(amin.abs(), amax.abs()).clamp_min(AMAX_FLOOR)
+        return floor_zero(torch.maximum(amin.abs(), amax.abs()))
 
     def compute_global_amax(self) -> torch.Tensor | None:
         """The tensor-wide amax a two-level format (nvfp4) scales by; None before collect."""

@@ -18,18 +18,20 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qcal_export.errors import DataError
+from qcal_export.errors import DataError, ModelError
 
 Batch = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """A model input: name, numpy dtype and dims (None where symbolic or unknown)."""
+    """A model input: name, numpy dtype and dims (None where symbolic or unknown); an
+    ``optional`` one (type ``optional(tensor(...))``) may be left out of a batch."""
 
     name: str
     dtype: np.dtype
     dims: tuple[int | None, ...] | None
+    optional: bool = False
 
     def describe(self) -> str:
         dims = (
@@ -38,22 +40,51 @@ class InputSpec:
         return f"{self.name} {self.dtype}[{dims}]"
 
 
-def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The graph inputs that must be fed (initializers listed as inputs excluded)."""
+def model_inputs(model: onnx.ModelProto, name: str = "the model") -> list[InputSpec]:
+    """The graph inputs to feed (initializers listed as inputs excluded); ModelError for an
+    input that is no tensor (a sequence, a map), which no batch of arrays can give."""
     initializers = {t.name for t in model.graph.initializer}
     specs = []
     for value in model.graph.input:
         if value.name in initializers:
             continue
-        tensor_type = value.type.tensor_type
+        kind = value.type.WhichOneof("value")
+        optional = kind == "optional_type" and value.type.optional_type.elem_type.HasField(
+            "tensor_type"
+        )
+        if kind != "tensor_type" and not optional:
+            raise ModelError(
+                f"{name}: input {value.name!r} is a {type_string(value.type)}; calibration feeds "
+                "tensors (or optional tensors) only: export the model with tensor inputs"
+            )
+        tensor_type = (
+            value.type.optional_type.elem_type.tensor_type if optional else value.type.tensor_type
+        )
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         dims = None
         if tensor_type.HasField("shape"):
             dims = tuple(
                 d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
             )
-        specs.append(InputSpec(value.name, dtype, dims))
+        specs.append(InputSpec(value.name, dtype, dims, optional))
     return specs
+
+
+def type_string(type_proto: onnx.TypeProto) -> str:
+    """An ONNX type as ONNX Runtime writes it: ``tensor(float)``, ``optional(tensor(float))``,
+    ``sequence(tensor(int64))``, ``map(string, tensor(float))``."""
+    kind = type_proto.WhichOneof("value")
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        elem = getattr(type_proto, kind).elem_type
+        element = helper.tensor_dtype_to_string(elem).removeprefix("TensorProto.").lower()
+        return f"{kind.removesuffix('_type')}({element})"
+    if kind in ("optional_type", "sequence_type"):
+        return f"{kind.removesuffix('_type')}({type_string(getattr(type_proto, kind).elem_type)})"
+    if kind == "map_type":
+        key = helper.tensor_dtype_to_string(type_proto.map_type.key_type)
+        key = key.removeprefix("TensorProto.").lower()
+        return f"map({key}, {type_string(type_proto.map_type.value_type)})"
+    return str(kind)
 
 
 def check_batch(batch: Any, inputs: list[InputSpec], index: int) -> Batch:
@@ -61,7 +92,7 @@ def check_batch(batch: Any, inputs: list[InputSpec], index: int) -> Batch:
     if not isinstance(batch, Mapping):
         raise DataError(f"batch {index} is a {type(batch).__name__}, not a dict of input arrays")
     names = {spec.name for spec in inputs}
-    missing = sorted(names - set(batch))
+    missing = sorted({spec.name for spec in inputs if not spec.optional} - set(batch))
     extra = sorted(set(batch) - names)
     problems = [f"missing input(s) {missing}"] if missing else []
     problems += [f"unknown input(s) {extra}"] if extra else []
@@ -69,6 +100,8 @@ def check_batch(batch: Any, inputs: list[InputSpec], index: int) -> Batch:
         raise DataError(f"batch {index}: {'; '.join(problems)} (the model expects {sorted(names)})")
     checked = {}
     for spec in inputs:
+        if spec.name not in batch:
+            continue
         array = np.asarray(batch[spec.name])
         where = f"batch {index}, input {spec.name!r}"
         if array.dtype != spec.dtype:

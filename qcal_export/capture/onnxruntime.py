@@ -36,6 +36,7 @@ ORT_ERRORS = (
     ort.capi.onnxruntime_pybind11_state.Fail,
     ort.capi.onnxruntime_pybind11_state.InvalidArgument,
     ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+    ort.capi.onnxruntime_pybind11_state.NotImplemented,
     ort.capi.onnxruntime_pybind11_state.RuntimeException,
 )
 Sink = Callable[[str, torch.Tensor], None]
@@ -94,7 +95,7 @@ def open_session(
         try:
             return ort.InferenceSession(str(model), options, providers=list(providers))
         except ORT_ERRORS as e:
-            raise ModelError(f"ONNX Runtime cannot load {name}: {e}") from None
+            raise load_error(name, e, providers) from None
     added = _append_outputs(model, extra_outputs or {})
     try:
         if not over_protobuf_limit(model):
@@ -108,10 +109,24 @@ def open_session(
             onnx.save_model(large, str(path), save_as_external_data=True, location="model.data")
             return ort.InferenceSession(str(path), options, providers=list(providers))
     except ORT_ERRORS as e:
-        raise ModelError(f"ONNX Runtime cannot load {name}: {e}") from None
+        raise load_error(name, e, providers) from None
     finally:
         for _ in range(added):
             model.graph.output.pop()
+
+
+def load_error(name: str, error: Exception, providers: Sequence[ProviderEntry]) -> ModelError:
+    """ModelError for a session ONNX Runtime refused, in one line; where no provider has a
+    kernel for an op on its types (bfloat16 on the CPU, say), what to do instead."""
+    message = " ".join(str(error).split())
+    if "Could not find an implementation" in message:
+        message += (
+            f": the providers {[p if isinstance(p, str) else p[0] for p in providers]} have no "
+            "kernel for that op on its input types (the CPU provider has none for bfloat16 "
+            "MatMul, Gemm, Conv or QuantizeLinear): calibrate a float32 or float16 copy of the "
+            "model, or capture on CUDA (--provider cuda)"
+        )
+    return ModelError(f"ONNX Runtime cannot load {name}: {message}")
 
 
 def _append_outputs(model: onnx.ModelProto, tensors: dict[str, int]) -> int:
@@ -145,7 +160,7 @@ class OrtCapture:
     ):
         if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
             raise DataError(f"device_id must be a GPU index >= 0, not {device_id!r}")
-        self.inputs: list[InputSpec] = model_inputs(model)
+        self.inputs: list[InputSpec] = model_inputs(model, name)
         input_names = {spec.name for spec in self.inputs}
         self.fed = [t for t in tensors if t in input_names]
         self.fetched = [t for t in tensors if t not in input_names]

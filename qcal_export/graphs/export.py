@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
+from onnx import helper
 
 from qcal_export.artifacts.scales import TensorScales
 from qcal_export.errors import ModelError, ScalesError
-from qcal_export.formats import NVFP4Format, get_format
+from qcal_export.formats import NVFP4Format, get_format, type_name
 from qcal_export.granularity import PerTensor
 from qcal_export.graphs.model_io import default_opset
 from qcal_export.graphs.nvfp4 import (
@@ -32,7 +34,7 @@ from qcal_export.graphs.qdq import (
     required_opset,
     sort_nodes,
 )
-from qcal_export.graphs.targets import Plan
+from qcal_export.graphs.targets import Plan, WeightPlan
 from qcal_export.graphs.validate import check_model
 
 
@@ -45,10 +47,17 @@ class ExportResult:
 
 
 def check_scales_match(plan: Plan, scales: Mapping[str, TensorScales], origin: str) -> None:
-    """ScalesError naming the first planned tensor whose scales are missing or do not fit."""
-    planned = [(t, p.spec, PerTensor(), "activation") for t, p in plan.activations.items()]
-    planned += [(t, p.spec, p.granularity, "weight") for t, p in plan.weights.items()]
-    for tensor, spec, granularity, kind in planned:
+    """ScalesError naming the first planned tensor whose scales are missing or do not fit: its
+    format, granularity or scale shape differs from the plan's, or a scale is 0 or infinite in
+    the tensor's own float type (a float16 model's scales are float16)."""
+    planned = [
+        (t, p.spec, PerTensor(), "activation", (), p.elem_type) for t, p in plan.activations.items()
+    ]
+    planned += [
+        (t, p.spec, p.granularity, "weight", _stat_shape(p), p.elem_type)
+        for t, p in plan.weights.items()
+    ]
+    for tensor, spec, granularity, kind, shape, float_type in planned:
         entry = scales.get(tensor)
         if entry is None:
             raise ScalesError(
@@ -59,6 +68,35 @@ def check_scales_match(plan: Plan, scales: Mapping[str, TensorScales], origin: s
                 f"{origin}: {kind} {tensor!r} was calibrated as {entry.format} "
                 f"{entry.granularity.describe()}, the recipe asks for {spec.format} "
                 f"{granularity.describe()}"
+            )
+        _check_fit(f"{origin}: {kind} {tensor!r}", entry, shape, float_type)
+
+
+def _stat_shape(weight: WeightPlan) -> tuple[int, ...] | None:
+    return None if weight.shape is None else weight.granularity.stat_shape(weight.shape)
+
+
+def _check_fit(
+    where: str, entry: TensorScales, shape: tuple[int, ...] | None, float_type: int
+) -> None:
+    """ScalesError when the scale has another shape than ``shape`` (the granularity's for the
+    tensor in this model; None: unknown) or is 0 or infinite as ``float_type``."""
+    if shape is not None and tuple(entry.scale.shape) != shape:
+        raise ScalesError(
+            f"{where}: scale of shape {list(entry.scale.shape)}, but "
+            f"{entry.granularity.describe()} of this model's tensor needs {list(shape)}: "
+            "recalibrate this model"
+        )
+    dtype = helper.tensor_dtype_to_np_dtype(float_type)
+    for key, value in (("scale", entry.scale), ("global_scale", entry.global_scale)):
+        if value is None:
+            continue
+        with np.errstate(over="ignore"):  # an overflow to inf is what this looks for
+            cast = value.float().numpy().astype(dtype).astype(np.float32)
+        if not (np.isfinite(cast).all() and (cast > 0).all()):
+            raise ScalesError(
+                f"{where}: {key} (from {float(value.min()):g} to {float(value.max()):g}) is 0 "
+                f"or infinite as {type_name(float_type)}, the model's type: recalibrate this model"
             )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from qcal_export.formats import FP8_SUBNORMAL_MIN, NVFP4
 from qcal_export.granularity import PerBlock
@@ -23,6 +23,7 @@ from qcal_export.graphs.qdq import (
     QParams,
     drop_if_unused,
     initializer,
+    initializer_values,
     make_tensor,
     qdq_node,
     rewire,
@@ -45,7 +46,7 @@ def quantize_weight_nvfp4(
     """
     tensor = plan.tensor
     init = initializer(graph, tensor)
-    weight = torch.from_numpy(numpy_helper.to_array(init).copy()).float()
+    weight = initializer_values(init).float()
     granularity, block_scales = q.granularity, q.scale.to(torch.float8_e4m3fn)
     transpose = form == "tensorrt" and weight.dim() == 2 and granularity.axis % 2 == 0
     if transpose:

@@ -10,6 +10,7 @@ import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -177,7 +178,7 @@ def quantize_weight(
     dequantized = names.new(f"{tensor}_dequantized")
     gran = q.granularity
     if mode == "quantized":
-        weight = torch.from_numpy(numpy_helper.to_array(init).copy())
+        weight = initializer_values(init)
         shape = tuple(weight.shape)
         scale, zero_point = gran.expand(q.scale, shape), gran.expand(q.zero_point, shape)
         values = q.fmt.quantize(weight, scale, zero_point)
@@ -195,10 +196,27 @@ def initializer(graph: onnx.GraphProto, name: str) -> TensorProto:
     return next(t for t in graph.initializer if t.name == name)
 
 
+def initializer_values(init: TensorProto) -> torch.Tensor:
+    """An initializer's values as a torch tensor of its own dtype; bfloat16 too, which numpy
+    holds as ml_dtypes' type that ``torch.from_numpy`` refuses."""
+    array = numpy_helper.to_array(init)
+    if init.data_type == TensorProto.BFLOAT16:
+        return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(array.copy())
+
+
 def drop_if_unused(graph: onnx.GraphProto, init: TensorProto, mode: str) -> None:
-    """Remove the float weight once the quantized copy replaced all its uses."""
+    """Remove the float weight once the quantized copy replaced all its uses, and its graph
+    input entry in either mode (exporters' ``keep_initializers_as_inputs``).
+
+    The weight was calibrated as a constant: an input that could override it would bypass its
+    scales, and a graph input left without its initializer would have to be fed.
+    """
     if mode == "quantized" and not _is_used(graph, init.name):
         graph.initializer.remove(init)
+    inputs = [value for value in graph.input if value.name == init.name]
+    for value in inputs:
+        graph.input.remove(value)
 
 
 def _is_used(graph: onnx.GraphProto, tensor: str) -> bool:

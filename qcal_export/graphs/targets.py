@@ -65,6 +65,7 @@ class WeightPlan:
 
     ``hessian_input`` is the activation feeding the consumer's reduction (MatMul A, Gemm A)
     when its last axis runs along the weight's blocks: the input of a Hessian-weighted sweep.
+    ``shape`` and ``elem_type`` are the initializer's.
     """
 
     tensor: str
@@ -72,6 +73,8 @@ class WeightPlan:
     granularity: Granularity
     uses: list[Use] = field(default_factory=list)
     hessian_input: str | None = None
+    shape: tuple[int, ...] | None = None
+    elem_type: int = TensorProto.FLOAT
 
     @property
     def axis(self) -> int | None:
@@ -85,7 +88,8 @@ class Plan:
 
     ``float_subgraph_nodes``: nodes of a quantized op type inside subgraphs (If, Loop, Scan
     bodies), named ``<owner node>/<attribute>/<node>``; they are left in float. ``notes`` say
-    what the plan left out and why, for the report.
+    what the plan left out and why, for the report. ``skipped``: nodes of a recipe op type,
+    not excluded, that got nothing to quantize, each with why.
     """
 
     activations: dict[str, ActivationPlan]
@@ -94,6 +98,7 @@ class Plan:
     excluded: list[str]
     float_subgraph_nodes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 def _attr(node: onnx.NodeProto, name: str) -> int:
@@ -184,7 +189,11 @@ def tensor_infos(model: onnx.ModelProto) -> dict[str, tuple[int, Shape | None]]:
 
 
 def find_targets(model: onnx.ModelProto, recipe: Recipe) -> Plan:
-    """Plan which activations and weights of the main graph get quantized, and how."""
+    """Plan which activations and weights of the main graph get quantized, and how.
+
+    An initializer that is also a graph input (``keep_initializers_as_inputs`` exports) is a
+    weight like any other: exporters mean it as one, though ONNX lets a run override it.
+    """
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     infos = tensor_infos(model)
@@ -205,25 +214,96 @@ def find_targets(model: onnx.ModelProto, recipe: Recipe) -> Plan:
         if recipe.excludes(node.name, node.op_type):
             plan.excluded.append(node.name)
             continue
-        act_spec, weight_spec = recipe.specs_for(node.name, node.op_type)
-        added = False
-        for index, tensor in enumerate(node.input):
-            if not tensor or infos.get(tensor, (None,))[0] not in FLOAT_TYPES:
-                continue
-            if tensor in initializers:
-                weight = _weight_plan(node, index, initializers[tensor], weight_spec)
-                if weight is not None:
-                    weight.hessian_input = _hessian_input(node, infos, initializers)
-                    _add_weight(plan, weight)
-                    added = True
-            elif act_spec is not None and _is_activation_input(node, index):
-                blocks = _activation_blocks(node, index, tensor, act_spec, infos)
-                entry = ActivationPlan(tensor, act_spec, infos[tensor][0], blocks=blocks)
-                _add_activation(plan, entry, Use(node.name, index))
-                added = True
+        added, why, faults = _plan_node(plan, node, recipe, infos, initializers)
+        where = f"{node.op_type} {node.name!r}"
+        if not added:
+            plan.skipped[node.name] = f"{where}: {'; '.join(why or ['no float input'])}"
+        if faults and added:
+            plan.notes.append(f"{where}: {'; '.join(faults)}: that input stays float")
+        elif faults:
+            plan.notes.append(f"{where} left in float: {'; '.join(faults)}")
         if added:
             plan.nodes.append(node.name)
+    overridable = sorted(set(plan.weights) & {value.name for value in graph.input})
+    if overridable:
+        plan.notes.append(
+            f"weight initializer(s) {overridable} are also graph inputs (an export with "
+            "keep_initializers_as_inputs): calibrated as constant weights; the quantized model "
+            "no longer lists them as inputs"
+        )
     return plan
+
+
+def _plan_node(
+    plan: Plan,
+    node: onnx.NodeProto,
+    recipe: Recipe,
+    infos: dict[str, tuple[int, Shape | None]],
+    initializers: dict[str, TensorProto],
+) -> tuple[bool, list[str], list[str]]:
+    """Add ``node``'s quantizable inputs to ``plan``: (whether any was added, why each input it
+    could quantize was left in float, the reasons of those that are no recipe's choice)."""
+    act_spec, weight_spec = recipe.specs_for(node.name, node.op_type)
+    axes = WEIGHT_INPUTS.get(node.op_type)
+    added, why, faults = False, [], []
+    for index, tensor in enumerate(node.input):
+        is_weight = tensor in initializers and axes is not None and index == axes.index
+        if not tensor or not (is_weight or _is_activation_input(node, index)):
+            continue
+        elem_type = infos.get(tensor, (None,))[0]
+        if elem_type not in FLOAT_TYPES:
+            why.append(_type_problem(tensor, elem_type))
+            if node.op_type in ACTIVATION_INPUTS:
+                faults.append(why[-1])
+        elif tensor in initializers:
+            weight = _weight_plan(node, index, initializers[tensor], weight_spec)
+            if weight is None:
+                why.append(_weight_problem(node, index, tensor, weight_spec))
+                if not is_weight and axes is not None:
+                    faults.append(why[-1])
+                continue
+            weight.hessian_input = _hessian_input(node, infos, initializers)
+            _add_weight(plan, weight)
+            added = True
+        elif act_spec is None:
+            why.append(f"the recipe leaves activations in float (input {index} {tensor!r})")
+        else:
+            blocks = _activation_blocks(node, index, tensor, act_spec, infos)
+            entry = ActivationPlan(tensor, act_spec, elem_type, blocks=blocks)
+            _add_activation(plan, entry, Use(node.name, index))
+            added = True
+    return added, list(dict.fromkeys(why)), list(dict.fromkeys(faults))
+
+
+def _type_problem(tensor: str, elem_type: int | None) -> str:
+    """Why a tensor of ``elem_type`` cannot get a QuantizeLinear."""
+    if elem_type is None:
+        return f"the type of {tensor!r} is unknown to shape inference"
+    name = describe_type(elem_type).lower()
+    reason = f"it computes in {name}: ONNX QuantizeLinear takes float, float16 or bfloat16"
+    if elem_type == TensorProto.DOUBLE:
+        reason += ", not double: cast the model to float32 to quantize it"
+    return reason
+
+
+def _weight_problem(node: onnx.NodeProto, index: int, tensor: str, spec: TensorSpec | None) -> str:
+    """Why initializer ``tensor`` (input ``index`` of ``node``) is not quantized as a weight."""
+    axes = WEIGHT_INPUTS.get(node.op_type)
+    if axes is None:
+        return f"initializer {tensor!r} (input {index}): {node.op_type} has no weight input"
+    if index != axes.index:
+        return (
+            f"initializer {tensor!r} is input {index}, but {node.op_type} weights are "
+            f"quantized on input {axes.index} only"
+        )
+    return f"the recipe leaves weights in float ({tensor!r})"
+
+
+def skipped_reasons(plan: Plan, limit: int = 3) -> str:
+    """The first ``limit`` of ``plan.skipped``'s reasons, for a one-line error."""
+    reasons = list(plan.skipped.values())
+    more = f" (and {len(reasons) - limit} more node(s))" if len(reasons) > limit else ""
+    return "; ".join(reasons[:limit]) + more
 
 
 def subgraph_nodes(graph: onnx.GraphProto, op_types: set[str], prefix: str = "") -> list[str]:
@@ -261,8 +341,14 @@ def _weight_plan(
         granularity = PerBlock(axes.reduction(node, rank), spec.block_size)
     elif spec.per_channel and axes.channel(node, rank) is not None:
         granularity = PerAxis(axes.channel(node, rank))
-    plan = WeightPlan(init.name, spec, granularity, [Use(node.name, index)])
-    return plan
+    return WeightPlan(
+        init.name,
+        spec,
+        granularity,
+        [Use(node.name, index)],
+        shape=tuple(init.dims),
+        elem_type=init.data_type,
+    )
 
 
 def _hessian_input(

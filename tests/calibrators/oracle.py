@@ -15,12 +15,22 @@ import torch
 
 from qcal_export.calibrators.max import MaxCalibrator
 from qcal_export.calibrators.mse import mse_multipliers
-from qcal_export.formats import AMAX_FLOOR, FP8_E4M3, UINT8
+from qcal_export.formats import AMAX_FLOOR, FP8_E4M3, SCALE_FLOOR, UINT8
 from qcal_export.granularity import PerAxis, PerTensor
 
 GRANULARITIES = {"per-tensor": PerTensor(), "axis0": PerAxis(0), "last-axis": PerAxis(-1)}
 CHANNELS = 6
 F32 = np.float32
+
+
+def zero_floored(a: np.ndarray) -> np.ndarray:
+    """AMAX_FLOOR in place of each zero range; any other amax kept, however small."""
+    return np.where(a == 0, F32(AMAX_FLOOR), a).astype(F32)
+
+
+def floored_scale(width: np.ndarray, levels: float) -> np.ndarray:
+    """``width / levels`` in float32 (a zero width floored first), never below SCALE_FLOOR."""
+    return np.maximum(zero_floored(width) / F32(levels), F32(SCALE_FLOOR))
 
 
 # the oracle ---------------------------------------------------------------------------------
@@ -31,22 +41,22 @@ def fake_quant_oracle(fmt, x: np.ndarray, amin: np.ndarray, amax: np.ndarray) ->
     amin, amax = amin[:, None], amax[:, None]
     if fmt is UINT8:
         lo, hi = np.minimum(amin, F32(0)), np.maximum(amax, F32(0))
-        scale = np.maximum((hi - lo) / F32(255), F32(AMAX_FLOOR / 255))
+        scale = floored_scale(hi - lo, 255)
         zero_point = np.clip(np.round(F32(0) - lo / scale), 0, 255)
         q = np.clip(np.round(x / scale) + zero_point, 0, 255)
         return (q - zero_point) * scale
-    bound = np.maximum(np.maximum(np.abs(amin), np.abs(amax)), F32(AMAX_FLOOR))
+    bound = np.maximum(np.abs(amin), np.abs(amax))
     if fmt is FP8_E4M3:
-        scale = bound / F32(448)
+        scale = floored_scale(bound, 448)
         q = np.clip(x / scale, -448, 448).astype(ml_dtypes.float8_e4m3fn)
         return q.astype(F32) * scale
-    scale = bound / F32(127)
+    scale = floored_scale(bound, 127)
     return np.clip(np.round(x / scale), -128, 127) * scale
 
 
 def int4_oracle(fmt, x, amin, amax):
     """The int4-like grid of ``int4_quant_func``: ``scale = amax / 7``, levels -8..7."""
-    scale = np.maximum(amax[:, None], F32(AMAX_FLOOR)) / F32(7)
+    scale = floored_scale(amax[:, None], 7)
     return np.clip(np.round(x / scale), -8, 7) * scale
 
 

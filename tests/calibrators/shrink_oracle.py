@@ -11,9 +11,17 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from qcal_export.formats import AMAX_FLOOR
+from qcal_export.formats import AMAX_FLOOR, SCALE_FLOOR
 
 F32, F64 = np.float32, np.float64
+
+
+def floored_scale(width, levels):
+    """``width / levels`` in float32, a zero width at AMAX_FLOOR, never below SCALE_FLOOR."""
+    width = np.where(width == 0, F32(AMAX_FLOOR), width).astype(F32)
+    return np.maximum(width / F32(levels), F32(SCALE_FLOOR))
+
+
 E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 # the oracle: fake-quantization -------------------------------------------------------------
@@ -26,11 +34,10 @@ def int_quant(fmt):
     def quant(x, amin, amax):
         amin, amax = amin[:, None], amax[:, None]
         if fmt.symmetric:
-            bound = np.maximum(np.maximum(np.abs(amin), np.abs(amax)), F32(AMAX_FLOOR))
-            scale = bound / F32(qmax)
+            scale = floored_scale(np.maximum(np.abs(amin), np.abs(amax)), qmax)
             return np.clip(np.round(x / scale), qmin, qmax) * scale
         lo, hi = np.minimum(amin, F32(0)), np.maximum(amax, F32(0))
-        scale = np.maximum((hi - lo) / F32(qmax - qmin), F32(AMAX_FLOOR / qmax))
+        scale = floored_scale(hi - lo, qmax - qmin)
         zero_point = np.clip(np.round(F32(qmin) - lo / scale), qmin, qmax)
         return (np.clip(np.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
 
@@ -38,8 +45,7 @@ def int_quant(fmt):
 
 
 def fp8_quant(x, amin, amax):
-    bound = np.maximum(np.maximum(np.abs(amin), np.abs(amax)), F32(AMAX_FLOOR))[:, None]
-    scale = bound / F32(448)
+    scale = floored_scale(np.maximum(np.abs(amin), np.abs(amax)), 448)[:, None]
     codes = np.clip(x / scale, -448, 448).astype(ml_dtypes.float8_e4m3fn)
     return codes.astype(F32) * scale
 
@@ -58,7 +64,8 @@ def fp8_block_scale(block_amax, global_scale):
 
 
 def global_scale_of(amax):
-    return np.maximum(F32(amax), F32(AMAX_FLOOR)) / F32(6 * 448)
+    """NVFP4's global scale, at least the floor whose 2**-9 multiple is SCALE_FLOOR."""
+    return np.maximum(floored_scale(F32(amax), 6 * 448), F32(SCALE_FLOOR / 2**-9))
 
 
 def nvfp4_global_quant(x, amin, amax):

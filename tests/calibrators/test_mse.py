@@ -27,7 +27,7 @@ from oracle import (
 from qcal_export.calibrators import mse
 from qcal_export.calibrators.mse import MseCalibrator, mse_multipliers
 from qcal_export.errors import CalibrationError
-from qcal_export.formats import AMAX_FLOOR, FP8_E4M3, INT8, UINT8
+from qcal_export.formats import FP8_E4M3, INT8, SCALE_FLOOR, UINT8, floor_zero
 from qcal_export.granularity import PerAxis, PerTensor
 
 FORMATS = {"int8": INT8, "uint8": UINT8, "fp8": FP8_E4M3}
@@ -165,7 +165,7 @@ def format_quant_func(fmt, granularity, calls):
 def int4_quant_func(granularity):
     def quant(x, amax):
         shape = granularity.broadcast_shape(tuple(x.shape))
-        scale = (amax.clamp_min(AMAX_FLOOR) / 7).reshape(shape)
+        scale = (floor_zero(amax) / 7).clamp_min(SCALE_FLOOR).reshape(shape)
         return torch.round(x / scale).clamp(-8, 7) * scale
 
     return quant

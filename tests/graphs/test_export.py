@@ -5,6 +5,7 @@ with the plan.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -191,3 +192,45 @@ def test_check_scales_match():
     per_tensor = dict(scales, w=tensor_scales("w", "weight", "int8", case.w, None))
     with pytest.raises(ScalesError, match="'w'"):
         check_scales_match(plan, per_tensor, "s.safetensors")
+
+
+def test_check_scales_match_checks_the_scale_shape_against_the_model():
+    """Gemm1's weight is [6, 8]: per-axis(0) scales need shape [6]; a file made for another
+    model's [5, 8] weight (same format and granularity) is refused before any export."""
+    case = make_case("Gemm1")
+    plan, scales, _ = plan_and_scales(case, recipe_for("int8", True))
+    other = tensor_scales("w", "weight", "int8", case.w[:5], 0)
+    with pytest.raises(ScalesError) as e:
+        check_scales_match(plan, dict(scales, w=other), "s.safetensors")
+    assert str(e.value) == (
+        "s.safetensors: weight 'w': scale of shape [5], but per-axis(0) of this model's tensor "
+        "needs [6]: recalibrate this model"
+    )
+
+
+def test_check_scales_match_refuses_scales_that_are_0_or_inf_in_a_float16_model():
+    x = np.ones((2, 8), np.float16)
+    m = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"], "mm")],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["b", 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["b", 4])],
+            [numpy_helper.from_array(np.ones((8, 4), np.float16), "w")],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    plan = find_targets(m, Recipe())
+    good = {
+        "x": tensor_scales("x", "activation", "int8", x.astype(np.float32), None),
+        "w": tensor_scales("w", "weight", "int8", np.ones((8, 4), np.float32), 1),
+    }
+    check_scales_match(plan, good, "s.safetensors")
+    for value, found in ((1e-9, "1e-09 to 1e-09"), (1e5, "100000 to 100000")):
+        bad = dict(good, x=dataclasses.replace(good["x"], scale=torch.tensor(value)))
+        with pytest.raises(ScalesError) as e:
+            check_scales_match(plan, bad, "s.safetensors")
+        assert str(e.value) == (
+            f"s.safetensors: activation 'x': scale (from {found}) is 0 or infinite as "
+            "float16, the model's type: recalibrate this model"
+        )

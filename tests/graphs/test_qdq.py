@@ -236,3 +236,27 @@ def test_mixed_formats_by_override():
     assert inits["w2"].data_type == FLOAT and "w0" not in inits and "w1" not in inits
     (y,) = run(result.model, {"x": x})
     np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("mode", ["quantized", "qdq"])
+@pytest.mark.parametrize("op", ["MatMul", "Gemm1", "Conv"])
+def test_a_weight_listed_as_a_graph_input_loses_its_input_entry(op, mode):
+    """An initializer also listed as a graph input (keep_initializers_as_inputs) is exported
+    as a constant: no input of its name is left to feed, and the outputs equal those of the
+    same model without the listing. The bias stays an input."""
+    case = make_case(op, seed=2)
+    outputs = []
+    for listed in (True, False):
+        work = onnx.ModelProto()
+        work.CopyFrom(case.model)
+        if listed:
+            work.graph.input.extend(
+                helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                for t in work.graph.initializer
+            )
+        plan, scales, _ = plan_and_scales(case, recipe_for("int8", True, mode))
+        qdq = export_qdq(work, plan, scales, mode).model
+        inputs = [value.name for value in qdq.graph.input]
+        assert inputs == (["x", "bias"] if listed and case.bias is not None else ["x"])
+        outputs.append(run(qdq, {"x": case.x})[0])
+    assert np.array_equal(outputs[0], outputs[1])

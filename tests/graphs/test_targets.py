@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcal_export.errors import ModelError, RecipeError
 from qcal_export.graphs.inspect import quantizable_nodes
-from qcal_export.graphs.targets import Use, find_targets, name_nodes
+from qcal_export.graphs.targets import Use, find_targets, name_nodes, skipped_reasons
 from qcal_export.recipe import Override, Recipe, TensorSpec
 
 FLOAT = TensorProto.FLOAT
@@ -218,6 +218,66 @@ def test_float16_activation_keeps_its_type():
     plan = find_targets(m, Recipe())
     assert plan.activations["x"].elem_type == TensorProto.FLOAT16
     assert plan.weights["w"].axis == 1
+
+
+def test_initializer_listed_as_a_graph_input_is_a_weight_with_a_note():
+    m = matmul_model((4, 5))
+    m.graph.input.append(helper.make_tensor_value_info("w", FLOAT, [4, 5]))
+    plan = find_targets(m, Recipe())
+    assert list(plan.weights) == ["w"] and list(plan.activations) == ["x"]
+    assert plan.weights["w"].shape == (4, 5) and plan.weights["w"].elem_type == FLOAT
+    assert plan.notes == [
+        "weight initializer(s) ['w'] are also graph inputs (an export with "
+        "keep_initializers_as_inputs): calibrated as constant weights; the quantized model no "
+        "longer lists them as inputs"
+    ]
+    assert find_targets(matmul_model((4, 5)), Recipe()).notes == []
+
+
+def test_nodes_with_nothing_to_quantize_say_why():
+    """Double and int32 MatMuls, and a weight on input 0 under a weight-only recipe."""
+    m = model(
+        [
+            helper.make_node("MatMul", ["xd", "wd"], ["yd"], "mm_double"),
+            helper.make_node("MatMul", ["xi", "wi"], ["yi"], "mm_int"),
+            helper.make_node("MatMul", ["w0", "x"], ["y"], "mm_weight_first"),
+        ],
+        {
+            "xd": (TensorProto.DOUBLE, ["b", 4]),
+            "xi": (TensorProto.INT32, ["b", 4]),
+            "x": (FLOAT, [4, "n"]),
+        },
+        {
+            "yd": (TensorProto.DOUBLE, ["b", 3]),
+            "yi": (TensorProto.INT32, ["b", 3]),
+            "y": (FLOAT, [3, "n"]),
+        },
+        [weight("wd", (4, 3), np.float64), weight("wi", (4, 3), np.int32), weight("w0", (3, 4))],
+    )
+    plan = find_targets(m, Recipe(activation=None, weight=TensorSpec("int4", block_size=4)))
+    assert plan.weights == {} and plan.activations == {} and plan.nodes == []
+    double = (
+        "MatMul 'mm_double': it computes in double: ONNX QuantizeLinear takes float, float16 or "
+        "bfloat16, not double: cast the model to float32 to quantize it"
+    )
+    weight_first = (
+        "MatMul 'mm_weight_first': initializer 'w0' is input 0, but MatMul weights are "
+        "quantized on input 1 only"
+    )
+    assert plan.skipped == {
+        "mm_double": double,
+        "mm_int": "MatMul 'mm_int': it computes in int32: ONNX QuantizeLinear takes float, "
+        "float16 or bfloat16",
+        "mm_weight_first": f"{weight_first}; the recipe leaves activations in float (input 1 'x')",
+    }
+    assert plan.notes[0] == double.replace("'mm_double':", "'mm_double' left in float:")
+    assert plan.notes[2] == f"{weight_first.replace(':', ' left in float:', 1)}"
+    assert skipped_reasons(plan, limit=1) == f"{double} (and 2 more node(s))"
+    # int8 quantizes x and says that w0 stays float
+    plan = find_targets(m, Recipe())
+    assert list(plan.activations) == ["x"] and plan.weights == {}
+    assert plan.nodes == ["mm_weight_first"]
+    assert f"{weight_first}: that input stays float" in plan.notes
 
 
 def chain_model() -> onnx.ModelProto:
