@@ -27,7 +27,7 @@ from qcal_export.calibration import (
     hessian_inputs,
     relative_weight_errors,
 )
-from qcal_export.capture.data import DataSource, open_data
+from qcal_export.capture.data import DataSource, check_count, open_data
 from qcal_export.capture.onnxruntime import OrtCapture, open_session, select_providers
 from qcal_export.distributed import Ranks, ranks_from_env
 from qcal_export.errors import DataError, RecipeError
@@ -108,6 +108,8 @@ def calibrate_onnx(
     The input model file is never written.
     """
     recipe = recipe_from_options(recipe, options)
+    check_count("max_batches (--batches)", max_batches, 1, optional=True)
+    check_count("validate_batches", validate_batches, 0)
     _check_request(recipe, output, scales, report, checkpoint, checkpoint_layouts)
     accuracy = Accuracy(
         layer_view, target_from(target_cosine, target_rel_l2), holdout_every, view_batches, smooth
