@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import numbers
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -256,9 +257,18 @@ def _batch_files(directory: Path) -> list[Path]:
     return [p for p in named if p.is_file()]
 
 
-UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
-"""What numpy and zipfile raise on a damaged file: truncated, empty, bad CRC, bad header,
-an unknown compression method (zipfile's NotImplementedError), pickled objects (ValueError)."""
+UNREADABLE = (
+    OSError,
+    ValueError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+    tokenize.TokenError,
+)
+"""What numpy and zipfile raise on a damaged file: truncated, empty, bad CRC, a bad header (a
+ValueError, or the TokenError of numpy's header filter), an unknown compression method
+(zipfile's NotImplementedError), pickled objects (ValueError)."""
 
 
 def _load_file(path: Path) -> Batch | np.ndarray:
