@@ -91,9 +91,9 @@ def target_from(cosine: float | None, rel_l2: float | None) -> Target | None:
     if cosine is not None and rel_l2 is not None:
         raise RecipeError("give one output-error target: target_cosine or target_rel_l2")
     if cosine is not None and not _number_in(cosine, 0, 1, closed=True):
-        raise RecipeError(f"target_cosine must be a number in (0, 1], not {cosine!r}")
+        raise RecipeError(f"target_cosine={cosine!r} is out of range: it must be in (0, 1]")
     if rel_l2 is not None and not _number_in(rel_l2, 0, math.inf, closed=False):
-        raise RecipeError(f"target_rel_l2 must be a finite number > 0, not {rel_l2!r}")
+        raise RecipeError(f"target_rel_l2={rel_l2!r} is out of range: it must be finite and > 0")
     if cosine is not None:
         return Target("cosine", cosine)
     return None if rel_l2 is None else Target("rel_l2", rel_l2)

@@ -69,7 +69,7 @@ class TensorSpec:
             isinstance(size, bool) or not isinstance(size, int) or not 2 <= size <= MAX_BLOCK_SIZE
         ):
             raise RecipeError(
-                f"block_size must be an integer in [2, {MAX_BLOCK_SIZE}], not {size!r}"
+                f"block_size must be an integer >= 2 and <= {MAX_BLOCK_SIZE}, not {size!r}"
             )
         fixed = FORMATS[self.format].block_size
         if fixed > 1 and self.block_size != fixed:
@@ -231,7 +231,7 @@ def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
             kwargs[key] = _names(kwargs[key], key)
     if "overrides" in kwargs:
         overrides = kwargs["overrides"]
-        if not isinstance(overrides, list):
+        if not isinstance(overrides, list | tuple):
             raise RecipeError(f"overrides must be a list of mappings, not {overrides!r}")
         kwargs["overrides"] = tuple(_override(o, i) for i, o in enumerate(overrides))
     return Recipe(**kwargs)
