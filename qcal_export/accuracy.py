@@ -4,11 +4,13 @@ the precision search for a target."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from qcal_export.artifacts.scales import TensorScales
-from qcal_export.capture.data import DataSource, split_holdout
+from qcal_export.capture.data import DataSource, check_count, split_holdout
 from qcal_export.errors import RecipeError
 from qcal_export.layer_analysis import Analysis, analyse_layers, choose_activation_methods
 from qcal_export.sensitivity import Target
@@ -28,6 +30,14 @@ class Accuracy:
     holdout_every: int = 5
     view_batches: int = 4
     smooth: float | None = None
+
+    def __post_init__(self) -> None:
+        check_count("holdout_every", self.holdout_every, 2)
+        check_count("view_batches", self.view_batches, 1)
+        if self.smooth is not None and not _number_in(self.smooth, 0, 1, closed=False):
+            raise RecipeError(
+                f"smooth (the SmoothQuant alpha) must be a number in (0, 1), not {self.smooth!r}"
+            )
 
     def check(self, scales_in: object) -> None:
         """Refuse what cannot go together, before anything runs."""
@@ -80,6 +90,17 @@ def target_from(cosine: float | None, rel_l2: float | None) -> Target | None:
     """The output-error target of ``calibrate_onnx``'s two options (at most one given)."""
     if cosine is not None and rel_l2 is not None:
         raise RecipeError("give one output-error target: target_cosine or target_rel_l2")
+    if cosine is not None and not _number_in(cosine, 0, 1, closed=True):
+        raise RecipeError(f"target_cosine={cosine!r} is out of range: it must be in (0, 1]")
+    if rel_l2 is not None and not _number_in(rel_l2, 0, math.inf, closed=False):
+        raise RecipeError(f"target_rel_l2={rel_l2!r} is out of range: it must be finite and > 0")
     if cosine is not None:
         return Target("cosine", cosine)
     return None if rel_l2 is None else Target("rel_l2", rel_l2)
+
+
+def _number_in(value: object, low: float, high: float, *, closed: bool) -> bool:
+    """A real number (not a bool) in ``(low, high]`` where ``closed``, else ``(low, high)``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return low < value <= high if closed else low < value < high

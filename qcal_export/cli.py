@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
 from rich.markup import escape
@@ -19,6 +20,36 @@ from qcal_export.errors import QcalError
 from qcal_export.recipe import METHODS
 
 console = Console(stderr=True)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as the one line every qcal error is: ``qcal: error: ...``, the
+    command's help named in it, and exit status 2 (argparse's own)."""
+
+    def error(self, message: str) -> NoReturn:
+        print_error(f"{message} (see `{self.prog} --help`)")
+        sys.exit(2)
+
+
+def print_error(message: str) -> None:
+    """``qcal: error: message`` on one line (a message's own line breaks become spaces)."""
+    line = " ".join(message.split())
+    console.print(f"qcal: error: {line}", markup=False, highlight=False, soft_wrap=True)
+
+
+def count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {minimum}")
+        return value
+
+    return parse
 
 
 def progress_bar(total: int | None) -> Callable[[str], object]:
@@ -92,7 +123,7 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     add_layer_args(p)
     p.add_argument(
         "--nproc",
-        type=int,
+        type=count(1),
         default=1,
         metavar="N",
         help="split the batches across N processes (torch's launcher; gloo on CPU, NCCL on GPUs)",
@@ -339,7 +370,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qcal", description=__doc__)
+    parser = Parser(prog="qcal", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     add_calibrate(sub)
@@ -350,7 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or Parser.error's one line (2)
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="qcal: %(message)s",
@@ -360,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except QcalError as e:
-        console.print(f"qcal: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        print_error(str(e))
         return e.exit_code
     except KeyboardInterrupt:
         console.print("qcal: interrupted")

@@ -27,7 +27,7 @@ from qcal_export.calibration import (
     hessian_inputs,
     relative_weight_errors,
 )
-from qcal_export.capture.data import DataSource, open_data
+from qcal_export.capture.data import DataSource, check_count, open_data
 from qcal_export.capture.onnxruntime import OrtCapture, select_providers
 from qcal_export.distributed import Ranks, ranks_from_env
 from qcal_export.errors import DataError, RecipeError, RuntimeMismatchError
@@ -128,6 +128,8 @@ def calibrate_onnx(
     """
     recipe_file = recipe if isinstance(recipe, (str, Path)) else None
     recipe = recipe_from_options(load_recipe(recipe_file) if recipe_file else recipe, options)
+    check_count("max_batches (--batches)", max_batches, 1, optional=True)
+    check_count("validate_batches", validate_batches, 0)
     accuracy = Accuracy(
         layer_view, target_from(target_cosine, target_rel_l2), holdout_every, view_batches, smooth
     )

@@ -18,24 +18,21 @@ import yaml
 
 from qcal_export.errors import RecipeError
 from qcal_export.formats import FORMATS
+from qcal_export.method_options import AUTO_METHODS as AUTO_METHODS
+from qcal_export.method_options import METHOD_OPTIONS as METHOD_OPTIONS
+from qcal_export.method_options import check_method_options
 
 DEFAULT_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 METHODS = ("max", "mse", "nvfp4-mse", "shrink-mse", "percentile", "entropy", "auto")
-AUTO_METHODS = ("max", "mse", "percentile", "entropy")
-"""What ``auto`` chooses among, per activation, by its consumers' output error."""
-METHOD_OPTIONS: dict[str, set[str]] = {
-    "mse": {"start", "stop", "step"},
-    "nvfp4-mse": {"hessian"},
-    "shrink-mse": {"maxshrink", "grid", "norm", "patience", "averaging_constant"},
-    "percentile": {"percentile", "bins"},
-    "entropy": {"bins", "quantized_bins"},
-}
-METHOD_OPTIONS["auto"] = set().union(*(METHOD_OPTIONS.get(m, set()) for m in AUTO_METHODS))
 DEFAULT_BLOCK_SIZES = {"int4": 128, "uint4": 128, "nvfp4": 16}
 """Weight block size by format when a spec names none: int4 blocks of 128 (the common
 deployment choice), NVFP4's fixed 16."""
+MAX_BLOCK_SIZE = 4096
+"""Largest weight block (blocks in use are 16 to 256): calibration pads every row of a weight to
+a whole number of blocks, so a block wider than the reduction axis costs rows * block_size."""
 WEIGHT_ONLY_FORMATS = ("int4", "uint4")
 SPEC_KEYS = ("activation", "weight", "output")
+NAME_LISTS = ("op_types", "exclude_nodes", "exclude_op_types", "module_types", "modules")
 WeightsMode = Literal["quantized", "qdq"]
 NVFP4Form = Literal["portable", "tensorrt"]
 
@@ -57,28 +54,27 @@ class TensorSpec:
     options: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise RecipeError(f"unknown format {self.format!r}: choose one of {sorted(FORMATS)}")
-        if self.method not in METHODS:
-            raise RecipeError(f"unknown method {self.method!r}: choose one of {list(METHODS)}")
+        for key, allowed in (("format", sorted(FORMATS)), ("method", list(METHODS))):
+            value = getattr(self, key)
+            if not isinstance(value, str) or value not in allowed:
+                raise RecipeError(f"unknown {key} {value!r}: choose one of {allowed}")
         if self.method == "nvfp4-mse" and self.format != "nvfp4":
             raise RecipeError(f"method 'nvfp4-mse' needs format nvfp4, not {self.format!r}")
+        if not isinstance(self.per_channel, bool):
+            raise RecipeError(f"per_channel must be true or false, not {self.per_channel!r}")
         if self.block_size is None:
             object.__setattr__(self, "block_size", DEFAULT_BLOCK_SIZES.get(self.format))
+        size = self.block_size
+        if size is not None and (
+            isinstance(size, bool) or not isinstance(size, int) or not 2 <= size <= MAX_BLOCK_SIZE
+        ):
+            raise RecipeError(
+                f"block_size must be an integer >= 2 and <= {MAX_BLOCK_SIZE}, not {size!r}"
+            )
         fixed = FORMATS[self.format].block_size
         if fixed > 1 and self.block_size != fixed:
             raise RecipeError(f"{self.format} blocks are {fixed} elements, not {self.block_size}")
-        if self.block_size is not None and (
-            not isinstance(self.block_size, int) or self.block_size < 2
-        ):
-            raise RecipeError(f"block_size must be an integer >= 2, not {self.block_size!r}")
-        allowed = METHOD_OPTIONS.get(self.method, set())
-        unknown = set(self.options) - allowed
-        if unknown:
-            raise RecipeError(
-                f"method {self.method!r} takes no option(s) {sorted(unknown)}; "
-                f"it takes {sorted(allowed) or 'none'}"
-            )
+        check_method_options(self.method, self.options)
 
 
 @dataclass(frozen=True)
@@ -97,6 +93,14 @@ class Override:
     output: TensorSpec | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.nodes, str):
+            raise RecipeError(
+                f"override nodes must be a name pattern (a string), not {self.nodes!r}"
+            )
+        where = f"override {self.nodes!r}"
+        object.__setattr__(self, "op_types", _names(self.op_types, f"{where} op_types"))
+        for key in SPEC_KEYS:
+            _check_spec_type(getattr(self, key), f"{where} {key}")
         _check_activation_spec(self.activation, f"override {self.nodes!r}")
         _check_activation_spec(self.output, f"override {self.nodes!r} output")
 
@@ -130,6 +134,16 @@ class Recipe:
     modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for key in SPEC_KEYS:
+            _check_spec_type(getattr(self, key), key)
+        for key in NAME_LISTS:
+            object.__setattr__(self, key, _names(getattr(self, key), key))
+        overrides = self.overrides
+        if not isinstance(overrides, list | tuple) or not all(
+            isinstance(o, Override) for o in overrides
+        ):
+            raise RecipeError(f"overrides must be a list of overrides, not {overrides!r}")
+        object.__setattr__(self, "overrides", tuple(overrides))
         _check_activation_spec(self.activation, "recipe")
         _check_activation_spec(self.output, "recipe output")
         if self.nvfp4_form not in ("portable", "tensorrt"):
@@ -161,6 +175,11 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+def _check_spec_type(spec: object, where: str) -> None:
+    if spec is not None and not isinstance(spec, TensorSpec):
+        raise RecipeError(f"{where} must be a TensorSpec or None, not {spec!r}")
+
+
 def _check_activation_spec(spec: TensorSpec | None, where: str) -> None:
     """RecipeError for an activation spec that only weights can take."""
     if spec is None:
@@ -180,33 +199,41 @@ def _check_activation_spec(spec: TensorSpec | None, where: str) -> None:
 def load_recipe(path: str | Path) -> Recipe:
     """Read a recipe from a YAML or JSON file; RecipeError names the file and the bad key."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError(f"recipe file {path} does not exist")
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} is not a regular file")
     try:
-        data = (
-            yaml.safe_load(path.read_text())
-            if path.suffix != ".json"
-            else json.loads(path.read_text())
-        )
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) if path.suffix != ".json" else json.loads(text)
+    except UnicodeDecodeError as e:
+        raise RecipeError(
+            f"recipe file {path} is not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
+    except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as e:
         raise RecipeError(f"recipe file {path} is not valid YAML/JSON: {e}") from None
+    except OSError as e:
+        raise RecipeError(f"recipe file {path} cannot be read: {e.strerror or e}") from None
     try:
-        return recipe_from_dict(data or {})
+        return recipe_from_dict({} if data is None else data)
     except RecipeError as e:
         raise RecipeError(f"recipe file {path}: {e}") from None
 
 
 def recipe_from_dict(data: Mapping[str, Any]) -> Recipe:
-    """Build a Recipe from plain data, rejecting unknown keys."""
+    """Build a Recipe from plain data, rejecting unknown keys and values of the wrong type."""
     kwargs = _fields(Recipe, data, "recipe")
     for key in SPEC_KEYS:
         if kwargs.get(key) is not None:
             kwargs[key] = _spec(kwargs[key], key)
-    for key in ("op_types", "module_types", "modules", "exclude_nodes", "exclude_op_types"):
+    for key in NAME_LISTS:
         if key in kwargs:
             kwargs[key] = _names(kwargs[key], key)
     if "overrides" in kwargs:
-        kwargs["overrides"] = tuple(_override(o, i) for i, o in enumerate(kwargs["overrides"]))
+        overrides = kwargs["overrides"]
+        if not isinstance(overrides, list | tuple):
+            raise RecipeError(f"overrides must be a list of mappings, not {overrides!r}")
+        kwargs["overrides"] = tuple(_override(o, i) for i, o in enumerate(overrides))
     return Recipe(**kwargs)
 
 
@@ -218,7 +245,10 @@ def _override(data: Mapping[str, Any], index: int) -> Override:
     for key in SPEC_KEYS:
         if kwargs.get(key) is not None:
             kwargs[key] = _spec(kwargs[key], f"{where}.{key}")
-    return Override(**kwargs)
+    try:
+        return Override(**kwargs)
+    except RecipeError as e:
+        raise RecipeError(f"{where}: {e}") from None
 
 
 def _spec(data: Mapping[str, Any] | TensorSpec, where: str) -> TensorSpec:
@@ -232,7 +262,7 @@ def _spec(data: Mapping[str, Any] | TensorSpec, where: str) -> TensorSpec:
 
 def _names(value: Any, where: str) -> tuple[str, ...]:
     """A list of names; a bare string would otherwise be split into characters."""
-    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         raise RecipeError(f"{where} must be a list of strings, not {value!r}")
     return tuple(value)
 
@@ -241,7 +271,9 @@ def _fields(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise RecipeError(f"{where} must be a mapping, not {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - known
+    unknown = [key for key in data if key not in known]
     if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise RecipeError(
+            f"{where}: unknown key(s) {sorted(map(str, unknown))}; known: {sorted(known)}"
+        )
     return dict(data)

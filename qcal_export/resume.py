@@ -5,10 +5,13 @@ every calibrator's raw ``snapshot`` for that pass (and the first pass's, once in
 and what the run was started with: the model's sha256, the recipe and the batch limit. A resumed
 run checks those, restores the calibrators, skips the batches already seen and goes on, so its
 scales equal those of a run that was never interrupted (the data must come in the same order).
+A sha256 of the whole state is saved with it: torch.load reads a file with flipped bytes without
+complaint, so a damaged or edited state file is refused instead of resumed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -24,7 +27,8 @@ from qcal_export.errors import DataError
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "qcal_export.state/1"
+SCHEMA = "qcal_export.state/2"
+FIELDS = ("schema", "identity", "pass", "batches", "snapshots", "first_pass", "first_pass_batches")
 
 
 class Stateful(Protocol):
@@ -65,12 +69,18 @@ class StateFile:
         if not self.path.exists():
             log.info("no state file %s: starting from the first batch", self.path)
             return None
+        if not self.path.is_file():
+            raise DataError(f"state file {self.path} is not a regular file: give another --state")
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise DataError(f"state file {self.path} cannot be read ({e}): delete it") from None
+        except Exception as e:  # torch raises anything from EOFError to UnpicklingError
+            reason = " ".join(str(e).split())[:200] or type(e).__name__
+            raise DataError(f"state file {self.path} is damaged ({reason}): delete it") from None
         if not isinstance(saved, dict) or saved.get("schema") != SCHEMA:
             raise DataError(f"state file {self.path} is not a {SCHEMA} file: delete it")
+        problem = _damage(saved)
+        if problem:
+            raise DataError(f"state file {self.path} is damaged ({problem}): delete it")
         for key, value in self.identity.items():
             if saved["identity"].get(key) != value:
                 raise DataError(
@@ -114,6 +124,7 @@ class StateFile:
             "first_pass": self._first_pass if pass_number == 2 else {},
             "first_pass_batches": self._first_pass_batches,
         }
+        state["sha256"] = state_digest(state)
         buffer = io.BytesIO()  # torch.save reports a full disk as a bare RuntimeError
         torch.save(state, buffer)
         write_file(self.path, buffer.getvalue(), "state file")
@@ -136,3 +147,55 @@ def restore_all(objects: Mapping[str, Stateful], snapshots: Mapping[str, dict]) 
         )
     for name, obj in objects.items():
         obj.restore(snapshots[name])
+
+
+def state_digest(state: Mapping[str, Any]) -> str:
+    """sha256 of a state's ``FIELDS``: the scalars as JSON, every tensor's name, dtype, shape
+    and bytes (CPU tensors, as ``snapshot`` gives and ``torch.load`` maps them)."""
+    digest = hashlib.sha256()
+    scalars = {k: state[k] for k in FIELDS if k not in ("snapshots", "first_pass")}
+    digest.update(json.dumps(scalars, sort_keys=True).encode())
+    for part in ("snapshots", "first_pass"):
+        for name, snapshot in sorted(state[part].items()):
+            for key, tensor in sorted(snapshot.items()):
+                data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                where = [part, name, key, str(tensor.dtype), list(tensor.shape), data.size]
+                digest.update(json.dumps(where).encode())
+                digest.update(data.tobytes())
+    return digest.hexdigest()
+
+
+def _damage(saved: dict) -> str | None:
+    """What is wrong with a loaded state's structure or checksum; None when it is intact."""
+    if set(saved) != {*FIELDS, "sha256"}:
+        return f"keys {sorted(map(str, saved))}, not {sorted([*FIELDS, 'sha256'])}"
+    counts = (saved["pass"], saved["batches"], saved["first_pass_batches"])
+    if not all(type(n) is int and n >= 0 for n in counts) or saved["pass"] not in (1, 2):
+        return f"pass {counts[0]!r}, batches {counts[1]!r}, first pass {counts[2]!r}"
+    if not isinstance(saved["identity"], dict):
+        return f"identity {type(saved['identity']).__name__}, not a mapping"
+    for part in ("snapshots", "first_pass"):
+        if not _is_snapshots(saved[part]):
+            return f"{part} are not tensors by name"
+    try:
+        intact = saved["sha256"] == state_digest(saved)
+    except (TypeError, ValueError):  # an identity that JSON cannot hold
+        intact = False
+    return None if intact else "its contents do not match their sha256"
+
+
+def _is_snapshots(value: object) -> bool:
+    """``{name: {key: CPU strided tensor}}``, as ``_snapshots`` builds."""
+    return isinstance(value, dict) and all(
+        isinstance(name, str)
+        and isinstance(snapshot, dict)
+        and all(
+            isinstance(key, str)
+            and type(tensor) is torch.Tensor
+            and tensor.layout == torch.strided
+            and tensor.device.type == "cpu"
+            and not tensor.is_quantized
+            for key, tensor in snapshot.items()
+        )
+        for name, snapshot in value.items()
+    )

@@ -48,6 +48,35 @@ def output_is_file_parent(tmp_path: Path) -> str:
     return str(tmp_path / "plain.txt" / "q.onnx")
 
 
+def data_file(tmp_path: Path, name: str, damage: str) -> str:
+    """A data directory holding one batch file ``name``, damaged: ``truncate``d to half,
+    ``crc`` (a flipped byte inside the stored array), or ``empty``."""
+    directory = tmp_path / "bad-data"
+    directory.mkdir()
+    path = directory / name
+    x = np.arange(6 * 3 * 8 * 8, dtype=np.float32).reshape(6, 3, 8, 8)
+    (np.savez if name.endswith(".npz") else np.save)(path, x)
+    data = bytearray(path.read_bytes())
+    if damage == "crc":
+        data[len(data) // 2] ^= 0xFF
+    path.write_bytes(
+        {"truncate": bytes(data[: len(data) // 2]), "crc": bytes(data)}.get(damage, b"")
+    )
+    return str(directory)
+
+
+def recipe(tmp_path: Path, text: str | bytes) -> str:
+    path = tmp_path / "recipe.yaml"
+    (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+    return str(path)
+
+
+def damaged_state(tmp_path: Path) -> str:
+    path = tmp_path / "calib.state"
+    path.write_bytes(b"PK\x03\x04 not the zip archive torch.save writes")
+    return str(path)
+
+
 def good(w: Path, *extra: str) -> list[str]:
     """The good model and data, then ``extra`` options."""
     return [str(w / "model.onnx"), "--data", str(w / "data"), *extra]
@@ -81,6 +110,57 @@ BAD_INPUTS = {
         lambda w, t: [str(w / "model.onnx"), "--scales-in", str(t / "s.safetensors")],
         r"scales file .*s\.safetensors does not exist$",
     ),
+    "truncated-npz": (
+        lambda w, t: [str(w / "model.onnx"), "--data", data_file(t, "a.npz", "truncate")],
+        r"cannot read data file .*a\.npz: BadZipFile: File is not a zip file$",
+    ),
+    "bad-crc-npz": (
+        lambda w, t: [str(w / "model.onnx"), "--data", data_file(t, "a.npz", "crc")],
+        r"cannot read data file .*a\.npz: BadZipFile: Bad CRC-32 for file 'arr_0\.npy'$",
+    ),
+    "empty-npy": (
+        lambda w, t: [str(w / "model.onnx"), "--data", data_file(t, "a.npy", "empty")],
+        r"cannot read data file .*a\.npy: EOFError: No data left in file$",
+    ),
+    "recipe-not-utf8": (
+        lambda w, t: good(w, "--recipe", recipe(t, b"weight: {format: \xff}\n")),
+        r"recipe file .*recipe\.yaml is not UTF-8 text \(invalid start byte at byte 17\)$",
+    ),
+    "recipe-format-a-list": (
+        lambda w, t: good(w, "--recipe", recipe(t, "activation: {format: [int8]}\n")),
+        r"recipe\.yaml: activation: unknown format \['int8'\]: choose one of \['fp8', ",
+    ),
+    "recipe-options-a-number": (
+        lambda w, t: good(w, "--recipe", recipe(t, "weight: {method: mse, options: 5}\n")),
+        r"recipe\.yaml: weight: options must be a mapping of option: number, not 5$",
+    ),
+    "recipe-per-channel-a-string": (
+        lambda w, t: good(w, "--recipe", recipe(t, "weight: {per_channel: 'no'}\n")),
+        r"recipe\.yaml: weight: per_channel must be true or false, not 'no'$",
+    ),
+    "recipe-overrides-a-number": (
+        lambda w, t: good(w, "--recipe", recipe(t, "overrides: 5\n")),
+        r"recipe\.yaml: overrides must be a list of mappings, not 5$",
+    ),
+    "recipe-nodes-a-number": (
+        lambda w, t: good(w, "--recipe", recipe(t, "overrides: [{nodes: 5}]\n")),
+        r"overrides\[0\]: override nodes must be a name pattern \(a string\), not 5$",
+    ),
+    "recipe-op-types-a-number": (
+        lambda w, t: good(w, "--recipe", recipe(t, "op_types: 5\n")),
+        r"recipe\.yaml: op_types must be a list of strings, not 5$",
+    ),
+    "recipe-option-out-of-range": (
+        lambda w, t: good(
+            w, "--recipe", recipe(t, "activation: {method: percentile, options: {bins: 1}}")
+        ),
+        r"activation: method 'percentile' option bins=1 is out of range: it must be an integer "
+        r"in \[2, 65536\]$",
+    ),
+    "damaged-state": (
+        lambda w, t: good(w, "--state", damaged_state(t), "--resume"),
+        r"state file .*calib\.state is damaged \(.*\): delete it$",
+    ),
 }
 BAD_OUTPUTS = {
     "output-dir-missing": (
@@ -109,6 +189,117 @@ BAD_RUNS = {
         lambda w, t: good(w, "--option", "percentile=99.9"),
         r"method option\(s\) \['percentile'\] fit no method used: "
         r"\{\"activation method 'max'\": \[\], \"weight method 'max'\": \[\]\}$",
+    ),
+    "option-nan": (
+        lambda w, t: good(w, "--method", "mse", "--option", "start=nan"),
+        r"method 'mse' option start=nan is out of range: it must be a finite number in "
+        r"\(0, 1000\]$",
+    ),
+    "option-inf": (
+        lambda w, t: good(w, "--method", "mse", "--option", "stop=inf"),
+        r"method 'mse' option stop=inf is out of range",
+    ),
+    "option-a-billion-candidates": (
+        lambda w, t: good(w, "--method", "mse", "--option", "step=1e-9"),
+        r"mse options start=0\.25, stop=4\.0, step=1e-09 give more than 1000 candidates: "
+        r"raise step or narrow start\.\.stop$",
+    ),
+    "option-bins-huge": (
+        lambda w, t: good(w, "--method", "percentile", "--option", "bins=1e10"),
+        r"method 'percentile' option bins=10000000000 is out of range: it must be an integer "
+        r"in \[2, 65536\]$",
+    ),
+    "option-percentile-101": (
+        lambda w, t: good(w, "--method", "percentile", "--option", "percentile=101"),
+        r"option percentile=101 is out of range: it must be a finite number in \(0, 100\]$",
+    ),
+    "option-grid-0": (
+        lambda w, t: good(w, "--method", "shrink-mse", "--option", "grid=0"),
+        r"method 'shrink-mse' option grid=0 is out of range: it must be a finite number > 0$",
+    ),
+    "option-norm-negative": (
+        lambda w, t: good(w, "--method", "shrink-mse", "--option", "norm=-1"),
+        r"option norm=-1 is out of range: it must be a finite number in \(0, 16\]$",
+    ),
+    "option-quantized-bins-over-the-window": (
+        lambda w, t: good(
+            w, "--method", "entropy", "--option", "bins=64", "--option", "quantized_bins=129"
+        ),
+        r"entropy option quantized_bins=129 is out of range: a window of at most 2 \* bins = "
+        r"128 bins",
+    ),
+    "option-auto-bins-over-entropy": (
+        lambda w, t: good(w, "--method", "auto", "--option", "bins=8192"),
+        r"method 'entropy' option bins=8192 is out of range: it must be an integer in \[2, 4999\]$",
+    ),
+    "batch-size-0": (
+        lambda w, t: good(w, "--batch-size", "0"),
+        r"batch_size must be an integer >= 1, not 0$",
+    ),
+    "batch-size-negative": (
+        lambda w, t: good(w, "--batch-size", "-3"),
+        r"batch_size must be an integer >= 1, not -3$",
+    ),
+    "batches-0": (
+        lambda w, t: good(w, "--batches", "0"),
+        r"max_batches \(--batches\) must be an integer >= 1, not 0$",
+    ),
+    "validate-batches-negative": (
+        lambda w, t: good(w, "--validate-batches", "-1"),
+        r"validate_batches must be an integer >= 0, not -1$",
+    ),
+    "view-batches-0": (
+        lambda w, t: good(w, "--layer-view", "--view-batches", "0"),
+        r"view_batches must be an integer >= 1, not 0$",
+    ),
+    "holdout-every-1": (
+        lambda w, t: good(w, "--target-cosine", "0.99", "--holdout-every", "1"),
+        r"holdout_every must be an integer >= 2, not 1$",
+    ),
+    "state-every-0": (
+        lambda w, t: good(w, "--state", str(t / "s.state"), "--state-every", "0"),
+        r"state_every must be a positive number of batches, not 0$",
+    ),
+    "block-size-1": (
+        lambda w, t: good(w, "--format", "int4", "--block-size", "1"),
+        r"block_size must be an integer >= 2 and <= 4096, not 1$",
+    ),
+    "block-size-huge": (
+        lambda w, t: good(w, "--format", "int4", "--block-size", "100000"),
+        r"block_size must be an integer >= 2 and <= 4096, not 100000$",
+    ),
+    "smooth-nan": (
+        lambda w, t: good(w, "--smooth", "nan"),
+        r"smooth \(the SmoothQuant alpha\) must be a number in \(0, 1\), not nan$",
+    ),
+    "smooth-above-1": (
+        lambda w, t: good(w, "--smooth", "1.5"),
+        r"smooth \(the SmoothQuant alpha\) must be a number in \(0, 1\), not 1\.5$",
+    ),
+    "target-cosine-nan": (
+        lambda w, t: good(w, "--target-cosine", "nan"),
+        r"target_cosine=nan is out of range: it must be in \(0, 1\]$",
+    ),
+    "target-cosine-above-1": (
+        lambda w, t: good(w, "--target-cosine", "1.01"),
+        r"target_cosine=1\.01 is out of range: it must be in \(0, 1\]$",
+    ),
+    "target-rel-l2-negative": (
+        lambda w, t: good(w, "--target-rel-l2", "-0.1"),
+        r"target_rel_l2=-0\.1 is out of range: it must be finite and > 0$",
+    ),
+    "nproc-0": (
+        lambda w, t: good(w, "--nproc", "0"),
+        r"argument --nproc: '0' is not an integer >= 1 \(see `qcal calibrate --help`\)$",
+    ),
+    "format-not-a-choice": (
+        lambda w, t: good(w, "--format", "int3"),
+        r"argument --format: invalid choice: 'int3' \(choose from .*\) "
+        r"\(see `qcal calibrate --help`\)$",
+    ),
+    "batches-not-a-number": (
+        lambda w, t: good(w, "--batches", "few"),
+        r"argument --batches: invalid int value: 'few' \(see `qcal calibrate --help`\)$",
     ),
     "negative-device-id": (
         lambda w, t: good(w, "--device-id", "-1"),
@@ -253,13 +444,17 @@ def test_output_dir_not_writable_exits_2(workdir, tmp_path, capsys):
         locked.chmod(0o755)
 
 
-def test_bad_format_choice_is_argparse_exit_2(workdir, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["calibrate", str(workdir / "model.onnx"), "--format", "int3"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "argument --format: invalid choice: 'int3'" in err
-    assert "Traceback" not in err
+def test_usage_errors_are_one_line_too(capsys):
+    """argparse's own errors (no command, no model) are the same one line, exit 2."""
+    assert main([]) == 2
+    assert_one_error_line(capsys.readouterr(), r"required: command \(see `qcal --help`\)$")
+    assert main(["calibrate"]) == 2
+    assert_one_error_line(capsys.readouterr(), r"required: model \(see `qcal calibrate --help`\)$")
+
+
+def test_help_exits_0(capsys):
+    assert main(["calibrate", "--help"]) == 0
+    assert "--option KEY=VALUE" in capsys.readouterr().out
 
 
 # ---- scales files whose values no export can use, and models with nothing to quantize ---------

@@ -83,6 +83,28 @@ def test_empty_yaml_recipe_is_the_default(tmp_path):
         ({"nonfinite": "ignore"}, ["nonfinite", "ignore"]),
         ({"activation": "int8"}, ["activation", "mapping"]),
         ({"overrides": ["enc/*"]}, ["overrides[0]", "mapping"]),
+        ({"activation": {"format": ["int8"]}}, ["activation", "unknown format ['int8']"]),
+        ({"weight": {"method": 5}}, ["weight", "unknown method 5"]),
+        ({"activation": {"options": 5}}, ["activation", "options must be a mapping", "5"]),
+        ({"weight": {"method": "mse", "options": [0.5]}}, ["weight", "options must be a mapping"]),
+        ({"weight": {"per_channel": "no"}}, ["weight", "per_channel must be true or false", "no"]),
+        ({"weight": {"per_channel": 1}}, ["weight", "per_channel"]),
+        ({"weight": {"format": "int4", "block_size": "x"}}, ["weight", "block_size", "'x'"]),
+        ({"weight": {"format": "int4", "block_size": True}}, ["weight", "block_size", "True"]),
+        ({"weight": {"format": "int4", "block_size": 64.0}}, ["block_size", "64.0"]),
+        ({"weight": {"format": "int4", "block_size": 4097}}, ["block_size", "<= 4096", "4097"]),
+        ({"op_types": 5}, ["op_types must be a list of strings", "5"]),
+        ({"exclude_nodes": [1]}, ["exclude_nodes", "[1]"]),
+        ({"modules": None}, ["modules", "None"]),
+        ({"overrides": 5}, ["overrides must be a list", "5"]),
+        ({"overrides": {"nodes": "enc/*"}}, ["overrides must be a list"]),
+        ({"overrides": [{"nodes": 5}]}, ["overrides[0]", "nodes", "5"]),
+        ({"overrides": [{"op_types": "Gemm"}]}, ["overrides[0].op_types", "Gemm"]),
+        ({"weights_mode": 5}, ["weights_mode", "5"]),
+        ({"nonfinite": [1]}, ["nonfinite", "[1]"]),
+        ({"activation": {"method": "mse", "options": {"start": "x"}}}, ["activation", "start='x'"]),
+        ({"weight": {"method": "percentile", "options": {"bins": 1e10}}}, ["weight", "bins"]),
+        ({"1": {"format": "int8"}}, ["unknown key(s) ['1']"]),
     ],
 )
 def test_bad_recipe_raises_naming_the_key(tmp_path, data, names):
@@ -139,6 +161,42 @@ def test_bad_recipe_file_raises_naming_the_file(tmp_path):
     with pytest.raises(RecipeError) as e:
         load_recipe(top_list)
     assert str(top_list) in str(e.value) and "mapping" in str(e.value)
+
+
+def test_unreadable_recipe_files_are_recipe_errors(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("weight: {format: int8}  # réglage\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"latin1\.yaml is not UTF-8 .* at byte 27\)$"):
+        load_recipe(latin1)
+    with pytest.raises(RecipeError, match=r"recipe file .* is not a regular file$"):
+        load_recipe(tmp_path)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(RecipeError, match=r"deep\.json is not valid YAML/JSON"):
+        load_recipe(deep)
+    scalar = tmp_path / "zero.yaml"
+    scalar.write_text("0\n")  # not the empty file's default recipe
+    with pytest.raises(RecipeError, match=r"zero\.yaml: recipe must be a mapping, not int"):
+        load_recipe(scalar)
+    mixed_keys = tmp_path / "keys.yaml"
+    mixed_keys.write_text("1: a\nweights: b\n")
+    with pytest.raises(RecipeError, match=r"unknown key\(s\) \['1', 'weights'\]"):
+        load_recipe(mixed_keys)
+
+
+def test_recipes_built_in_python_are_checked_as_files_are():
+    with pytest.raises(RecipeError, match=r"op_types must be a list of strings, not 'MatMul'"):
+        Recipe(op_types="MatMul")
+    with pytest.raises(RecipeError, match=r"activation must be a TensorSpec or None, not 'int8'"):
+        Recipe(activation="int8")
+    with pytest.raises(RecipeError, match=r"overrides must be a list of overrides"):
+        Recipe(overrides=({"nodes": "*"},))
+    with pytest.raises(RecipeError, match=r"override nodes must be a name pattern"):
+        Override(nodes=None)
+    with pytest.raises(RecipeError, match=r"option start=nan is out of range"):
+        TensorSpec(method="mse", options={"start": float("nan")})
+    lists = Recipe(op_types=["MatMul"], overrides=[Override(op_types=["Gemm"])])
+    assert lists == Recipe(op_types=("MatMul",), overrides=(Override(op_types=("Gemm",)),))
 
 
 @pytest.mark.parametrize("key", ["exclude_nodes", "op_types", "exclude_op_types"])

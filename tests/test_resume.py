@@ -7,6 +7,7 @@ reading batch ``at`` of pass ``in_pass``; the parent resumes from the state it s
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -127,3 +128,121 @@ def test_resume_with_less_data_than_was_done_is_refused(model, tmp_path):
     fewer = lambda: (batch(i) for i in range(5))  # noqa: E731
     with pytest.raises(DataError, match=r"has 8 batches of this pass done, .* has only 5"):
         calibrate_onnx(model, fewer, state=state, resume=True, validate_batches=0)
+
+
+class Interrupt(Exception):
+    """Stops a run from inside its data, leaving the state file of its last save."""
+
+
+def stopped_in_pass_2(index: int):
+    passes = []
+
+    def data():
+        passes.append(1)
+        for i in range(NUM_BATCHES):
+            if len(passes) == 2 and i == index:
+                raise Interrupt
+            yield batch(i)
+
+    return data
+
+
+@pytest.fixture(scope="module")
+def saved_state(model, tmp_path_factory) -> bytes:
+    """The state file of an mse run stopped in pass 2 after 4 batches (saved every 2): the
+    first pass's ranges and the second's losses."""
+    path = tmp_path_factory.mktemp("state") / "calib.state"
+    with pytest.raises(Interrupt):
+        calibrate_onnx(model, stopped_in_pass_2(5), state=path, state_every=2, method="mse")
+    return path.read_bytes()
+
+
+def edited(state: bytes, tmp_path: Path, edit) -> bytes:
+    """``state`` loaded, changed by ``edit(dict)`` and saved again as torch.save writes it."""
+    path = tmp_path / "edit.state"
+    path.write_bytes(state)
+    saved = torch.load(path, weights_only=True)
+    edit(saved)
+    torch.save(saved, path)
+    return path.read_bytes()
+
+
+def flip_in_tensor(state: bytes, tmp_path: Path) -> bytes:
+    """One bit flipped inside a saved tensor's bytes: torch.load reads it without complaint."""
+    path = tmp_path / "flip.state"
+    path.write_bytes(state)
+    saved = torch.load(path, weights_only=True)
+    losses = next(s["losses"] for s in saved["snapshots"].values() if "losses" in s)
+    at = state.index(losses.numpy().tobytes())
+    damaged = bytearray(state)
+    damaged[at + 3] ^= 0x10
+    path.write_bytes(bytes(damaged))
+    reloaded = torch.load(path, weights_only=True)
+    assert not torch.equal(
+        next(s["losses"] for s in reloaded["snapshots"].values() if "losses" in s), losses
+    )
+    return bytes(damaged)
+
+
+def reshaped(saved: dict) -> None:
+    snapshot = next(s for s in saved["snapshots"].values() if "losses" in s)
+    snapshot["losses"] = torch.zeros(3, 7, dtype=torch.float64)
+
+
+DAMAGES = {
+    "truncated": (lambda s, t: s[: len(s) // 2], r"damaged \(.+\): delete it$"),
+    "empty": (lambda s, t: b"", r"damaged \(.+\): delete it$"),
+    "bit-in-a-tensor": (flip_in_tensor, r"damaged \(its contents do not match their sha256\)"),
+    "wrong-shape": (lambda s, t: edited(s, t, reshaped), r"do not match their sha256"),
+    "key-missing": (
+        lambda s, t: edited(s, t, lambda d: d.pop("batches")),
+        r"damaged \(keys \[.*\], not \[.*'batches'",
+    ),
+    "pass-a-string": (
+        lambda s, t: edited(s, t, lambda d: d.update({"pass": "1"})),
+        r"damaged \(pass '1', batches 4, first pass 12\)",
+    ),
+    "snapshots-not-tensors": (
+        lambda s, t: edited(s, t, lambda d: d.update({"snapshots": {"x": {"amax": 1.0}}})),
+        r"damaged \(snapshots are not tensors by name\)",
+    ),
+    "identity-not-a-mapping": (
+        lambda s, t: edited(s, t, lambda d: d.update({"identity": ["model"]})),
+        r"damaged \(identity list, not a mapping\)",
+    ),
+    "other-schema": (
+        lambda s, t: edited(s, t, lambda d: d.update({"schema": "qcal_export.state/1"})),
+        r"is not a qcal_export\.state/2 file: delete it$",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGES))
+def test_damaged_state_file_is_refused_and_kept(model, saved_state, tmp_path, case):
+    """A state file torn, edited or with flipped bits is a DataError naming it (torch.load reads
+    many such files without complaint: the saved sha256 catches them); it is left as it was."""
+    damage, message = DAMAGES[case]
+    state = tmp_path / "calib.state"
+    state.write_bytes(damage(saved_state, tmp_path))
+    before = state.read_bytes()
+    with pytest.raises(DataError, match=rf"state file .*calib\.state (is )?.*{message}"):
+        calibrate_onnx(model, data, state=state, resume=True, method="mse", validate_batches=0)
+    assert state.read_bytes() == before
+
+
+def test_intact_saved_state_resumes(model, saved_state, tmp_path):
+    state = tmp_path / "calib.state"
+    state.write_bytes(saved_state)
+    resumed = calibrate_onnx(
+        model, data, state=state, resume=True, method="mse", validate_batches=0
+    )
+    whole = calibrate_onnx(model, data, method="mse", validate_batches=0)
+    for name, entry in whole.scales.items():
+        assert torch.equal(resumed.scales[name].amax, entry.amax), name
+
+
+def test_a_pipe_as_state_file_is_refused_unread(model, tmp_path):
+    state = tmp_path / "calib.state"
+    os.mkfifo(state)
+    with pytest.raises(DataError, match=r"calib\.state is not a regular file"):
+        calibrate_onnx(model, data, state=state, resume=True, validate_batches=0)

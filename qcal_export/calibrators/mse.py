@@ -28,11 +28,16 @@ CHUNK_ELEMENTS = 1 << 20
 
 def mse_multipliers(start: float = 0.25, stop: float = 4.0, step: float = 0.1) -> torch.Tensor:
     """Float64 multipliers ``start + i * step``, ``ceil((stop - start) / step) + 1`` of them."""
-    if step <= 0 or start <= 0 or stop < start:
+    finite = all(math.isfinite(v) for v in (start, stop, step))
+    if not finite or step <= 0 or start <= 0 or stop < start:
         raise CalibrationError(
-            f"mse multipliers need 0 < start <= stop and step > 0 (got {start}, {stop}, {step})"
+            "mse multipliers need finite 0 < start <= stop and step > 0 "
+            f"(got {start}, {stop}, {step})"
         )
-    count = math.ceil(round((stop - start) / step, 9)) + 1
+    steps = round((stop - start) / step, 9)
+    if not math.isfinite(steps):
+        raise CalibrationError(f"mse step {step} gives more multipliers than can be counted")
+    count = math.ceil(steps) + 1
     return start + step * torch.arange(count, dtype=torch.float64)
 
 

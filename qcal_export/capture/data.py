@@ -9,6 +9,11 @@ ONNX Runtime ``CalibrationDataReader`` objects (rewound with ``rewind()`` betwee
 from __future__ import annotations
 
 import itertools
+import logging
+import numbers
+import tokenize
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +23,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qcal_export.errors import DataError, ModelError
+from qcal_export.errors import DataError, ModelError, RecipeError
+
+log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 
@@ -182,8 +189,19 @@ def split_holdout(source: DataSource, every: int) -> tuple[DataSource, DataSourc
     )
 
 
+def check_count(name: str, value: object, minimum: int, *, optional: bool = False) -> None:
+    """RecipeError unless ``value`` is an integer >= ``minimum`` (or None where ``optional``):
+    the batch options (``batch_size``, ``max_batches``, ...) checked before anything runs."""
+    if value is None and optional:
+        return
+    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not integral or value < minimum:
+        raise RecipeError(f"{name} must be an integer >= {minimum}, not {value!r}")
+
+
 def open_data(data: Any, *, batch_size: int | None = None) -> DataSource:
     """Wrap any supported source in a DataSource; DataError names what is unusable."""
+    check_count("batch_size", batch_size, 1, optional=True)
     if isinstance(data, DataSource):
         return data
     if isinstance(data, (str, Path)):
@@ -242,7 +260,7 @@ def _open_reader(reader: Any) -> DataSource:
 
 def _open_path(path: Path, batch_size: int | None) -> DataSource:
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
+        files = _batch_files(path)
         if not files:
             raise DataError(f"data directory {path} holds no .npz or .npy files")
         kinds = {p.suffix for p in files}
@@ -253,22 +271,66 @@ def _open_path(path: Path, batch_size: int | None) -> DataSource:
             f"{len(files)} files in {path}",
             pairs=lambda keep: ((i, _load_file(p)) for i, p in enumerate(files) if keep(i)),
         )
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"data path {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"data path {path} is neither a regular file nor a directory")
     if path.suffix != ".npz":
         raise DataError(f"data file {path} is not a .npz file (or a directory of .npz/.npy)")
     return DataSource(lambda: _split_npz(path, batch_size), str(path))
 
 
+def _batch_files(directory: Path) -> list[Path]:
+    """The directory's .npz/.npy regular files in name order; anything else of those names (a
+    named pipe, which would block the read, or a subdirectory) is skipped with a log line."""
+    named = sorted(p for p in directory.iterdir() if p.suffix in (".npz", ".npy"))
+    skipped = [p.name for p in named if not p.is_file()]
+    if skipped:
+        log.warning("data directory %s: skipped %s (not regular files)", directory, skipped)
+    return [p for p in named if p.is_file()]
+
+
+UNREADABLE = (
+    OSError,
+    ValueError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+    tokenize.TokenError,
+)
+"""What numpy and zipfile raise on a damaged file: truncated, empty, bad CRC, a bad header (a
+ValueError, or the TokenError of numpy's header filter), an unknown compression method
+(zipfile's NotImplementedError), pickled objects (ValueError)."""
+
+
 def _load_file(path: Path) -> Batch | np.ndarray:
-    """One batch: a .npz as a dict, a .npy as a bare array for the model's only input."""
+    """One batch: a .npz as a dict, a .npy as a bare array for the model's only input. Every
+    array is read here (a .npz is read lazily), so a damaged file fails as a DataError."""
     try:
-        if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False)
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read data file {path}: {e}") from None
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                loaded = {name: loaded[name] for name in loaded.files}
+    except UNREADABLE as e:
+        raise DataError(f"cannot read data file {path}: {_reason(e)}") from None
+    except MemoryError:
+        raise DataError(
+            f"cannot read data file {path}: its header asks for more memory than there is "
+            "(a damaged file?)"
+        ) from None
+    kinds = {".npz": (dict, "a .npz archive"), ".npy": (np.ndarray, "a .npy array")}
+    want, named = kinds[path.suffix]
+    if not isinstance(loaded, want):
+        held = kinds[".npy" if path.suffix == ".npz" else ".npz"][1]
+        raise DataError(f"data file {path} holds {held}, not {named} as its name says: rename it")
+    return loaded
+
+
+def _reason(error: Exception) -> str:
+    """An exception's message in one line, with its type where the message is bare."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _split_npz(path: Path, batch_size: int | None) -> Iterator[Batch]:
@@ -276,6 +338,9 @@ def _split_npz(path: Path, batch_size: int | None) -> Iterator[Batch]:
     if batch_size is None:
         yield whole
         return
+    scalars = sorted(name for name, a in whole.items() if a.ndim == 0)
+    if scalars:
+        raise DataError(f"{path}: arrays {scalars} are scalars; batch_size splits along axis 0")
     lengths = {name: len(a) for name, a in whole.items()}
     if len(set(lengths.values())) > 1:
         raise DataError(f"{path}: arrays differ in length along axis 0 {lengths}; cannot batch")

@@ -7,6 +7,9 @@ tmp_path.
 
 from __future__ import annotations
 
+import io
+import os
+
 import numpy as np
 import pytest
 from data_models import ONE, TWO, batch, feeds
@@ -18,7 +21,7 @@ from qcal_export.capture.data import (
     select_batches,
     split_holdout,
 )
-from qcal_export.errors import DataError
+from qcal_export.errors import DataError, RecipeError
 
 
 def assert_same_batches(got: list[dict], want: list[dict]) -> None:
@@ -158,6 +161,97 @@ def test_directory_problems_raise_data_error(tmp_path):
     np.save(tmp_path / "single.npy", np.zeros((1, 3), np.float32))
     with pytest.raises(DataError, match=r"single\.npy is not a \.npz file"):
         open_data(tmp_path / "single.npy")
+
+
+def damaged(path, damage: str) -> None:
+    """Damage a saved batch file in place."""
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":  # the last 8 bytes lost: the .npy's data, the zip's directory
+        data = data[:-8]
+    elif damage == "empty":
+        data = bytearray()
+    elif damage == "array-byte":  # inside the stored array: the zip CRC no longer holds
+        data[len(data) // 2] ^= 0x01
+    elif damage == "header":  # the .npy header's dict no longer parses
+        data = data.replace(b"'shape': (2, 3)", b"'shape': (2, 3")
+    elif damage == "huge":  # a header asking for 2**46 floats, of a file of 24 bytes
+        header = io.BytesIO()
+        fields = {"descr": "<f4", "fortran_order": False, "shape": (2**46,)}
+        np.lib.format.write_array_header_1_0(header, fields)
+        data = bytearray(header.getvalue()) + data[-24:]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "message"),
+    [
+        ("a.npz", "truncated", r"BadZipFile: File is not a zip file$"),
+        ("a.npz", "empty", r"EOFError: No data left in file$"),
+        ("a.npz", "array-byte", r"BadZipFile: Bad CRC-32 for file 'x\.npy'$"),
+        ("c.npz", "array-byte", r"BadZipFile: Bad CRC-32 for file 'x\.npy'$|error: Error -3"),
+        (
+            "a.npy",
+            "truncated",
+            r"ValueError: Failed to read all data for array\. Expected \(2, 3\)",
+        ),
+        ("a.npy", "empty", r"EOFError: No data left in file$"),
+        ("a.npy", "header", r"ValueError: Cannot parse header|TokenError"),
+        ("a.npy", "huge", r"ValueError: Failed to read all data|asks for more memory"),
+    ],
+)
+def test_damaged_batch_files_raise_data_error_naming_them(tmp_path, name, damage, message):
+    """The errors zipfile, zlib and numpy raise (BadZipFile, EOFError, zlib.error, ...), also
+    those of a .npz's lazily read arrays, are DataErrors naming the file."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    path = tmp_path / name
+    if name.endswith(".npz"):
+        (np.savez_compressed if name == "c.npz" else np.savez)(path, x=x)
+    else:
+        np.save(path, x)
+    damaged(path, damage)
+    with pytest.raises(DataError, match=rf"cannot read data file .*{name[0]}\.np.: " + message):
+        feeds(open_data(tmp_path), ONE)
+
+
+def test_file_content_must_match_its_suffix(tmp_path):
+    x = np.zeros((2, 3), np.float32)
+    (tmp_path / "npz").mkdir()
+    np.save(tmp_path / "npz" / "a.npy", x)
+    (tmp_path / "npz" / "a.npy").rename(tmp_path / "npz" / "a.npz")
+    with pytest.raises(DataError, match=r"a\.npz holds a \.npy array, not a \.npz archive"):
+        feeds(open_data(tmp_path / "npz"), ONE)
+    (tmp_path / "npy").mkdir()
+    np.savez(tmp_path / "npy" / "a.npz", x=x)
+    (tmp_path / "npy" / "a.npz").rename(tmp_path / "npy" / "a.npy")
+    with pytest.raises(DataError, match=r"a\.npy holds a \.npz archive, not a \.npy array"):
+        feeds(open_data(tmp_path / "npy"), ONE)
+
+
+def test_pipes_and_directories_among_batch_files_are_skipped(tmp_path, caplog):
+    """A named pipe would block the read forever; it is never opened, nor is a directory."""
+    np.save(tmp_path / "b.npy", np.ones((2, 3), np.float32))
+    os.mkfifo(tmp_path / "a.npy")
+    (tmp_path / "c.npy").mkdir()
+    source = open_data(tmp_path)
+    assert source.description.startswith("1 files in")
+    assert "skipped ['a.npy', 'c.npy'] (not regular files)" in caplog.text
+    assert_same_batches(feeds(source, ONE), [{"x": np.ones((2, 3), np.float32)}])
+    with pytest.raises(DataError, match=r"data path .*a\.npy is neither a regular file nor a"):
+        open_data(tmp_path / "a.npy")
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 2.5, True, "4"])
+def test_batch_size_must_be_a_positive_integer(tmp_path, batch_size):
+    with pytest.raises(
+        RecipeError, match=rf"batch_size must be an integer >= 1, not {batch_size!r}"
+    ):
+        open_data(tmp_path, batch_size=batch_size)
+
+
+def test_scalar_arrays_cannot_be_split_into_batches(tmp_path):
+    np.savez(tmp_path / "calib.npz", x=np.zeros((4, 3), np.float32), step=np.float32(1))
+    with pytest.raises(DataError, match=r"calib\.npz: arrays \['step'\] are scalars"):
+        list(open_data(tmp_path / "calib.npz", batch_size=2).batches())
 
 
 def test_npz_with_pickled_objects_is_refused(tmp_path):
