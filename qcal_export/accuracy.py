@@ -32,8 +32,8 @@ class Accuracy:
     smooth: float | None = None
 
     def __post_init__(self) -> None:
-        check_count("holdout_every", self.holdout_every, 2)
-        check_count("view_batches", self.view_batches, 1)
+        check_count("holdout_every (--holdout-every)", self.holdout_every, 2)
+        check_count("view_batches (--view-batches)", self.view_batches, 1)
         if self.smooth is not None and not _number_in(self.smooth, 0, 1, closed=False):
             raise RecipeError(
                 f"smooth (the SmoothQuant alpha) must be a number in (0, 1), not {self.smooth!r}"

@@ -129,7 +129,7 @@ def calibrate_onnx(
     recipe_file = recipe if isinstance(recipe, (str, Path)) else None
     recipe = recipe_from_options(load_recipe(recipe_file) if recipe_file else recipe, options)
     check_count("max_batches (--batches)", max_batches, 1, optional=True)
-    check_count("validate_batches", validate_batches, 0)
+    check_count("validate_batches (--validate-batches)", validate_batches, 0)
     accuracy = Accuracy(
         layer_view, target_from(target_cosine, target_rel_l2), holdout_every, view_batches, smooth
     )

@@ -57,7 +57,9 @@ class StateFile:
 
     def __init__(self, path: str | Path, identity: Mapping[str, Any], *, every: int = 100):
         if not isinstance(every, int) or every < 1:
-            raise DataError(f"state_every must be a positive number of batches, not {every!r}")
+            raise DataError(
+                f"state_every (--state-every) must be a positive number of batches, not {every!r}"
+            )
         self.path = check_writable(path, "state file")
         self.identity = json.loads(json.dumps(identity, default=str))
         self.every = every

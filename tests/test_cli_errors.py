@@ -234,11 +234,11 @@ BAD_RUNS = {
     ),
     "batch-size-0": (
         lambda w, t: good(w, "--batch-size", "0"),
-        r"batch_size must be an integer >= 1, not 0$",
+        r"batch_size \(--batch-size\) must be an integer >= 1, not 0$",
     ),
     "batch-size-negative": (
         lambda w, t: good(w, "--batch-size", "-3"),
-        r"batch_size must be an integer >= 1, not -3$",
+        r"batch_size \(--batch-size\) must be an integer >= 1, not -3$",
     ),
     "batches-0": (
         lambda w, t: good(w, "--batches", "0"),
@@ -246,19 +246,19 @@ BAD_RUNS = {
     ),
     "validate-batches-negative": (
         lambda w, t: good(w, "--validate-batches", "-1"),
-        r"validate_batches must be an integer >= 0, not -1$",
+        r"validate_batches \(--validate-batches\) must be an integer >= 0, not -1$",
     ),
     "view-batches-0": (
         lambda w, t: good(w, "--layer-view", "--view-batches", "0"),
-        r"view_batches must be an integer >= 1, not 0$",
+        r"view_batches \(--view-batches\) must be an integer >= 1, not 0$",
     ),
     "holdout-every-1": (
         lambda w, t: good(w, "--target-cosine", "0.99", "--holdout-every", "1"),
-        r"holdout_every must be an integer >= 2, not 1$",
+        r"holdout_every \(--holdout-every\) must be an integer >= 2, not 1$",
     ),
     "state-every-0": (
         lambda w, t: good(w, "--state", str(t / "s.state"), "--state-every", "0"),
-        r"state_every must be a positive number of batches, not 0$",
+        r"state_every \(--state-every\) must be a positive number of batches, not 0$",
     ),
     "block-size-1": (
         lambda w, t: good(w, "--format", "int4", "--block-size", "1"),

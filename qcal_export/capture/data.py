@@ -201,7 +201,7 @@ def check_count(name: str, value: object, minimum: int, *, optional: bool = Fals
 
 def open_data(data: Any, *, batch_size: int | None = None) -> DataSource:
     """Wrap any supported source in a DataSource; DataError names what is unusable."""
-    check_count("batch_size", batch_size, 1, optional=True)
+    check_count("batch_size (--batch-size)", batch_size, 1, optional=True)
     if isinstance(data, DataSource):
         return data
     if isinstance(data, (str, Path)):

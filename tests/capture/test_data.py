@@ -243,7 +243,8 @@ def test_pipes_and_directories_among_batch_files_are_skipped(tmp_path, caplog):
 @pytest.mark.parametrize("batch_size", [0, -2, 2.5, True, "4"])
 def test_batch_size_must_be_a_positive_integer(tmp_path, batch_size):
     with pytest.raises(
-        RecipeError, match=rf"batch_size must be an integer >= 1, not {batch_size!r}"
+        RecipeError,
+        match=rf"batch_size \(--batch-size\) must be an integer >= 1, not {batch_size!r}",
     ):
         open_data(tmp_path, batch_size=batch_size)
 
