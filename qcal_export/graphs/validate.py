@@ -31,6 +31,8 @@ from qcal_export.graphs.runtime_check import (
 
 log = logging.getLogger(__name__)
 
+Errors = dict[str, dict[str, float]]
+
 EVALUATOR = "onnx.reference.ReferenceEvaluator"
 
 
@@ -55,17 +57,30 @@ def check_model(model: onnx.ModelProto, name: str, *, full: bool, path: Path | N
 
 @dataclass
 class RunningError:
-    """Running error of one graph output, accumulated in float64 over batches."""
+    """Running error of one graph output, accumulated in float64 over batches.
+
+    Elements where either model gives NaN or an infinity are left out of the sums and counted:
+    ``nonfinite_float`` where the float model's own output is not finite (data with inf, say),
+    ``nonfinite_quantized`` where only the quantized model's is (an overflow it introduced).
+    """
 
     max_abs: float = 0.0
     diff_sq: float = 0.0
     ref_sq: float = 0.0
     cand_sq: float = 0.0
     dot: float = 0.0
+    nonfinite_float: int = 0
+    nonfinite_quantized: int = 0
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         ref = reference.astype(np.float64).ravel()
         cand = candidate.astype(np.float64).ravel()
+        finite_ref = np.isfinite(ref)
+        finite = finite_ref & np.isfinite(cand)
+        if not finite.all():
+            self.nonfinite_float += int((~finite_ref).sum())
+            self.nonfinite_quantized += int((finite_ref & ~finite).sum())
+            ref, cand = ref[finite], cand[finite]
         diff = cand - ref
         self.max_abs = max(self.max_abs, float(np.abs(diff).max(initial=0.0)))
         self.diff_sq += float(diff @ diff)
@@ -81,7 +96,29 @@ class RunningError:
             if self.ref_sq
             else math.sqrt(self.diff_sq),
             "cosine": self.dot / norms if norms else float(self.diff_sq == 0.0),
+            "nonfinite_float": self.nonfinite_float,
+            "nonfinite_quantized": self.nonfinite_quantized,
         }
+
+
+def warn_nonfinite(errors: Errors, runner: str) -> None:
+    """One warning per output whose elements were left out of the error for NaN or inf."""
+    for name, error in errors.items():
+        if error["nonfinite_quantized"]:
+            log.warning(
+                "output %r: %d elements are finite in the float model but NaN or inf in the "
+                "quantized model (%s); the error leaves them out",
+                name,
+                error["nonfinite_quantized"],
+                runner,
+            )
+        if error["nonfinite_float"]:
+            log.warning(
+                "output %r: %d elements are NaN or inf in the float model itself (the data?); "
+                "the error leaves them out",
+                name,
+                error["nonfinite_float"],
+            )
 
 
 def compare_outputs(
@@ -131,9 +168,6 @@ def reference_runner(
     if needs_reference_evaluator(model):
         return ReferenceRunner(model), EVALUATOR
     return open_session(model, providers, "the quantized model"), f"onnxruntime ({providers[0]})"
-
-
-Errors = dict[str, dict[str, float]]
 
 
 @dataclass
@@ -188,9 +222,9 @@ def validate_outputs(
     float_session = open_session(float_model, providers, str(float_model))
     if needs_reference_evaluator(model):
         runner = ReferenceRunner(model)
-        return Validation(
-            compare_outputs(float_session, runner, model, source, max_batches), EVALUATOR
-        )
+        errors = compare_outputs(float_session, runner, model, source, max_batches)
+        warn_nonfinite(errors, EVALUATOR)
+        return Validation(errors, EVALUATOR)
     with ModelSessions(model, providers) as sessions:
         validation, first = _against_default(
             sessions, float_session, model, source, max_batches, name
@@ -199,6 +233,7 @@ def validate_outputs(
             if first is not None:
                 diagnose(sessions, *first, validation.issue)
             log.warning("%s", validation.issue.message)
+    warn_nonfinite(validation.output_error, validation.output_validator)
     return validation
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 from runtime_cases import conv_relu_fp8_case, matmul_case
@@ -17,7 +18,7 @@ from runtime_cases import conv_relu_fp8_case, matmul_case
 from qcal_export.capture.data import open_data
 from qcal_export.errors import ModelError
 from qcal_export.graphs.runtime_check import _single_culprit, beyond_noise
-from qcal_export.graphs.validate import EVALUATOR, validate_outputs
+from qcal_export.graphs.validate import EVALUATOR, RunningError, validate_outputs
 
 CPU = ["CPUExecutionProvider"]
 
@@ -142,3 +143,46 @@ def test_the_search_finds_the_one_optimizer_whose_removal_cures():
     # two faults, each needing its own optimizer removed: no single one
     assert _single_culprit(lambda off: "T2" in off and "T9" in off, names) is None
     assert _single_culprit(lambda off: False, names) is None
+
+
+def test_running_error_leaves_nonfinite_elements_out_and_counts_them():
+    """Hand-computed: of [1, inf, 2, 3, nan] against [1.5, inf, nan, 3, 7], the float model's inf
+    and nan and the quantized model's own nan are left out; the sums run over (1, 1.5), (3, 3)."""
+    error = RunningError()
+    error.add(
+        np.array([1.0, np.inf, 2.0, 3.0, np.nan], np.float32),
+        np.array([1.5, np.inf, np.nan, 3.0, 7.0], np.float32),
+    )
+    summary = error.summary()
+    assert summary["nonfinite_float"] == 2
+    assert summary["nonfinite_quantized"] == 1
+    assert summary["max_abs"] == 0.5
+    assert summary["rel_l2"] == pytest.approx(0.5 / np.sqrt(10.0), rel=1e-15)
+    assert summary["cosine"] == pytest.approx(10.5 / np.sqrt(10.0 * 11.25), rel=1e-15)
+
+
+def test_data_with_inf_gives_a_finite_error_and_one_warning(tmp_path, caplog):
+    """An inf in the data makes some float outputs inf: the validation counts them (as ORT's
+    float outputs say), keeps the error of the others finite, and warns once."""
+    case = matmul_case(True, False)
+    batches = [dict(b) for b in case.batches]
+    first = next(iter(batches[0]))
+    batches[0][first] = batches[0][first].copy()
+    batches[0][first][0, 0] = np.inf
+    path = tmp_path / "float.onnx"
+    onnx.save(case.float_model, str(path))
+    with caplog.at_level(logging.WARNING):
+        validation = validate_outputs(path, case.qdq_model, CPU, open_data(batches), 4, "qdq")
+    session = ort.InferenceSession(str(path), providers=CPU)
+    outputs = [session.run(None, b)[0] for b in batches]
+    want = sum(int((~np.isfinite(y)).sum()) for y in outputs)
+    error = validation.reference["y"]
+    assert want > 0
+    assert error["nonfinite_float"] == want
+    assert np.isfinite([error["max_abs"], error["rel_l2"], error["cosine"]]).all()
+    assert 0 < error["rel_l2"] < 0.1
+    messages = [r.getMessage() for r in caplog.records if "NaN or inf" in r.getMessage()]
+    assert messages == [
+        f"output 'y': {want} elements are NaN or inf in the float model itself (the data?); "
+        "the error leaves them out"
+    ]
