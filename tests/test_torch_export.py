@@ -20,7 +20,10 @@ from torch import nn
 from torch_models import BLOCK_MODULES, CNN_MODULES, make_block, make_cnn, run_onnx
 
 from qcal_export import Override, Recipe, TensorSpec, calibrate_torch, load_scales
-from qcal_export.granularity import PerAxis, PerBlock
+from qcal_export.artifacts.scales import TensorScales
+from qcal_export.formats import get_format
+from qcal_export.granularity import PerAxis, PerBlock, PerTensor
+from qcal_export.graphs.torch_plan import widest
 
 EPS32 = float(np.finfo(np.float32).eps)
 MODELS = {"block": (make_block, BLOCK_MODULES), "cnn": (make_cnn, CNN_MODULES)}
@@ -175,6 +178,23 @@ def test_modules_sharing_an_input_get_the_widest_range(tmp_path):
     assert result.report["modules"]["k"]["inputs"] == [shared]
     assert float(result.scales[shared].amax) == max(q_amax, k_amax)
     assert any("q.input" in note and "k.input" in note for note in result.notes)
+
+
+@pytest.mark.parametrize(("fmt", "qmax"), [("int8", 127.0), ("fp8", 448.0)])
+def test_the_widest_of_tiny_ranges_keeps_its_own_scale(fmt, qmax):
+    """Ranges around 1e-36 merge to their widest, amax / qmax in float64 terms, not to the
+    1e-30 floor that only a zero range gets."""
+    scales = {}
+    for module, amax in (("q.input", 3e-36), ("k.input", 7e-36)):
+        value = torch.tensor(amax, dtype=torch.float32)
+        scale, zero_point = get_format(fmt).scale_zero_point(-value, value)
+        scales[module] = TensorScales(
+            module, "activation", fmt, "max", PerTensor(), value, scale, zero_point
+        )
+    merged, note = widest("x", scales)
+    assert note is not None
+    assert float(merged.amax) == float(np.float32(7e-36))
+    assert float(merged.scale) == float(np.float32(float(np.float32(7e-36)) / qmax))
 
 
 class Tied(nn.Module):

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import onnx
 import torch
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from qcal_export.artifacts.checkpoint import LAYOUTS, NVFP4Linear, write_nvfp4_checkpoint
 from qcal_export.artifacts.scales import TensorScales
 from qcal_export.errors import OutputError
+from qcal_export.graphs.qdq import initializer_values
 from qcal_export.graphs.targets import FLOAT_TYPES, WEIGHT_INPUTS, Plan, WeightPlan
 
 LINEAR_OPS = ("MatMul", "Gemm")
@@ -84,7 +85,7 @@ def checkpoint_layers(
             continue
         used.add(weight)
         name = layer_name(weight, node.name)
-        values = _serving_weight(node, _array(initializers[weight]))
+        values = _serving_weight(node, initializer_values(initializers[weight]))
         entry, plan_entry = scales.get(weight), plan.weights.get(weight)
         if entry is None or entry.format != "nvfp4" or plan_entry is None:
             ignore.append(name)
@@ -93,11 +94,11 @@ def checkpoint_layers(
         layers.append(_nvfp4_layer(name, node, values, entry, plan_entry, scales))
     for layer in layers:
         bias = initializers.get(f"{layer.name}.bias")
-        layer.bias = None if bias is None else _array(bias)
+        layer.bias = None if bias is None else initializer_values(bias)
         used.add(f"{layer.name}.bias")
     for tensor, init in initializers.items():
         if tensor not in used and _is_parameter(init):
-            extra[tensor] = _array(init)
+            extra[tensor] = initializer_values(init)
     if not layers:
         raise OutputError("no NVFP4 linear layer to write: calibrate MatMul/Gemm weights as nvfp4")
     return layers, extra, ignore
@@ -147,7 +148,3 @@ def _nvfp4_layer(
 def _is_parameter(init: TensorProto) -> bool:
     """Float initializers named like module parameters (``a.b.weight``), not exporter constants."""
     return init.data_type in FLOAT_TYPES and "." in init.name and "::" not in init.name
-
-
-def _array(init: TensorProto) -> torch.Tensor:
-    return torch.from_numpy(numpy_helper.to_array(init).copy())

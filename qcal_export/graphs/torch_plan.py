@@ -19,7 +19,7 @@ import torch
 from qcal_export.artifacts.scales import TensorScales
 from qcal_export.capture.torch_hooks import ModuleTarget, scale_key
 from qcal_export.errors import RecipeError, ScalesError
-from qcal_export.formats import AMAX_FLOOR, get_format
+from qcal_export.formats import floor_zero, get_format
 from qcal_export.granularity import Granularity, PerAxis, PerBlock
 from qcal_export.graphs.export import check_scales_match
 from qcal_export.graphs.targets import (
@@ -206,7 +206,7 @@ def widest(name: str, entries: Mapping[str, TensorScales]) -> tuple[TensorScales
     merged = replace(
         first,
         name=name,
-        amax=torch.maximum(low.abs(), high.abs()).clamp_min(AMAX_FLOOR),
+        amax=floor_zero(torch.maximum(low.abs(), high.abs())),
         min=None if fmt.symmetric else low,
         max=None if fmt.symmetric else high,
         scale=scale,

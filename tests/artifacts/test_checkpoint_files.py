@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import json
 
+import ml_dtypes
+import numpy as np
+import onnx
 import pytest
 import torch
 from checkpoint_oracle import NAME, make_layer, raw_tensors, write
+from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import save_file
 
 from qcal_export.artifacts.checkpoint import NVFP4Linear, load_nvfp4_checkpoint
 from qcal_export.errors import OutputError, ScalesError
+from qcal_export.pipeline import calibrate_onnx
 
 # -- files ----------------------------------------------------------------------------------
 
@@ -126,3 +131,38 @@ def test_unreadable_checkpoints(tmp_path):
     (tmp_path / "config.json").write_text("[1]")
     with pytest.raises(ScalesError, match="expected a JSON object"):
         load_nvfp4_checkpoint(tmp_path)
+
+
+def _matmul_model(path, weight: np.ndarray, elem_type: int) -> None:
+    """y = x @ weight, with ``weight`` an initializer of ``elem_type``."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "fc.weight"], ["y"], "fc")],
+        "g",
+        [helper.make_tensor_value_info("x", elem_type, ["b", weight.shape[0]])],
+        [helper.make_tensor_value_info("y", elem_type, ["b", weight.shape[1]])],
+        [numpy_helper.from_array(weight, "fc.weight")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+
+
+def test_a_bfloat16_model_gives_the_checkpoint_of_its_float32_copy(tmp_path):
+    """bfloat16 weights widen to float32 exactly, so a weight-only NVFP4 checkpoint of a bf16
+    model holds the same tensors as that of its float32 copy."""
+    weight = np.random.default_rng(0).standard_normal((64, 32)).astype(ml_dtypes.bfloat16)
+    tensors = {}
+    for name, array, elem_type in (
+        ("bf16", weight, TensorProto.BFLOAT16),
+        ("f32", weight.astype(np.float32), TensorProto.FLOAT),
+    ):
+        _matmul_model(tmp_path / f"{name}.onnx", array, elem_type)
+        calibrate_onnx(
+            tmp_path / f"{name}.onnx",
+            format="nvfp4",
+            activation_format="none",
+            checkpoint=tmp_path / name,
+        )
+        tensors[name] = raw_tensors(tmp_path / name)
+    assert tensors["bf16"].keys() == tensors["f32"].keys()
+    assert any(key.endswith("weight_scale") for key in tensors["bf16"])
+    for key, value in tensors["f32"].items():
+        assert torch.equal(tensors["bf16"][key], value), key
