@@ -11,12 +11,13 @@ target) is the other. An output inside the data directory with a suffix the data
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from qcal_export.atomic import check_writable
 from qcal_export.errors import OutputError
 
 DATA_SUFFIXES = (".npz", ".npy")
@@ -82,6 +83,20 @@ def check_paths(
                 f"{write.what} lies in the data directory {data_dir} (--data), whose "
                 f"{'/'.join(DATA_SUFFIXES)} files are read as batches: give another path"
             )
+    _check_distinct(writes)
+    return frozenset(read.path.resolve() for read in reads)
+
+
+def check_outputs(named: Mapping[str, str | Path | None]) -> None:
+    """Each output of ``named`` (option or argument name -> path, None where not written) in a
+    writable directory, and no two on the same file; OutputError names them."""
+    named = {what: Path(path) for what, path in named.items() if path is not None}
+    for what, path in named.items():
+        check_writable(path, what)
+    _check_distinct([Place(f"{what} {path}", path) for what, path in named.items()])
+
+
+def _check_distinct(writes: Sequence[Place]) -> None:
     for i, first in enumerate(writes):
         for second in writes[i + 1 :]:
             if first.same(second):
@@ -89,7 +104,6 @@ def check_paths(
                     f"{first.what} and {second.what} are the same file: give each output its "
                     "own path"
                 )
-    return frozenset(read.path.resolve() for read in reads)
 
 
 def _reads(

@@ -20,7 +20,6 @@ import torch
 
 from qcal_export.artifacts.report import save_report, tensor_row
 from qcal_export.artifacts.scales import TensorScales, save_scales, versions
-from qcal_export.atomic import check_writable
 from qcal_export.capture.data import DataSource
 from qcal_export.capture.onnxruntime import open_session, select_providers
 from qcal_export.capture.torch_hooks import ModuleTarget, evaluating
@@ -36,7 +35,8 @@ from qcal_export.graphs.torch_map import (
     map_modules,
 )
 from qcal_export.graphs.torch_plan import MappedPlan, plan_mapped
-from qcal_export.graphs.validate import compare_outputs, reference_runner
+from qcal_export.graphs.validate import Validation, validate_outputs
+from qcal_export.paths import check_outputs
 
 if TYPE_CHECKING:
     from qcal_export.torch_calibration import TorchCalibration
@@ -76,13 +76,7 @@ def export_onnx(
     export_options: dict[str, Any],
 ) -> TorchExportResult:
     """See ``TorchCalibration.export_onnx``; every file is written atomically."""
-    for target, what in (
-        (path, "output model"),
-        (scales_path, "scales file"),
-        (report_path, "report"),
-    ):
-        if target is not None:
-            check_writable(target, what)
+    check_outputs({"path": path, "scales": scales_path, "report": report_path})
     args = args if isinstance(args, tuple) else (args,)
     built = _build(calibration, args, kwargs, dynamo, validate, export_options)
     _warn(built.module_map, built.mapped, len(calibration.targets))
@@ -110,8 +104,9 @@ def export_onnx(
         "quantized_nodes": built.mapped.plan.nodes,
         "tensors": [tensor_row(s, {}) for s in result.scales.values()],
         "notes": result.notes,
-        "validator": built.validator,
-        "output_error": built.output_error,
+        "validator": built.validation.output_validator if built.validation else None,
+        "output_error": built.validation.output_error if built.validation else {},
+        "validation": built.validation.to_report() if built.validation else None,
         "versions": versions(),
     }
     if report_path is not None:
@@ -127,8 +122,7 @@ class _Built:
     sha256: str
     module_map: ModuleMap
     mapped: MappedPlan
-    output_error: dict[str, dict[str, float]]
-    validator: str | None
+    validation: Validation | None
 
 
 def _build(
@@ -157,10 +151,10 @@ def _build(
         exported = export_qdq(
             loaded.proto, mapped.plan, mapped.scales, recipe.weights_mode, recipe.nvfp4_form
         )
-        errors, validator = {}, None
+        validation = None
         if validate:
-            errors, validator = _validate(float_path, exported.model, args, kwargs, mapped.notes)
-    return _Built(exported, loaded.sha256, module_map, mapped, errors, validator)
+            validation = _validate(float_path, exported.model, args, kwargs, mapped.notes)
+    return _Built(exported, loaded.sha256, module_map, mapped, validation)
 
 
 def map_targets(model: onnx.ModelProto, targets: list[ModuleTarget]) -> ModuleMap:
@@ -222,26 +216,25 @@ def _validate(
     args: tuple[Any, ...],
     kwargs: dict[str, Any] | None,
     notes: list[str],
-) -> tuple[dict[str, dict[str, float]], str | None]:
-    """Output error of the QDQ model against the float export on the example inputs."""
+) -> Validation | None:
+    """The QDQ model against the float export on the example inputs, in ORT as users run it
+    and in the reference (``validate.validate_outputs``); None where it cannot run."""
     values = [v for v in (*args, *(kwargs or {}).values()) if isinstance(v, torch.Tensor)]
     providers = select_providers("auto")
-    reference = open_session(float_path, providers, "the float export")
-    names = [i.name for i in reference.get_inputs()]
+    names = [i.name for i in open_session(float_path, providers, "the float export").get_inputs()]
     if len(values) != len(names):
         notes.append(
             f"validation skipped: {len(values)} example tensors for the graph's inputs {names}"
         )
-        return {}, None
+        return None
     feed = {name: v.detach().cpu().numpy() for name, v in zip(names, values, strict=True)}
+    source = DataSource(lambda: iter([feed]), "example inputs")
     try:
-        candidate, validator = reference_runner(exported, providers)
-    except ModelError as e:  # the model passed onnx's checker: ORT's optimizer failed on it
+        return validate_outputs(float_path, exported, providers, source, 1)
+    except ModelError as e:  # the model passed onnx's checker: not even the reference runs it
         log.warning("output check skipped: %s", e)
         notes.append(f"output check skipped: {e}")
-        return {}, None
-    source = DataSource(lambda: iter([feed]), "example inputs")
-    return compare_outputs(reference, candidate, exported, source, 1), validator
+        return None
 
 
 def _warn(module_map: ModuleMap, mapped: MappedPlan, total: int) -> None:

@@ -21,6 +21,7 @@ from torch_models import BLOCK_MODULES, CNN_MODULES, make_block, make_cnn, run_o
 
 from qcal_export import Override, Recipe, TensorSpec, calibrate_torch, load_scales
 from qcal_export.artifacts.scales import TensorScales
+from qcal_export.errors import OutputError
 from qcal_export.formats import get_format
 from qcal_export.granularity import PerAxis, PerBlock, PerTensor
 from qcal_export.graphs.torch_plan import widest
@@ -245,3 +246,34 @@ def test_scales_and_report_files_and_the_model_left_as_found(tmp_path):
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_export_refuses_two_outputs_on_one_file_and_writes_nothing(tmp_path):
+    (tmp_path / "sub").mkdir()
+    model, batches = make_cnn()
+    calibration = calibrate_torch(model, batches)
+    same_file = r"scales .*r\.json and report .*r\.json are the same file"
+    with pytest.raises(OutputError, match=same_file):
+        calibration.export_onnx(
+            (batches[0],),
+            tmp_path / "q.onnx",
+            scales=tmp_path / "r.json",
+            report=tmp_path / "sub" / ".." / "r.json",
+            dynamo=False,
+        )
+    assert [p.name for p in tmp_path.iterdir()] == ["sub"]
+
+
+def test_export_reports_both_runtimes(tmp_path):
+    """The torch path validates as the ONNX path does: ORT as deployed and with optimizations
+    off agree on this CNN, and the report holds both."""
+    model, batches = make_cnn()
+    result = calibrate_torch(model, batches).export_onnx(
+        (batches[0],), tmp_path / "q.onnx", dynamo=False
+    )
+    validation = result.report["validation"]
+    assert validation["runtime_issue"] is None
+    assert result.report["output_error"] == validation["default"]
+    for name, error in validation["reference"].items():
+        assert 0 < error["rel_l2"] < 0.1
+        assert validation["default"][name]["rel_l2"] == pytest.approx(error["rel_l2"], rel=0.5)
