@@ -1,9 +1,10 @@
 """Shared fixtures and helper modules.
 
 Being here, this file puts tests/ on sys.path (pytest's default ``prepend`` import mode), so the
-helper modules in tests/ (convgemm.py, hand_scales.py) import by plain name; helper modules next
-to the tests that use them (calibrators/oracle.py, graphs/qdq_cases.py) import by name because
-pytest puts each test file's folder on sys.path. Their asserts are rewritten like the tests'.
+helper modules in tests/ (convgemm.py, hand_scales.py, error_lines.py) import by plain name;
+helper modules next to the tests that use them (calibrators/oracle.py, graphs/qdq_cases.py)
+import by name because pytest puts each test file's folder on sys.path. Their asserts are
+rewritten like the tests'.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import convgemm
 import pytest
 
-pytest.register_assert_rewrite("oracle", "qdq_cases")
+pytest.register_assert_rewrite("error_lines", "oracle", "qdq_cases")
 
 
 @pytest.fixture(scope="module")

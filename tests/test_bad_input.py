@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 import pytest
 from convgemm import BATCH, data_batches
+from error_lines import assert_one_error_line
 from onnx import TensorProto, helper, numpy_helper
-from test_cli_errors import assert_one_error_line
 
 from qcal_export import calibrate_onnx
 from qcal_export.artifacts.scales import load_scales
