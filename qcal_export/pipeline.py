@@ -16,17 +16,12 @@ import onnx
 import torch
 
 from qcal_export.accuracy import Accuracy, prepare, refine, target_from
+from qcal_export.activation_calibration import calibrate_activations, hessian_inputs
 from qcal_export.artifacts.onnx_layers import check_checkpoint_dir, write_checkpoints
 from qcal_export.artifacts.report import build_report, save_report
 from qcal_export.artifacts.scales import TensorScales, load_scales, save_scales
 from qcal_export.atomic import check_writable
-from qcal_export.calibration import (
-    Collector,
-    calibrate_activations,
-    calibrate_weights,
-    hessian_inputs,
-    relative_weight_errors,
-)
+from qcal_export.calibration import Collector, calibrate_weights, relative_weight_errors
 from qcal_export.capture.data import DataSource, check_count, open_data
 from qcal_export.capture.onnxruntime import OrtCapture, select_providers
 from qcal_export.distributed import Ranks, ranks_from_env
@@ -39,13 +34,8 @@ from qcal_export.graphs.model_io import (
     load_model,
     save_model,
 )
-from qcal_export.graphs.targets import (
-    Plan,
-    find_targets,
-    name_nodes,
-    skipped_reasons,
-    tensor_types,
-)
+from qcal_export.graphs.targets import Plan, find_targets, name_nodes, skipped_reasons
+from qcal_export.graphs.tensor_types import tensor_types
 from qcal_export.graphs.validate import Validation, check_model, validate_outputs
 from qcal_export.paths import check_paths
 from qcal_export.recipe import Recipe, load_recipe
