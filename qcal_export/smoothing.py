@@ -19,7 +19,7 @@ from qcal_export.graphs.targets import find_targets
 from qcal_export.graphs.tensor_types import tensor_types
 
 if TYPE_CHECKING:
-    from qcal_export.pipeline import Run
+    from qcal_export.run import Run
 
 
 def smooth_run(run: Run, alpha: float, max_batches: int | None) -> list[str]:
