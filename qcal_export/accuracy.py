@@ -17,7 +17,7 @@ from qcal_export.sensitivity import Target
 from qcal_export.smoothing import smooth_run
 
 if TYPE_CHECKING:
-    from qcal_export.pipeline import Run
+    from qcal_export.run import Run
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from qcal_export.sensitivity import (
 )
 
 if TYPE_CHECKING:
-    from qcal_export.pipeline import Run
+    from qcal_export.run import Run
 
 
 @dataclass

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import fnmatch
+import dataclasses
 import logging
-import os
-import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,41 +14,24 @@ import onnx
 import torch
 
 from qcal_export.accuracy import Accuracy, prepare, refine, target_from
-from qcal_export.artifacts.onnx_layers import check_checkpoint_dir, write_checkpoints
+from qcal_export.activation_calibration import calibrate_activations, hessian_inputs
+from qcal_export.artifacts.onnx_layers import write_checkpoints
 from qcal_export.artifacts.report import build_report, save_report
 from qcal_export.artifacts.scales import TensorScales, load_scales, save_scales
-from qcal_export.atomic import check_writable
-from qcal_export.calibration import (
-    Collector,
-    calibrate_activations,
-    calibrate_weights,
-    hessian_inputs,
-    relative_weight_errors,
-)
-from qcal_export.capture.data import DataSource, check_count, open_data
-from qcal_export.capture.onnxruntime import OrtCapture, select_providers
-from qcal_export.distributed import Ranks, ranks_from_env
+from qcal_export.calibration import Collector, calibrate_weights, relative_weight_errors
+from qcal_export.capture.data import DataSource, check_count
+from qcal_export.capture.onnxruntime import OrtCapture
+from qcal_export.distributed import ranks_from_env
 from qcal_export.errors import DataError, RecipeError, RuntimeMismatchError
-from qcal_export.graphs.export import check_scales_match, export_qdq
-from qcal_export.graphs.model_io import (
-    LoadedModel,
-    check_opset,
-    external_data_files,
-    load_model,
-    save_model,
-)
-from qcal_export.graphs.targets import (
-    Plan,
-    find_targets,
-    name_nodes,
-    skipped_reasons,
-    tensor_types,
-)
-from qcal_export.graphs.validate import Validation, check_model, validate_outputs
-from qcal_export.paths import check_paths
+from qcal_export.graphs.export import ExportResult, check_scales_match, export_qdq
+from qcal_export.graphs.model_io import save_model
+from qcal_export.graphs.tensor_types import tensor_types
+from qcal_export.graphs.validate import Validation, validate_outputs
+from qcal_export.layer_analysis import Analysis
 from qcal_export.recipe import Recipe, load_recipe
 from qcal_export.recipe_options import recipe_from_options
 from qcal_export.resume import StateFile
+from qcal_export.run import Outputs, Run, check_request, plan_run, shard_run, state_identity
 
 log = logging.getLogger(__name__)
 
@@ -134,29 +115,19 @@ def calibrate_onnx(
         layer_view, target_from(target_cosine, target_rel_l2), holdout_every, view_batches, smooth
     )
     accuracy.check(scales_in)
-    run = _plan(model, recipe, data, batch_size, provider)
-    reads = _check_request(
-        run,
-        checkpoint_layouts,
-        data=data,
-        recipe=recipe_file,
-        scales_in=scales_in,
-        output=output,
-        scales=scales,
-        report=report,
-        state=state,
-        checkpoint=checkpoint,
+    run = plan_run(model, recipe, data, batch_size, provider)
+    asked = Outputs(
+        output, scales, report, checkpoint, checkpoint_layouts, validate_batches, strict
     )
-    run.device_id = device_id
-    run.ranks = ranks_from_env(cuda="CUDAExecutionProvider" in run.providers)
-    if run.ranks.world > 1:
-        _shard(run, accuracy, state, resume)
-        if not run.ranks.writes:
-            output = scales = report = checkpoint = None
-            validate_batches = 0
+    keep = check_request(
+        run, asked, data=data, recipe=recipe_file, scales_in=scales_in, state=state
+    )
+    outputs = _join_ranks(
+        run, dataclasses.replace(asked, keep=keep), accuracy, device_id, state, resume
+    )
     holdout, sections = prepare(run, accuracy, max_batches)
     if state is not None:
-        identity = _identity(run, max_batches, batch_size)
+        identity = state_identity(run, max_batches, batch_size)
         identity.update(smooth=smooth, holdout_every=holdout_every if holdout else None)
         run.state = StateFile(state, identity, every=state_every)
     elif resume:
@@ -165,158 +136,81 @@ def calibrate_onnx(
         found = _scales(run, scales_in, max_batches, progress, resume)
     found, analysis = refine(run, found, accuracy, holdout, sections)
     run.weight_errors = relative_weight_errors(run.loaded.proto, found.values())
-    result = CalibrationResult(scales=found, report={}, timings=run.timings)
-    if checkpoint is not None:
-        with run.timed("checkpoint_s"):
-            result.checkpoint_paths = write_checkpoints(
-                run.loaded.proto, run.plan, found, checkpoint, checkpoint_layouts
+    return _write_outputs(run, found, outputs, sections, analysis, holdout)
+
+
+def _join_ranks(
+    run: Run,
+    outputs: Outputs,
+    accuracy: Accuracy,
+    device_id: int,
+    state: str | Path | None,
+    resume: bool,
+) -> Outputs:
+    """Place this process: on ``device_id``, or, one of several that torchrun started, on its
+    share of the data (and its GPU); the outputs it writes (none but the writing rank's)."""
+    run.device_id = device_id
+    run.ranks = ranks_from_env(cuda="CUDAExecutionProvider" in run.providers)
+    if run.ranks.world > 1:
+        shard_run(run, accuracy, state, resume)
+        if not run.ranks.writes:
+            return dataclasses.replace(
+                outputs, model=None, scales=None, report=None, checkpoint=None, validate_batches=0
             )
-    with run.timed("export_s"):
-        exported = export_qdq(
-            run.loaded.proto, run.plan, found, recipe.weights_mode, recipe.nvfp4_form
-        )
-    validation = None
-    if run.source is not None and validate_batches > 0:
-        with run.timed("validate_s"):
-            validation = _output_error(run, exported.model, validate_batches)
-    if output is not None:
+    return outputs
+
+
+def _write_outputs(
+    run: Run,
+    found: dict[str, TensorScales],
+    outputs: Outputs,
+    sections: dict[str, Any],
+    analysis: Analysis | None,
+    holdout: DataSource | None,
+) -> CalibrationResult:
+    """Export and validate the QDQ model, write the files asked for and build the report (with
+    ``sections``, and ``analysis`` on the ``holdout`` batches); under ``outputs.strict`` a runtime
+    mismatch raises RuntimeMismatchError once everything is written."""
+    result = CalibrationResult(scales=found, report={}, timings=run.timings)
+    exported, validation = _export(run, found, outputs, result)
+    if outputs.model is not None:
         result.model_path = save_model(
-            exported.model, output, external_data=run.loaded.external_data, keep=reads
+            exported.model, outputs.model, external_data=run.loaded.external_data, keep=outputs.keep
         )
-    if scales is not None:
-        result.scales_path = save_scales(scales, found, run.loaded.sha256)
+    if outputs.scales is not None:
+        result.scales_path = save_scales(outputs.scales, found, run.loaded.sha256)
     result.report = {**build_report(run, found, exported, validation, result), **sections}
     if analysis is not None:
         with run.timed("heldout_s"):
             result.report.update(analysis.report(run, exported.model, holdout))
-    if report is not None:
-        result.report_path = save_report(report, result.report)
-    if strict and validation is not None and validation.issue is not None:
+    if outputs.report is not None:
+        result.report_path = save_report(outputs.report, result.report)
+    if outputs.strict and validation is not None and validation.issue is not None:
         paths = (result.model_path, result.scales_path, result.report_path)
         written = ", ".join(str(p) for p in paths if p) or "nothing asked"
         raise RuntimeMismatchError(f"--strict: {validation.issue.summary}; written: {written}")
     return result
 
 
-def _shard(run: Run, accuracy: Accuracy, state: str | Path | None, resume: bool) -> None:
-    """This rank's share of the data (and, under CUDA, its own GPU: ``LOCAL_RANK``); the
-    options that do not run across processes yet are refused."""
-    auto = any(a.spec.method == "auto" for a in run.plan.activations.values())
-    one_process = accuracy.layer_view or accuracy.target or accuracy.smooth is not None
-    if one_process or auto or state is not None or resume:
-        raise RecipeError(
-            "smoothing, method auto, the layer view, precision targets and state files run in "
-            "one process only: calibrate without torchrun (--nproc) for them"
-        )
-    if run.source is not None:
-        run.source = run.ranks.shard(run.source)
-    if "CUDAExecutionProvider" in run.providers:
-        run.device_id = int(os.environ.get("LOCAL_RANK", run.device_id))
-
-
-def _check_request(run: Run, checkpoint_layouts: tuple[str, ...], **paths: Any) -> frozenset[Path]:
-    """Refuse what cannot be written, or would land on an input or another output, before
-    anything runs; warn about torch-only fields. Returns the files read (no write removes them).
-    """
-    torch_only = [k for k in ("output", "module_types", "modules") if getattr(run.recipe, k)]
-    if torch_only:
-        log.warning(
-            "recipe fields %s apply to torch models only; the ONNX run ignores them", torch_only
-        )
-    outputs = {"output": "output model", "scales": "scales file", "report": "report"}
-    for key, what in {**outputs, "state": "state file"}.items():
-        if paths[key] is not None:
-            check_writable(paths[key], what)
-    if paths["checkpoint"] is not None:
-        check_checkpoint_dir(paths["checkpoint"], checkpoint_layouts)
-    model_data = external_data_files(run.loaded.path) if run.loaded.external_data else []
-    return check_paths(
-        model=run.loaded.path,
-        model_data=model_data,
-        checkpoint_layouts=checkpoint_layouts,
-        **paths,
-    )
-
-
-def _identity(run: Run, max_batches: int | None, batch_size: int | None) -> dict[str, Any]:
-    """What a resumed run must share with the one that saved its state."""
-    return {
-        "model_sha256": run.loaded.sha256,
-        "recipe": run.recipe.to_dict(),
-        "max_batches": max_batches,
-        "batch_size": batch_size,
-    }
-
-
-@dataclass
-class Run:
-    """What one calibration works on: the model, the plan and the data.
-
-    ``loaded.proto`` is edited into the QDQ model in place (one copy of the weights in memory);
-    the float reference for validation is read from ``loaded.path``, which is never written.
-    """
-
-    loaded: LoadedModel
-    plan: Plan
-    recipe: Recipe
-    source: DataSource | None
-    providers: list[str]
-    batches_per_pass: list[int] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    weight_errors: dict[str, float] = field(default_factory=dict)
-    validator: str = ""
-    state: StateFile | None = None
-    device_id: int = 0
-    ranks: Ranks = field(default_factory=Ranks)
-    candidates: dict[str, dict[str, TensorScales]] = field(default_factory=dict)
-
-    @contextmanager
-    def timed(self, key: str) -> Iterator[None]:
-        """Time the block into ``timings[key]`` (seconds)."""
-        start = time.perf_counter()
-        yield
-        self.timings[key] = time.perf_counter() - start
-
-
-def _plan(
-    model: str | Path, recipe: Recipe, data: Any, batch_size: int | None, provider: str
-) -> Run:
-    """Load and check the model, plan its targets, open the data; nothing runs yet."""
-    loaded = load_model(model)
-    check_opset(loaded.proto, str(loaded.path))
-    check_model(loaded.proto, str(loaded.path), full=False, path=loaded.path)
-    name_nodes(loaded.proto)
-    plan = find_targets(loaded.proto, recipe)
-    plan.notes += unmatched_patterns(loaded.proto, recipe, str(loaded.path))
-    for note in plan.notes:
-        log.warning("%s", note)
-    if not plan.activations and not plan.weights:
-        raise RecipeError(
-            f"{loaded.path}: no node of types {list(recipe.op_types)} left to quantize "
-            f"(excluded: {plan.excluded[:5]})"
-            + (f": {skipped_reasons(plan)}" if plan.skipped else "")
-        )
-    source = open_data(data, batch_size=batch_size) if data is not None else None
-    return Run(loaded, plan, recipe, source, select_providers(provider))
-
-
-def unmatched_patterns(model: onnx.ModelProto, recipe: Recipe, name: str) -> list[str]:
-    """Notes on exclude / override node patterns with wildcards that match no node of the main
-    graph; RecipeError for a plain node name that matches none (a typo, or another model)."""
-    nodes = [n.name for n in model.graph.node]
-    patterns = [("exclude", p) for p in recipe.exclude_nodes]
-    patterns += [(f"overrides[{i}]", o.nodes) for i, o in enumerate(recipe.overrides)]
-    notes = []
-    for where, pattern in patterns:
-        if any(fnmatch.fnmatchcase(node, pattern) for node in nodes):
-            continue
-        if not any(c in pattern for c in "*?["):
-            raise RecipeError(
-                f"{where} names node {pattern!r}, which {name} does not have: check the name "
-                "(`qcal inspect MODEL` lists the quantizable nodes) or use a pattern"
+def _export(
+    run: Run, found: dict[str, TensorScales], outputs: Outputs, result: CalibrationResult
+) -> tuple[ExportResult, Validation | None]:
+    """The serving checkpoints asked for (their paths into ``result``), then the QDQ model and
+    its validation (None when there is no data or no batch to validate on)."""
+    if outputs.checkpoint is not None:
+        with run.timed("checkpoint_s"):
+            result.checkpoint_paths = write_checkpoints(
+                run.loaded.proto, run.plan, found, outputs.checkpoint, outputs.checkpoint_layouts
             )
-        notes.append(f"{where} pattern {pattern!r} matches no node of {name}")
-    return notes
+    with run.timed("export_s"):
+        exported = export_qdq(
+            run.loaded.proto, run.plan, found, run.recipe.weights_mode, run.recipe.nvfp4_form
+        )
+    validation = None
+    if run.source is not None and outputs.validate_batches > 0:
+        with run.timed("validate_s"):
+            validation = _output_error(run, exported.model, outputs.validate_batches)
+    return exported, validation
 
 
 def _scales(

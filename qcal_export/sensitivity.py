@@ -27,7 +27,7 @@ from qcal_export.capture.data import DataSource, feeds, model_inputs
 from qcal_export.capture.onnxruntime import open_session
 from qcal_export.errors import DataError, RecipeError
 from qcal_export.graphs.switchable import ENABLE, Switchable
-from qcal_export.graphs.targets import FLOAT_TYPES, tensor_types
+from qcal_export.graphs.tensor_types import FLOAT_TYPES, tensor_types
 
 METRICS = ("cosine", "rel_l2")
 

@@ -15,10 +15,11 @@ from qcal_export.errors import DataError
 from qcal_export.formats import INT8
 from qcal_export.granularity import PerAxis
 from qcal_export.graphs.smooth import smooth_model, smoothing_groups
-from qcal_export.graphs.targets import find_targets, tensor_types
+from qcal_export.graphs.targets import find_targets
+from qcal_export.graphs.tensor_types import tensor_types
 
 if TYPE_CHECKING:
-    from qcal_export.pipeline import Run
+    from qcal_export.run import Run
 
 
 def smooth_run(run: Run, alpha: float, max_batches: int | None) -> list[str]:

@@ -25,7 +25,6 @@ from qcal_export.calibration import (
     make_calibrator,
     named_collector,
     second_pass,
-    tensor_scales,
 )
 from qcal_export.calibrators import BlockHessian, Calibrator
 from qcal_export.capture.torch_hooks import (
@@ -42,6 +41,7 @@ from qcal_export.granularity import PerTensor
 from qcal_export.pipeline import ProgressFactory
 from qcal_export.recipe import Recipe, TensorSpec
 from qcal_export.recipe_options import recipe_from_options
+from qcal_export.tensor_scales import tensor_scales
 
 if TYPE_CHECKING:
     from qcal_export.torch_export import TorchExportResult

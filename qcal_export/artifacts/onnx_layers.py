@@ -20,8 +20,10 @@ from onnx import TensorProto
 from qcal_export.artifacts.checkpoint import LAYOUTS, NVFP4Linear, write_nvfp4_checkpoint
 from qcal_export.artifacts.scales import TensorScales
 from qcal_export.errors import OutputError
+from qcal_export.graphs.op_inputs import WEIGHT_INPUTS
 from qcal_export.graphs.qdq import initializer_values
-from qcal_export.graphs.targets import FLOAT_TYPES, WEIGHT_INPUTS, Plan, WeightPlan
+from qcal_export.graphs.targets import Plan, WeightPlan
+from qcal_export.graphs.tensor_types import FLOAT_TYPES
 
 LINEAR_OPS = ("MatMul", "Gemm")
 

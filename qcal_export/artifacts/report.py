@@ -12,7 +12,8 @@ from qcal_export.atomic import write_file
 if TYPE_CHECKING:
     from qcal_export.graphs.export import ExportResult
     from qcal_export.graphs.validate import Validation
-    from qcal_export.pipeline import CalibrationResult, Run
+    from qcal_export.pipeline import CalibrationResult
+    from qcal_export.run import Run
 
 
 def tensor_row(s: TensorScales, weight_errors: dict[str, float]) -> dict[str, Any]:

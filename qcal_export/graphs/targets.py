@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from qcal_export.errors import ModelError, RecipeError
 from qcal_export.formats import get_format
 from qcal_export.granularity import Granularity, PerAxis, PerBlock, PerTensor
-from qcal_export.graphs.model_io import inference_view
+from qcal_export.graphs.op_inputs import (
+    ACTIVATION_INPUTS,
+    WEIGHT_INPUTS,
+    int_attr,
+    is_activation_input,
+    weight_problem,
+)
+from qcal_export.graphs.tensor_types import FLOAT_TYPES, Shape, tensor_infos, type_problem
 from qcal_export.recipe import Recipe, TensorSpec
 
-FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 QUANTIZED_OPS = {
     "QuantizeLinear",
     "DequantizeLinear",
@@ -101,43 +107,6 @@ class Plan:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def _attr(node: onnx.NodeProto, name: str) -> int:
-    return next((a.i for a in node.attribute if a.name == name), 0)
-
-
-@dataclass(frozen=True)
-class WeightAxes:
-    """Index of an op's weight input and, from the node and the weight's rank, its
-    output-channel axis and its reduction (input-channel) axis; None where there is none."""
-
-    index: int
-    channel: Callable[[onnx.NodeProto, int], int | None]
-    reduction: Callable[[onnx.NodeProto, int], int | None]
-
-
-WEIGHT_INPUTS: dict[str, WeightAxes] = {
-    "MatMul": WeightAxes(
-        1, lambda n, r: r - 1 if r >= 2 else None, lambda n, r: r - 2 if r >= 2 else 0
-    ),
-    "Gemm": WeightAxes(
-        1, lambda n, r: 0 if _attr(n, "transB") else 1, lambda n, r: _attr(n, "transB")
-    ),
-    "Conv": WeightAxes(1, lambda n, r: 0, lambda n, r: 1),
-    "ConvTranspose": WeightAxes(1, lambda n, r: 1, lambda n, r: 0),
-}
-# op type -> {index of an input quantized as an activation: its reduction axis (negative, from
-# the end; None: unknown)}; other inputs stay float
-ACTIVATION_INPUTS: dict[str, dict[int, Callable[[onnx.NodeProto], int | None]]] = {
-    "MatMul": {0: lambda n: -1, 1: lambda n: -2},
-    "Gemm": {
-        0: lambda n: -2 if _attr(n, "transA") else -1,
-        1: lambda n: -1 if _attr(n, "transB") else -2,
-    },
-    "Conv": {0: lambda n: None},
-    "ConvTranspose": {0: lambda n: None},
-}
-
-
 def name_nodes(model: onnx.ModelProto) -> None:
     """Name every unnamed node, and every repeat of a name, of the main graph uniquely.
 
@@ -155,37 +124,6 @@ def name_nodes(model: onnx.ModelProto) -> None:
         node.name = name
         taken.add(name)
         seen.add(name)
-
-
-Shape = tuple[int | None, ...]
-
-
-def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor whose type is known after shape inference."""
-    return {name: elem_type for name, (elem_type, _) in tensor_infos(model).items()}
-
-
-def tensor_infos(model: onnx.ModelProto) -> dict[str, tuple[int, Shape | None]]:
-    """Element type and shape (None for a symbolic dim; None if the rank is unknown) of every
-    tensor whose type is known after shape inference."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(inference_view(model), strict_mode=False)
-    except (onnx.shape_inference.InferenceError, ValueError):
-        inferred = model
-    graph = inferred.graph
-    infos: dict[str, tuple[int, Shape | None]] = {
-        t.name: (t.data_type, tuple(t.dims)) for t in graph.initializer
-    }
-    for info in [*graph.input, *graph.output, *graph.value_info]:
-        if info.type.HasField("tensor_type"):
-            tensor_type = info.type.tensor_type
-            shape = None
-            if tensor_type.HasField("shape"):
-                shape = tuple(
-                    d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
-                )
-            infos[info.name] = (tensor_type.elem_type, shape)
-    return infos
 
 
 def find_targets(model: onnx.ModelProto, recipe: Recipe) -> Plan:
@@ -248,17 +186,17 @@ def _plan_node(
     added, why, faults = False, [], []
     for index, tensor in enumerate(node.input):
         is_weight = tensor in initializers and axes is not None and index == axes.index
-        if not tensor or not (is_weight or _is_activation_input(node, index)):
+        if not tensor or not (is_weight or is_activation_input(node, index)):
             continue
         elem_type = infos.get(tensor, (None,))[0]
         if elem_type not in FLOAT_TYPES:
-            why.append(_type_problem(tensor, elem_type))
+            why.append(type_problem(tensor, elem_type))
             if node.op_type in ACTIVATION_INPUTS:
                 faults.append(why[-1])
         elif tensor in initializers:
             weight = _weight_plan(node, index, initializers[tensor], weight_spec)
             if weight is None:
-                why.append(_weight_problem(node, index, tensor, weight_spec))
+                why.append(weight_problem(node, index, tensor, weight_spec))
                 if not is_weight and axes is not None:
                     faults.append(why[-1])
                 continue
@@ -273,30 +211,6 @@ def _plan_node(
             _add_activation(plan, entry, Use(node.name, index))
             added = True
     return added, list(dict.fromkeys(why)), list(dict.fromkeys(faults))
-
-
-def _type_problem(tensor: str, elem_type: int | None) -> str:
-    """Why a tensor of ``elem_type`` cannot get a QuantizeLinear."""
-    if elem_type is None:
-        return f"the type of {tensor!r} is unknown to shape inference"
-    name = describe_type(elem_type).lower()
-    reason = f"it computes in {name}: ONNX QuantizeLinear takes float, float16 or bfloat16"
-    if elem_type == TensorProto.DOUBLE:
-        reason += ", not double: cast the model to float32 to quantize it"
-    return reason
-
-
-def _weight_problem(node: onnx.NodeProto, index: int, tensor: str, spec: TensorSpec | None) -> str:
-    """Why initializer ``tensor`` (input ``index`` of ``node``) is not quantized as a weight."""
-    axes = WEIGHT_INPUTS.get(node.op_type)
-    if axes is None:
-        return f"initializer {tensor!r} (input {index}): {node.op_type} has no weight input"
-    if index != axes.index:
-        return (
-            f"initializer {tensor!r} is input {index}, but {node.op_type} weights are "
-            f"quantized on input {axes.index} only"
-        )
-    return f"the recipe leaves weights in float ({tensor!r})"
 
 
 def skipped_reasons(plan: Plan, limit: int = 3) -> str:
@@ -321,11 +235,6 @@ def subgraph_nodes(graph: onnx.GraphProto, op_types: set[str], prefix: str = "")
                 ]
                 found += subgraph_nodes(sub, op_types, where)
     return found
-
-
-def _is_activation_input(node: onnx.NodeProto, index: int) -> bool:
-    rules = ACTIVATION_INPUTS.get(node.op_type)
-    return rules is None or index in rules
 
 
 def _weight_plan(
@@ -355,7 +264,7 @@ def _hessian_input(
     node: onnx.NodeProto, infos: dict[str, tuple[int, Shape | None]], initializers: dict
 ) -> str | None:
     """The activation whose last axis is the weight's reduction axis (MatMul A, Gemm A)."""
-    if node.op_type not in ("MatMul", "Gemm") or _attr(node, "transA"):
+    if node.op_type not in ("MatMul", "Gemm") or int_attr(node, "transA"):
         return None
     tensor = node.input[0]
     return None if tensor in initializers or tensor not in infos else tensor
@@ -414,10 +323,6 @@ def _add_weight(plan: Plan, weight: WeightPlan) -> None:
     if entry.hessian_input != weight.hessian_input:
         entry.hessian_input = None
     entry.uses.append(use)
-
-
-def describe_type(elem_type: int) -> str:
-    return helper.tensor_dtype_to_string(elem_type).removeprefix("TensorProto.")
 
 
 _Planned = TypeVar("_Planned", ActivationPlan, WeightPlan)

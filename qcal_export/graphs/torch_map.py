@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qcal_export.graphs.targets import FLOAT_TYPES, WEIGHT_INPUTS
+from qcal_export.graphs.op_inputs import WEIGHT_INPUTS
+from qcal_export.graphs.tensor_types import FLOAT_TYPES
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 REWRITE_RULE = "pkg.onnxscript.rewriter.rule_name"

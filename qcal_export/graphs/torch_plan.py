@@ -22,15 +22,9 @@ from qcal_export.errors import RecipeError, ScalesError
 from qcal_export.formats import floor_zero, get_format
 from qcal_export.granularity import Granularity, PerAxis, PerBlock
 from qcal_export.graphs.export import check_scales_match
-from qcal_export.graphs.targets import (
-    ACTIVATION_INPUTS,
-    FLOAT_TYPES,
-    ActivationPlan,
-    Plan,
-    Use,
-    find_targets,
-    tensor_types,
-)
+from qcal_export.graphs.op_inputs import ACTIVATION_INPUTS
+from qcal_export.graphs.targets import ActivationPlan, Plan, Use, find_targets
+from qcal_export.graphs.tensor_types import FLOAT_TYPES, tensor_types
 from qcal_export.graphs.torch_map import ModuleMap, NodeMatch
 from qcal_export.recipe import Override, Recipe, TensorSpec
 
