@@ -142,7 +142,6 @@ def _fold(model: onnx.ModelProto, chains: set[str], result: PreprocessResult) ->
     """Lift ``Constant`` nodes to initializers and fold the nodes of ``chains`` (onnx-ir and
     onnxscript's folder); the graph's inputs and outputs keep their names."""
     graph = model.graph
-    before = {n.name: n.op_type for n in graph.node}
     weights = set(_chain_initializers(graph, chains))
     listed = [value for value in graph.input if value.name in weights]
     for value in listed:
@@ -161,28 +160,57 @@ def _fold(model: onnx.ModelProto, chains: set[str], result: PreprocessResult) ->
         should_fold=lambda node: node.name in chains,
     )
     folded = ir.serde.serialize_model(ir_model)
-    after = {n.name for n in folded.graph.node}
-    gone = {name: op for name, op in before.items() if name not in after}
-    lifted = [name for name, op in gone.items() if op == "Constant"]
-    chain_ops = sorted({op for name, op in gone.items() if op != "Constant" and name in chains})
-    if lifted:
-        result.counts["constants_lifted"] = len(lifted)
-        result.changes.append(f"lifted {len(lifted)} Constant node(s) to initializers")
-    folded_nodes = [name for name in gone if name in chains and gone[name] != "Constant"]
-    if folded_nodes:
-        result.counts["weight_nodes_folded"] = len(folded_nodes)
-        result.changes.append(
-            f"folded {len(folded_nodes)} node(s) computing weights from constants "
-            f"({', '.join(chain_ops)}) into initializers"
-        )
-    new_weights = _weight_initializers(folded.graph) - _weight_initializers(graph)
-    if new_weights:
-        result.counts["weights_found"] = len(new_weights)
-        result.changes.append(
-            f"{len(new_weights)} weight(s) now initializers: {sorted(new_weights)[:5]}"
-            + (" ..." if len(new_weights) > 5 else "")
-        )
+    _describe(graph, folded.graph, chains, result)
     return folded
+
+
+def _describe(
+    graph: onnx.GraphProto, folded: onnx.GraphProto, chains: set[str], result: PreprocessResult
+) -> None:
+    """Count into ``result`` what folding ``graph`` into ``folded`` changed, one line each."""
+    after = {n.name for n in folded.node}
+    gone = {n.name: n for n in graph.node if n.name not in after}
+    lifted = [name for name, n in gone.items() if n.op_type == "Constant"]
+    weight_nodes = [name for name in gone if name in chains and name not in lifted]
+    others = [name for name in gone if name not in chains and name not in lifted]
+    computed = {t for n in gone.values() for t in n.output}
+    inputs = {n.name: list(n.input) for n in graph.node}
+    rewired = [
+        f"{n.name}:{i}"
+        for n in folded.node
+        for i, tensor in enumerate(n.input)
+        if n.name in inputs
+        and i < len(inputs[n.name])
+        and inputs[n.name][i] not in (tensor, *computed)
+    ]
+    new_weights = sorted(_weight_initializers(folded) - _weight_initializers(graph))
+
+    def ops(names: list[str]) -> str:
+        return ", ".join(sorted({gone[name].op_type for name in names}))
+
+    lines = {
+        "constants_lifted": (lifted, "lifted {n} Constant node(s) to initializers"),
+        "weight_nodes_folded": (
+            weight_nodes,
+            f"folded {{n}} node(s) computing weights from constants ({ops(weight_nodes)}) "
+            "into initializers",
+        ),
+        "other_nodes_simplified": (
+            others,
+            f"the folder also simplified away {{n}} node(s) ({ops(others)}) it could evaluate",
+        ),
+        "inputs_rewired": (
+            rewired,
+            "the folder rewired {n} node input(s) past nodes that copy their input "
+            "(Identity-like), same values: {first}",
+        ),
+        "weights_found": (new_weights, "{n} weight(s) now initializers: {first}"),
+    }
+    for key, (found, line) in lines.items():
+        if found:
+            result.counts[key] = len(found)
+            first = f"{found[:5]}" + (" ..." if len(found) > 5 else "")
+            result.changes.append(line.format(n=len(found), first=first))
 
 
 def _chain_initializers(graph: onnx.GraphProto, chains: set[str]) -> list[str]:
