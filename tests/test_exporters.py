@@ -14,6 +14,7 @@ from exporters import CORPUS, Export
 from onnx import TensorProto
 
 from qcal_export import calibrate_onnx
+from qcal_export.cli import main
 from qcal_export.graphs.op_inputs import WEIGHT_INPUTS
 
 STORED = {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}
@@ -100,3 +101,21 @@ def test_an_int8_model_of_constant_weights_is_smaller_than_the_float_one(tmp_pat
     export = CORPUS["constant_weights"]()
     source, result = calibrate(export, tmp_path, "int8")
     assert result.model_path.stat().st_size < source.stat().st_size
+
+
+def test_the_cli_summary_counts_the_quantized_nodes_and_lists_the_pre_processing(tmp_path, capsys):
+    """The tf2onnx-style MLP as a user runs it: 2 nodes quantized, both weights, a smaller file."""
+    export = CORPUS["constant_weights"]()
+    source = tmp_path / "float.onnx"
+    onnx.save(export.model, str(source))
+    (tmp_path / "data").mkdir()
+    for i, batch in enumerate(export.batches):
+        np.savez(tmp_path / "data" / f"batch_{i:02d}.npz", **batch)
+    out = tmp_path / "q.onnx"
+    argv = ["calibrate", str(source), "--data", str(tmp_path / "data"), "-o", str(out)]
+    assert main([*argv, "--format", "int8", "--provider", "cpu"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "2 nodes quantized" in printed
+    assert "pre-processing: lifted 3 Constant node(s) to initializers" in printed
+    assert len(quantized_weights(onnx.load(str(out)), TensorProto.INT8)) == 2
+    assert out.stat().st_size < source.stat().st_size
