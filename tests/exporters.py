@@ -36,8 +36,9 @@ def _weight(rng: np.random.Generator, *shape: int, dtype=np.float32) -> np.ndarr
     return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(dtype)
 
 
-def _constant(name: str, array: np.ndarray) -> onnx.NodeProto:
-    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name))
+def _constant(name: str, array: np.ndarray, node: str = "") -> onnx.NodeProto:
+    value = numpy_helper.from_array(array, name)
+    return helper.make_node("Constant", [], [name], node, value=value)
 
 
 def _model(
@@ -165,20 +166,21 @@ def shared_weight() -> Export:
 
 def transformer_block(seq: int = 6, dim: int = 32, heads: int = 4) -> Export:
     """optimum-style encoder block: initializer weights, MatMul + Add projections,
-    LayerNormalization, scaled-dot-product attention with Softmax, a residual Add."""
+    LayerNormalization, scaled-dot-product attention with Softmax, a residual Add; the shape
+    of the heads in a Constant node (as torch's exporter writes shapes)."""
     rng = _rng(7)
     head = dim // heads
     inits = [
         numpy_helper.from_array(np.ones(dim, np.float32), "ln.weight"),
         numpy_helper.from_array(np.zeros(dim, np.float32), "ln.bias"),
-        numpy_helper.from_array(np.array([0, 0, heads, head], np.int64), "split_heads"),
         numpy_helper.from_array(np.array([0, 0, dim], np.int64), "merge_heads"),
         numpy_helper.from_array(np.array(1 / np.sqrt(head), np.float32), "scale"),
     ]
     nodes = [
+        _constant("split_heads", np.array([0, 0, heads, head], np.int64), "/Constant"),
         helper.make_node(
             "LayerNormalization", ["x", "ln.weight", "ln.bias"], ["ln"], "/ln", axis=-1
-        )
+        ),
     ]
     for p in ("q", "k", "v"):
         inits += [

@@ -47,11 +47,14 @@ class PreprocessResult:
 
 
 def preprocess(model: onnx.ModelProto) -> PreprocessResult:
-    """``model`` (edited in place where only names change; otherwise a new proto) ready to plan.
+    """``model`` (edited in place where only names and types change; else a new proto) ready
+    to plan.
 
     Weight sub-graphs: a chain of nodes computed from constants only (initializers, ``Constant``
     nodes) ending at the weight input of MatMul, Gemm, Conv or ConvTranspose, such as
     ``Constant -> Cast -> Transpose``; each becomes one initializer, shared where the chain was.
+    Only a model with such a chain is folded (and then all its ``Constant`` nodes are lifted);
+    any other keeps its graph, ``Constant`` nodes included.
     """
     result = PreprocessResult(model)
     unnamed = sum(1 for n in model.graph.node if not n.name)
@@ -63,8 +66,7 @@ def preprocess(model: onnx.ModelProto) -> PreprocessResult:
             f"named {unnamed + repeated} unnamed or repeated node name(s) <name or OpType>_<index>"
         )
     chains = weight_chains(model.graph)
-    constants = [n for n in model.graph.node if n.op_type == "Constant" and not n.domain]
-    if chains or constants:
+    if chains:
         result.model = _fold(model, chains, result)
     _infer_types(result)
     result.unfound_weights = unfound_weights(result.model.graph)

@@ -206,6 +206,7 @@ def test_nodes_with_an_unfound_weight_do_not_count_as_quantized(tmp_path, caplog
 
 
 def test_a_model_with_nothing_to_fold_keeps_its_graph():
+    """The transformer's weights are initializers: its Constant (a shape) stays a node."""
     model = CORPUS["transformer_block"]().model
     before = [(n.name, list(n.input)) for n in model.graph.node]
     result = preprocess(model)
