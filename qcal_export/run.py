@@ -60,6 +60,13 @@ class Run:
     candidates: dict[str, dict[str, TensorScales]] = field(default_factory=dict)
     preprocessed: PreprocessResult | None = None
 
+    def partial_nodes(self) -> dict[str, str]:
+        """Planned nodes not quantized as they should be (a weight not found, an input of a
+        type without Q/DQ), each with why: they do not count as quantized."""
+        unfound = self.preprocessed.unfound_weights if self.preprocessed else {}
+        partial = {node: why for node, why in unfound.items() if node in self.plan.nodes}
+        return {**partial, **self.plan.partial}
+
     @contextmanager
     def timed(self, key: str) -> Iterator[None]:
         """Time the block into ``timings[key]`` (seconds)."""
@@ -97,9 +104,6 @@ def plan_run(
     for change in preprocessed.changes:
         log.info("pre-processing: %s", change)
     plan = find_targets(loaded.proto, recipe)
-    plan.partial.update(
-        {n: why for n, why in preprocessed.unfound_weights.items() if n in plan.nodes}
-    )
     plan.notes += unmatched_patterns(loaded.proto, recipe, str(loaded.path))
     for note in [*preprocessed.unfound_weights.values(), *plan.notes]:
         log.warning("%s", note)
