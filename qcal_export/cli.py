@@ -102,16 +102,23 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     from qcal_export.graphs.inspect import quantizable_nodes
     from qcal_export.graphs.model_io import load_model
+    from qcal_export.graphs.preprocess import preprocess
 
     loaded = load_model(args.model)
-    rows = quantizable_nodes(loaded.proto, args.op_types)
+    preprocessed = preprocess(loaded.proto)
+    out = Console()
+    for change in preprocessed.changes:
+        out.print(f"pre-processing: {escape(change)}", soft_wrap=True)
+    for why in preprocessed.unfound_weights.values():
+        out.print(f"warning: {escape(why)}", soft_wrap=True)
+    rows = quantizable_nodes(preprocessed.model, args.op_types)
     table = Table(title=f"{args.model}: opset {loaded.opset}, {len(rows)} quantizable nodes")
     for column in ("node", "op", "activations", "weight", "weight axis"):
         table.add_column(column, overflow="fold")
     for row in rows:
         cells = (row.node, row.op_type, "\n".join(row.activations), row.weight or "", row.axis)
         table.add_row(*map(escape, cells))
-    Console().print(table)
+    out.print(table)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -24,7 +24,8 @@ from qcal_export.capture.onnxruntime import select_providers
 from qcal_export.distributed import Ranks
 from qcal_export.errors import RecipeError
 from qcal_export.graphs.model_io import LoadedModel, check_opset, external_data_files, load_model
-from qcal_export.graphs.targets import Plan, find_targets, name_nodes, skipped_reasons
+from qcal_export.graphs.preprocess import PreprocessResult, preprocess
+from qcal_export.graphs.targets import Plan, find_targets, skipped_reasons
 from qcal_export.graphs.validate import check_model
 from qcal_export.paths import check_paths
 from qcal_export.recipe import Recipe
@@ -57,6 +58,14 @@ class Run:
     device_id: int = 0
     ranks: Ranks = field(default_factory=Ranks)
     candidates: dict[str, dict[str, TensorScales]] = field(default_factory=dict)
+    preprocessed: PreprocessResult | None = None
+
+    def partial_nodes(self) -> dict[str, str]:
+        """Planned nodes not quantized as they should be (a weight not found, an input of a
+        type without Q/DQ), each with why: they do not count as quantized."""
+        unfound = self.preprocessed.unfound_weights if self.preprocessed else {}
+        partial = {node: why for node, why in unfound.items() if node in self.plan.nodes}
+        return {**partial, **self.plan.partial}
 
     @contextmanager
     def timed(self, key: str) -> Iterator[None]:
@@ -85,14 +94,18 @@ class Outputs:
 def plan_run(
     model: str | Path, recipe: Recipe, data: Any, batch_size: int | None, provider: str
 ) -> Run:
-    """Load and check the model, plan its targets, open the data; nothing runs yet."""
+    """Load, check and pre-process the model (in memory: the file is never written), plan its
+    targets, open the data; nothing runs yet."""
     loaded = load_model(model)
     check_opset(loaded.proto, str(loaded.path))
     check_model(loaded.proto, str(loaded.path), full=False, path=loaded.path)
-    name_nodes(loaded.proto)
+    preprocessed = preprocess(loaded.proto)
+    loaded.proto = preprocessed.model
+    for change in preprocessed.changes:
+        log.info("pre-processing: %s", change)
     plan = find_targets(loaded.proto, recipe)
     plan.notes += unmatched_patterns(loaded.proto, recipe, str(loaded.path))
-    for note in plan.notes:
+    for note in [*preprocessed.unfound_weights.values(), *plan.notes]:
         log.warning("%s", note)
     if not plan.activations and not plan.weights:
         raise RecipeError(
@@ -101,7 +114,9 @@ def plan_run(
             + (f": {skipped_reasons(plan)}" if plan.skipped else "")
         )
     source = open_data(data, batch_size=batch_size) if data is not None else None
-    return Run(loaded, plan, recipe, source, select_providers(provider))
+    run = Run(loaded, plan, recipe, source, select_providers(provider))
+    run.preprocessed = preprocessed
+    return run
 
 
 def unmatched_patterns(model: onnx.ModelProto, recipe: Recipe, name: str) -> list[str]:

@@ -35,6 +35,8 @@ def print_summary(report: dict) -> None:
     opset = report["opset"]
     if opset["from"] != opset["to"]:
         out.print(f"opset raised from {opset['from']} to {opset['to']} for the chosen formats")
+    for change in (report.get("preprocess") or {}).get("changes", []):
+        out.print(f"pre-processing: {escape(change)}")
     for note in [*report.get("plan_notes", []), *report["export_notes"]]:
         out.print(f"note: {escape(note)}")
     for key in ("output_model", "scales_file"):

@@ -50,7 +50,9 @@ def build_report(
     ``output_error`` is the error users get: ONNX Runtime at its default optimizations, or the
     reference where ORT cannot run the model (``validator`` names which); ``validation`` holds
     both figures and any runtime issue (None when no batch was validated).
+    ``quantized_nodes`` leaves out ``partially_quantized_nodes`` (a weight not found, say).
     """
+    partial = run.partial_nodes()
     return {
         "model": str(run.loaded.path),
         "model_sha256": run.loaded.sha256,
@@ -61,7 +63,9 @@ def build_report(
         "providers": run.providers,
         "batches_per_pass": run.batches_per_pass,
         "opset": {"from": exported.opset_from, "to": exported.opset_to},
-        "quantized_nodes": run.plan.nodes,
+        "quantized_nodes": [n for n in run.plan.nodes if n not in partial],
+        "partially_quantized_nodes": partial,
+        "preprocess": run.preprocessed.to_report() if run.preprocessed else None,
         "excluded_nodes": run.plan.excluded,
         "float_subgraph_nodes": run.plan.float_subgraph_nodes,
         "plan_notes": run.plan.notes,

@@ -95,7 +95,9 @@ class Plan:
     ``float_subgraph_nodes``: nodes of a quantized op type inside subgraphs (If, Loop, Scan
     bodies), named ``<owner node>/<attribute>/<node>``; they are left in float. ``notes`` say
     what the plan left out and why, for the report. ``skipped``: nodes of a recipe op type,
-    not excluded, that got nothing to quantize, each with why.
+    not excluded, that got nothing to quantize, each with why. ``partial``: planned nodes with
+    an input (their weight, say) that is not quantized as it should be, each with why: they do
+    not count as quantized.
     """
 
     activations: dict[str, ActivationPlan]
@@ -105,6 +107,7 @@ class Plan:
     float_subgraph_nodes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    partial: dict[str, str] = field(default_factory=dict)
 
 
 def name_nodes(model: onnx.ModelProto) -> None:
@@ -158,6 +161,7 @@ def find_targets(model: onnx.ModelProto, recipe: Recipe) -> Plan:
             plan.skipped[node.name] = f"{where}: {'; '.join(why or ['no float input'])}"
         if faults and added:
             plan.notes.append(f"{where}: {'; '.join(faults)}: that input stays float")
+            plan.partial[node.name] = "; ".join(faults)
         elif faults:
             plan.notes.append(f"{where} left in float: {'; '.join(faults)}")
         if added:
