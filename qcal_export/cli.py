@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import onnx
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -21,6 +22,7 @@ from qcal_export.cli_args import (
     add_demo,
     add_inspect,
     console,
+    data_arguments,
     print_error,
 )
 from qcal_export.cli_args import method_option as method_option
@@ -53,9 +55,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from qcal_export.pipeline import calibrate_onnx
     from qcal_export.summary import print_layers, print_summary
 
+    data, data_options = data_arguments(args)
     result = calibrate_onnx(
         args.model,
-        args.data,
+        data,
+        data_options=data_options,
         output=args.output,
         scales=args.scales,
         report=args.report,
@@ -104,6 +108,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from qcal_export.graphs.model_io import load_model
 
     loaded = load_model(args.model)
+    Console().print(input_table(loaded.proto, args.model))
     rows = quantizable_nodes(loaded.proto, args.op_types)
     table = Table(title=f"{args.model}: opset {loaded.opset}, {len(rows)} quantizable nodes")
     for column in ("node", "op", "activations", "weight", "weight axis"):
@@ -112,6 +117,22 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         cells = (row.node, row.op_type, "\n".join(row.activations), row.weight or "", row.axis)
         table.add_row(*map(escape, cells))
     Console().print(table)
+
+
+def input_table(model: onnx.ModelProto, name: str) -> Table:
+    """The model's inputs to feed: name, dtype and shape (``?`` where symbolic)."""
+    from qcal_export.capture.data import model_inputs
+
+    table = Table(title=f"{name}: inputs")
+    for column in ("input", "dtype", "shape"):
+        table.add_column(column, overflow="fold")
+    for spec in model_inputs(model, name):
+        dims = (
+            "?" if spec.dims is None else ", ".join("?" if d is None else str(d) for d in spec.dims)
+        )
+        optional = " (optional)" if spec.optional else ""
+        table.add_row(escape(spec.name + optional), str(spec.dtype), f"[{dims}]")
+    return table
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
