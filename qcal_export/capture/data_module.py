@@ -79,12 +79,14 @@ class DataModule:
         if spec is None or spec.loader is None:
             raise DataError(f"data module {self.path}: not a Python file (--data-module)")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses and pickle look their module up there
         sys.path.insert(0, str(self.path.resolve().parent))
         try:
             spec.loader.exec_module(module)
         except QcalError:
             raise
         except (Exception, SystemExit) as e:
+            del sys.modules[spec.name]
             raise DataError(f"data module {self.path} failed to load: {_reason(e)}") from None
         finally:
             sys.path.remove(str(self.path.resolve().parent))
