@@ -4,7 +4,6 @@ DataError naming the file and the function."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from qcal_export.capture.data import feeds, model_inputs, open_data
