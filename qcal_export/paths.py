@@ -87,7 +87,7 @@ def check_paths(
         if data_dir is not None and _becomes_data(write.path, data_dir):
             raise OutputError(
                 f"{write.what} lies in the data directory {data_dir} (--data), whose "
-                f"{'/'.join(DATA_SUFFIXES)} files are read as batches: give another path"
+                ".npz/.npy, image and .txt files are read as batches: give another path"
             )
     _check_distinct(writes)
     return frozenset(read.path.resolve() for read in reads)
