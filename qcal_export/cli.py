@@ -9,8 +9,8 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -27,6 +27,9 @@ from qcal_export.cli_args import (
 )
 from qcal_export.cli_args import method_option as method_option
 from qcal_export.errors import QcalError
+
+if TYPE_CHECKING:
+    import onnx
 
 
 def progress_bar(total: int | None) -> Callable[[str], object]:
@@ -127,11 +130,8 @@ def input_table(model: onnx.ModelProto, name: str) -> Table:
     for column in ("input", "dtype", "shape"):
         table.add_column(column, overflow="fold")
     for spec in model_inputs(model, name):
-        dims = (
-            "?" if spec.dims is None else ", ".join("?" if d is None else str(d) for d in spec.dims)
-        )
         optional = " (optional)" if spec.optional else ""
-        table.add_row(escape(spec.name + optional), str(spec.dtype), f"[{dims}]")
+        table.add_row(escape(spec.name + optional), str(spec.dtype), f"[{spec.shape_text()}]")
     return table
 
 

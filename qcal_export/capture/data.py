@@ -43,10 +43,13 @@ class InputSpec:
     optional: bool = False
 
     def describe(self) -> str:
-        dims = (
-            "?" if self.dims is None else ", ".join("?" if d is None else str(d) for d in self.dims)
-        )
-        return f"{self.name} {self.dtype}[{dims}]"
+        return f"{self.name} {self.dtype}[{self.shape_text()}]"
+
+    def shape_text(self) -> str:
+        """The dims as ``?, 3, 8, 8``: ``?`` where symbolic, or alone for an unknown rank."""
+        if self.dims is None:
+            return "?"
+        return ", ".join("?" if d is None else str(d) for d in self.dims)
 
 
 def model_inputs(model: onnx.ModelProto, name: str = "the model") -> list[InputSpec]:

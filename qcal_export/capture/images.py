@@ -65,9 +65,6 @@ class ImageOptions:
                     f"{name} must be one of {[a for a in allowed if a]}, not {value!r}"
                 )
 
-    def files_read(self) -> list[tuple[str, Path]]:
-        return []
-
 
 @dataclass(frozen=True)
 class ImageInput:

@@ -46,9 +46,6 @@ class RandomOptions:
         if isinstance(self.batches, bool) or int(self.batches) < 1:
             raise RecipeError(f"random data needs batches >= 1, not {self.batches!r}")
 
-    def files_read(self) -> list:
-        return []
-
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     """``NAME=D0,D1,...`` (or ``NAME=D0xD1x...``) as (name, dims); RecipeError otherwise."""
