@@ -142,3 +142,17 @@ def test_calibrate_onnx_on_a_text_file(tmp_path, tokenizer):
     table = np.random.default_rng(0).standard_normal((30522, 8)).astype(np.float32)
     assert result.scales["emb"].amax.item() == pytest.approx(np.abs(table[ids]).max(), rel=1e-6)
     assert (tmp_path / "q.onnx").is_file()
+
+
+def test_batches_equal_the_demo_tokenization_with_the_tokenizers_library(tmp_path):
+    """A second oracle: the demo's own batches (``tokenizers`` directly, tokenizer.json)."""
+    from qcal_export.demo.texts import demo_batches
+
+    got = list(
+        source(text_model(), text_file(tmp_path), TextOptions(tokenizer_dir(), 128), 2).batches()
+    )
+    want = demo_batches(TEXTS, batch_size=2, max_length=128)
+    for a, b in zip(got, want, strict=True):
+        assert sorted(a) == sorted(b)
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
