@@ -85,14 +85,14 @@ def calibrate_onnx(
 ) -> CalibrationResult:
     """Calibrate ``model`` on ``data`` and write the QDQ model, scales and report asked for.
 
-    ``data``: a .npz file, a directory of .npz/.npy, of images or of .txt files, a text file,
-    ``"random"``, a DataModule (``file.py:function``), an iterable of {input: array} dicts or an
-    ORT CalibrationDataReader; ``data_options`` (ImageOptions, TextOptions, RandomOptions) say
-    how images, texts or random data become the model's inputs. ``recipe``: a Recipe, or a
-    YAML/JSON recipe file to load. With ``scales_in`` the scales come from that file instead
-    (``data`` then only serves validation). ``options`` build the recipe when none is given
-    (``format``, ``method``, ``weight_method``, ``block_size``, ...: see
-    ``recipe_options.build_recipe``).
+    ``data``: a .npz file, a directory of .npz/.npy, an iterable of {input: array} dicts or an
+    ORT CalibrationDataReader. ``recipe``: a Recipe, or a YAML/JSON recipe file to load. With
+    ``scales_in`` the scales come from that file instead (``data`` then only serves
+    validation). ``options`` build the recipe when none is given (``format``, ``method``,
+    ``weight_method``, ``block_size``, ...: see ``recipe_options.build_recipe``).
+    ``data`` may also be a directory of images or .txt files, a text file, ``"random"`` or a
+    DataModule (``file.py:function``); ``data_options`` (ImageOptions, TextOptions,
+    RandomOptions) say how images, texts or random data become the model's inputs.
     ``device_id``: the GPU that captures under the CUDA EP (activations stay on it).
     ``checkpoint``: a directory for NVFP4 serving checkpoints, one subdirectory per layout.
     ``state``: a file where calibrator state is saved every ``state_every`` batches; with
