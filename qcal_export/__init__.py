@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from qcal_export.artifacts.scales import TensorScales, load_scales, save_scales
 from qcal_export.calibrators import CALIBRATORS, Calibrator, MaxCalibrator, MseCalibrator
+from qcal_export.capture.data_module import DataModule
+from qcal_export.capture.images import ImageOptions
+from qcal_export.capture.random_data import RandomOptions
+from qcal_export.capture.texts import TextOptions
 from qcal_export.errors import (
     CalibrationError,
     DataError,
@@ -35,7 +39,9 @@ __all__ = [
     "CalibrationResult",
     "Calibrator",
     "DataError",
+    "DataModule",
     "FP8E4M3Format",
+    "ImageOptions",
     "IntFormat",
     "MaxCalibrator",
     "ModelError",
@@ -45,11 +51,13 @@ __all__ = [
     "PerAxis",
     "PerTensor",
     "QcalError",
+    "RandomOptions",
     "Recipe",
     "RecipeError",
     "ScalesError",
     "TensorScales",
     "TensorSpec",
+    "TextOptions",
     "TorchCalibration",
     "calibrate_onnx",
     "calibrate_torch",

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -21,10 +22,14 @@ from qcal_export.cli_args import (
     add_demo,
     add_inspect,
     console,
+    data_arguments,
     print_error,
 )
 from qcal_export.cli_args import method_option as method_option
 from qcal_export.errors import QcalError
+
+if TYPE_CHECKING:
+    import onnx
 
 
 def progress_bar(total: int | None) -> Callable[[str], object]:
@@ -53,9 +58,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from qcal_export.pipeline import calibrate_onnx
     from qcal_export.summary import print_layers, print_summary
 
+    data, data_options = data_arguments(args)
     result = calibrate_onnx(
         args.model,
-        args.data,
+        data,
+        data_options=data_options,
         output=args.output,
         scales=args.scales,
         report=args.report,
@@ -107,6 +114,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     loaded = load_model(args.model)
     preprocessed = preprocess(loaded.proto)
     out = Console()
+    out.print(input_table(loaded.proto, args.model))
     for change in preprocessed.changes:
         out.print(f"pre-processing: {escape(change)}", soft_wrap=True)
     for why in preprocessed.unfound_weights.values():
@@ -119,6 +127,19 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         cells = (row.node, row.op_type, "\n".join(row.activations), row.weight or "", row.axis)
         table.add_row(*map(escape, cells))
     out.print(table)
+
+
+def input_table(model: onnx.ModelProto, name: str) -> Table:
+    """The model's inputs to feed: name, dtype and shape (``?`` where symbolic)."""
+    from qcal_export.capture.data import model_inputs
+
+    table = Table(title=f"{name}: inputs")
+    for column in ("input", "dtype", "shape"):
+        table.add_column(column, overflow="fold")
+    for spec in model_inputs(model, name):
+        optional = " (optional)" if spec.optional else ""
+        table.add_row(escape(spec.name + optional), str(spec.dtype), f"[{spec.shape_text()}]")
+    return table
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -7,10 +7,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from rich.console import Console
 
+from qcal_export.errors import RecipeError
 from qcal_export.recipe import METHODS
 
 console = Console(stderr=True)
@@ -52,7 +53,7 @@ def add_calibrate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "calibrate", help="calibrate an ONNX model and write its QDQ form and scales"
     )
     p.add_argument("model", help="float ONNX model (never modified)")
-    p.add_argument("--data", help=".npz file, or directory of .npz/.npy batches")
+    add_data_args(p)
     p.add_argument("-o", "--output", help="QDQ ONNX model to write")
     p.add_argument("--scales", help="safetensors scales file to write")
     p.add_argument("--report", help="JSON report to write")
@@ -73,7 +74,11 @@ def add_calibrate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--weights-mode", default="quantized", choices=["quantized", "qdq"])
     p.add_argument("--nonfinite", default="skip", choices=["skip", "error"])
     p.add_argument("--batches", type=int, help="use at most N batches")
-    p.add_argument("--batch-size", type=int, help="split a single .npz along axis 0")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="samples per batch: splits a single .npz along axis 0; images and texts: default 8",
+    )
     p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--device-id", type=int, default=0, help="GPU the CUDA EP captures on (tensors stay there)"
@@ -102,6 +107,96 @@ def add_calibrate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="split the batches across N processes (torch's launcher; gloo on CPU, NCCL on GPUs)",
     )
     return p
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """The data and how its forms (images, texts, random) become the model's inputs."""
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--data",
+        help=".npz file; directory of .npz/.npy batches, of images (.png/.jpg) or of .txt texts; "
+        "a text file (one text a line, with --tokenizer); or `random` (speed only)",
+    )
+    source.add_argument(
+        "--data-module",
+        metavar="FILE.py:FUNCTION",
+        help="a function returning an iterable of {input: array} feeds (or a callable per pass)",
+    )
+    images = p.add_argument_group("images (--data DIR of .png/.jpg)")
+    images.add_argument(
+        "--input-size", nargs=2, type=count(1), metavar=("H", "W"), help="default: the model's"
+    )
+    images.add_argument("--mean", nargs="+", type=float, help="per channel, on [0, 1] pixels")
+    images.add_argument("--std", nargs="+", type=float, help="per channel, on [0, 1] pixels")
+    images.add_argument("--layout", choices=["nchw", "nhwc"], help="default: from the model")
+    images.add_argument("--channels", choices=["rgb", "bgr"], help="channel order (default rgb)")
+    images.add_argument(
+        "--resize",
+        choices=["crop", "stretch"],
+        help="crop (default): shorter side to fit, then centre crop; stretch: straight to H W",
+    )
+    texts = p.add_argument_group("texts (--data FILE or DIR of .txt)")
+    texts.add_argument("--tokenizer", metavar="DIR", help="a local Hugging Face tokenizer")
+    texts.add_argument(
+        "--max-length", type=count(2), metavar="N", help="tokens per text (default: the model's)"
+    )
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=D0,D1,..",
+        help="--data random: dims of an input the model leaves symbolic (repeatable)",
+    )
+
+
+def data_arguments(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The ``data`` and ``data_options`` that calibrate_onnx takes, from the data flags; a
+    RecipeError where flags of two forms are mixed."""
+    from qcal_export.capture.data_module import DataModule
+    from qcal_export.capture.images import ImageOptions
+    from qcal_export.capture.random_data import RandomOptions, parse_input_shape
+    from qcal_export.capture.texts import TextOptions
+
+    image_flags = {
+        "--input-size": args.input_size,
+        "--mean": args.mean,
+        "--std": args.std,
+        "--layout": args.layout,
+        "--channels": args.channels,
+        "--resize": args.resize,
+    }
+    text_flags = {"--tokenizer": args.tokenizer, "--max-length": args.max_length}
+    forms = {
+        "images": [k for k, v in image_flags.items() if v is not None],
+        "texts": [k for k, v in text_flags.items() if v is not None],
+        "random data": ["--input-shape"] if args.input_shape else [],
+    }
+    given = {form: flags for form, flags in forms.items() if flags}
+    flags = [flag for form_flags in given.values() for flag in form_flags]
+    if len(given) > 1:
+        raise RecipeError(f"options of different data forms given together: {flags}")
+    if args.data_module is not None:
+        if given:
+            raise RecipeError(f"--data-module makes its own feeds: drop {flags}")
+        return DataModule.parse(args.data_module), None
+    if args.data == "random":
+        if given.keys() - {"random data"}:
+            raise RecipeError(f"--data random takes --input-shape only, not {flags}")
+        shapes = dict(parse_input_shape(text) for text in args.input_shape)
+        return args.data, RandomOptions(shapes, batches=args.batches or 8)
+    if "random data" in given:
+        raise RecipeError("--input-shape applies to --data random only")
+    if "texts" in given and args.tokenizer is None:
+        raise RecipeError("--max-length applies to texts: pass --tokenizer DIR too")
+    if "images" in given:
+        chosen = {k[2:].replace("-", "_"): v for k, v in image_flags.items() if v is not None}
+        for key in ("mean", "std", "input_size"):
+            if key in chosen:
+                chosen[key] = tuple(chosen[key])
+        return args.data, ImageOptions(**chosen)
+    if "texts" in given:
+        return args.data, TextOptions(args.tokenizer, args.max_length)
+    return args.data, None
 
 
 def add_layer_args(p: argparse.ArgumentParser) -> None:

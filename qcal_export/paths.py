@@ -4,8 +4,9 @@ the paths it reads and against each other before anything is written.
 Two paths are the same file when they resolve alike (symlinks, ``..``, relative or absolute),
 when both exist and ``os.path.samefile`` says so (hard links), or when the directory entry that
 a write replaces (the last component not followed: an atomic rename replaces a link, not its
-target) is the other. An output inside the data directory with a suffix the data reader takes
-(.npz, .npy) would become a batch of the next run, so it is refused too.
+target) is the other. An output inside the data directory with a suffix the data readers take
+(.npz, .npy, images, .txt) would become a batch of the next run, so it is refused too. The
+files of a tokenizer directory and a data module are read as well.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Any
 from qcal_export.atomic import check_writable
 from qcal_export.errors import OutputError
 
-DATA_SUFFIXES = (".npz", ".npy")
-"""What ``capture.data`` reads from a data directory."""
+DATA_SUFFIXES = (".npz", ".npy", ".png", ".jpg", ".jpeg", ".txt")
+"""What the data readers (``capture.data``, ``images``, ``texts``) read from a data directory."""
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "hf_quant_config.json")
 """What a serving checkpoint writes (or, for hf_quant_config.json, removes) in its directory."""
@@ -67,12 +68,17 @@ def check_paths(
     state: str | Path | None,
     checkpoint: str | Path | None,
     checkpoint_layouts: Sequence[str],
+    data_options: Any = None,
 ) -> frozenset[Path]:
     """OutputError naming both options when an output would overwrite, remove or turn into an
-    input (the model, its external data, the data, ``scales_in``, the recipe file) or another
-    output. Returns the resolved files read, which no write may remove.
+    input (the model, its external data, the data, a data module or tokenizer directory,
+    ``scales_in``, the recipe file) or another output. Returns the resolved files read, which no
+    write may remove.
     """
     reads, data_dir = _reads(model, model_data, data, scales_in, recipe)
+    for source in (data, data_options):
+        if hasattr(source, "files_read"):
+            reads += [Place(what, path) for what, path in source.files_read()]
     writes = _writes(output, scales, report, state, checkpoint, checkpoint_layouts)
     for write in writes:
         for read in reads:
@@ -81,7 +87,7 @@ def check_paths(
         if data_dir is not None and _becomes_data(write.path, data_dir):
             raise OutputError(
                 f"{write.what} lies in the data directory {data_dir} (--data), whose "
-                f"{'/'.join(DATA_SUFFIXES)} files are read as batches: give another path"
+                ".npz/.npy, image and .txt files are read as batches: give another path"
             )
     _check_distinct(writes)
     return frozenset(read.path.resolve() for read in reads)
@@ -117,7 +123,7 @@ def _reads(
     reads = [Place("the input model (MODEL)", Path(model))]
     reads += [Place(f"external data of the input model {model} (MODEL)", f) for f in model_data]
     data_dir = None
-    if isinstance(data, (str, Path)):
+    if isinstance(data, (str, Path)) and data != "random":
         data_dir = Path(data) if Path(data).is_dir() else None
         if data_dir is None:
             reads.append(Place("the calibration data (--data)", Path(data)))
@@ -125,7 +131,7 @@ def _reads(
             reads += [
                 Place(f"a calibration data file in {data_dir} (--data)", f)
                 for f in sorted(data_dir.iterdir())
-                if f.suffix in DATA_SUFFIXES
+                if f.suffix.lower() in DATA_SUFFIXES
             ]
     if scales_in is not None:
         reads.append(Place("the scales file read (--scales-in)", Path(scales_in)))
@@ -160,7 +166,7 @@ def _writes(
 def _becomes_data(path: Path, data_dir: Path) -> bool:
     """Whether writing ``path`` puts a file the data reader takes into ``data_dir``."""
     for written in (path.parent.resolve() / path.name, path.resolve()):
-        if written.suffix in DATA_SUFFIXES and _same_directory(written.parent, data_dir):
+        if written.suffix.lower() in DATA_SUFFIXES and _same_directory(written.parent, data_dir):
             return True
     return False
 

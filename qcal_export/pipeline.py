@@ -20,6 +20,7 @@ from qcal_export.artifacts.report import build_report, save_report
 from qcal_export.artifacts.scales import TensorScales, load_scales, save_scales
 from qcal_export.calibration import Collector, calibrate_weights, relative_weight_errors
 from qcal_export.capture.data import DataSource, check_count
+from qcal_export.capture.forms import DataOptions
 from qcal_export.capture.onnxruntime import OrtCapture
 from qcal_export.distributed import ranks_from_env
 from qcal_export.errors import DataError, RecipeError, RuntimeMismatchError
@@ -79,6 +80,7 @@ def calibrate_onnx(
     view_batches: int = 4,
     smooth: float | None = None,
     strict: bool = False,
+    data_options: DataOptions | None = None,
     **options: Any,
 ) -> CalibrationResult:
     """Calibrate ``model`` on ``data`` and write the QDQ model, scales and report asked for.
@@ -88,6 +90,9 @@ def calibrate_onnx(
     ``scales_in`` the scales come from that file instead (``data`` then only serves
     validation). ``options`` build the recipe when none is given (``format``, ``method``,
     ``weight_method``, ``block_size``, ...: see ``recipe_options.build_recipe``).
+    ``data`` may also be a directory of images or .txt files, a text file, ``"random"`` or a
+    DataModule (``file.py:function``); ``data_options`` (ImageOptions, TextOptions,
+    RandomOptions) say how images, texts or random data become the model's inputs.
     ``device_id``: the GPU that captures under the CUDA EP (activations stay on it).
     ``checkpoint``: a directory for NVFP4 serving checkpoints, one subdirectory per layout.
     ``state``: a file where calibrator state is saved every ``state_every`` batches; with
@@ -115,12 +120,18 @@ def calibrate_onnx(
         layer_view, target_from(target_cosine, target_rel_l2), holdout_every, view_batches, smooth
     )
     accuracy.check(scales_in)
-    run = plan_run(model, recipe, data, batch_size, provider)
+    run = plan_run(model, recipe, data, batch_size, provider, data_options)
     asked = Outputs(
         output, scales, report, checkpoint, checkpoint_layouts, validate_batches, strict
     )
     keep = check_request(
-        run, asked, data=data, recipe=recipe_file, scales_in=scales_in, state=state
+        run,
+        asked,
+        data=data,
+        data_options=data_options,
+        recipe=recipe_file,
+        scales_in=scales_in,
+        state=state,
     )
     outputs = _join_ranks(
         run, dataclasses.replace(asked, keep=keep), accuracy, device_id, state, resume

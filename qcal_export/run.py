@@ -5,6 +5,7 @@ checked before anything runs."""
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import os
 import time
@@ -19,8 +20,10 @@ import onnx
 from qcal_export.artifacts.onnx_layers import check_checkpoint_dir
 from qcal_export.artifacts.scales import TensorScales
 from qcal_export.atomic import check_writable
-from qcal_export.capture.data import DataSource, open_data
+from qcal_export.capture.data import DataSource, model_inputs, open_data
+from qcal_export.capture.forms import DataOptions
 from qcal_export.capture.onnxruntime import select_providers
+from qcal_export.capture.random_data import NO_ACCURACY
 from qcal_export.distributed import Ranks
 from qcal_export.errors import RecipeError
 from qcal_export.graphs.model_io import LoadedModel, check_opset, external_data_files, load_model
@@ -92,10 +95,16 @@ class Outputs:
 
 
 def plan_run(
-    model: str | Path, recipe: Recipe, data: Any, batch_size: int | None, provider: str
+    model: str | Path,
+    recipe: Recipe,
+    data: Any,
+    batch_size: int | None,
+    provider: str,
+    data_options: DataOptions | None = None,
 ) -> Run:
     """Load, check and pre-process the model (in memory: the file is never written), plan its
-    targets, open the data; nothing runs yet."""
+    targets, open the data (``data_options``: how images, texts or random data become its
+    inputs); nothing runs yet."""
     loaded = load_model(model)
     check_opset(loaded.proto, str(loaded.path))
     check_model(loaded.proto, str(loaded.path), full=False, path=loaded.path)
@@ -113,7 +122,12 @@ def plan_run(
             f"(excluded: {plan.excluded[:5]})"
             + (f": {skipped_reasons(plan)}" if plan.skipped else "")
         )
-    source = open_data(data, batch_size=batch_size) if data is not None else None
+    source = None
+    if data is not None:
+        inputs = functools.partial(model_inputs, loaded.proto, str(loaded.path))
+        source = open_data(data, batch_size=batch_size, options=data_options, inputs=inputs)
+        if source.synthetic:
+            plan.notes.append(NO_ACCURACY)
     run = Run(loaded, plan, recipe, source, select_providers(provider))
     run.preprocessed = preprocessed
     return run
@@ -142,7 +156,8 @@ def check_request(run: Run, outputs: Outputs, **inputs: Any) -> frozenset[Path]:
     """Refuse what cannot be written, or would land on an input or another output, before
     anything runs; warn about torch-only fields. Returns the files read (no write removes them).
 
-    ``inputs``: the paths of ``data``, ``recipe``, ``scales_in`` and ``state`` (None: not given).
+    ``inputs``: the paths of ``data``, ``recipe``, ``scales_in`` and ``state`` (None: not given),
+    and ``data_options`` (a tokenizer directory is read too).
     """
     checkpoint_layouts = outputs.checkpoint_layouts
     paths = dict(

@@ -49,8 +49,8 @@ COLLISIONS = {
     ),
     "scales-would-become-data": (
         lambda w, t: good(w, "--scales", str(w / "data" / "s.npz")),
-        r"--scales .*s\.npz lies in the data directory .*data \(--data\), whose \.npz/\.npy "
-        r"files are read as batches: give another path$",
+        r"--scales .*s\.npz lies in the data directory .*data \(--data\), whose \.npz/\.npy, "
+        r"image and \.txt files are read as batches: give another path$",
     ),
     "report-is-the-recipe": (
         lambda w, t: good(w, "--recipe", recipe_file(t), "--report", str(t / "recipe.yaml")),

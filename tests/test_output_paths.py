@@ -152,8 +152,8 @@ def test_an_output_that_would_be_read_as_data_is_refused(w):
         output=data / "batch_00.npz",
     )
     refused(
-        r"^--state .*new\.npy lies in the data directory .*data \(--data\), whose .npz/.npy "
-        r"files are read as batches: give another path$",
+        r"^--state .*new\.npy lies in the data directory .*data \(--data\), whose .npz/.npy, "
+        r"image and .txt files are read as batches: give another path$",
         w,
         w / "model.onnx",
         data,

@@ -61,6 +61,9 @@ def build_report(
         "checkpoints": {k: str(v) for k, v in result.checkpoint_paths.items()},
         "recipe": run.recipe.to_dict(),
         "providers": run.providers,
+        "data": None
+        if run.source is None
+        else {"source": run.source.description, "random": run.source.synthetic},
         "batches_per_pass": run.batches_per_pass,
         "opset": {"from": exported.opset_from, "to": exported.opset_to},
         "quantized_nodes": [n for n in run.plan.nodes if n not in partial],

@@ -4,6 +4,8 @@ Sources: a ``.npz`` file (one batch, or ``batch_size`` samples at a time along a
 directory of ``.npz`` files (one batch each) or of ``.npy`` files (single-input models), a
 Python iterable of ``{input_name: array}`` dicts, a callable returning such an iterable, and
 ONNX Runtime ``CalibrationDataReader`` objects (rewound with ``rewind()`` between passes).
+The forms users have (images, texts, random data, a data module) have readers of their own
+(images.py, texts.py, random_data.py, data_module.py; chosen by forms.py).
 """
 
 from __future__ import annotations
@@ -41,10 +43,13 @@ class InputSpec:
     optional: bool = False
 
     def describe(self) -> str:
-        dims = (
-            "?" if self.dims is None else ", ".join("?" if d is None else str(d) for d in self.dims)
-        )
-        return f"{self.name} {self.dtype}[{dims}]"
+        return f"{self.name} {self.dtype}[{self.shape_text()}]"
+
+    def shape_text(self) -> str:
+        """The dims as ``?, 3, 8, 8``: ``?`` where symbolic, or alone for an unknown rank."""
+        if self.dims is None:
+            return "?"
+        return ", ".join("?" if d is None else str(d) for d in self.dims)
 
 
 def model_inputs(model: onnx.ModelProto, name: str = "the model") -> list[InputSpec]:
@@ -139,7 +144,7 @@ class DataSource:
     calling ``keep`` once per index in order; a source that can reach a batch without reading
     the ones before it (a directory of files) gives ``pairs`` and reads only those. A selection
     (``select_batches``) numbers its batches as its source does, so errors name the batch of the
-    data the user gave.
+    data the user gave. ``synthetic``: random batches, which say nothing of accuracy.
     """
 
     def __init__(
@@ -147,10 +152,12 @@ class DataSource:
         make_iter: Callable[[], Iterator[Any]],
         description: str,
         pairs: Callable[[Keep], Pairs] | None = None,
+        synthetic: bool = False,
     ):
         self._make_iter = make_iter
         self._pairs = pairs
         self.description = description
+        self.synthetic = synthetic
 
     def batches(self) -> Iterator[Any]:
         return self._make_iter()
@@ -173,6 +180,7 @@ def select_batches(source: DataSource, keep: Keep, description: str) -> DataSour
         lambda: (item for _, item in source.pairs(keep)),
         f"{source.description} ({description})",
         pairs=pairs,
+        synthetic=source.synthetic,
     )
 
 
@@ -199,11 +207,25 @@ def check_count(name: str, value: object, minimum: int, *, optional: bool = Fals
         raise RecipeError(f"{name} must be an integer >= {minimum}, not {value!r}")
 
 
-def open_data(data: Any, *, batch_size: int | None = None) -> DataSource:
-    """Wrap any supported source in a DataSource; DataError names what is unusable."""
+def open_data(
+    data: Any,
+    *,
+    batch_size: int | None = None,
+    options: Any = None,
+    inputs: Callable[[], list[InputSpec]] | None = None,
+) -> DataSource:
+    """Wrap any supported source in a DataSource; DataError names what is unusable.
+
+    ``options``: an ImageOptions, TextOptions or RandomOptions (forms.py) for those forms;
+    ``inputs``: the model's inputs, which those forms are shaped to."""
+    from qcal_export.capture.forms import open_form
+
     check_count("batch_size (--batch-size)", batch_size, 1, optional=True)
     if isinstance(data, DataSource):
         return data
+    source = open_form(data, batch_size, options, inputs or (lambda: []))
+    if source is not None:
+        return source
     if isinstance(data, (str, Path)):
         return _open_path(Path(data), batch_size)
     if hasattr(data, "get_next") and callable(data.get_next):
@@ -262,7 +284,10 @@ def _open_path(path: Path, batch_size: int | None) -> DataSource:
     if path.is_dir():
         files = _batch_files(path)
         if not files:
-            raise DataError(f"data directory {path} holds no .npz or .npy files")
+            raise DataError(
+                f"data directory {path} holds no .npz/.npy batches, .png/.jpg/.jpeg images or "
+                ".txt texts"
+            )
         kinds = {p.suffix for p in files}
         if len(kinds) > 1:
             raise DataError(f"data directory {path} mixes .npz and .npy files: keep one kind")
@@ -276,7 +301,10 @@ def _open_path(path: Path, batch_size: int | None) -> DataSource:
     if not path.is_file():
         raise DataError(f"data path {path} is neither a regular file nor a directory")
     if path.suffix != ".npz":
-        raise DataError(f"data file {path} is not a .npz file (or a directory of .npz/.npy)")
+        raise DataError(
+            f"data file {path} is not a .npz file, or a text file with --tokenizer (or a "
+            "directory of .npz/.npy, images or .txt)"
+        )
     return DataSource(lambda: _split_npz(path, batch_size), str(path))
 
 

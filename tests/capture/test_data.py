@@ -147,8 +147,11 @@ def test_npy_directory_for_a_multi_input_model_names_the_inputs(tmp_path):
 def test_directory_problems_raise_data_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
+    (empty / "notes.md").write_text("x")
+    with pytest.raises(DataError, match=r"empty holds no \.npz/\.npy batches, \.png/\.jpg/"):
+        open_data(empty)
     (empty / "notes.txt").write_text("x")
-    with pytest.raises(DataError, match=r"empty holds no \.npz or \.npy"):
+    with pytest.raises(DataError, match=r"empty holds texts: pass --tokenizer DIR"):
         open_data(empty)
     mixed = tmp_path / "mixed"
     mixed.mkdir()
