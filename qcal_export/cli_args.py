@@ -180,6 +180,14 @@ def add_quantization_args(p: argparse.ArgumentParser) -> None:
         help="NVFP4 activations as standard ops, or Model Optimizer's trt::TRT_FP4DynamicQuantize",
     )
     p.add_argument(
+        "--target",
+        default="ort",
+        choices=["ort", "tensorrt"],
+        help="Q/DQ placement of this runtime: ort (ONNX Runtime's integer kernels: Add, Concat, "
+        "pooling..., scales shared through data movement) or tensorrt (TensorRT's rules: "
+        "compute-op inputs, residual Adds, pooling inputs); default ort",
+    )
+    p.add_argument(
         "--option",
         action="append",
         default=[],

@@ -26,6 +26,7 @@ def build_recipe(
     weights_mode: str = "quantized",
     nonfinite: str = "skip",
     nvfp4_form: str = "portable",
+    target: str = "ort",
     method_options: Mapping[str, float] | None = None,
 ) -> Recipe:
     """The recipe given, or one built from the keyword options.
@@ -73,6 +74,7 @@ def build_recipe(
         weights_mode=weights_mode,
         nonfinite=nonfinite,
         nvfp4_form=nvfp4_form,
+        target=target,
     )
 
 
@@ -113,6 +115,7 @@ RECIPE_OPTIONS = (
     "weights_mode",
     "nonfinite",
     "nvfp4_form",
+    "target",
     "method_options",
 )
 """Keyword options of ``calibrate_onnx`` that build the recipe (see ``build_recipe``)."""
