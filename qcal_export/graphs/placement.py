@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from qcal_export.formats import get_format
 from qcal_export.granularity import PerTensor
@@ -32,6 +33,11 @@ PLACED_OPS = frozenset(
     if op not in COMPUTE_OPS
 )
 """Op types whose Q/DQ some target's placement decides (not the generic all-inputs rule)."""
+SENTINEL = 1e4
+"""Magnitude from which a float constant is a sentinel (an attention mask's -10000 or float
+minimum standing in for -inf), not a value: one scale over it rounds all else to zero."""
+BOUNDED_OPS = frozenset({"Softmax", "Sigmoid", "Tanh", "Erf", "LayerNormalization"})
+"""Ops whose output is bounded whatever their input: a sentinel does not pass them."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class GraphView:
     producers: dict[str, onnx.NodeProto]
     readers: dict[str, list[Use]]
     outputs: frozenset[str]
+    sentinels: frozenset[str]
 
     @classmethod
     def of(cls, graph: onnx.GraphProto, infos: dict[str, tuple[int, Shape | None]]) -> GraphView:
@@ -51,12 +58,14 @@ class GraphView:
             for index, tensor in enumerate(node.input):
                 if tensor:
                     readers.setdefault(tensor, []).append(Use(node.name, index))
+        initializers = {t.name: t for t in graph.initializer}
         return cls(
             infos,
-            {t.name: t for t in graph.initializer},
+            initializers,
             {out: node for node in graph.node for out in node.output if out},
             readers,
             frozenset(value.name for value in graph.output),
+            _sentinel_tensors(graph, initializers, infos),
         )
 
     def is_float(self, tensor: str) -> bool:
@@ -75,6 +84,9 @@ def place_node(plan: Plan, node: onnx.NodeProto, recipe: Recipe, view: GraphView
     """
     act_spec, weight_spec = recipe.specs_for(node.name, node.op_type)
     if act_spec is None or get_format(act_spec.format).block_size > 1:
+        return False
+    if any(t in view.sentinels for t in [*node.input, *node.output]):
+        plan.sentinel_nodes.append(node.name)
         return False
     rules = PLACEMENTS[recipe.target]
     op = node.op_type
@@ -190,3 +202,36 @@ def _from_conv(tensor: str, view: GraphView) -> bool:
     if producer is not None and producer.op_type == "BatchNormalization":
         producer = view.producers.get(producer.input[0])
     return producer is not None and producer.op_type in CONV_PRODUCERS
+
+
+def _sentinel_tensors(
+    graph: onnx.GraphProto,
+    initializers: dict[str, TensorProto],
+    infos: dict[str, tuple[int, Shape | None]],
+) -> frozenset[str]:
+    """Float tensors holding sentinel values: small float constants of magnitude >= SENTINEL
+    (or not finite), and what float ops compute from them, up to a ``BOUNDED_OPS`` op."""
+    constants = {name: t for name, t in initializers.items() if _size(t) <= 1}
+    for node in graph.node:
+        if node.op_type in ("Constant", "ConstantOfShape"):
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None and _size(value) <= 1:
+                constants[node.output[0]] = value
+    found = {
+        name
+        for name, tensor in constants.items()
+        if tensor.data_type in FLOAT_TYPES and _is_sentinel(tensor)
+    }
+    for node in graph.node:
+        if node.op_type not in BOUNDED_OPS and any(t in found for t in node.input):
+            found |= {t for t in node.output if infos.get(t, (None,))[0] in FLOAT_TYPES}
+    return frozenset(found)
+
+
+def _size(tensor: TensorProto) -> int:
+    return int(np.prod(tensor.dims)) if tensor.dims else 1
+
+
+def _is_sentinel(tensor: TensorProto) -> bool:
+    values = numpy_helper.to_array(tensor).astype(np.float64)
+    return bool(values.size) and not (np.abs(values) < SENTINEL).all()

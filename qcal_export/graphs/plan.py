@@ -97,6 +97,8 @@ class Plan:
     what the plan left out and why, for the report. ``skipped``: nodes of a recipe op type,
     not excluded, that got nothing to quantize, each with why. ``shared``: activations that
     reuse another planned tensor's scale (calibrated once, on the source).
+    ``sentinel_nodes``: nodes the target would place Q/DQ around that read or write sentinel
+    values (attention masks), left without.
     """
 
     activations: dict[str, ActivationPlan]
@@ -107,6 +109,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     shared: dict[str, SharedActivation] = field(default_factory=dict)
+    sentinel_nodes: list[str] = field(default_factory=list)
 
     def is_quantized(self, tensor: str) -> bool:
         """Whether ``tensor`` gets a Q/DQ (or is a quantized weight) in this plan so far."""

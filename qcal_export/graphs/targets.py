@@ -15,7 +15,7 @@ from qcal_export.graphs.op_inputs import (
     is_activation_input,
     weight_problem,
 )
-from qcal_export.graphs.placement import PLACED_OPS, GraphView, place_node
+from qcal_export.graphs.placement import PLACED_OPS, SENTINEL, GraphView, place_node
 from qcal_export.graphs.plan import (
     ActivationPlan,
     Blocks,
@@ -117,6 +117,13 @@ def find_targets(model: onnx.ModelProto, recipe: Recipe) -> Plan:
             plan.notes.append(f"{where} left in float: {'; '.join(faults)}")
         if added:
             plan.nodes.append(node.name)
+    if plan.sentinel_nodes:
+        plan.notes.append(
+            f"{len(plan.sentinel_nodes)} node(s) read or write sentinel values (|x| >= "
+            f"{SENTINEL:g}, an attention mask's stand-in for -inf): no {recipe.target} Q/DQ "
+            f"around them, whose scale would round all other values to zero: "
+            f"{plan.sentinel_nodes[:5]}"
+        )
     overridable = sorted(set(plan.weights) & {value.name for value in graph.input})
     if overridable:
         plan.notes.append(
