@@ -50,6 +50,7 @@ class GraphView:
     readers: dict[str, list[Use]]
     outputs: frozenset[str]
     sentinels: frozenset[str]
+    nodes: dict[str, onnx.NodeProto]
 
     @classmethod
     def of(cls, graph: onnx.GraphProto, infos: dict[str, tuple[int, Shape | None]]) -> GraphView:
@@ -66,6 +67,7 @@ class GraphView:
             readers,
             frozenset(value.name for value in graph.output),
             _sentinel_tensors(graph, initializers, infos),
+            {node.name: node for node in graph.node},
         )
 
     def is_float(self, tensor: str) -> bool:
@@ -106,10 +108,10 @@ def place_node(plan: Plan, node: onnx.NodeProto, recipe: Recipe, view: GraphView
         _quantize_input(plan, node, 0, split_input, act_spec, None, view)
     if op in rules.own_output:
         for tensor in node.output:
-            _quantize_output(plan, node, tensor, act_spec, view)
+            _quantize_output(plan, node, tensor, act_spec, recipe, view)
     if op in rules.share_output | rules.share_split and _can_share(plan, node.input[0]):
         for tensor in node.output if op in rules.share_split else node.output[:1]:
-            uses = _output_uses(node, tensor, view)
+            uses = _output_uses(node, tensor, act_spec, recipe, view)
             if uses:
                 add_shared(plan, tensor, node.input[0], view.elem_type(tensor), uses)
     return _planned_count(plan) != count
@@ -150,11 +152,16 @@ def _quantize_input(
 
 
 def _quantize_output(
-    plan: Plan, node: onnx.NodeProto, tensor: str, act_spec: TensorSpec, view: GraphView
+    plan: Plan,
+    node: onnx.NodeProto,
+    tensor: str,
+    act_spec: TensorSpec,
+    recipe: Recipe,
+    view: GraphView,
 ) -> None:
-    """Output ``tensor`` of ``node`` quantized for all its readers (not a graph output: the
+    """Output ``tensor`` of ``node`` quantized for its readers (not a graph output: the
     model's outputs stay float)."""
-    uses = _output_uses(node, tensor, view)
+    uses = _output_uses(node, tensor, act_spec, recipe, view)
     if not uses or not view.is_float(tensor) or not _fits(plan, tensor, act_spec):
         return
     entry = ActivationPlan(tensor, act_spec, view.elem_type(tensor))
@@ -162,11 +169,26 @@ def _quantize_output(
         add_activation(plan, entry, use)
 
 
-def _output_uses(node: onnx.NodeProto, tensor: str, view: GraphView) -> list[Use]:
-    """Every main-graph reader of ``tensor``, as asked for by ``node``; none for a graph output."""
+def _output_uses(
+    node: onnx.NodeProto, tensor: str, spec: TensorSpec, recipe: Recipe, view: GraphView
+) -> list[Use]:
+    """The main-graph readers of ``tensor`` as asked for by ``node``; none for a graph output.
+
+    A reader of a recipe op type that the recipe excludes, or gives another activation spec
+    (None: float), reads the float tensor: the recipe's choice for its inputs stands.
+    """
     if not tensor or tensor in view.outputs:
         return []
-    return [Use(use.node, use.index, by=node.name) for use in view.readers.get(tensor, [])]
+    uses = []
+    for use in view.readers.get(tensor, []):
+        reader = view.nodes[use.node]
+        if reader.op_type in recipe.op_types and (
+            recipe.excludes(reader.name, reader.op_type)
+            or recipe.specs_for(reader.name, reader.op_type)[0] != spec
+        ):
+            continue
+        uses.append(Use(use.node, use.index, by=node.name))
+    return uses
 
 
 def _fits(plan: Plan, tensor: str, spec: TensorSpec) -> bool:
