@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from rich.console import Console
 
-from qcal_export.recipe import METHODS
+from qcal_export.recipe import DEFAULT_TARGET, METHODS, TARGETS
 
 console = Console(stderr=True)
 
@@ -181,11 +181,12 @@ def add_quantization_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--target",
-        default="ort",
-        choices=["ort", "tensorrt"],
-        help="Q/DQ placement of this runtime: ort (ONNX Runtime's integer kernels: Add, Concat, "
-        "pooling..., scales shared through data movement) or tensorrt (TensorRT's rules: "
-        "compute-op inputs, residual Adds, pooling inputs); default ort",
+        default=DEFAULT_TARGET,
+        choices=list(TARGETS),
+        help="Q/DQ placement of this runtime: ort (ONNX Runtime's integer kernels: Add, Mul, "
+        "Concat, pooling, Softmax..., scales shared through data movement) or tensorrt "
+        f"(TensorRT's rules: compute-op inputs, residual Adds, pooling inputs); default "
+        f"{DEFAULT_TARGET}",
     )
     p.add_argument(
         "--option",

@@ -30,7 +30,12 @@ DEFAULT_OP_TYPES = (
 )
 """The compute ops, and the ops a deployment target places Q/DQ around (what each target does
 with them: ``graphs.op_inputs.PLACEMENTS``)."""
+Target = Literal["ort", "tensorrt"]
 TARGETS = ("ort", "tensorrt")
+DEFAULT_TARGET: Target = "tensorrt"
+"""TensorRT's placement (the compute ops' inputs, plus residual Adds and pooling inputs in CNNs):
+ONNX Runtime's full placement also quantizes every residual-stream Add and its outputs, which
+max calibration cannot range on transformers with outlier channels; ``ort`` is asked for."""
 METHODS = ("max", "mse", "nvfp4-mse", "shrink-mse", "percentile", "entropy", "auto")
 DEFAULT_BLOCK_SIZES = {"int4": 128, "uint4": 128, "nvfp4": 16}
 """Weight block size by format when a spec names none: int4 blocks of 128 (the common
@@ -43,7 +48,6 @@ SPEC_KEYS = ("activation", "weight", "output")
 NAME_LISTS = ("op_types", "exclude_nodes", "exclude_op_types", "module_types", "modules")
 WeightsMode = Literal["quantized", "qdq"]
 NVFP4Form = Literal["portable", "tensorrt"]
-Target = Literal["ort", "tensorrt"]
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ class Recipe:
     weights_mode: WeightsMode = "quantized"
     nonfinite: Literal["skip", "error"] = "skip"
     nvfp4_form: NVFP4Form = "portable"
-    target: Target = "ort"
+    target: Target = DEFAULT_TARGET
     output: TensorSpec | None = None
     module_types: tuple[str, ...] = ()
     modules: tuple[str, ...] = ()

@@ -7,7 +7,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from qcal_export.errors import RecipeError
-from qcal_export.recipe import METHOD_OPTIONS, WEIGHT_ONLY_FORMATS, Recipe, TensorSpec
+from qcal_export.recipe import (
+    DEFAULT_TARGET,
+    METHOD_OPTIONS,
+    WEIGHT_ONLY_FORMATS,
+    Recipe,
+    TensorSpec,
+)
 
 
 def build_recipe(
@@ -26,7 +32,7 @@ def build_recipe(
     weights_mode: str = "quantized",
     nonfinite: str = "skip",
     nvfp4_form: str = "portable",
-    target: str = "ort",
+    target: str = DEFAULT_TARGET,
     method_options: Mapping[str, float] | None = None,
 ) -> Recipe:
     """The recipe given, or one built from the keyword options.

@@ -33,8 +33,7 @@ def test_integer_inputs_are_skipped():
     )
     plan = find_targets(m, Recipe(op_types=("MatMul", "Where")))
     assert sorted(plan.activations) == ["other", "x", "y"]
-    # read by the Where, and quantized by the MatMul (ONNX Runtime's placement) for its reader
-    assert plan.activations["y"].uses == [Use("where", 1, by="mm_float"), Use("where", 1)]
+    assert plan.activations["y"].uses == [Use("where", 1)]
     assert plan.activations["other"].uses == [Use("where", 2)]
     assert list(plan.weights) == ["w"]
     assert plan.nodes == ["mm_float", "where"]
