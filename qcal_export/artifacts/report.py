@@ -62,6 +62,8 @@ def build_report(
         "batches_per_pass": run.batches_per_pass,
         "opset": {"from": exported.opset_from, "to": exported.opset_to},
         "quantized_nodes": run.plan.nodes,
+        "target": run.recipe.target,
+        "shared_scales": {t: entry.source for t, entry in run.plan.shared.items()},
         "excluded_nodes": run.plan.excluded,
         "float_subgraph_nodes": run.plan.float_subgraph_nodes,
         "plan_notes": run.plan.notes,

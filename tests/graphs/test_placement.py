@@ -172,6 +172,8 @@ def test_shared_tensors_reuse_the_source_scale_and_are_calibrated_once(tmp_path)
     )
     assert scales["e"] == table_dq.input[1]  # the embedding rows keep the table's scale
     assert "kt" not in result.scales and "e" not in result.scales
+    assert result.report["shared_scales"] == {"e": "table", "kt": "k"}
+    assert result.report["target"] == "ort"
 
 
 def test_ort_form_runs_integer_kernels_on_the_cnn(tmp_path):
