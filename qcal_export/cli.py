@@ -75,6 +75,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         block_size=args.block_size,
         hessian=args.hessian,
         nvfp4_form=args.nvfp4_form,
+        target=args.target,
         method_options=dict(args.option),
         checkpoint=args.checkpoint,
         checkpoint_layouts=tuple(args.checkpoint_layout),

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from qcal_export.errors import RecipeError
-from qcal_export.recipe import METHODS
+from qcal_export.recipe import DEFAULT_TARGET, METHODS, TARGETS
 
 console = Console(stderr=True)
 
@@ -273,6 +273,15 @@ def add_quantization_args(p: argparse.ArgumentParser) -> None:
         default="portable",
         choices=["portable", "tensorrt"],
         help="NVFP4 activations as standard ops, or Model Optimizer's trt::TRT_FP4DynamicQuantize",
+    )
+    p.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        choices=list(TARGETS),
+        help="Q/DQ placement of this runtime: ort (ONNX Runtime's integer kernels: Add, Mul, "
+        "Concat, pooling, Softmax..., scales shared through data movement) or tensorrt "
+        f"(TensorRT's rules: compute-op inputs, residual Adds, pooling inputs); default "
+        f"{DEFAULT_TARGET}",
     )
     p.add_argument(
         "--option",

@@ -19,13 +19,15 @@ from qcal_export.artifacts.onnx_layers import write_checkpoints
 from qcal_export.artifacts.report import build_report, save_report
 from qcal_export.artifacts.scales import TensorScales, load_scales, save_scales
 from qcal_export.calibration import Collector, calibrate_weights, relative_weight_errors
-from qcal_export.capture.data import DataSource, check_count
+from qcal_export.capture.data import DataSource, check_count, feeds, model_inputs
 from qcal_export.capture.forms import DataOptions
 from qcal_export.capture.onnxruntime import OrtCapture
+from qcal_export.deployment import measure_deployment
 from qcal_export.distributed import ranks_from_env
 from qcal_export.errors import DataError, RecipeError, RuntimeMismatchError
 from qcal_export.graphs.export import ExportResult, check_scales_match, export_qdq
 from qcal_export.graphs.model_io import save_model
+from qcal_export.graphs.reference import needs_reference_evaluator
 from qcal_export.graphs.tensor_types import tensor_types
 from qcal_export.graphs.validate import Validation, validate_outputs
 from qcal_export.layer_analysis import Analysis
@@ -191,6 +193,12 @@ def _write_outputs(
     if outputs.scales is not None:
         result.scales_path = save_scales(outputs.scales, found, run.loaded.sha256)
     result.report = {**build_report(run, found, exported, validation, result), **sections}
+    if _runs_in_ort(exported.model, validation):
+        with run.timed("deployment_s"):
+            feed = next(feeds(run.source, model_inputs(exported.model), 1))
+            result.report["deployment"] = measure_deployment(
+                run.loaded.path, exported.model, result.model_path, feed, run.providers
+            )
     if analysis is not None:
         with run.timed("heldout_s"):
             result.report.update(analysis.report(run, exported.model, holdout))
@@ -201,6 +209,14 @@ def _write_outputs(
         written = ", ".join(str(p) for p in paths if p) or "nothing asked"
         raise RuntimeMismatchError(f"--strict: {validation.issue.summary}; written: {written}")
     return result
+
+
+def _runs_in_ort(model: onnx.ModelProto, validation: Validation | None) -> bool:
+    """Whether the deployment section can be measured: the model was validated and ORT runs
+    it at its default optimizations (no FLOAT4E2M1 or TensorRT op; no failure found)."""
+    if validation is None or needs_reference_evaluator(model):
+        return False
+    return validation.issue is None or validation.issue.kind != "fails"
 
 
 def _export(

@@ -22,7 +22,20 @@ from qcal_export.method_options import AUTO_METHODS as AUTO_METHODS
 from qcal_export.method_options import METHOD_OPTIONS as METHOD_OPTIONS
 from qcal_export.method_options import check_method_options
 
-DEFAULT_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+DEFAULT_OP_TYPES = (
+    *("MatMul", "Gemm", "Conv", "ConvTranspose"),
+    *("Add", "Mul", "Concat", "Sigmoid", "LeakyRelu", "Softmax"),
+    *("MaxPool", "AveragePool", "GlobalAveragePool", "Resize", "Gather"),
+    *("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Split"),
+)
+"""The compute ops, and the ops a deployment target places Q/DQ around (what each target does
+with them: ``graphs.op_inputs.PLACEMENTS``)."""
+Target = Literal["ort", "tensorrt"]
+TARGETS = ("ort", "tensorrt")
+DEFAULT_TARGET: Target = "tensorrt"
+"""TensorRT's placement (the compute ops' inputs, plus residual Adds and pooling inputs in CNNs):
+ONNX Runtime's full placement also quantizes every residual-stream Add and its outputs, which
+max calibration cannot range on transformers with outlier channels; ``ort`` is asked for."""
 METHODS = ("max", "mse", "nvfp4-mse", "shrink-mse", "percentile", "entropy", "auto")
 DEFAULT_BLOCK_SIZES = {"int4": 128, "uint4": 128, "nvfp4": 16}
 """Weight block size by format when a spec names none: int4 blocks of 128 (the common
@@ -115,6 +128,9 @@ class Recipe:
 
     ``activation`` or ``weight`` None leaves those inputs in float (weight-only quantization);
     ``nvfp4_form`` picks how NVFP4 activations are written (standard ops, or TensorRT's op).
+    ``target`` the runtime whose Q/DQ placement the model follows: "ort" (ONNX Runtime's QDQ
+    quantizer: integer element-wise ops, scales shared through data movement) or "tensorrt"
+    (TensorRT's placement rules: compute-op inputs, residual Adds, pooling inputs).
     Torch capture only: ``output`` quantizes module outputs (None: left in float);
     ``module_types`` (class names) and ``modules`` (module name patterns) add targets beside
     Linear, Conv and ConvTranspose. Overrides only choose specs: they add no target.
@@ -129,6 +145,7 @@ class Recipe:
     weights_mode: WeightsMode = "quantized"
     nonfinite: Literal["skip", "error"] = "skip"
     nvfp4_form: NVFP4Form = "portable"
+    target: Target = DEFAULT_TARGET
     output: TensorSpec | None = None
     module_types: tuple[str, ...] = ()
     modules: tuple[str, ...] = ()
@@ -150,6 +167,8 @@ class Recipe:
             raise RecipeError(
                 f"nvfp4_form must be 'portable' or 'tensorrt', not {self.nvfp4_form!r}"
             )
+        if self.target not in TARGETS:
+            raise RecipeError(f"target must be one of {list(TARGETS)}, not {self.target!r}")
         if self.weights_mode not in ("quantized", "qdq"):
             raise RecipeError(
                 f"weights_mode must be 'quantized' or 'qdq', not {self.weights_mode!r}"

@@ -7,7 +7,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from qcal_export.errors import RecipeError
-from qcal_export.recipe import METHOD_OPTIONS, WEIGHT_ONLY_FORMATS, Recipe, TensorSpec
+from qcal_export.recipe import (
+    DEFAULT_TARGET,
+    METHOD_OPTIONS,
+    WEIGHT_ONLY_FORMATS,
+    Recipe,
+    TensorSpec,
+)
 
 
 def build_recipe(
@@ -26,6 +32,7 @@ def build_recipe(
     weights_mode: str = "quantized",
     nonfinite: str = "skip",
     nvfp4_form: str = "portable",
+    target: str = DEFAULT_TARGET,
     method_options: Mapping[str, float] | None = None,
 ) -> Recipe:
     """The recipe given, or one built from the keyword options.
@@ -73,6 +80,7 @@ def build_recipe(
         weights_mode=weights_mode,
         nonfinite=nonfinite,
         nvfp4_form=nvfp4_form,
+        target=target,
     )
 
 
@@ -113,6 +121,7 @@ RECIPE_OPTIONS = (
     "weights_mode",
     "nonfinite",
     "nvfp4_form",
+    "target",
     "method_options",
 )
 """Keyword options of ``calibrate_onnx`` that build the recipe (see ``build_recipe``)."""

@@ -117,8 +117,10 @@ def plan_run(
     for note in [*preprocessed.unfound_weights.values(), *plan.notes]:
         log.warning("%s", note)
     if not plan.activations and not plan.weights:
+        present = {node.op_type for node in loaded.proto.graph.node}
+        types = [t for t in recipe.op_types if t in present] or list(recipe.op_types)
         raise RecipeError(
-            f"{loaded.path}: no node of types {list(recipe.op_types)} left to quantize "
+            f"{loaded.path}: no node of types {types} left to quantize "
             f"(excluded: {plan.excluded[:5]})"
             + (f": {skipped_reasons(plan)}" if plan.skipped else "")
         )

@@ -278,6 +278,11 @@ BAD_RUNS = {
         r"argument --format: invalid choice: 'int3' \(choose from .*\) "
         r"\(see `qcal calibrate --help`\)$",
     ),
+    "target-not-a-choice": (
+        lambda w, t: good(w, "--target", "trt"),
+        r"argument --target: invalid choice: 'trt' \(choose from .*\) "
+        r"\(see `qcal calibrate --help`\)$",
+    ),
     "batches-not-a-number": (
         lambda w, t: good(w, "--batches", "few"),
         r"argument --batches: invalid int value: 'few' \(see `qcal calibrate --help`\)$",

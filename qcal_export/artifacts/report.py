@@ -69,6 +69,8 @@ def build_report(
         "quantized_nodes": [n for n in run.plan.nodes if n not in partial],
         "partially_quantized_nodes": partial,
         "preprocess": run.preprocessed.to_report() if run.preprocessed else None,
+        "target": run.recipe.target,
+        "shared_scales": {t: entry.source for t, entry in run.plan.shared.items()},
         "excluded_nodes": run.plan.excluded,
         "float_subgraph_nodes": run.plan.float_subgraph_nodes,
         "plan_notes": run.plan.notes,

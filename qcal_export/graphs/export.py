@@ -29,6 +29,7 @@ from qcal_export.graphs.ort_forms import (
 from qcal_export.graphs.qdq import (
     Names,
     insert_activation_qdq,
+    insert_shared_qdq,
     quantize_weight,
     raise_opset,
     required_opset,
@@ -130,18 +131,21 @@ def export_qdq(
     model = raise_opset(model, required_opset(formats, granularities, float_types))
     graph = model.graph
     names = Names(graph)
+    params: dict[str, list[str]] = {}
     for tensor, weight in plan.weights.items():
         q = scales[tensor].qparams()
         if isinstance(q.fmt, NVFP4Format):
             quantize_weight_nvfp4(graph, weight, q, weights_mode, names, nvfp4_form)
         else:
-            quantize_weight(graph, weight, q, weights_mode, names)
+            params[tensor] = quantize_weight(graph, weight, q, weights_mode, names)
     for tensor, activation in plan.activations.items():
         q = scales[tensor].qparams()
         if isinstance(q.fmt, NVFP4Format):
             notes.append(insert_activation_nvfp4(graph, activation, q, names, nvfp4_form))
         else:
-            insert_activation_qdq(graph, activation, q, names)
+            params[tensor] = insert_activation_qdq(graph, activation, q, names)
+    for shared in plan.shared.values():
+        insert_shared_qdq(graph, shared, params[shared.source], PerTensor(), names)
     notes += drop_zero_points(graph, zero_point_free)
     notes += shield_matmul_weights(graph, names)
     if any(node.domain == TRT_DOMAIN for node in graph.node):

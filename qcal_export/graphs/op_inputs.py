@@ -69,3 +69,55 @@ def weight_problem(node: onnx.NodeProto, index: int, tensor: str, spec: TensorSp
             f"quantized on input {axes.index} only"
         )
     return f"the recipe leaves weights in float ({tensor!r})"
+
+
+COMPUTE_OPS = frozenset(WEIGHT_INPUTS)
+"""Ops with a weight: every target quantizes their weight and activation inputs."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a deployment target places Q/DQ around the ops beyond the compute ops' inputs.
+
+    ``all_inputs``: ops whose integer kernel reads every float input quantized (a constant one
+    quantized per tensor like a weight); ``own_output``: ops whose integer kernel writes a
+    quantized output, with its own scale; ``share_output``: data-movement ops whose output keeps
+    input 0's scale once input 0 is quantized (no requantization); ``share_split``: ops whose
+    input 0 is quantized and whose outputs all share its scale; ``constant_data``: ops whose
+    input 0 is quantized when it is a constant (an embedding table), the output sharing it;
+    ``residual``: Adds whose inputs not produced by a conv get quantized (TensorRT fuses the
+    Add into that conv); ``pooling``: ops whose input 0 is quantized.
+    """
+
+    all_inputs: frozenset[str] = frozenset()
+    own_output: frozenset[str] = frozenset()
+    share_output: frozenset[str] = frozenset()
+    share_split: frozenset[str] = frozenset()
+    constant_data: frozenset[str] = frozenset()
+    residual: frozenset[str] = frozenset()
+    pooling: frozenset[str] = frozenset()
+
+
+_ELEMENTWISE = frozenset(
+    {"Add", "Mul", "Concat", "Sigmoid", "LeakyRelu", "Softmax", "GlobalAveragePool"}
+)
+_POOLING = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool"})
+
+PLACEMENTS: dict[str, Placement] = {
+    "ort": Placement(
+        all_inputs=_ELEMENTWISE,
+        own_output=COMPUTE_OPS | _ELEMENTWISE,
+        share_output=frozenset(
+            {"MaxPool", "AveragePool", "Resize", "Transpose", "Reshape", "Squeeze", "Unsqueeze"}
+            | {"Flatten", "Slice", "Gather"}
+        ),
+        share_split=frozenset({"Split"}),
+        constant_data=frozenset({"Gather"}),
+    ),
+    "tensorrt": Placement(residual=frozenset({"Add"}), pooling=_POOLING),
+}
+"""ONNX Runtime's QDQ quantizer marks (its op registry: the QLinear and QDQ-fused kernels);
+TensorRT's Q/DQ placement recommendations, which Model Optimizer's ONNX quantization follows."""
+
+CONV_PRODUCERS = frozenset({"Conv", "ConvTranspose"})
+"""Ops whose output TensorRT fuses a following residual Add into (through a BatchNormalization)."""

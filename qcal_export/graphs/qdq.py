@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qcal_export.errors import ModelError
 from qcal_export.formats import Format, pack_nibbles
 from qcal_export.granularity import Granularity
-from qcal_export.graphs.targets import ActivationPlan, Use, WeightPlan
+from qcal_export.graphs.plan import ActivationPlan, SharedActivation, Use, WeightPlan
 
 PACKED_TYPES = {TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1}
 """ONNX element types stored two per byte, element 2i in the low nibble."""
@@ -79,12 +79,13 @@ def _qdq_inputs(
 
 
 def rewire(graph: onnx.GraphProto, uses: list[Use], tensor: str, replacement: str) -> None:
+    """Point each of ``uses`` (once per node input, whoever asked for it) at ``replacement``."""
     nodes = {n.name: n for n in graph.node}
-    for use in uses:
-        node = nodes[use.node]
-        if node.input[use.index] != tensor:
-            raise ModelError(f"node {use.node!r} input {use.index} is not {tensor!r}")
-        node.input[use.index] = replacement
+    for name, index in dict.fromkeys((use.node, use.index) for use in uses):
+        node = nodes[name]
+        if node.input[index] != tensor:
+            raise ModelError(f"node {name!r} input {index} is not {tensor!r}")
+        node.input[index] = replacement
 
 
 def sort_nodes(graph: onnx.GraphProto) -> None:
@@ -150,18 +151,32 @@ def qdq_node(
 
 def insert_activation_qdq(
     graph: onnx.GraphProto, plan: ActivationPlan, q: QParams, names: Names
+) -> list[str]:
+    """``X -> QuantizeLinear -> DequantizeLinear -> consumers`` for the planned uses of X;
+    returns the names of the scale and zero point initializers."""
+    params = _qdq_inputs(graph, names, plan.tensor, q, plan.elem_type)
+    insert_shared_qdq(graph, plan, params, q.granularity, names)
+    return params
+
+
+def insert_shared_qdq(
+    graph: onnx.GraphProto,
+    plan: ActivationPlan | SharedActivation,
+    params: list[str],
+    granularity: Granularity,
+    names: Names,
 ) -> None:
-    """``X -> QuantizeLinear -> DequantizeLinear -> consumers`` for the planned uses of X."""
+    """``X -> QuantizeLinear -> DequantizeLinear -> consumers`` with the scale and zero point
+    initializers ``params`` (another tensor's, for a tensor that shares its scale)."""
     tensor = plan.tensor
-    params = _qdq_inputs(graph, names, tensor, q, plan.elem_type)
     quantized = names.new(f"{tensor}_quantized")
     dequantized = names.new(f"{tensor}_dequantized")
     rewire(graph, plan.uses, tensor, dequantized)
     graph.node.extend(
         [
-            qdq_node("QuantizeLinear", tensor, params, quantized, q.granularity, names, tensor),
+            qdq_node("QuantizeLinear", tensor, params, quantized, granularity, names, tensor),
             qdq_node(
-                "DequantizeLinear", quantized, params, dequantized, q.granularity, names, tensor
+                "DequantizeLinear", quantized, params, dequantized, granularity, names, tensor
             ),
         ]
     )
@@ -169,8 +184,9 @@ def insert_activation_qdq(
 
 def quantize_weight(
     graph: onnx.GraphProto, plan: WeightPlan, q: QParams, mode: str, names: Names
-) -> None:
-    """Store the weight quantized (``mode="quantized"``) or keep it float with a Q -> DQ pair."""
+) -> list[str]:
+    """Store the weight quantized (``mode="quantized"``) or keep it float with a Q -> DQ pair;
+    returns the names of the scale and zero point initializers."""
     tensor = plan.tensor
     init = initializer(graph, tensor)
     params = _qdq_inputs(graph, names, tensor, q, init.data_type)
@@ -190,6 +206,7 @@ def quantize_weight(
     )
     rewire(graph, plan.uses, tensor, dequantized)
     drop_if_unused(graph, init, mode)
+    return params
 
 
 def initializer(graph: onnx.GraphProto, name: str) -> TensorProto:

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Collection
-from dataclasses import dataclass, field
-from typing import TypeVar
-
 import onnx
 from onnx import TensorProto
 
@@ -20,6 +15,18 @@ from qcal_export.graphs.op_inputs import (
     is_activation_input,
     weight_problem,
 )
+from qcal_export.graphs.placement import PLACED_OPS, SENTINEL, GraphView, place_node
+from qcal_export.graphs.plan import (
+    ActivationPlan,
+    Blocks,
+    Plan,
+    SharedActivation,
+    Use,
+    WeightPlan,
+    add_activation,
+    add_weight,
+    without_nodes,
+)
 from qcal_export.graphs.tensor_types import FLOAT_TYPES, Shape, tensor_infos, type_problem
 from qcal_export.recipe import Recipe, TensorSpec
 
@@ -32,82 +39,19 @@ QUANTIZED_OPS = {
     "ConvInteger",
 }
 
-
-@dataclass(frozen=True)
-class Use:
-    """Input ``index`` of node ``node`` reads the tensor."""
-
-    node: str
-    index: int
-
-
-@dataclass(frozen=True)
-class Blocks:
-    """Where a block format's blocks run in an activation: ``axis`` (>= 0) of ``rank``, the
-    reduction dimension of every consumer, of static ``length`` (None: known only at run time)."""
-
-    axis: int
-    rank: int
-    length: int | None
-
-
-@dataclass
-class ActivationPlan:
-    """An activation tensor to capture and quantize before the consumers listed.
-
-    ``blocks`` is set for block formats (nvfp4), whose block scales the graph computes.
-    """
-
-    tensor: str
-    spec: TensorSpec
-    elem_type: int
-    uses: list[Use] = field(default_factory=list)
-    blocks: Blocks | None = None
-
-
-@dataclass
-class WeightPlan:
-    """A float initializer quantized with ``granularity`` for the consumers listed.
-
-    ``hessian_input`` is the activation feeding the consumer's reduction (MatMul A, Gemm A)
-    when its last axis runs along the weight's blocks: the input of a Hessian-weighted sweep.
-    ``shape`` and ``elem_type`` are the initializer's.
-    """
-
-    tensor: str
-    spec: TensorSpec
-    granularity: Granularity
-    uses: list[Use] = field(default_factory=list)
-    hessian_input: str | None = None
-    shape: tuple[int, ...] | None = None
-    elem_type: int = TensorProto.FLOAT
-
-    @property
-    def axis(self) -> int | None:
-        """The ONNX ``axis`` of the scale: output channels, or the blocks' axis; None per tensor."""
-        return getattr(self.granularity, "axis", None)
-
-
-@dataclass
-class Plan:
-    """Everything one calibration quantizes, keyed by tensor name.
-
-    ``float_subgraph_nodes``: nodes of a quantized op type inside subgraphs (If, Loop, Scan
-    bodies), named ``<owner node>/<attribute>/<node>``; they are left in float. ``notes`` say
-    what the plan left out and why, for the report. ``skipped``: nodes of a recipe op type,
-    not excluded, that got nothing to quantize, each with why. ``partial``: planned nodes with
-    an input (their weight, say) that is not quantized as it should be, each with why: they do
-    not count as quantized.
-    """
-
-    activations: dict[str, ActivationPlan]
-    weights: dict[str, WeightPlan]
-    nodes: list[str]
-    excluded: list[str]
-    float_subgraph_nodes: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
-    partial: dict[str, str] = field(default_factory=dict)
+__all__ = [
+    "ActivationPlan",
+    "Blocks",
+    "Plan",
+    "SharedActivation",
+    "Use",
+    "WeightPlan",
+    "find_targets",
+    "name_nodes",
+    "skipped_reasons",
+    "subgraph_nodes",
+    "without_nodes",
+]
 
 
 def name_nodes(model: onnx.ModelProto) -> None:
@@ -130,7 +74,9 @@ def name_nodes(model: onnx.ModelProto) -> None:
 
 
 def find_targets(model: onnx.ModelProto, recipe: Recipe) -> Plan:
-    """Plan which activations and weights of the main graph get quantized, and how.
+    """Plan which activations and weights of the main graph get quantized, and how: the inputs
+    of the compute ops (and of op types the recipe adds), then what ``recipe.target`` places
+    around them and around the ops it knows (``placement``), in graph order.
 
     An initializer that is also a graph input (``keep_initializers_as_inputs`` exports) is a
     weight like any other: exporters mean it as one, though ONNX lets a run override it.
@@ -143,7 +89,8 @@ def find_targets(model: onnx.ModelProto, recipe: Recipe) -> Plan:
         raise ModelError(
             f"model is already quantized (nodes {quantized[:3]}...): calibrate the float model"
         )
-    plan = Plan({}, {}, [], [], subgraph_nodes(graph, set(recipe.op_types)))
+    plan = Plan({}, {}, [], [], subgraph_nodes(graph, set(recipe.op_types) - PLACED_OPS))
+    view = GraphView.of(graph, infos)
     if plan.float_subgraph_nodes:
         plan.notes.append(
             f"{len(plan.float_subgraph_nodes)} node(s) inside subgraphs (If/Loop/Scan bodies) "
@@ -155,7 +102,12 @@ def find_targets(model: onnx.ModelProto, recipe: Recipe) -> Plan:
         if recipe.excludes(node.name, node.op_type):
             plan.excluded.append(node.name)
             continue
+        if node.op_type in PLACED_OPS:
+            if place_node(plan, node, recipe, view):
+                plan.nodes.append(node.name)
+            continue
         added, why, faults = _plan_node(plan, node, recipe, infos, initializers)
+        added = place_node(plan, node, recipe, view) or added
         where = f"{node.op_type} {node.name!r}"
         if not added:
             plan.skipped[node.name] = f"{where}: {'; '.join(why or ['no float input'])}"
@@ -166,6 +118,13 @@ def find_targets(model: onnx.ModelProto, recipe: Recipe) -> Plan:
             plan.notes.append(f"{where} left in float: {'; '.join(faults)}")
         if added:
             plan.nodes.append(node.name)
+    if plan.sentinel_nodes:
+        plan.notes.append(
+            f"{len(plan.sentinel_nodes)} node(s) read or write sentinel values (|x| >= "
+            f"{SENTINEL:g}, an attention mask's stand-in for -inf): no {recipe.target} Q/DQ "
+            f"around them, whose scale would round all other values to zero: "
+            f"{plan.sentinel_nodes[:5]}"
+        )
     overridable = sorted(set(plan.weights) & {value.name for value in graph.input})
     if overridable:
         plan.notes.append(
@@ -205,14 +164,14 @@ def _plan_node(
                     faults.append(why[-1])
                 continue
             weight.hessian_input = _hessian_input(node, infos, initializers)
-            _add_weight(plan, weight)
+            add_weight(plan, weight)
             added = True
         elif act_spec is None:
             why.append(f"the recipe leaves activations in float (input {index} {tensor!r})")
         else:
             blocks = _activation_blocks(node, index, tensor, act_spec, infos)
             entry = ActivationPlan(tensor, act_spec, elem_type, blocks=blocks)
-            _add_activation(plan, entry, Use(node.name, index))
+            add_activation(plan, entry, Use(node.name, index))
             added = True
     return added, list(dict.fromkeys(why)), list(dict.fromkeys(faults))
 
@@ -293,62 +252,3 @@ def _activation_blocks(
             f"reduction axis or its rank is unknown; exclude the node (or op type {node.op_type})"
         )
     return Blocks(axis % len(shape), len(shape), shape[axis])
-
-
-def _add_activation(plan: Plan, entry: ActivationPlan, use: Use) -> None:
-    tensor = entry.tensor
-    found = plan.activations.setdefault(tensor, entry)
-    if (found.spec, found.blocks) != (entry.spec, entry.blocks):
-        raise RecipeError(
-            f"tensor {tensor!r} feeds node {use.node!r} with spec {entry.spec} but node "
-            f"{found.uses[0].node!r} with {found.spec}"
-            + (
-                f" (blocks {entry.blocks} vs {found.blocks})"
-                if entry.blocks != found.blocks
-                else ""
-            )
-            + ": give both nodes the same activation spec, or exclude one"
-        )
-    found.uses.append(use)
-
-
-def _add_weight(plan: Plan, weight: WeightPlan) -> None:
-    entry = plan.weights.setdefault(weight.tensor, weight)
-    if entry is weight:
-        return
-    use = weight.uses[0]
-    if (entry.spec, entry.granularity) != (weight.spec, weight.granularity):
-        raise RecipeError(
-            f"weight {weight.tensor!r} is shared by nodes {entry.uses[0].node!r} and "
-            f"{use.node!r} that need different quantization ({entry.spec}, "
-            f"{entry.granularity.describe()} vs {weight.spec}, {weight.granularity.describe()}): "
-            "exclude one or give both the same spec"
-        )
-    if entry.hessian_input != weight.hessian_input:
-        entry.hessian_input = None
-    entry.uses.append(use)
-
-
-_Planned = TypeVar("_Planned", ActivationPlan, WeightPlan)
-
-
-def without_nodes(plan: Plan, nodes: Collection[str]) -> Plan:
-    """``plan`` with ``nodes`` left in float: their uses dropped, and the tensors no other
-    planned node uses with them."""
-    left = set(nodes)
-
-    def keep(plans: dict[str, _Planned]) -> dict[str, _Planned]:
-        kept = {}
-        for tensor, planned in plans.items():
-            uses = [use for use in planned.uses if use.node not in left]
-            if uses:
-                kept[tensor] = dataclasses.replace(planned, uses=uses)
-        return kept
-
-    return dataclasses.replace(
-        plan,
-        activations=keep(plan.activations),
-        weights=keep(plan.weights),
-        nodes=[node for node in plan.nodes if node not in left],
-        excluded=[*plan.excluded, *(node for node in plan.nodes if node in left)],
-    )

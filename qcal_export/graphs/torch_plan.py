@@ -58,7 +58,9 @@ def plan_mapped(
             tensor = node_inputs.get(match.node)
             activation = specs[sources[tensor][0]] if tensor else None
             overrides.append(Override(_exact(match.node), (match.op_type,), activation, weight))
-    plan = find_targets(model, Recipe(activation=None, weight=None, overrides=tuple(overrides)))
+    # TensorRT's placement puts nothing beyond the overridden nodes' inputs: those the modules read
+    only = Recipe(activation=None, weight=None, overrides=tuple(overrides), target="tensorrt")
+    plan = find_targets(model, only)
     laid_out = _weight_scales(plan, module_map, scales)
     outputs, skipped = _plan_outputs(model, plan, module_map, specs, sources)
     notes = []

@@ -57,7 +57,7 @@ def test_new_names_do_not_collide_with_existing_tensors():
         ],
     )
     x = rng.normal(0, 1, (2, 4)).astype(np.float32)
-    plan = find_targets(model, Recipe())
+    plan = find_targets(model, Recipe(target="tensorrt"))
     scales = {
         "x": tensor_scales("x", "activation", "int8", x, None),
         "w": tensor_scales("w", "weight", "int8", w, 1),

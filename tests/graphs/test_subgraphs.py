@@ -102,7 +102,7 @@ def batches() -> list[dict[str, np.ndarray]]:
 
 
 def test_find_targets_plans_the_main_graph_and_lists_subgraph_nodes():
-    plan = find_targets(subgraph_model(), Recipe())
+    plan = find_targets(subgraph_model(), Recipe(target="tensorrt"))
     assert plan.nodes == ["mm_in", "mm_out"]
     assert set(plan.weights) == {"w_in", "w_out"}
     assert set(plan.activations) == {"x", "s"}
@@ -116,7 +116,12 @@ def test_subgraph_model_calibrates_main_graph_and_leaves_subgraphs_float(tmp_pat
     onnx.save(subgraph_model(), str(model_path))
     with caplog.at_level(logging.WARNING):
         result = calibrate_onnx(
-            model_path, batches(), output=out, report=tmp_path / "r.json", provider="cpu"
+            model_path,
+            batches(),
+            output=out,
+            report=tmp_path / "r.json",
+            provider="cpu",
+            target="tensorrt",
         )
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["quantized_nodes"] == ["mm_in", "mm_out"]
