@@ -32,7 +32,7 @@ MAX_NORM = 16.0
 DEFAULTS: dict[str, dict[str, float]] = {
     "mse": {"start": 0.25, "stop": 4.0, "step": 0.1},
     "shrink-mse": {"maxshrink": 0.2, "grid": 100},
-    "entropy": {"bins": 2048, "quantized_bins": 128},
+    "entropy": {"bins": 2048, "quantized_bins": 256, "max_clipped": 1e-3},
 }
 """The calibrators' defaults that the checks across options need (tests compare them)."""
 
@@ -83,6 +83,7 @@ OPTION_BOUNDS: dict[str, dict[str, Bound]] = {
     "entropy": {
         "bins": Bound(2, ENTROPY_MAX_BINS, integer=True),
         "quantized_bins": Bound(2, 2 * ENTROPY_MAX_BINS, integer=True),
+        "max_clipped": _FRACTION,
     },
 }
 """Each method's options and the values each allows (the calibrators' constructors say what
