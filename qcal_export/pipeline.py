@@ -33,7 +33,7 @@ from qcal_export.recipe import Recipe, load_recipe
 from qcal_export.recipe_options import recipe_from_options
 from qcal_export.resume import StateFile
 from qcal_export.run import Outputs, Run, check_request, plan_run, shard_run, state_identity
-from qcal_export.verdict import MIN_COSINE, Checks, check_min_cosine, conclude
+from qcal_export.verdict import MIN_COSINE, Checks, check_min_cosine, conclude, measure
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,17 @@ def _write_outputs(
     everything is written."""
     result = CalibrationResult(scales=found, report={}, timings=run.timings)
     exported, validation = _export(run, found, outputs, result, checks.data)
+    metric = None
+    if validation is not None:
+        with run.timed("metric_s"):
+            metric = measure(
+                run.loaded.path,
+                exported.model,
+                run.providers,
+                validation,
+                checks,
+                outputs.validate_batches,
+            )
     if outputs.model is not None:
         result.model_path = save_model(
             exported.model, outputs.model, external_data=run.loaded.external_data, keep=outputs.keep
@@ -211,16 +222,7 @@ def _write_outputs(
     result.report = {**build_report(run, found, exported, validation, result), **sections}
     verdict = None
     if validation is not None:
-        with run.timed("verdict_s"):
-            verdict = conclude(
-                result.report,
-                run.loaded.path,
-                exported.model,
-                run.providers,
-                validation,
-                checks,
-                outputs.validate_batches,
-            )
+        verdict = conclude(result.report, validation, checks, metric)
     if analysis is not None:
         with run.timed("heldout_s"):
             result.report.update(analysis.report(run, exported.model, holdout))

@@ -149,31 +149,32 @@ class Checks:
     metric: Metric | None = None
 
 
-def conclude(
-    report: dict[str, Any],
+def measure(
     float_model: Path,
     model: onnx.ModelProto,
     providers: list[str],
     validation: Validation,
     checks: Checks,
     max_batches: int,
+) -> dict[str, Any] | None:
+    """The report's ``metric`` where ``checks`` has one (None otherwise), on the quantized model
+    as the verdict judges it: before anything is written, so that a fault in it writes nothing."""
+    if checks.metric is None or checks.data is None:
+        return None
+    reference = validation.issue is not None or validation.default is None
+    return task_metric(
+        float_model, model, providers, checks.data, max_batches, checks.metric, reference=reference
+    )
+
+
+def conclude(
+    report: dict[str, Any], validation: Validation, checks: Checks, metric: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """Add to ``report`` the validation batches, the task metric and the verdict (a warning
+    """Add to ``report`` the validation batches, the task ``metric`` and the verdict (a warning
     when below target); returns the verdict."""
     assert checks.data is not None
     report["validation"].update(batches=checks.data.describe(), held_out=checks.data.held_out)
-    metric = None
-    if checks.metric is not None:
-        reference = validation.issue is not None or validation.default is None
-        metric = task_metric(
-            float_model,
-            model,
-            providers,
-            checks.data,
-            max_batches,
-            checks.metric,
-            reference=reference,
-        )
+    if metric is not None:
         report["metric"] = metric
     verdict = judge(validation, checks.data, checks.min_cosine, metric)
     report["verdict"] = verdict
