@@ -11,6 +11,8 @@ from recognizer import images, make_recognizer
 from qcal_export.pipeline import calibrate_onnx
 
 SOFTMAX = "/Softmax_output_0"
+UNBOUNDED = {"quantized_bins": 128, "max_clipped": 1.0}
+"""The entropy calibrator before the fix: ORT's 128 quantized bins, no bound on clipping."""
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +39,7 @@ def test_attention_weights_keep_their_peaks(recognizer, tmp_path):
     found = {}
     for name, options in {
         "max": {"method": "max"},
-        "unbounded": {
-            "method": "entropy",
-            "method_options": {"quantized_bins": 128, "max_clipped": 1.0},
-        },
+        "unbounded": {"method": "entropy", "method_options": UNBOUNDED},
         "entropy": {"method": "entropy"},
     }.items():
         result = calibrate_onnx(
@@ -55,3 +54,20 @@ def test_attention_weights_keep_their_peaks(recognizer, tmp_path):
     (max_amax, max_cos), (loose, loose_cos), (tight, tight_cos) = found.values()
     assert loose < 0.6 * max_amax and tight > 0.95 * max_amax
     assert loose_cos < 0.99 < 0.999 < tight_cos and tight_cos > max_cos - 1e-3
+
+
+def test_the_verdict_catches_the_collapse_and_passes_the_fix(recognizer):
+    """On the batch held out of the 8: unbounded entropy is below the 0.99 cosine target."""
+    verdicts = {}
+    for name, options in {"unbounded": UNBOUNDED, "entropy": {}, "max": {}}.items():
+        method = "max" if name == "max" else "entropy"
+        result = calibrate_onnx(
+            recognizer / "recognizer.onnx",
+            recognizer / "data",
+            method=method,
+            method_options=options,
+        )
+        verdicts[name] = result.report["verdict"]
+    assert verdicts["unbounded"]["status"] == "below target"
+    assert verdicts["entropy"]["status"] == verdicts["max"]["status"] == "pass"
+    assert verdicts["entropy"]["batches"] == "held out: every 5th batch (1 batch: 4)"
