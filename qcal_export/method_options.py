@@ -32,9 +32,10 @@ MAX_NORM = 16.0
 DEFAULTS: dict[str, dict[str, float]] = {
     "mse": {"start": 0.25, "stop": 4.0, "step": 0.1},
     "shrink-mse": {"maxshrink": 0.2, "grid": 100},
-    "entropy": {"bins": 2048, "quantized_bins": 256, "max_clipped": 1e-3},
+    "entropy": {"bins": 2048, "max_clipped": 1e-3},
 }
-"""The calibrators' defaults that the checks across options need (tests compare them)."""
+"""The calibrators' defaults that the checks across options need (tests compare them); entropy's
+``quantized_bins`` defaults to ``min(256, 2 * bins)``."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def _check_together(method: str, values: Mapping[str, float]) -> None:
                 f"shrink-mse options maxshrink={values['maxshrink']}, grid={values['grid']} give "
                 f"int(maxshrink * grid) candidates: that must be 1 to {MAX_CANDIDATES}"
             )
-    if method == "entropy" and values["quantized_bins"] > 2 * values["bins"]:
+    if method == "entropy" and values.get("quantized_bins", 0) > 2 * values["bins"]:
         raise RecipeError(
             f"entropy option quantized_bins={values['quantized_bins']} is out of range: a window "
             f"of at most 2 * bins = {2 * values['bins']} bins is merged into quantized_bins"

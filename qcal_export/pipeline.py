@@ -232,7 +232,7 @@ def _write_outputs(
         paths = (result.model_path, result.scales_path, result.report_path)
         written = ", ".join(str(p) for p in paths if p) or "nothing asked"
         raise RuntimeMismatchError(f"--strict: {validation.issue.summary}; written: {written}")
-    if outputs.strict and verdict is not None and verdict["status"] != "pass":
+    if outputs.strict and verdict is not None and verdict["status"] == "below target":
         paths = (result.model_path, result.scales_path, result.report_path)
         written = ", ".join(str(p) for p in paths if p) or "nothing asked"
         raise BelowTargetError(f"--strict: {verdict['line']}; written: {written}")

@@ -133,7 +133,7 @@ def test_the_runtime_at_fault_is_named_and_the_reference_judged(tmp_path_factory
     line = verdict["line"]
     assert "ORT's optimizations off; at its default optimizations onnxruntime" in line
     default = validation["default"]["y"]["cosine"]
-    assert f"cosine {default:.4f} there: the runtime, not the quantization, is at fault" in line
+    assert f"cosine {default:.4f} there: the runtime is at fault, not the quantization" in line
 
 
 def test_convgemm_workdir_keeps_its_figures(tmp_path_factory):

@@ -21,9 +21,9 @@ from qcal_export.formats import Format
 from qcal_export.granularity import Granularity
 
 QUANTIZED_BINS = 256
-"""Quantized bins over a window of ``i`` bins each side: 128 each side, int8's magnitudes (as
-TensorRT's entropy calibrator merges ``|x|`` into 128 bins). ORT's 128 over both sides would model
-7 bits and start the search at 64 bins each side."""
+"""Default quantized bins over a window of ``i`` bins each side (at most ``2 * bins``): 128 each
+side, int8's magnitudes (as TensorRT's entropy calibrator merges ``|x|`` into 128 bins). ORT's 128
+over both sides would model 7 bits and start the search at 64 bins each side."""
 MAX_CLIPPED = 1e-3
 """Largest share of the values a threshold may clip. KL weighs each bin by its share of the
 values, so a tensor with most of its mass near zero (softmax, attention, post-sigmoid) scores best
@@ -69,11 +69,13 @@ class EntropyCalibrator(HistogramCalibrator):
         granularity: Granularity,
         *,
         bins: int = BINS,
-        quantized_bins: int = QUANTIZED_BINS,
+        quantized_bins: int | None = None,
         max_clipped: float = MAX_CLIPPED,
         nonfinite: NonFinite = "skip",
     ):
         bins = integer_option("bins", bins, 2, MAX_BINS)
+        if quantized_bins is None:
+            quantized_bins = min(QUANTIZED_BINS, 2 * bins)
         self.quantized_bins = integer_option("quantized_bins", quantized_bins, 2, 2 * bins)
         real = isinstance(max_clipped, numbers.Real) and not isinstance(max_clipped, bool)
         if not (real and 0 < max_clipped <= 1):

@@ -229,3 +229,8 @@ def test_calibrate_onnx_with_entropy_and_recipe_options(mlp):
     assert torch.equal(scales.min, amin) and torch.equal(scales.max, amax)
     default = calibrate_onnx(mlp / "mlp.onnx", mlp / "data", method="entropy", validate_batches=0)
     assert all(s.method == "entropy" for s in default.scales.values() if s.kind == "activation")
+
+
+def test_default_quantized_bins_fit_a_small_histogram():
+    assert EntropyCalibrator(INT8, PerTensor(), bins=64).quantized_bins == 128
+    assert EntropyCalibrator(INT8, PerTensor(), bins=200).quantized_bins == 256
