@@ -4,10 +4,12 @@ choice, the per-layer view and the precision search for a target."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qcal_export.artifacts.scales import TensorScales
@@ -67,13 +69,14 @@ class ValidationData:
         """Whether the validation batches are kept apart from the calibration batches."""
         return self.kind in ("held out", "validate-data")
 
-    def recorded(self) -> DataSource:
-        """``source``, recording in ``seen`` the index of each batch a pass reads."""
+    def recorded(self, limit: int) -> DataSource:
+        """The first ``limit`` batches of ``source``, recording in ``seen`` the index of each
+        batch a pass reads."""
         source = self.source
         assert source is not None
 
         def pairs(keep: Any = lambda index: True) -> Iterator[tuple[int, Any]]:
-            for index, item in source.pairs(keep):
+            for index, item in itertools.islice(source.pairs(keep), limit):
                 self.seen.append(index)
                 yield index, item
 
@@ -87,7 +90,7 @@ class ValidationData:
         if self.kind == "held out":
             return f"held out: every {_ordinal(self.every)} batch ({count}: {span})"
         if self.kind == "validate-data":
-            return f"--validate-data {self.path} ({count})"
+            return f"--validate-data {self.path or '(data given in memory)'} ({count})"
         where = f"batches {seen[0]}-{seen[-1]}" if len(seen) > 1 else f"batch {span or 'none'}"
         if self.kind == "scales-in":
             return f"{where} of the data ({count}; the scales come from --scales-in)"
@@ -133,7 +136,8 @@ def split_data(
     if not validate:
         return Split(target, None, split)
     if extra is not None:
-        data = ValidationData(extra, "validate-data", path=str(validate_data))
+        path = str(validate_data) if isinstance(validate_data, (str, Path)) else ""
+        data = ValidationData(extra, "validate-data", path=path)
     elif run.source is None:
         return Split(target, None, split)
     elif scales_in is not None:

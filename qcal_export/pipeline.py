@@ -350,7 +350,7 @@ def _output_error(
     runner of the error users get."""
     name = f"the quantized model of {run.loaded.path}"
     validation = validate_outputs(
-        run.loaded.path, exported, run.providers, data.recorded(), max_batches, name
+        run.loaded.path, exported, run.providers, data.recorded(max_batches), max_batches, name
     )
     run.validator = validation.output_validator
     return validation

@@ -176,3 +176,13 @@ def test_strict_below_target_exits_3_and_the_summary_ends_with_the_verdict(workd
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("qcal: error")]
     assert lines[0].startswith("qcal: error: --strict: verdict: BELOW TARGET (output ")
     assert lines[0].endswith("written: nothing asked") and len(lines) == 1
+
+
+def test_only_the_batches_validated_are_named(mlp):
+    data = batches(12)
+    one = calibrate_onnx(mlp, data, method="max", validate_batches=1)
+    assert one.report["validation"]["batches"] == "held out: every 5th batch (1 batch: 4)"
+    given = calibrate_onnx(mlp, data, method="max", validate_batches=2, validate_data=data[:3])
+    assert given.report["validation"]["batches"] == (
+        "--validate-data (data given in memory) (2 batches)"
+    )
