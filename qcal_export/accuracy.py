@@ -1,16 +1,19 @@
 """What a run does beyond calibrating (``calibrate_onnx``'s accuracy options): the hold-out
-split and smoothing before calibration, then method ``auto``'s choice, the per-layer view and
-the precision search for a target."""
+split (for validation and targets) and smoothing before calibration, then method ``auto``'s
+choice, the per-layer view and the precision search for a target."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qcal_export.artifacts.scales import TensorScales
-from qcal_export.capture.data import DataSource, check_count, split_holdout
+from qcal_export.capture.data import DataSource, check_count, open_data, split_holdout
 from qcal_export.errors import RecipeError
 from qcal_export.layer_analysis import Analysis, analyse_layers, choose_activation_methods
 from qcal_export.sensitivity import Target
@@ -48,20 +51,139 @@ class Accuracy:
             )
 
 
-def prepare(
-    run: Run, accuracy: Accuracy, max_batches: int | None
-) -> tuple[DataSource | None, dict[str, Any]]:
-    """Hold out every ``holdout_every``-th batch for a target, and smooth the model if asked;
-    returns the held-out batches and the report's ``smoothing`` section."""
+@dataclass
+class ValidationData:
+    """The batches the QDQ model is validated on, and where they come from (``kind``): "held
+    out" of the data (never calibrated on), "validate-data" (another file or directory),
+    "calibration" (too few batches to hold one out) or "scales-in" (the data of a run that
+    calibrates nothing). ``seen``: the batch indices a validation pass read."""
+
+    source: DataSource | None
+    kind: str
+    every: int = 0
+    path: str = ""
+    seen: list[int] = field(default_factory=list)
+
+    @property
+    def held_out(self) -> bool:
+        """Whether the validation batches are kept apart from the calibration batches."""
+        return self.kind in ("held out", "validate-data")
+
+    def recorded(self, limit: int) -> DataSource:
+        """The first ``limit`` batches of ``source``, recording in ``seen`` the index of each
+        batch a pass reads."""
+        source = self.source
+        assert source is not None
+
+        def pairs(keep: Any = lambda index: True) -> Iterator[tuple[int, Any]]:
+            for index, item in itertools.islice(source.pairs(keep), limit):
+                self.seen.append(index)
+                yield index, item
+
+        return DataSource(lambda: (item for _, item in pairs()), source.description, pairs=pairs)
+
+    def describe(self) -> str:
+        """Which batches: ``held out: every 5th batch (2 batches: 4, 9)``, say."""
+        seen = sorted(set(self.seen))
+        count = f"{len(seen)} batch{'es' if len(seen) != 1 else ''}"
+        span = ", ".join(map(str, seen[:8])) + (", ..." if len(seen) > 8 else "")
+        if self.kind == "held out":
+            return f"held out: every {_ordinal(self.every)} batch ({count}: {span})"
+        if self.kind == "validate-data":
+            return f"--validate-data {self.path or '(data given in memory)'} ({count})"
+        where = f"batches {seen[0]}-{seen[-1]}" if len(seen) > 1 else f"batch {span or 'none'}"
+        if self.kind == "scales-in":
+            return f"{where} of the data ({count}; the scales come from --scales-in)"
+        return (
+            f"calibration {where} ({count}; too few to hold out: fewer than {self.every} batches)"
+        )
+
+
+class Split(NamedTuple):
+    """The held-out batches for a target (None without one), the validation batches (None:
+    nothing validates) and whether the data was split (every ``holdout_every``-th batch)."""
+
+    holdout: DataSource | None
+    validation: ValidationData | None
+    split: bool
+
+
+def split_data(
+    run: Run,
+    accuracy: Accuracy,
+    *,
+    validate: int,
+    validate_data: Any,
+    batch_size: int | None,
+    scales_in: object,
+) -> Split:
+    """Hold out every ``holdout_every``-th batch of the data from calibration, for a target
+    and for validation, before the data is shared among processes.
+
+    Validation runs on the first ``validate`` batches of ``validate_data`` where given, else
+    of the held-out batches; where the data has fewer than ``holdout_every`` batches none is
+    held out, and validation runs on the calibration batches (``ValidationData.kind`` says so,
+    once a pass has run). None where nothing validates (``validate`` 0, no data).
+    """
+    extra = open_data(validate_data, batch_size=batch_size) if validate_data is not None else None
     holdout = None
-    if accuracy.target is not None and run.source is not None:
+    wanted = accuracy.target is not None or (validate and extra is None and scales_in is None)
+    split = wanted and run.source is not None
+    whole = run.source
+    if split:
         run.source, holdout = split_holdout(run.source, accuracy.holdout_every)
+    target = holdout if accuracy.target is not None else None
+    if not validate:
+        return Split(target, None, split)
+    if extra is not None:
+        path = str(validate_data) if isinstance(validate_data, (str, Path)) else ""
+        data = ValidationData(extra, "validate-data", path=path)
+    elif run.source is None:
+        return Split(target, None, split)
+    elif scales_in is not None:
+        data = ValidationData(run.source, "scales-in")
+    else:
+        data = ValidationData(None, "held out", accuracy.holdout_every)
+        data.source = _held_out_or_first(whole, accuracy.holdout_every, validate, data)
+    return Split(target, data, split)
+
+
+def _held_out_or_first(
+    source: DataSource, every: int, first: int, data: ValidationData
+) -> DataSource:
+    """The held-out batches of ``source`` (``i % every == every - 1``), or, where it has none,
+    its first ``first`` batches (``data.kind`` set to "calibration"), in one pass: those are
+    kept aside until a held-out batch shows up."""
+    held = lambda index: index % every == every - 1  # noqa: E731
+
+    def pairs(keep: Any = lambda index: True) -> Iterator[tuple[int, Any]]:
+        early: list[tuple[int, Any]] = []
+        found = False
+        for index, item in source.pairs(lambda i: held(i) or i < min(first, every - 1)):
+            if held(index):
+                found, early = True, []
+                if keep(index):
+                    yield index, item
+            else:
+                early.append((index, item))
+        data.kind = "held out" if found else "calibration"
+        yield from ((index, item) for index, item in early if keep(index))
+
+    return DataSource(
+        lambda: (item for _, item in pairs()),
+        f"{source.description} (every {_ordinal(every)} batch, held out)",
+        pairs=pairs,
+    )
+
+
+def prepare(run: Run, accuracy: Accuracy, max_batches: int | None) -> dict[str, Any]:
+    """Smooth the model if asked; returns the report's ``smoothing`` section (or nothing)."""
     sections: dict[str, Any] = {}
     if accuracy.smooth is not None:
         with run.timed("smooth_s"):
             notes = smooth_run(run, accuracy.smooth, max_batches)
         sections["smoothing"] = {"alpha": accuracy.smooth, "notes": notes}
-    return holdout, sections
+    return sections
 
 
 def refine(
@@ -97,6 +219,11 @@ def target_from(cosine: float | None, rel_l2: float | None) -> Target | None:
     if cosine is not None:
         return Target("cosine", cosine)
     return None if rel_l2 is None else Target("rel_l2", rel_l2)
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _number_in(value: object, low: float, high: float, *, closed: bool) -> bool:

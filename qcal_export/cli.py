@@ -56,7 +56,7 @@ def progress_bar(total: int | None) -> Callable[[str], object]:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from qcal_export.pipeline import calibrate_onnx
-    from qcal_export.summary import print_layers, print_summary
+    from qcal_export.summary import print_layers, print_summary, print_verdict
 
     data, data_options = data_arguments(args)
     result = calibrate_onnx(
@@ -90,6 +90,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         device_id=args.device_id,
         scales_in=args.scales_in,
         validate_batches=args.validate_batches,
+        validate_data=args.validate_data,
+        min_cosine=args.min_cosine,
+        eval_module=args.eval_module,
         strict=args.strict,
         state=args.state,
         state_every=args.state_every,
@@ -105,6 +108,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     if os.environ.get("RANK", "0") == "0":  # one summary for a distributed run
         print_summary(result.report)
         print_layers(result.report)
+        print_verdict(result.report)
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:

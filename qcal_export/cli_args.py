@@ -86,10 +86,29 @@ def add_calibrate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--scales-in", help="re-export from a saved scales file, no calibration")
     p.add_argument("--validate-batches", type=int, default=4, help="batches for the error check")
     p.add_argument(
+        "--validate-data",
+        metavar="PATH",
+        help="validate on this data (read as --data) instead of every --holdout-every-th batch "
+        "of --data, held out from calibration",
+    )
+    p.add_argument(
+        "--min-cosine",
+        type=float,
+        default=0.99,
+        metavar="C",
+        help="the verdict's threshold: every output's cosine to the float model's (default 0.99)",
+    )
+    p.add_argument(
+        "--eval-module",
+        metavar="FILE.py:FUNCTION",
+        help="a task metric metric(float_outputs, quantized_outputs) -> number or dict, averaged "
+        "over the validation batches by batch size and shown beside the cosine",
+    )
+    p.add_argument(
         "--strict",
         action="store_true",
-        help="exit 3 when ONNX Runtime's default optimizations fail on or miscompute the model "
-        "(outputs and report are still written)",
+        help="exit 3 when the verdict is below --min-cosine, or when ONNX Runtime's default "
+        "optimizations fail on or miscompute the model (outputs and report are still written)",
     )
     p.add_argument(
         "--state", help="file where calibrator state is saved every --state-every batches"
@@ -221,7 +240,8 @@ def add_layer_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=5,
         metavar="N",
-        help="with a target, every Nth batch is held out from calibration (default 5)",
+        help="every Nth batch is held out from calibration, for validation and targets "
+        "(default 5; with fewer batches, validation uses the calibration batches)",
     )
     p.add_argument(
         "--view-batches", type=int, default=4, metavar="N", help="batches of the view (default 4)"

@@ -40,3 +40,10 @@ class RuntimeMismatchError(QcalError):
     and the report are written."""
 
     exit_code = 3
+
+
+class BelowTargetError(QcalError):
+    """Under ``strict``: the verdict is below target (an output cosine under ``min_cosine`` on
+    the validation batches); the outputs and the report are written."""
+
+    exit_code = 3

@@ -32,9 +32,10 @@ MAX_NORM = 16.0
 DEFAULTS: dict[str, dict[str, float]] = {
     "mse": {"start": 0.25, "stop": 4.0, "step": 0.1},
     "shrink-mse": {"maxshrink": 0.2, "grid": 100},
-    "entropy": {"bins": 2048, "quantized_bins": 128},
+    "entropy": {"bins": 2048, "max_clipped": 1e-3},
 }
-"""The calibrators' defaults that the checks across options need (tests compare them)."""
+"""The calibrators' defaults that the checks across options need (tests compare them); entropy's
+``quantized_bins`` defaults to ``min(256, 2 * bins)``."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ OPTION_BOUNDS: dict[str, dict[str, Bound]] = {
     "entropy": {
         "bins": Bound(2, ENTROPY_MAX_BINS, integer=True),
         "quantized_bins": Bound(2, 2 * ENTROPY_MAX_BINS, integer=True),
+        "max_clipped": _FRACTION,
     },
 }
 """Each method's options and the values each allows (the calibrators' constructors say what
@@ -134,7 +136,7 @@ def _check_together(method: str, values: Mapping[str, float]) -> None:
                 f"shrink-mse options maxshrink={values['maxshrink']}, grid={values['grid']} give "
                 f"int(maxshrink * grid) candidates: that must be 1 to {MAX_CANDIDATES}"
             )
-    if method == "entropy" and values["quantized_bins"] > 2 * values["bins"]:
+    if method == "entropy" and values.get("quantized_bins", 0) > 2 * values["bins"]:
         raise RecipeError(
             f"entropy option quantized_bins={values['quantized_bins']} is out of range: a window "
             f"of at most 2 * bins = {2 * values['bins']} bins is merged into quantized_bins"

@@ -69,26 +69,31 @@ def check_paths(
     checkpoint: str | Path | None,
     checkpoint_layouts: Sequence[str],
     data_options: Any = None,
+    validate_data: Any = None,
 ) -> frozenset[Path]:
     """OutputError naming both options when an output would overwrite, remove or turn into an
-    input (the model, its external data, the data, a data module or tokenizer directory,
-    ``scales_in``, the recipe file) or another output. Returns the resolved files read, which no
-    write may remove.
+    input (the model, its external data, the data and ``validate_data``, a data module or
+    tokenizer directory, ``scales_in``, the recipe file) or another output. Returns the
+    resolved files read, which no write may remove.
     """
-    reads, data_dir = _reads(model, model_data, data, scales_in, recipe)
+    reads, data_dirs = _reads(model, model_data, data, scales_in, recipe)
     for source in (data, data_options):
         if hasattr(source, "files_read"):
             reads += [Place(what, path) for what, path in source.files_read()]
+    more, more_dir = _data_reads(validate_data, "--validate-data", "validation data")
+    reads += more
+    data_dirs += [("--validate-data", more_dir)] if more_dir is not None else []
     writes = _writes(output, scales, report, state, checkpoint, checkpoint_layouts)
     for write in writes:
         for read in reads:
             if write.same(read):
                 raise OutputError(f"{write.what} is {read.what}: give another path")
-        if data_dir is not None and _becomes_data(write.path, data_dir):
-            raise OutputError(
-                f"{write.what} lies in the data directory {data_dir} (--data), whose "
-                ".npz/.npy, image and .txt files are read as batches: give another path"
-            )
+        for option, data_dir in data_dirs:
+            if _becomes_data(write.path, data_dir):
+                raise OutputError(
+                    f"{write.what} lies in the data directory {data_dir} ({option}), whose "
+                    ".npz/.npy, image and .txt files are read as batches: give another path"
+                )
     _check_distinct(writes)
     return frozenset(read.path.resolve() for read in reads)
 
@@ -118,26 +123,33 @@ def _reads(
     data: Any,
     scales_in: str | Path | None,
     recipe: str | Path | None,
-) -> tuple[list[Place], Path | None]:
-    """Every file the run reads, and the data directory (None for a file or in-memory data)."""
+) -> tuple[list[Place], list[tuple[str, Path]]]:
+    """Every file the run reads, and the data directory with its option (none for a file or
+    in-memory data)."""
     reads = [Place("the input model (MODEL)", Path(model))]
     reads += [Place(f"external data of the input model {model} (MODEL)", f) for f in model_data]
-    data_dir = None
-    if isinstance(data, (str, Path)) and data != "random":
-        data_dir = Path(data) if Path(data).is_dir() else None
-        if data_dir is None:
-            reads.append(Place("the calibration data (--data)", Path(data)))
-        else:
-            reads += [
-                Place(f"a calibration data file in {data_dir} (--data)", f)
-                for f in sorted(data_dir.iterdir())
-                if f.suffix.lower() in DATA_SUFFIXES
-            ]
+    data_reads, data_dir = _data_reads(data, "--data", "calibration data")
+    reads += data_reads
     if scales_in is not None:
         reads.append(Place("the scales file read (--scales-in)", Path(scales_in)))
     if recipe is not None:
         reads.append(Place("the recipe file (--recipe)", Path(recipe)))
-    return reads, data_dir
+    return reads, [("--data", data_dir)] if data_dir is not None else []
+
+
+def _data_reads(data: Any, option: str, what: str) -> tuple[list[Place], Path | None]:
+    """The files of data given as a path, and its directory (None for a file or in memory)."""
+    if not isinstance(data, (str, Path)) or data == "random":
+        return [], None
+    data_dir = Path(data) if Path(data).is_dir() else None
+    if data_dir is None:
+        return [Place(f"the {what} ({option})", Path(data))], None
+    places = [
+        Place(f"a {what} file in {data_dir} ({option})", f)
+        for f in sorted(data_dir.iterdir())
+        if f.suffix.lower() in DATA_SUFFIXES
+    ]
+    return places, data_dir
 
 
 def _writes(

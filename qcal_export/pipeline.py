@@ -13,7 +13,7 @@ from typing import Any
 import onnx
 import torch
 
-from qcal_export.accuracy import Accuracy, prepare, refine, target_from
+from qcal_export.accuracy import Accuracy, ValidationData, prepare, refine, split_data, target_from
 from qcal_export.activation_calibration import calibrate_activations, hessian_inputs
 from qcal_export.artifacts.onnx_layers import write_checkpoints
 from qcal_export.artifacts.report import build_report, save_report
@@ -24,7 +24,8 @@ from qcal_export.capture.forms import DataOptions
 from qcal_export.capture.onnxruntime import OrtCapture
 from qcal_export.deployment import measure_deployment
 from qcal_export.distributed import ranks_from_env
-from qcal_export.errors import DataError, RecipeError, RuntimeMismatchError
+from qcal_export.errors import BelowTargetError, DataError, RecipeError, RuntimeMismatchError
+from qcal_export.eval_module import load_metric
 from qcal_export.graphs.export import ExportResult, check_scales_match, export_qdq
 from qcal_export.graphs.model_io import save_model
 from qcal_export.graphs.reference import needs_reference_evaluator
@@ -35,6 +36,7 @@ from qcal_export.recipe import Recipe, load_recipe
 from qcal_export.recipe_options import recipe_from_options
 from qcal_export.resume import StateFile
 from qcal_export.run import Outputs, Run, check_request, plan_run, shard_run, state_identity
+from qcal_export.verdict import MIN_COSINE, Checks, check_min_cosine, conclude, measure
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,9 @@ def calibrate_onnx(
     device_id: int = 0,
     scales_in: str | Path | None = None,
     validate_batches: int = 4,
+    validate_data: Any = None,
+    min_cosine: float = MIN_COSINE,
+    eval_module: str | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_layouts: tuple[str, ...] = ("modelopt",),
     progress: ProgressFactory | None = None,
@@ -108,9 +113,14 @@ def calibrate_onnx(
     implies ``layer_view``. ``smooth``: migrate activation outliers into the weights (SmoothQuant,
     this alpha) before calibrating.
     Validation runs the QDQ model in ONNX Runtime at its default optimizations and with them off
-    (the reference); where the default fails or disagrees, a warning names the ORT optimizer at
-    fault and the report's ``validation`` section records it. ``strict``: then raise
-    RuntimeMismatchError (CLI exit code 3) once the outputs and the report are written.
+    (the reference) on ``validate_batches`` batches never calibrated on: of ``validate_data``
+    where given, else every ``holdout_every``-th batch of the data, held out (with fewer batches
+    than that, the calibration batches, and the report says so). Where the default fails or
+    disagrees, a warning names the ORT optimizer at fault and the report's ``validation`` section
+    records it. The report's ``verdict`` judges the lowest output cosine against ``min_cosine``
+    (a warning when below); ``eval_module`` ("file.py:function", see ``eval_module``) adds a task
+    metric beside it. ``strict``: a runtime mismatch raises RuntimeMismatchError, a verdict below
+    target BelowTargetError (CLI exit code 3 both), once the outputs and the report are written.
     No input (the model, its external data, the data, ``scales_in``, the recipe file) is ever
     written: an output on one of them, or on another output, is refused before anything runs.
     """
@@ -118,6 +128,8 @@ def calibrate_onnx(
     recipe = recipe_from_options(load_recipe(recipe_file) if recipe_file else recipe, options)
     check_count("max_batches (--batches)", max_batches, 1, optional=True)
     check_count("validate_batches (--validate-batches)", validate_batches, 0)
+    min_cosine = check_min_cosine(min_cosine)
+    metric = load_metric(eval_module) if eval_module is not None else None
     accuracy = Accuracy(
         layer_view, target_from(target_cosine, target_rel_l2), holdout_every, view_batches, smooth
     )
@@ -131,17 +143,27 @@ def calibrate_onnx(
         asked,
         data=data,
         data_options=data_options,
+        validate_data=validate_data,
         recipe=recipe_file,
         scales_in=scales_in,
         state=state,
     )
+    split = split_data(
+        run,
+        accuracy,
+        validate=validate_batches,
+        validate_data=validate_data,
+        batch_size=batch_size,
+        scales_in=scales_in,
+    )
+    checks = Checks(split.validation, min_cosine, metric)
     outputs = _join_ranks(
         run, dataclasses.replace(asked, keep=keep), accuracy, device_id, state, resume
     )
-    holdout, sections = prepare(run, accuracy, max_batches)
+    holdout, sections = split.holdout, prepare(run, accuracy, max_batches)
     if state is not None:
         identity = state_identity(run, max_batches, batch_size)
-        identity.update(smooth=smooth, holdout_every=holdout_every if holdout else None)
+        identity.update(smooth=smooth, holdout_every=holdout_every if split.split else None)
         run.state = StateFile(state, identity, every=state_every)
     elif resume:
         raise RecipeError("resume needs the state file to resume from: pass state=PATH (--state)")
@@ -149,7 +171,7 @@ def calibrate_onnx(
         found = _scales(run, scales_in, max_batches, progress, resume)
     found, analysis = refine(run, found, accuracy, holdout, sections)
     run.weight_errors = relative_weight_errors(run.loaded.proto, found.values())
-    return _write_outputs(run, found, outputs, sections, analysis, holdout)
+    return _write_outputs(run, found, outputs, sections, analysis, holdout, checks)
 
 
 def _join_ranks(
@@ -180,12 +202,25 @@ def _write_outputs(
     sections: dict[str, Any],
     analysis: Analysis | None,
     holdout: DataSource | None,
+    checks: Checks,
 ) -> CalibrationResult:
-    """Export and validate the QDQ model, write the files asked for and build the report (with
-    ``sections``, and ``analysis`` on the ``holdout`` batches); under ``outputs.strict`` a runtime
-    mismatch raises RuntimeMismatchError once everything is written."""
+    """Export and validate the QDQ model (on ``checks.data``), write the files asked for and
+    build the report (with ``sections``, ``analysis`` on the ``holdout`` batches, and the
+    verdict); under ``outputs.strict`` a runtime mismatch or a verdict below target raises once
+    everything is written."""
     result = CalibrationResult(scales=found, report={}, timings=run.timings)
-    exported, validation = _export(run, found, outputs, result)
+    exported, validation = _export(run, found, outputs, result, checks.data)
+    metric = None
+    if validation is not None:
+        with run.timed("metric_s"):
+            metric = measure(
+                run.loaded.path,
+                exported.model,
+                run.providers,
+                validation,
+                checks,
+                outputs.validate_batches,
+            )
     if outputs.model is not None:
         result.model_path = save_model(
             exported.model, outputs.model, external_data=run.loaded.external_data, keep=outputs.keep
@@ -199,16 +234,30 @@ def _write_outputs(
             result.report["deployment"] = measure_deployment(
                 run.loaded.path, exported.model, result.model_path, feed, run.providers
             )
+    verdict = None
+    if validation is not None:
+        verdict = conclude(result.report, validation, checks, metric)
     if analysis is not None:
         with run.timed("heldout_s"):
             result.report.update(analysis.report(run, exported.model, holdout))
     if outputs.report is not None:
         result.report_path = save_report(outputs.report, result.report)
-    if outputs.strict and validation is not None and validation.issue is not None:
-        paths = (result.model_path, result.scales_path, result.report_path)
-        written = ", ".join(str(p) for p in paths if p) or "nothing asked"
-        raise RuntimeMismatchError(f"--strict: {validation.issue.summary}; written: {written}")
+    if outputs.strict:
+        _refuse_strictly(result, validation, verdict)
     return result
+
+
+def _refuse_strictly(
+    result: CalibrationResult, validation: Validation | None, verdict: dict[str, Any] | None
+) -> None:
+    """Under ``strict``: RuntimeMismatchError where ORT's default session is at fault,
+    BelowTargetError where the verdict is below target (both exit 3; everything is written)."""
+    paths = (result.model_path, result.scales_path, result.report_path)
+    written = ", ".join(str(p) for p in paths if p) or "nothing asked"
+    if validation is not None and validation.issue is not None:
+        raise RuntimeMismatchError(f"--strict: {validation.issue.summary}; written: {written}")
+    if verdict is not None and verdict["status"] == "below target":
+        raise BelowTargetError(f"--strict: {verdict['line']}; written: {written}")
 
 
 def _runs_in_ort(model: onnx.ModelProto, validation: Validation | None) -> bool:
@@ -220,10 +269,14 @@ def _runs_in_ort(model: onnx.ModelProto, validation: Validation | None) -> bool:
 
 
 def _export(
-    run: Run, found: dict[str, TensorScales], outputs: Outputs, result: CalibrationResult
+    run: Run,
+    found: dict[str, TensorScales],
+    outputs: Outputs,
+    result: CalibrationResult,
+    data: ValidationData | None,
 ) -> tuple[ExportResult, Validation | None]:
     """The serving checkpoints asked for (their paths into ``result``), then the QDQ model and
-    its validation (None when there is no data or no batch to validate on)."""
+    its validation on ``data`` (None when there is no data or no batch to validate on)."""
     if outputs.checkpoint is not None:
         with run.timed("checkpoint_s"):
             result.checkpoint_paths = write_checkpoints(
@@ -234,9 +287,9 @@ def _export(
             run.loaded.proto, run.plan, found, run.recipe.weights_mode, run.recipe.nvfp4_form
         )
     validation = None
-    if run.source is not None and outputs.validate_batches > 0:
+    if data is not None and outputs.validate_batches > 0:
         with run.timed("validate_s"):
-            validation = _output_error(run, exported.model, outputs.validate_batches)
+            validation = _output_error(run, exported.model, outputs.validate_batches, data)
     return exported, validation
 
 
@@ -316,14 +369,17 @@ def _capture_pass(run: Run, max_batches: int | None, progress: ProgressFactory |
     return capture
 
 
-def _output_error(run: Run, exported: onnx.ModelProto, max_batches: int) -> Validation:
-    """Error of the QDQ model's outputs against the float model's, on the first batches: in ONNX
+def _output_error(
+    run: Run, exported: onnx.ModelProto, max_batches: int, data: ValidationData
+) -> Validation:
+    """Error of the QDQ model's outputs against the float model's, on the first batches of
+    ``data`` (their indices recorded there): in ONNX
     Runtime as users run it (default optimizations) and in a reference (optimizations off; the
     ONNX reference evaluator for FLOAT4E2M1 and TensorRT's ops); ``run.validator`` names the
     runner of the error users get."""
     name = f"the quantized model of {run.loaded.path}"
     validation = validate_outputs(
-        run.loaded.path, exported, run.providers, run.source, max_batches, name
+        run.loaded.path, exported, run.providers, data.recorded(max_batches), max_batches, name
     )
     run.validator = validation.output_validator
     return validation

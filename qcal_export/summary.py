@@ -47,22 +47,38 @@ def print_summary(report: dict) -> None:
 
 
 def print_output_error(out: Console, report: dict) -> None:
-    """The output error users get, with the reference's relative L2 beside it where ONNX Runtime
-    ran the model at its default optimizations, and the runtime issue if any."""
+    """The output error users get, relative figures first (a max abs of 1 means little without
+    the output's scale), with the reference's relative L2 beside it where ONNX Runtime ran the
+    model at its default optimizations, the batches it was measured on, the runtime issue if any
+    and the task metric."""
     validation = report.get("validation") or {}
     reference = validation.get("reference") if validation.get("default") is not None else None
     errors = Table(title=f"output error vs the float model ({report['validator']})")
-    columns = ["output", "max abs", "rel L2", "cosine"]
+    columns = ["output", "cosine", "rel L2", "max abs diff"]
     for column in columns + (["rel L2, optimizations off"] if reference else []):
         errors.add_column(column)
     for name, e in report["output_error"].items():
-        cells = [escape(name), f"{e['max_abs']:.4g}", f"{e['rel_l2']:.4g}", f"{e['cosine']:.6f}"]
+        cells = [escape(name), f"{e['cosine']:.6f}", f"{e['rel_l2']:.4g}", f"{e['max_abs']:.4g}"]
         errors.add_row(*cells, *([f"{reference[name]['rel_l2']:.4g}"] if reference else []))
     out.print(errors)
+    if validation.get("batches"):
+        out.print(f"validation batches: {escape(validation['batches'])}")
     issue = validation.get("runtime_issue")
     if issue:
         culprit = issue["optimizer"] or "optimizer not found"
         out.print(f"runtime issue: ONNX Runtime {issue['kind']} ({culprit}): see the report")
+    metric = report.get("metric")
+    if metric:
+        values = ", ".join(f"{k} {v:.4g}" for k, v in metric["values"].items())
+        out.print(f"task metric ({escape(metric['function'])}): {values or 'no batch'}")
+
+
+def print_verdict(report: dict) -> None:
+    """The run's last line: the verdict, where the run validated its model."""
+    verdict = report.get("verdict")
+    if verdict:
+        style = "green" if verdict["status"] == "pass" else "bold red"
+        Console().print(f"[{style}]{escape(verdict['line'])}[/{style}]", soft_wrap=True)
 
 
 def print_layers(report: dict) -> None:

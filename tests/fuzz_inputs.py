@@ -27,6 +27,7 @@ PLAUSIBLE = {
     "percentile": [99.9, 100, 50],
     "bins": [64, 512, 4999],
     "quantized_bins": [32, 255],
+    "max_clipped": [1e-3, 0.5, 1],
 }
 """Values in range for each option (the ranges' ends included), so most examples run."""
 BAD_NUMBERS = [math.nan, math.inf, -math.inf, 0, -1, 1e300, 1e-300, True, "x", None, [1]]

@@ -57,6 +57,7 @@ def test_every_option_is_a_constructor_argument_of_its_calibrator():
         "percentile",
         "bins",
         "quantized_bins",
+        "max_clipped",
     }
 
 

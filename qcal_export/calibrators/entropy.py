@@ -8,6 +8,7 @@ every sum over a window's bins comes from prefix sums over the histogram.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -15,10 +16,20 @@ import torch.nn.functional as F
 
 from qcal_export.calibrators.base import NonFinite
 from qcal_export.calibrators.histogram import BINS, HistogramCalibrator, integer_option
+from qcal_export.errors import CalibrationError
 from qcal_export.formats import Format
 from qcal_export.granularity import Granularity
 
-QUANTIZED_BINS = 128
+QUANTIZED_BINS = 256
+"""Default quantized bins over a window of ``i`` bins each side (at most ``2 * bins``): 128 each
+side, int8's magnitudes (as TensorRT's entropy calibrator merges ``|x|`` into 128 bins). ORT's 128
+over both sides would model 7 bits and start the search at 64 bins each side."""
+MAX_CLIPPED = 1e-3
+"""Largest share of the values a threshold may clip. KL weighs each bin by its share of the
+values, so a tensor with most of its mass near zero (softmax, attention, post-sigmoid) scores best
+with a window that resolves the near-zero mass and clips the few large values that carry the
+signal: attention peaks clipped to a quarter of their value. Saturating 1 value in 1000 is
+clipping signal, not outliers."""
 EPS = 1e-4
 """What smoothing puts in an empty bin (taken off the others), as ONNX Runtime and MXNet do."""
 MAX_BINS = 4999
@@ -38,10 +49,13 @@ class EntropyCalibrator(HistogramCalibrator):
     ``Q = quantized_bins`` bins of ``2i // Q`` bins (the remainder into the last), each spread
     evenly over the bins where ``p`` is nonzero. Both are smoothed (an empty bin gets ``1e-4``,
     taken evenly off the others; a window whose smoothing leaves a bin <= 0 or whose ``q`` is
-    empty is not a candidate) and normalized. The smallest KL wins, the first on ties.
+    empty is not a candidate) and normalized. A window that clips more than ``max_clipped`` of
+    the values is not a candidate either. The smallest KL wins, the first on ties.
     Symmetric formats get ``amax = min(T, abs-max)``, asymmetric ``(max(-T, min), min(T, max))``.
 
-    Differences from ONNX Runtime's ``get_entropy_threshold``, on purpose: its window has ``i``
+    Differences from ONNX Runtime's ``get_entropy_threshold``, on purpose: ``quantized_bins``
+    defaults to 256 (ORT: 128, 64 each side), and no window clips more than ``max_clipped``
+    (ORT and TensorRT have no such bound: see ``MAX_CLIPPED``); its window has ``i``
     bins left of zero and ``i + 1`` right, ours is symmetric; its ``q`` is truncated to
     integers, ours stays float; its ``q`` leaves the last quantized bin's remainder bins empty
     and fills bins where ``p`` is 0, ours spreads over ``p``'s nonzero bins as MXNet (which it
@@ -55,11 +69,18 @@ class EntropyCalibrator(HistogramCalibrator):
         granularity: Granularity,
         *,
         bins: int = BINS,
-        quantized_bins: int = QUANTIZED_BINS,
+        quantized_bins: int | None = None,
+        max_clipped: float = MAX_CLIPPED,
         nonfinite: NonFinite = "skip",
     ):
         bins = integer_option("bins", bins, 2, MAX_BINS)
+        if quantized_bins is None:
+            quantized_bins = min(QUANTIZED_BINS, 2 * bins)
         self.quantized_bins = integer_option("quantized_bins", quantized_bins, 2, 2 * bins)
+        real = isinstance(max_clipped, numbers.Real) and not isinstance(max_clipped, bool)
+        if not (real and 0 < max_clipped <= 1):
+            raise CalibrationError(f"max_clipped must be a number in (0, 1], not {max_clipped!r}")
+        self.max_clipped = float(max_clipped)
         super().__init__(fmt, granularity, bins=bins, nonfinite=nonfinite)
 
     def compute_divergence(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -67,7 +88,7 @@ class EntropyCalibrator(HistogramCalibrator):
         windows that are not candidates); None before collect."""
         if not self._state:
             return None
-        return window_divergence(self._state["hist"], self.quantized_bins)
+        return window_divergence(self._state["hist"], self.quantized_bins, self.max_clipped)
 
     def _decide(self) -> tuple[torch.Tensor, torch.Tensor]:
         half, divergence = self.compute_divergence()
@@ -107,8 +128,11 @@ class _Sums(NamedTuple):
         )
 
 
-def window_divergence(hist: torch.Tensor, quantized_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL divergence of every window of ``hist`` ``[G, 2 * bins]``: (``i`` ``[W]``, ``[G, W]``).
+def window_divergence(
+    hist: torch.Tensor, quantized_bins: int, max_clipped: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL divergence of every window of ``hist`` ``[G, 2 * bins]``: (``i`` ``[W]``, ``[G, W]``),
+    inf for windows that clip more than ``max_clipped`` of the values.
 
     Chunks of groups and of windows bound the scratch to about ``CHUNK_ELEMENTS`` float64s.
     """
@@ -122,12 +146,14 @@ def window_divergence(hist: torch.Tensor, quantized_bins: int) -> tuple[torch.Te
         for w in range(0, len(half), window_step):
             windows = half[w : w + window_step]
             divergence[g : g + group_step, w : w + window_step] = _divergence(
-                sums, windows, quantized_bins
+                sums, windows, quantized_bins, max_clipped
             )
     return half, divergence
 
 
-def _divergence(sums: _Sums, half: torch.Tensor, quantized_bins: int) -> torch.Tensor:
+def _divergence(
+    sums: _Sums, half: torch.Tensor, quantized_bins: int, max_clipped: float
+) -> torch.Tensor:
     """KL of the windows ``half`` ``[K]`` of one histogram chunk: ``[g, K]``, inf where the
     window is no candidate. Per quantized bin: its counts, and p's nonzero bins and mass."""
     counts, bins = sums.counts, sums.counts.shape[1] // 2
@@ -162,6 +188,7 @@ def _divergence(sums: _Sums, half: torch.Tensor, quantized_bins: int) -> torch.T
     inside = total - left - right
     divergence = (own - cross) / total - total.log() + inside.log()
     valid = (q > 0).logical_or(~filled).all(dim=-1) & (inside > 0) & divergence.isfinite()
+    valid &= left + right <= max_clipped * total
     return divergence.where(valid, math.inf)
 
 

@@ -57,6 +57,7 @@ def run_demo(
             method=method,
             weight_method=weight_method,
             validate_batches=1,
+            validate_data=heldout,
             progress=progress,
         )
         seconds = time.perf_counter() - start

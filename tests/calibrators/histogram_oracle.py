@@ -133,10 +133,15 @@ def smooth(v: np.ndarray) -> np.ndarray | None:
     return out if (out > 0).all() else None
 
 
-def window_kl(counts: np.ndarray, half: int, quantized_bins: int) -> float:
-    """KL(p || q) of the window of ``half`` bins each side of zero (inf if no candidate)."""
+def window_kl(
+    counts: np.ndarray, half: int, quantized_bins: int, max_clipped: float = 1.0
+) -> float:
+    """KL(p || q) of the window of ``half`` bins each side of zero (inf if no candidate, or if it
+    clips more than ``max_clipped`` of the values)."""
     bins = len(counts) // 2
     lo, hi = bins - half, bins + half
+    if counts[:lo].sum() + counts[hi:].sum() > max_clipped * counts.sum():
+        return math.inf
     window = counts[lo:hi].astype(np.float64)
     p = window.copy()
     p[0] += counts[:lo].sum()
@@ -157,15 +162,18 @@ def window_kl(counts: np.ndarray, half: int, quantized_bins: int) -> float:
     return float(np.sum(p * np.log(p / q)))
 
 
-def entropy_search(counts: np.ndarray, quantized_bins: int) -> tuple[np.ndarray, np.ndarray]:
+def entropy_search(
+    counts: np.ndarray, quantized_bins: int, max_clipped: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """(half-widths i, KL per window) for one group."""
     halves = np.arange(math.ceil(quantized_bins / 2), len(counts) // 2 + 1)
-    return halves, np.array([window_kl(counts, int(i), quantized_bins) for i in halves])
+    kl = [window_kl(counts, int(i), quantized_bins, max_clipped) for i in halves]
+    return halves, np.array(kl)
 
 
-def entropy_range(counts, width, amin, amax, quantized_bins, symmetric):
+def entropy_range(counts, width, amin, amax, quantized_bins, symmetric, max_clipped=1.0):
     """(min, max) of one group: the first window with the smallest KL, clamped."""
-    halves, kl = entropy_search(counts, quantized_bins)
+    halves, kl = entropy_search(counts, quantized_bins, max_clipped)
     best = int(np.argmin(kl)) if np.isfinite(kl).any() else len(halves) - 1
     threshold = halves[best] * width
     if symmetric:

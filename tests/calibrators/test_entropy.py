@@ -40,14 +40,20 @@ def check_against_oracle(cal, data, granularity, bins, quantized_bins):
     half, divergence = cal.compute_divergence()
     got_lo, got_hi = (t.numpy().reshape(-1) for t in cal.compute_range())
     for g in range(len(counts)):
-        halves, kl = entropy_search(counts[g], quantized_bins)
+        halves, kl = entropy_search(counts[g], quantized_bins, cal.max_clipped)
         assert np.array_equal(half.numpy(), halves)
         ours = divergence[g].numpy()
         assert np.array_equal(np.isinf(ours), np.isinf(kl))
         finite = np.isfinite(kl)
         assert np.allclose(ours[finite], kl[finite], rtol=KL_RTOL, atol=KL_ATOL)
         expected = entropy_range(
-            counts[g], width[g], amin[g], amax[g], quantized_bins, cal.fmt.symmetric
+            counts[g],
+            width[g],
+            amin[g],
+            amax[g],
+            quantized_bins,
+            cal.fmt.symmetric,
+            cal.max_clipped,
         )
         chosen = int(np.argmin(ours)) if finite.any() else len(kl) - 1
         if (np.float32(got_lo[g]), np.float32(got_hi[g])) != tuple(np.float32(expected)):
@@ -77,8 +83,8 @@ def test_default_options_on_a_heavy_tailed_tensor():
     rng = np.random.default_rng(23)
     data = [rng.standard_t(3.0, size=(2, 4_000)).astype(np.float32) for _ in range(2)]
     cal = collect_all(EntropyCalibrator(INT8, PerTensor()), data)
-    assert cal.bins == 2048 and cal.quantized_bins == 128
-    check_against_oracle(cal, data, PerTensor(), 2048, 128)
+    assert cal.bins == 2048 and cal.quantized_bins == 256 and cal.max_clipped == 1e-3
+    check_against_oracle(cal, data, PerTensor(), 2048, 256)
     assert cal.compute_amax() < np.abs(np.concatenate(data)).max()
 
 
@@ -145,11 +151,59 @@ def test_single_value_and_single_window():
         ({"quantized_bins": 16.5}, "quantized_bins"),
         ({"bins": 5000}, "bins"),
         ({"bins": 1}, "bins"),
+        ({"max_clipped": 0}, "max_clipped"),
+        ({"max_clipped": 1.5}, "max_clipped"),
+        ({"max_clipped": "all"}, "max_clipped"),
     ],
 )
 def test_bad_options_are_rejected(options, name):
     with pytest.raises(CalibrationError, match=name):
         EntropyCalibrator(INT8, PerTensor(), **options)
+
+
+def attention_probabilities(seed: int, spread: float) -> list[np.ndarray]:
+    """Softmax rows of 64 over logits of standard deviation ``spread``: most values near 0, a
+    few peaks near 1, as attention weights or a recognizer's character probabilities."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, spread, (2, 64, 16, 64))
+    rows = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return list((rows / rows.sum(axis=-1, keepdims=True)).astype(np.float32))
+
+
+def int8_cosine(x: np.ndarray, amax: float) -> float:
+    """Cosine of ``x`` fake-quantized to int8 at ``amax`` against ``x`` (float64)."""
+    x = x.astype(np.float64).ravel()
+    step = amax / 127
+    q = np.clip(np.round(x / step), -127, 127) * step
+    return float(q @ x / np.linalg.norm(q) / np.linalg.norm(x))
+
+
+@pytest.mark.parametrize("spread", [2.0, 3.0])
+def test_attention_probabilities_are_not_clipped_to_their_bulk(spread):
+    """Unbounded, KL prefers the window that resolves the near-zero mass and clips the peaks
+    (threshold a few tenths, attention peaks cut); at most 1 value in 1000 may be clipped."""
+    data = attention_probabilities(31, spread)
+    x = np.concatenate([d.ravel() for d in data])
+    bounded = collect_all(EntropyCalibrator(INT8, PerTensor(), bins=512, quantized_bins=64), data)
+    check_against_oracle(bounded, data, PerTensor(), 512, 64)
+    unbounded = collect_all(
+        EntropyCalibrator(INT8, PerTensor(), bins=512, quantized_bins=64, max_clipped=1.0), data
+    )
+    check_against_oracle(unbounded, data, PerTensor(), 512, 64)
+    loose, tight = float(unbounded.compute_amax()), float(bounded.compute_amax())
+    assert loose < 0.3 and (x > loose).mean() > 1e-2
+    assert (x > tight).mean() <= 1e-3 and tight > 0.6
+    assert int8_cosine(x, tight) > 0.995 > 0.95 > int8_cosine(x, loose)
+
+
+def test_default_window_models_int8_levels_on_each_side():
+    """256 quantized bins over both sides: windows start at 128 bins each side, as TensorRT's."""
+    data = attention_probabilities(32, 3.0)
+    cal = collect_all(EntropyCalibrator(INT8, PerTensor()), data)
+    half, _ = cal.compute_divergence()
+    assert half[0] == 128 and half[-1] == 2048
+    x = np.concatenate([d.ravel() for d in data])
+    assert (x > float(cal.compute_amax())).mean() <= 1e-3
 
 
 def test_registered_for_recipes():
@@ -175,3 +229,8 @@ def test_calibrate_onnx_with_entropy_and_recipe_options(mlp):
     assert torch.equal(scales.min, amin) and torch.equal(scales.max, amax)
     default = calibrate_onnx(mlp / "mlp.onnx", mlp / "data", method="entropy", validate_batches=0)
     assert all(s.method == "entropy" for s in default.scales.values() if s.kind == "activation")
+
+
+def test_default_quantized_bins_fit_a_small_histogram():
+    assert EntropyCalibrator(INT8, PerTensor(), bins=64).quantized_bins == 128
+    assert EntropyCalibrator(INT8, PerTensor(), bins=200).quantized_bins == 256
