@@ -42,6 +42,11 @@ class Accuracy:
                 f"smooth (the SmoothQuant alpha) must be a number in (0, 1), not {self.smooth!r}"
             )
 
+    @property
+    def one_process(self) -> bool:
+        """Whether a step runs that works in one process only (not across ranks yet)."""
+        return self.layer_view or self.target is not None or self.smooth is not None
+
     def check(self, scales_in: object) -> None:
         """Refuse what cannot go together, before anything runs."""
         if self.smooth is not None and scales_in is not None:

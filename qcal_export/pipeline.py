@@ -187,7 +187,7 @@ def _join_ranks(
     run.device_id = device_id
     run.ranks = ranks_from_env(cuda="CUDAExecutionProvider" in run.providers)
     if run.ranks.world > 1:
-        shard_run(run, accuracy, state, resume)
+        shard_run(run, accuracy.one_process, state, resume)
         if not run.ranks.writes:
             return dataclasses.replace(
                 outputs, model=None, scales=None, report=None, checkpoint=None, validate_batches=0

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import onnx
 
@@ -33,9 +33,6 @@ from qcal_export.graphs.validate import check_model
 from qcal_export.paths import check_paths
 from qcal_export.recipe import Recipe
 from qcal_export.resume import StateFile
-
-if TYPE_CHECKING:
-    from qcal_export.accuracy import Accuracy
 
 log = logging.getLogger(__name__)
 
@@ -199,11 +196,11 @@ def state_identity(run: Run, max_batches: int | None, batch_size: int | None) ->
     }
 
 
-def shard_run(run: Run, accuracy: Accuracy, state: str | Path | None, resume: bool) -> None:
+def shard_run(run: Run, one_process: bool, state: str | Path | None, resume: bool) -> None:
     """This rank's share of the data (and, under CUDA, its own GPU: ``LOCAL_RANK``); the
-    options that do not run across processes yet are refused."""
+    options that do not run across processes yet are refused (``one_process``: the accuracy
+    steps asked for)."""
     auto = any(a.spec.method == "auto" for a in run.plan.activations.values())
-    one_process = accuracy.layer_view or accuracy.target or accuracy.smooth is not None
     if one_process or auto or state is not None or resume:
         raise RecipeError(
             "smoothing, method auto, the layer view, precision targets and state files run in "

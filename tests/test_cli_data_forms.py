@@ -50,7 +50,7 @@ def test_text_file_run(forms, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["batches_per_pass"] == [1]
     assert report["data"] == {
-        "source": f"3 texts in {forms / 'texts.txt'} (max 16 tokens)",
+        "source": f"3 texts in {forms / 'texts.txt'} (max 16 tokens) (calibration split)",
         "random": False,
     }
 

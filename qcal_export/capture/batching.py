@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from qcal_export.capture.data import DataSource, InputSpec, Keep, Pairs
+from qcal_export.capture.source import DataSource, InputSpec, Keep, Pairs
 from qcal_export.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -10,14 +10,12 @@ The forms users have (images, texts, random data, a data module) have readers of
 
 from __future__ import annotations
 
-import itertools
 import logging
 import numbers
 import tokenize
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,31 +23,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from qcal_export.capture.source import Batch, DataSource, InputSpec, select_batches
 from qcal_export.errors import DataError, ModelError, RecipeError
 
 log = logging.getLogger(__name__)
-
-Batch = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """A model input: name, numpy dtype and dims (None where symbolic or unknown); an
-    ``optional`` one (type ``optional(tensor(...))``) may be left out of a batch."""
-
-    name: str
-    dtype: np.dtype
-    dims: tuple[int | None, ...] | None
-    optional: bool = False
-
-    def describe(self) -> str:
-        return f"{self.name} {self.dtype}[{self.shape_text()}]"
-
-    def shape_text(self) -> str:
-        """The dims as ``?, 3, 8, 8``: ``?`` where symbolic, or alone for an unknown rank."""
-        if self.dims is None:
-            return "?"
-        return ", ".join("?" if d is None else str(d) for d in self.dims)
 
 
 def model_inputs(model: onnx.ModelProto, name: str = "the model") -> list[InputSpec]:
@@ -131,57 +108,6 @@ def check_batch(batch: Any, inputs: list[InputSpec], index: int) -> Batch:
                     )
         checked[spec.name] = np.require(array, requirements="C")
     return checked
-
-
-Keep = Callable[[int], bool]
-Pairs = Iterator[tuple[int, Any]]
-
-
-class DataSource:
-    """A re-iterable stream of batches; ``batches()`` starts a new pass each call.
-
-    ``pairs(keep)`` passes over ``(i, batch)`` for the batches ``i`` with ``keep(i)`` only,
-    calling ``keep`` once per index in order; a source that can reach a batch without reading
-    the ones before it (a directory of files) gives ``pairs`` and reads only those. A selection
-    (``select_batches``) numbers its batches as its source does, so errors name the batch of the
-    data the user gave. ``synthetic``: random batches, which say nothing of accuracy.
-    """
-
-    def __init__(
-        self,
-        make_iter: Callable[[], Iterator[Any]],
-        description: str,
-        pairs: Callable[[Keep], Pairs] | None = None,
-        synthetic: bool = False,
-    ):
-        self._make_iter = make_iter
-        self._pairs = pairs
-        self.description = description
-        self.synthetic = synthetic
-
-    def batches(self) -> Iterator[Any]:
-        return self._make_iter()
-
-    def pairs(self, keep: Keep = lambda index: True) -> Pairs:
-        if self._pairs is not None:
-            return self._pairs(keep)
-        return ((index, item) for index, item in enumerate(self.batches()) if keep(index))
-
-
-def select_batches(source: DataSource, keep: Keep, description: str) -> DataSource:
-    """The batches ``i`` of ``source`` with ``keep(i)``: the same ones on every pass. A
-    directory's other files are never read; selections of selections compose."""
-
-    def pairs(more: Keep) -> Pairs:
-        kept = itertools.count()  # the index among the kept batches, where ``more`` applies
-        return source.pairs(lambda index: keep(index) and more(next(kept)))
-
-    return DataSource(
-        lambda: (item for _, item in source.pairs(keep)),
-        f"{source.description} ({description})",
-        pairs=pairs,
-        synthetic=source.synthetic,
-    )
 
 
 def split_holdout(source: DataSource, every: int) -> tuple[DataSource, DataSource]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qcal_export.capture.data import DataSource
+from qcal_export.capture.source import DataSource
 from qcal_export.errors import DataError, QcalError, RecipeError
 
 

@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Union
 
-from qcal_export.capture.data import DataSource, InputSpec
 from qcal_export.capture.data_module import DataModule
 from qcal_export.capture.images import IMAGE_SUFFIXES, ImageOptions, open_images
 from qcal_export.capture.random_data import RANDOM, RandomOptions, open_random
+from qcal_export.capture.source import DataSource, InputSpec
 from qcal_export.capture.texts import TEXT_SUFFIXES, TextOptions, open_texts
 from qcal_export.errors import DataError
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from qcal_export.capture.batching import batch_size_for, numbered_batches, span
-from qcal_export.capture.data import DataSource, InputSpec
+from qcal_export.capture.source import DataSource, InputSpec
 from qcal_export.errors import DataError, RecipeError
 
 log = logging.getLogger(__name__)

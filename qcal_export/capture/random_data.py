@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qcal_export.capture.data import DataSource, InputSpec, Keep, Pairs
+from qcal_export.capture.source import DataSource, InputSpec, Keep, Pairs
 from qcal_export.errors import DataError, RecipeError
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from qcal_export.capture.batching import batch_size_for, numbered_batches, span
-from qcal_export.capture.data import DataSource, InputSpec
+from qcal_export.capture.source import DataSource, InputSpec
 from qcal_export.errors import DataError, RecipeError
 
 log = logging.getLogger(__name__)

@@ -77,7 +77,7 @@ def test_a_run_on_random_data_says_it_gives_no_accuracy(tmp_path):
         model, "random", data_options=RandomOptions(batches=2), output=tmp_path / "q.onnx"
     )
     assert result.report["data"] == {
-        "source": "2 random batches (x[1,3,8,8])",
+        "source": "2 random batches (x[1,3,8,8]) (calibration split)",
         "random": True,
     }
     assert NO_ACCURACY in result.report["plan_notes"]
