@@ -9,10 +9,8 @@ that is a mean over a batch's samples gives the mean over all samples.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import numbers
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from qcal_export.errors import RecipeError
+from qcal_export.user_code import describe_error, load_function, parse_spec
 
 Outputs = dict[str, np.ndarray]
 
@@ -41,29 +40,8 @@ class Metric:
 def load_metric(spec: str) -> Metric:
     """Import ``file.py:function``; RecipeError naming the file and function when the file is
     missing, fails to import, or has no callable of that name."""
-    path_text, _, function = str(spec).rpartition(":")
-    if not path_text or not function.isidentifier():
-        raise RecipeError(
-            f"--eval-module {spec!r} is not FILE.py:FUNCTION (a Python file, a colon and the "
-            "name of its metric function)"
-        )
-    path = Path(path_text)
-    if not path.is_file():
-        raise RecipeError(f"--eval-module {spec}: there is no file {path}")
-    module_name = f"qcal_eval_{abs(hash(str(path.resolve())))}"
-    where = importlib.util.spec_from_file_location(module_name, path)
-    if where is None or where.loader is None:
-        raise RecipeError(f"--eval-module {spec}: {path} cannot be imported as a Python file")
-    module = importlib.util.module_from_spec(where)
-    sys.modules[module_name] = module
-    try:
-        where.loader.exec_module(module)
-    except Exception as e:
-        sys.modules.pop(module_name, None)
-        raise RecipeError(f"--eval-module {spec}: importing {path} failed: {_reason(e)}") from None
-    call = getattr(module, function, None)
-    if not callable(call):
-        raise RecipeError(f"--eval-module {spec}: {path} has no function {function!r}")
+    path, function = parse_spec(spec, "--eval-module", "metric.py:top1")
+    call = load_function(path, function, "metric module", "--eval-module", RecipeError)
     return Metric(path, function, call)
 
 
@@ -77,8 +55,9 @@ def evaluate(metric: Metric, batches: Iterable[tuple[Outputs, Outputs, int]]) ->
         try:
             value = metric.call(floats, quantized)
         except Exception as e:
+            reason = describe_error(e)
             raise RecipeError(
-                f"--eval-module {metric.name} raised on validation batch {index}: {_reason(e)}"
+                f"--eval-module {metric.name} raised on validation batch {index}: {reason}"
             ) from None
         values = _values(metric, value)
         if sums and values.keys() != sums.keys():
@@ -113,8 +92,3 @@ def _values(metric: Metric, value: Any) -> dict[str, float]:
             )
         out[key] = float(number)
     return out
-
-
-def _reason(error: Exception) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__

@@ -76,13 +76,21 @@ def test_summary_shows_the_metric_and_ends_with_the_verdict(workdir, tmp_path, c
 RAISES = 'def m(a, b):\n    return a["nope"]\n'
 CASES = {
     "not FILE:FUNCTION": (None, "metric.py", r"--eval-module 'metric.py' is not FILE.py"),
-    "no file": (None, "{dir}/none.py:m", r"there is no file .*none\.py"),
+    "no file": (
+        None,
+        "{dir}/none.py:m",
+        r"metric module .*none\.py \(--eval-module .*none\.py:m\) does not exist",
+    ),
     "import fails": (
         "import not_a_module_qcal\n",
         "{file}:m",
-        r"importing .*metric\.py failed: ModuleNotFoundError",
+        r"metric module .*metric\.py failed to load: ModuleNotFoundError",
     ),
-    "syntax error": ("def m(:\n", "{file}:m", r"importing .*metric\.py failed: SyntaxError"),
+    "syntax error": (
+        "def m(:\n",
+        "{file}:m",
+        r"metric module .*metric\.py failed to load: SyntaxError",
+    ),
     "no function": ("x = 1\n", "{file}:m", r"metric\.py has no function 'm'"),
     "metric raises": (RAISES, "{file}:m", r"metric\.py:m raised on validation batch 0: KeyError"),
     "not a number": (

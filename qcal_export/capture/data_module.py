@@ -9,15 +9,14 @@ naming the file and the function.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qcal_export.capture.source import DataSource
-from qcal_export.errors import DataError, QcalError, RecipeError
+from qcal_export.errors import DataError, QcalError
+from qcal_export.user_code import describe_error, load_function, parse_spec
 
 
 @dataclass(frozen=True)
@@ -30,12 +29,7 @@ class DataModule:
     @classmethod
     def parse(cls, text: str) -> DataModule:
         """``FILE.py:FUNCTION`` as a DataModule; RecipeError when it has no such form."""
-        path, sep, function = str(text).rpartition(":")
-        if not sep or not path or not function.isidentifier():
-            raise RecipeError(
-                f"--data-module {text!r} is not FILE.py:FUNCTION (e.g. calib_data.py:batches)"
-            )
-        return cls(Path(path), function)
+        return cls(*parse_spec(text, "--data-module", "calib_data.py:batches"))
 
     @property
     def name(self) -> str:
@@ -73,30 +67,7 @@ class DataModule:
         return DataSource(lambda: self._iterate(made), self.name)
 
     def _load(self) -> Callable[[], Any]:
-        if not self.path.is_file():
-            raise DataError(f"data module {self.path} (--data-module {self.name}) does not exist")
-        spec = importlib.util.spec_from_file_location(f"_qcal_data_{self.path.stem}", self.path)
-        if spec is None or spec.loader is None:
-            raise DataError(f"data module {self.path}: not a Python file (--data-module)")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses and pickle look their module up there
-        sys.path.insert(0, str(self.path.resolve().parent))
-        try:
-            spec.loader.exec_module(module)
-        except QcalError:
-            raise
-        except (Exception, SystemExit) as e:
-            del sys.modules[spec.name]
-            raise DataError(f"data module {self.path} failed to load: {_reason(e)}") from None
-        finally:
-            sys.path.remove(str(self.path.resolve().parent))
-        function = getattr(module, self.function, None)
-        if not callable(function):
-            raise DataError(
-                f"data module {self.path} has no function {self.function!r} (--data-module "
-                f"{self.name})"
-            )
-        return function
+        return load_function(self.path, self.function, "data module", "--data-module", DataError)
 
     def _guarded(self, function: Callable[[], Any], doing: str) -> Any:
         try:
@@ -104,7 +75,9 @@ class DataModule:
         except QcalError:
             raise
         except Exception as e:
-            raise DataError(f"data module {self.name} raised {_reason(e)} ({doing})") from None
+            raise DataError(
+                f"data module {self.name} raised {describe_error(e)} ({doing})"
+            ) from None
 
     def _iterate(self, feeds: Iterable[Any]) -> Iterator[Any]:
         """``feeds`` item by item, an exception raised inside them as a DataError."""
@@ -119,12 +92,7 @@ class DataModule:
                 raise
             except Exception as e:
                 raise DataError(
-                    f"data module {self.name} raised {_reason(e)} (making batch {index})"
+                    f"data module {self.name} raised {describe_error(e)} (making batch {index})"
                 ) from None
             yield item
             index += 1
-
-
-def _reason(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
