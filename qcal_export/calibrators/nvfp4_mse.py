@@ -51,9 +51,8 @@ class NVFP4MseCalibrator(Calibrator):
         "losses": "sum",
     }
     host_nonfinite_check: ClassVar[bool] = True
-    """A weight is collected once and the pruned choice waits for the device anyway. On an
-    H200 (4096 x 4096 bf16, two rounds in one run) the device-side pass made collect + decide
-    0.28 and -0.02 ms slower (plain, about 0.8 ms) and 0.25 and 0.15 ms (Hessian, 1.7 ms)."""
+    """A weight is collected once and the pruned choice waits for the device anyway, so the
+    device-side count gains nothing here (``benchmarks/results/design_notes.md``)."""
 
     def __init__(
         self,

@@ -5,9 +5,8 @@ blocks) in float32, bf16 or fp16, upcast in registers. Rows and blocks are read 
 that lie next to each other in memory (the columns of a row-major tensor, per-axis(-1)) are
 copied in slabs of about ``SLAB_BYTES`` into row-major ``[G, slab]`` first (``_rows``, a
 tiled transpose): reading a column at a stride costs more than the copy, which the kernel then
-reads back mostly from L2 (int8 per-axis(-1) over 16384 x 4096 bf16 on an H200, two runs:
-1.14 ms read at a stride, 0.90 ms in slabs of 64 MiB, 0.85-1.0 ms as one slab of twice the
-memory; torch's transpose takes 0.47 ms of the 128 MiB, ``_rows`` 0.11 ms). A program holds
+reads back mostly from L2 (the timings of each layout are in
+``benchmarks/results/design_notes.md``). A program holds
 a tile of ``TILE_G`` groups x ``TILE_N`` values and, per candidate, computes the float32
 arithmetic of ``formats.py``'s QuantizeLinear -> DequantizeLinear (a non-finite value is
 read as 0, which adds no error: ``collect`` counts them without waiting for the device):
