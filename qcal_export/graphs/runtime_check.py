@@ -1,5 +1,5 @@
 """ONNX Runtime's graph optimizations against the graph they optimize: sessions at a chosen level,
-the tolerance that tells float noise from other math, and the search for the optimizer at fault.
+the margin that tells other rounding from other math, and the search for the optimizer at fault.
 
 ORT rewrites QDQ graphs into fused kernels at its default level (ORT_ENABLE_ALL); some valid
 graphs fail to run or compute other values that way. With optimizations off ORT runs each node
@@ -88,24 +88,26 @@ QUANTIZATION_SHARE = 0.5
 NORM_SHARE = 1e-4
 
 
-def beyond_noise(gap_sq: float, quantization_sq: float, reference_sq: float) -> bool:
-    """Whether a runtime's outputs differ from the reference's by more than float noise.
+def worse_than_reference(deployed_sq: float, quantization_sq: float, reference_sq: float) -> bool:
+    """Whether a runtime's outputs are further from the float model's than the reference's are,
+    by more than float noise.
 
-    ``gap_sq``: squared L2 distance between the two runtimes' outputs; ``quantization_sq``:
-    between the reference's and the float model's (the graph's own quantization error);
-    ``reference_sq``: the reference outputs' squared norm. The tolerance is half the graph's
-    quantization error plus 1e-4 of the output norm. A runtime computing the graph's math in
-    another way (accumulation order, int32 bias rounding, fused requantization that rounds a
-    tie the other way, the s8 -> u8 shift) moves outputs by a small fraction of the quantization
-    error, which every element carries; the norm term covers float32 rounding where that error is
-    itself tiny. A runtime computing other math (a dropped op, a scale applied to the wrong
-    elements, a tensor quantized that the graph keeps in float) moves them by as much as the
-    quantization error or more: beyond the tolerance the report's error no longer describes the
-    graph.
+    ``deployed_sq``: squared L2 distance between the runtime's outputs and the float model's;
+    ``quantization_sq``: between the reference's and the float model's (the graph's own
+    quantization error); ``reference_sq``: the reference outputs' squared norm. The runtime is
+    at fault where its error passes the reference's by more than half of it plus 1e-4 of the
+    output norm. A runtime computing the graph's math in another way (accumulation order, int32
+    bias rounding, fused requantization that rounds a tie the other way, the s8 -> u8 shift)
+    lands other values but no further from the float model: its rounding is independent of the
+    quantization error, so the two add in quadrature, within the margin. A runtime computing
+    other math (a dropped op, a scale applied to the wrong elements, a tensor quantized that
+    the graph keeps in float) adds an error of its own on top: beyond the margin the report's
+    error no longer describes the graph. The norm term covers float32 rounding where the
+    quantization error is itself tiny.
     """
-    tolerance = QUANTIZATION_SHARE * math.sqrt(quantization_sq)
-    tolerance += NORM_SHARE * math.sqrt(reference_sq)
-    return math.sqrt(gap_sq) > tolerance
+    margin = (1 + QUANTIZATION_SHARE) * math.sqrt(quantization_sq)
+    margin += NORM_SHARE * math.sqrt(reference_sq)
+    return math.sqrt(deployed_sq) > margin
 
 
 class ModelSessions:
@@ -158,9 +160,9 @@ class ModelSessions:
 @dataclass
 class RuntimeIssue:
     """ORT at its default level fails to run the model (``kind`` "fails", ORT's ``error``) or
-    computes outputs beyond float noise from the reference's (``kind`` "disagrees"); where found,
-    the first ``level`` that shows it, the ``optimizer`` whose removal alone cures it and the
-    nodes that optimizer rewrote (``changes``)."""
+    computes outputs further from the float model's than the reference's (``kind``
+    "disagrees"); where found, the first ``level`` that shows it, the ``optimizer`` whose
+    removal alone cures it and the nodes that optimizer rewrote (``changes``)."""
 
     kind: str
     runtime: str
@@ -241,7 +243,7 @@ def diagnose(
         except ORT_ERRORS:
             return False
         return not any(
-            beyond_noise(_sq(out - ref), _sq(ref - flt), _sq(ref))
+            worse_than_reference(_sq(out - flt), _sq(ref - flt), _sq(ref))
             for flt, ref, out in zip(float_outputs, reference_outputs, outputs, strict=True)
         )
 

@@ -24,9 +24,9 @@ from qcal_export.graphs.runtime_check import (
     Level,
     ModelSessions,
     RuntimeIssue,
-    beyond_noise,
     diagnose,
     one_line,
+    worse_than_reference,
 )
 
 log = logging.getLogger(__name__)
@@ -214,10 +214,11 @@ def validate_outputs(
     """``model``'s outputs against ``float_model``'s on the first ``max_batches`` batches, in
     ORT at its default level and with optimizations off (one pass over the batches).
 
-    Where the default session fails, or disagrees with the reference beyond float noise
-    (``runtime_check.beyond_noise``), one warning says so and names the ORT optimizer at fault;
-    a reference that cannot run is a ModelError naming ``name``. Models with types or ops ORT
-    has no kernels for (FP4, TensorRT's) run in the ONNX reference evaluator alone.
+    Where the default session fails, or lands further from the float model than the reference
+    does beyond float noise (``runtime_check.worse_than_reference``), one warning says so and
+    names the ORT optimizer at fault; a reference that cannot run is a ModelError naming
+    ``name``. Models with types or ops ORT has no kernels for (FP4, TensorRT's) run in the ONNX
+    reference evaluator alone.
     """
     float_session = open_session(float_model, providers, str(float_model))
     if needs_reference_evaluator(model):
@@ -252,7 +253,6 @@ def _against_default(
     names = float_outputs(float_session)
     quantization = {n: RunningError() for n in names}
     deployed = {n: RunningError() for n in names}
-    gap = {n: RunningError() for n in names}
     first = None
     for feed in feeds(source, model_inputs(model), max_batches):
         floats = float_session.run(names, feed)
@@ -270,9 +270,8 @@ def _against_default(
         except ORT_ERRORS as e:
             default, failure = None, one_line(e)
             continue
-        for n, flt, ref, out in zip(names, floats, refs, outs, strict=True):
+        for n, flt, out in zip(names, floats, outs, strict=True):
             deployed[n].add(flt, out)
-            gap[n].add(ref, out)
     validator = f"onnxruntime ({device}, optimizations off)"
     validation = Validation({n: e.summary() for n, e in quantization.items()}, validator)
     validation.runtime = f"onnxruntime ({device})"
@@ -284,7 +283,9 @@ def _against_default(
         f"output {n!r} rel L2 {validation.default[n]['rel_l2']:.3g}, "
         f"{validation.reference[n]['rel_l2']:.3g} with optimizations off"
         for n in names
-        if beyond_noise(gap[n].diff_sq, quantization[n].diff_sq, quantization[n].cand_sq)
+        if worse_than_reference(
+            deployed[n].diff_sq, quantization[n].diff_sq, quantization[n].cand_sq
+        )
     ]
     if off:
         validation.issue = RuntimeIssue("disagrees", validation.runtime, "; ".join(off[:2]))
