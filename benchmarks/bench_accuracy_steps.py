@@ -27,7 +27,7 @@ import harness
 from qcal_export.demo.evaluate import embedding_cosine
 from qcal_export.demo.model import demo_model_path
 from qcal_export.demo.texts import demo_batches, demo_texts
-from qcal_export.pipeline import calibrate_onnx
+from qcal_export.pipeline.calibrate import calibrate_onnx
 
 RESULT_FILE = Path(__file__).resolve().parent / "results" / "accuracy_steps.md"
 ROWS = (

@@ -49,8 +49,8 @@ from cpu_peers import (
 from cpu_peers_report import render, rule_lines, table
 
 from qcal_export.calibrators import MseCalibrator, ShrinkMseCalibrator
-from qcal_export.formats import AMAX_FLOOR, Format, IntFormat
-from qcal_export.granularity import PerAxis, PerTensor
+from qcal_export.spec.formats import AMAX_FLOOR, Format, IntFormat
+from qcal_export.spec.granularity import PerAxis, PerTensor
 
 RESULT_FILE = Path(__file__).resolve().parent / "results" / "cpu_peers.md"
 SAME = 1e-6

@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from qcal_export.pipeline import calibrate_onnx
+from qcal_export.pipeline.calibrate import calibrate_onnx
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = (("tensorrt", "int8"), ("ort", "int8"), ("ort", "uint8"))

@@ -33,7 +33,7 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: calibrate the demo model on its share; rank 0 prints its time as JSON."""
     from qcal_export.demo.model import demo_model_path
     from qcal_export.demo.texts import demo_batches, demo_texts
-    from qcal_export.pipeline import calibrate_onnx
+    from qcal_export.pipeline.calibrate import calibrate_onnx
 
     texts, _ = demo_texts(args.num_calib, 0)
     batches = demo_batches(texts, batch_size=16)

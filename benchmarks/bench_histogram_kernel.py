@@ -27,8 +27,8 @@ from qcal_export.calibrators import PercentileCalibrator
 from qcal_export.calibrators.histogram import HistogramCalibrator
 from qcal_export.calibrators.kernels import histogram as kernel
 from qcal_export.calibrators.kernels.histogram import histogram_add_
-from qcal_export.formats import INT8
-from qcal_export.granularity import PerAxis, PerTensor
+from qcal_export.spec.formats import INT8
+from qcal_export.spec.granularity import PerAxis, PerTensor
 
 ROWS, COLS, BINS = 16384, 4096, 2048
 

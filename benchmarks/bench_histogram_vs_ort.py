@@ -61,8 +61,8 @@ def calibrate_ours(model: Path, batches: list[dict], tensors: list[str], method:
     from qcal_export.calibrators import EntropyCalibrator, PercentileCalibrator
     from qcal_export.capture.data import open_data
     from qcal_export.capture.onnxruntime import OrtCapture
-    from qcal_export.formats import INT8
-    from qcal_export.granularity import PerTensor
+    from qcal_export.spec.formats import INT8
+    from qcal_export.spec.granularity import PerTensor
 
     kind = {"percentile": PercentileCalibrator, "entropy": EntropyCalibrator}[method]
     cals = {t: kind(INT8, PerTensor()) for t in tensors}

@@ -24,8 +24,8 @@ from gpu_timing import copy_rate, cuda_median, fma_rate, gpu_tag, innermost_loop
 
 from qcal_export.calibrators.kernels import mse_sweep, nvfp4_global
 from qcal_export.calibrators.mse import MseCalibrator, mse_multipliers
-from qcal_export.formats import FP8_E4M3, INT4, INT8, NVFP4, UINT8, NVFP4Format
-from qcal_export.granularity import PerAxis, PerBlock, PerTensor, PerTensorGroup
+from qcal_export.spec.formats import FP8_E4M3, INT4, INT8, NVFP4, UINT8, NVFP4Format
+from qcal_export.spec.granularity import PerAxis, PerBlock, PerTensor, PerTensorGroup
 
 ROWS, COLS = 16384, 4096
 START, STOP, STEP = 0.25, 3.95, 0.1

@@ -33,8 +33,8 @@ from qcal_export.calibrators.nvfp4_mse import (
     NVFP4MseCalibrator,
     fp8_scale_candidates,
 )
-from qcal_export.formats import NVFP4
-from qcal_export.granularity import PerBlock
+from qcal_export.spec.formats import NVFP4
+from qcal_export.spec.granularity import PerBlock
 
 ROWS, COLS = 4096, 4096
 ALU = {"FMNMX", "FSEL", "FSETP", "LOP3", "ISETP", "SEL", "IADD3", "LEA", "SHF", "MOV", "PRMT"}

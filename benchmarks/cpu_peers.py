@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from qcal_export.formats import FP8_E4M3, INT8, Format, IntFormat
+from qcal_export.spec.formats import FP8_E4M3, INT8, Format, IntFormat
 
 MODELOPT_GRID = {"start_multiplier": 0.25, "stop_multiplier": 4.0, "step_size": 0.1}
 SHRINK_OPTIONS = {"maxshrink": 0.2, "grid": 100.0, "norm": 2.4, "patience": 5}

@@ -7,7 +7,7 @@ safetensors scales, report. ``calibrate_onnx`` runs all of it for an ONNX model,
 
 from __future__ import annotations
 
-from qcal_export.artifacts.scales import TensorScales, load_scales, save_scales
+from qcal_export.artifacts.scales import load_scales, save_scales
 from qcal_export.calibrators import CALIBRATORS, Calibrator, MaxCalibrator, MseCalibrator
 from qcal_export.capture.data_module import DataModule
 from qcal_export.capture.images import ImageOptions
@@ -22,13 +22,13 @@ from qcal_export.errors import (
     RecipeError,
     ScalesError,
 )
-from qcal_export.formats import FP8_E4M3, INT8, UINT8, FP8E4M3Format, IntFormat, get_format
-from qcal_export.granularity import PerAxis, PerTensor
-from qcal_export.pipeline import CalibrationResult, calibrate_onnx
-from qcal_export.recipe import Override, Recipe, TensorSpec, load_recipe
-from qcal_export.torch_calibration import TorchCalibration, calibrate_torch, capture
-
-__version__ = "0.1.0"
+from qcal_export.from_torch.calibration import TorchCalibration, calibrate_torch, capture
+from qcal_export.pipeline.calibrate import CalibrationResult, calibrate_onnx
+from qcal_export.spec.formats import FP8_E4M3, INT8, UINT8, FP8E4M3Format, IntFormat, get_format
+from qcal_export.spec.granularity import PerAxis, PerTensor
+from qcal_export.spec.recipe import Override, Recipe, TensorSpec, load_recipe
+from qcal_export.spec.scales import TensorScales
+from qcal_export.version import __version__
 
 __all__ = [
     "CALIBRATORS",
@@ -59,6 +59,7 @@ __all__ = [
     "TensorSpec",
     "TextOptions",
     "TorchCalibration",
+    "__version__",
     "calibrate_onnx",
     "calibrate_torch",
     "capture",

@@ -55,8 +55,8 @@ def progress_bar(total: int | None) -> Callable[[str], object]:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from qcal_export.pipeline import calibrate_onnx
-    from qcal_export.summary import print_layers, print_summary, print_verdict
+    from qcal_export.artifacts.summary import print_layers, print_summary, print_verdict
+    from qcal_export.pipeline.calibrate import calibrate_onnx
 
     data, data_options = data_arguments(args)
     result = calibrate_onnx(
@@ -113,8 +113,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from qcal_export.graphs.inspect import quantizable_nodes
-    from qcal_export.graphs.model_io import load_model
     from qcal_export.graphs.preprocess import preprocess
+    from qcal_export.onnx_io.model_io import load_model
 
     loaded = load_model(args.model)
     preprocessed = preprocess(loaded.proto)

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from qcal_export.errors import RecipeError
-from qcal_export.recipe import DEFAULT_TARGET, METHODS, TARGETS
+from qcal_export.spec.recipe import DEFAULT_TARGET, METHODS, TARGETS
 
 console = Console(stderr=True)
 

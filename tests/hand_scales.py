@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from qcal_export.artifacts.scales import TensorScales
-from qcal_export.formats import get_format
-from qcal_export.granularity import PerAxis, PerTensor
+from qcal_export.spec.formats import get_format
+from qcal_export.spec.granularity import PerAxis, PerTensor
+from qcal_export.spec.scales import TensorScales
 
 
 def scales_from_range(

@@ -8,7 +8,7 @@ import pytest
 
 from qcal_export.cli import method_option
 from qcal_export.errors import RecipeError
-from qcal_export.recipe_options import build_recipe, split_method_options
+from qcal_export.spec.recipe_options import build_recipe, split_method_options
 
 
 def test_method_options_go_to_the_method_that_takes_them():

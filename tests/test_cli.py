@@ -24,9 +24,9 @@ from onnx import TensorProto
 from qcal_export.artifacts.scales import load_scales
 from qcal_export.calibrators import EntropyCalibrator, PercentileCalibrator, ShrinkMseCalibrator
 from qcal_export.cli import main
-from qcal_export.formats import get_format
-from qcal_export.granularity import PerTensor
-from qcal_export.recipe import METHOD_OPTIONS
+from qcal_export.spec.formats import get_format
+from qcal_export.spec.granularity import PerTensor
+from qcal_export.spec.recipe import METHOD_OPTIONS
 
 
 def sha256(path: Path) -> str:

@@ -13,7 +13,7 @@ import pytest
 
 from qcal_export import calibrate_onnx
 from qcal_export.cli import main
-from qcal_export.deployment import integer_kernels, measure_deployment, profile_kernels
+from qcal_export.validation.deployment import integer_kernels, measure_deployment, profile_kernels
 
 sys.path.insert(0, str(Path(__file__).parent / "graphs"))
 from placement_models import cnn_batches, cnn_model

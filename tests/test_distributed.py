@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from qcal_export.artifacts.scales import load_scales
-from qcal_export.pipeline import calibrate_onnx
+from qcal_export.pipeline.calibrate import calibrate_onnx
 
 
 def qcal_nproc(*argv: str) -> subprocess.CompletedProcess:

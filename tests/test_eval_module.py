@@ -14,8 +14,8 @@ from mlp import make_mlp
 
 from qcal_export.cli import main
 from qcal_export.errors import RecipeError
-from qcal_export.eval_module import evaluate, load_metric
-from qcal_export.pipeline import calibrate_onnx
+from qcal_export.pipeline.calibrate import calibrate_onnx
+from qcal_export.validation.eval_module import evaluate, load_metric
 
 CPU = ["CPUExecutionProvider"]
 TOP1 = """

@@ -21,8 +21,8 @@ from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper
 
 from qcal_export.errors import RecipeError
-from qcal_export.formats import FP8_E4M3, INT8, UINT8, get_format
-from qcal_export.granularity import PerAxis, PerTensor
+from qcal_export.spec.formats import FP8_E4M3, INT8, UINT8, get_format
+from qcal_export.spec.granularity import PerAxis, PerTensor
 
 FORMATS = {"int8": INT8, "uint8": UINT8, "fp8": FP8_E4M3}
 CHANNELS = 5

@@ -15,7 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto
 
-from qcal_export.formats import AMAX_FLOOR, FP8_E4M3, INT8, NVFP4, SCALE_LIMITS, UINT8, get_format
+from qcal_export.spec.formats import (
+    AMAX_FLOOR,
+    FP8_E4M3,
+    INT8,
+    NVFP4,
+    SCALE_LIMITS,
+    UINT8,
+    get_format,
+)
 
 FORMATS = {"int8": INT8, "uint8": UINT8, "fp8": FP8_E4M3}
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -35,8 +35,8 @@ from safetensors.torch import load_file
 
 from qcal_export import calibrate_onnx
 from qcal_export.cli import main
-from qcal_export.method_options import METHOD_OPTIONS
-from qcal_export.recipe import METHODS
+from qcal_export.spec.method_options import METHOD_OPTIONS
+from qcal_export.spec.recipe import METHODS
 
 FUZZ = settings(
     derandomize=True,

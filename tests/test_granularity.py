@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qcal_export.errors import RecipeError
-from qcal_export.granularity import (
+from qcal_export.spec.granularity import (
     PerAxis,
     PerBlock,
     PerBlock2D,

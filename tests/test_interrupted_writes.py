@@ -27,10 +27,11 @@ import torch
 from full_disk import child_env
 from onnx import TensorProto, helper, numpy_helper
 
-from qcal_export.artifacts.scales import TensorScales, load_scales, save_scales
-from qcal_export.formats import INT8
-from qcal_export.granularity import PerAxis
-from qcal_export.graphs.model_io import save_model
+from qcal_export.artifacts.scales import load_scales, save_scales
+from qcal_export.onnx_io.model_io import save_model
+from qcal_export.spec.formats import INT8
+from qcal_export.spec.granularity import PerAxis
+from qcal_export.spec.scales import TensorScales
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 
@@ -105,7 +106,7 @@ def test_killed_model_write_leaves_the_old_model(tmp_path, external_data):
     onnx.save_model(big_model(4096, seed=1), str(source))
     code = f"""
         import onnx
-        from qcal_export.graphs.model_io import save_model
+        from qcal_export.onnx_io.model_io import save_model
         model = onnx.load({str(source)!r})
         save_model(model, {str(target)!r}, external_data={external_data})
     """
@@ -123,9 +124,10 @@ def test_killed_scales_write_leaves_the_old_scales(tmp_path):
     before = digest(target)
     code = f"""
         import torch
-        from qcal_export.artifacts.scales import TensorScales, save_scales
-        from qcal_export.formats import INT8
-        from qcal_export.granularity import PerAxis
+        from qcal_export.artifacts.scales import save_scales
+        from qcal_export.spec.scales import TensorScales
+        from qcal_export.spec.formats import INT8
+        from qcal_export.spec.granularity import PerAxis
         amax = torch.rand(1 << 25) + 0.5
         scale, zero_point = INT8.scale_zero_point(-amax, amax)
         entry = TensorScales("w", "weight", "int8", "max", PerAxis(0), amax, scale, zero_point)
@@ -173,7 +175,7 @@ def test_killed_after_each_step_leaves_the_old_model_or_the_new(tmp_path, step, 
     code = f"""
         import os, signal
         import onnx
-        from qcal_export.graphs import model_io
+        from qcal_export.onnx_io import model_io
 
         def kill(step):
             if step == {step!r}:

@@ -17,11 +17,11 @@ import onnxruntime as ort
 import pytest
 from mlp import make_mlp
 
+from qcal_export.analysis.sensitivity import OutputError
 from qcal_export.artifacts.scales import load_scales
 from qcal_export.capture.data import open_data, split_holdout
 from qcal_export.errors import DataError, RecipeError
-from qcal_export.pipeline import calibrate_onnx
-from qcal_export.sensitivity import OutputError
+from qcal_export.pipeline.calibrate import calibrate_onnx
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ from qcal_export.calibrators.mse import mse_multipliers
 from qcal_export.calibrators.percentile import PercentileCalibrator
 from qcal_export.calibrators.shrink_mse import shrink_factors
 from qcal_export.errors import RecipeError
-from qcal_export.formats import INT8
-from qcal_export.granularity import PerTensor
-from qcal_export.method_options import (
+from qcal_export.spec.formats import INT8
+from qcal_export.spec.granularity import PerTensor
+from qcal_export.spec.method_options import (
     DEFAULTS,
     ENTROPY_MAX_BINS,
     MAX_BINS,
@@ -25,7 +25,7 @@ from qcal_export.method_options import (
     OPTION_BOUNDS,
     check_method_options,
 )
-from qcal_export.recipe import TensorSpec
+from qcal_export.spec.recipe import TensorSpec
 
 CALIBRATORS = {
     "mse": MseCalibrator,

@@ -21,11 +21,11 @@ from convgemm import data_batches, run_model
 from full_disk import run_cli_with_file_limit
 from mlp import make_mlp
 
+from qcal_export.calibrate.resume import StateFile
 from qcal_export.cli import main
 from qcal_export.errors import OutputError
-from qcal_export.pipeline import calibrate_onnx
-from qcal_export.recipe import load_recipe
-from qcal_export.resume import StateFile
+from qcal_export.pipeline.calibrate import calibrate_onnx
+from qcal_export.spec.recipe import load_recipe
 
 
 def sha256(path: Path) -> str:

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcal_export import Recipe, TensorSpec, calibrate_onnx
 from qcal_export.errors import DataError
-from qcal_export.formats import AMAX_FLOOR, get_format
+from qcal_export.spec.formats import AMAX_FLOOR, get_format
 
 
 def _matmul_model(path):

@@ -18,10 +18,10 @@ from qcal_export.artifacts.scales import load_scales
 from qcal_export.calibrators.nvfp4_mse import NVFP4MseCalibrator
 from qcal_export.cli import main
 from qcal_export.errors import OutputError, RecipeError
-from qcal_export.formats import NVFP4, get_format
-from qcal_export.granularity import PerBlock
-from qcal_export.graphs.validate import reference_runner
-from qcal_export.pipeline import calibrate_onnx
+from qcal_export.pipeline.calibrate import calibrate_onnx
+from qcal_export.spec.formats import NVFP4, get_format
+from qcal_export.spec.granularity import PerBlock
+from qcal_export.validation.validate import reference_runner
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["matmul", "gemm"])

@@ -21,8 +21,8 @@ from onnx.reference import ReferenceEvaluator
 
 from qcal_export import calibrate_onnx
 from qcal_export.errors import ModelError, RecipeError
-from qcal_export.formats import SCALE_LIMITS
-from qcal_export.graphs.validate import reference_runner
+from qcal_export.spec.formats import SCALE_LIMITS
+from qcal_export.validation.validate import reference_runner
 
 CPU = ["CPUExecutionProvider"]
 FORMATS = {

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qcal_export.recipe import recipe_from_dict
+from qcal_export.spec.recipe import recipe_from_dict
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.S)

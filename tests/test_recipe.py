@@ -9,7 +9,7 @@ import json
 import pytest
 
 from qcal_export.errors import RecipeError
-from qcal_export.recipe import Override, Recipe, TensorSpec, load_recipe, recipe_from_dict
+from qcal_export.spec.recipe import Override, Recipe, TensorSpec, load_recipe, recipe_from_dict
 
 RECIPE_DATA = {
     "activation": {"format": "fp8", "method": "mse", "options": {"start": 0.5, "step": 0.25}},

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcal_export.errors import RecipeError
 from qcal_export.graphs.smooth import smooth_model, smoothing_groups
-from qcal_export.pipeline import calibrate_onnx
+from qcal_export.pipeline.calibrate import calibrate_onnx
 
 
 def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:

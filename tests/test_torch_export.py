@@ -20,11 +20,11 @@ from torch import nn
 from torch_models import BLOCK_MODULES, CNN_MODULES, make_block, make_cnn, run_onnx
 
 from qcal_export import Override, Recipe, TensorSpec, calibrate_torch, load_scales
-from qcal_export.artifacts.scales import TensorScales
 from qcal_export.errors import OutputError
-from qcal_export.formats import get_format
-from qcal_export.granularity import PerAxis, PerBlock, PerTensor
-from qcal_export.graphs.torch_plan import widest
+from qcal_export.from_torch.plan import widest
+from qcal_export.spec.formats import get_format
+from qcal_export.spec.granularity import PerAxis, PerBlock, PerTensor
+from qcal_export.spec.scales import TensorScales
 
 EPS32 = float(np.finfo(np.float32).eps)
 MODELS = {"block": (make_block, BLOCK_MODULES), "cnn": (make_cnn, CNN_MODULES)}

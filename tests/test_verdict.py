@@ -15,7 +15,7 @@ from mlp import make_mlp
 
 from qcal_export.cli import main
 from qcal_export.errors import BelowTargetError, RecipeError
-from qcal_export.pipeline import calibrate_onnx
+from qcal_export.pipeline.calibrate import calibrate_onnx
 
 CPU = ["CPUExecutionProvider"]
 

@@ -23,9 +23,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from qcal_export.atomic import atomic_path, write_file
 from qcal_export.errors import OutputError, ScalesError
-from qcal_export.formats import E2M1_VALUES, NVFP4, pack_nibbles, unpack_nibbles
+from qcal_export.files.atomic import atomic_path, write_file
+from qcal_export.spec.formats import E2M1_VALUES, NVFP4, pack_nibbles, unpack_nibbles
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -90,7 +90,7 @@ class CheckpointLayout:
 def _modelopt_configs(names: list[str], w4a4: bool, ignore: list[str]) -> dict[str, dict]:
     """hf_quant_config.json and ``quantization_config`` as ModelOpt writes them
     (``process_layer_quant_config``, ``convert_hf_quant_config_format``)."""
-    from qcal_export import __version__
+    from qcal_export.version import __version__
 
     algo = "NVFP4" if w4a4 else "W4A16_NVFP4"
     producer = {"name": "qcal_export", "version": __version__}

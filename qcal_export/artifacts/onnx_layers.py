@@ -18,12 +18,12 @@ import torch
 from onnx import TensorProto
 
 from qcal_export.artifacts.checkpoint import LAYOUTS, NVFP4Linear, write_nvfp4_checkpoint
-from qcal_export.artifacts.scales import TensorScales
 from qcal_export.errors import OutputError
 from qcal_export.graphs.op_inputs import WEIGHT_INPUTS
-from qcal_export.graphs.qdq import initializer_values
-from qcal_export.graphs.targets import Plan, WeightPlan
-from qcal_export.graphs.tensor_types import FLOAT_TYPES
+from qcal_export.onnx_io.initializers import initializer_values
+from qcal_export.onnx_io.tensor_types import FLOAT_TYPES
+from qcal_export.spec.plan import Plan, WeightPlan
+from qcal_export.spec.scales import TensorScales
 
 LINEAR_OPS = ("MatMul", "Gemm")
 

@@ -1,19 +1,13 @@
-"""The run report: what was quantized, how, what was noted, and the validated output error."""
+"""The run report's file and its per-tensor rows: what was quantized, how, and what was noted."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from qcal_export.artifacts.scales import TensorScales, versions
-from qcal_export.atomic import write_file
-
-if TYPE_CHECKING:
-    from qcal_export.graphs.export import ExportResult
-    from qcal_export.graphs.validate import Validation
-    from qcal_export.pipeline import CalibrationResult
-    from qcal_export.run import Run
+from qcal_export.files.atomic import write_file
+from qcal_export.spec.scales import TensorScales
 
 
 def tensor_row(s: TensorScales, weight_errors: dict[str, float]) -> dict[str, Any]:
@@ -36,52 +30,6 @@ def tensor_row(s: TensorScales, weight_errors: dict[str, float]) -> dict[str, An
     if s.name in weight_errors:
         row["weight_rel_error"] = weight_errors[s.name]
     return row
-
-
-def build_report(
-    run: Run,
-    scales: dict[str, TensorScales],
-    exported: ExportResult,
-    validation: Validation | None,
-    result: CalibrationResult,
-) -> dict[str, Any]:
-    """A JSON-able summary of one run.
-
-    ``output_error`` is the error users get: ONNX Runtime at its default optimizations, or the
-    reference where ORT cannot run the model (``validator`` names which); ``validation`` holds
-    both figures and any runtime issue (None when no batch was validated).
-    ``quantized_nodes`` leaves out ``partially_quantized_nodes`` (a weight not found, say).
-    """
-    partial = run.partial_nodes()
-    return {
-        "model": str(run.loaded.path),
-        "model_sha256": run.loaded.sha256,
-        "output_model": str(result.model_path) if result.model_path else None,
-        "scales_file": str(result.scales_path) if result.scales_path else None,
-        "checkpoints": {k: str(v) for k, v in result.checkpoint_paths.items()},
-        "recipe": run.recipe.to_dict(),
-        "providers": run.providers,
-        "data": None
-        if run.source is None
-        else {"source": run.source.description, "random": run.source.synthetic},
-        "batches_per_pass": run.batches_per_pass,
-        "opset": {"from": exported.opset_from, "to": exported.opset_to},
-        "quantized_nodes": [n for n in run.plan.nodes if n not in partial],
-        "partially_quantized_nodes": partial,
-        "preprocess": run.preprocessed.to_report() if run.preprocessed else None,
-        "target": run.recipe.target,
-        "shared_scales": {t: entry.source for t, entry in run.plan.shared.items()},
-        "excluded_nodes": run.plan.excluded,
-        "float_subgraph_nodes": run.plan.float_subgraph_nodes,
-        "plan_notes": run.plan.notes,
-        "tensors": [tensor_row(s, run.weight_errors) for s in scales.values()],
-        "export_notes": exported.notes,
-        "validator": run.validator or None,
-        "output_error": {} if validation is None else validation.output_error,
-        "validation": None if validation is None else validation.to_report(),
-        "timings": run.timings,
-        "versions": versions(),
-    }
 
 
 def save_report(path: str | Path, report: dict[str, Any]) -> Path:

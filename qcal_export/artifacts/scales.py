@@ -10,69 +10,28 @@ qcal_export, onnx, onnxruntime and torch.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from qcal_export.atomic import write_file
 from qcal_export.errors import ScalesError
-from qcal_export.formats import FORMATS, FP8_SUBNORMAL_MIN, NVFP4, Format, NVFP4Format, get_format
-from qcal_export.granularity import Granularity, PerBlock, granularity_from_dict
-from qcal_export.graphs.qdq import QParams
+from qcal_export.files.atomic import write_file
+from qcal_export.spec.formats import (
+    FORMATS,
+    FP8_SUBNORMAL_MIN,
+    NVFP4,
+    Format,
+    NVFP4Format,
+    get_format,
+)
+from qcal_export.spec.granularity import Granularity, PerBlock, granularity_from_dict
+from qcal_export.spec.scales import TensorScales
 
 SCHEMA = "qcal_export.scales/2"
-
-
-@dataclass
-class TensorScales:
-    """Calibration result of one tensor; all tensors have the export (ONNX scale) shape.
-
-    ``amax`` is ``max(|min|, |max|)``; asymmetric formats also keep the range ``min`` / ``max``.
-    NVFP4 weights: ``amax`` per block, ``scale`` the FP8 block scales (float32 values) and
-    ``global_scale`` the FP32 global scale; NVFP4 activations: ``amax`` the global amax and
-    ``scale`` = ``global_scale`` (block scales are computed in the graph).
-    """
-
-    name: str
-    kind: Literal["activation", "weight"]
-    format: str
-    method: str
-    granularity: Granularity
-    amax: torch.Tensor
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-    min: torch.Tensor | None = None
-    max: torch.Tensor | None = None
-    global_scale: torch.Tensor | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def axis(self) -> int | None:
-        return getattr(self.granularity, "axis", None)
-
-    def fake_quant_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight (graph shape) as the exported DequantizeLinear chain gives it, float32."""
-        shape = tuple(weight.shape)
-        scale = self.granularity.expand(self.scale, shape)
-        if self.global_scale is not None:
-            return NVFP4.fake_quant_blocks(weight, NVFP4.effective_scales(scale, self.global_scale))
-        zero_point = self.granularity.expand(self.zero_point, shape)
-        return get_format(self.format).fake_quant(weight, scale, zero_point)
-
-    def qparams(self) -> QParams:
-        return QParams(
-            get_format(self.format),
-            self.scale,
-            self.zero_point,
-            self.granularity,
-            self.global_scale,
-        )
 
 
 def versions() -> dict[str, str]:

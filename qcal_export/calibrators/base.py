@@ -14,8 +14,8 @@ import torch
 
 from qcal_export.calibrators import kernels
 from qcal_export.errors import CalibrationError
-from qcal_export.formats import Format, floor_zero
-from qcal_export.granularity import Granularity
+from qcal_export.spec.formats import Format, floor_zero
+from qcal_export.spec.granularity import Granularity
 
 NonFinite = Literal["skip", "error"]
 MergeOp = Literal["sum", "max", "min", "same"]

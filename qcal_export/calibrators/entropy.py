@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from qcal_export.calibrators.base import NonFinite
 from qcal_export.calibrators.histogram import BINS, HistogramCalibrator, integer_option
 from qcal_export.errors import CalibrationError
-from qcal_export.formats import Format
-from qcal_export.granularity import Granularity
+from qcal_export.spec.formats import Format
+from qcal_export.spec.granularity import Granularity
 
 QUANTIZED_BINS = 256
 """Default quantized bins over a window of ``i`` bins each side (at most ``2 * bins``): 128 each

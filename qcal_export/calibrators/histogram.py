@@ -17,8 +17,8 @@ import torch
 from qcal_export.calibrators import kernels
 from qcal_export.calibrators.base import Calibrator, MergeOp, NonFinite
 from qcal_export.errors import CalibrationError
-from qcal_export.formats import Format
-from qcal_export.granularity import Granularity
+from qcal_export.spec.formats import Format
+from qcal_export.spec.granularity import Granularity
 
 BINS = 2048
 LOWEST_EXPONENT = -126

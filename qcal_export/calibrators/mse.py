@@ -16,8 +16,8 @@ import torch
 from qcal_export.calibrators import kernels
 from qcal_export.calibrators.base import Calibrator, MergeOp, NonFinite
 from qcal_export.errors import CalibrationError
-from qcal_export.formats import Format, FP8E4M3Format, IntFormat, NVFP4Format
-from qcal_export.granularity import Granularity, PerBlock, PerTensorGroup
+from qcal_export.spec.formats import Format, FP8E4M3Format, IntFormat, NVFP4Format
+from qcal_export.spec.granularity import Granularity, PerBlock, PerTensorGroup
 
 QuantFunc = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ErrorFunc = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

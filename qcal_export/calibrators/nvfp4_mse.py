@@ -14,8 +14,8 @@ import torch
 from qcal_export.calibrators import kernels
 from qcal_export.calibrators.base import Calibrator, MergeOp, NonFinite
 from qcal_export.errors import CalibrationError
-from qcal_export.formats import NVFP4, NVFP4Format
-from qcal_export.granularity import PerBlock
+from qcal_export.spec.formats import NVFP4, NVFP4Format
+from qcal_export.spec.granularity import PerBlock
 
 WEIGHT_BLOCKS = PerBlock(-1, 16)
 """Blocks of 16 along the last axis: the input channels of a ``[cout, cin]`` weight."""

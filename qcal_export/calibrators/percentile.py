@@ -13,8 +13,8 @@ import torch
 from qcal_export.calibrators.base import NonFinite
 from qcal_export.calibrators.histogram import BINS, HistogramCalibrator
 from qcal_export.errors import CalibrationError
-from qcal_export.formats import Format
-from qcal_export.granularity import Granularity
+from qcal_export.spec.formats import Format
+from qcal_export.spec.granularity import Granularity
 
 PERCENTILE = 99.999
 

@@ -24,8 +24,8 @@ import torch
 
 from qcal_export.calibrators.base import Calibrator, MergeOp, NonFinite
 from qcal_export.errors import CalibrationError
-from qcal_export.formats import Format
-from qcal_export.granularity import Granularity, PerBlock, PerTensorGroup
+from qcal_export.spec.formats import Format
+from qcal_export.spec.granularity import Granularity, PerBlock, PerTensorGroup
 
 CHUNK_ELEMENTS = 1 << 20
 """Candidates x elements scored at once: the size of the float32 and float64 scratch buffers."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from qcal_export.capture.source import DataSource
 from qcal_export.errors import DataError, QcalError
-from qcal_export.user_code import describe_error, load_function, parse_spec
+from qcal_export.files.user_code import describe_error, load_function, parse_spec
 
 
 @dataclass(frozen=True)

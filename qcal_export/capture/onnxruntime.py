@@ -28,7 +28,7 @@ from qcal_export.capture.iobinding import (
     session_device,
 )
 from qcal_export.errors import DataError, ModelError
-from qcal_export.graphs.model_io import over_protobuf_limit
+from qcal_export.onnx_io.model_io import over_protobuf_limit
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from qcal_export.errors import RecipeError
-from qcal_export.formats import get_format
-from qcal_export.granularity import Granularity, PerAxis, PerBlock, PerTensor, PerTensorGroup
-from qcal_export.recipe import Override, Recipe, TensorSpec
+from qcal_export.spec.formats import get_format
+from qcal_export.spec.granularity import Granularity, PerAxis, PerBlock, PerTensor, PerTensorGroup
+from qcal_export.spec.recipe import Override, Recipe, TensorSpec
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ class _Embedder:
     def __init__(self, path: str | Path):
         import onnx
 
-        from qcal_export.graphs.validate import reference_runner
+        from qcal_export.validation.validate import reference_runner
 
         model = onnx.load(str(path))
         self.inputs = [i.name for i in model.graph.input]

@@ -10,7 +10,7 @@ from typing import Any
 from qcal_export.demo.evaluate import embedding_cosine
 from qcal_export.demo.model import demo_model_path
 from qcal_export.demo.texts import demo_batches, demo_texts
-from qcal_export.pipeline import ProgressFactory, calibrate_onnx
+from qcal_export.pipeline.calibrate import ProgressFactory, calibrate_onnx
 
 NUM_CALIB, NUM_HELDOUT, BATCH_SIZE = 256, 128, 16
 

@@ -9,11 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qcal_export.artifacts.scales import TensorScales
 from qcal_export.errors import ModelError, ScalesError
-from qcal_export.formats import NVFP4Format, get_format, type_name
-from qcal_export.granularity import PerTensor
-from qcal_export.graphs.model_io import default_opset
 from qcal_export.graphs.nvfp4 import (
     TRT_DOMAIN,
     add_trt_domain,
@@ -35,8 +31,11 @@ from qcal_export.graphs.qdq import (
     required_opset,
     sort_nodes,
 )
-from qcal_export.graphs.targets import Plan, WeightPlan
-from qcal_export.graphs.validate import check_model
+from qcal_export.onnx_io.model_io import check_model, default_opset
+from qcal_export.spec.formats import NVFP4Format, get_format, type_name
+from qcal_export.spec.granularity import PerTensor
+from qcal_export.spec.plan import Plan, WeightPlan
+from qcal_export.spec.scales import TensorScales
 
 
 @dataclass

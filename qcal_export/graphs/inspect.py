@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import onnx
 
-from qcal_export.graphs.model_io import inference_view
 from qcal_export.graphs.targets import find_targets, name_nodes
-from qcal_export.recipe import DEFAULT_OP_TYPES, Recipe
+from qcal_export.onnx_io.model_io import inference_view
+from qcal_export.spec.recipe import DEFAULT_OP_TYPES, Recipe
 
 
 @dataclass(frozen=True)

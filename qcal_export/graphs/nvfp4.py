@@ -16,19 +16,12 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from qcal_export.formats import FP8_SUBNORMAL_MIN, NVFP4
-from qcal_export.granularity import PerBlock
-from qcal_export.graphs.qdq import (
-    Names,
-    QParams,
-    drop_if_unused,
-    initializer,
-    initializer_values,
-    make_tensor,
-    qdq_node,
-    rewire,
-)
-from qcal_export.graphs.targets import ActivationPlan, Blocks, WeightPlan
+from qcal_export.graphs.qdq import Names, drop_if_unused, make_tensor, qdq_node, rewire
+from qcal_export.onnx_io.initializers import initializer, initializer_values
+from qcal_export.spec.formats import FP8_SUBNORMAL_MIN, NVFP4
+from qcal_export.spec.granularity import PerBlock
+from qcal_export.spec.plan import ActivationPlan, Blocks, WeightPlan
+from qcal_export.spec.scales import QParams
 
 TRT_DOMAIN = "trt"
 TRT_DOMAIN_VERSION = 1

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from qcal_export.recipe import TensorSpec
+from qcal_export.spec.recipe import TensorSpec
 
 
 def int_attr(node: onnx.NodeProto, name: str) -> int:

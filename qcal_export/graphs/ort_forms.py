@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qcal_export.formats import get_format
 from qcal_export.graphs.qdq import Names
-from qcal_export.graphs.targets import Plan
+from qcal_export.spec.formats import get_format
+from qcal_export.spec.plan import Plan
 
 EIGHT_BIT = {TensorProto.INT8, TensorProto.UINT8}
 ZERO_POINT_FREE_OPSET = 21

@@ -10,10 +10,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from qcal_export.formats import get_format
-from qcal_export.granularity import PerTensor
 from qcal_export.graphs.op_inputs import COMPUTE_OPS, CONV_PRODUCERS, PLACEMENTS
-from qcal_export.graphs.plan import (
+from qcal_export.onnx_io.tensor_types import FLOAT_TYPES, Shape
+from qcal_export.spec.formats import get_format
+from qcal_export.spec.granularity import PerTensor
+from qcal_export.spec.plan import (
     ActivationPlan,
     Plan,
     Use,
@@ -22,8 +23,7 @@ from qcal_export.graphs.plan import (
     add_shared,
     add_weight,
 )
-from qcal_export.graphs.tensor_types import FLOAT_TYPES, Shape
-from qcal_export.recipe import Recipe, TensorSpec
+from qcal_export.spec.recipe import Recipe, TensorSpec
 
 PLACED_OPS = frozenset(
     op

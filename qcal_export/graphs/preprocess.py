@@ -18,9 +18,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 from onnxscript.optimizer import fold_constants
 
-from qcal_export.graphs.model_io import inference_view
 from qcal_export.graphs.op_inputs import WEIGHT_INPUTS, is_activation_input
 from qcal_export.graphs.targets import name_nodes
+from qcal_export.onnx_io.model_io import inference_view
 
 log = logging.getLogger(__name__)
 

@@ -8,32 +8,20 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qcal_export.errors import ModelError
-from qcal_export.formats import Format, pack_nibbles
-from qcal_export.granularity import Granularity
-from qcal_export.graphs.plan import ActivationPlan, SharedActivation, Use, WeightPlan
+from qcal_export.onnx_io.initializers import initializer, initializer_values
+from qcal_export.spec.formats import Format, pack_nibbles
+from qcal_export.spec.granularity import Granularity
+from qcal_export.spec.plan import ActivationPlan, SharedActivation, Use, WeightPlan
+from qcal_export.spec.scales import QParams
 
 PACKED_TYPES = {TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1}
 """ONNX element types stored two per byte, element 2i in the low nibble."""
-
-
-@dataclass(frozen=True)
-class QParams:
-    """Scale and zero point of export shape for one tensor, with its format and granularity;
-    ``global_scale`` for two-level formats (nvfp4)."""
-
-    fmt: Format
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-    granularity: Granularity
-    global_scale: torch.Tensor | None = None
 
 
 class Names:
@@ -207,19 +195,6 @@ def quantize_weight(
     rewire(graph, plan.uses, tensor, dequantized)
     drop_if_unused(graph, init, mode)
     return params
-
-
-def initializer(graph: onnx.GraphProto, name: str) -> TensorProto:
-    return next(t for t in graph.initializer if t.name == name)
-
-
-def initializer_values(init: TensorProto) -> torch.Tensor:
-    """An initializer's values as a torch tensor of its own dtype; bfloat16 too, which numpy
-    holds as ml_dtypes' type that ``torch.from_numpy`` refuses."""
-    array = numpy_helper.to_array(init)
-    if init.data_type == TensorProto.BFLOAT16:
-        return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(array.copy())
 
 
 def drop_if_unused(graph: onnx.GraphProto, init: TensorProto, mode: str) -> None:

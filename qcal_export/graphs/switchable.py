@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qcal_export.graphs.qdq import Names, sort_nodes
-from qcal_export.graphs.targets import Plan
+from qcal_export.spec.plan import Plan
 
 ENABLE = "qcal_enable"
 """The switches' graph input: bool ``[len(nodes)]``, True where a node runs quantized."""

@@ -6,8 +6,6 @@ import onnx
 from onnx import TensorProto
 
 from qcal_export.errors import ModelError, RecipeError
-from qcal_export.formats import get_format
-from qcal_export.granularity import Granularity, PerAxis, PerBlock, PerTensor
 from qcal_export.graphs.op_inputs import (
     ACTIVATION_INPUTS,
     WEIGHT_INPUTS,
@@ -16,7 +14,10 @@ from qcal_export.graphs.op_inputs import (
     weight_problem,
 )
 from qcal_export.graphs.placement import PLACED_OPS, SENTINEL, GraphView, place_node
-from qcal_export.graphs.plan import (
+from qcal_export.onnx_io.tensor_types import FLOAT_TYPES, Shape, tensor_infos, type_problem
+from qcal_export.spec.formats import get_format
+from qcal_export.spec.granularity import Granularity, PerAxis, PerBlock, PerTensor
+from qcal_export.spec.plan import (
     ActivationPlan,
     Blocks,
     Plan,
@@ -27,8 +28,7 @@ from qcal_export.graphs.plan import (
     add_weight,
     without_nodes,
 )
-from qcal_export.graphs.tensor_types import FLOAT_TYPES, Shape, tensor_infos, type_problem
-from qcal_export.recipe import Recipe, TensorSpec
+from qcal_export.spec.recipe import Recipe, TensorSpec
 
 QUANTIZED_OPS = {
     "QuantizeLinear",

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from qcal_export.artifacts.checkpoint import NVFP4Linear, write_nvfp4_checkpoint
-from qcal_export.formats import NVFP4
+from qcal_export.spec.formats import NVFP4
 
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
 U = 2.0**-24

@@ -10,7 +10,7 @@ import torch
 from hand_scales import scales_from_range
 from safetensors import safe_open
 
-from qcal_export.artifacts.scales import TensorScales
+from qcal_export.spec.scales import TensorScales
 
 SHA = "0123456789abcdef" * 4
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from qcal_export.artifacts.checkpoint import NVFP4Linear, load_nvfp4_checkpoint
 from qcal_export.errors import OutputError, ScalesError
-from qcal_export.pipeline import calibrate_onnx
+from qcal_export.pipeline.calibrate import calibrate_onnx
 
 # -- files ----------------------------------------------------------------------------------
 

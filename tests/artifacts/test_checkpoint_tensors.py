@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qcal_export.artifacts.checkpoint import LAYOUTS, NVFP4Linear, load_nvfp4_checkpoint
-from qcal_export.formats import NVFP4
+from qcal_export.spec.formats import NVFP4
 
 # -- tensors --------------------------------------------------------------------------------
 

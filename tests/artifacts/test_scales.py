@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 from scales_cases import SHA, calibrated, stored
 
 import qcal_export
-from qcal_export.artifacts.scales import SCHEMA, TensorScales, load_scales, save_scales
+from qcal_export.artifacts.scales import SCHEMA, load_scales, save_scales
 from qcal_export.errors import OutputError, ScalesError
-from qcal_export.formats import get_format
+from qcal_export.spec.formats import get_format
+from qcal_export.spec.scales import TensorScales
 
 
 def assert_same_scales(got: TensorScales, want: TensorScales) -> None:

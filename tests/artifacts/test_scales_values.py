@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import save_file
 from scales_cases import SHA, calibrated, stored
 
-from qcal_export.artifacts.scales import TensorScales, load_scales, save_scales
-from qcal_export.calibration import calibrate_weight
+from qcal_export.artifacts.scales import load_scales, save_scales
+from qcal_export.calibrate.tensor import calibrate_weight
 from qcal_export.errors import ScalesError
-from qcal_export.granularity import PerBlock
-from qcal_export.recipe import TensorSpec
+from qcal_export.spec.granularity import PerBlock
+from qcal_export.spec.recipe import TensorSpec
+from qcal_export.spec.scales import TensorScales
 
 
 def nvfp4_weight() -> TensorScales:

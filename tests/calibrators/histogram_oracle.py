@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from qcal_export.granularity import PerTensor
+from qcal_export.spec.granularity import PerTensor
 
 LOWEST_EXPONENT = -126
 EPS = 1e-4

@@ -15,8 +15,8 @@ import torch
 
 from qcal_export.calibrators.max import MaxCalibrator
 from qcal_export.calibrators.mse import mse_multipliers
-from qcal_export.formats import AMAX_FLOOR, FP8_E4M3, SCALE_FLOOR, UINT8
-from qcal_export.granularity import PerAxis, PerTensor
+from qcal_export.spec.formats import AMAX_FLOOR, FP8_E4M3, SCALE_FLOOR, UINT8
+from qcal_export.spec.granularity import PerAxis, PerTensor
 
 GRANULARITIES = {"per-tensor": PerTensor(), "axis0": PerAxis(0), "last-axis": PerAxis(-1)}
 CHANNELS = 6

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from qcal_export.formats import AMAX_FLOOR, SCALE_FLOOR
+from qcal_export.spec.formats import AMAX_FLOOR, SCALE_FLOOR
 
 F32, F64 = np.float32, np.float64
 

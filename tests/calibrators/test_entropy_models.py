@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from recognizer import images, make_recognizer
 
-from qcal_export.pipeline import calibrate_onnx
+from qcal_export.pipeline.calibrate import calibrate_onnx
 
 SOFTMAX = "/Softmax_output_0"
 UNBOUNDED = {"quantized_bins": 128, "max_clipped": 1.0}

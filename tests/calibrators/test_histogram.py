@@ -18,8 +18,8 @@ from hypothesis.extra import numpy as hnp
 from qcal_export.calibrators import EntropyCalibrator, PercentileCalibrator
 from qcal_export.calibrators.histogram import bin_exponent, rebin
 from qcal_export.errors import CalibrationError
-from qcal_export.formats import AMAX_FLOOR, INT8, UINT8
-from qcal_export.granularity import PerAxis, PerBlock, PerTensor, PerTensorGroup
+from qcal_export.spec.formats import AMAX_FLOOR, INT8, UINT8
+from qcal_export.spec.granularity import PerAxis, PerBlock, PerTensor, PerTensorGroup
 
 GRANULARITIES = {"per-tensor": PerTensor(), "axis0": PerAxis(0), "last-axis": PerAxis(-1)}
 KINDS = ("normal", "student-t", "outliers", "spiky")

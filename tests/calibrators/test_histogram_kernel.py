@@ -16,8 +16,8 @@ from triton_device import DEVICE, INTERPRET, MARKS
 
 from qcal_export.calibrators import PercentileCalibrator
 from qcal_export.calibrators.histogram import HistogramCalibrator, bin_exponent
-from qcal_export.formats import INT8
-from qcal_export.granularity import PerAxis, PerBlock, PerTensor
+from qcal_export.spec.formats import INT8
+from qcal_export.spec.granularity import PerAxis, PerBlock, PerTensor
 
 pytestmark = MARKS
 

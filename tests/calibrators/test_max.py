@@ -20,8 +20,8 @@ from oracle import (
 
 from qcal_export.calibrators.max import MaxCalibrator
 from qcal_export.errors import CalibrationError
-from qcal_export.formats import AMAX_FLOOR, FP8_E4M3, INT8, UINT8
-from qcal_export.granularity import PerAxis, PerTensor
+from qcal_export.spec.formats import AMAX_FLOOR, FP8_E4M3, INT8, UINT8
+from qcal_export.spec.granularity import PerAxis, PerTensor
 
 SYMMETRIC = {"int8": INT8, "fp8": FP8_E4M3}
 

@@ -20,8 +20,8 @@ import torch
 
 from qcal_export.calibrators import kernels
 from qcal_export.calibrators.mse import MseCalibrator
-from qcal_export.formats import FP8_E4M3, INT4, INT8, NVFP4, UINT4, UINT8, IntFormat
-from qcal_export.granularity import PerAxis, PerBlock, PerTensor, PerTensorGroup
+from qcal_export.spec.formats import FP8_E4M3, INT4, INT8, NVFP4, UINT4, UINT8, IntFormat
+from qcal_export.spec.granularity import PerAxis, PerBlock, PerTensor, PerTensorGroup
 
 pytestmark = [
     pytest.mark.cuda,

@@ -9,8 +9,8 @@ import torch
 
 from qcal_export.calibrators.mse import MseCalibrator, mse_multipliers
 from qcal_export.errors import CalibrationError
-from qcal_export.formats import NVFP4
-from qcal_export.granularity import PerBlock, PerTensor, PerTensorGroup
+from qcal_export.spec.formats import NVFP4
+from qcal_export.spec.granularity import PerBlock, PerTensor, PerTensorGroup
 
 E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 FP8 = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()

@@ -12,8 +12,8 @@ from qcal_export.calibrators.nvfp4_mse import (
     fp8_scale_candidates,
 )
 from qcal_export.errors import CalibrationError
-from qcal_export.formats import NVFP4
-from qcal_export.granularity import PerBlock
+from qcal_export.spec.formats import NVFP4
+from qcal_export.spec.granularity import PerBlock
 
 E2M1_GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
 

@@ -14,7 +14,7 @@ import torch
 from triton_device import DEVICE, MARKS
 
 from qcal_export.calibrators.nvfp4_mse import BlockHessian, fp8_scale_candidates
-from qcal_export.formats import NVFP4
+from qcal_export.spec.formats import NVFP4
 
 pytestmark = MARKS
 

@@ -12,10 +12,10 @@ from mlp import make_mlp
 
 from qcal_export.calibrators import CALIBRATORS, MaxCalibrator, PercentileCalibrator
 from qcal_export.errors import CalibrationError
-from qcal_export.formats import AMAX_FLOOR, FP8_E4M3, INT8, UINT8
-from qcal_export.granularity import PerAxis, PerTensor
-from qcal_export.pipeline import calibrate_onnx
-from qcal_export.recipe import Recipe, TensorSpec
+from qcal_export.pipeline.calibrate import calibrate_onnx
+from qcal_export.spec.formats import AMAX_FLOOR, FP8_E4M3, INT8, UINT8
+from qcal_export.spec.granularity import PerAxis, PerTensor
+from qcal_export.spec.recipe import Recipe, TensorSpec
 
 FORMATS = {"int8": INT8, "fp8": FP8_E4M3, "uint8": UINT8}
 GRANULARITIES = {"per-tensor": PerTensor(), "last-axis": PerAxis(-1)}

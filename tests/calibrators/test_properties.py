@@ -26,8 +26,8 @@ from qcal_export.calibrators import (
     ShrinkMseCalibrator,
     mse_multipliers,
 )
-from qcal_export.formats import AMAX_FLOOR, FP8_E4M3, INT4, INT8, NVFP4, UINT4, UINT8
-from qcal_export.granularity import PerAxis, PerBlock, PerTensor, PerTensorGroup
+from qcal_export.spec.formats import AMAX_FLOOR, FP8_E4M3, INT4, INT8, NVFP4, UINT4, UINT8
+from qcal_export.spec.granularity import PerAxis, PerBlock, PerTensor, PerTensorGroup
 
 FLT_MAX = float(np.finfo(F32).max)
 SUBNORMAL = float(np.finfo(F32).smallest_subnormal)

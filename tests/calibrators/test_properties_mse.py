@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_properties import CASES, SHAPES, arrays, block_scales, build, max_range
 
-from qcal_export.formats import NVFP4
-from qcal_export.granularity import PerBlock
+from qcal_export.spec.formats import NVFP4
+from qcal_export.spec.granularity import PerBlock
 
 # 3. merge of split data ---------------------------------------------------------------------
 

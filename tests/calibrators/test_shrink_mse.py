@@ -31,12 +31,12 @@ from shrink_oracle import (
     tiles_2d,
 )
 
-from qcal_export.calibration import tensor_scales
+from qcal_export.calibrate.tensor import tensor_scales
 from qcal_export.calibrators import shrink_mse
 from qcal_export.calibrators.max import MaxCalibrator
 from qcal_export.calibrators.shrink_mse import ShrinkMseCalibrator
-from qcal_export.formats import FP8_E4M3, INT4, INT8, NVFP4, UINT4, UINT8
-from qcal_export.granularity import (
+from qcal_export.spec.formats import FP8_E4M3, INT4, INT8, NVFP4, UINT4, UINT8
+from qcal_export.spec.granularity import (
     PerAxis,
     PerBlock,
     PerBlock2D,
@@ -45,7 +45,7 @@ from qcal_export.granularity import (
     PerTensorGroup,
     PerToken,
 )
-from qcal_export.recipe import TensorSpec
+from qcal_export.spec.recipe import TensorSpec
 
 # cases -------------------------------------------------------------------------------------
 

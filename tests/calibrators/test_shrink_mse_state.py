@@ -20,15 +20,15 @@ from test_shrink_mse import assert_equals_oracle, case_of, quant_for, run
 from qcal_export.calibrators import CALIBRATORS
 from qcal_export.calibrators.shrink_mse import ShrinkMseCalibrator, shrink_factors
 from qcal_export.errors import CalibrationError
-from qcal_export.formats import INT8, NVFP4, UINT4, UINT8, get_format
-from qcal_export.granularity import (
+from qcal_export.pipeline.calibrate import calibrate_onnx
+from qcal_export.spec.formats import INT8, NVFP4, UINT4, UINT8, get_format
+from qcal_export.spec.granularity import (
     PerAxis,
     PerBlock,
     PerTensor,
     PerTensorGroup,
     PerToken,
 )
-from qcal_export.pipeline import calibrate_onnx
 
 
 def test_padding_zeros_dequantize_to_zero_in_asymmetric_formats():

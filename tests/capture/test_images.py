@@ -15,7 +15,7 @@ from PIL import Image
 from qcal_export.capture.data import model_inputs, open_data, select_batches
 from qcal_export.capture.images import ImageOptions
 from qcal_export.errors import DataError, RecipeError
-from qcal_export.pipeline import calibrate_onnx
+from qcal_export.pipeline.calibrate import calibrate_onnx
 
 SIZES = [(20, 10), (8, 8), (10, 30), (5, 4), (12, 9)]
 """(width, height) of the test images; below, the size each is resized to for 8 x 8 with

@@ -18,11 +18,11 @@ import torch
 from onnx import TensorProto
 from test_onnxruntime import Recorder, data, mlp, reference
 
-from qcal_export import pipeline
 from qcal_export.capture.data import open_data
 from qcal_export.capture.iobinding import bind_device_id, to_torch
 from qcal_export.capture.onnxruntime import OrtCapture, select_providers
 from qcal_export.errors import DataError
+from qcal_export.pipeline import calibrate as pipeline
 
 CPU = ["CPUExecutionProvider"]
 FLOAT = TensorProto.FLOAT

@@ -13,7 +13,7 @@ from onnx import TensorProto
 from qcal_export.capture.data import model_inputs, open_data
 from qcal_export.capture.random_data import NO_ACCURACY, RandomOptions, parse_input_shape
 from qcal_export.errors import DataError, RecipeError
-from qcal_export.pipeline import calibrate_onnx
+from qcal_export.pipeline.calibrate import calibrate_onnx
 
 
 def source(model, options=None, batch_size=None):

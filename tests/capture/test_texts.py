@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from qcal_export.capture.data import model_inputs, open_data, select_batches
 from qcal_export.capture.texts import TextOptions
 from qcal_export.errors import DataError, RecipeError
-from qcal_export.pipeline import calibrate_onnx
+from qcal_export.pipeline.calibrate import calibrate_onnx
 
 TEXTS = [
     "Quantization maps floating point values to a small set of integers.",

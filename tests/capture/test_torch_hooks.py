@@ -24,13 +24,13 @@ from qcal_export import (
     load_scales,
     save_scales,
 )
-from qcal_export.calibration import calibrate_weight
+from qcal_export.calibrate.tensor import calibrate_weight
 from qcal_export.calibrators import BlockHessian, MaxCalibrator, MseCalibrator
 from qcal_export.capture.torch_hooks import find_modules
-from qcal_export.formats import INT8
-from qcal_export.granularity import PerAxis, PerBlock, PerTensor
-from qcal_export.recipe import recipe_from_dict
-from qcal_export.torch_calibration import fake_quant_activation
+from qcal_export.from_torch.calibration import fake_quant_activation
+from qcal_export.spec.formats import INT8
+from qcal_export.spec.granularity import PerAxis, PerBlock, PerTensor
+from qcal_export.spec.recipe import recipe_from_dict
 
 
 class Gate(nn.Module):

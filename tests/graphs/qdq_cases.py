@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from hand_scales import scales_from_range
 from onnx import TensorProto, helper, numpy_helper
 
-from qcal_export.artifacts.scales import TensorScales
 from qcal_export.graphs.targets import find_targets
-from qcal_export.recipe import Recipe, TensorSpec
+from qcal_export.spec.recipe import Recipe, TensorSpec
+from qcal_export.spec.scales import TensorScales
 
 FLOAT = TensorProto.FLOAT
 BATCH = 3

@@ -27,11 +27,11 @@ from qdq_cases import (
 )
 
 from qcal_export.errors import ModelError, ScalesError
-from qcal_export.formats import FORMATS
 from qcal_export.graphs.export import check_scales_match, export_qdq
 from qcal_export.graphs.qdq import sort_nodes
 from qcal_export.graphs.targets import find_targets
-from qcal_export.recipe import Recipe
+from qcal_export.spec.formats import FORMATS
+from qcal_export.spec.recipe import Recipe
 
 # names ------------------------------------------------------------------------------------------
 

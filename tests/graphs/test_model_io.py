@@ -15,7 +15,7 @@ from full_disk import run_with_file_limit
 from onnx import TensorProto, helper, numpy_helper
 
 from qcal_export.errors import ModelError, OutputError
-from qcal_export.graphs.model_io import load_model, save_model
+from qcal_export.onnx_io.model_io import load_model, save_model
 
 FLOAT = TensorProto.FLOAT
 
@@ -282,7 +282,7 @@ def test_save_model_on_a_full_disk_names_the_file_and_keeps_the_old_model(tmp_pa
     code = f"""
         import onnx
         from qcal_export.errors import OutputError
-        from qcal_export.graphs.model_io import save_model
+        from qcal_export.onnx_io.model_io import save_model
         try:
             save_model(onnx.load({str(source)!r}), {str(path)!r}, external_data={external_data})
         except OutputError as e:

@@ -12,13 +12,14 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from qdq_cases import run
 
-from qcal_export.formats import INT4, NVFP4, UINT4
-from qcal_export.granularity import PerBlock
 from qcal_export.graphs.nvfp4 import insert_activation_nvfp4, quantize_weight_nvfp4
-from qcal_export.graphs.qdq import Names, QParams, quantize_weight, sort_nodes
-from qcal_export.graphs.targets import ActivationPlan, Blocks, Use, WeightPlan
-from qcal_export.graphs.validate import reference_runner
-from qcal_export.recipe import TensorSpec
+from qcal_export.graphs.qdq import Names, quantize_weight, sort_nodes
+from qcal_export.spec.formats import INT4, NVFP4, UINT4
+from qcal_export.spec.granularity import PerBlock
+from qcal_export.spec.plan import ActivationPlan, Blocks, Use, WeightPlan
+from qcal_export.spec.recipe import TensorSpec
+from qcal_export.spec.scales import QParams
+from qcal_export.validation.validate import reference_runner
 
 FLOAT = TensorProto.FLOAT
 E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])

@@ -11,9 +11,9 @@ import torch
 from onnx import helper, numpy_helper
 from qdq_cases import ATOL, RTOL, broadcast, make_case, make_model, plan_and_scales, recipe_for, run
 
-from qcal_export.formats import FORMATS
 from qcal_export.graphs.export import export_qdq
 from qcal_export.graphs.qdq import raise_opset
+from qcal_export.spec.formats import FORMATS
 
 
 @pytest.mark.parametrize(

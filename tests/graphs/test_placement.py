@@ -15,8 +15,9 @@ from placement_models import attention_batches, attention_model, cnn_batches, cn
 
 from qcal_export import calibrate_onnx
 from qcal_export.errors import RecipeError
-from qcal_export.graphs.targets import Use, find_targets
-from qcal_export.recipe import Recipe, TensorSpec, recipe_from_dict
+from qcal_export.graphs.targets import find_targets
+from qcal_export.spec.plan import Use
+from qcal_export.spec.recipe import Recipe, TensorSpec, recipe_from_dict
 
 CPU = ["CPUExecutionProvider"]
 MODELS = {"cnn": (cnn_model, cnn_batches), "attention": (attention_model, attention_batches)}

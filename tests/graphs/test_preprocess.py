@@ -15,9 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcal_export import calibrate_onnx
 from qcal_export.cli import main
-from qcal_export.graphs import model_io
-from qcal_export.graphs.model_io import load_model, save_model
 from qcal_export.graphs.preprocess import preprocess
+from qcal_export.onnx_io import model_io
+from qcal_export.onnx_io.model_io import load_model, save_model
 
 FLOAT = TensorProto.FLOAT
 

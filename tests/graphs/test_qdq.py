@@ -28,10 +28,10 @@ from qdq_cases import (
     tensor_scales,
 )
 
-from qcal_export.formats import FORMATS
 from qcal_export.graphs.export import export_qdq
 from qcal_export.graphs.targets import find_targets
-from qcal_export.recipe import Override, Recipe, TensorSpec
+from qcal_export.spec.formats import FORMATS
+from qcal_export.spec.recipe import Override, Recipe, TensorSpec
 
 # export against the torch oracle ----------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcal_export import calibrate_onnx
 from qcal_export.graphs.targets import find_targets
-from qcal_export.recipe import Recipe
+from qcal_export.spec.recipe import Recipe
 
 FLOAT = TensorProto.FLOAT
 # attribute order: make_node sorts them by name

@@ -15,8 +15,9 @@ from target_models import FLOAT, conv_model, gemm_model, matmul_model, model, we
 
 from qcal_export.errors import RecipeError
 from qcal_export.graphs.inspect import quantizable_nodes
-from qcal_export.graphs.targets import Use, find_targets, name_nodes
-from qcal_export.recipe import Override, Recipe, TensorSpec
+from qcal_export.graphs.targets import find_targets, name_nodes
+from qcal_export.spec.plan import Use
+from qcal_export.spec.recipe import Override, Recipe, TensorSpec
 
 INT8_ACT = TensorSpec("int8")
 INT8_CHANNEL = TensorSpec("int8", per_channel=True)

@@ -11,8 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 from target_models import FLOAT, matmul_model, model, weight
 
 from qcal_export.errors import ModelError
-from qcal_export.graphs.targets import Use, find_targets, skipped_reasons
-from qcal_export.recipe import Recipe, TensorSpec
+from qcal_export.graphs.targets import find_targets, skipped_reasons
+from qcal_export.spec.plan import Use
+from qcal_export.spec.recipe import Recipe, TensorSpec
 
 
 def test_integer_inputs_are_skipped():

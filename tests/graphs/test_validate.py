@@ -17,8 +17,8 @@ from runtime_cases import conv_relu_fp8_case, matmul_case
 
 from qcal_export.capture.data import open_data
 from qcal_export.errors import ModelError
-from qcal_export.graphs.runtime_check import _single_culprit, worse_than_reference
-from qcal_export.graphs.validate import EVALUATOR, RunningError, validate_outputs
+from qcal_export.validation.runtime_check import _single_culprit, worse_than_reference
+from qcal_export.validation.validate import EVALUATOR, RunningError, validate_outputs
 
 CPU = ["CPUExecutionProvider"]
 

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from qcal_export.formats import FP8E4M3Format, IntFormat
+from qcal_export.spec.formats import FP8E4M3Format, IntFormat
 
 TILE = 4096
 """Values held in registers per program: 32 per thread with ``WARPS`` 4."""

@@ -28,7 +28,7 @@ from triton.language.extra import libdevice
 from qcal_export.calibrators.kernels.mse_sweep import _quotient
 from qcal_export.calibrators.kernels.nvfp4_blocks import _block_values, _loss_and_bound
 from qcal_export.calibrators.kernels.nvfp4_prep import normalised_candidates
-from qcal_export.formats import FP8_SUBNORMAL_MIN, NVFP4Format
+from qcal_export.spec.formats import FP8_SUBNORMAL_MIN, NVFP4Format
 
 WARPS = 4
 BLOCKS_PER_THREAD = 2

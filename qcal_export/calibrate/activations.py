@@ -1,0 +1,206 @@
+"""Calibrate a plan's activations: one calibrator per tensor (one per candidate method under
+``auto``), fed by capture passes, its state saved for a resume and merged across ranks.
+
+Methods that need an initial range take a max pass first. The first pass also accumulates the
+Hessians (``Xᵀ X`` blocks of a layer's input) that Hessian-weighted nvfp4-mse weight sweeps ask
+for. NVFP4 activations get a global scale only: the graph computes their block scales.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Protocol
+
+import torch
+
+from qcal_export.calibrate.decisions import tensor_scales
+from qcal_export.calibrate.distributed import Ranks
+from qcal_export.calibrate.resume import Progress, StateFile, Stateful, restore_all
+from qcal_export.calibrate.tensor import (
+    Collector,
+    first_pass_calibrator,
+    make_calibrator,
+    named_collector,
+    second_pass,
+)
+from qcal_export.calibrators import Calibrator
+from qcal_export.calibrators.nvfp4_mse import BlockHessian
+from qcal_export.spec.formats import get_format
+from qcal_export.spec.granularity import Granularity, PerTensor, PerTensorGroup
+from qcal_export.spec.plan import ActivationPlan, Plan
+from qcal_export.spec.recipe import AUTO_METHODS, METHOD_OPTIONS, TensorSpec
+from qcal_export.spec.scales import TensorScales
+
+
+class CapturePass(Protocol):
+    """Streams the data once, calling every collector of a tensor with each captured value;
+    returns the number of batches. ``label`` names the pass; the first ``skip`` batches are
+    passed over (a resumed run holds them already); ``after_batch(done)`` follows each batch."""
+
+    def __call__(
+        self,
+        collectors: dict[str, list[Collector]],
+        label: str,
+        *,
+        skip: int = 0,
+        after_batch: Callable[[int], None] | None = None,
+    ) -> int: ...
+
+
+def activation_granularity(plan: ActivationPlan) -> Granularity:
+    """Per tensor; for block formats per tensor seen as its blocks (the graph's own blocks)."""
+    if plan.blocks is None:
+        return PerTensor()
+    return PerTensorGroup(plan.blocks.axis, get_format(plan.spec.format).block_size)
+
+
+@dataclass
+class ActivationResult:
+    """Scales per activation (for a method ``auto`` one its choice replaces: max's), each
+    ``auto`` activation's candidates by method, pass counts and the Hessians asked for."""
+
+    scales: dict[str, TensorScales]
+    batches_per_pass: list[int]
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    candidates: dict[str, dict[str, TensorScales]] = field(default_factory=dict)
+
+
+def candidate_specs(tensor: str, spec: TensorSpec) -> list[tuple[str, TensorSpec]]:
+    """(key, spec) of each calibrator an activation gets: its own, or under ``auto`` one per
+    candidate method (key ``tensor#method``), each with the options that method takes."""
+    if spec.method != "auto":
+        return [(tensor, spec)]
+    return [
+        (
+            f"{tensor}#{method}",
+            dataclasses.replace(spec, method=method, options=_options(spec, method)),
+        )
+        for method in AUTO_METHODS
+    ]
+
+
+def _options(spec: TensorSpec, method: str) -> dict[str, float]:
+    return {k: v for k, v in spec.options.items() if k in METHOD_OPTIONS.get(method, ())}
+
+
+def calibrate_activations(
+    plan: Plan,
+    capture: CapturePass,
+    nonfinite: str,
+    state: StateFile | None = None,
+    resume: bool = False,
+    ranks: Ranks | None = None,
+) -> ActivationResult:
+    """Calibrate the planned activations (and accumulate the Hessians weights ask for).
+
+    ``state`` saves the calibrators every few batches; with ``resume`` the run continues from
+    what it saved, and the state file is removed once both passes are done. With ``ranks``
+    (several processes, each capturing its shard) the states are merged after each pass.
+    """
+    ranks = ranks or Ranks()
+    specs = {
+        key: (t, spec)
+        for t, a in plan.activations.items()
+        for key, spec in candidate_specs(t, a.spec)
+    }
+    cals = {
+        key: make_calibrator(spec, activation_granularity(plan.activations[t]), nonfinite)
+        for key, (t, spec) in specs.items()
+    }
+    firsts = {key: first_pass_calibrator(cal) for key, cal in cals.items()}
+    hessians = {t: BlockHessian() for t in hessian_inputs(plan)}
+    collectors = _collectors(firsts, specs)
+    for tensor, accumulator in hessians.items():
+        collectors.setdefault(tensor, []).append(named_collector(tensor, accumulator.collect))
+    firsts_state: dict[str, Stateful] = {f"first/{t}": c for t, c in firsts.items()}
+    firsts_state.update({f"hessian/{t}": h for t, h in hessians.items()})
+    progress = state.resume() if state is not None and resume else None
+    counts = []
+    if collectors:
+        first = partial(_first_pass, capture, collectors, firsts_state, state, progress)
+        counts.append(ranks.run_pass(first, firsts_state))
+    second = second_pass(cals, firsts)
+    if second:
+        seconds_state = {f"second/{t}": c for t, c in second.items()}
+        skip = 0
+        if progress is not None and progress.pass_number == 2 and progress.batches:
+            restore_all(seconds_state, progress.snapshots)
+            skip = progress.batches
+        collectors = _collectors(second, specs)
+        saver = state.saver(2, seconds_state) if state is not None else None
+        pass_2 = partial(capture, collectors, "pass 2", skip=skip, after_batch=saver)
+        counts.append(ranks.run_pass(pass_2, seconds_state))
+    if state is not None:
+        state.finish()
+    types = {t: a.elem_type for t, a in plan.activations.items()}
+    scales, candidates = _activation_scales(cals, specs, types)
+    found = {t: h.hessian for t, h in hessians.items() if h.hessian is not None}
+    return ActivationResult(scales, counts, found, candidates)
+
+
+def _collectors(
+    cals: dict[str, Calibrator], specs: dict[str, tuple[str, TensorSpec]]
+) -> dict[str, list[Collector]]:
+    """Per captured tensor, the collect of every calibrator it feeds."""
+    collectors: dict[str, list[Collector]] = {}
+    for key, cal in cals.items():
+        tensor = specs[key][0]
+        collectors.setdefault(tensor, []).append(named_collector(tensor, cal.collect))
+    return collectors
+
+
+def _activation_scales(
+    cals: dict[str, Calibrator],
+    specs: dict[str, tuple[str, TensorSpec]],
+    types: dict[str, int],
+) -> tuple[dict[str, TensorScales], dict[str, dict[str, TensorScales]]]:
+    """Scales per activation and, for ``auto`` ones, per candidate method (their scales stand
+    at the first candidate's until the choice); ``types``: each activation's ONNX type."""
+    scales, candidates = {}, {}
+    for key, cal in cals.items():
+        tensor, spec = specs[key]
+        found = tensor_scales(
+            tensor, "activation", spec, cal, PerTensor(), scale_type=types[tensor]
+        )
+        if key == tensor:
+            scales[tensor] = found
+        else:
+            candidates.setdefault(tensor, {})[spec.method] = found
+    scales.update({t: c[AUTO_METHODS[0]] for t, c in candidates.items()})
+    return scales, candidates
+
+
+def _first_pass(
+    capture: CapturePass,
+    collectors: dict[str, list[Collector]],
+    objects: dict[str, Stateful],
+    state: StateFile | None,
+    progress: Progress | None,
+) -> int:
+    """Run (or resume, or restore a finished) first pass; returns its number of batches."""
+    if progress is not None and progress.pass_number == 2:
+        restore_all(objects, progress.first_pass)
+        return progress.first_pass_batches
+    skip = 0
+    if progress is not None:
+        restore_all(objects, progress.snapshots)
+        skip = progress.batches
+    saver = state.saver(1, objects) if state is not None else None
+    count = capture(collectors, "pass 1", skip=skip, after_batch=saver)
+    if state is not None:
+        state.end_first_pass(objects, count)
+    return count
+
+
+def hessian_inputs(plan: Plan) -> list[str]:
+    """Activations whose ``Xᵀ X`` blocks a Hessian-weighted weight sweep needs."""
+    return sorted(
+        {
+            w.hessian_input
+            for w in plan.weights.values()
+            if w.spec.options.get("hessian") and w.hessian_input
+        }
+    )

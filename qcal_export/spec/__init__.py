@@ -1,0 +1,2 @@
+"""The vocabulary every stage shares, with no I/O: number formats, granularities, recipes and
+their options, the plan of what is quantized, and a tensor's calibrated scales."""

@@ -1,0 +1,135 @@
+"""Recipes from keyword options: what ``calibrate_onnx``, ``calibrate_torch`` and the CLI build
+when they are given no Recipe (formats, methods, method options, exclusions)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from qcal_export.errors import RecipeError
+from qcal_export.spec.recipe import (
+    DEFAULT_TARGET,
+    METHOD_OPTIONS,
+    WEIGHT_ONLY_FORMATS,
+    Recipe,
+    TensorSpec,
+)
+
+
+def build_recipe(
+    recipe: Recipe | None,
+    *,
+    format: str = "int8",
+    method: str = "max",
+    weight_method: str | None = None,
+    weight_format: str | None = None,
+    activation_format: str | None = None,
+    per_channel_weights: bool = True,
+    block_size: int | None = None,
+    hessian: bool = False,
+    exclude: tuple[str, ...] = (),
+    exclude_op_types: tuple[str, ...] = (),
+    weights_mode: str = "quantized",
+    nonfinite: str = "skip",
+    nvfp4_form: str = "portable",
+    target: str = DEFAULT_TARGET,
+    method_options: Mapping[str, float] | None = None,
+) -> Recipe:
+    """The recipe given, or one built from the keyword options.
+
+    ``format`` applies to weights and activations unless ``weight_format`` /
+    ``activation_format`` say otherwise; weight-only formats (int4) and ``activation_format``
+    "none" leave activations in float. ``method`` "nvfp4-mse" is a weight method: activations
+    then use max. ``hessian`` weights the nvfp4-mse sweep by the layer inputs' ``Xᵀ X``.
+    ``method_options`` (``percentile``, ``bins``, ``grid``, ...) go to whichever of the two
+    methods takes them (see ``recipe.METHOD_OPTIONS``).
+    """
+    if recipe is not None:
+        return recipe
+    weight_format = weight_format or format
+    if activation_format is None:
+        activation_format = "none" if format in WEIGHT_ONLY_FORMATS else format
+    if weight_method is None:
+        weight_method = "nvfp4-mse" if method == "nvfp4-mse" else "max"
+    if method == "nvfp4-mse":
+        method = "max"
+    if weight_method == "auto":
+        raise RecipeError("method auto chooses activation methods; give weights another method")
+    if hessian and weight_method != "nvfp4-mse":
+        raise RecipeError(f"hessian weighting needs weight method nvfp4-mse, not {weight_method!r}")
+    activation_options, weight_options = split_method_options(
+        method_options or {}, method if activation_format != "none" else None, weight_method
+    )
+    activation = (
+        None
+        if activation_format == "none"
+        else TensorSpec(format=activation_format, method=method, options=activation_options)
+    )
+    weight = TensorSpec(
+        format=weight_format,
+        method=weight_method,
+        per_channel=per_channel_weights,
+        block_size=block_size,
+        options={**weight_options, **({"hessian": True} if hessian else {})},
+    )
+    return Recipe(
+        activation=activation,
+        weight=weight,
+        exclude_nodes=tuple(exclude),
+        exclude_op_types=tuple(exclude_op_types),
+        weights_mode=weights_mode,
+        nonfinite=nonfinite,
+        nvfp4_form=nvfp4_form,
+        target=target,
+    )
+
+
+def split_method_options(
+    options: Mapping[str, float], activation_method: str | None, weight_method: str
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``options`` split into the keys each method takes (``METHOD_OPTIONS``); a key both
+    take goes to both. RecipeError for a key that neither takes."""
+    taken = {
+        "activation": METHOD_OPTIONS.get(activation_method, set()) if activation_method else set(),
+        "weight": METHOD_OPTIONS.get(weight_method, set()),
+    }
+    unknown = set(options) - taken["activation"] - taken["weight"]
+    if unknown:
+        accepted = {
+            f"{kind} method {method!r}": sorted(taken[kind])
+            for kind, method in (("activation", activation_method), ("weight", weight_method))
+            if method
+        }
+        raise RecipeError(f"method option(s) {sorted(unknown)} fit no method used: {accepted}")
+    activation, weight = (
+        {k: v for k, v in options.items() if k in taken[kind]} for kind in ("activation", "weight")
+    )
+    return activation, weight
+
+
+RECIPE_OPTIONS = (
+    "format",
+    "method",
+    "weight_method",
+    "weight_format",
+    "activation_format",
+    "per_channel_weights",
+    "block_size",
+    "hessian",
+    "exclude",
+    "exclude_op_types",
+    "weights_mode",
+    "nonfinite",
+    "nvfp4_form",
+    "target",
+    "method_options",
+)
+"""Keyword options of ``calibrate_onnx`` that build the recipe (see ``build_recipe``)."""
+
+
+def recipe_from_options(recipe: Recipe | None, options: dict[str, Any]) -> Recipe:
+    """The recipe given, or one built from ``RECIPE_OPTIONS`` keywords (unknown ones refused)."""
+    unknown = set(options) - set(RECIPE_OPTIONS)
+    if unknown:
+        raise RecipeError(f"unknown option(s) {sorted(unknown)}; known: {list(RECIPE_OPTIONS)}")
+    return build_recipe(recipe, **options)

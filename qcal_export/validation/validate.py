@@ -1,0 +1,287 @@
+"""Validate a QDQ model: onnx's full checker, then its outputs against the float model's, as
+ONNX Runtime runs it by default and in a reference (ORT with graph optimizations off, or the ONNX
+reference evaluator for what ORT cannot run)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from qcal_export.capture.data import DataSource, feeds, model_inputs
+from qcal_export.capture.onnxruntime import ORT_ERRORS, open_session
+from qcal_export.errors import ModelError
+from qcal_export.validation.reference import ReferenceRunner, needs_reference_evaluator
+from qcal_export.validation.runtime_check import (
+    Level,
+    ModelSessions,
+    RuntimeIssue,
+    diagnose,
+    one_line,
+    worse_than_reference,
+)
+
+log = logging.getLogger(__name__)
+
+Errors = dict[str, dict[str, float]]
+
+EVALUATOR = "onnx.reference.ReferenceEvaluator"
+
+
+@dataclass
+class RunningError:
+    """Running error of one graph output, accumulated in float64 over batches.
+
+    Elements where either model gives NaN or an infinity are left out of the sums and counted:
+    ``nonfinite_float`` where the float model's own output is not finite (data with inf, say),
+    ``nonfinite_quantized`` where only the quantized model's is (an overflow it introduced).
+    """
+
+    max_abs: float = 0.0
+    diff_sq: float = 0.0
+    ref_sq: float = 0.0
+    cand_sq: float = 0.0
+    dot: float = 0.0
+    nonfinite_float: int = 0
+    nonfinite_quantized: int = 0
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        ref = reference.astype(np.float64).ravel()
+        cand = candidate.astype(np.float64).ravel()
+        finite_ref = np.isfinite(ref)
+        finite = finite_ref & np.isfinite(cand)
+        if not finite.all():
+            self.nonfinite_float += int((~finite_ref).sum())
+            self.nonfinite_quantized += int((finite_ref & ~finite).sum())
+            ref, cand = ref[finite], cand[finite]
+        diff = cand - ref
+        self.max_abs = max(self.max_abs, float(np.abs(diff).max(initial=0.0)))
+        self.diff_sq += float(diff @ diff)
+        self.ref_sq += float(ref @ ref)
+        self.cand_sq += float(cand @ cand)
+        self.dot += float(ref @ cand)
+
+    def summary(self) -> dict[str, float]:
+        norms = math.sqrt(self.ref_sq * self.cand_sq)
+        return {
+            "max_abs": self.max_abs,
+            "rel_l2": math.sqrt(self.diff_sq / self.ref_sq)
+            if self.ref_sq
+            else math.sqrt(self.diff_sq),
+            "cosine": self.dot / norms if norms else float(self.diff_sq == 0.0),
+            "nonfinite_float": self.nonfinite_float,
+            "nonfinite_quantized": self.nonfinite_quantized,
+        }
+
+
+def warn_nonfinite(errors: Errors, runner: str) -> None:
+    """One warning per output whose elements were left out of the error for NaN or inf."""
+    for name, error in errors.items():
+        if error["nonfinite_quantized"]:
+            log.warning(
+                "output %r: %d elements are finite in the float model but NaN or inf in the "
+                "quantized model (%s); the error leaves them out",
+                name,
+                error["nonfinite_quantized"],
+                runner,
+            )
+        if error["nonfinite_float"]:
+            log.warning(
+                "output %r: %d elements are NaN or inf in the float model itself (the data?); "
+                "the error leaves them out",
+                name,
+                error["nonfinite_float"],
+            )
+
+
+def compare_outputs(
+    reference: ort.InferenceSession,
+    candidate: ort.InferenceSession | ReferenceRunner,
+    model: onnx.ModelProto,
+    source: DataSource,
+    max_batches: int,
+) -> dict[str, dict[str, float]]:
+    """Max abs, relative L2 and cosine of each float graph output over ``max_batches`` batches."""
+    names = float_outputs(reference)
+    errors = {name: RunningError() for name in names}
+    for refs, cands in output_pairs(reference, candidate, model, source, max_batches):
+        for name, ref, cand in zip(names, refs, cands, strict=True):
+            errors[name].add(ref, cand)
+    return {name: e.summary() for name, e in errors.items()}
+
+
+def float_outputs(session: ort.InferenceSession) -> list[str]:
+    """The names of a session's float outputs, in order: what output errors compare."""
+    return [o.name for o in session.get_outputs() if "float" in o.type]
+
+
+def output_pairs(
+    reference: ort.InferenceSession,
+    candidate: ort.InferenceSession | ReferenceRunner,
+    model: onnx.ModelProto,
+    source: DataSource,
+    max_batches: int | None = None,
+) -> Iterator[tuple[list[np.ndarray], list[np.ndarray]]]:
+    """Per batch (the first ``max_batches``, or all), both models' float outputs."""
+    inputs = model_inputs(model)
+    names = float_outputs(reference)
+    for feed in feeds(source, inputs, max_batches):
+        yield reference.run(names, feed), candidate.run(names, feed)
+
+
+def reference_runner(
+    model: onnx.ModelProto, providers: list[str]
+) -> tuple[ort.InferenceSession | ReferenceRunner, str]:
+    """A runner for the quantized model and the validator's name.
+
+    ONNX Runtime where it has kernels for every op; the ONNX reference evaluator for FLOAT4E2M1
+    tensors (ORT has no FP4 kernels) and TensorRT's custom ops (implemented here as TensorRT
+    documents them).
+    """
+    if needs_reference_evaluator(model):
+        return ReferenceRunner(model), EVALUATOR
+    return open_session(model, providers, "the quantized model"), f"onnxruntime ({providers[0]})"
+
+
+@dataclass
+class Validation:
+    """The QDQ model's output error against the float model's, per graph output: in the
+    reference (``validator``: ORT with graph optimizations off, or the ONNX reference evaluator)
+    and as ORT runs it by default (``runtime``; ``default`` is None where ORT cannot run the
+    model's types or failed: ``issue`` says how)."""
+
+    reference: Errors
+    validator: str
+    default: Errors | None = None
+    runtime: str | None = None
+    issue: RuntimeIssue | None = None
+
+    @property
+    def output_error(self) -> Errors:
+        """What users get: the default session's error, else the reference's."""
+        return self.reference if self.default is None else self.default
+
+    @property
+    def output_validator(self) -> str:
+        """The runner of ``output_error``."""
+        return self.validator if self.default is None or self.runtime is None else self.runtime
+
+    def to_report(self) -> dict[str, Any]:
+        return {
+            "validator": self.validator,
+            "reference": self.reference,
+            "runtime": self.runtime,
+            "default": self.default,
+            "runtime_issue": None if self.issue is None else self.issue.to_report(),
+        }
+
+
+def validate_outputs(
+    float_model: Path,
+    model: onnx.ModelProto,
+    providers: list[str],
+    source: DataSource,
+    max_batches: int,
+    name: str = "the quantized model",
+) -> Validation:
+    """``model``'s outputs against ``float_model``'s on the first ``max_batches`` batches, in
+    ORT at its default level and with optimizations off (one pass over the batches).
+
+    Where the default session fails, or lands further from the float model than the reference
+    does beyond float noise (``runtime_check.worse_than_reference``), one warning says so and
+    names the ORT optimizer at fault; a reference that cannot run is a ModelError naming
+    ``name``. Models with types or ops ORT has no kernels for (FP4, TensorRT's) run in the ONNX
+    reference evaluator alone.
+    """
+    float_session = open_session(float_model, providers, str(float_model))
+    if needs_reference_evaluator(model):
+        runner = ReferenceRunner(model)
+        errors = compare_outputs(float_session, runner, model, source, max_batches)
+        warn_nonfinite(errors, EVALUATOR)
+        return Validation(errors, EVALUATOR)
+    with ModelSessions(model, providers) as sessions:
+        validation, first = _against_default(
+            sessions, float_session, model, source, max_batches, name
+        )
+        if validation.issue is not None:
+            if first is not None:
+                diagnose(sessions, *first, validation.issue)
+            log.warning("%s", validation.issue.message)
+    warn_nonfinite(validation.output_error, validation.output_validator)
+    return validation
+
+
+def _against_default(
+    sessions: ModelSessions,
+    float_session: ort.InferenceSession,
+    model: onnx.ModelProto,
+    source: DataSource,
+    max_batches: int,
+    name: str,
+) -> tuple[Validation, tuple | None]:
+    """The validation without diagnosis, and the first batch (feed, output names, float and
+    reference outputs) to diagnose on."""
+    device = sessions.providers[0]
+    reference, default, failure = _open_both(sessions, name)
+    names = float_outputs(float_session)
+    quantization = {n: RunningError() for n in names}
+    deployed = {n: RunningError() for n in names}
+    first = None
+    for feed in feeds(source, model_inputs(model), max_batches):
+        floats = float_session.run(names, feed)
+        try:
+            refs = reference.run(names, feed)
+        except ORT_ERRORS as e:
+            raise ModelError(f"ONNX Runtime cannot run {name}: {one_line(e)}") from None
+        first = first or (feed, names, floats, refs)
+        for n, flt, ref in zip(names, floats, refs, strict=True):
+            quantization[n].add(flt, ref)
+        if default is None:
+            continue
+        try:
+            outs = default.run(names, feed)
+        except ORT_ERRORS as e:
+            default, failure = None, one_line(e)
+            continue
+        for n, flt, out in zip(names, floats, outs, strict=True):
+            deployed[n].add(flt, out)
+    validator = f"onnxruntime ({device}, optimizations off)"
+    validation = Validation({n: e.summary() for n, e in quantization.items()}, validator)
+    validation.runtime = f"onnxruntime ({device})"
+    if failure is not None:
+        validation.issue = RuntimeIssue("fails", validation.runtime, "", error=failure)
+        return validation, first
+    validation.default = {n: e.summary() for n, e in deployed.items()}
+    off = [
+        f"output {n!r} rel L2 {validation.default[n]['rel_l2']:.3g}, "
+        f"{validation.reference[n]['rel_l2']:.3g} with optimizations off"
+        for n in names
+        if worse_than_reference(
+            deployed[n].diff_sq, quantization[n].diff_sq, quantization[n].cand_sq
+        )
+    ]
+    if off:
+        validation.issue = RuntimeIssue("disagrees", validation.runtime, "; ".join(off[:2]))
+    return validation, first
+
+
+def _open_both(
+    sessions: ModelSessions, name: str
+) -> tuple[ort.InferenceSession, ort.InferenceSession | None, str | None]:
+    """The reference session (ModelError naming ``name`` if it cannot load), and the default
+    one or ORT's reason why it cannot load."""
+    try:
+        reference = sessions.open(Level.ORT_DISABLE_ALL)
+    except ORT_ERRORS as e:
+        raise ModelError(f"ONNX Runtime cannot load {name}: {one_line(e)}") from None
+    try:
+        return reference, sessions.open(), None
+    except ORT_ERRORS as e:
+        return reference, None, one_line(e)
