@@ -13,7 +13,12 @@ import pytest
 
 from qcal_export import calibrate_onnx
 from qcal_export.cli import main
-from qcal_export.validation.deployment import integer_kernels, measure_deployment, profile_kernels
+from qcal_export.validation.deployment import (
+    integer_kernels,
+    measure_deployment,
+    no_integer_kernels,
+    profile_kernels,
+)
 
 sys.path.insert(0, str(Path(__file__).parent / "graphs"))
 from placement_models import cnn_batches, cnn_model
@@ -52,6 +57,18 @@ def test_deployment_section_measures_both_models_on_one_batch(tmp_path):
     assert section["quantized"]["file_bytes"] == out.stat().st_size
     assert all(side["latency_ms"] > 0 for side in (section["float"], section["quantized"]))
     assert result.report["deployment"]["quantized"]["file_bytes"] == out.stat().st_size
+    assert "note" not in section  # integer kernels ran: nothing to explain
+
+
+def test_a_model_without_integer_kernels_says_why(tmp_path):
+    path = tmp_path / "cnn.onnx"
+    onnx.save(cnn_model(), str(path))
+    out = tmp_path / "q.onnx"
+    calibrate_onnx(path, cnn_batches(), output=out, format="fp8", validate_batches=0)
+    section = measure_deployment(path, onnx.load(str(out)), out, cnn_batches(1, 2)[0], CPU, 1)
+    assert section["integer_kernels"] == {}
+    assert section["note"].startswith("ONNX Runtime fused no integer kernels")
+    assert "TensorRT" in no_integer_kernels(["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
 def test_unwritten_model_is_measured_serialized(tmp_path):

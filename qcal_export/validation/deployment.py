@@ -105,6 +105,8 @@ def measure_deployment(
     kernels = profile_kernels(source, feed, providers)
     section["kernels"] = dict(sorted(kernels.items()))
     section["integer_kernels"] = integer_kernels(kernels)
+    if not section["integer_kernels"]:
+        section["note"] = no_integer_kernels(providers)
     log.info(
         "deployment: %.3g ms float, %.3g ms quantized (median of %d), integer kernels %s",
         section["float"]["latency_ms"],
@@ -113,6 +115,21 @@ def measure_deployment(
         section["integer_kernels"] or "none",
     )
     return section
+
+
+def no_integer_kernels(providers: Sequence[str]) -> str:
+    """Why ORT ran no integer kernel for the quantized model, for the report's note."""
+    if providers and providers[0] == "CUDAExecutionProvider":
+        return (
+            "ONNX Runtime's CUDA EP fuses no integer kernels from Q/DQ: it runs every "
+            "QuantizeLinear/DequantizeLinear beside the float op, so the quantized model is not "
+            "faster there; on NVIDIA GPUs the Q/DQ model is deployed through TensorRT (its EP or "
+            "trtexec), which builds int8/fp8 kernels from it"
+        )
+    return (
+        "ONNX Runtime fused no integer kernels for this placement: on the CPU, --target ort with "
+        "--activation-format uint8 places Q/DQ where its QDQ fusions apply"
+    )
 
 
 def _side(
