@@ -100,7 +100,11 @@ def test_every_placed_qdq_is_one_units_slot_and_groups_switch_together(calibrate
     assert groups == expected[name]
     # a conv's output read by a float Relu is switched with the conv that placed it
     if name == "cnn":
-        assert {(s.node, s.tensor) for s in units["c1"]} == {("c1", "x"), ("c1", "w1"), ("relu", "t1")}
+        assert {(s.node, s.tensor) for s in units["c1"]} == {
+            ("c1", "x"),
+            ("c1", "w1"),
+            ("relu", "t1"),
+        }
 
 
 def test_one_unit_off_is_the_export_of_the_plan_without_it(calibrated):
@@ -118,3 +122,27 @@ def test_one_unit_off_is_the_export_of_the_plan_without_it(calibrated):
         got = _outputs(session, feed, enable)
         for mine, theirs in zip(got, _outputs(_session(exported), feed), strict=True):
             np.testing.assert_array_equal(mine, theirs, err_msg=unit)
+
+
+def test_precision_search_leaves_a_scale_group_float_and_the_export_follows(tmp_path):
+    model = cnn_model()
+    onnx.save(model, str(tmp_path / "float.onnx"))
+    result = calibrate_onnx(
+        tmp_path / "float.onnx",
+        cnn_batches(12),
+        target="ort",
+        target_cosine=0.99999,
+        output=tmp_path / "q.onnx",
+        validate_batches=2,
+    )
+    rows = {row["node"]: row for row in result.report["layers"]}
+    assert set(rows[GROUP + "a"]["activation_sqnr_db"]) == {"a", "p"}
+    assert set(rows[GROUP + "g"]["activation_sqnr_db"]) == {"g", "f"}
+    precision = result.report["precision"]
+    floats = [entry["node"] for entry in precision["float_nodes"]]
+    assert GROUP + "g" in floats
+    assert precision["heldout_switchable"]["cosine"] >= 0.99999
+    written = onnx.load(str(tmp_path / "q.onnx"))
+    quantized = {n.input[0] for n in written.graph.node if n.op_type == "QuantizeLinear"}
+    assert not {"g", "f"} & quantized
+    assert {"a", "p"} <= quantized or GROUP + "a" in floats
