@@ -123,13 +123,14 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     recipe = inspect_recipe(args)
     loaded = load_model(args.model)
     preprocessed = preprocess(loaded.proto)
+    rows = quantizable_nodes(preprocessed.model, recipe=recipe)
+    view = placement_view(preprocessed.model, recipe)
     out = Console()
     out.print(input_table(loaded.proto, args.model))
     for change in preprocessed.changes:
         out.print(f"pre-processing: {escape(change)}", soft_wrap=True)
     for why in preprocessed.unfound_weights.values():
         out.print(f"warning: {escape(why)}", soft_wrap=True)
-    rows = quantizable_nodes(preprocessed.model, recipe=recipe)
     table = Table(title=f"{args.model}: opset {loaded.opset}, {len(rows)} quantizable nodes")
     for column in ("node", "op", "activations", "weight", "weight axis"):
         table.add_column(column, overflow="fold")
@@ -137,7 +138,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         cells = (row.node, row.op_type, "\n".join(row.activations), row.weight or "", row.axis)
         table.add_row(*map(escape, cells))
     out.print(table)
-    print_placement(out, placement_view(preprocessed.model, recipe), args.placement)
+    print_placement(out, view, args.placement)
 
 
 def print_placement(out: Console, view: PlacementView, details: bool) -> None:

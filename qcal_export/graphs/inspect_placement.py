@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from qcal_export.formats import get_format
 from qcal_export.graphs.op_inputs import PLACEMENTS
 from qcal_export.graphs.placement import SENTINEL, GraphView
 from qcal_export.graphs.plan import Plan
@@ -130,10 +131,17 @@ def _left_float(model: onnx.ModelProto, plan: Plan, recipe: Recipe) -> list[tupl
                         f"for -inf) around node {node.name}: one scale would round all else "
                         "to zero",
                     )
-        elif node.name in plan.nodes and node.op_type in quantizes_output:
+        elif node.name in plan.nodes and node.op_type in quantizes_output and _placed(node, recipe):
             for tensor in node.output:
                 if tensor in view.outputs and view.is_float(tensor):
                     found.setdefault(
                         tensor, f"graph output of node {node.name}: the model's outputs stay float"
                     )
     return list(found.items())
+
+
+def _placed(node: onnx.NodeProto, recipe: Recipe) -> bool:
+    """Whether the target places Q/DQ around ``node`` beyond its inputs: a per-tensor
+    activation format (block formats and weight-only recipes keep to the compute ops' inputs)."""
+    spec = recipe.specs_for(node.name, node.op_type)[0]
+    return spec is not None and get_format(spec.format).block_size == 1
