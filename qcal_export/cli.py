@@ -23,6 +23,7 @@ from qcal_export.cli_args import (
     add_inspect,
     console,
     data_arguments,
+    inspect_recipe,
     print_error,
 )
 from qcal_export.cli_args import method_option as method_option
@@ -30,6 +31,8 @@ from qcal_export.errors import QcalError
 
 if TYPE_CHECKING:
     import onnx
+
+    from qcal_export.graphs.inspect_placement import PlacementView
 
 
 def progress_bar(total: int | None) -> Callable[[str], object]:
@@ -113,18 +116,21 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from qcal_export.graphs.inspect import quantizable_nodes
+    from qcal_export.graphs.inspect_placement import placement_view
     from qcal_export.graphs.preprocess import preprocess
     from qcal_export.onnx_io.model_io import load_model
 
+    recipe = inspect_recipe(args)
     loaded = load_model(args.model)
     preprocessed = preprocess(loaded.proto)
+    rows = quantizable_nodes(preprocessed.model, recipe=recipe)
+    view = placement_view(preprocessed.model, recipe)
     out = Console()
     out.print(input_table(loaded.proto, args.model))
     for change in preprocessed.changes:
         out.print(f"pre-processing: {escape(change)}", soft_wrap=True)
     for why in preprocessed.unfound_weights.values():
         out.print(f"warning: {escape(why)}", soft_wrap=True)
-    rows = quantizable_nodes(preprocessed.model, args.op_types)
     table = Table(title=f"{args.model}: opset {loaded.opset}, {len(rows)} quantizable nodes")
     for column in ("node", "op", "activations", "weight", "weight axis"):
         table.add_column(column, overflow="fold")
@@ -132,6 +138,20 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         cells = (row.node, row.op_type, "\n".join(row.activations), row.weight or "", row.axis)
         table.add_row(*map(escape, cells))
     out.print(table)
+    print_placement(out, view, args.placement)
+
+
+def print_placement(out: Console, view: PlacementView, details: bool) -> None:
+    """The placement a calibrate run with these options would use: a count line, and the
+    details per node and tensor for a small plan or with ``details`` (``--placement``)."""
+    from qcal_export.cli_args import PLACEMENT_DETAIL_NODES
+
+    out.print(escape(view.count_line()), soft_wrap=True)
+    if details or len(view.plan.nodes) <= PLACEMENT_DETAIL_NODES:
+        for line in view.lines():
+            out.print(escape(line), soft_wrap=True, highlight=False)
+    else:
+        out.print("the placement per node and per tensor: pass --placement", soft_wrap=True)
 
 
 def input_table(model: onnx.ModelProto, name: str) -> Table:

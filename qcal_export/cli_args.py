@@ -12,9 +12,11 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from qcal_export.errors import RecipeError
-from qcal_export.spec.recipe import DEFAULT_TARGET, METHODS, TARGETS
+from qcal_export.spec.recipe import DEFAULT_TARGET, METHODS, TARGETS, Recipe
 
 console = Console(stderr=True)
+PLACEMENT_DETAIL_NODES = 40
+"""``qcal inspect`` prints the placement's details for plans of at most this many nodes."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -218,6 +220,27 @@ def data_arguments(args: argparse.Namespace) -> tuple[Any, Any]:
     return args.data, None
 
 
+def inspect_recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe a calibrate run with inspect's options would build (``--recipe`` first)."""
+    import dataclasses
+
+    from qcal_export.spec.recipe import load_recipe
+    from qcal_export.spec.recipe_options import build_recipe
+
+    recipe = build_recipe(
+        load_recipe(args.recipe) if args.recipe else None,
+        format=args.format,
+        weight_format=args.weight_format,
+        activation_format=args.activation_format,
+        exclude=tuple(args.exclude),
+        exclude_op_types=tuple(args.exclude_op_types),
+        target=args.target,
+    )
+    if args.op_types:
+        recipe = dataclasses.replace(recipe, op_types=tuple(args.op_types))
+    return recipe
+
+
 def add_layer_args(p: argparse.ArgumentParser) -> None:
     """The per-layer view and the precision search."""
     p.add_argument(
@@ -333,10 +356,29 @@ def method_option(text: str) -> tuple[str, float]:
 
 def add_inspect(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``inspect`` command's parser; cli.build_parser sets the command it runs."""
-    p = sub.add_parser("inspect", help="list the quantizable nodes of an ONNX model")
+    p = sub.add_parser(
+        "inspect", help="list the quantizable nodes of an ONNX model and the Q/DQ placement"
+    )
     p.add_argument("model")
+    p.add_argument("--op-types", nargs="*", help="op types to plan (default: calibrate's)")
+    formats = ["int8", "uint8", "int4", "uint4", "fp8", "nvfp4"]
+    p.add_argument("--format", default="int8", choices=formats, help="as for calibrate")
+    p.add_argument("--weight-format", choices=formats)
+    p.add_argument("--activation-format", choices=[*formats, "none"])
     p.add_argument(
-        "--op-types", nargs="*", help="op types to list (default MatMul Gemm Conv ConvTranspose)"
+        "--target",
+        default=DEFAULT_TARGET,
+        choices=list(TARGETS),
+        help=f"the Q/DQ placement to show, as calibrate --target (default {DEFAULT_TARGET})",
+    )
+    p.add_argument("--exclude", nargs="*", default=[], metavar="NODE")
+    p.add_argument("--exclude-op-types", nargs="*", default=[], metavar="OP")
+    p.add_argument("--recipe", help="YAML/JSON recipe (overrides the options above)")
+    p.add_argument(
+        "--placement",
+        action="store_true",
+        help="print the placement per node and per tensor even for a large model "
+        f"(default: only up to {PLACEMENT_DETAIL_NODES} quantized nodes)",
     )
     return p
 

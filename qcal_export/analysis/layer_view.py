@@ -26,8 +26,7 @@ from qcal_export.capture.data import DataSource
 from qcal_export.capture.onnxruntime import open_session
 from qcal_export.errors import RecipeError
 from qcal_export.graphs.export import export_qdq
-from qcal_export.graphs.switchable import planned_inputs, switchable_model
-from qcal_export.spec.plan import without_nodes
+from qcal_export.graphs.switchable import Slot, switch_units, switchable_model, without_units
 from qcal_export.spec.scales import TensorScales
 from qcal_export.validation.validate import (
     float_outputs,
@@ -43,7 +42,7 @@ if TYPE_CHECKING:
 @dataclass
 class Analysis:
     view: LayerView
-    inputs: dict[str, list[tuple[int, str, str]]]
+    inputs: dict[str, list[Slot]]
     weight_sqnr_db: dict[str, float | None]
     choice: PrecisionChoice | None
 
@@ -52,10 +51,11 @@ class Analysis:
         return [] if self.choice is None else [f["node"] for f in self.choice.float_nodes]
 
     def narrow(self, run: Run, found: dict[str, TensorScales]) -> dict[str, TensorScales]:
-        """Leave the chosen nodes in float: ``run.plan`` narrowed, the scales still used."""
+        """Leave the chosen units (nodes, shared-scale groups) in float: ``run.plan`` narrowed
+        as the switchable model ran it, the scales still used."""
         if not self.float_nodes:
             return found
-        run.plan = without_nodes(run.plan, self.float_nodes)
+        run.plan = without_units(run.plan, self.inputs, set(self.float_nodes))
         planned = {*run.plan.activations, *run.plan.weights}
         return {tensor: s for tensor, s in found.items() if tensor in planned}
 
@@ -63,8 +63,9 @@ class Analysis:
         """The report's ``layers`` and, with a target, ``precision`` sections."""
         rows = []
         for node, alone in self.view.alone.items():
-            acts = [t for _, t, kind in self.inputs[node] if kind == "activation"]
-            weights = [t for _, t, kind in self.inputs[node] if kind == "weight"]
+            slots = self.inputs[node]
+            acts = list(dict.fromkeys(s.tensor for s in slots if s.kind == "activation"))
+            weights = list(dict.fromkeys(s.tensor for s in slots if s.kind == "weight"))
             rows.append(
                 {
                     "node": node,
@@ -106,7 +107,7 @@ def analyse_layers(
         choice = search_precision(runs, view, holdout, target)
     errors = relative_weight_errors(run.loaded.proto, found.values())
     sqnr = {t: -20 * math.log10(e) if e > 0 else None for t, e in errors.items()}
-    return Analysis(view, planned_inputs(run.plan), sqnr, choice)
+    return Analysis(view, switch_units(run.plan), sqnr, choice)
 
 
 def choose_activation_methods(
@@ -115,8 +116,11 @@ def choose_activation_methods(
     """Method ``auto``: per activation, the candidate nearest float by the graph outputs with
     only its consumers quantized (on the first ``batches`` calibration batches); the chosen
     scales and the report section."""
-    consumers = {t: [u.node for u in run.plan.activations[t].uses] for t in run.candidates}
     runs = switched_runs(run, found)
+    consumers = {
+        t: [unit for unit, slots in runs.units.items() if any(s.tensor == t for s in slots)]
+        for t in run.candidates
+    }
     inits = {t.name: t for t in runs.model.graph.initializer}
     feeds = {
         tensor: {m: _scale_feed(s, runs.scales[tensor], inits) for m, s in methods.items()}

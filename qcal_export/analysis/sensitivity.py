@@ -1,11 +1,13 @@
 """Per-layer view and precision search, on one switchable session (``graphs/switchable``).
 
-- ``layer_view``: for every quantized node, the SQNR (dB) of its activations (the float model's
+Units are the switchable model's: quantized nodes and shared-scale groups (a tensor and those
+reusing its scale through data movement, as ``--target ort`` places them).
+- ``layer_view``: for every unit, the SQNR (dB) of its activations (the float model's
   values against their Q -> DQ), and its sensitivity: the graph outputs' error when only that
-  node is quantized. One streaming pass: each batch runs all-float (the reference, which also
-  yields the activations), all-quantized, and once per node.
-- ``search_precision``: the fewest nodes to leave in float so that the held-out batches meet a
-  target (the mean cosine of each output's samples against float, or its relative L2). Nodes
+  unit is quantized. One streaming pass: each batch runs all-float (the reference, which also
+  yields the activations), all-quantized, and once per unit.
+- ``search_precision``: the fewest units to leave in float so that the held-out batches meet a
+  target (the mean cosine of each output's samples against float, or its relative L2). Units
   go to float from the most sensitive down until the target is met; then each is tried back
   quantized, least sensitive first, and stays so where the target still holds.
 
@@ -113,6 +115,7 @@ class SwitchedRuns:
         ]
         self.model = model
         self.nodes = switchable.nodes
+        self.units = switchable.units
         self.probes = switchable.probes
         self.scales = switchable.scales
 

@@ -32,13 +32,15 @@ def _shapes(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def quantizable_nodes(
-    model: onnx.ModelProto, op_types: Sequence[str] | None = None
+    model: onnx.ModelProto, op_types: Sequence[str] | None = None, recipe: Recipe | None = None
 ) -> list[NodeRow]:
-    """One row per node the default recipe (or ``op_types``) would quantize."""
+    """One row per node ``recipe`` (default: the default recipe with ``op_types``) would
+    quantize."""
     working = onnx.ModelProto()
     working.CopyFrom(model)
     name_nodes(working)
-    plan = find_targets(working, Recipe(op_types=tuple(op_types or DEFAULT_OP_TYPES)))
+    recipe = recipe or Recipe(op_types=tuple(op_types or DEFAULT_OP_TYPES))
+    plan = find_targets(working, recipe)
     shapes = _shapes(working)
     rows = []
     for node in working.graph.node:
