@@ -38,6 +38,13 @@ SENTINEL = 1e4
 minimum standing in for -inf), not a value: one scale over it rounds all else to zero."""
 BOUNDED_OPS = frozenset({"Softmax", "Sigmoid", "Tanh", "Erf", "LayerNormalization"})
 """Ops whose output is bounded whatever their input: a sentinel does not pass them."""
+NORMALIZATIONS = frozenset(
+    {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"}
+    | {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}
+)
+"""Ops that normalize their input per token: the residual stream they read carries a few
+channels far larger than the rest (which the normalization divides out), so that one scale per
+tensor rounds every other channel to a handful of levels."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class GraphView:
     outputs: frozenset[str]
     sentinels: frozenset[str]
     nodes: dict[str, onnx.NodeProto]
+    stream: frozenset[str]
 
     @classmethod
     def of(cls, graph: onnx.GraphProto, infos: dict[str, tuple[int, Shape | None]]) -> GraphView:
@@ -60,14 +68,16 @@ class GraphView:
                 if tensor:
                     readers.setdefault(tensor, []).append(Use(node.name, index))
         initializers = {t.name: t for t in graph.initializer}
+        producers = {out: node for node in graph.node for out in node.output if out}
         return cls(
             infos,
             initializers,
-            {out: node for node in graph.node for out in node.output if out},
+            producers,
             readers,
             frozenset(value.name for value in graph.output),
             _sentinel_tensors(graph, initializers, infos),
             {node.name: node for node in graph.node},
+            _residual_stream(graph, producers),
         )
 
     def is_float(self, tensor: str) -> bool:
@@ -92,6 +102,12 @@ def place_node(plan: Plan, node: onnx.NodeProto, recipe: Recipe, view: GraphView
         return False
     rules = PLACEMENTS[recipe.target]
     op = node.op_type
+    if node.name in view.stream:
+        if op in rules.all_inputs | rules.own_output or (
+            op in rules.residual and _residual_inputs(node, view)
+        ):
+            plan.stream_nodes.append(node.name)
+        return False
     count = _planned_count(plan)
     if op in rules.all_inputs:
         for index, tensor in enumerate(node.input):
@@ -175,13 +191,16 @@ def _output_uses(
     """The main-graph readers of ``tensor`` as asked for by ``node``; none for a graph output.
 
     A reader of a recipe op type that the recipe excludes, or gives another activation spec
-    (None: float), reads the float tensor: the recipe's choice for its inputs stands.
+    (None: float), reads the float tensor: the recipe's choice for its inputs stands; so does
+    an Add of the residual stream (``view.stream``), which stays float.
     """
     if not tensor or tensor in view.outputs:
         return []
     uses = []
     for use in view.readers.get(tensor, []):
         reader = view.nodes[use.node]
+        if use.node in view.stream:
+            continue
         if reader.op_type in recipe.op_types and (
             recipe.excludes(reader.name, reader.op_type)
             or recipe.specs_for(reader.name, reader.op_type)[0] != spec
@@ -224,6 +243,23 @@ def _from_conv(tensor: str, view: GraphView) -> bool:
     if producer is not None and producer.op_type == "BatchNormalization":
         producer = view.producers.get(producer.input[0])
     return producer is not None and producer.op_type in CONV_PRODUCERS
+
+
+def _residual_stream(
+    graph: onnx.GraphProto, producers: dict[str, onnx.NodeProto]
+) -> frozenset[str]:
+    """The Add nodes whose output reaches a ``NORMALIZATIONS`` op's input through Adds only:
+    the residual stream (a block's output Add, its bias Add, earlier blocks' Adds where no
+    normalization sits between), which no target places Q/DQ around."""
+    found: set[str] = set()
+    pending = [node.input[0] for node in graph.node if node.op_type in NORMALIZATIONS]
+    while pending:
+        producer = producers.get(pending.pop())
+        if producer is None or producer.op_type != "Add" or producer.name in found:
+            continue
+        found.add(producer.name)
+        pending.extend(producer.input)
+    return frozenset(found)
 
 
 def _sentinel_tensors(

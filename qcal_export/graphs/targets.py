@@ -125,6 +125,13 @@ def find_targets(model: onnx.ModelProto, recipe: Recipe) -> Plan:
             f"around them, whose scale would round all other values to zero: "
             f"{plan.sentinel_nodes[:5]}"
         )
+    if plan.stream_nodes:
+        plan.notes.append(
+            f"{len(plan.stream_nodes)} Add node(s) of the residual stream feeding a "
+            f"normalization: no {recipe.target} Q/DQ around them (a few channels there are far "
+            f"larger than the rest; one scale per tensor would round the others away): "
+            f"{plan.stream_nodes[:5]}"
+        )
     overridable = sorted(set(plan.weights) & {value.name for value in graph.input})
     if overridable:
         plan.notes.append(

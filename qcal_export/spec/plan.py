@@ -100,7 +100,8 @@ class Plan:
     not count as quantized. ``shared``: activations that reuse another planned tensor's scale
     (calibrated once, on the source).
     ``sentinel_nodes``: nodes the target would place Q/DQ around that read or write sentinel
-    values (attention masks), left without.
+    values (attention masks), left without. ``stream_nodes``: Adds of the residual stream
+    feeding a normalization that the target would place Q/DQ around, left without.
     """
 
     activations: dict[str, ActivationPlan]
@@ -113,6 +114,7 @@ class Plan:
     partial: dict[str, str] = field(default_factory=dict)
     shared: dict[str, SharedActivation] = field(default_factory=dict)
     sentinel_nodes: list[str] = field(default_factory=list)
+    stream_nodes: list[str] = field(default_factory=list)
 
     def is_quantized(self, tensor: str) -> bool:
         """Whether ``tensor`` gets a Q/DQ (or is a quantized weight) in this plan so far."""

@@ -90,3 +90,41 @@ def cnn_batches(count: int = 4, batch: int = 4) -> list[dict[str, np.ndarray]]:
 def attention_batches(count: int = 4, batch: int = 4) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(12)
     return [{"ids": rng.integers(0, 16, (batch, 6)).astype(np.int64)} for _ in range(count)]
+
+
+def residual_norm_model() -> onnx.ModelProto:
+    """x[N,6,32] -> MatMul -> Add(bias) -> Add(residual x) -> LayerNormalization -> MatMul ->
+    Sigmoid -> y[N,6,4]: a post-norm transformer block's residual stream, whose channel 0
+    carries an outlier (a bias of 100) that the norm's gamma turns down."""
+    gamma = np.ones(32, np.float32)
+    gamma[0] = 0.01
+    bias = RNG.standard_normal(32).astype(np.float32) * 0.1
+    bias[0] = 100.0
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], "dense"),
+        helper.make_node("Add", ["h", "b1"], ["hb"], "bias"),
+        helper.make_node("Add", ["hb", "x"], ["r"], "residual"),
+        helper.make_node("LayerNormalization", ["r", "gamma", "beta"], ["n"], "norm", axis=-1),
+        helper.make_node("MatMul", ["n", "w2"], ["z"], "head"),
+        helper.make_node("Sigmoid", ["z"], ["y"], "sigmoid"),
+    ]
+    inits = [
+        _init("w1", (32, 32), 0.2),
+        numpy_helper.from_array(bias, "b1"),
+        numpy_helper.from_array(gamma, "gamma"),
+        numpy_helper.from_array(np.zeros(32, np.float32), "beta"),
+        _init("w2", (32, 4), 0.5),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "residual_norm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 4])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def residual_norm_batches(count: int = 4, batch: int = 4) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(13)
+    return [{"x": rng.standard_normal((batch, 6, 32)).astype(np.float32)} for _ in range(count)]

@@ -11,7 +11,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-from placement_models import attention_batches, attention_model, cnn_batches, cnn_model
+from placement_models import (
+    attention_batches,
+    attention_model,
+    cnn_batches,
+    cnn_model,
+    residual_norm_batches,
+    residual_norm_model,
+)
 
 from qcal_export import calibrate_onnx
 from qcal_export.errors import RecipeError
@@ -117,6 +124,41 @@ def test_residual_add_through_batch_normalization_quantizes_the_other_branch():
     plan = find_targets(model, Recipe(target="tensorrt"))
     assert "t2n" not in plan.activations
     assert Use("add", 1) in plan.activations["r1"].uses
+
+
+@pytest.mark.parametrize("target", ["ort", "tensorrt"])
+def test_the_residual_stream_feeding_a_normalization_stays_float(target):
+    plan = find_targets(residual_norm_model(), Recipe(target=target))
+    assert plan.stream_nodes == (["bias", "residual"] if target == "ort" else [])
+    # the compute ops' inputs stay quantized; the Adds read the float x and h
+    assert plan.activations["x"].uses == [Use("dense", 0)]
+    assert plan.activations["n"].uses == [Use("head", 0)]
+    assert not {"h", "hb", "r"} & _planned(plan)
+    if target == "ort":
+        assert plan.activations["z"].uses == [Use("sigmoid", 0, by="head"), Use("sigmoid", 0)]
+        assert "2 Add node(s) of the residual stream feeding a normalization" in plan.notes[0]
+
+
+def test_a_float_residual_stream_keeps_the_outlier_channel_from_rounding_the_rest(tmp_path):
+    path = _save(residual_norm_model(), tmp_path / "float.onnx")
+    batches = residual_norm_batches()
+    quantize_static(
+        str(path), str(tmp_path / "static.onnx"), _Reader(batches), quant_format=QuantFormat.QDQ
+    )
+    calibrate_onnx(path, batches, output=tmp_path / "ort.onnx", target="ort")
+    feed = residual_norm_batches(count=1, batch=16)[0]
+    expected = ort.InferenceSession(str(path), providers=CPU).run(None, feed)[0]
+    errors = {
+        name: np.abs(
+            ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=CPU).run(None, feed)[0]
+            - expected
+        ).max()
+        for name in ("static", "ort")
+    }
+    # quantize_static's one scale over the stream (channel 0 near 100, the rest near 1) rounds
+    # the other channels to a few levels; kept float, only the compute ops' inputs round
+    assert errors["ort"] < 0.01 < errors["static"]
+    assert errors["static"] > 4 * errors["ort"]
 
 
 def test_block_and_weight_only_formats_keep_to_the_compute_ops():
