@@ -112,6 +112,7 @@ def plan_run(
     converted = converted_for_export(loaded.proto, plan)
     if converted is not None:
         preprocessed.changes.append(opset_change(loaded.proto, converted))
+        preprocessed.opset_from = loaded.opset
         loaded.proto = preprocessed.model = converted
         plan = find_targets(loaded.proto, recipe)
     for change in preprocessed.changes:

@@ -59,6 +59,7 @@ def test_ort_target_on_an_opset_12_softmax_exports_and_matches_float(tmp_path, f
     data = [{"x": rng.normal(0, 1, (2, 1, 4, 8)).astype(np.float32)} for _ in range(6)]
     result = calibrate_onnx(path, data, output=out, format=fmt, target="ort")
     assert any("opset raised from 12 to" in c for c in result.report["preprocess"]["changes"])
+    assert result.report["opset"]["from"] == 12  # the file's, not the raised one
     q = onnx.load(out)
     producers = {o: n for n in q.graph.node for o in n.output}
     softmax = next(n for n in q.graph.node if n.op_type == "Softmax")
