@@ -26,9 +26,19 @@ def _shapes(model: onnx.ModelProto) -> dict[str, str]:
     graph = inferred.graph
     shapes = {t.name: "x".join(map(str, t.dims)) for t in graph.initializer}
     for info in [*graph.input, *graph.output, *graph.value_info]:
-        dims = info.type.tensor_type.shape.dim
-        shapes[info.name] = "x".join(d.dim_param or str(d.dim_value) for d in dims) or "scalar"
+        shapes[info.name] = _shape_text(info.type.tensor_type)
     return shapes
+
+
+def _shape_text(tensor_type: onnx.TypeProto.Tensor) -> str:
+    """``bx4`` from a tensor type; ``?`` for an unknown rank (no shape field, as shape inference
+    leaves a tensor it cannot follow: not a scalar) and for a dimension with neither value nor
+    name."""
+    if not tensor_type.HasField("shape"):
+        return "?"
+    dims = tensor_type.shape.dim
+    text = (d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in dims)
+    return "x".join(text) or "scalar"
 
 
 def quantizable_nodes(

@@ -37,6 +37,8 @@ class PreprocessResult:
     changes: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     unfound_weights: dict[str, str] = field(default_factory=dict)
+    opset_from: int | None = None
+    """The file's opset where the opset was raised before planning (``graphs/opset_first``)."""
 
     def to_report(self) -> dict[str, Any]:
         return {

@@ -43,7 +43,7 @@ def build_report(
         if run.source is None
         else {"source": run.source.description, "random": run.source.synthetic},
         "batches_per_pass": run.batches_per_pass,
-        "opset": {"from": exported.opset_from, "to": exported.opset_to},
+        "opset": {"from": file_opset(run, exported.opset_from), "to": exported.opset_to},
         "quantized_nodes": [n for n in run.plan.nodes if n not in partial],
         "partially_quantized_nodes": partial,
         "preprocess": run.preprocessed.to_report() if run.preprocessed else None,
@@ -60,3 +60,9 @@ def build_report(
         "timings": run.timings,
         "versions": versions(),
     }
+
+
+def file_opset(run: Run, export_from: int) -> int:
+    """The input file's opset: the export's starting one, unless pre-processing raised it."""
+    raised = run.preprocessed.opset_from if run.preprocessed else None
+    return export_from if raised is None else raised

@@ -27,6 +27,7 @@ from qcal_export.capture.random_data import NO_ACCURACY
 from qcal_export.errors import RecipeError
 from qcal_export.files.atomic import check_writable
 from qcal_export.files.paths import check_paths
+from qcal_export.graphs.opset_first import converted_for_export, opset_change
 from qcal_export.graphs.preprocess import PreprocessResult, preprocess
 from qcal_export.graphs.targets import find_targets, skipped_reasons
 from qcal_export.onnx_io.model_io import (
@@ -113,9 +114,15 @@ def plan_run(
     check_model(loaded.proto, str(loaded.path), full=False, path=loaded.path)
     preprocessed = preprocess(loaded.proto)
     loaded.proto = preprocessed.model
+    plan = find_targets(loaded.proto, recipe)
+    converted = converted_for_export(loaded.proto, plan)
+    if converted is not None:
+        preprocessed.changes.append(opset_change(loaded.proto, converted))
+        preprocessed.opset_from = loaded.opset
+        loaded.proto = preprocessed.model = converted
+        plan = find_targets(loaded.proto, recipe)
     for change in preprocessed.changes:
         log.info("pre-processing: %s", change)
-    plan = find_targets(loaded.proto, recipe)
     plan.notes += unmatched_patterns(loaded.proto, recipe, str(loaded.path))
     for note in [*preprocessed.unfound_weights.values(), *plan.notes]:
         log.warning("%s", note)

@@ -251,3 +251,14 @@ def test_quantizable_nodes_lists_rows_with_shapes_and_axes():
     assert row.activations == ("x [bx4]",)
     assert row.weight == "w [5x4]"
     assert m.graph.node[0].name == ""  # the caller's model is not renamed
+
+
+def test_quantizable_nodes_shows_an_unknown_rank_as_unknown_not_scalar():
+    """paddle2onnx recognizers leave tensors of unknown rank after shape inference (no shape
+    field); inspect printed them as ``scalar``. A dimension without value or name reads ``?``."""
+    m = gemm_model(1)
+    m.graph.input[0].type.tensor_type.ClearField("shape")
+    assert quantizable_nodes(m)[0].activations == ("x [?]",)
+    m = gemm_model(1)
+    m.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    assert quantizable_nodes(m)[0].activations == ("x [?x4]",)
