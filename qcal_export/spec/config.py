@@ -203,7 +203,8 @@ class DataConfig:
         ),
     )
     max_batches: int | None = field(
-        default=None, metadata=cli("--batches", type="int", help="use at most N batches")
+        default=None,
+        metadata=cli("--batches", type="int", metavar="N", help="use at most N batches"),
     )
 
     def __post_init__(self) -> None:
@@ -400,13 +401,13 @@ class AccuracyConfig:
 
 
 GROUPS = {
+    "outputs": OutputConfig,
     "quantization": QuantizationOptions,
     "data": DataConfig,
+    "capture": CaptureConfig,
     "validation": ValidationConfig,
     "accuracy": AccuracyConfig,
     "state": StateConfig,
-    "outputs": OutputConfig,
-    "capture": CaptureConfig,
 }
 """The config's groups, in the order they are checked."""
 
@@ -419,13 +420,13 @@ class CalibrationConfig:
     ``load_config``); every option is checked when it is built (RecipeError naming it).
     """
 
+    outputs: OutputConfig = field(default_factory=OutputConfig)
     quantization: QuantizationOptions = field(default_factory=QuantizationOptions)
     data: DataConfig = field(default_factory=DataConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
     state: StateConfig = field(default_factory=StateConfig)
-    outputs: OutputConfig = field(default_factory=OutputConfig)
-    capture: CaptureConfig = field(default_factory=CaptureConfig)
 
     def __post_init__(self) -> None:
         for name, group in GROUPS.items():

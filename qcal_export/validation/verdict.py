@@ -28,6 +28,7 @@ from qcal_export.validation.validate import Validation
 
 log = logging.getLogger(__name__)
 
+
 def judge(
     validation: Validation,
     data: ValidationData,
