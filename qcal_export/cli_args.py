@@ -97,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
     for group, option in option_fields():
         value = getattr(args, option.name)
         if option.metadata["cli"].get("action") == "append":
-            value = dict(value)
+            value = dict(value) or None
         grouped.setdefault(group, {})[option.name] = value
     return CalibrationConfig.from_dict(grouped)
 
