@@ -24,6 +24,7 @@ from qcal_export.errors import (
 )
 from qcal_export.from_torch.calibration import TorchCalibration, calibrate_torch, capture
 from qcal_export.pipeline.calibrate import CalibrationResult, calibrate_onnx
+from qcal_export.spec.config import CalibrationConfig, load_config
 from qcal_export.spec.formats import FP8_E4M3, INT8, UINT8, FP8E4M3Format, IntFormat, get_format
 from qcal_export.spec.granularity import PerAxis, PerTensor
 from qcal_export.spec.recipe import Override, Recipe, TensorSpec, load_recipe
@@ -35,6 +36,7 @@ __all__ = [
     "FP8_E4M3",
     "INT8",
     "UINT8",
+    "CalibrationConfig",
     "CalibrationError",
     "CalibrationResult",
     "Calibrator",
@@ -64,6 +66,7 @@ __all__ = [
     "calibrate_torch",
     "capture",
     "get_format",
+    "load_config",
     "load_recipe",
     "load_scales",
     "save_scales",

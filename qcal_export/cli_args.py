@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from qcal_export.errors import RecipeError
+from qcal_export.spec.config import CalibrationConfig, option_fields
 from qcal_export.spec.recipe import DEFAULT_TARGET, METHODS, TARGETS, Recipe
 
 console = Console(stderr=True)
@@ -50,76 +51,14 @@ def count(minimum: int) -> Callable[[str], int]:
 
 
 def add_calibrate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """The ``calibrate`` command's parser; cli.build_parser sets the command it runs."""
+    """The ``calibrate`` command's parser; cli.build_parser sets the command it runs. Every
+    option of CalibrationConfig is one flag, made from its field's metadata (spec/config.py)."""
     p = sub.add_parser(
         "calibrate", help="calibrate an ONNX model and write its QDQ form and scales"
     )
     p.add_argument("model", help="float ONNX model (never modified)")
     add_data_args(p)
-    p.add_argument("-o", "--output", help="QDQ ONNX model to write")
-    p.add_argument("--scales", help="safetensors scales file to write")
-    p.add_argument("--report", help="JSON report to write")
-    add_quantization_args(p)
-    p.add_argument("--checkpoint", help="directory for NVFP4 serving checkpoints")
-    p.add_argument(
-        "--checkpoint-layout",
-        nargs="+",
-        default=["modelopt"],
-        choices=["modelopt", "compressed-tensors"],
-        help="serving layouts; several go to DIR/<layout>",
-    )
-    p.add_argument(
-        "--exclude", nargs="*", default=[], metavar="NODE", help="node name patterns left in float"
-    )
-    p.add_argument("--exclude-op-types", nargs="*", default=[], metavar="OP")
-    p.add_argument("--recipe", help="YAML/JSON recipe (overrides --format/--method/--exclude)")
-    p.add_argument("--weights-mode", default="quantized", choices=["quantized", "qdq"])
-    p.add_argument("--nonfinite", default="skip", choices=["skip", "error"])
-    p.add_argument("--batches", type=int, help="use at most N batches")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        help="samples per batch: splits a single .npz along axis 0; images and texts: default 8",
-    )
-    p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument(
-        "--device-id", type=int, default=0, help="GPU the CUDA EP captures on (tensors stay there)"
-    )
-    p.add_argument("--scales-in", help="re-export from a saved scales file, no calibration")
-    p.add_argument("--validate-batches", type=int, default=4, help="batches for the error check")
-    p.add_argument(
-        "--validate-data",
-        metavar="PATH",
-        help="validate on this data (read as --data) instead of every --holdout-every-th batch "
-        "of --data, held out from calibration",
-    )
-    p.add_argument(
-        "--min-cosine",
-        type=float,
-        default=0.99,
-        metavar="C",
-        help="the verdict's threshold: every output's cosine to the float model's (default 0.99)",
-    )
-    p.add_argument(
-        "--eval-module",
-        metavar="FILE.py:FUNCTION",
-        help="a task metric metric(float_outputs, quantized_outputs) -> number or dict, averaged "
-        "over the validation batches by batch size and shown beside the cosine",
-    )
-    p.add_argument(
-        "--strict",
-        action="store_true",
-        help="exit 3 when the verdict is below --min-cosine, or when ONNX Runtime's default "
-        "optimizations fail on or miscompute the model (outputs and report are still written)",
-    )
-    p.add_argument(
-        "--state", help="file where calibrator state is saved every --state-every batches"
-    )
-    p.add_argument("--state-every", type=int, default=100, metavar="N", help="default 100")
-    p.add_argument(
-        "--resume", action="store_true", help="continue an interrupted run from its --state file"
-    )
-    add_layer_args(p)
+    add_config_args(p)
     p.add_argument(
         "--nproc",
         type=count(1),
@@ -128,6 +67,41 @@ def add_calibrate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="split the batches across N processes (torch's launcher; gloo on CPU, NCCL on GPUs)",
     )
     return p
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """One flag per config option, its dest the option's name, its default the config's."""
+    exclusive: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for _, option in option_fields():
+        words = dict(option.metadata["cli"])
+        flags = words.pop("flags")
+        where: Any = p
+        if "exclusive" in words:
+            name = words.pop("exclusive")
+            where = exclusive.get(name) or exclusive.setdefault(
+                name, p.add_mutually_exclusive_group()
+            )
+        if "type" in words:
+            words["type"] = ARGUMENT_TYPES[words["type"]]
+        if words.get("action") == "boolean":
+            words["action"] = argparse.BooleanOptionalAction
+        default = option.default
+        if words.get("action") == "append":
+            default = []
+        elif isinstance(default, tuple):
+            default = list(default)
+        where.add_argument(*flags, dest=option.name, default=default, **words)
+
+
+def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
+    """The CalibrationConfig of the parsed ``calibrate`` flags (checked as it is built)."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for group, option in option_fields():
+        value = getattr(args, option.name)
+        if option.metadata["cli"].get("action") == "append":
+            value = dict(value) or None
+        grouped.setdefault(group, {})[option.name] = value
+    return CalibrationConfig.from_dict(grouped)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -204,7 +178,7 @@ def data_arguments(args: argparse.Namespace) -> tuple[Any, Any]:
         if given.keys() - {"random data"}:
             raise RecipeError(f"--data random takes --input-shape only, not {flags}")
         shapes = dict(parse_input_shape(text) for text in args.input_shape)
-        return args.data, RandomOptions(shapes, batches=args.batches or 8)
+        return args.data, RandomOptions(shapes, batches=args.max_batches or 8)
     if "random data" in given:
         raise RecipeError("--input-shape applies to --data random only")
     if "texts" in given and args.tokenizer is None:
@@ -241,107 +215,6 @@ def inspect_recipe(args: argparse.Namespace) -> Recipe:
     return recipe
 
 
-def add_layer_args(p: argparse.ArgumentParser) -> None:
-    """The per-layer view and the precision search."""
-    p.add_argument(
-        "--layer-view",
-        action="store_true",
-        help="report each quantized node's SQNR and its output error when quantized alone",
-    )
-    target = p.add_mutually_exclusive_group()
-    target.add_argument(
-        "--target-cosine",
-        type=float,
-        metavar="C",
-        help="leave the fewest nodes in float so that held-out batches reach this mean cosine",
-    )
-    target.add_argument(
-        "--target-rel-l2", type=float, metavar="E", help="the same for a relative L2 error"
-    )
-    p.add_argument(
-        "--holdout-every",
-        type=int,
-        default=5,
-        metavar="N",
-        help="every Nth batch is held out from calibration, for validation and targets "
-        "(default 5; with fewer batches, validation uses the calibration batches)",
-    )
-    p.add_argument(
-        "--view-batches", type=int, default=4, metavar="N", help="batches of the view (default 4)"
-    )
-    p.add_argument(
-        "--smooth",
-        type=float,
-        metavar="ALPHA",
-        help="migrate activation outliers into the weights first (SmoothQuant alpha, e.g. 0.5)",
-    )
-
-
-def add_quantization_args(p: argparse.ArgumentParser) -> None:
-    """Formats, methods and their options, block sizes: what builds the recipe."""
-    formats = ["int8", "uint8", "int4", "uint4", "fp8", "nvfp4"]
-    p.add_argument(
-        "--format",
-        default="int8",
-        choices=formats,
-        help="weights and activations (int4/uint4: weights only, activations stay float)",
-    )
-    p.add_argument("--weight-format", choices=formats, help="weights' format (default --format)")
-    p.add_argument(
-        "--activation-format", choices=[*formats, "none"], help="activations' format, or none"
-    )
-    p.add_argument(
-        "--method",
-        default="max",
-        choices=METHODS,
-        help="activation method; nvfp4-mse is a weight method (activations then use max)",
-    )
-    p.add_argument(
-        "--weight-method",
-        choices=METHODS,
-        help="weight method (default max, or nvfp4-mse when --method nvfp4-mse)",
-    )
-    p.add_argument(
-        "--block-size",
-        type=int,
-        help="weight blocks along the reduction axis (int4 default 128; nvfp4 is always 16)",
-    )
-    p.add_argument(
-        "--hessian",
-        action="store_true",
-        help="nvfp4-mse: weight the error by each layer's input X^T X (needs --data)",
-    )
-    p.add_argument(
-        "--nvfp4-form",
-        default="portable",
-        choices=["portable", "tensorrt"],
-        help="NVFP4 activations as standard ops, or Model Optimizer's trt::TRT_FP4DynamicQuantize",
-    )
-    p.add_argument(
-        "--target",
-        default=DEFAULT_TARGET,
-        choices=list(TARGETS),
-        help="Q/DQ placement of this runtime: ort (ONNX Runtime's integer kernels: Add, Mul, "
-        "Concat, pooling, Softmax..., scales shared through data movement) or tensorrt "
-        f"(TensorRT's rules: compute-op inputs, residual Adds, pooling inputs); default "
-        f"{DEFAULT_TARGET}",
-    )
-    p.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        type=method_option,
-        metavar="KEY=VALUE",
-        help="a method option, e.g. percentile=99.99, bins=4096, grid=200 (repeatable)",
-    )
-    p.add_argument(
-        "--per-channel-weights",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="one weight scale per output channel (default) or per tensor",
-    )
-
-
 def method_option(text: str) -> tuple[str, float]:
     """``KEY=VALUE`` with a number value (an int where it has no fraction)."""
     key, sep, value = text.partition("=")
@@ -352,6 +225,14 @@ def method_option(text: str) -> tuple[str, float]:
     if not sep or not key or number is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=NUMBER (e.g. percentile=99.99)")
     return key, int(number) if number.is_integer() and "." not in value else number
+
+
+ARGUMENT_TYPES: dict[str, Callable[[str], Any]] = {
+    "int": int,
+    "float": float,
+    "method_option": method_option,
+}
+"""The argparse types config fields name in their metadata."""
 
 
 def add_inspect(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -109,6 +109,31 @@ def test_resume_refuses_a_state_saved_for_another_recipe(model, tmp_path):
     assert state.is_file()
 
 
+def test_the_state_records_the_config_and_other_outputs_still_resume(model, tmp_path):
+    state = tmp_path / "calib.state"
+    run_killed(model, state, {"state_every": 2, "method": "mse"}, 1, 5)
+    saved = torch.load(state, weights_only=True)["identity"]
+    assert saved["config"]["state"] == {"state": str(state), "state_every": 2, "resume": False}
+    assert saved["config"]["quantization"]["method"] == "mse"
+    assert saved["recipe"]["activation"]["method"] == "mse"
+    report = tmp_path / "report.json"  # outputs and the verdict are no part of the identity
+    resumed = calibrate_onnx(
+        model,
+        data,
+        state=state,
+        resume=True,
+        method="mse",
+        report=report,
+        min_cosine=0.5,
+        validate_batches=0,
+        state_every=3,
+    )
+    whole = calibrate_onnx(model, data, method="mse", validate_batches=0)
+    assert report.is_file() and not state.exists()
+    for name, entry in whole.scales.items():
+        assert torch.equal(resumed.scales[name].scale, entry.scale), name
+
+
 def test_resume_without_a_state_file_starts_from_the_first_batch(model, tmp_path):
     state = tmp_path / "never-written.state"
     resumed = calibrate_onnx(model, data, state=state, resume=True, validate_batches=0)

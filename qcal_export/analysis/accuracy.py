@@ -4,8 +4,6 @@ choice, the per-layer view and the precision search for a target."""
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -13,8 +11,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from qcal_export.analysis.layer_view import Analysis, analyse_layers, choose_activation_methods
 from qcal_export.analysis.sensitivity import Target
 from qcal_export.analysis.smoothing import smooth_run
-from qcal_export.capture.data import DataSource, check_count, open_data, split_holdout
-from qcal_export.errors import RecipeError
+from qcal_export.capture.data import DataSource, open_data, split_holdout
+from qcal_export.spec.checks import check_accuracy, check_smooth_scales, check_targets
 from qcal_export.spec.scales import TensorScales
 from qcal_export.validation.data import ValidationData, held_out_or_first
 
@@ -34,12 +32,7 @@ class Accuracy:
     smooth: float | None = None
 
     def __post_init__(self) -> None:
-        check_count("holdout_every (--holdout-every)", self.holdout_every, 2)
-        check_count("view_batches (--view-batches)", self.view_batches, 1)
-        if self.smooth is not None and not _number_in(self.smooth, 0, 1, closed=False):
-            raise RecipeError(
-                f"smooth (the SmoothQuant alpha) must be a number in (0, 1), not {self.smooth!r}"
-            )
+        check_accuracy(self.holdout_every, self.view_batches, self.smooth)
 
     @property
     def one_process(self) -> bool:
@@ -48,11 +41,7 @@ class Accuracy:
 
     def check(self, scales_in: object) -> None:
         """Refuse what cannot go together, before anything runs."""
-        if self.smooth is not None and scales_in is not None:
-            raise RecipeError(
-                "smooth recomputes the smoothing factors from the data, which saved scales do "
-                "not follow: calibrate again instead of passing scales_in (--scales-in)"
-            )
+        check_smooth_scales(self.smooth, scales_in)
 
 
 class Split(NamedTuple):
@@ -138,19 +127,7 @@ def refine(
 
 def target_from(cosine: float | None, rel_l2: float | None) -> Target | None:
     """The output-error target of ``calibrate_onnx``'s two options (at most one given)."""
-    if cosine is not None and rel_l2 is not None:
-        raise RecipeError("give one output-error target: target_cosine or target_rel_l2")
-    if cosine is not None and not _number_in(cosine, 0, 1, closed=True):
-        raise RecipeError(f"target_cosine={cosine!r} is out of range: it must be in (0, 1]")
-    if rel_l2 is not None and not _number_in(rel_l2, 0, math.inf, closed=False):
-        raise RecipeError(f"target_rel_l2={rel_l2!r} is out of range: it must be finite and > 0")
+    check_targets(cosine, rel_l2)
     if cosine is not None:
         return Target("cosine", cosine)
     return None if rel_l2 is None else Target("rel_l2", rel_l2)
-
-
-def _number_in(value: object, low: float, high: float, *, closed: bool) -> bool:
-    """A real number (not a bool) in ``(low, high]`` where ``closed``, else ``(low, high)``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return False
-    return low < value <= high if closed else low < value < high

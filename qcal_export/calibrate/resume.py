@@ -2,9 +2,10 @@
 
 The state file (``torch.save``, written atomically) holds the pass and the batches done in it,
 every calibrator's raw ``snapshot`` for that pass (and the first pass's, once in the second),
-and what the run was started with: the model's sha256, the recipe and the batch limit. A resumed
-run checks those, restores the calibrators, skips the batches already seen and goes on, so its
-scales equal those of a run that was never interrupted (the data must come in the same order).
+and what the run was started with: the model's sha256, the recipe and the batch options (with
+the whole config beside them, for the record). A resumed run checks those, restores the
+calibrators, skips the batches already seen and goes on, so its scales equal those of a run
+that was never interrupted (the data must come in the same order).
 A sha256 of the whole state is saved with it: torch.load reads a file with flipped bytes without
 complaint, so a damaged or edited state file is refused instead of resumed.
 """
@@ -24,10 +25,13 @@ import torch
 
 from qcal_export.errors import DataError
 from qcal_export.files.atomic import check_writable, write_file
+from qcal_export.spec.checks import check_state_every
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "qcal_export.state/2"
+CONFIG = "config"
+"""The identity's key that records the run's config (not compared on resume)."""
 FIELDS = ("schema", "identity", "pass", "batches", "snapshots", "first_pass", "first_pass_batches")
 
 
@@ -52,16 +56,23 @@ class StateFile:
     """Saves calibrator state to ``path`` every ``every`` batches; ``resume`` reads it back.
 
     ``identity`` (model checksum, recipe, batch limit) must match for a resume: a state saved
-    for another model or recipe is refused with the difference named.
+    for another model or recipe is refused with the difference named. ``config``: the run's
+    options as plain data, saved beside the identity for the record and never compared.
     """
 
-    def __init__(self, path: str | Path, identity: Mapping[str, Any], *, every: int = 100):
-        if not isinstance(every, int) or every < 1:
-            raise DataError(
-                f"state_every (--state-every) must be a positive number of batches, not {every!r}"
-            )
+    def __init__(
+        self,
+        path: str | Path,
+        identity: Mapping[str, Any],
+        *,
+        every: int = 100,
+        config: Mapping[str, Any] | None = None,
+    ):
+        check_state_every(every)
         self.path = check_writable(path, "state file")
-        self.identity = json.loads(json.dumps(identity, default=str))
+        self.compared = tuple(identity)
+        recorded = {**identity, CONFIG: dict(config or {})}
+        self.identity = json.loads(json.dumps(recorded, default=str))
         self.every = every
         self._first_pass: dict[str, dict[str, torch.Tensor]] = {}
         self._first_pass_batches = 0
@@ -83,8 +94,8 @@ class StateFile:
         problem = _damage(saved)
         if problem:
             raise DataError(f"state file {self.path} is damaged ({problem}): delete it")
-        for key, value in self.identity.items():
-            if saved["identity"].get(key) != value:
+        for key in self.compared:
+            if saved["identity"].get(key) != self.identity[key]:
                 raise DataError(
                     f"state file {self.path} was saved with another {key} than this run's: "
                     "resume with the same model, recipe and options, or delete it"

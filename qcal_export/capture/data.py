@@ -11,7 +11,6 @@ The forms users have (images, texts, random data, a data module) have readers of
 from __future__ import annotations
 
 import logging
-import numbers
 import tokenize
 import zipfile
 import zlib
@@ -24,7 +23,8 @@ import onnx
 from onnx import helper
 
 from qcal_export.capture.source import Batch, DataSource, InputSpec, select_batches
-from qcal_export.errors import DataError, ModelError, RecipeError
+from qcal_export.errors import DataError, ModelError
+from qcal_export.spec.checks import check_count as check_count
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +121,6 @@ def split_holdout(source: DataSource, every: int) -> tuple[DataSource, DataSourc
             source, lambda i: i % every == every - 1, f"every {every}th batch, held out"
         ),
     )
-
-
-def check_count(name: str, value: object, minimum: int, *, optional: bool = False) -> None:
-    """RecipeError unless ``value`` is an integer >= ``minimum`` (or None where ``optional``):
-    the batch options (``batch_size``, ``max_batches``, ...) checked before anything runs."""
-    if value is None and optional:
-        return
-    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not integral or value < minimum:
-        raise RecipeError(f"{name} must be an integer >= {minimum}, not {value!r}")
 
 
 def open_data(

@@ -20,9 +20,8 @@ from qcal_export.artifacts.report import save_report
 from qcal_export.artifacts.scales import load_scales, save_scales
 from qcal_export.calibrate.activations import calibrate_activations, hessian_inputs
 from qcal_export.calibrate.distributed import ranks_from_env
-from qcal_export.calibrate.resume import StateFile
 from qcal_export.calibrate.tensor import Collector, calibrate_weights, relative_weight_errors
-from qcal_export.capture.data import DataSource, check_count, feeds, model_inputs
+from qcal_export.capture.data import DataSource, feeds, model_inputs
 from qcal_export.capture.forms import DataOptions
 from qcal_export.capture.onnxruntime import OrtCapture
 from qcal_export.errors import BelowTargetError, DataError, RecipeError, RuntimeMismatchError
@@ -33,20 +32,20 @@ from qcal_export.pipeline.report import build_report
 from qcal_export.pipeline.run import (
     Outputs,
     Run,
+    asked_outputs,
     check_request,
     plan_run,
     shard_run,
-    state_identity,
+    state_file,
 )
-from qcal_export.spec.recipe import Recipe, load_recipe
-from qcal_export.spec.recipe_options import recipe_from_options
+from qcal_export.spec.config import CalibrationConfig
 from qcal_export.spec.scales import TensorScales
 from qcal_export.validation.data import ValidationData
 from qcal_export.validation.deployment import measure_deployment
-from qcal_export.validation.eval_module import load_metric
+from qcal_export.validation.eval_module import Metric, load_metric
 from qcal_export.validation.reference import needs_reference_evaluator
 from qcal_export.validation.validate import Validation, validate_outputs
-from qcal_export.validation.verdict import MIN_COSINE, Checks, check_min_cosine, conclude, measure
+from qcal_export.validation.verdict import Checks, conclude, measure
 
 log = logging.getLogger(__name__)
 
@@ -70,134 +69,95 @@ class CalibrationResult:
 def calibrate_onnx(
     model: str | Path,
     data: Any = None,
+    config: CalibrationConfig | None = None,
     *,
-    output: str | Path | None = None,
-    scales: str | Path | None = None,
-    report: str | Path | None = None,
-    recipe: Recipe | str | Path | None = None,
-    batch_size: int | None = None,
-    max_batches: int | None = None,
-    provider: str = "auto",
-    device_id: int = 0,
-    scales_in: str | Path | None = None,
-    validate_batches: int = 4,
-    validate_data: Any = None,
-    min_cosine: float = MIN_COSINE,
-    eval_module: str | None = None,
-    checkpoint: str | Path | None = None,
-    checkpoint_layouts: tuple[str, ...] = ("modelopt",),
-    progress: ProgressFactory | None = None,
-    state: str | Path | None = None,
-    state_every: int = 100,
-    resume: bool = False,
-    layer_view: bool = False,
-    target_cosine: float | None = None,
-    target_rel_l2: float | None = None,
-    holdout_every: int = 5,
-    view_batches: int = 4,
-    smooth: float | None = None,
-    strict: bool = False,
     data_options: DataOptions | None = None,
+    progress: ProgressFactory | None = None,
     **options: Any,
 ) -> CalibrationResult:
     """Calibrate ``model`` on ``data`` and write the QDQ model, scales and report asked for.
 
+    ``config``: a CalibrationConfig (spec/config.py: its groups say what each option does);
+    keyword ``options`` build one, or change the one given (``format="fp8"``,
+    ``output="q.onnx"``, ``state_every=10``, ...; an unknown keyword is a RecipeError).
     ``data``: a .npz file, a directory of .npz/.npy, an iterable of {input: array} dicts or an
-    ORT CalibrationDataReader. ``recipe``: a Recipe, or a YAML/JSON recipe file to load. With
-    ``scales_in`` the scales come from that file instead (``data`` then only serves
-    validation). ``options`` build the recipe when none is given (``format``, ``method``,
-    ``weight_method``, ``block_size``, ...: see ``recipe_options.build_recipe``).
-    ``data`` may also be a directory of images or .txt files, a text file, ``"random"`` or a
-    DataModule (``file.py:function``); ``data_options`` (ImageOptions, TextOptions,
-    RandomOptions) say how images, texts or random data become the model's inputs.
-    ``device_id``: the GPU that captures under the CUDA EP (activations stay on it).
-    ``checkpoint``: a directory for NVFP4 serving checkpoints, one subdirectory per layout.
-    ``state``: a file where calibrator state is saved every ``state_every`` batches; with
-    ``resume`` a run continues from it (same model, recipe and data order) and gives the scales
-    of an uninterrupted run. It is removed when calibration completes.
-    ``layer_view``: the report gets each quantized node's SQNR and sensitivity (on the first
-    ``view_batches`` calibration batches, which also serve ``method="auto"``: per activation,
-    the method nearest float by the graph outputs with only its consumers quantized).
-    ``target_cosine`` / ``target_rel_l2``: leave the fewest nodes in float so that held-out
-    batches (every ``holdout_every``-th batch, never calibrated on) meet that output error;
-    implies ``layer_view``. ``smooth``: migrate activation outliers into the weights (SmoothQuant,
-    this alpha) before calibrating.
+    ORT CalibrationDataReader; also a directory of images or .txt files, a text file,
+    ``"random"`` or a DataModule (``file.py:function``); ``data_options`` (ImageOptions,
+    TextOptions, RandomOptions) say how images, texts or random data become the model's inputs.
+    ``progress``: given a label, a context manager yielding a callback called once per batch.
+    With saved scales (``scales_in``) ``data`` only serves validation. A state file
+    (``state``) is saved every ``state_every`` batches; with ``resume`` a run continues from it
+    (same model, recipe and data order) and gives the scales of an uninterrupted run.
     Validation runs the QDQ model in ONNX Runtime at its default optimizations and with them off
-    (the reference) on ``validate_batches`` batches never calibrated on: of ``validate_data``
-    where given, else every ``holdout_every``-th batch of the data, held out (with fewer batches
-    than that, the calibration batches, and the report says so). Where the default fails or
-    disagrees, a warning names the ORT optimizer at fault and the report's ``validation`` section
-    records it. The report's ``verdict`` judges the lowest output cosine against ``min_cosine``
-    (a warning when below); ``eval_module`` ("file.py:function", see ``eval_module``) adds a task
-    metric beside it. ``strict``: a runtime mismatch raises RuntimeMismatchError, a verdict below
-    target BelowTargetError (CLI exit code 3 both), once the outputs and the report are written.
+    (the reference) on ``validate_batches`` held-out batches; the report's ``verdict`` judges
+    the lowest output cosine against ``min_cosine``; under ``strict`` a runtime mismatch raises
+    RuntimeMismatchError, a verdict below target BelowTargetError, once everything is written.
     No input (the model, its external data, the data, ``scales_in``, the recipe file) is ever
     written: an output on one of them, or on another output, is refused before anything runs.
     """
-    recipe_file = recipe if isinstance(recipe, (str, Path)) else None
-    recipe = recipe_from_options(load_recipe(recipe_file) if recipe_file else recipe, options)
-    check_count("max_batches (--batches)", max_batches, 1, optional=True)
-    check_count("validate_batches (--validate-batches)", validate_batches, 0)
-    min_cosine = check_min_cosine(min_cosine)
-    metric = load_metric(eval_module) if eval_module is not None else None
-    accuracy = Accuracy(
-        layer_view, target_from(target_cosine, target_rel_l2), holdout_every, view_batches, smooth
+    config = _config(config, options)
+    recipe = config.quantization.build()
+    metric = _metric(config.validation.eval_module)
+    accuracy = _accuracy(config)
+    run = plan_run(
+        model, recipe, data, config.data.batch_size, config.capture.provider, data_options
     )
-    accuracy.check(scales_in)
-    run = plan_run(model, recipe, data, batch_size, provider, data_options)
-    asked = Outputs(
-        output, scales, report, checkpoint, checkpoint_layouts, validate_batches, strict
-    )
-    keep = check_request(
-        run,
-        asked,
-        data=data,
-        data_options=data_options,
-        validate_data=validate_data,
-        recipe=recipe_file,
-        scales_in=scales_in,
-        state=state,
-    )
+    asked = asked_outputs(config)
+    keep = check_request(run, asked, config, data, data_options)
     split = split_data(
         run,
         accuracy,
-        validate=validate_batches,
-        validate_data=validate_data,
-        batch_size=batch_size,
-        scales_in=scales_in,
+        validate=config.validation.validate_batches,
+        validate_data=config.validation.validate_data,
+        batch_size=config.data.batch_size,
+        scales_in=config.quantization.scales_in,
     )
-    checks = Checks(split.validation, min_cosine, metric)
-    outputs = _join_ranks(
-        run, dataclasses.replace(asked, keep=keep), accuracy, device_id, state, resume
-    )
-    holdout, sections = split.holdout, prepare(run, accuracy, max_batches)
-    if state is not None:
-        identity = state_identity(run, max_batches, batch_size)
-        identity.update(smooth=smooth, holdout_every=holdout_every if split.split else None)
-        run.state = StateFile(state, identity, every=state_every)
-    elif resume:
-        raise RecipeError("resume needs the state file to resume from: pass state=PATH (--state)")
+    checks = Checks(split.validation, float(config.validation.min_cosine), metric)
+    outputs = _join_ranks(run, dataclasses.replace(asked, keep=keep), accuracy, config)
+    holdout, sections = split.holdout, prepare(run, accuracy, config.data.max_batches)
+    run.state = state_file(run, config, split.split)
     with run.timed("calibrate_s"):
-        found = _scales(run, scales_in, max_batches, progress, resume)
+        found = _scales(run, config, progress)
     found, analysis = refine(run, found, accuracy, holdout, sections)
     run.weight_errors = relative_weight_errors(run.loaded.proto, found.values())
     return _write_outputs(run, found, outputs, sections, analysis, holdout, checks)
 
 
+def _config(config: CalibrationConfig | None, options: dict[str, Any]) -> CalibrationConfig:
+    """The config given, changed by keyword ``options``, or one built from them."""
+    if config is None:
+        return CalibrationConfig.from_options(**options)
+    if not isinstance(config, CalibrationConfig):
+        raise RecipeError(f"config must be a CalibrationConfig, not {type(config).__name__}")
+    return config.replace(**options) if options else config
+
+
+def _metric(eval_module: str | None) -> Metric | None:
+    """The user's task metric (``eval_module``), loaded before anything runs."""
+    return load_metric(eval_module) if eval_module is not None else None
+
+
+def _accuracy(config: CalibrationConfig) -> Accuracy:
+    """The accuracy steps the config asks for (its options were checked when it was built)."""
+    wanted = config.accuracy
+    target = target_from(wanted.target_cosine, wanted.target_rel_l2)
+    accuracy = Accuracy(
+        wanted.layer_view, target, wanted.holdout_every, wanted.view_batches, wanted.smooth
+    )
+    accuracy.check(config.quantization.scales_in)
+    return accuracy
+
+
 def _join_ranks(
-    run: Run,
-    outputs: Outputs,
-    accuracy: Accuracy,
-    device_id: int,
-    state: str | Path | None,
-    resume: bool,
+    run: Run, outputs: Outputs, accuracy: Accuracy, config: CalibrationConfig
 ) -> Outputs:
-    """Place this process: on ``device_id``, or, one of several that torchrun started, on its
-    share of the data (and its GPU); the outputs it writes (none but the writing rank's)."""
-    run.device_id = device_id
+    """Place this process: on the config's ``device_id``, or, one of several that torchrun
+    started, on its share of the data (and its GPU); the outputs it writes (none but the
+    writing rank's)."""
+    run.device_id = config.capture.device_id
     run.ranks = ranks_from_env(cuda="CUDAExecutionProvider" in run.providers)
     if run.ranks.world > 1:
-        shard_run(run, accuracy.one_process, state, resume)
+        shard_run(run, accuracy.one_process, config.state.state, config.state.resume)
         if not run.ranks.writes:
             return dataclasses.replace(
                 outputs, model=None, scales=None, report=None, checkpoint=None, validate_batches=0
@@ -304,13 +264,10 @@ def _export(
 
 
 def _scales(
-    run: Run,
-    scales_in: str | Path | None,
-    max_batches: int | None,
-    progress: ProgressFactory | None,
-    resume: bool,
+    run: Run, config: CalibrationConfig, progress: ProgressFactory | None
 ) -> dict[str, TensorScales]:
     """Scales for every planned tensor: read from ``scales_in`` or calibrated now."""
+    scales_in = config.quantization.scales_in
     if scales_in is not None:
         found, header = load_scales(scales_in)
         check_scales_match(run.plan, found, str(scales_in))
@@ -323,9 +280,14 @@ def _scales(
     if run.source is None and (run.plan.activations or hessians):
         raise DataError("calibration needs data: pass --data (or scales_in to reuse saved scales)")
     found: dict[str, TensorScales] = {}
-    capture = _capture_pass(run, max_batches, progress)
+    capture = _capture_pass(run, config.data.max_batches, progress)
     activations = calibrate_activations(
-        run.plan, capture, run.recipe.nonfinite, state=run.state, resume=resume, ranks=run.ranks
+        run.plan,
+        capture,
+        run.recipe.nonfinite,
+        state=run.state,
+        resume=config.state.resume,
+        ranks=run.ranks,
     )
     run.batches_per_pass = activations.batches_per_pass
     found.update(

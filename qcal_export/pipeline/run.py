@@ -37,6 +37,7 @@ from qcal_export.onnx_io.model_io import (
     external_data_files,
     load_model,
 )
+from qcal_export.spec.config import CalibrationConfig
 from qcal_export.spec.plan import Plan
 from qcal_export.spec.recipe import Recipe
 from qcal_export.spec.scales import TensorScales
@@ -164,12 +165,28 @@ def unmatched_patterns(model: onnx.ModelProto, recipe: Recipe, name: str) -> lis
     return notes
 
 
-def check_request(run: Run, outputs: Outputs, **inputs: Any) -> frozenset[Path]:
+def asked_outputs(config: CalibrationConfig) -> Outputs:
+    """The files ``config`` asks for, and how the QDQ model is validated."""
+    wanted, validation = config.outputs, config.validation
+    return Outputs(
+        wanted.output,
+        wanted.scales,
+        wanted.report,
+        wanted.checkpoint,
+        wanted.checkpoint_layouts,
+        validation.validate_batches,
+        validation.strict,
+    )
+
+
+def check_request(
+    run: Run, outputs: Outputs, config: CalibrationConfig, data: Any, data_options: Any
+) -> frozenset[Path]:
     """Refuse what cannot be written, or would land on an input or another output, before
     anything runs; warn about torch-only fields. Returns the files read (no write removes them).
 
-    ``inputs``: the paths of ``data``, ``recipe``, ``scales_in`` and ``state`` (None: not given),
-    and ``data_options`` (a tokenizer directory is read too).
+    The inputs checked: ``data`` (and ``data_options``: a tokenizer directory is read too), and
+    ``config``'s validation data, recipe file, saved scales and state file.
     """
     checkpoint_layouts = outputs.checkpoint_layouts
     paths = dict(
@@ -177,7 +194,12 @@ def check_request(run: Run, outputs: Outputs, **inputs: Any) -> frozenset[Path]:
         scales=outputs.scales,
         report=outputs.report,
         checkpoint=outputs.checkpoint,
-        **inputs,
+        data=data,
+        data_options=data_options,
+        validate_data=config.validation.validate_data,
+        recipe=config.quantization.recipe_file,
+        scales_in=config.quantization.scales_in,
+        state=config.state.state,
     )
     torch_only = [k for k in ("output", "module_types", "modules") if getattr(run.recipe, k)]
     if torch_only:
@@ -199,14 +221,23 @@ def check_request(run: Run, outputs: Outputs, **inputs: Any) -> frozenset[Path]:
     )
 
 
-def state_identity(run: Run, max_batches: int | None, batch_size: int | None) -> dict[str, Any]:
-    """What a resumed run must share with the one that saved its state."""
-    return {
+def state_file(run: Run, config: CalibrationConfig, split: bool) -> StateFile | None:
+    """The state file ``config`` asks for (None: none). A resumed run must share the model,
+    the recipe and the batch options with the one that saved it (``identity``); the rest of
+    the config (output paths, validation, ...) is recorded beside, not compared."""
+    if config.state.state is None:
+        return None
+    identity = {
         "model_sha256": run.loaded.sha256,
         "recipe": run.recipe.to_dict(),
-        "max_batches": max_batches,
-        "batch_size": batch_size,
+        "max_batches": config.data.max_batches,
+        "batch_size": config.data.batch_size,
+        "smooth": config.accuracy.smooth,
+        "holdout_every": config.accuracy.holdout_every if split else None,
     }
+    return StateFile(
+        config.state.state, identity, every=config.state.state_every, config=config.record()
+    )
 
 
 def shard_run(run: Run, one_process: bool, state: str | Path | None, resume: bool) -> None:

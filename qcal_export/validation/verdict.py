@@ -8,7 +8,6 @@ the verdict judges the reference (optimizations off), which is what the scales g
 from __future__ import annotations
 
 import logging
-import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,8 @@ import onnxruntime as ort
 
 from qcal_export.capture.data import feeds, model_inputs
 from qcal_export.capture.onnxruntime import open_session
-from qcal_export.errors import RecipeError
+from qcal_export.spec.checks import MIN_COSINE as MIN_COSINE
+from qcal_export.spec.checks import check_min_cosine as check_min_cosine
 from qcal_export.validation.data import ValidationData
 from qcal_export.validation.eval_module import Metric, Outputs, batch_size, evaluate
 from qcal_export.validation.reference import ReferenceRunner, needs_reference_evaluator
@@ -27,19 +27,6 @@ from qcal_export.validation.runtime_check import Level, ModelSessions
 from qcal_export.validation.validate import Validation
 
 log = logging.getLogger(__name__)
-
-MIN_COSINE = 0.99
-"""Default ``min_cosine``. Per-tensor int8 and fp8 models that keep their accuracy land above
-0.995 on their outputs; a drop to 0.99 is where top-1 or character agreement starts to move, and
-a collapse (clipped attention, a saturated layer) lands far below it."""
-
-
-def check_min_cosine(value: object) -> float:
-    """``value`` as a float in (0, 1]; RecipeError naming the option otherwise."""
-    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not (real and 0 < value <= 1):
-        raise RecipeError(f"min_cosine (--min-cosine) must be a number in (0, 1], not {value!r}")
-    return float(value)
 
 
 def judge(
