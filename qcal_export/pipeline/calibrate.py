@@ -28,6 +28,7 @@ from qcal_export.errors import BelowTargetError, DataError, RecipeError, Runtime
 from qcal_export.graphs.export import ExportResult, check_scales_match, export_qdq
 from qcal_export.onnx_io.model_io import save_model
 from qcal_export.onnx_io.tensor_types import tensor_types
+from qcal_export.pipeline.fallback import fall_back, spare_copy
 from qcal_export.pipeline.report import build_report
 from qcal_export.pipeline.run import (
     Outputs,
@@ -39,6 +40,7 @@ from qcal_export.pipeline.run import (
     state_file,
 )
 from qcal_export.spec.config import CalibrationConfig
+from qcal_export.spec.plan import Plan
 from qcal_export.spec.scales import TensorScales
 from qcal_export.validation.data import ValidationData
 from qcal_export.validation.deployment import measure_deployment
@@ -179,7 +181,7 @@ def _write_outputs(
     verdict); under ``outputs.strict`` a runtime mismatch or a verdict below target raises once
     everything is written."""
     result = CalibrationResult(scales=found, report={}, timings=run.timings)
-    exported, validation = _export(run, found, outputs, result, checks.data)
+    exported, validation = _export(run, found, outputs, result, checks.data, checks.min_cosine)
     metric = None
     if validation is not None:
         with run.timed("metric_s"):
@@ -244,22 +246,40 @@ def _export(
     outputs: Outputs,
     result: CalibrationResult,
     data: ValidationData | None,
+    min_cosine: float,
 ) -> tuple[ExportResult, Validation | None]:
     """The serving checkpoints asked for (their paths into ``result``), then the QDQ model and
-    its validation on ``data`` (None when there is no data or no batch to validate on)."""
+    its validation on ``data`` (None when there is no data or no batch to validate on); below
+    ``min_cosine``, the model with only the compute ops quantized where it does better
+    (``fallback.fall_back``)."""
     if outputs.checkpoint is not None:
         with run.timed("checkpoint_s"):
             result.checkpoint_paths = write_checkpoints(
                 run.loaded.proto, run.plan, found, outputs.checkpoint, outputs.checkpoint_layouts
             )
+
+    validates = data is not None and outputs.validate_batches > 0
+    spare = spare_copy(run.plan, run.loaded.proto) if validates else None
+
+    def export(plan: Plan, model: onnx.ModelProto) -> ExportResult:
+        recipe = run.recipe
+        return export_qdq(model, plan, found, recipe.weights_mode, recipe.nvfp4_form)
+
     with run.timed("export_s"):
-        exported = export_qdq(
-            run.loaded.proto, run.plan, found, run.recipe.weights_mode, run.recipe.nvfp4_form
-        )
-    validation = None
-    if data is not None and outputs.validate_batches > 0:
-        with run.timed("validate_s"):
-            validation = _output_error(run, exported.model, outputs.validate_batches, data)
+        exported = export(run.plan, run.loaded.proto)
+    if data is None or not validates:
+        return exported, None
+    with run.timed("validate_s"):
+        validation = _output_error(run, exported.model, outputs.validate_batches, data)
+        if spare is not None:
+            run.plan, exported, validation = fall_back(
+                run.plan,
+                spare,
+                (exported, validation),
+                lambda plan: export(plan, spare),
+                lambda model: _output_error(run, model, outputs.validate_batches, data),
+                min_cosine,
+            )
     return exported, validation
 
 

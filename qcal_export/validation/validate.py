@@ -169,6 +169,17 @@ class Validation:
         return self.reference if self.default is None else self.default
 
     @property
+    def judged(self) -> Errors:
+        """What the verdict judges: the reference's error where ORT's default session is at
+        fault (the scales give that), else the error users get."""
+        return self.reference if self.issue is not None else self.output_error
+
+    @property
+    def lowest_cosine(self) -> float:
+        """The lowest output cosine of ``judged`` (1.0 with no output compared)."""
+        return min((e["cosine"] for e in self.judged.values()), default=1.0)
+
+    @property
     def output_validator(self) -> str:
         """The runner of ``output_error``."""
         return self.validator if self.default is None or self.runtime is None else self.runtime

@@ -38,7 +38,7 @@ def judge(
     """The report's ``verdict``: the lowest output cosine against ``min_cosine`` (and no value
     NaN or inf that the float model gives finite), on the batches ``data`` describes."""
     judged_reference = validation.issue is not None
-    errors = validation.reference if judged_reference else validation.output_error
+    errors = validation.judged
     verdict: dict[str, Any] = {
         "status": "none",
         "min_cosine": min_cosine,
