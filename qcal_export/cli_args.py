@@ -230,7 +230,7 @@ def add_layer_args(p: argparse.ArgumentParser) -> None:
         "--target-cosine",
         type=float,
         metavar="C",
-        help="leave the fewest nodes in float so that held-out batches reach this mean cosine",
+        help="leave the fewest nodes in float so that held-out batches reach this output cosine",
     )
     target.add_argument(
         "--target-rel-l2", type=float, metavar="E", help="the same for a relative L2 error"

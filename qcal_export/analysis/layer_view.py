@@ -41,6 +41,9 @@ from qcal_export.validation.validate import (
 
 @dataclass
 class Analysis:
+    """What the per-layer analysis found: the view, each node's planned inputs
+    (``planned_inputs``), each weight's SQNR (dB) and the precision choice (None: no target)."""
+
     view: LayerView
     inputs: dict[str, list[tuple[int, str, str]]]
     weight_sqnr_db: dict[str, float | None]
