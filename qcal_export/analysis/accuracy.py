@@ -1,23 +1,16 @@
-"""What a run does beyond calibrating (``calibrate_onnx``'s accuracy options): the hold-out
-split (for validation and targets) and smoothing before calibration, then method ``auto``'s
-choice, the per-layer view and the precision search for a target."""
+"""What a run does beyond calibrating (``calibrate_onnx``'s accuracy options), checked before
+anything runs, and the hold-out split of the data (for validation and targets)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
-from qcal_export.analysis.layer_view import Analysis, analyse_layers, choose_activation_methods
 from qcal_export.analysis.sensitivity import Target
-from qcal_export.analysis.smoothing import smooth_run
 from qcal_export.capture.data import DataSource, open_data, split_holdout
 from qcal_export.spec.checks import check_accuracy, check_smooth_scales, check_targets
-from qcal_export.spec.scales import TensorScales
 from qcal_export.validation.data import ValidationData, held_out_or_first
-
-if TYPE_CHECKING:
-    from qcal_export.pipeline.run import Run
 
 
 @dataclass(frozen=True)
@@ -46,15 +39,17 @@ class Accuracy:
 
 class Split(NamedTuple):
     """The held-out batches for a target (None without one), the validation batches (None:
-    nothing validates) and whether the data was split (every ``holdout_every``-th batch)."""
+    nothing validates), whether the data was split (every ``holdout_every``-th batch) and the
+    batches left to calibrate on (the data itself where it was not split)."""
 
     holdout: DataSource | None
     validation: ValidationData | None
     split: bool
+    calibration: DataSource | None
 
 
 def split_data(
-    run: Run,
+    source: DataSource | None,
     accuracy: Accuracy,
     *,
     validate: int,
@@ -62,8 +57,8 @@ def split_data(
     batch_size: int | None,
     scales_in: object,
 ) -> Split:
-    """Hold out every ``holdout_every``-th batch of the data from calibration, for a target
-    and for validation, before the data is shared among processes.
+    """Hold out every ``holdout_every``-th batch of ``source`` (the data) from calibration, for
+    a target and for validation, before the data is shared among processes.
 
     Validation runs on the first ``validate`` batches of ``validate_data`` where given, else
     of the held-out batches; where the data has fewer than ``holdout_every`` batches none is
@@ -73,56 +68,24 @@ def split_data(
     extra = open_data(validate_data, batch_size=batch_size) if validate_data is not None else None
     holdout = None
     wanted = accuracy.target is not None or (validate and extra is None and scales_in is None)
-    split = wanted and run.source is not None
-    whole = run.source
+    split = wanted and source is not None
+    calibration = source
     if split:
-        run.source, holdout = split_holdout(run.source, accuracy.holdout_every)
+        calibration, holdout = split_holdout(source, accuracy.holdout_every)
     target = holdout if accuracy.target is not None else None
     if not validate:
-        return Split(target, None, split)
+        return Split(target, None, split, calibration)
     if extra is not None:
         path = str(validate_data) if isinstance(validate_data, (str, Path)) else ""
         data = ValidationData(extra, "validate-data", path=path)
-    elif run.source is None:
-        return Split(target, None, split)
+    elif calibration is None:
+        return Split(target, None, split, calibration)
     elif scales_in is not None:
-        data = ValidationData(run.source, "scales-in")
+        data = ValidationData(calibration, "scales-in")
     else:
         data = ValidationData(None, "held out", accuracy.holdout_every)
-        data.source = held_out_or_first(whole, accuracy.holdout_every, validate, data)
-    return Split(target, data, split)
-
-
-def prepare(run: Run, accuracy: Accuracy, max_batches: int | None) -> dict[str, Any]:
-    """Smooth the model if asked; returns the report's ``smoothing`` section (or nothing)."""
-    sections: dict[str, Any] = {}
-    if accuracy.smooth is not None:
-        with run.timed("smooth_s"):
-            notes = smooth_run(run, accuracy.smooth, max_batches)
-        sections["smoothing"] = {"alpha": accuracy.smooth, "notes": notes}
-    return sections
-
-
-def refine(
-    run: Run,
-    found: dict[str, TensorScales],
-    accuracy: Accuracy,
-    holdout: DataSource | None,
-    sections: dict[str, Any],
-) -> tuple[dict[str, TensorScales], Analysis | None]:
-    """Method ``auto``'s choice, then the per-layer view and the target's float nodes: the
-    scales to export (``run.plan`` narrowed to them) and the analysis, if any."""
-    if run.candidates:
-        with run.timed("method_choice_s"):
-            chosen, sections["method_choice"] = choose_activation_methods(
-                run, found, accuracy.view_batches
-            )
-        found = {**found, **chosen}
-    if not accuracy.layer_view and accuracy.target is None:
-        return found, None
-    with run.timed("layer_view_s"):
-        analysis = analyse_layers(run, found, holdout, accuracy.target, accuracy.view_batches)
-    return analysis.narrow(run, found), analysis
+        data.source = held_out_or_first(source, accuracy.holdout_every, validate, data)
+    return Split(target, data, split, calibration)
 
 
 def target_from(cosine: float | None, rel_l2: float | None) -> Target | None:

@@ -1,19 +1,20 @@
-"""The pipeline's per-layer analysis: the switchable form of the run's model, the per-layer
-view, the precision search for a target, the plan narrowed to what stays quantized, and the
-report (with the exported model's own error on the held-out batches)."""
+"""The per-layer analysis: the switchable form of the planned model, the per-layer view, the
+precision search for a target, the plan narrowed to what stays quantized, and the report (with
+the exported model's own error on the held-out batches)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import onnx
 from onnx import numpy_helper
 
+from qcal_export.analysis.planned import PlannedModel
 from qcal_export.analysis.sensitivity import (
     LayerView,
-    OutputError,
     PrecisionChoice,
     SwitchedRuns,
     Target,
@@ -27,7 +28,9 @@ from qcal_export.capture.onnxruntime import open_session
 from qcal_export.errors import RecipeError
 from qcal_export.graphs.export import export_qdq
 from qcal_export.graphs.switchable import Slot, switch_units, switchable_model, without_units
+from qcal_export.spec.plan import Plan
 from qcal_export.spec.scales import TensorScales
+from qcal_export.validation.output_error import ErrorTally
 from qcal_export.validation.validate import (
     float_outputs,
     needs_reference_evaluator,
@@ -35,12 +38,12 @@ from qcal_export.validation.validate import (
     reference_runner,
 )
 
-if TYPE_CHECKING:
-    from qcal_export.pipeline.run import Run
-
 
 @dataclass
 class Analysis:
+    """What the per-layer analysis found: the view, each unit's switched inputs
+    (``switch_units``), each weight's SQNR (dB) and the precision choice (None: no target)."""
+
     view: LayerView
     inputs: dict[str, list[Slot]]
     weight_sqnr_db: dict[str, float | None]
@@ -50,17 +53,23 @@ class Analysis:
     def float_nodes(self) -> list[str]:
         return [] if self.choice is None else [f["node"] for f in self.choice.float_nodes]
 
-    def narrow(self, run: Run, found: dict[str, TensorScales]) -> dict[str, TensorScales]:
-        """Leave the chosen units (nodes, shared-scale groups) in float: ``run.plan`` narrowed
-        as the switchable model ran it, the scales still used."""
+    def narrow(
+        self, plan: Plan, found: dict[str, TensorScales]
+    ) -> tuple[Plan, dict[str, TensorScales]]:
+        """Leave the chosen units (nodes, shared-scale groups) in float: ``plan`` narrowed as
+        the switchable model ran it (a new plan; ``plan`` itself where none is chosen) and the
+        scales it still uses."""
         if not self.float_nodes:
-            return found
-        run.plan = without_units(run.plan, self.inputs, set(self.float_nodes))
-        planned = {*run.plan.activations, *run.plan.weights}
-        return {tensor: s for tensor, s in found.items() if tensor in planned}
+            return plan, found
+        narrowed = without_units(plan, self.inputs, set(self.float_nodes))
+        planned = {*narrowed.activations, *narrowed.weights}
+        return narrowed, {tensor: s for tensor, s in found.items() if tensor in planned}
 
-    def report(self, run: Run, exported: onnx.ModelProto, holdout: DataSource | None):
-        """The report's ``layers`` and, with a target, ``precision`` sections."""
+    def report(
+        self, planned: PlannedModel, exported: onnx.ModelProto, holdout: DataSource | None
+    ) -> dict[str, Any]:
+        """The report's ``layers`` and, with a target, ``precision`` sections (``planned``: the
+        model and its plan as exported)."""
         rows = []
         for node, alone in self.view.alone.items():
             slots = self.inputs[node]
@@ -84,50 +93,58 @@ class Analysis:
             section["precision"] = {
                 "target": {"metric": choice.target.metric, "value": choice.target.value},
                 "float_nodes": choice.float_nodes,
-                "quantized_matmul_gemm": _matmul_share(run),
+                "quantized_matmul_gemm": _matmul_share(planned.model, planned.plan),
                 "steps": choice.steps,
                 "heldout_switchable": choice.heldout,
-                "heldout_exported": exported_error(run, exported, holdout),
+                "heldout_exported": exported_error(
+                    planned.path, planned.providers, exported, holdout
+                ),
             }
         return section
 
 
 def analyse_layers(
-    run: Run,
+    planned: PlannedModel,
+    source: DataSource | None,
     found: dict[str, TensorScales],
     holdout: DataSource | None,
     target: Target | None,
     batches: int,
 ) -> Analysis:
-    """Per-layer view of the run's plan and scales, and the precision choice for ``target``."""
-    runs = switched_runs(run, found)
-    view = layer_view(runs, run.source, batches)
+    """Per-layer view of the plan and scales on the first ``batches`` batches of ``source``, and
+    the precision choice for ``target`` on the ``holdout`` batches."""
+    runs = switched_runs(planned, source, found)
+    view = layer_view(runs, source, batches)
     choice = None
     if target is not None and holdout is not None:
         choice = search_precision(runs, view, holdout, target)
-    errors = relative_weight_errors(run.loaded.proto, found.values())
+    errors = relative_weight_errors(planned.model, found.values())
     sqnr = {t: -20 * math.log10(e) if e > 0 else None for t, e in errors.items()}
-    return Analysis(view, switch_units(run.plan), sqnr, choice)
+    return Analysis(view, switch_units(planned.plan), sqnr, choice)
 
 
 def choose_activation_methods(
-    run: Run, found: dict[str, TensorScales], batches: int
+    planned: PlannedModel,
+    source: DataSource | None,
+    found: dict[str, TensorScales],
+    candidates: dict[str, dict[str, TensorScales]],
+    batches: int,
 ) -> tuple[dict[str, TensorScales], dict[str, Any]]:
-    """Method ``auto``: per activation, the candidate nearest float by the graph outputs with
-    only its consumers quantized (on the first ``batches`` calibration batches); the chosen
-    scales and the report section."""
-    runs = switched_runs(run, found)
+    """Method ``auto``: per activation, the candidate (``candidates``: activation -> method ->
+    scales) nearest float by the graph outputs with only its consumers quantized, on the first
+    ``batches`` batches of ``source``; the chosen scales and the report section."""
+    runs = switched_runs(planned, source, found)
     consumers = {
         t: [unit for unit, slots in runs.units.items() if any(s.tensor == t for s in slots)]
-        for t in run.candidates
+        for t in candidates
     }
     inits = {t.name: t for t in runs.model.graph.initializer}
     feeds = {
         tensor: {m: _scale_feed(s, runs.scales[tensor], inits) for m, s in methods.items()}
-        for tensor, methods in run.candidates.items()
+        for tensor, methods in candidates.items()
     }
-    choice = choose_methods(runs, run.source, feeds, consumers, batches)
-    chosen = {t: run.candidates[t][c["picked"]] for t, c in choice.items()}
+    choice = choose_methods(runs, source, feeds, consumers, batches)
+    chosen = {t: candidates[t][c["picked"]] for t, c in choice.items()}
     return chosen, choice
 
 
@@ -145,37 +162,42 @@ def _scale_feed(scales: TensorScales, names: tuple[str, str], inits: dict) -> di
     return feed
 
 
-def switched_runs(run: Run, found: dict[str, TensorScales]) -> SwitchedRuns:
-    """A session over the switchable form of the run's model under ``found``."""
-    if run.source is None:
+def switched_runs(
+    planned: PlannedModel, source: DataSource | None, found: dict[str, TensorScales]
+) -> SwitchedRuns:
+    """A session over the switchable form of the planned model under ``found``."""
+    if source is None:
         raise RecipeError("the per-layer view, precision targets and method auto need data")
-    original = run.loaded.proto  # still the float model (smoothed, if asked): export comes later
+    original = planned.model  # still the float model (smoothed, if asked): export comes later
     model = onnx.ModelProto()
     model.CopyFrom(original)
-    exported = export_qdq(model, run.plan, found, run.recipe.weights_mode, run.recipe.nvfp4_form)
+    recipe = planned.recipe
+    exported = export_qdq(model, planned.plan, found, recipe.weights_mode, recipe.nvfp4_form)
     if needs_reference_evaluator(exported.model):
         raise RecipeError(
             "the per-layer view, precision targets and method auto run in ONNX Runtime, which "
             "cannot run this model's quantized form (FLOAT4E2M1 or TensorRT ops): not for nvfp4"
         )
-    switchable = switchable_model(original, exported.model, run.plan)
-    name = f"the switchable form of {run.loaded.path}"
-    return SwitchedRuns(switchable, run.providers, name)
+    switchable = switchable_model(original, exported.model, planned.plan)
+    return SwitchedRuns(switchable, planned.providers, f"the switchable form of {planned.path}")
 
 
-def exported_error(run: Run, exported: onnx.ModelProto, holdout: DataSource) -> dict[str, float]:
-    """The exported model's output error against the float model's on the held-out batches."""
-    reference = open_session(run.loaded.path, run.providers, str(run.loaded.path))
-    candidate, _ = reference_runner(exported, run.providers)
-    error = OutputError(float_outputs(reference))
+def exported_error(
+    float_model: Path, providers: list[str], exported: onnx.ModelProto, holdout: DataSource
+) -> dict[str, float]:
+    """The exported model's output error against the float model's (read from its file
+    ``float_model``) on the held-out batches: the worst output's cosine and rel_l2."""
+    reference = open_session(float_model, providers, str(float_model))
+    candidate, _ = reference_runner(exported, providers)
+    error = ErrorTally(float_outputs(reference))
     for refs, cands in output_pairs(reference, candidate, exported, holdout):
         error.add(refs, cands)
-    return error.summary()
+    return error.worst()
 
 
-def _matmul_share(run: Run) -> dict[str, int]:
+def _matmul_share(model: onnx.ModelProto, plan: Plan) -> dict[str, int]:
     """How many MatMul/Gemm nodes stay quantized, of those planned."""
-    ops = {n.name: n.op_type for n in run.loaded.proto.graph.node}
-    planned = [n for n in run.plan.nodes + run.plan.excluded if ops.get(n) in ("MatMul", "Gemm")]
-    quantized = [n for n in run.plan.nodes if ops.get(n) in ("MatMul", "Gemm")]
+    ops = {n.name: n.op_type for n in model.graph.node}
+    planned = [n for n in plan.nodes + plan.excluded if ops.get(n) in ("MatMul", "Gemm")]
+    quantized = [n for n in plan.nodes if ops.get(n) in ("MatMul", "Gemm")]
     return {"quantized": len(quantized), "of": len(planned)}

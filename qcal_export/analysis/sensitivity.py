@@ -7,18 +7,17 @@ reusing its scale through data movement, as ``--target ort`` places them).
   unit is quantized. One streaming pass: each batch runs all-float (the reference, which also
   yields the activations), all-quantized, and once per unit.
 - ``search_precision``: the fewest units to leave in float so that the held-out batches meet a
-  target (the mean cosine of each output's samples against float, or its relative L2). Units
+  target (the cosine of each output against float, or its relative L2). Units
   go to float from the most sensitive down until the target is met; then each is tried back
   quantized, least sensitive first, and stays so where the target still holds.
 
-The error of a configuration is that of its worst graph output: the least mean cosine and the
-largest relative L2 ``‖y - y_float‖ / ‖y_float‖`` over all batches.
+The error of a configuration is that of its worst graph output over all batches, as validation
+measures it (``validation/output_error``): the least cosine and the largest relative L2.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +29,7 @@ from qcal_export.capture.onnxruntime import open_session
 from qcal_export.errors import DataError, RecipeError
 from qcal_export.graphs.switchable import ENABLE, Switchable
 from qcal_export.onnx_io.tensor_types import FLOAT_TYPES, tensor_types
+from qcal_export.validation.output_error import ErrorTally
 
 METRICS = ("cosine", "rel_l2")
 
@@ -55,41 +55,6 @@ class Target:
     def loss(self, error: dict[str, float]) -> float:
         """How far from float an error is, in this target's metric (larger is worse)."""
         return 1.0 - error["cosine"] if self.metric == "cosine" else error["rel_l2"]
-
-
-class OutputError:
-    """Accumulates one configuration's output error over batches, in float64."""
-
-    def __init__(self, outputs: Sequence[str]):
-        self.outputs = list(outputs)
-        self.diff_sq = dict.fromkeys(self.outputs, 0.0)
-        self.ref_sq = dict.fromkeys(self.outputs, 0.0)
-        self.cosines = dict.fromkeys(self.outputs, 0.0)
-        self.samples = dict.fromkeys(self.outputs, 0)
-
-    def add(self, references: Sequence[np.ndarray], candidates: Sequence[np.ndarray]) -> None:
-        for name, ref, cand in zip(self.outputs, references, candidates, strict=True):
-            rows = ref.shape[0] if ref.ndim > 1 else 1
-            r = np.asarray(ref, dtype=np.float64).reshape(rows, -1)
-            c = np.asarray(cand, dtype=np.float64).reshape(rows, -1)
-            d = c - r
-            self.diff_sq[name] += float(np.sum(d * d))
-            self.ref_sq[name] += float(np.sum(r * r))
-            norms = np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1)
-            same = np.all(d == 0, axis=1)
-            cos = np.where(norms > 0, np.sum(r * c, axis=1) / np.maximum(norms, 1e-300), same)
-            self.cosines[name] += float(np.sum(cos))
-            self.samples[name] += rows
-
-    def summary(self) -> dict[str, float]:
-        rel = [
-            math.sqrt(self.diff_sq[n] / self.ref_sq[n])
-            if self.ref_sq[n]
-            else math.sqrt(self.diff_sq[n])
-            for n in self.outputs
-        ]
-        cos = [self.cosines[n] / self.samples[n] for n in self.outputs if self.samples[n]]
-        return {"cosine": min(cos, default=1.0), "rel_l2": max(rel, default=0.0)}
 
 
 class SwitchedRuns:
@@ -133,16 +98,16 @@ class SwitchedRuns:
 
     def error(self, source: DataSource, enable: np.ndarray) -> dict[str, float]:
         """The error of one switch setting against all-float, over every batch of ``source``."""
-        error = OutputError(self.outputs)
+        error = ErrorTally(self.outputs)
         off = np.zeros(len(self.nodes), dtype=bool)
         for feed in self.feeds(source):
             error.add(self.run(feed, off, self.outputs), self.run(feed, enable, self.outputs))
-        if not any(error.samples.values()):
+        if not error.batches:
             raise DataError(
                 f"{source.description} holds no batch: give more batches than holdout_every "
                 "(--holdout-every), or a smaller holdout_every"
             )
-        return error.summary()
+        return error.worst()
 
 
 @dataclass
@@ -160,7 +125,7 @@ def layer_view(runs: SwitchedRuns, source: DataSource, max_batches: int) -> Laye
     """The per-layer view over the first ``max_batches`` batches of ``source``."""
     count = len(runs.nodes)
     settings = [np.ones(count, dtype=bool), *np.eye(count, dtype=bool)]
-    errors = [OutputError(runs.outputs) for _ in settings]
+    errors = [ErrorTally(runs.outputs) for _ in settings]
     pairs = list(runs.probes.items())
     probe_names = [name for _, pair in pairs for name in pair]
     signal, noise = np.zeros(len(pairs)), np.zeros(len(pairs))
@@ -179,8 +144,8 @@ def layer_view(runs: SwitchedRuns, source: DataSource, max_batches: int) -> Laye
         tensor: 10 * math.log10(signal[k] / noise[k]) if noise[k] > 0 else None
         for k, (tensor, _) in enumerate(pairs)
     }
-    alone = {node: errors[1 + i].summary() for i, node in enumerate(runs.nodes)}
-    return LayerView(alone, sqnr, errors[0].summary(), batches)
+    alone = {node: errors[1 + i].worst() for i, node in enumerate(runs.nodes)}
+    return LayerView(alone, sqnr, errors[0].worst(), batches)
 
 
 @dataclass

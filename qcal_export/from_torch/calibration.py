@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ from qcal_export.capture.torch_hooks import (
     scale_key,
 )
 from qcal_export.errors import DataError, RecipeError
+from qcal_export.from_torch.export import CalibratedModule, TorchExportResult, export_onnx
 from qcal_export.pipeline.calibrate import ProgressFactory
 from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import PerTensor
@@ -43,23 +44,15 @@ from qcal_export.spec.recipe import Recipe, TensorSpec
 from qcal_export.spec.recipe_options import recipe_from_options
 from qcal_export.spec.scales import TensorScales
 
-if TYPE_CHECKING:
-    from qcal_export.from_torch.export import TorchExportResult
-
 
 @dataclass
-class TorchCalibration:
+class TorchCalibration(CalibratedModule):
     """Scales of a calibrated torch model, keyed ``<module>.input`` / ``.output`` / ``.weight``
     (``save_scales`` writes them), with the torch-side reference and the ONNX export.
 
-    ``batches_per_pass`` counts the model's forward calls in each capture pass.
+    Fields (``CalibratedModule``): ``model``, ``recipe``, ``targets``, ``scales`` and
+    ``batches_per_pass`` (the model's forward calls in each capture pass).
     """
-
-    model: nn.Module
-    recipe: Recipe
-    targets: list[ModuleTarget]
-    scales: dict[str, TensorScales]
-    batches_per_pass: list[int]
 
     @property
     def modules(self) -> list[str]:
@@ -99,8 +92,6 @@ class TorchCalibration:
         writes the scales under their ONNX tensor names. ``validate`` compares ONNX Runtime's
         outputs of the QDQ and float models on ``args``. ``export_options`` go to the exporter.
         """
-        from qcal_export.from_torch.export import export_onnx
-
         return export_onnx(
             self,
             args,

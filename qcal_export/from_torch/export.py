@@ -12,7 +12,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
@@ -36,11 +36,9 @@ from qcal_export.from_torch.plan import MappedPlan, plan_mapped
 from qcal_export.graphs.export import ExportResult, export_qdq
 from qcal_export.graphs.targets import name_nodes
 from qcal_export.onnx_io.model_io import load_model, save_model
+from qcal_export.spec.recipe import Recipe
 from qcal_export.spec.scales import TensorScales
 from qcal_export.validation.validate import Validation, validate_outputs
-
-if TYPE_CHECKING:
-    from qcal_export.from_torch.calibration import TorchCalibration
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +62,21 @@ class TorchExportResult:
     report_path: Path | None = None
 
 
+@dataclass
+class CalibratedModule:
+    """A torch model's calibration as its export reads it: the float ``model``, the ``recipe``,
+    the targeted modules, their scales (keyed ``<module>.input`` / ``.output`` / ``.weight``) and
+    the model's forward calls in each capture pass (``TorchCalibration`` adds its methods)."""
+
+    model: torch.nn.Module
+    recipe: Recipe
+    targets: list[ModuleTarget]
+    scales: dict[str, TensorScales]
+    batches_per_pass: list[int]
+
+
 def export_onnx(
-    calibration: TorchCalibration,
+    calibrated: CalibratedModule,
     args: Any,
     path: str | Path,
     *,
@@ -79,8 +90,8 @@ def export_onnx(
     """See ``TorchCalibration.export_onnx``; every file is written atomically."""
     check_outputs({"path": path, "scales": scales_path, "report": report_path})
     args = args if isinstance(args, tuple) else (args,)
-    built = _build(calibration, args, kwargs, dynamo, validate, export_options)
-    _warn(built.module_map, built.mapped, len(calibration.targets))
+    built = _build(calibrated, args, kwargs, dynamo, validate, export_options)
+    _warn(built.module_map, built.mapped, len(calibrated.targets))
     result = TorchExportResult(
         model_path=save_model(built.exported.model, path, external_data=False),
         scales=built.mapped.scales,
@@ -96,8 +107,8 @@ def export_onnx(
         "float_model_sha256": built.sha256,
         "output_model": str(result.model_path),
         "scales_file": str(result.scales_path) if result.scales_path else None,
-        "recipe": calibration.recipe.to_dict(),
-        "batches_per_pass": calibration.batches_per_pass,
+        "recipe": calibrated.recipe.to_dict(),
+        "batches_per_pass": calibrated.batches_per_pass,
         "opset": {"from": built.exported.opset_from, "to": built.exported.opset_to},
         "modules": built.mapped.modules,
         "unmapped_modules": result.unmapped,
@@ -127,7 +138,7 @@ class _Built:
 
 
 def _build(
-    calibration: TorchCalibration,
+    calibrated: CalibratedModule,
     args: tuple[Any, ...],
     kwargs: dict[str, Any] | None,
     dynamo: bool,
@@ -137,18 +148,18 @@ def _build(
     """Export the float model to a temporary file, map the modules and write the QDQ graph."""
     with tempfile.TemporaryDirectory(prefix="qcal-torch-export-") as tmp:
         float_path = Path(tmp) / "float.onnx"
-        _export_float(calibration.model, args, kwargs, dynamo, float_path, export_options)
+        _export_float(calibrated.model, args, kwargs, dynamo, float_path, export_options)
         loaded = load_model(float_path)
         name_nodes(loaded.proto)
         fold_weight_identities(loaded.proto)
-        module_map = map_targets(loaded.proto, calibration.targets)
+        module_map = map_targets(loaded.proto, calibrated.targets)
         if not module_map.mapped:
             reasons = "; ".join(f"{m}: {why}" for m, why in list(module_map.unmapped.items())[:3])
             raise ModelError(
                 f"no targeted module could be mapped to the exported graph ({reasons})"
             )
-        mapped = plan_mapped(loaded.proto, module_map, calibration.targets, calibration.scales)
-        recipe = calibration.recipe
+        mapped = plan_mapped(loaded.proto, module_map, calibrated.targets, calibrated.scales)
+        recipe = calibrated.recipe
         exported = export_qdq(
             loaded.proto, mapped.plan, mapped.scales, recipe.weights_mode, recipe.nvfp4_form
         )

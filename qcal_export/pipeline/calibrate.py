@@ -6,14 +6,13 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
 import torch
 
-from qcal_export.analysis.accuracy import Accuracy, prepare, refine, split_data, target_from
+from qcal_export.analysis.accuracy import Accuracy, split_data, target_from
 from qcal_export.analysis.layer_view import Analysis
 from qcal_export.artifacts.onnx_layers import write_checkpoints
 from qcal_export.artifacts.report import save_report
@@ -31,6 +30,7 @@ from qcal_export.onnx_io.tensor_types import tensor_types
 from qcal_export.pipeline.fallback import fall_back, spare_copy
 from qcal_export.pipeline.report import build_report
 from qcal_export.pipeline.run import (
+    CalibrationResult,
     Outputs,
     Run,
     asked_outputs,
@@ -39,6 +39,7 @@ from qcal_export.pipeline.run import (
     shard_run,
     state_file,
 )
+from qcal_export.pipeline.steps import prepare, refine
 from qcal_export.spec.config import CalibrationConfig
 from qcal_export.spec.plan import Plan
 from qcal_export.spec.scales import TensorScales
@@ -53,19 +54,6 @@ log = logging.getLogger(__name__)
 
 ProgressFactory = Callable[[str], AbstractContextManager[Callable[[], None]]]
 """Given a label, a context manager yielding a callback called once per batch."""
-
-
-@dataclass
-class CalibrationResult:
-    """Scales per tensor, the report (a JSON-able dict) and the paths written."""
-
-    scales: dict[str, TensorScales]
-    report: dict[str, Any]
-    model_path: Path | None = None
-    scales_path: Path | None = None
-    report_path: Path | None = None
-    checkpoint_paths: dict[str, Path] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def calibrate_onnx(
@@ -107,13 +95,14 @@ def calibrate_onnx(
     asked = asked_outputs(config)
     keep = check_request(run, asked, config, data, data_options)
     split = split_data(
-        run,
+        run.source,
         accuracy,
         validate=config.validation.validate_batches,
         validate_data=config.validation.validate_data,
         batch_size=config.data.batch_size,
         scales_in=config.quantization.scales_in,
     )
+    run.source = split.calibration
     checks = Checks(split.validation, float(config.validation.min_cosine), metric)
     outputs = _join_ranks(run, dataclasses.replace(asked, keep=keep), accuracy, config)
     holdout, sections = split.holdout, prepare(run, accuracy, config.data.max_batches)
@@ -211,7 +200,7 @@ def _write_outputs(
         verdict = conclude(result.report, validation, checks, metric)
     if analysis is not None:
         with run.timed("heldout_s"):
-            result.report.update(analysis.report(run, exported.model, holdout))
+            result.report.update(analysis.report(run.planned(), exported.model, holdout))
     if outputs.report is not None:
         result.report_path = save_report(outputs.report, result.report)
     if outputs.strict:

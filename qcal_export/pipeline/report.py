@@ -11,8 +11,7 @@ from qcal_export.spec.scales import TensorScales
 
 if TYPE_CHECKING:
     from qcal_export.graphs.export import ExportResult
-    from qcal_export.pipeline.calibrate import CalibrationResult
-    from qcal_export.pipeline.run import Run
+    from qcal_export.pipeline.run import CalibrationResult, Run
     from qcal_export.validation.validate import Validation
 
 

@@ -1,6 +1,6 @@
-"""What one calibration works on (``Run``) and writes (``Outputs``), and how ``calibrate_onnx``
-sets them up: the model loaded, checked and planned, the data opened, and every output path
-checked before anything runs."""
+"""What one calibration works on (``Run``), writes (``Outputs``) and returns
+(``CalibrationResult``), and how ``calibrate_onnx`` sets them up: the model loaded, checked and
+planned, the data opened, and every output path checked before anything runs."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any
 
 import onnx
 
+from qcal_export.analysis.planned import PlannedModel
 from qcal_export.artifacts.onnx_layers import check_checkpoint_dir
 from qcal_export.calibrate.distributed import Ranks
 from qcal_export.calibrate.resume import StateFile
@@ -75,12 +76,36 @@ class Run:
         partial = {node: why for node, why in unfound.items() if node in self.plan.nodes}
         return {**partial, **self.plan.partial}
 
+    def planned(self) -> PlannedModel:
+        """The model and plan as they stand now, read-only, for the accuracy steps."""
+        return PlannedModel(
+            self.loaded.proto,
+            self.plan,
+            self.recipe,
+            self.loaded.path,
+            self.providers,
+            self.device_id,
+        )
+
     @contextmanager
     def timed(self, key: str) -> Iterator[None]:
         """Time the block into ``timings[key]`` (seconds)."""
         start = time.perf_counter()
         yield
         self.timings[key] = time.perf_counter() - start
+
+
+@dataclass
+class CalibrationResult:
+    """Scales per tensor, the report (a JSON-able dict) and the paths written."""
+
+    scales: dict[str, TensorScales]
+    report: dict[str, Any]
+    model_path: Path | None = None
+    scales_path: Path | None = None
+    report_path: Path | None = None
+    checkpoint_paths: dict[str, Path] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

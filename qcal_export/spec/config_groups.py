@@ -342,7 +342,7 @@ class AccuracyConfig:
             type="float",
             metavar="C",
             exclusive="target",
-            help="leave the fewest nodes in float so that held-out batches reach this mean cosine",
+            help="leave the fewest nodes float so that held-out batches reach this output cosine",
         ),
     )
     target_rel_l2: float | None = field(

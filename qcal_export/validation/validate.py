@@ -5,7 +5,6 @@ reference evaluator for what ORT cannot run)."""
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import onnxruntime as ort
 from qcal_export.capture.data import DataSource, feeds, model_inputs
 from qcal_export.capture.onnxruntime import ORT_ERRORS, open_session
 from qcal_export.errors import ModelError
+from qcal_export.validation.output_error import Errors, ErrorTally
 from qcal_export.validation.reference import ReferenceRunner, needs_reference_evaluator
 from qcal_export.validation.runtime_check import (
     Level,
@@ -30,55 +30,7 @@ from qcal_export.validation.runtime_check import (
 
 log = logging.getLogger(__name__)
 
-Errors = dict[str, dict[str, float]]
-
 EVALUATOR = "onnx.reference.ReferenceEvaluator"
-
-
-@dataclass
-class RunningError:
-    """Running error of one graph output, accumulated in float64 over batches.
-
-    Elements where either model gives NaN or an infinity are left out of the sums and counted:
-    ``nonfinite_float`` where the float model's own output is not finite (data with inf, say),
-    ``nonfinite_quantized`` where only the quantized model's is (an overflow it introduced).
-    """
-
-    max_abs: float = 0.0
-    diff_sq: float = 0.0
-    ref_sq: float = 0.0
-    cand_sq: float = 0.0
-    dot: float = 0.0
-    nonfinite_float: int = 0
-    nonfinite_quantized: int = 0
-
-    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        ref = reference.astype(np.float64).ravel()
-        cand = candidate.astype(np.float64).ravel()
-        finite_ref = np.isfinite(ref)
-        finite = finite_ref & np.isfinite(cand)
-        if not finite.all():
-            self.nonfinite_float += int((~finite_ref).sum())
-            self.nonfinite_quantized += int((finite_ref & ~finite).sum())
-            ref, cand = ref[finite], cand[finite]
-        diff = cand - ref
-        self.max_abs = max(self.max_abs, float(np.abs(diff).max(initial=0.0)))
-        self.diff_sq += float(diff @ diff)
-        self.ref_sq += float(ref @ ref)
-        self.cand_sq += float(cand @ cand)
-        self.dot += float(ref @ cand)
-
-    def summary(self) -> dict[str, float]:
-        norms = math.sqrt(self.ref_sq * self.cand_sq)
-        return {
-            "max_abs": self.max_abs,
-            "rel_l2": math.sqrt(self.diff_sq / self.ref_sq)
-            if self.ref_sq
-            else math.sqrt(self.diff_sq),
-            "cosine": self.dot / norms if norms else float(self.diff_sq == 0.0),
-            "nonfinite_float": self.nonfinite_float,
-            "nonfinite_quantized": self.nonfinite_quantized,
-        }
 
 
 def warn_nonfinite(errors: Errors, runner: str) -> None:
@@ -107,14 +59,12 @@ def compare_outputs(
     model: onnx.ModelProto,
     source: DataSource,
     max_batches: int,
-) -> dict[str, dict[str, float]]:
+) -> Errors:
     """Max abs, relative L2 and cosine of each float graph output over ``max_batches`` batches."""
-    names = float_outputs(reference)
-    errors = {name: RunningError() for name in names}
+    errors = ErrorTally(float_outputs(reference))
     for refs, cands in output_pairs(reference, candidate, model, source, max_batches):
-        for name, ref, cand in zip(names, refs, cands, strict=True):
-            errors[name].add(ref, cand)
-    return {name: e.summary() for name, e in errors.items()}
+        errors.add(refs, cands)
+    return errors.per_output()
 
 
 def float_outputs(session: ort.InferenceSession) -> list[str]:
@@ -242,8 +192,7 @@ def _against_default(
     device = sessions.providers[0]
     reference, default, failure = _open_both(sessions, name)
     names = float_outputs(float_session)
-    quantization = {n: RunningError() for n in names}
-    deployed = {n: RunningError() for n in names}
+    quantization, deployed = ErrorTally(names), ErrorTally(names)
     first = None
     for feed in feeds(source, model_inputs(model), max_batches):
         floats = float_session.run(names, feed)
@@ -252,8 +201,7 @@ def _against_default(
         except ORT_ERRORS as e:
             raise ModelError(f"ONNX Runtime cannot run {name}: {one_line(e)}") from None
         first = first or (feed, names, floats, refs)
-        for n, flt, ref in zip(names, floats, refs, strict=True):
-            quantization[n].add(flt, ref)
+        quantization.add(floats, refs)
         if default is None:
             continue
         try:
@@ -261,21 +209,20 @@ def _against_default(
         except ORT_ERRORS as e:
             default, failure = None, one_line(e)
             continue
-        for n, flt, out in zip(names, floats, outs, strict=True):
-            deployed[n].add(flt, out)
+        deployed.add(floats, outs)
     validator = f"onnxruntime ({device}, optimizations off)"
-    validation = Validation({n: e.summary() for n, e in quantization.items()}, validator)
+    validation = Validation(quantization.per_output(), validator)
     validation.runtime = f"onnxruntime ({device})"
     if failure is not None:
         validation.issue = RuntimeIssue("fails", validation.runtime, "", error=failure)
         return validation, first
-    validation.default = {n: e.summary() for n, e in deployed.items()}
+    validation.default = deployed.per_output()
     off = [
         f"output {n!r} rel L2 {validation.default[n]['rel_l2']:.3g}, "
         f"{validation.reference[n]['rel_l2']:.3g} with optimizations off"
         for n in names
         if worse_than_reference(
-            deployed[n].diff_sq, quantization[n].diff_sq, quantization[n].cand_sq
+            deployed.sums[n].diff_sq, quantization.sums[n].diff_sq, quantization.sums[n].cand_sq
         )
     ]
     if off:

@@ -18,7 +18,7 @@ from runtime_cases import conv_relu_fp8_case, matmul_case
 from qcal_export.capture.data import open_data
 from qcal_export.errors import ModelError
 from qcal_export.validation.runtime_check import _single_culprit, worse_than_reference
-from qcal_export.validation.validate import EVALUATOR, RunningError, validate_outputs
+from qcal_export.validation.validate import EVALUATOR, validate_outputs
 
 CPU = ["CPUExecutionProvider"]
 
@@ -145,22 +145,6 @@ def test_the_search_finds_the_one_optimizer_whose_removal_cures():
     # two faults, each needing its own optimizer removed: no single one
     assert _single_culprit(lambda off: "T2" in off and "T9" in off, names) is None
     assert _single_culprit(lambda off: False, names) is None
-
-
-def test_running_error_leaves_nonfinite_elements_out_and_counts_them():
-    """Hand-computed: of [1, inf, 2, 3, nan] against [1.5, inf, nan, 3, 7], the float model's inf
-    and nan and the quantized model's own nan are left out; the sums run over (1, 1.5), (3, 3)."""
-    error = RunningError()
-    error.add(
-        np.array([1.0, np.inf, 2.0, 3.0, np.nan], np.float32),
-        np.array([1.5, np.inf, np.nan, 3.0, 7.0], np.float32),
-    )
-    summary = error.summary()
-    assert summary["nonfinite_float"] == 2
-    assert summary["nonfinite_quantized"] == 1
-    assert summary["max_abs"] == 0.5
-    assert summary["rel_l2"] == pytest.approx(0.5 / np.sqrt(10.0), rel=1e-15)
-    assert summary["cosine"] == pytest.approx(10.5 / np.sqrt(10.0 * 11.25), rel=1e-15)
 
 
 def test_data_with_inf_gives_a_finite_error_and_one_warning(tmp_path, caplog):

@@ -1,0 +1,51 @@
+"""The accuracy steps applied to the run: each step of ``analysis/`` reads the run's model and
+plan as a ``PlannedModel`` and returns what it built or found; here the run takes it (the
+smoothed model and its plan, the chosen scales, the narrowed plan) and times it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qcal_export.analysis.accuracy import Accuracy
+from qcal_export.analysis.layer_view import Analysis, analyse_layers, choose_activation_methods
+from qcal_export.analysis.smoothing import smooth
+from qcal_export.capture.data import DataSource
+from qcal_export.pipeline.run import Run
+from qcal_export.spec.scales import TensorScales
+
+
+def prepare(run: Run, accuracy: Accuracy, max_batches: int | None) -> dict[str, Any]:
+    """Smooth the model if asked (the run then calibrates the smoothed model on its new plan);
+    returns the report's ``smoothing`` section (or nothing)."""
+    sections: dict[str, Any] = {}
+    if accuracy.smooth is not None:
+        with run.timed("smooth_s"):
+            smoothed = smooth(run.planned(), run.source, accuracy.smooth, max_batches)
+        run.loaded.proto, run.plan = smoothed.model, smoothed.plan
+        sections["smoothing"] = {"alpha": accuracy.smooth, "notes": smoothed.notes}
+    return sections
+
+
+def refine(
+    run: Run,
+    found: dict[str, TensorScales],
+    accuracy: Accuracy,
+    holdout: DataSource | None,
+    sections: dict[str, Any],
+) -> tuple[dict[str, TensorScales], Analysis | None]:
+    """Method ``auto``'s choice, then the per-layer view and the target's float nodes: the
+    scales to export (``run.plan`` narrowed to them) and the analysis, if any."""
+    if run.candidates:
+        with run.timed("method_choice_s"):
+            chosen, sections["method_choice"] = choose_activation_methods(
+                run.planned(), run.source, found, run.candidates, accuracy.view_batches
+            )
+        found = {**found, **chosen}
+    if not accuracy.layer_view and accuracy.target is None:
+        return found, None
+    with run.timed("layer_view_s"):
+        analysis = analyse_layers(
+            run.planned(), run.source, found, holdout, accuracy.target, accuracy.view_batches
+        )
+    run.plan, found = analysis.narrow(run.plan, found)
+    return found, analysis
