@@ -219,9 +219,9 @@ def nvfp4_scale_sweep(
 
 @dataclass(frozen=True)
 class _Sweep:
-    """The sweep's outputs: ``losses`` ``[K, G]`` float64, the float32 lower ``bounds`` of the
-    Hessian losses (``[K, G]``; ``[1]`` unused for squared error), ``best`` ``[G]`` int32 and
-    the near-tie ``flags`` ``[G]`` int8 that the repair clears."""
+    """The sweep's outputs: ``losses`` ``[K, G]`` float64, the float32 error ``bounds`` of the
+    Hessian losses (``[K, G]``; ``[1]``, unused, for squared error), ``best`` ``[G]`` int32 and
+    the ``flags`` ``[G]`` int8 of the blocks the repair recomputes in float64."""
 
     losses: torch.Tensor
     bounds: torch.Tensor
