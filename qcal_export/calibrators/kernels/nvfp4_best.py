@@ -19,9 +19,7 @@ import triton
 import triton.language as tl
 
 from qcal_export.calibrators.kernels.nvfp4_blocks import (
-    PLAIN_TOLERANCE,
     RANGE_LIMIT,
-    TOLERANCE,
     _block_hessian,
     _block_values,
     _exact_loss,
@@ -226,10 +224,6 @@ class _Choice:
     work: torch.Tensor
 
 
-def _tolerance(ops: Operands) -> float:
-    return TOLERANCE if ops.weighted else PLAIN_TOLERANCE
-
-
 def _candidate_ranges(
     blocks: torch.Tensor, ops: Operands, tile: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +247,7 @@ def _candidate_ranges(
         NUM_CAND=num_cand,
         STEPS=num_cand.bit_length(),
         HESSIAN=ops.weighted,
-        TOL=_tolerance(ops),
+        TOL=ops.tolerance,
         LIMIT=RANGE_LIMIT,
         TILE=tile,
         num_warps=BEST_WARPS,
@@ -294,7 +288,7 @@ def _best_in_ranges(
         choice.count,
         choice.work,
         HESSIAN=ops.weighted,
-        TOL=_tolerance(ops),
+        TOL=ops.tolerance,
         LIMIT=RANGE_LIMIT,
         TILE=tile,
         num_warps=BEST_WARPS,
@@ -324,7 +318,7 @@ def _repair_flagged(
         choice.flagged,
         choice.count,
         HESSIAN=ops.weighted,
-        TOL=_tolerance(ops),
+        TOL=ops.tolerance,
         TILE=32,
         num_warps=1,
         enable_fp_fusion=False,

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qcal_export.calibrators.kernels.nvfp4_blocks import PLAIN_TOLERANCE, TOLERANCE
+
 BLOCK = 16
 """NVFP4 block size: the elements one thread holds."""
 PACKED = BLOCK * (BLOCK + 1) // 2
@@ -200,6 +202,11 @@ class Operands:
     h64: torch.Tensor
     per_row: int
     weighted: bool
+
+    @property
+    def tolerance(self) -> float:
+        """The relative float32 error bound of a loss, above which near ties are redone."""
+        return TOLERANCE if self.weighted else PLAIN_TOLERANCE
 
 
 def kernel_operands(

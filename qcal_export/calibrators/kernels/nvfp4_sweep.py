@@ -28,9 +28,7 @@ import triton
 import triton.language as tl
 
 from qcal_export.calibrators.kernels.nvfp4_blocks import (
-    PLAIN_TOLERANCE,
     RANGE_LIMIT,
-    TOLERANCE,
     _block_hessian,
     _block_values,
     _e2m1_dequant,
@@ -229,10 +227,6 @@ class _Sweep:
     flags: torch.Tensor
 
 
-def _tolerance(ops: Operands) -> float:
-    return TOLERANCE if ops.weighted else PLAIN_TOLERANCE
-
-
 def _score(blocks: torch.Tensor, ops: Operands, sweep: _Sweep) -> None:
     """Every candidate's loss for every block in float32, the first best, near ties flagged."""
     num_blocks = blocks.shape[0]
@@ -253,7 +247,7 @@ def _score(blocks: torch.Tensor, ops: Operands, sweep: _Sweep) -> None:
         sweep.flags,
         NUM_CAND=ops.scales.shape[0],
         HESSIAN=ops.weighted,
-        TOL=_tolerance(ops),
+        TOL=ops.tolerance,
         LIMIT=RANGE_LIMIT,
         TILE=tile,
         num_warps=SCORE_WARPS,
@@ -277,7 +271,7 @@ def _repair(blocks: torch.Tensor, ops: Operands, sweep: _Sweep) -> None:
         sweep.flags,
         NUM_CAND=ops.scales.shape[0],
         HESSIAN=ops.weighted,
-        TOL=_tolerance(ops),
+        TOL=ops.tolerance,
         TILE=32 * REPAIR_WARPS,
         num_warps=REPAIR_WARPS,
         enable_fp_fusion=False,
