@@ -1,10 +1,13 @@
 """Shared fixtures and helper modules.
 
 Being here, this file puts tests/ on sys.path (pytest's default ``prepend`` import mode), so the
-helper modules in tests/ (convgemm.py, hand_scales.py, error_lines.py) import by plain name;
-helper modules next to the tests that use them (calibrators/oracle.py, graphs/qdq_cases.py)
-import by name because pytest puts each test file's folder on sys.path. Their asserts are
-rewritten like the tests'.
+helper modules in tests/ (convgemm.py, hand_scales.py, error_lines.py) import by plain name from
+any folder; a helper used by the tests of one folder only sits in that folder
+(calibrators/oracle.py, graphs/qdq_cases.py) and imports by name because pytest puts each test
+file's folder on sys.path. A helper shared by two folders sits in tests/ (runtime_cases.py,
+placement_models.py). Test modules never import each other: shared cases live in helpers. With
+no __init__.py, module names are file names, so every file name under tests/ is unique. The
+helpers' asserts are rewritten like the tests'.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from pathlib import Path
 import convgemm
 import pytest
 
-pytest.register_assert_rewrite("error_lines", "oracle", "qdq_cases")
+pytest.register_assert_rewrite(
+    "error_lines", "oracle", "qdq_cases", "shrink_cases", "shrink_oracle"
+)
 
 
 @pytest.fixture(scope="module")

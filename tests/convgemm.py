@@ -1,4 +1,4 @@
-"""The small Conv + Gemm model that test_cli.py and test_pipeline.py calibrate end to end.
+"""The small Conv + Gemm model that test_cli.py and pipeline/test_pipeline.py calibrate end to end.
 
 The model is a torch ``Conv2d(3, 4, 3) -> ReLU -> Flatten -> Linear(144, 5)`` exported with the
 TorchScript exporter at opset 17 (dynamic batch); the data is a directory of .npz batches. The

@@ -2,7 +2,7 @@
 
 The oracles are ONNX Runtime on the float model and the scales file and report the run wrote;
 bad input is test_cli_errors.py's. ``calibrate_onnx`` itself is tested in
-test_pipeline.py.
+pipeline/test_pipeline.py.
 """
 
 from __future__ import annotations

@@ -99,37 +99,43 @@ def load_scales(path: str | Path) -> tuple[dict[str, TensorScales], dict[str, An
         entries = header["tensors"].items()
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ScalesError(f"{path}: qcal_export metadata is malformed ({e!r})") from None
-    scales = {}
-    for name, entry in entries:
-        where = f"{path}: tensor {name!r}"
-        try:
-            fmt, granularity = entry["format"], granularity_from_dict(entry["granularity"])
-        except KeyError as e:
-            raise ScalesError(f"{where} lacks entry {e}") from None
-        except (TypeError, ValueError, AttributeError) as e:
-            raise ScalesError(f"{where} has a malformed granularity: {e}") from None
-        if fmt not in FORMATS:
-            raise ScalesError(f"{where} has format {fmt!r}, not one of {sorted(FORMATS)}")
-        try:
-            check_values(where, fmt, granularity, name, tensors)
-            scales[name] = TensorScales(
-                name=name,
-                kind=entry["kind"],
-                format=fmt,
-                method=entry["method"],
-                granularity=granularity,
-                amax=tensors[f"{name}.amax"],
-                scale=tensors[f"{name}.scale"],
-                zero_point=tensors[f"{name}.zero_point"].float(),
-                min=tensors.get(f"{name}.min"),
-                max=tensors.get(f"{name}.max"),
-                global_scale=tensors.get(f"{name}.global_scale"),
-                options=entry.get("options", {}),
-                notes=entry.get("notes", []),
-            )
-        except KeyError as e:
-            raise ScalesError(f"{where} lacks entry {e}") from None
+    scales = {name: _tensor_scales(path, name, entry, tensors) for name, entry in entries}
     return scales, header
+
+
+def _tensor_scales(
+    path: Path, name: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> TensorScales:
+    """One tensor's scales from its header ``entry`` and the file's ``tensors``; ScalesError
+    names the file and the tensor."""
+    where = f"{path}: tensor {name!r}"
+    try:
+        fmt, granularity = entry["format"], granularity_from_dict(entry["granularity"])
+    except KeyError as e:
+        raise ScalesError(f"{where} lacks entry {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ScalesError(f"{where} has a malformed granularity: {e}") from None
+    if fmt not in FORMATS:
+        raise ScalesError(f"{where} has format {fmt!r}, not one of {sorted(FORMATS)}")
+    try:
+        check_values(where, fmt, granularity, name, tensors)
+        return TensorScales(
+            name=name,
+            kind=entry["kind"],
+            format=fmt,
+            method=entry["method"],
+            granularity=granularity,
+            amax=tensors[f"{name}.amax"],
+            scale=tensors[f"{name}.scale"],
+            zero_point=tensors[f"{name}.zero_point"].float(),
+            min=tensors.get(f"{name}.min"),
+            max=tensors.get(f"{name}.max"),
+            global_scale=tensors.get(f"{name}.global_scale"),
+            options=entry.get("options", {}),
+            notes=entry.get("notes", []),
+        )
+    except KeyError as e:
+        raise ScalesError(f"{where} lacks entry {e}") from None
 
 
 def check_values(

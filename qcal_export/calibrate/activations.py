@@ -124,21 +124,34 @@ def calibrate_activations(
         counts.append(ranks.run_pass(first, firsts_state))
     second = second_pass(cals, firsts)
     if second:
-        seconds_state = {f"second/{t}": c for t, c in second.items()}
-        skip = 0
-        if progress is not None and progress.pass_number == 2 and progress.batches:
-            restore_all(seconds_state, progress.snapshots)
-            skip = progress.batches
-        collectors = _collectors(second, specs)
-        saver = state.saver(2, seconds_state) if state is not None else None
-        pass_2 = partial(capture, collectors, "pass 2", skip=skip, after_batch=saver)
-        counts.append(ranks.run_pass(pass_2, seconds_state))
+        counts.append(_second_pass(capture, second, specs, state, progress, ranks))
     if state is not None:
         state.finish()
     types = {t: a.elem_type for t, a in plan.activations.items()}
     scales, candidates = _activation_scales(cals, specs, types)
     found = {t: h.hessian for t, h in hessians.items() if h.hessian is not None}
     return ActivationResult(scales, counts, found, candidates)
+
+
+def _second_pass(
+    capture: CapturePass,
+    second: dict[str, Calibrator],
+    specs: dict[str, tuple[str, TensorSpec]],
+    state: StateFile | None,
+    progress: Progress | None,
+    ranks: Ranks,
+) -> int:
+    """Run the second pass of the calibrators that need one (from where a resumed state left
+    it); returns its batch count."""
+    seconds_state = {f"second/{t}": c for t, c in second.items()}
+    skip = 0
+    if progress is not None and progress.pass_number == 2 and progress.batches:
+        restore_all(seconds_state, progress.snapshots)
+        skip = progress.batches
+    collectors = _collectors(second, specs)
+    saver = state.saver(2, seconds_state) if state is not None else None
+    pass_2 = partial(capture, collectors, "pass 2", skip=skip, after_batch=saver)
+    return ranks.run_pass(pass_2, seconds_state)
 
 
 def _collectors(

@@ -132,8 +132,8 @@ class NVFP4MseCalibrator(Calibrator):
 
     def _input_dtype(self, x: torch.Tensor) -> torch.dtype:
         """As for any fused calibrator, except fp16 with a Hessian, widened to float32
-        (exactly): the first such collect took 117 s on an H200, compiling its fp16 kernels
-        (Triton 3.6), where bf16 and float32 take seconds."""
+        (exactly): Triton compiles the fp16 Hessian kernels far slower than the bf16 and float32
+        ones (figures in benchmarks/results/design_notes.md)."""
         if x.dtype == torch.float16 and self.hessian is not None:
             return torch.float32
         return super()._input_dtype(x)

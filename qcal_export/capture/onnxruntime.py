@@ -12,6 +12,7 @@ import logging
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnxruntime as ort
@@ -209,31 +210,32 @@ class OrtCapture:
             if index < skip:
                 count += 1
                 continue
-            feed = as_feed(item, self.inputs, batch)
-            try:
-                values, inputs = self._run_batch(fetched, feed)
-            except (*ORT_ERRORS, BoundRunError) as e:
-                raise DataError(f"batch {batch}: ONNX Runtime failed on it: {e}") from None
-            for name, value in zip(fetched, values, strict=True):
-                sink(name, value)
-            for name in fed:
-                sink(name, inputs[name])
-            del values, inputs, feed
-            if self._bound is not None:
-                self._bound.release()
+            self._capture_batch(batch, item, fetched, fed, sink)
             count += 1
             if on_batch is not None:
                 on_batch()
             if after_batch is not None:
                 after_batch(count)
-        if count == 0 and not allow_empty:
-            raise DataError(f"calibration data {source.description} yielded no batch")
-        if count < skip:
-            raise DataError(
-                f"the resumed state has {skip} batches of this pass done, but calibration data "
-                f"{source.description} has only {count}: resume with the same data"
-            )
+        _check_count(count, skip, source, allow_empty=allow_empty)
         return count
+
+    def _capture_batch(
+        self, batch: int, item: Any, fetched: list[str], fed: list[str], sink: Sink
+    ) -> None:
+        """Run one batch and hand ``sink`` its ``fetched`` outputs, then its ``fed`` inputs; a
+        bound run's device buffers are released once the sink has them."""
+        feed = as_feed(item, self.inputs, batch)
+        try:
+            values, inputs = self._run_batch(fetched, feed)
+        except (*ORT_ERRORS, BoundRunError) as e:
+            raise DataError(f"batch {batch}: ONNX Runtime failed on it: {e}") from None
+        for name, value in zip(fetched, values, strict=True):
+            sink(name, value)
+        for name in fed:
+            sink(name, inputs[name])
+        del values, inputs, feed
+        if self._bound is not None:
+            self._bound.release()
 
     def _run_batch(
         self, fetched: list[str], feed: Batch
@@ -244,3 +246,15 @@ class OrtCapture:
         values = self._session.run(fetched, feed) if fetched else []
         inputs = {name: torch.from_numpy(array) for name, array in feed.items()}
         return [torch.from_numpy(v) for v in values], inputs
+
+
+def _check_count(count: int, skip: int, source: DataSource, *, allow_empty: bool) -> None:
+    """A pass saw at least one batch (unless ``allow_empty``) and every batch a resumed state
+    says it had done."""
+    if count == 0 and not allow_empty:
+        raise DataError(f"calibration data {source.description} yielded no batch")
+    if count < skip:
+        raise DataError(
+            f"the resumed state has {skip} batches of this pass done, but calibration data "
+            f"{source.description} has only {count}: resume with the same data"
+        )

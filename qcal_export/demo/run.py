@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from qcal_export.demo.evaluate import embedding_cosine
 from qcal_export.demo.model import demo_model_path
 from qcal_export.demo.texts import demo_batches, demo_texts
@@ -36,7 +38,6 @@ def run_demo(
     calib = demo_batches(calib_texts, batch_size=BATCH_SIZE)
     heldout = demo_batches(heldout_texts, batch_size=BATCH_SIZE)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
     runs = [
         (fmt, method, weight_method)
         for fmt in formats
@@ -44,34 +45,44 @@ def run_demo(
         for weight_method in weight_methods
         if weight_method != "nvfp4-mse" or fmt == "nvfp4"
     ]
-    for fmt, method, weight_method in runs:
-        stem = out_dir / f"minilm_{fmt}_a-{method}_w-{weight_method}"
-        start = time.perf_counter()
-        result = calibrate_onnx(
-            float_model,
-            calib,
-            output=stem.with_suffix(".onnx"),
-            scales=stem.with_suffix(".safetensors"),
-            report=stem.with_suffix(".json"),
-            format=fmt,
-            method=method,
-            weight_method=weight_method,
-            validate_batches=1,
-            validate_data=heldout,
-            progress=progress,
-        )
-        seconds = time.perf_counter() - start
-        score = embedding_cosine(float_model, stem.with_suffix(".onnx"), heldout)
-        errors = [r["weight_rel_error"] for r in result.report["tensors"] if r["kind"] == "weight"]
-        rows.append(
-            {
-                "format": fmt,
-                "method": method,
-                "weight_method": weight_method,
-                "weight_error": sum(errors) / len(errors),
-                "seconds": seconds,
-                "model": str(stem.with_suffix(".onnx")),
-                **score,
-            }
-        )
-    return rows
+    return [_demo_row(float_model, calib, heldout, out_dir, run, progress=progress) for run in runs]
+
+
+def _demo_row(
+    float_model: Path,
+    calib: list[dict[str, np.ndarray]],
+    heldout: list[dict[str, np.ndarray]],
+    out_dir: Path,
+    run: tuple[str, str, str],
+    *,
+    progress: ProgressFactory | None,
+) -> dict[str, Any]:
+    """Calibrate the float model with one (format, method, weight method) and score it."""
+    fmt, method, weight_method = run
+    stem = out_dir / f"minilm_{fmt}_a-{method}_w-{weight_method}"
+    start = time.perf_counter()
+    result = calibrate_onnx(
+        float_model,
+        calib,
+        output=stem.with_suffix(".onnx"),
+        scales=stem.with_suffix(".safetensors"),
+        report=stem.with_suffix(".json"),
+        format=fmt,
+        method=method,
+        weight_method=weight_method,
+        validate_batches=1,
+        validate_data=heldout,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - start
+    score = embedding_cosine(float_model, stem.with_suffix(".onnx"), heldout)
+    errors = [r["weight_rel_error"] for r in result.report["tensors"] if r["kind"] == "weight"]
+    return {
+        "format": fmt,
+        "method": method,
+        "weight_method": weight_method,
+        "weight_error": sum(errors) / len(errors),
+        "seconds": seconds,
+        "model": str(stem.with_suffix(".onnx")),
+        **score,
+    }

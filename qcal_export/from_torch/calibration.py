@@ -62,8 +62,9 @@ class TorchCalibration(CalibratedModule):
     @contextmanager
     def fake_quantize(self) -> Iterator[nn.Module]:
         """The model computing as its QDQ export: inputs and outputs fake-quantized with their
-        scales, weights replaced by their fake-quantized values; all restored on exit."""
-        with Hooks() as hooks, _fake_quant_weights(self.targets, self.scales):
+        scales, weights replaced by their fake-quantized values; all restored on exit. Without
+        gradients, as the export computes: the fake quantization writes its results in place."""
+        with torch.no_grad(), Hooks() as hooks, _fake_quant_weights(self.targets, self.scales):
             for target in self.targets:
                 entry = self.scales.get(scale_key(target.name, "input"))
                 if entry is not None:

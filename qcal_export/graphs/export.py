@@ -100,6 +100,28 @@ def _check_fit(
             )
 
 
+def _raise_opset_for(
+    model: onnx.ModelProto, plan: Plan, scales: Mapping[str, TensorScales]
+) -> tuple[onnx.ModelProto, list[str], list[str]]:
+    """``model`` at the opset its formats, granularities and float types need, and at opset 21
+    where fp8 activations after a Relu can drop their zero points; those activations, and a
+    note when the converter cannot raise the opset (then there are none)."""
+    notes: list[str] = []
+    formats = [get_format(s.format) for s in scales.values()]
+    float_types = {p.elem_type for p in plan.activations.values()}
+    float_types |= {t.data_type for t in model.graph.initializer if t.name in plan.weights}
+    granularities = [p.granularity for p in plan.weights.values()]
+    zero_point_free = fp8_after_relu(model.graph, plan)
+    if zero_point_free:
+        try:
+            model = raise_opset(model, ZERO_POINT_FREE_OPSET)
+        except ModelError as e:
+            zero_point_free = []
+            notes.append(f"fp8 activations after a Relu keep their zero points: {e}")
+    model = raise_opset(model, required_opset(formats, granularities, float_types))
+    return model, zero_point_free, notes
+
+
 def export_qdq(
     model: onnx.ModelProto,
     plan: Plan,
@@ -114,20 +136,8 @@ def export_qdq(
     optimizations miscompute the plain QDQ form, the same math is written in a form they run
     (``ort_forms``; opset 21 for fp8 activations after a Relu), and the notes say so.
     """
-    formats = [get_format(s.format) for s in scales.values()]
-    float_types = {p.elem_type for p in plan.activations.values()}
-    float_types |= {t.data_type for t in model.graph.initializer if t.name in plan.weights}
-    granularities = [p.granularity for p in plan.weights.values()]
     opset_from = default_opset(model)
-    notes: list[str] = []
-    zero_point_free = fp8_after_relu(model.graph, plan)
-    if zero_point_free:
-        try:
-            model = raise_opset(model, ZERO_POINT_FREE_OPSET)
-        except ModelError as e:
-            zero_point_free = []
-            notes.append(f"fp8 activations after a Relu keep their zero points: {e}")
-    model = raise_opset(model, required_opset(formats, granularities, float_types))
+    model, zero_point_free, notes = _raise_opset_for(model, plan, scales)
     graph = model.graph
     names = Names(graph)
     params: dict[str, list[str]] = {}

@@ -84,11 +84,7 @@ def find_targets(model: onnx.ModelProto, recipe: Recipe) -> Plan:
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     infos = tensor_infos(model)
-    quantized = [n.name for n in graph.node if n.op_type in QUANTIZED_OPS]
-    if quantized:
-        raise ModelError(
-            f"model is already quantized (nodes {quantized[:3]}...): calibrate the float model"
-        )
+    _refuse_quantized(graph)
     plan = Plan({}, {}, [], [], subgraph_nodes(graph, set(recipe.op_types) - PLACED_OPS))
     view = GraphView.of(graph, infos)
     if plan.float_subgraph_nodes:
@@ -101,23 +97,50 @@ def find_targets(model: onnx.ModelProto, recipe: Recipe) -> Plan:
             continue
         if recipe.excludes(node.name, node.op_type):
             plan.excluded.append(node.name)
-            continue
-        if node.op_type in PLACED_OPS:
+        elif node.op_type in PLACED_OPS:
             if place_node(plan, node, recipe, view):
                 plan.nodes.append(node.name)
-            continue
-        added, why, faults = _plan_node(plan, node, recipe, infos, initializers)
-        added = place_node(plan, node, recipe, view) or added
-        where = f"{node.op_type} {node.name!r}"
-        if not added:
-            plan.skipped[node.name] = f"{where}: {'; '.join(why or ['no float input'])}"
-        if faults and added:
-            plan.notes.append(f"{where}: {'; '.join(faults)}: that input stays float")
-            plan.partial[node.name] = "; ".join(faults)
-        elif faults:
-            plan.notes.append(f"{where} left in float: {'; '.join(faults)}")
-        if added:
-            plan.nodes.append(node.name)
+        else:
+            _plan_compute_node(plan, node, recipe, view, infos, initializers)
+    _note_sentinels_and_overridable(plan, graph, recipe)
+    return plan
+
+
+def _refuse_quantized(graph: onnx.GraphProto) -> None:
+    quantized = [n.name for n in graph.node if n.op_type in QUANTIZED_OPS]
+    if quantized:
+        raise ModelError(
+            f"model is already quantized (nodes {quantized[:3]}...): calibrate the float model"
+        )
+
+
+def _plan_compute_node(
+    plan: Plan,
+    node: onnx.NodeProto,
+    recipe: Recipe,
+    view: GraphView,
+    infos: dict[str, tuple[int, Shape | None]],
+    initializers: dict[str, TensorProto],
+) -> None:
+    """Plan one compute node's inputs and what the target places around it; say in ``plan``
+    why it stays float, or which of its inputs do."""
+    added, why, faults = _plan_node(plan, node, recipe, infos, initializers)
+    added = place_node(plan, node, recipe, view) or added
+    where = f"{node.op_type} {node.name!r}"
+    if not added:
+        plan.skipped[node.name] = f"{where}: {'; '.join(why or ['no float input'])}"
+    if faults and added:
+        plan.notes.append(f"{where}: {'; '.join(faults)}: that input stays float")
+        plan.partial[node.name] = "; ".join(faults)
+    elif faults:
+        plan.notes.append(f"{where} left in float: {'; '.join(faults)}")
+    if added:
+        plan.nodes.append(node.name)
+
+
+def _note_sentinels_and_overridable(plan: Plan, graph: onnx.GraphProto, recipe: Recipe) -> None:
+    """The plan's closing notes: nodes left without Q/DQ for their sentinel values, and weights
+    that are also graph inputs."""
     if plan.sentinel_nodes:
         plan.notes.append(
             f"{len(plan.sentinel_nodes)} node(s) read or write sentinel values (|x| >= "
@@ -139,7 +162,6 @@ def find_targets(model: onnx.ModelProto, recipe: Recipe) -> Plan:
             "keep_initializers_as_inputs): calibrated as constant weights; the quantized model "
             "no longer lists them as inputs"
         )
-    return plan
 
 
 def _plan_node(

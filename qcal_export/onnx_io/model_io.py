@@ -159,16 +159,7 @@ def save_model(
             atomic_dir(path.parent) as staging,
             write_errors(path),
         ):
-            mode = tmp.stat().st_mode & 0o777
-            data = _write_data(model, staging, path, mode) if external_data else None
-            _step("data_written")
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString())
-            if external_data:  # the tensors went to the data file: read them back in
-                onnx.load_external_data_for_model(model, str(staging))
-                for tensor in _tensors(model.graph):
-                    tensor.ClearField("data_location")
-            _step("model_staged")
+            data = _stage(model, tmp, staging, path, external_data=external_data)
             if data is not None:
                 placed = path.parent / data.name
                 os.replace(data, placed)
@@ -179,13 +170,37 @@ def save_model(
             placed.unlink(missing_ok=True)
         raise
     _step("model_placed")
+    _remove_old_data(old_data, path)
+    _step("old_data_removed")
+    return path
+
+
+def _stage(
+    model: onnx.ModelProto, tmp: Path, staging: Path, path: Path, *, external_data: bool
+) -> Path | None:
+    """Write ``model`` to ``tmp`` and, with ``external_data``, its tensors to a data file in
+    ``staging`` (returned); ``model`` keeps its tensors in memory either way."""
+    mode = tmp.stat().st_mode & 0o777
+    data = _write_data(model, staging, path, mode) if external_data else None
+    _step("data_written")
+    with open(tmp, "wb") as f:
+        f.write(model.SerializeToString())
+    if external_data:  # the tensors went to the data file: read them back in
+        onnx.load_external_data_for_model(model, str(staging))
+        for tensor in _tensors(model.graph):
+            tensor.ClearField("data_location")
+    _step("model_staged")
+    return data
+
+
+def _remove_old_data(old_data: set[Path], path: Path) -> None:
+    """Remove the old model's data files once the new model is in place; a file that cannot be
+    removed is logged, not raised: the new model is already whole."""
     for stale in sorted(old_data):
         try:
             stale.unlink(missing_ok=True)
         except OSError as e:
             log.warning("cannot remove %s, the old data file of %s: %s", stale, path, e.strerror)
-    _step("old_data_removed")
-    return path
 
 
 def external_data_files(path: str | Path) -> list[Path]:

@@ -196,10 +196,7 @@ def _against_default(
     first = None
     for feed in feeds(source, model_inputs(model), max_batches):
         floats = float_session.run(names, feed)
-        try:
-            refs = reference.run(names, feed)
-        except ORT_ERRORS as e:
-            raise ModelError(f"ONNX Runtime cannot run {name}: {one_line(e)}") from None
+        refs = _run_reference(reference, names, feed, name)
         first = first or (feed, names, floats, refs)
         quantization.add(floats, refs)
         if default is None:
@@ -228,6 +225,17 @@ def _against_default(
     if off:
         validation.issue = RuntimeIssue("disagrees", validation.runtime, "; ".join(off[:2]))
     return validation, first
+
+
+def _run_reference(
+    reference: ort.InferenceSession, names: list[str], feed: dict[str, np.ndarray], name: str
+) -> list[np.ndarray]:
+    """The quantized model's outputs with ORT's optimizations off: the reference every other
+    run is judged against, so a failure is a ModelError naming ``name``."""
+    try:
+        return reference.run(names, feed)
+    except ORT_ERRORS as e:
+        raise ModelError(f"ONNX Runtime cannot run {name}: {one_line(e)}") from None
 
 
 def _open_both(

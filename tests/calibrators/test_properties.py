@@ -14,112 +14,25 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 from oracle import F32, fake_quant_oracle, oracle
+from property_cases import (
+    CASES,
+    FLT_MAX,
+    PLAIN,
+    SHAPES,
+    SUBNORMAL,
+    arrays,
+    block_scales,
+    build,
+    max_range,
+    np_groups,
+)
 
 from qcal_export.calibrators import (
-    EntropyCalibrator,
-    MaxCalibrator,
-    MseCalibrator,
-    NVFP4MseCalibrator,
-    PercentileCalibrator,
-    ShrinkMseCalibrator,
     mse_multipliers,
 )
-from qcal_export.spec.formats import AMAX_FLOOR, FP8_E4M3, INT4, INT8, NVFP4, UINT4, UINT8
-from qcal_export.spec.granularity import PerAxis, PerBlock, PerTensor, PerTensorGroup
-
-FLT_MAX = float(np.finfo(F32).max)
-SUBNORMAL = float(np.finfo(F32).smallest_subnormal)
-PLAIN = [INT8, UINT8, INT4, UINT4, FP8_E4M3]
-PLAIN_GRANULARITIES = [PerTensor(), PerAxis(0), PerBlock(-1, 4)]
-NV_BLOCKS, NV_GROUP = PerBlock(-1, 16), PerTensorGroup(-1, 16)
-
-
-def cases(nvfp4: list) -> list:
-    plain = [(f, g) for f in PLAIN for g in PLAIN_GRANULARITIES]
-    return plain + [(NVFP4, g) for g in nvfp4]
-
-
-CASES = {
-    "max": cases([NV_BLOCKS, NV_GROUP]),
-    "percentile": cases([NV_BLOCKS, NV_GROUP]),
-    "entropy": cases([NV_BLOCKS, NV_GROUP]),
-    "mse": cases([NV_GROUP]),
-    "shrink-mse": cases([NV_BLOCKS, NV_GROUP]),
-    "nvfp4-mse": [(NVFP4, NV_BLOCKS), (NVFP4, PerBlock(0, 16))],
-}
-"""Formats and granularities each calibrator accepts (see each class's checks)."""
-
-ELEMENTS = st.one_of(
-    st.floats(width=32, allow_nan=False, allow_infinity=False),
-    st.floats(-4.0, 4.0, width=32),
-    st.sampled_from([0.0, -0.0, SUBNORMAL, -SUBNORMAL, 1e-40, 1e-30, 448.0, FLT_MAX, -FLT_MAX]),
-)
-"""Any finite float32 (hypothesis favours the edges), small values, and the awkward ones."""
-
-
-def arrays(shape: tuple[int, int]) -> st.SearchStrategy[np.ndarray]:
-    """Float32 arrays of ``shape``; hypothesis fills many with one value (constants, zeros)."""
-    return hnp.arrays(F32, shape, elements=ELEMENTS)
-
-
-SHAPES = st.tuples(st.integers(1, 4), st.integers(1, 40))
-
-
-def build(method: str, fmt, granularity, data: list[np.ndarray], **kwargs):
-    """A calibrator of ``method`` that collected ``data``; mse and nvfp4-mse first get their
-    initial range from a max pass over the same data, as the pipeline gives it."""
-    kind = {
-        "max": MaxCalibrator,
-        "percentile": PercentileCalibrator,
-        "entropy": EntropyCalibrator,
-        "mse": MseCalibrator,
-        "shrink-mse": ShrinkMseCalibrator,
-        "nvfp4-mse": NVFP4MseCalibrator,
-    }[method]
-    if method == "entropy":  # 128 bins a side, not 2048: the KL sweep is 16x cheaper
-        kwargs.setdefault("bins", 128)
-    cal = kind(fmt, granularity, **kwargs)
-    if cal.needs_initial_range:
-        cal.set_initial_range(*max_range(fmt, granularity, data))
-    for x in data:
-        cal.collect(torch.from_numpy(x))
-    return cal
-
-
-def max_range(fmt, granularity, data):
-    cal = MaxCalibrator(fmt, granularity)
-    for x in data:
-        cal.collect(torch.from_numpy(x))
-    return cal.compute_range()
-
-
-def np_groups(x: np.ndarray, granularity) -> np.ndarray:
-    """``[G, n]`` in ``groups`` order, with numpy (not the package's reshapes); float64."""
-    x = x.astype(np.float64)
-    if isinstance(granularity, PerTensor):
-        return x.reshape(1, -1)
-    if isinstance(granularity, PerAxis):
-        return np.moveaxis(x, granularity.axis, 0).reshape(x.shape[granularity.axis], -1)
-    moved = np.moveaxis(x, granularity.axis, -1)
-    pad = -moved.shape[-1] % granularity.size
-    moved = np.pad(moved, [(0, 0)] * (moved.ndim - 1) + [(0, pad)])
-    blocks = moved.reshape(-1, granularity.size)
-    return blocks.reshape(1, -1) if isinstance(granularity, PerTensorGroup) else blocks
-
-
-def block_scales(cal) -> torch.Tensor:
-    """Per-block float32 effective scales ``[G]`` of an nvfp4 ``PerBlock`` calibration."""
-    fmt = cal.fmt
-    global_scale = fmt.global_scale(cal.compute_global_amax())
-    if isinstance(cal, NVFP4MseCalibrator):
-        scales = cal.granularity.flatten(cal.compute_block_scales().view(torch.uint8))
-        scales = scales.view(torch.float8_e4m3fn)
-    else:
-        scales = fmt.block_scales(cal.granularity.flatten(cal.compute_amax()), global_scale)
-    return fmt.effective_scales(scales, global_scale)
-
+from qcal_export.spec.formats import AMAX_FLOOR, FP8_E4M3, INT8, NVFP4, UINT8
+from qcal_export.spec.granularity import PerAxis, PerBlock, PerTensor
 
 # 1. finite, positive amax and scale -----------------------------------------------------------
 

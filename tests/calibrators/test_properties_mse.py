@@ -1,5 +1,5 @@
 """Property tests (hypothesis), continued: merging split data, and the MSE family never doing
-worse than the max range it has among its candidates. Strategies: test_properties.py."""
+worse than the max range it has among its candidates. Strategies: property_cases.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_properties import CASES, SHAPES, arrays, block_scales, build, max_range
+from property_cases import CASES, SHAPES, arrays, block_scales, build, max_range
 
 from qcal_export.spec.formats import NVFP4
 from qcal_export.spec.granularity import PerBlock

@@ -10,12 +10,12 @@ import torch
 from mlp import batches as mlp_batches
 from mlp import make_mlp
 from onnx import numpy_helper
+from shrink_cases import assert_equals_oracle, case_of, quant_for, run
 from shrink_oracle import (
     F32,
     make_batches,
     oracle,
 )
-from test_shrink_mse import assert_equals_oracle, case_of, quant_for, run
 
 from qcal_export.calibrators import CALIBRATORS
 from qcal_export.calibrators.shrink_mse import ShrinkMseCalibrator, shrink_factors

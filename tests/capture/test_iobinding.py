@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto
-from test_onnxruntime import Recorder, data, mlp, reference
+from ort_mlp import Recorder, data, mlp, reference
 
 from qcal_export.capture.data import open_data
 from qcal_export.capture.iobinding import bind_device_id, to_torch

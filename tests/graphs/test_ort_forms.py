@@ -15,8 +15,8 @@ import onnxruntime as ort
 import pytest
 from mlp import make_mlp
 from runtime_cases import conv_relu_fp8_case, matmul_case
-from test_subgraphs import batches as subgraph_batches
-from test_subgraphs import subgraph_model
+from subgraph_models import batches as subgraph_batches
+from subgraph_models import subgraph_model
 
 from qcal_export import calibrate_onnx
 from qcal_export.errors import RuntimeMismatchError

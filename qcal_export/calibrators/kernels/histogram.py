@@ -107,6 +107,18 @@ def _program_count(device: torch.device) -> int:
     return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _column_splits(
+    n: int, block_n: int, group_programs: int, device: torch.device
+) -> tuple[int, int]:
+    """How many programs share a group's ``n`` columns, and how many columns each takes (a
+    multiple of ``block_n``): enough programs to fill the device, none past
+    ``MAX_SPLIT_COLUMNS``."""
+    splits = triton.cdiv(_program_count(device), group_programs)
+    splits = max(min(splits, triton.cdiv(n, block_n)), triton.cdiv(n, MAX_SPLIT_COLUMNS))
+    cols_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
+    return triton.cdiv(n, cols_per_split), cols_per_split
+
+
 def histogram_add_(
     hist: torch.Tensor,
     groups: torch.Tensor,
@@ -128,10 +140,7 @@ def histogram_add_(
     groups, block_g, block_n = _tile(groups)
     integer, magnitude = _BITS_OF[groups.dtype]
     group_programs = triton.cdiv(num_groups, block_g)
-    splits = triton.cdiv(_program_count(groups.device), group_programs)
-    splits = max(min(splits, triton.cdiv(n, block_n)), triton.cdiv(n, MAX_SPLIT_COLUMNS))
-    cols_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
-    splits = triton.cdiv(n, cols_per_split)
+    splits, cols_per_split = _column_splits(n, block_n, group_programs, groups.device)
     if private is None:
         private = splits > 1 and splits * hist.numel() <= PRIVATE_ELEMENTS
     if private:

@@ -12,14 +12,14 @@ float64 loss.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from qcal_export.calibrators.kernels.nvfp4_blocks import (
-    PLAIN_TOLERANCE,
     RANGE_LIMIT,
-    TOLERANCE,
     _block_hessian,
     _block_values,
     _exact_loss,
@@ -28,7 +28,7 @@ from qcal_export.calibrators.kernels.nvfp4_blocks import (
     _track_best,
     _untracked,
 )
-from qcal_export.calibrators.kernels.nvfp4_prep import normalised_candidates, prepared_hessian
+from qcal_export.calibrators.kernels.nvfp4_prep import Operands, kernel_operands
 from qcal_export.calibrators.kernels.nvfp4_ranges import _range_kernel
 
 BEST_WARPS = 2
@@ -201,100 +201,137 @@ def nvfp4_best_scales(
     blocks' own ranges), ``repaired`` (blocks redone in float64).
     """
     blocks = blocks.contiguous()
-    num_blocks, num_cand = blocks.shape[0], scales.shape[0]
-    device = blocks.device
-    scales = scales.to(device=device, dtype=torch.float32).contiguous()
-    scaled, recip, norm, loss_norm = normalised_candidates(scales)
-    if hessian is None:
-        packed = rho = schur = h64 = scaled  # unused
-        per_row, tile = 1, 32 * BEST_WARPS * PLAIN_BLOCKS_PER_THREAD
-    else:
-        h64 = hessian.to(device=device, dtype=torch.float64).contiguous()
-        packed, rho, schur, loss_norm = prepared_hessian(h64, loss_norm, floors=True)
-        per_row, tile = hessian.shape[0], 32 * BEST_WARPS
-    grid = (triton.cdiv(num_blocks, tile),)
-    best = torch.empty(num_blocks, dtype=torch.int32, device=device)
-    flags = torch.empty(num_blocks, dtype=torch.int8, device=device)
-    ranges = torch.empty(num_blocks, 2, dtype=torch.int32, device=device)
-    keys = torch.empty(num_blocks, dtype=torch.int32, device=device)
-    work = torch.empty(grid[0], dtype=torch.int32, device=device)
-    flagged = torch.empty(num_blocks, dtype=torch.int32, device=device)
-    count = torch.zeros(1, dtype=torch.int32, device=device)
-    weighted = hessian is not None
-    tolerance = TOLERANCE if weighted else PLAIN_TOLERANCE
-    _range_kernel[grid](
+    ops = kernel_operands(scales, hessian, blocks.device, floors=True)
+    tile = 32 * BEST_WARPS * (1 if ops.weighted else PLAIN_BLOCKS_PER_THREAD)
+    ranges, keys = _candidate_ranges(blocks, ops, tile)
+    choice = _best_in_ranges(blocks, ops, ranges, keys, tile)
+    _repair_flagged(blocks, ops, ranges, choice)
+    if not counts:
+        return choice.best.long(), {}
+    return choice.best.long(), _work_counts(choice, ranges, tile)
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """What the best kernel leaves for the repair: ``best`` and ``flags`` ``[G]``, the flagged
+    blocks' indices ``flagged`` ``[G]`` and their ``count`` ``[1]``, and per tile the
+    candidates it scored ``work`` ``[tiles]``."""
+
+    best: torch.Tensor
+    flags: torch.Tensor
+    flagged: torch.Tensor
+    count: torch.Tensor
+    work: torch.Tensor
+
+
+def _candidate_ranges(
+    blocks: torch.Tensor, ops: Operands, tile: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's range of candidates that can still win (``[G, 2]`` int32) and its sort key
+    (``[G]`` int32), from the lower bounds of ``nvfp4_ranges``."""
+    num_blocks, num_cand = blocks.shape[0], ops.scales.shape[0]
+    ranges = torch.empty(num_blocks, 2, dtype=torch.int32, device=blocks.device)
+    keys = torch.empty(num_blocks, dtype=torch.int32, device=blocks.device)
+    _range_kernel[(triton.cdiv(num_blocks, tile),)](
         blocks,
         num_blocks,
-        scaled,
-        recip,
-        norm,
-        packed,
-        rho,
-        schur,
-        per_row,
+        ops.scaled,
+        ops.recip,
+        ops.norm,
+        ops.packed,
+        ops.rho,
+        ops.schur,
+        ops.per_row,
         ranges,
         keys,
         NUM_CAND=num_cand,
         STEPS=num_cand.bit_length(),
-        HESSIAN=weighted,
-        TOL=tolerance,
+        HESSIAN=ops.weighted,
+        TOL=ops.tolerance,
         LIMIT=RANGE_LIMIT,
         TILE=tile,
         num_warps=BEST_WARPS,
         enable_fp_fusion=False,
     )
-    # Tiles of blocks with the same range score little more than each block's own range.
+    return ranges, keys
+
+
+def _best_in_ranges(
+    blocks: torch.Tensor, ops: Operands, ranges: torch.Tensor, keys: torch.Tensor, tile: int
+) -> _Choice:
+    """Score, per tile of blocks sorted by ``keys``, the union of their ``ranges``: tiles of
+    blocks with the same range score little more than each block's own range."""
+    num_blocks, device = blocks.shape[0], blocks.device
+    grid = (triton.cdiv(num_blocks, tile),)
+    choice = _Choice(
+        best=torch.empty(num_blocks, dtype=torch.int32, device=device),
+        flags=torch.empty(num_blocks, dtype=torch.int8, device=device),
+        flagged=torch.empty(num_blocks, dtype=torch.int32, device=device),
+        count=torch.zeros(1, dtype=torch.int32, device=device),
+        work=torch.empty(grid[0], dtype=torch.int32, device=device),
+    )
     order = keys.argsort().to(torch.int32)
     _best_kernel[grid](
         blocks,
         order,
         num_blocks,
-        scaled,
-        recip,
-        norm,
-        packed,
-        rho,
-        per_row,
+        ops.scaled,
+        ops.recip,
+        ops.norm,
+        ops.packed,
+        ops.rho,
+        ops.per_row,
         ranges,
-        best,
-        flags,
-        flagged,
-        count,
-        work,
-        HESSIAN=weighted,
-        TOL=tolerance,
+        choice.best,
+        choice.flags,
+        choice.flagged,
+        choice.count,
+        choice.work,
+        HESSIAN=ops.weighted,
+        TOL=ops.tolerance,
         LIMIT=RANGE_LIMIT,
         TILE=tile,
         num_warps=BEST_WARPS,
         enable_fp_fusion=False,
     )
-    _best_repair_kernel[(triton.cdiv(num_blocks, 32),)](
+    return choice
+
+
+def _repair_flagged(
+    blocks: torch.Tensor, ops: Operands, ranges: torch.Tensor, choice: _Choice
+) -> None:
+    """Rescore the flagged blocks (near ties) in float64, in place of ``choice.best``."""
+    _best_repair_kernel[(triton.cdiv(blocks.shape[0], 32),)](
         blocks,
-        scales,
-        scaled,
-        recip,
-        norm,
-        packed,
-        rho,
-        h64,
-        per_row,
+        ops.scales,
+        ops.scaled,
+        ops.recip,
+        ops.norm,
+        ops.packed,
+        ops.rho,
+        ops.h64,
+        ops.per_row,
         ranges,
-        loss_norm,
-        best,
-        flags,
-        flagged,
-        count,
-        HESSIAN=weighted,
-        TOL=tolerance,
+        ops.loss_norm,
+        choice.best,
+        choice.flags,
+        choice.flagged,
+        choice.count,
+        HESSIAN=ops.weighted,
+        TOL=ops.tolerance,
         TILE=32,
         num_warps=1,
         enable_fp_fusion=False,
     )
-    if not counts:
-        return best.long(), {}
-    in_tile = (num_blocks - torch.arange(grid[0], device=device) * tile).clamp(max=tile)
-    return best.long(), {
-        "scored": (work * in_tile).sum() / max(num_blocks, 1),
+
+
+def _work_counts(choice: _Choice, ranges: torch.Tensor, tile: int) -> dict[str, torch.Tensor]:
+    """The benchmarks' counts: candidates scored per block, the mean range, blocks repaired."""
+    num_blocks = ranges.shape[0]
+    tiles = choice.work.shape[0]
+    in_tile = (num_blocks - torch.arange(tiles, device=ranges.device) * tile).clamp(max=tile)
+    return {
+        "scored": (choice.work * in_tile).sum() / max(num_blocks, 1),
         "needed": (ranges[:, 1] - ranges[:, 0]).double().mean(),
-        "repaired": count[0],
+        "repaired": choice.count[0],
     }

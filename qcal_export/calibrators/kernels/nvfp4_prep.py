@@ -18,9 +18,13 @@ time than the scoring kernels take on the GPU.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
+
+from qcal_export.calibrators.kernels.nvfp4_blocks import PLAIN_TOLERANCE, TOLERANCE
 
 BLOCK = 16
 """NVFP4 block size: the elements one thread holds."""
@@ -174,3 +178,47 @@ def prepared_hessian(
         num_warps=1,
     )
     return packed, rho, schur, out_loss_norm
+
+
+@dataclass(frozen=True)
+class Operands:
+    """The candidates and the Hessian of one call as the NVFP4 kernels read them.
+
+    ``scales`` ``[K]`` float32, and from ``normalised_candidates`` ``scaled``, ``recip``,
+    ``norm``, ``loss_norm``; from ``prepared_hessian`` ``packed``, ``rho``, ``schur``, with
+    ``h64`` the float64 Hessian ``[per_row, 16, 16]``; ``weighted``: the loss is ``dᵀ H d``,
+    not squared error. Without a Hessian the Hessian fields are ``scaled``: the kernels take a
+    pointer there but never read it.
+    """
+
+    scales: torch.Tensor
+    scaled: torch.Tensor
+    recip: torch.Tensor
+    norm: torch.Tensor
+    loss_norm: torch.Tensor
+    packed: torch.Tensor
+    rho: torch.Tensor
+    schur: torch.Tensor
+    h64: torch.Tensor
+    per_row: int
+    weighted: bool
+
+    @property
+    def tolerance(self) -> float:
+        """The relative float32 error bound of a loss, above which near ties are redone."""
+        return TOLERANCE if self.weighted else PLAIN_TOLERANCE
+
+
+def kernel_operands(
+    scales: torch.Tensor, hessian: torch.Tensor | None, device: torch.device, *, floors: bool
+) -> Operands:
+    """``scales`` ``[K]`` ascending effective scales and ``hessian`` ``[per_row, 16, 16]`` or
+    None, moved to ``device`` and prepared for the kernels (Schur floors only with ``floors``)."""
+    scales = scales.to(device=device, dtype=torch.float32).contiguous()
+    scaled, recip, norm, loss_norm = normalised_candidates(scales)
+    if hessian is None:
+        return Operands(scales, scaled, recip, norm, loss_norm, *[scaled] * 4, 1, False)
+    h64 = hessian.to(device=device, dtype=torch.float64).contiguous()
+    packed, rho, schur, loss_norm = prepared_hessian(h64, loss_norm, floors=floors)
+    per_row = hessian.shape[0]
+    return Operands(scales, scaled, recip, norm, loss_norm, packed, rho, schur, h64, per_row, True)

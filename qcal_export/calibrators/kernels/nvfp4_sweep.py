@@ -21,14 +21,14 @@ candidate on ties).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from qcal_export.calibrators.kernels.nvfp4_blocks import (
-    PLAIN_TOLERANCE,
     RANGE_LIMIT,
-    TOLERANCE,
     _block_hessian,
     _block_values,
     _e2m1_dequant,
@@ -38,7 +38,11 @@ from qcal_export.calibrators.kernels.nvfp4_blocks import (
     _track_best,
     _untracked,
 )
-from qcal_export.calibrators.kernels.nvfp4_prep import normalised_candidates, prepared_hessian
+from qcal_export.calibrators.kernels.nvfp4_prep import (
+    Operands,
+    kernel_operands,
+    normalised_candidates,
+)
 
 SCORE_WARPS = 4
 PLAIN_BLOCKS_PER_THREAD = 2
@@ -192,68 +196,83 @@ def nvfp4_scale_sweep(
     blocks = blocks.contiguous()
     num_blocks, num_cand = blocks.shape[0], scales.shape[0]
     device = blocks.device
-    losses = (
-        out
+    sweep = _Sweep(
+        losses=out
         if out is not None
-        else torch.empty(num_cand, num_blocks, dtype=torch.float64, device=device)
+        else torch.empty(num_cand, num_blocks, dtype=torch.float64, device=device),
+        bounds=torch.empty(
+            (num_cand, num_blocks) if hessian is not None else (1,),
+            dtype=torch.float32,
+            device=device,
+        ),
+        best=torch.empty(num_blocks, dtype=torch.int32, device=device),
+        flags=torch.empty(num_blocks, dtype=torch.int8, device=device),
     )
-    best = torch.empty(num_blocks, dtype=torch.int32, device=device)
-    bounds = torch.empty(
-        (num_cand, num_blocks) if hessian is not None else (1,), dtype=torch.float32, device=device
-    )
-    flags = torch.empty(num_blocks, dtype=torch.int8, device=device)
-    scales = scales.to(device=device, dtype=torch.float32).contiguous()
-    scaled, recip, norm, loss_norm = normalised_candidates(scales)
-    if hessian is None:
-        packed = rho = h64 = scaled  # unused
-        per_row = 1
-    else:
-        h64 = hessian.to(device=device, dtype=torch.float64).contiguous()
-        packed, rho, _, loss_norm = prepared_hessian(h64, loss_norm, floors=False)
-        per_row = hessian.shape[0]
-    tile = 32 * SCORE_WARPS * (1 if hessian is not None else PLAIN_BLOCKS_PER_THREAD)
-    grid = (triton.cdiv(num_blocks, tile),)
-    tolerance = TOLERANCE if hessian is not None else PLAIN_TOLERANCE
-    _score_kernel[grid](
+    ops = kernel_operands(scales, hessian, device, floors=False)
+    _score(blocks, ops, sweep)
+    if repair:
+        _repair(blocks, ops, sweep)
+    return sweep.losses, sweep.best.long(), (sweep.flags != 0).sum()
+
+
+@dataclass(frozen=True)
+class _Sweep:
+    """The sweep's outputs: ``losses`` ``[K, G]`` float64, the float32 error ``bounds`` of the
+    Hessian losses (``[K, G]``; ``[1]``, unused, for squared error), ``best`` ``[G]`` int32 and
+    the ``flags`` ``[G]`` int8 of the blocks the repair recomputes in float64."""
+
+    losses: torch.Tensor
+    bounds: torch.Tensor
+    best: torch.Tensor
+    flags: torch.Tensor
+
+
+def _score(blocks: torch.Tensor, ops: Operands, sweep: _Sweep) -> None:
+    """Every candidate's loss for every block in float32, the first best, near ties flagged."""
+    num_blocks = blocks.shape[0]
+    tile = 32 * SCORE_WARPS * (1 if ops.weighted else PLAIN_BLOCKS_PER_THREAD)
+    _score_kernel[(triton.cdiv(num_blocks, tile),)](
         blocks,
         num_blocks,
-        scaled,
-        recip,
-        norm,
-        loss_norm,
-        packed,
-        rho,
-        per_row,
-        losses,
-        bounds,
-        best,
-        flags,
-        NUM_CAND=num_cand,
-        HESSIAN=hessian is not None,
-        TOL=tolerance,
+        ops.scaled,
+        ops.recip,
+        ops.norm,
+        ops.loss_norm,
+        ops.packed,
+        ops.rho,
+        ops.per_row,
+        sweep.losses,
+        sweep.bounds,
+        sweep.best,
+        sweep.flags,
+        NUM_CAND=ops.scales.shape[0],
+        HESSIAN=ops.weighted,
+        TOL=ops.tolerance,
         LIMIT=RANGE_LIMIT,
         TILE=tile,
         num_warps=SCORE_WARPS,
         enable_fp_fusion=False,
     )
-    if not repair:
-        return losses, best.long(), (flags != 0).sum()
+
+
+def _repair(blocks: torch.Tensor, ops: Operands, sweep: _Sweep) -> None:
+    """The flagged blocks' losses and choice again in float64."""
+    num_blocks = blocks.shape[0]
     _repair_kernel[(triton.cdiv(num_blocks, 32 * REPAIR_WARPS),)](
         blocks,
         num_blocks,
-        scales,
-        h64,
-        per_row,
-        losses,
-        bounds,
-        loss_norm,
-        best,
-        flags,
-        NUM_CAND=num_cand,
-        HESSIAN=hessian is not None,
-        TOL=tolerance,
+        ops.scales,
+        ops.h64,
+        ops.per_row,
+        sweep.losses,
+        sweep.bounds,
+        ops.loss_norm,
+        sweep.best,
+        sweep.flags,
+        NUM_CAND=ops.scales.shape[0],
+        HESSIAN=ops.weighted,
+        TOL=ops.tolerance,
         TILE=32 * REPAIR_WARPS,
         num_warps=REPAIR_WARPS,
         enable_fp_fusion=False,
     )
-    return losses, best.long(), (flags != 0).sum()

@@ -43,7 +43,7 @@ def run_killed(model: Path, state: Path, options: dict, in_pass: int, at: int) -
     """Calibrate in a child that SIGKILLs itself on reaching batch ``at`` of pass ``in_pass``."""
     code = f"""
         import os, signal, sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]
         from test_resume import batch
         from qcal_export import calibrate_onnx
         passes = []

@@ -4,12 +4,11 @@ latency and size against the float model's (the numbers are measured, not checke
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from placement_models import cnn_batches, cnn_model
 
 from qcal_export import calibrate_onnx
 from qcal_export.cli import main
@@ -19,9 +18,6 @@ from qcal_export.validation.deployment import (
     no_integer_kernels,
     profile_kernels,
 )
-
-sys.path.insert(0, str(Path(__file__).parent / "graphs"))
-from placement_models import cnn_batches, cnn_model
 
 CPU = ["CPUExecutionProvider"]
 
