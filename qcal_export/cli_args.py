@@ -12,7 +12,17 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from qcal_export.errors import RecipeError
-from qcal_export.spec.recipe import DEFAULT_TARGET, METHODS, TARGETS
+from qcal_export.spec.choices import (
+    CheckpointLayout,
+    NonFinite,
+    NVFP4Form,
+    Target,
+    TensorKind,
+    WeightsMode,
+)
+from qcal_export.spec.formats import FORMATS
+from qcal_export.spec.methods import method_names
+from qcal_export.spec.recipe import DEFAULT_TARGET
 
 console = Console(stderr=True)
 
@@ -63,7 +73,7 @@ def add_calibrate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--checkpoint-layout",
         nargs="+",
         default=["modelopt"],
-        choices=["modelopt", "compressed-tensors"],
+        choices=CheckpointLayout.values(),
         help="serving layouts; several go to DIR/<layout>",
     )
     p.add_argument(
@@ -71,8 +81,8 @@ def add_calibrate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--exclude-op-types", nargs="*", default=[], metavar="OP")
     p.add_argument("--recipe", help="YAML/JSON recipe (overrides --format/--method/--exclude)")
-    p.add_argument("--weights-mode", default="quantized", choices=["quantized", "qdq"])
-    p.add_argument("--nonfinite", default="skip", choices=["skip", "error"])
+    p.add_argument("--weights-mode", default="quantized", choices=WeightsMode.values())
+    p.add_argument("--nonfinite", default="skip", choices=NonFinite.values())
     p.add_argument("--batches", type=int, help="use at most N batches")
     p.add_argument(
         "--batch-size",
@@ -256,7 +266,7 @@ def add_layer_args(p: argparse.ArgumentParser) -> None:
 
 def add_quantization_args(p: argparse.ArgumentParser) -> None:
     """Formats, methods and their options, block sizes: what builds the recipe."""
-    formats = ["int8", "uint8", "int4", "uint4", "fp8", "nvfp4"]
+    formats = list(FORMATS)
     p.add_argument(
         "--format",
         default="int8",
@@ -270,12 +280,12 @@ def add_quantization_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         default="max",
-        choices=METHODS,
+        choices=method_names(),
         help="activation method; nvfp4-mse is a weight method (activations then use max)",
     )
     p.add_argument(
         "--weight-method",
-        choices=METHODS,
+        choices=method_names(),
         help="weight method (default max, or nvfp4-mse when --method nvfp4-mse)",
     )
     p.add_argument(
@@ -291,13 +301,13 @@ def add_quantization_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--nvfp4-form",
         default="portable",
-        choices=["portable", "tensorrt"],
+        choices=NVFP4Form.values(),
         help="NVFP4 activations as standard ops, or Model Optimizer's trt::TRT_FP4DynamicQuantize",
     )
     p.add_argument(
         "--target",
         default=DEFAULT_TARGET,
-        choices=list(TARGETS),
+        choices=Target.values(),
         help="Q/DQ placement of this runtime: ort (ONNX Runtime's integer kernels: Add, Mul, "
         "Concat, pooling, Softmax..., scales shared through data movement) or tensorrt "
         f"(TensorRT's rules: compute-op inputs, residual Adds, pooling inputs); default "
@@ -352,20 +362,20 @@ def add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--formats",
         nargs="*",
         default=["int8", "fp8", "nvfp4"],
-        choices=["int8", "uint8", "fp8", "nvfp4"],
+        choices=[name for name, fmt in FORMATS.items() if not fmt.weight_only],
     )
     p.add_argument(
         "--methods",
         nargs="*",
         default=["max"],
-        choices=[m for m in METHODS if m != "nvfp4-mse"],
+        choices=method_names(TensorKind.ACTIVATION),
         help="activations",
     )
     p.add_argument(
         "--weight-methods",
         nargs="*",
         default=["max", "mse", "nvfp4-mse"],
-        choices=METHODS,
+        choices=method_names(),
         help="weights (nvfp4-mse: nvfp4 only)",
     )
     return p

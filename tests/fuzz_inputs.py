@@ -10,7 +10,7 @@ import math
 import numpy as np
 from hypothesis import strategies as st
 
-from qcal_export.spec.method_options import METHOD_OPTIONS
+from qcal_export.spec.methods import METHOD_OPTIONS
 
 # ---- recipes ---------------------------------------------------------------------------------
 

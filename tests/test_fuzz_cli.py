@@ -35,8 +35,7 @@ from safetensors.torch import load_file
 
 from qcal_export import calibrate_onnx
 from qcal_export.cli import main
-from qcal_export.spec.method_options import METHOD_OPTIONS
-from qcal_export.spec.recipe import METHODS
+from qcal_export.spec.methods import METHOD_OPTIONS, METHODS
 
 FUZZ = settings(
     derandomize=True,
