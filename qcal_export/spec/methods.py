@@ -72,6 +72,10 @@ class MethodSpec:
     def applies_to(self, kind: TensorKind) -> bool:
         return kind in self.kinds
 
+    def calibrates(self, format: str) -> bool:
+        """Whether it calibrates tensors of the format called ``format``."""
+        return self.formats is None or format in self.formats
+
     def calibrator_options(self, options: Mapping[str, float]) -> dict[str, float]:
         """``options`` that are its calibrator's constructor arguments (not ``hessian``)."""
         return {key: value for key, value in options.items() if key != HESSIAN}

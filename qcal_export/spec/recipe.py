@@ -69,7 +69,7 @@ class TensorSpec:
             if not isinstance(value, str) or value not in allowed:
                 raise RecipeError(f"unknown {key} {value!r}: choose one of {allowed}")
         method = METHODS[self.method]
-        if method.formats is not None and self.format not in method.formats:
+        if not method.calibrates(self.format):
             raise RecipeError(
                 f"method {self.method!r} needs format {' or '.join(method.formats)}, "
                 f"not {self.format!r}"
