@@ -12,8 +12,12 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from qcal_export.errors import RecipeError
+from qcal_export.spec.choices import Target, TensorKind
 from qcal_export.spec.config import CalibrationConfig, option_fields
-from qcal_export.spec.recipe import DEFAULT_TARGET, METHODS, TARGETS, Recipe
+from qcal_export.spec.config_groups import FORMATS
+from qcal_export.spec.formats import FORMATS as FORMAT_REGISTRY
+from qcal_export.spec.methods import method_names
+from qcal_export.spec.recipe import DEFAULT_TARGET, Recipe
 
 console = Console(stderr=True)
 PLACEMENT_DETAIL_NODES = 40
@@ -242,14 +246,13 @@ def add_inspect(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("model")
     p.add_argument("--op-types", nargs="*", help="op types to plan (default: calibrate's)")
-    formats = ["int8", "uint8", "int4", "uint4", "fp8", "nvfp4"]
-    p.add_argument("--format", default="int8", choices=formats, help="as for calibrate")
-    p.add_argument("--weight-format", choices=formats)
-    p.add_argument("--activation-format", choices=[*formats, "none"])
+    p.add_argument("--format", default="int8", choices=FORMATS, help="as for calibrate")
+    p.add_argument("--weight-format", choices=FORMATS)
+    p.add_argument("--activation-format", choices=[*FORMATS, "none"])
     p.add_argument(
         "--target",
         default=DEFAULT_TARGET,
-        choices=list(TARGETS),
+        choices=Target.values(),
         help=f"the Q/DQ placement to show, as calibrate --target (default {DEFAULT_TARGET})",
     )
     p.add_argument("--exclude", nargs="*", default=[], metavar="NODE")
@@ -275,20 +278,20 @@ def add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--formats",
         nargs="*",
         default=["int8", "fp8", "nvfp4"],
-        choices=["int8", "uint8", "fp8", "nvfp4"],
+        choices=[name for name, fmt in FORMAT_REGISTRY.items() if not fmt.weight_only],
     )
     p.add_argument(
         "--methods",
         nargs="*",
         default=["max"],
-        choices=[m for m in METHODS if m != "nvfp4-mse"],
+        choices=method_names(TensorKind.ACTIVATION),
         help="activations",
     )
     p.add_argument(
         "--weight-methods",
         nargs="*",
         default=["max", "mse", "nvfp4-mse"],
-        choices=METHODS,
+        choices=method_names(),
         help="weights (nvfp4-mse: nvfp4 only)",
     )
     return p

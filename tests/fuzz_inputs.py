@@ -10,7 +10,7 @@ import math
 import numpy as np
 from hypothesis import strategies as st
 
-from qcal_export.spec.method_options import METHOD_OPTIONS
+from qcal_export.spec.methods import METHOD_OPTIONS
 
 # ---- recipes ---------------------------------------------------------------------------------
 
@@ -36,7 +36,8 @@ BAD_NUMBERS = [math.nan, math.inf, -math.inf, 0, -1, 1e300, 1e-300, True, "x", N
 @st.composite
 def method_and_options(draw, methods: list[str]) -> dict:
     method = draw(st.sampled_from(methods))
-    keys = draw(st.lists(st.sampled_from(sorted(METHOD_OPTIONS.get(method, ["bins"]))), max_size=2))
+    taken = sorted(METHOD_OPTIONS.get(method) or ["bins"])
+    keys = draw(st.lists(st.sampled_from(taken), max_size=2))
     return {"method": method, "options": {k: draw(st.sampled_from(PLAUSIBLE[k])) for k in keys}}
 
 
@@ -120,7 +121,7 @@ def recipes(draw) -> object:
     if fault == "option":
         spec = data.get("activation") or data.get("weight") or {"method": "percentile"}
         data.setdefault("activation" if "activation" in data else "weight", spec)
-        key = draw(st.sampled_from(sorted(METHOD_OPTIONS.get(spec.get("method"), ["bins"]))))
+        key = draw(st.sampled_from(sorted(METHOD_OPTIONS.get(spec.get("method")) or ["bins"])))
         spec.setdefault("options", {})[key] = draw(st.sampled_from(BAD_NUMBERS))
     return data
 

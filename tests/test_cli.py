@@ -26,7 +26,7 @@ from qcal_export.calibrators import EntropyCalibrator, PercentileCalibrator, Shr
 from qcal_export.cli import main
 from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import PerTensor
-from qcal_export.spec.recipe import METHOD_OPTIONS
+from qcal_export.spec.methods import METHOD_OPTIONS
 
 
 def sha256(path: Path) -> str:

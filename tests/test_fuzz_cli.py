@@ -35,8 +35,7 @@ from safetensors.torch import load_file
 
 from qcal_export import calibrate_onnx
 from qcal_export.cli import main
-from qcal_export.spec.method_options import METHOD_OPTIONS
-from qcal_export.spec.recipe import METHODS
+from qcal_export.spec.methods import METHOD_OPTIONS, method_names
 
 FUZZ = settings(
     derandomize=True,
@@ -137,11 +136,11 @@ def test_generated_recipes(workdir, capsys, data, damage, as_json):
 @settings(FUZZ, max_examples=150)
 @given(
     fmt=st.sampled_from(["int8", "int8", "uint8", "int4", "fp8", "nvfp4"]),
-    method=st.sampled_from(METHODS),
+    method=st.sampled_from(method_names()),
     weight_method=st.one_of(
         st.none(),
         st.sampled_from(["max", "mse", "shrink-mse", "percentile"]),
-        st.sampled_from(METHODS),
+        st.sampled_from(method_names()),
     ),
     draw=st.data(),
     arguments=st.dictionaries(

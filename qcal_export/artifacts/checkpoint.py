@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from qcal_export.errors import OutputError, ScalesError
 from qcal_export.files.atomic import atomic_path, write_file
+from qcal_export.spec.choices import CheckpointLayout
 from qcal_export.spec.formats import E2M1_VALUES, NVFP4, pack_nibbles, unpack_nibbles
 
 WEIGHTS_FILE = "model.safetensors"
@@ -59,7 +60,7 @@ QuantConfigs = Callable[[list[str], bool, list[str]], dict[str, dict]]
 
 
 @dataclass(frozen=True)
-class CheckpointLayout:
+class LayoutSpec:
     """Tensor names of one serving layout, per layer ``<name>.<tensor>``, and its scale direction.
 
     ``packed``: uint8 [out, in/2] codes; ``weight_scale``: float8_e4m3fn [out, in/16];
@@ -68,7 +69,7 @@ class CheckpointLayout:
     w4a4, ignore)`` gives {file name: JSON}; config.json's entry is its ``quantization_config``.
     """
 
-    name: str
+    name: CheckpointLayout
     packed: str
     global_name: str
     input_name: str
@@ -107,7 +108,7 @@ def _modelopt_configs(names: list[str], w4a4: bool, ignore: list[str]) -> dict[s
             "ignore": ignore,
             "quant_algo": algo,
             "producer": producer,
-            "quant_method": "modelopt",
+            "quant_method": CheckpointLayout.MODELOPT.value,
         },
     }
 
@@ -124,7 +125,7 @@ def _ct_configs(names: list[str], w4a4: bool, ignore: list[str]) -> dict[str, di
     }
     config = {
         "config_groups": {"group_0": group},
-        "quant_method": "compressed-tensors",
+        "quant_method": CheckpointLayout.COMPRESSED_TENSORS.value,
         "kv_cache_scheme": None,
         "format": CT_FORMAT,
         "quantization_status": "compressed",
@@ -145,8 +146,8 @@ def _ct_args(dynamic: bool | str, observer: str) -> dict[str, Any]:
     return fp4 | {"observer": observer, "observer_kwargs": {}}
 
 
-MODELOPT = CheckpointLayout(
-    name="modelopt",
+MODELOPT = LayoutSpec(
+    name=CheckpointLayout.MODELOPT,
     packed="weight",
     global_name="weight_scale_2",
     input_name="input_scale",
@@ -154,8 +155,8 @@ MODELOPT = CheckpointLayout(
     reciprocal=False,
     quant_configs=_modelopt_configs,
 )
-COMPRESSED_TENSORS = CheckpointLayout(
-    name="compressed-tensors",
+COMPRESSED_TENSORS = LayoutSpec(
+    name=CheckpointLayout.COMPRESSED_TENSORS,
     packed="weight_packed",
     global_name="weight_global_scale",
     input_name="input_global_scale",
@@ -164,7 +165,8 @@ COMPRESSED_TENSORS = CheckpointLayout(
     quant_configs=_ct_configs,
 )
 LAYOUT_BY_NAME = {layout.name: layout for layout in (MODELOPT, COMPRESSED_TENSORS)}
-LAYOUTS = tuple(LAYOUT_BY_NAME)
+"""Each layout's tensor names and configs (a test holds it equal to ``CheckpointLayout``)."""
+LAYOUTS = tuple(CheckpointLayout.values())
 
 
 def write_nvfp4_checkpoint(

@@ -22,6 +22,7 @@ from qcal_export.errors import OutputError
 from qcal_export.graphs.op_inputs import WEIGHT_INPUTS
 from qcal_export.onnx_io.initializers import initializer_values
 from qcal_export.onnx_io.tensor_types import FLOAT_TYPES
+from qcal_export.spec.formats import get_format
 from qcal_export.spec.plan import Plan, WeightPlan
 from qcal_export.spec.scales import TensorScales
 
@@ -89,7 +90,7 @@ def checkpoint_layers(
         name = layer_name(weight, node.name)
         values = _serving_weight(node, initializer_values(initializers[weight]))
         entry, plan_entry = scales.get(weight), plan.weights.get(weight)
-        if entry is None or entry.format != "nvfp4" or plan_entry is None:
+        if entry is None or not get_format(entry.format).two_level or plan_entry is None:
             ignore.append(name)
             extra[f"{name}.weight"] = values
             continue
@@ -136,7 +137,7 @@ def _nvfp4_layer(
         block_scales = block_scales.T.contiguous()
     activation = scales.get(node.input[0])
     input_scale = None
-    if activation is not None and activation.format == "nvfp4":
+    if activation is not None and get_format(activation.format).two_level:
         input_scale = activation.global_scale.reshape(())
     return NVFP4Linear(
         name=name,

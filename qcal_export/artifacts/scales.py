@@ -20,14 +20,7 @@ from safetensors.torch import save
 
 from qcal_export.errors import ScalesError
 from qcal_export.files.atomic import write_file
-from qcal_export.spec.formats import (
-    FORMATS,
-    FP8_SUBNORMAL_MIN,
-    NVFP4,
-    Format,
-    NVFP4Format,
-    get_format,
-)
+from qcal_export.spec.formats import FORMATS, Format, get_format
 from qcal_export.spec.granularity import Granularity, PerBlock, granularity_from_dict
 from qcal_export.spec.scales import TensorScales
 
@@ -169,7 +162,7 @@ def check_values(
             f"{where}: zero_point has shape {list(zero_point.shape)}, its scale {list(scale.shape)}"
         )
     _check_zero_point(where, fmt, zero_point)
-    if isinstance(fmt, NVFP4Format):
+    if fmt.two_level:
         global_scale = tensors[f"{name}.global_scale"]
         _check_float(where, "global_scale", global_scale, positive=True)
         if global_scale.dim() != 0:
@@ -178,10 +171,10 @@ def check_values(
                 "tensor)"
             )
         blocks = isinstance(granularity, PerBlock)
-        if blocks and bool((scale > NVFP4.scale_max).any() | (scale < FP8_SUBNORMAL_MIN).any()):
+        if blocks and bool((scale > fmt.scale_max).any() | (scale < fmt.scale_min).any()):
             raise ScalesError(
-                f"{where}: nvfp4 block scales must lie in [{FP8_SUBNORMAL_MIN:g}, "
-                f"{NVFP4.scale_max:g}] (FP8 E4M3), found {float(scale.min()):g} to "
+                f"{where}: {fmt.name} block scales must lie in [{fmt.scale_min:g}, "
+                f"{fmt.scale_max:g}] (FP8 E4M3), found {float(scale.min()):g} to "
                 f"{float(scale.max()):g}"
             )
 

@@ -30,8 +30,9 @@ from qcal_export.calibrators import Calibrator
 from qcal_export.calibrators.nvfp4_mse import BlockHessian
 from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import Granularity, PerTensor, PerTensorGroup
+from qcal_export.spec.methods import METHODS
 from qcal_export.spec.plan import ActivationPlan, Plan
-from qcal_export.spec.recipe import AUTO_METHODS, METHOD_OPTIONS, TensorSpec
+from qcal_export.spec.recipe import TensorSpec
 from qcal_export.spec.scales import TensorScales
 
 
@@ -71,19 +72,20 @@ class ActivationResult:
 def candidate_specs(tensor: str, spec: TensorSpec) -> list[tuple[str, TensorSpec]]:
     """(key, spec) of each calibrator an activation gets: its own, or under ``auto`` one per
     candidate method (key ``tensor#method``), each with the options that method takes."""
-    if spec.method != "auto":
+    among = METHODS[spec.method].among
+    if not among:
         return [(tensor, spec)]
     return [
         (
-            f"{tensor}#{method}",
-            dataclasses.replace(spec, method=method, options=_options(spec, method)),
+            f"{tensor}#{method.name}",
+            dataclasses.replace(spec, method=method.name, options=_options(spec, method.options)),
         )
-        for method in AUTO_METHODS
+        for method in among
     ]
 
 
-def _options(spec: TensorSpec, method: str) -> dict[str, float]:
-    return {k: v for k, v in spec.options.items() if k in METHOD_OPTIONS.get(method, ())}
+def _options(spec: TensorSpec, taken: frozenset[str]) -> dict[str, float]:
+    return {k: v for k, v in spec.options.items() if k in taken}
 
 
 def calibrate_activations(
@@ -182,7 +184,7 @@ def _activation_scales(
             scales[tensor] = found
         else:
             candidates.setdefault(tensor, {})[spec.method] = found
-    scales.update({t: c[AUTO_METHODS[0]] for t, c in candidates.items()})
+    scales.update({t: next(iter(c.values())) for t, c in candidates.items()})
     return scales, candidates
 
 

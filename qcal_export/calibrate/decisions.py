@@ -14,7 +14,6 @@ from onnx import TensorProto
 from qcal_export.calibrators import Calibrator
 from qcal_export.spec.formats import (
     AMAX_FLOOR,
-    NVFP4,
     SCALE_LIMITS,
     NVFP4Format,
     floor_zero,
@@ -57,8 +56,8 @@ def tensor_scales(
     common = dict(name=name, kind=kind, format=spec.format, method=spec.method)
     common.update(granularity=granularity, options=dict(spec.options), notes=notes)
     floor = SCALE_LIMITS[scale_type][0]
-    if isinstance(fmt, NVFP4Format):
-        return _nvfp4_scales(cal, bound, granularity, values, common, scale_type)
+    if fmt.two_level:
+        return _two_level_scales(fmt, cal, bound, granularity, values, common, scale_type)
     scale, zero_point = fmt.scale_zero_point(amin, amax, floor)
     raw, _ = fmt.scale_zero_point(amin, amax, 0.0)
     notes += scale_notes(raw[bound > 0], scale_type)
@@ -103,7 +102,8 @@ def _some(scales: torch.Tensor) -> str:
     return f"{scales.numel()} scales (the smallest {float(scales.min()):.3g})"
 
 
-def _nvfp4_scales(
+def _two_level_scales(
+    fmt: NVFP4Format,
     cal: Calibrator,
     bound: torch.Tensor,
     granularity: Granularity,
@@ -115,10 +115,10 @@ def _nvfp4_scales(
     global_amax = cal.compute_global_amax()
     global_amax = bound.max() if global_amax is None else global_amax.float().cpu()
     smallest = SCALE_LIMITS[scale_type][0]
-    global_scale = NVFP4.global_scale(global_amax, smallest)
+    global_scale = fmt.global_scale(global_amax, smallest)
     if global_amax > 0:
-        raw = NVFP4.global_scale(global_amax, 0.0)[None]
-        common["notes"] += scale_notes(raw, scale_type, NVFP4.global_floor(smallest))
+        raw = fmt.global_scale(global_amax, 0.0)[None]
+        common["notes"] += scale_notes(raw, scale_type, fmt.global_floor(smallest))
     if not isinstance(granularity, PerBlock):
         return TensorScales(
             amax=floor_zero(global_amax),
@@ -130,7 +130,7 @@ def _nvfp4_scales(
     block_amax = bound
     if bound.dim() == 0 and values is not None:
         block_amax = block_amaxes(values.float(), granularity).cpu()
-    block_scales = NVFP4.block_scales(block_amax, global_scale).float()
+    block_scales = fmt.block_scales(block_amax, global_scale).float()
     return TensorScales(
         amax=floor_zero(block_amax),
         scale=block_scales,

@@ -19,8 +19,9 @@ from qcal_export.errors import CalibrationError, DataError, RecipeError
 from qcal_export.onnx_io.initializers import initializer_values
 from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import Granularity
+from qcal_export.spec.methods import HESSIAN, METHODS
 from qcal_export.spec.plan import Plan, WeightPlan
-from qcal_export.spec.recipe import METHODS, TensorSpec
+from qcal_export.spec.recipe import TensorSpec
 from qcal_export.spec.scales import TensorScales
 
 Collector = Callable[[torch.Tensor], None]
@@ -37,14 +38,16 @@ def make_calibrator(
 
     ``extra`` are constructor arguments that are data, not options (a weight's Hessian).
     """
-    if spec.method == "auto":
+    method = METHODS[spec.method]
+    if method.searches:
+        own = [name for name, m in METHODS.items() if not m.searches]
         raise RecipeError(
-            "method auto chooses among activation methods per tensor in calibrate_onnx; "
-            f"give weights and torch models a method of {[m for m in METHODS if m != 'auto']}"
+            f"method {method.name} chooses among activation methods per tensor in "
+            f"calibrate_onnx; give weights and torch models a method of {own}"
         )
-    kind = CALIBRATORS[spec.method]
+    kind = CALIBRATORS[method.name]
     fmt = get_format(spec.format)
-    options = {k: v for k, v in spec.options.items() if k != "hessian"}
+    options = method.calibrator_options(spec.options)
     granularity = kind.granularity_for(fmt, granularity)
     return kind(fmt, granularity, nonfinite=nonfinite, **options, **extra)
 
@@ -126,13 +129,13 @@ def calibrate_weight(
         cal.collect(values)
     scale_type = SCALE_TYPES.get(values.dtype, TensorProto.FLOAT)
     scales = tensor_scales(name, "weight", spec, cal, granularity, values, scale_type)
-    if spec.options.get("hessian") and hessian is None:
+    if spec.options.get(HESSIAN) and hessian is None:
         scales.notes.append("no layer input to weight by: plain squared error")
     return scales
 
 
 def _weight_hessian(weight: WeightPlan, hessians: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    if not weight.spec.options.get("hessian") or weight.hessian_input is None:
+    if not weight.spec.options.get(HESSIAN) or weight.hessian_input is None:
         return None
     return hessians.get(weight.hessian_input)
 

@@ -1,4 +1,5 @@
-"""Calibrators in the collect / compute_amax / reset / state_dict / merge_ style."""
+"""Calibrators in the collect / compute_amax / reset / state_dict / merge_ style, and the class
+of each method ``spec.methods`` declares (a search over methods has none)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,20 @@ from qcal_export.calibrators.mse import MseCalibrator, mse_multipliers
 from qcal_export.calibrators.nvfp4_mse import BlockHessian, NVFP4MseCalibrator
 from qcal_export.calibrators.percentile import PercentileCalibrator
 from qcal_export.calibrators.shrink_mse import ShrinkMseCalibrator
+from qcal_export.spec import methods
 
 CALIBRATORS: dict[str, type[Calibrator]] = {
-    "max": MaxCalibrator,
-    "mse": MseCalibrator,
-    "nvfp4-mse": NVFP4MseCalibrator,
-    "percentile": PercentileCalibrator,
-    "entropy": EntropyCalibrator,
-    "shrink-mse": ShrinkMseCalibrator,
+    method.name: calibrator
+    for method, calibrator in (
+        (methods.MAX, MaxCalibrator),
+        (methods.MSE, MseCalibrator),
+        (methods.NVFP4_MSE, NVFP4MseCalibrator),
+        (methods.PERCENTILE, PercentileCalibrator),
+        (methods.ENTROPY, EntropyCalibrator),
+        (methods.SHRINK_MSE, ShrinkMseCalibrator),
+    )
 }
+"""The calibrator class of each declared method that is not a search, by method name."""
 
 __all__ = [
     "CALIBRATORS",

@@ -14,10 +14,10 @@ import torch
 
 from qcal_export.calibrators import kernels
 from qcal_export.errors import CalibrationError
+from qcal_export.spec.choices import NonFinite
 from qcal_export.spec.formats import Format, floor_zero
 from qcal_export.spec.granularity import Granularity
 
-NonFinite = Literal["skip", "error"]
 MergeOp = Literal["sum", "max", "min", "same"]
 
 
@@ -36,12 +36,14 @@ class Calibrator(ABC):
     """Check for non-finite values on the host even on CUDA: for a calibrator whose collect
     waits for the device anyway, one early sync is cheaper than the device-side pass."""
 
-    def __init__(self, fmt: Format, granularity: Granularity, *, nonfinite: NonFinite = "skip"):
-        if nonfinite not in ("skip", "error"):
-            raise CalibrationError(f"nonfinite must be 'skip' or 'error', not {nonfinite!r}")
+    def __init__(
+        self, fmt: Format, granularity: Granularity, *, nonfinite: NonFinite = NonFinite.SKIP
+    ):
+        if nonfinite not in NonFinite.values():
+            raise CalibrationError(f"nonfinite must be {NonFinite.described()}, not {nonfinite!r}")
         self.fmt = fmt
         self.granularity = granularity
-        self.nonfinite = nonfinite
+        self.nonfinite = NonFinite(nonfinite)
         self.reset()
 
     def reset(self) -> None:
@@ -177,7 +179,7 @@ class Calibrator(ABC):
         """
         if (
             x.is_cuda
-            and self.nonfinite == "skip"
+            and self.nonfinite == NonFinite.SKIP
             and kernels.HAS_TRITON
             and not self.host_nonfinite_check
         ):
@@ -190,7 +192,7 @@ class Calibrator(ABC):
         count = finite.numel() - int(finite.sum())
         if count == 0:
             return x, 0
-        if self.nonfinite == "error":
+        if self.nonfinite == NonFinite.ERROR:
             raise CalibrationError(f"{count} non-finite values (NaN/Inf) in a collected tensor")
         return torch.where(finite, x, self.nonfinite_fill), count
 

@@ -14,9 +14,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from qcal_export.calibrators.base import NonFinite
 from qcal_export.calibrators.histogram import BINS, HistogramCalibrator, integer_option
 from qcal_export.errors import CalibrationError
+from qcal_export.spec.choices import NonFinite
 from qcal_export.spec.formats import Format
 from qcal_export.spec.granularity import Granularity
 
@@ -71,7 +71,7 @@ class EntropyCalibrator(HistogramCalibrator):
         bins: int = BINS,
         quantized_bins: int | None = None,
         max_clipped: float = MAX_CLIPPED,
-        nonfinite: NonFinite = "skip",
+        nonfinite: NonFinite = NonFinite.SKIP,
     ):
         bins = integer_option("bins", bins, 2, MAX_BINS)
         if quantized_bins is None:

@@ -15,8 +15,9 @@ from typing import ClassVar
 import torch
 
 from qcal_export.calibrators import kernels
-from qcal_export.calibrators.base import Calibrator, MergeOp, NonFinite
+from qcal_export.calibrators.base import Calibrator, MergeOp
 from qcal_export.errors import CalibrationError
+from qcal_export.spec.choices import NonFinite
 from qcal_export.spec.formats import Format
 from qcal_export.spec.granularity import Granularity
 
@@ -97,7 +98,7 @@ class HistogramCalibrator(Calibrator):
         granularity: Granularity,
         *,
         bins: int = BINS,
-        nonfinite: NonFinite = "skip",
+        nonfinite: NonFinite = NonFinite.SKIP,
     ):
         self.bins = integer_option("bins", bins, 2)
         super().__init__(fmt, granularity, nonfinite=nonfinite)

@@ -14,9 +14,10 @@ from typing import ClassVar
 import torch
 
 from qcal_export.calibrators import kernels
-from qcal_export.calibrators.base import Calibrator, MergeOp, NonFinite
+from qcal_export.calibrators.base import Calibrator, MergeOp
 from qcal_export.errors import CalibrationError
-from qcal_export.spec.formats import Format, FP8E4M3Format, IntFormat, NVFP4Format
+from qcal_export.spec.choices import NonFinite
+from qcal_export.spec.formats import Format
 from qcal_export.spec.granularity import Granularity, PerBlock, PerTensorGroup
 
 QuantFunc = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -73,7 +74,7 @@ class MseCalibrator(Calibrator):
         step: float = 0.1,
         quant_func: QuantFunc | None = None,
         error_func: ErrorFunc | None = None,
-        nonfinite: NonFinite = "skip",
+        nonfinite: NonFinite = NonFinite.SKIP,
     ):
         if quant_func is not None and not fmt.symmetric:
             raise CalibrationError(
@@ -187,17 +188,16 @@ class MseCalibrator(Calibrator):
             and kernels.HAS_TRITON
             and self.quant_func is None
             and self.error_func is None
-            and isinstance(self.fmt, IntFormat | FP8E4M3Format | NVFP4Format)
         )
 
     def _skips_nonfinite(self, x: torch.Tensor) -> bool:
         """The int and fp8 sweep kernels read a non-finite value as 0."""
-        return self._fused(x) and not isinstance(self.fmt, NVFP4Format)
+        return self._fused(x) and not self.fmt.two_level
 
     def _update_fused(
         self, groups: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     ) -> None:
-        if isinstance(self.fmt, NVFP4Format):
+        if self.fmt.two_level:
             from qcal_export.calibrators.kernels.nvfp4_global import nvfp4_global_sweep_
 
             nvfp4_global_sweep_(self._state["losses"], groups, scale, self.fmt)

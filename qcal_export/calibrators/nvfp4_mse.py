@@ -12,8 +12,9 @@ from typing import ClassVar
 import torch
 
 from qcal_export.calibrators import kernels
-from qcal_export.calibrators.base import Calibrator, MergeOp, NonFinite
+from qcal_export.calibrators.base import Calibrator, MergeOp
 from qcal_export.errors import CalibrationError
+from qcal_export.spec.choices import NonFinite
 from qcal_export.spec.formats import NVFP4, NVFP4Format
 from qcal_export.spec.granularity import PerBlock
 
@@ -61,7 +62,7 @@ class NVFP4MseCalibrator(Calibrator):
         *,
         global_amax: torch.Tensor | float | None = None,
         hessian: torch.Tensor | None = None,
-        nonfinite: NonFinite = "skip",
+        nonfinite: NonFinite = NonFinite.SKIP,
     ):
         if not isinstance(granularity, PerBlock) or granularity.size != fmt.block_size:
             raise CalibrationError(

@@ -10,9 +10,9 @@ import numbers
 
 import torch
 
-from qcal_export.calibrators.base import NonFinite
 from qcal_export.calibrators.histogram import BINS, HistogramCalibrator
 from qcal_export.errors import CalibrationError
+from qcal_export.spec.choices import NonFinite
 from qcal_export.spec.formats import Format
 from qcal_export.spec.granularity import Granularity
 
@@ -42,7 +42,7 @@ class PercentileCalibrator(HistogramCalibrator):
         *,
         percentile: float = PERCENTILE,
         bins: int = BINS,
-        nonfinite: NonFinite = "skip",
+        nonfinite: NonFinite = NonFinite.SKIP,
     ):
         valid = isinstance(percentile, numbers.Real) and not isinstance(percentile, bool)
         if not (valid and 0 < percentile <= 100):

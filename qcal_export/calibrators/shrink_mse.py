@@ -22,8 +22,9 @@ from typing import ClassVar
 
 import torch
 
-from qcal_export.calibrators.base import Calibrator, MergeOp, NonFinite
+from qcal_export.calibrators.base import Calibrator, MergeOp
 from qcal_export.errors import CalibrationError
+from qcal_export.spec.choices import NonFinite
 from qcal_export.spec.formats import Format
 from qcal_export.spec.granularity import Granularity, PerBlock, PerTensorGroup
 
@@ -78,7 +79,7 @@ class ShrinkMseCalibrator(Calibrator):
         norm: float = 2.4,
         patience: int = 5,
         averaging_constant: float = 0.01,
-        nonfinite: NonFinite = "skip",
+        nonfinite: NonFinite = NonFinite.SKIP,
     ):
         self.shrink = shrink_factors(maxshrink, grid)
         self.norm = float(_number("norm", norm, *_POSITIVE))

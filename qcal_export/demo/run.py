@@ -13,6 +13,7 @@ from qcal_export.demo.evaluate import embedding_cosine
 from qcal_export.demo.model import demo_model_path
 from qcal_export.demo.texts import demo_batches, demo_texts
 from qcal_export.pipeline.calibrate import ProgressFactory, calibrate_onnx
+from qcal_export.spec.methods import METHODS
 
 NUM_CALIB, NUM_HELDOUT, BATCH_SIZE = 256, 128, 16
 
@@ -43,7 +44,7 @@ def run_demo(
         for fmt in formats
         for method in methods
         for weight_method in weight_methods
-        if weight_method != "nvfp4-mse" or fmt == "nvfp4"
+        if weight_method not in METHODS or METHODS[weight_method].calibrates(fmt)
     ]
     return [_demo_row(float_model, calib, heldout, out_dir, run, progress=progress) for run in runs]
 

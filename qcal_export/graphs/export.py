@@ -32,7 +32,7 @@ from qcal_export.graphs.qdq import (
     sort_nodes,
 )
 from qcal_export.onnx_io.model_io import check_model, default_opset
-from qcal_export.spec.formats import NVFP4Format, get_format, type_name
+from qcal_export.spec.formats import get_format, type_name
 from qcal_export.spec.granularity import PerTensor
 from qcal_export.spec.plan import Plan, WeightPlan
 from qcal_export.spec.scales import TensorScales
@@ -143,13 +143,13 @@ def export_qdq(
     params: dict[str, list[str]] = {}
     for tensor, weight in plan.weights.items():
         q = scales[tensor].qparams()
-        if isinstance(q.fmt, NVFP4Format):
+        if q.fmt.two_level:
             quantize_weight_nvfp4(graph, weight, q, weights_mode, names, nvfp4_form)
         else:
             params[tensor] = quantize_weight(graph, weight, q, weights_mode, names)
     for tensor, activation in plan.activations.items():
         q = scales[tensor].qparams()
-        if isinstance(q.fmt, NVFP4Format):
+        if q.fmt.two_level:
             notes.append(insert_activation_nvfp4(graph, activation, q, names, nvfp4_form))
         else:
             params[tensor] = insert_activation_qdq(graph, activation, q, names)

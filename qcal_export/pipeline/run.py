@@ -39,6 +39,7 @@ from qcal_export.onnx_io.model_io import (
     load_model,
 )
 from qcal_export.spec.config import CalibrationConfig
+from qcal_export.spec.methods import METHODS
 from qcal_export.spec.plan import Plan
 from qcal_export.spec.recipe import Recipe
 from qcal_export.spec.scales import TensorScales
@@ -269,7 +270,7 @@ def shard_run(run: Run, one_process: bool, state: str | Path | None, resume: boo
     """This rank's share of the data (and, under CUDA, its own GPU: ``LOCAL_RANK``); the
     options that do not run across processes yet are refused (``one_process``: the accuracy
     steps asked for)."""
-    auto = any(a.spec.method == "auto" for a in run.plan.activations.values())
+    auto = any(METHODS[a.spec.method].searches for a in run.plan.activations.values())
     if one_process or auto or state is not None or resume:
         raise RecipeError(
             "smoothing, method auto, the layer view, precision targets and state files run in "

@@ -20,11 +20,14 @@ from qcal_export.spec.checks import (
     check_state_every,
     check_targets,
 )
-from qcal_export.spec.recipe import DEFAULT_TARGET, METHODS, TARGETS, Recipe, load_recipe
+from qcal_export.spec.choices import CheckpointLayout, NonFinite, NVFP4Form, Target, WeightsMode
+from qcal_export.spec.formats import FORMATS as FORMAT_REGISTRY
+from qcal_export.spec.methods import METHODS
+from qcal_export.spec.recipe import DEFAULT_TARGET, Recipe, load_recipe
 from qcal_export.spec.recipe_options import build_recipe
 
-FORMATS = ("int8", "uint8", "int4", "uint4", "fp8", "nvfp4")
-CHECKPOINT_LAYOUTS = ("modelopt", "compressed-tensors")
+FORMATS = tuple(FORMAT_REGISTRY)
+METHOD_NAMES = tuple(METHODS)
 
 
 def cli(*flags: str, **words: Any) -> dict[str, Any]:
@@ -66,7 +69,7 @@ class QuantizationOptions:
         default="max",
         metadata=cli(
             "--method",
-            choices=METHODS,
+            choices=METHOD_NAMES,
             help="activation method; nvfp4-mse is a weight method (activations then use max)",
         ),
     )
@@ -74,7 +77,7 @@ class QuantizationOptions:
         default=None,
         metadata=cli(
             "--weight-method",
-            choices=METHODS,
+            choices=METHOD_NAMES,
             help="weight method (default max, or nvfp4-mse when --method nvfp4-mse)",
         ),
     )
@@ -98,7 +101,7 @@ class QuantizationOptions:
         default="portable",
         metadata=cli(
             "--nvfp4-form",
-            choices=("portable", "tensorrt"),
+            choices=tuple(NVFP4Form.values()),
             help="NVFP4 activations as standard ops, or Model Optimizer's "
             "trt::TRT_FP4DynamicQuantize",
         ),
@@ -107,7 +110,7 @@ class QuantizationOptions:
         default=DEFAULT_TARGET,
         metadata=cli(
             "--target",
-            choices=TARGETS,
+            choices=tuple(Target.values()),
             help="Q/DQ placement of this runtime: ort (ONNX Runtime's integer kernels: Add, Mul, "
             "Concat, pooling, Softmax..., scales shared through data movement) or tensorrt "
             f"(TensorRT's rules: compute-op inputs, residual Adds, pooling inputs); default "
@@ -142,9 +145,11 @@ class QuantizationOptions:
         default=(), metadata=cli("--exclude-op-types", nargs="*", metavar="OP")
     )
     weights_mode: str = field(
-        default="quantized", metadata=cli("--weights-mode", choices=("quantized", "qdq"))
+        default="quantized", metadata=cli("--weights-mode", choices=tuple(WeightsMode.values()))
     )
-    nonfinite: str = field(default="skip", metadata=cli("--nonfinite", choices=("skip", "error")))
+    nonfinite: str = field(
+        default="skip", metadata=cli("--nonfinite", choices=tuple(NonFinite.values()))
+    )
     scales_in: str | Path | None = field(
         default=None,
         metadata=cli("--scales-in", help="re-export from a saved scales file, no calibration"),
@@ -234,7 +239,7 @@ class OutputConfig:
         metadata=cli(
             "--checkpoint-layout",
             nargs="+",
-            choices=CHECKPOINT_LAYOUTS,
+            choices=tuple(CheckpointLayout.values()),
             help="serving layouts; several go to DIR/<layout>",
         ),
     )

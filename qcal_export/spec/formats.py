@@ -55,10 +55,25 @@ class IntFormat:
     symmetric: bool
     block_size: ClassVar[int] = 1
     """Elements ``fake_quant`` treats together along the last axis (1: each on its own)."""
+    two_level: ClassVar[bool] = False
+    """Whether a tensor's scale has two levels (a global scale over block scales: NVFP4)."""
+    integer: ClassVar[bool] = True
+    """Whether ``x / scale`` is rounded to integers (else cast to a float grid)."""
 
     @property
     def name(self) -> str:
         return f"{'int' if self.signed else 'uint'}{self.bits}"
+
+    @property
+    def weight_only(self) -> bool:
+        """4-bit integers quantize weights only: activations stay in float."""
+        return self.bits == 4
+
+    @property
+    def default_block_size(self) -> int | None:
+        """Weight block size when a spec names none: blocks of 128 for 4 bits (the common
+        deployment choice), else none."""
+        return 128 if self.bits == 4 else None
 
     @property
     def qmin(self) -> int:
@@ -143,6 +158,10 @@ class FP8E4M3Format:
     name: ClassVar[str] = "fp8"
     symmetric: ClassVar[bool] = True
     block_size: ClassVar[int] = 1
+    two_level: ClassVar[bool] = False
+    integer: ClassVar[bool] = False
+    weight_only: ClassVar[bool] = False
+    default_block_size: ClassVar[int | None] = None
     qmax: ClassVar[float] = 448.0
     onnx_type: ClassVar[int] = TensorProto.FLOAT8E4M3FN
     storage_dtype: ClassVar[torch.dtype] = torch.float8_e4m3fn
@@ -224,7 +243,12 @@ class NVFP4Format:
     name: ClassVar[str] = "nvfp4"
     symmetric: ClassVar[bool] = True
     block_size: ClassVar[int] = 16
+    two_level: ClassVar[bool] = True
+    integer: ClassVar[bool] = False
+    weight_only: ClassVar[bool] = False
+    default_block_size: ClassVar[int | None] = 16
     qmax: ClassVar[float] = 6.0
+    scale_min: ClassVar[float] = FP8_SUBNORMAL_MIN
     scale_max: ClassVar[float] = 448.0
     onnx_type: ClassVar[int] = TensorProto.FLOAT4E2M1
     scale_onnx_type: ClassVar[int] = TensorProto.FLOAT8E4M3FN

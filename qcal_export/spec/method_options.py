@@ -1,7 +1,9 @@
-"""Method options: the keys each calibration method takes and the values each key allows.
+"""Method options: the values an option admits (``Bound``), the limits behind them, and the
+rules that span several options of one method.
 
-A recipe's options are checked here when its TensorSpec is built, so a recipe file, the API and
-the CLI refuse a NaN, an infinity or a value whose time or memory is absurd before any batch runs.
+``spec.methods`` declares which method takes which option with which bound; a recipe's options
+are checked there when its TensorSpec is built, so a recipe file, the API and the CLI refuse a
+NaN, an infinity or a value whose time or memory is absurd before any batch runs.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from dataclasses import dataclass
 
 from qcal_export.errors import RecipeError
 
-AUTO_METHODS = ("max", "mse", "percentile", "entropy")
-"""What ``auto`` chooses among, per activation, by its consumers' output error."""
 MAX_CANDIDATES = 1000
 """Most amax candidates an mse or shrink-mse search may score (defaults: 38 and 20). Every batch
 scores every candidate, and mse keeps float64 losses ``[groups, candidates]``: 8 KB per group."""
@@ -29,13 +29,6 @@ ENTROPY_MAX_BINS = 4999
 """The entropy calibrator's own limit (its ``MAX_BINS``: smoothing must never empty a bin)."""
 MAX_NORM = 16.0
 """Largest shrink-mse error exponent: ``|e| ** norm`` stays finite in float64 for ``|e| < 1e19``."""
-DEFAULTS: dict[str, dict[str, float]] = {
-    "mse": {"start": 0.25, "stop": 4.0, "step": 0.1},
-    "shrink-mse": {"maxshrink": 0.2, "grid": 100},
-    "entropy": {"bins": 2048, "max_clipped": 1e-3},
-}
-"""The calibrators' defaults that the checks across options need (tests compare them); entropy's
-``quantized_bins`` defaults to ``min(256, 2 * bins)``."""
 
 
 @dataclass(frozen=True)
@@ -66,77 +59,37 @@ class Bound:
         return f"{kind} in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}]"
 
 
-_FRACTION = Bound(0, 1, open_low=True)
-OPTION_BOUNDS: dict[str, dict[str, Bound]] = {
-    "mse": {key: Bound(0, MAX_MULTIPLIER, open_low=True) for key in ("start", "stop", "step")},
-    "nvfp4-mse": {"hessian": Bound(0, 1, integer=True, flag=True)},
-    "shrink-mse": {
-        "maxshrink": _FRACTION,
-        "grid": Bound(0, math.inf, open_low=True),
-        "norm": Bound(0, MAX_NORM, open_low=True),
-        "patience": Bound(1, math.inf, integer=True),
-        "averaging_constant": _FRACTION,
-    },
-    "percentile": {
-        "percentile": Bound(0, 100, open_low=True),
-        "bins": Bound(2, MAX_BINS, integer=True),
-    },
-    "entropy": {
-        "bins": Bound(2, ENTROPY_MAX_BINS, integer=True),
-        "quantized_bins": Bound(2, 2 * ENTROPY_MAX_BINS, integer=True),
-        "max_clipped": _FRACTION,
-    },
-}
-"""Each method's options and the values each allows (the calibrators' constructors say what
-they mean); ``check_method_options`` adds the rules across options."""
-METHOD_OPTIONS: dict[str, set[str]] = {method: set(b) for method, b in OPTION_BOUNDS.items()}
-METHOD_OPTIONS["auto"] = set().union(*(METHOD_OPTIONS.get(m, set()) for m in AUTO_METHODS))
+FRACTION = Bound(0, 1, open_low=True)
+MULTIPLIER = Bound(0, MAX_MULTIPLIER, open_low=True)
 
 
-def check_method_options(method: str, options: object) -> None:
-    """RecipeError naming the option, its value and what is allowed, for any option ``method``
-    does not take or whose value (alone, or with the others) is out of range."""
-    if not isinstance(options, Mapping):
-        raise RecipeError(f"options must be a mapping of option: number, not {options!r}")
-    allowed = METHOD_OPTIONS.get(method, set())
-    unknown = [key for key in options if key not in allowed]
-    if unknown:
+def check_mse(values: Mapping[str, float]) -> None:
+    """RecipeError for mse multipliers ``start..stop`` by ``step`` that run backwards or give
+    more than ``MAX_CANDIDATES`` candidates."""
+    start, stop, step = values["start"], values["stop"], values["step"]
+    if stop < start:
+        raise RecipeError(f"mse options need start <= stop, not start={start}, stop={stop}")
+    steps = (stop - start) / step
+    if not steps < MAX_CANDIDATES or math.ceil(round(steps, 9)) + 1 > MAX_CANDIDATES:
         raise RecipeError(
-            f"method {method!r} takes no option(s) {sorted(map(str, unknown))}; "
-            f"it takes {sorted(allowed) or 'none'}"
+            f"mse options start={start}, stop={stop}, step={step} give more than "
+            f"{MAX_CANDIDATES} candidates: raise step or narrow start..stop"
         )
-    for name in AUTO_METHODS if method == "auto" else (method,):
-        taken = {k: v for k, v in options.items() if k in OPTION_BOUNDS.get(name, {})}
-        for key, value in taken.items():
-            bound = OPTION_BOUNDS[name][key]
-            if not bound.admits(value):
-                raise RecipeError(
-                    f"method {name!r} option {key}={value!r} is out of range: it must be "
-                    f"{bound.describe()}"
-                )
-        _check_together(name, {**DEFAULTS.get(name, {}), **taken})
 
 
-def _check_together(method: str, values: Mapping[str, float]) -> None:
-    """The rules that span options: candidate counts and the entropy windows."""
-    if method == "mse":
-        start, stop, step = values["start"], values["stop"], values["step"]
-        if stop < start:
-            raise RecipeError(f"mse options need start <= stop, not start={start}, stop={stop}")
-        steps = (stop - start) / step
-        if not steps < MAX_CANDIDATES or math.ceil(round(steps, 9)) + 1 > MAX_CANDIDATES:
-            raise RecipeError(
-                f"mse options start={start}, stop={stop}, step={step} give more than "
-                f"{MAX_CANDIDATES} candidates: raise step or narrow start..stop"
-            )
-    if method == "shrink-mse":
-        product = values["maxshrink"] * values["grid"]
-        if not 1 <= product < MAX_CANDIDATES + 1:
-            raise RecipeError(
-                f"shrink-mse options maxshrink={values['maxshrink']}, grid={values['grid']} give "
-                f"int(maxshrink * grid) candidates: that must be 1 to {MAX_CANDIDATES}"
-            )
-    if method == "entropy" and values.get("quantized_bins", 0) > 2 * values["bins"]:
+def check_shrink_mse(values: Mapping[str, float]) -> None:
+    """RecipeError unless ``int(maxshrink * grid)`` is 1 to ``MAX_CANDIDATES`` candidates."""
+    product = values["maxshrink"] * values["grid"]
+    if not 1 <= product < MAX_CANDIDATES + 1:
+        raise RecipeError(
+            f"shrink-mse options maxshrink={values['maxshrink']}, grid={values['grid']} give "
+            f"int(maxshrink * grid) candidates: that must be 1 to {MAX_CANDIDATES}"
+        )
+
+
+def check_entropy(values: Mapping[str, float]) -> None:
+    """RecipeError for a ``quantized_bins`` wider than the ``2 * bins`` window it merges."""
+    if values.get("quantized_bins", 0) > 2 * values["bins"]:
         raise RecipeError(
             f"entropy option quantized_bins={values['quantized_bins']} is out of range: a window "
             f"of at most 2 * bins = {2 * values['bins']} bins is merged into quantized_bins"

@@ -12,15 +12,14 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from qcal_export.errors import RecipeError
+from qcal_export.spec.choices import NonFinite, NVFP4Form, Target, TensorKind, WeightsMode
 from qcal_export.spec.formats import FORMATS
-from qcal_export.spec.method_options import AUTO_METHODS as AUTO_METHODS
-from qcal_export.spec.method_options import METHOD_OPTIONS as METHOD_OPTIONS
-from qcal_export.spec.method_options import check_method_options
+from qcal_export.spec.methods import DEFAULT_METHOD, METHODS
 
 DEFAULT_OP_TYPES = (
     *("MatMul", "Gemm", "Conv", "ConvTranspose"),
@@ -30,24 +29,22 @@ DEFAULT_OP_TYPES = (
 )
 """The compute ops, and the ops a deployment target places Q/DQ around (what each target does
 with them: ``graphs.op_inputs.PLACEMENTS``)."""
-Target = Literal["ort", "tensorrt"]
-TARGETS = ("ort", "tensorrt")
-DEFAULT_TARGET: Target = "tensorrt"
+DEFAULT_TARGET = Target.TENSORRT
 """TensorRT's placement (the compute ops' inputs, plus residual Adds and pooling inputs in CNNs):
 ONNX Runtime's full placement also quantizes every residual-stream Add and its outputs, which
 max calibration cannot range on transformers with outlier channels; ``ort`` is asked for."""
-METHODS = ("max", "mse", "nvfp4-mse", "shrink-mse", "percentile", "entropy", "auto")
-DEFAULT_BLOCK_SIZES = {"int4": 128, "uint4": 128, "nvfp4": 16}
-"""Weight block size by format when a spec names none: int4 blocks of 128 (the common
-deployment choice), NVFP4's fixed 16."""
 MAX_BLOCK_SIZE = 4096
 """Largest weight block (blocks in use are 16 to 256): calibration pads every row of a weight to
 a whole number of blocks, so a block wider than the reduction axis costs rows * block_size."""
-WEIGHT_ONLY_FORMATS = ("int4", "uint4")
 SPEC_KEYS = ("activation", "weight", "output")
+CHOICES = {
+    "nvfp4_form": NVFP4Form,
+    "target": Target,
+    "weights_mode": WeightsMode,
+    "nonfinite": NonFinite,
+}
+"""The Recipe fields that are fixed choices, in the order they are checked."""
 NAME_LISTS = ("op_types", "exclude_nodes", "exclude_op_types", "module_types", "modules")
-WeightsMode = Literal["quantized", "qdq"]
-NVFP4Form = Literal["portable", "tensorrt"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,7 @@ class TensorSpec:
     """
 
     format: str = "int8"
-    method: str = "max"
+    method: str = DEFAULT_METHOD
     per_channel: bool = False
     block_size: int | None = None
     options: Mapping[str, float] = field(default_factory=dict)
@@ -71,12 +68,16 @@ class TensorSpec:
             value = getattr(self, key)
             if not isinstance(value, str) or value not in allowed:
                 raise RecipeError(f"unknown {key} {value!r}: choose one of {allowed}")
-        if self.method == "nvfp4-mse" and self.format != "nvfp4":
-            raise RecipeError(f"method 'nvfp4-mse' needs format nvfp4, not {self.format!r}")
+        method = METHODS[self.method]
+        if not method.calibrates(self.format):
+            raise RecipeError(
+                f"method {self.method!r} needs format {' or '.join(method.formats)}, "
+                f"not {self.format!r}"
+            )
         if not isinstance(self.per_channel, bool):
             raise RecipeError(f"per_channel must be true or false, not {self.per_channel!r}")
         if self.block_size is None:
-            object.__setattr__(self, "block_size", DEFAULT_BLOCK_SIZES.get(self.format))
+            object.__setattr__(self, "block_size", FORMATS[self.format].default_block_size)
         size = self.block_size
         if size is not None and (
             isinstance(size, bool) or not isinstance(size, int) or not 2 <= size <= MAX_BLOCK_SIZE
@@ -87,7 +88,7 @@ class TensorSpec:
         fixed = FORMATS[self.format].block_size
         if fixed > 1 and self.block_size != fixed:
             raise RecipeError(f"{self.format} blocks are {fixed} elements, not {self.block_size}")
-        check_method_options(self.method, self.options)
+        method.check_options(self.options)
 
 
 @dataclass(frozen=True)
@@ -142,9 +143,9 @@ class Recipe:
     exclude_nodes: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = ()
-    weights_mode: WeightsMode = "quantized"
-    nonfinite: Literal["skip", "error"] = "skip"
-    nvfp4_form: NVFP4Form = "portable"
+    weights_mode: WeightsMode = WeightsMode.QUANTIZED
+    nonfinite: NonFinite = NonFinite.SKIP
+    nvfp4_form: NVFP4Form = NVFP4Form.PORTABLE
     target: Target = DEFAULT_TARGET
     output: TensorSpec | None = None
     module_types: tuple[str, ...] = ()
@@ -163,18 +164,8 @@ class Recipe:
         object.__setattr__(self, "overrides", tuple(overrides))
         _check_activation_spec(self.activation, "recipe")
         _check_activation_spec(self.output, "recipe output")
-        if self.nvfp4_form not in ("portable", "tensorrt"):
-            raise RecipeError(
-                f"nvfp4_form must be 'portable' or 'tensorrt', not {self.nvfp4_form!r}"
-            )
-        if self.target not in TARGETS:
-            raise RecipeError(f"target must be one of {list(TARGETS)}, not {self.target!r}")
-        if self.weights_mode not in ("quantized", "qdq"):
-            raise RecipeError(
-                f"weights_mode must be 'quantized' or 'qdq', not {self.weights_mode!r}"
-            )
-        if self.nonfinite not in ("skip", "error"):
-            raise RecipeError(f"nonfinite must be 'skip' or 'error', not {self.nonfinite!r}")
+        for key, choice in CHOICES.items():
+            object.__setattr__(self, key, choice.parse(getattr(self, key), key))
 
     def excludes(self, node_name: str, op_type: str) -> bool:
         return op_type in self.exclude_op_types or any(
@@ -203,16 +194,14 @@ def _check_activation_spec(spec: TensorSpec | None, where: str) -> None:
     """RecipeError for an activation spec that only weights can take."""
     if spec is None:
         return
-    if spec.format in WEIGHT_ONLY_FORMATS:
+    if FORMATS[spec.format].weight_only:
         raise RecipeError(
             f"{where}: {spec.format} is a weight format; give activations another format "
             "or none (activation: null) for weight-only quantization"
         )
-    if spec.method == "nvfp4-mse":
-        raise RecipeError(
-            f"{where}: nvfp4-mse chooses per-block weight scales; NVFP4 activations get their "
-            "block scales in the graph, so calibrate their global amax with max or mse"
-        )
+    method = METHODS[spec.method]
+    if not method.applies_to(TensorKind.ACTIVATION):
+        raise RecipeError(f"{where}: {method.name} {method.weight_only_reason}")
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -7,20 +7,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from qcal_export.errors import RecipeError
-from qcal_export.spec.recipe import (
-    DEFAULT_TARGET,
-    METHOD_OPTIONS,
-    WEIGHT_ONLY_FORMATS,
-    Recipe,
-    TensorSpec,
-)
+from qcal_export.spec.choices import NonFinite, NVFP4Form, TensorKind, WeightsMode
+from qcal_export.spec.formats import FORMATS
+from qcal_export.spec.methods import DEFAULT_METHOD, HESSIAN, METHOD_OPTIONS, METHODS
+from qcal_export.spec.recipe import DEFAULT_TARGET, Recipe, TensorSpec
 
 
 def build_recipe(
     recipe: Recipe | None,
     *,
     format: str = "int8",
-    method: str = "max",
+    method: str = DEFAULT_METHOD,
     weight_method: str | None = None,
     weight_format: str | None = None,
     activation_format: str | None = None,
@@ -29,9 +26,9 @@ def build_recipe(
     hessian: bool = False,
     exclude: tuple[str, ...] = (),
     exclude_op_types: tuple[str, ...] = (),
-    weights_mode: str = "quantized",
-    nonfinite: str = "skip",
-    nvfp4_form: str = "portable",
+    weights_mode: str = WeightsMode.QUANTIZED,
+    nonfinite: str = NonFinite.SKIP,
+    nvfp4_form: str = NVFP4Form.PORTABLE,
     target: str = DEFAULT_TARGET,
     method_options: Mapping[str, float] | None = None,
 ) -> Recipe:
@@ -39,24 +36,33 @@ def build_recipe(
 
     ``format`` applies to weights and activations unless ``weight_format`` /
     ``activation_format`` say otherwise; weight-only formats (int4) and ``activation_format``
-    "none" leave activations in float. ``method`` "nvfp4-mse" is a weight method: activations
-    then use max. ``hessian`` weights the nvfp4-mse sweep by the layer inputs' ``Xᵀ X``.
+    "none" leave activations in float. A ``method`` only weights take (nvfp4-mse) becomes the
+    weight method, and activations then use max. ``hessian`` weights the nvfp4-mse sweep by the
+    layer inputs' ``Xᵀ X``.
     ``method_options`` (``percentile``, ``bins``, ``grid``, ...) go to whichever of the two
-    methods takes them (see ``recipe.METHOD_OPTIONS``).
+    methods takes them (see ``methods.METHOD_OPTIONS``).
     """
     if recipe is not None:
         return recipe
     weight_format = weight_format or format
     if activation_format is None:
-        activation_format = "none" if format in WEIGHT_ONLY_FORMATS else format
+        weight_only = format in FORMATS and FORMATS[format].weight_only
+        activation_format = "none" if weight_only else format
+    weights_only = method in METHODS and not METHODS[method].applies_to(TensorKind.ACTIVATION)
     if weight_method is None:
-        weight_method = "nvfp4-mse" if method == "nvfp4-mse" else "max"
-    if method == "nvfp4-mse":
-        method = "max"
-    if weight_method == "auto":
-        raise RecipeError("method auto chooses activation methods; give weights another method")
-    if hessian and weight_method != "nvfp4-mse":
-        raise RecipeError(f"hessian weighting needs weight method nvfp4-mse, not {weight_method!r}")
+        weight_method = method if weights_only else DEFAULT_METHOD
+    if weights_only:
+        method = DEFAULT_METHOD
+    chosen = METHODS.get(weight_method)
+    if chosen is not None and chosen.searches:
+        raise RecipeError(
+            f"method {weight_method} chooses activation methods; give weights another method"
+        )
+    if hessian and (chosen is None or not chosen.hessian):
+        weighted = " or ".join(name for name, m in METHODS.items() if m.hessian)
+        raise RecipeError(
+            f"hessian weighting needs weight method {weighted}, not {weight_method!r}"
+        )
     activation_options, weight_options = split_method_options(
         method_options or {}, method if activation_format != "none" else None, weight_method
     )
@@ -70,7 +76,7 @@ def build_recipe(
         method=weight_method,
         per_channel=per_channel_weights,
         block_size=block_size,
-        options={**weight_options, **({"hessian": True} if hessian else {})},
+        options={**weight_options, **({HESSIAN: True} if hessian else {})},
     )
     return Recipe(
         activation=activation,

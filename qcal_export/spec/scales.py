@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from qcal_export.spec.formats import NVFP4, Format, get_format
+from qcal_export.spec.formats import Format, get_format
 from qcal_export.spec.granularity import Granularity
 
 
@@ -54,12 +54,12 @@ class TensorScales:
 
     def fake_quant_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight (graph shape) as the exported DequantizeLinear chain gives it, float32."""
-        shape = tuple(weight.shape)
+        shape, fmt = tuple(weight.shape), get_format(self.format)
         scale = self.granularity.expand(self.scale, shape)
-        if self.global_scale is not None:
-            return NVFP4.fake_quant_blocks(weight, NVFP4.effective_scales(scale, self.global_scale))
+        if fmt.two_level:
+            return fmt.fake_quant_blocks(weight, fmt.effective_scales(scale, self.global_scale))
         zero_point = self.granularity.expand(self.zero_point, shape)
-        return get_format(self.format).fake_quant(weight, scale, zero_point)
+        return fmt.fake_quant(weight, scale, zero_point)
 
     def qparams(self) -> QParams:
         return QParams(

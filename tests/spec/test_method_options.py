@@ -1,4 +1,4 @@
-"""Method options: every option of ``METHOD_OPTIONS`` is checked with its range when a
+"""Method options: every option a method declares is checked with its range when a
 TensorSpec is built; the limits admitted are the ones the calibrators build with, and the first
 value past each limit is refused with the option, its value and the range named."""
 
@@ -16,15 +16,8 @@ from qcal_export.calibrators.shrink_mse import shrink_factors
 from qcal_export.errors import RecipeError
 from qcal_export.spec.formats import INT8
 from qcal_export.spec.granularity import PerTensor
-from qcal_export.spec.method_options import (
-    DEFAULTS,
-    ENTROPY_MAX_BINS,
-    MAX_BINS,
-    MAX_CANDIDATES,
-    METHOD_OPTIONS,
-    OPTION_BOUNDS,
-    check_method_options,
-)
+from qcal_export.spec.method_options import ENTROPY_MAX_BINS, MAX_BINS, MAX_CANDIDATES
+from qcal_export.spec.methods import METHOD_OPTIONS, METHODS, check_method_options
 from qcal_export.spec.recipe import TensorSpec
 
 CALIBRATORS = {
@@ -36,20 +29,20 @@ CALIBRATORS = {
 
 
 def test_defaults_and_limits_are_the_calibrators():
-    for method, defaults in DEFAULTS.items():
-        parameters = inspect.signature(CALIBRATORS[method].__init__).parameters
-        for key, value in defaults.items():
-            assert parameters[key].default == value, (method, key)
+    for method in (m for m in METHODS.values() if m.defaults):
+        parameters = inspect.signature(CALIBRATORS[method.name].__init__).parameters
+        for key, value in method.defaults.items():
+            assert parameters[key].default == value, (method.name, key)
     assert ENTROPY_MAX_BINS == entropy.MAX_BINS
 
 
 def test_every_option_is_a_constructor_argument_of_its_calibrator():
-    for method, bounds in OPTION_BOUNDS.items():
-        if method == "nvfp4-mse":  # hessian chooses the data the calibrator gets, not a number
-            assert set(bounds) == {"hessian"}
+    for method in (m for m in METHODS.values() if m.bounds):
+        if method.hessian:  # hessian chooses the data the calibrator gets, not a number
+            assert set(method.bounds) == {"hessian"} and method.name == "nvfp4-mse"
             continue
-        parameters = inspect.signature(CALIBRATORS[method].__init__).parameters
-        assert set(bounds) <= set(parameters), method
+        parameters = inspect.signature(CALIBRATORS[method.name].__init__).parameters
+        assert set(method.bounds) <= set(parameters), method.name
     assert METHOD_OPTIONS["auto"] == {
         "start",
         "stop",

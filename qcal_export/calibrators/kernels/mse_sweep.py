@@ -160,7 +160,7 @@ def mse_sweep_(
     ``losses`` ``[G, K]`` float64; ``groups`` ``[G, n]`` float32/bf16/fp16 on CUDA, any strides;
     ``scale`` and ``zero_point`` ``[K, G]`` float32 (``zero_point`` unused when symmetric).
     """
-    fp8 = isinstance(fmt, FP8E4M3Format)
+    fp8 = not fmt.integer
     qmin, qmax = (-fmt.qmax, fmt.qmax) if fp8 else (fmt.qmin, fmt.qmax)
     scale = scale.contiguous()
     # Past (qmax - qmin + 2) times a group's largest scale every fp8 candidate saturates; the
