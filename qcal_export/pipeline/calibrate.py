@@ -39,7 +39,7 @@ from qcal_export.pipeline.run import (
     state_identity,
 )
 from qcal_export.spec.recipe import Recipe, load_recipe
-from qcal_export.spec.recipe_options import recipe_from_options
+from qcal_export.spec.recipe_options import recipe_from_options, recipe_notes
 from qcal_export.spec.scales import TensorScales
 from qcal_export.validation.data import ValidationData
 from qcal_export.validation.deployment import measure_deployment
@@ -135,7 +135,8 @@ def calibrate_onnx(
     written: an output on one of them, or on another output, is refused before anything runs.
     """
     recipe_file = recipe if isinstance(recipe, (str, Path)) else None
-    recipe = recipe_from_options(load_recipe(recipe_file) if recipe_file else recipe, options)
+    given = load_recipe(recipe_file) if recipe_file else recipe
+    recipe = recipe_from_options(given, options)
     check_count("max_batches (--batches)", max_batches, 1, optional=True)
     check_count("validate_batches (--validate-batches)", validate_batches, 0)
     min_cosine = check_min_cosine(min_cosine)
@@ -145,6 +146,7 @@ def calibrate_onnx(
     )
     accuracy.check(scales_in)
     run = plan_run(model, recipe, data, batch_size, provider, data_options)
+    run.plan.notes += recipe_notes(given, options)
     asked = Outputs(
         output, scales, report, checkpoint, checkpoint_layouts, validate_batches, strict
     )

@@ -32,10 +32,10 @@ DEFAULT_OP_TYPES = (
 with them: ``graphs.op_inputs.PLACEMENTS``)."""
 Target = Literal["ort", "tensorrt"]
 TARGETS = ("ort", "tensorrt")
-DEFAULT_TARGET: Target = "tensorrt"
-"""TensorRT's placement (the compute ops' inputs, plus residual Adds and pooling inputs in CNNs):
-ONNX Runtime's full placement also quantizes every residual-stream Add and its outputs, which
-max calibration cannot range on transformers with outlier channels; ``ort`` is asked for."""
+DEFAULT_TARGET: Target = "ort"
+"""ONNX Runtime's placement, as its QDQ quantizer does it: the model runs on ORT's integer
+kernels wherever they exist, while the residual stream feeding a normalization stays float
+(``graphs.placement``), so max calibration needs no range for its outlier channels."""
 METHODS = ("max", "mse", "nvfp4-mse", "shrink-mse", "percentile", "entropy", "auto")
 DEFAULT_BLOCK_SIZES = {"int4": 128, "uint4": 128, "nvfp4": 16}
 """Weight block size by format when a spec names none: int4 blocks of 128 (the common
