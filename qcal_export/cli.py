@@ -190,8 +190,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     for column in (*columns, "calibration s", "model"):
         table.add_column(column)
     for r in rows:
+        activations = r["activation_format"]
         table.add_row(
-            r["format"],
+            r["format"] + ("" if activations == r["format"] else f" ({activations} activations)"),
             r["method"],
             r["weight_method"],
             f"{r['weight_error']:.4f}",
