@@ -81,6 +81,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from qcal_export.graphs.inspect_placement import placement_view
     from qcal_export.graphs.preprocess import preprocess
     from qcal_export.onnx_io.model_io import load_model
+    from qcal_export.spec.recipe_options import recipe_notes
 
     recipe = inspect_recipe(args)
     loaded = load_model(args.model)
@@ -100,6 +101,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         cells = (row.node, row.op_type, "\n".join(row.activations), row.weight or "", row.axis)
         table.add_row(*map(escape, cells))
     out.print(table)
+    chosen = {"format": args.format, "activation_format": args.activation_format}
+    for note in [] if args.recipe else recipe_notes(None, {**chosen, "target": args.target}):
+        out.print(f"note: {escape(note)}", soft_wrap=True)
     print_placement(out, view, args.placement)
 
 
@@ -148,8 +152,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     for column in (*columns, "calibration s", "model"):
         table.add_column(column)
     for r in rows:
+        activations = r["activation_format"]
         table.add_row(
-            r["format"],
+            r["format"] + ("" if activations == r["format"] else f" ({activations} activations)"),
             r["method"],
             r["weight_method"],
             f"{r['weight_error']:.4f}",

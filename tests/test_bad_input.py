@@ -119,7 +119,8 @@ def nan_data(w: Path, t: Path) -> Inputs:
 
 def with_nonfinite_error(w: Path, t: Path) -> Inputs:
     inputs = nan_data(w, t)
-    return Inputs(inputs.model, inputs.data, ["--nonfinite", "error"], {"nonfinite": "error"})
+    flags = ["--nonfinite", "error", "--target", "tensorrt"]
+    return Inputs(inputs.model, inputs.data, flags, {"nonfinite": "error", "target": "tensorrt"})
 
 
 def exclude(name: str) -> Callable[[Path, Path], Inputs]:
@@ -299,7 +300,8 @@ def test_nonfinite_activations_are_counted_and_skipped_by_default(workdir, tmp_p
 def test_zero_and_constant_activations_get_finite_positive_scales(workdir, tmp_path, value):
     """All-zero: amax floored and noted. Constant c: amax |c|, an ordinary scale."""
     folder = write_batches(tmp_path / "const", [{"x": np.full((2, 3, 8, 8), value, np.float32)}])
-    report, scales = calibrated_report(workdir, tmp_path, Inputs(workdir / "model.onnx", folder))
+    inputs = Inputs(workdir / "model.onnx", folder, ["--activation-format", "int8"])
+    report, scales = calibrated_report(workdir, tmp_path, inputs)
     rows = {r["tensor"]: r for r in report["tensors"]}
     assert_finite_positive(scales)
     if value == 0:
@@ -319,7 +321,8 @@ def test_empty_batches_give_floored_scales_and_a_note(workdir, tmp_path):
 
 
 def test_wildcard_that_matches_no_node_is_a_note(workdir, tmp_path, caplog):
-    inputs = Inputs(workdir / "model.onnx", workdir / "data", ["--exclude", "/decoder/*"])
+    flags = ["--exclude", "/decoder/*", "--target", "tensorrt"]
+    inputs = Inputs(workdir / "model.onnx", workdir / "data", flags)
     report, _ = calibrated_report(workdir, tmp_path, inputs)
     note = f"exclude pattern '/decoder/*' matches no node of {workdir / 'model.onnx'}"
     assert report["plan_notes"] == [note]

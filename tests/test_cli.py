@@ -35,7 +35,8 @@ def sha256(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def calibrated(workdir) -> dict[str, Path]:
-    """One int8 max ``qcal calibrate`` run writing the model, scales and report."""
+    """One int8 max ``qcal calibrate`` run writing the model, scales and report (target
+    tensorrt: the tensors of convgemm.ACTIVATIONS; test_cli_default_target.py runs the default)."""
     out = workdir / "int8"
     out.mkdir()
     paths = {
@@ -47,6 +48,7 @@ def calibrated(workdir) -> dict[str, Path]:
     data = workdir / "data"
     argv = ["calibrate", str(model), "--data", str(data), "-o", str(paths["model"])]
     argv += ["--scales", str(paths["scales"]), "--report", str(paths["report"])]
+    argv += ["--target", "tensorrt"]
     paths["sha256_before"] = sha256(model)
     assert main(argv) == 0
     return paths
@@ -199,7 +201,7 @@ def test_histogram_and_shrink_methods_from_the_command_line(
     argv = ["calibrate", str(workdir / "model.onnx"), "--data", str(workdir / "data")]
     argv += ["--method", method, "--weight-method", weight_method, "--scales", str(scales)]
     argv += [f"--option={k}={v}" for k, v in options.items()]
-    assert main(argv) == 0
+    assert main([*argv, "--activation-format", "int8"]) == 0
     found, _ = load_scales(scales)
     taken = {k: v for k, v in options.items() if k in METHOD_OPTIONS[method]}
     assert (found["x"].method, found["x"].options) == (method, taken)
@@ -214,6 +216,7 @@ def test_scales_in_reexport_gives_the_same_model_outputs(workdir, calibrated, tm
     again = tmp_path / "again.onnx"
     report_path = tmp_path / "report.json"
     argv = ["calibrate", str(workdir / "model.onnx"), "--scales-in", str(calibrated["scales"])]
+    argv += ["--target", "tensorrt"]
     assert main([*argv, "-o", str(again), "--report", str(report_path)]) == 0
     for x in data_batches(workdir)[:2]:
         assert np.array_equal(run_model(again, x), run_model(calibrated["model"], x))

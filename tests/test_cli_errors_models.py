@@ -26,10 +26,12 @@ from qcal_export.cli import main
 
 @pytest.fixture(scope="module")
 def scales(workdir) -> Path:
-    """An int8 max run's scales file (per-tensor activations, per-axis(0) weights)."""
+    """An int8 max run's scales file (per-tensor activations, per-axis(0) weights); these
+    tests pin target tensorrt, where int8 activations are the default."""
     path = workdir / "errors" / "scales.safetensors"
     path.parent.mkdir()
     argv = ["calibrate", str(workdir / "model.onnx"), "--data", str(workdir / "data")]
+    argv += ["--target", "tensorrt"]
     assert main([*argv, "-o", str(path.parent / "q.onnx"), "--scales", str(path)]) == 0
     return path
 
@@ -52,7 +54,7 @@ def scales(workdir) -> Path:
 )
 def test_scales_in_that_do_not_fit_the_recipe_exit_2(workdir, scales, capsys, options, message):
     argv = ["calibrate", str(workdir / "model.onnx"), "--scales-in", str(scales)]
-    assert main([*argv, *options]) == 2
+    assert main([*argv, "--target", "tensorrt", *options]) == 2
     assert_one_error_line(capsys.readouterr(), message)
 
 
@@ -62,6 +64,7 @@ def uint8_scales(workdir) -> Path:
     path = workdir / "errors-uint8" / "scales.safetensors"
     path.parent.mkdir()
     argv = ["calibrate", str(workdir / "model.onnx"), "--data", str(workdir / "data")]
+    argv += ["--target", "tensorrt"]
     assert main([*argv, "--format", "uint8", "--scales", str(path)]) == 0
     return path
 
@@ -135,7 +138,7 @@ def test_scales_in_with_bad_values_exits_2_naming_file_and_tensor(
     tampered(scales if source == "int8" else uint8_scales, bad, changes)
     before = sorted(os.listdir(tmp_path))
     argv = ["calibrate", str(workdir / "model.onnx"), "--scales-in", str(bad)]
-    argv += ["-o", str(tmp_path / "q.onnx"), "--format", source]
+    argv += ["-o", str(tmp_path / "q.onnx"), "--format", source, "--target", "tensorrt"]
     assert main(argv) == 2
     assert_one_error_line(capsys.readouterr(), rf"{re.escape(str(bad))}: .*{pattern}")
     assert sorted(os.listdir(tmp_path)) == before  # nothing written

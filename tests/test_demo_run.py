@@ -7,9 +7,12 @@ import json
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto
 
 from qcal_export.cli import main
 from qcal_export.demo import demo_batches, demo_texts, embedding_cosine
+
+FP8 = TensorProto.FLOAT8E4M3FN
 
 
 @pytest.mark.slow
@@ -32,7 +35,7 @@ def test_qcal_demo_writes_models_whose_embeddings_track_the_float_model(tmp_path
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert "int8" in printed and "fp8" in printed
+    assert "uint8" in printed and "fp8" in printed  # int8 (uint8 activations), wrapped
     float_model = next((tmp_path / "cache").glob("*.onnx"))
     _, heldout = demo_texts()
     batches = demo_batches(heldout[:32], batch_size=16)
@@ -41,8 +44,24 @@ def test_qcal_demo_writes_models_whose_embeddings_track_the_float_model(tmp_path
         path = tmp_path / "out" / f"minilm_{fmt}_a-max_w-max.onnx"
         model = onnx.load(str(path))
         ops = [n.op_type for n in model.graph.node]
-        assert ops.count("QuantizeLinear") == 48  # one per distinct activation tensor
-        assert ops.count("DequantizeLinear") == 48 + 36  # activations + weights
+        # the default target ort: the 48 MatMuls' inputs and, off the residual stream, the
+        # element-wise ops' (one Q per distinct activation tensor, 177 in all); DQ also on the
+        # 36 MatMul weights, the 24 bias Adds' constants and the 3 embedding tables (Gather)
+        assert ops.count("QuantizeLinear") == 177
+        assert ops.count("DequantizeLinear") == 177 + 36 + 24 + 3
+        producers = {o: n.op_type for n in model.graph.node for o in n.output}
+        matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+        assert len(matmuls) == 48
+        assert all(producers.get(i) == "DequantizeLinear" for n in matmuls for i in n.input)
+        read = {i for n in matmuls for i in n.input}
+        dqs = [
+            n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in read
+        ]
+        inits = {t.name: t.data_type for t in model.graph.initializer}
+        weights = {inits[n.input[2]] for n in dqs if n.input[0] in inits}
+        activations = {inits[n.input[2]] for n in dqs if n.input[0] not in inits}
+        want = (TensorProto.INT8, TensorProto.UINT8) if fmt == "int8" else (FP8, FP8)
+        assert (weights, activations) == ({want[0]}, {want[1]})
         scores[fmt] = embedding_cosine(float_model, path, batches)
         report = json.loads(path.with_suffix(".json").read_text())
         assert report["batches_per_pass"] == [16]

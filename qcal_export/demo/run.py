@@ -30,6 +30,8 @@ def run_demo(
     """One row per (format, activation method, weight method): held-out embedding cosine vs
     float, mean relative weight error, time, model path.
 
+    Each run takes calibrate's defaults beside its formats and methods (target ort: int8 runs
+    get uint8 activations, ``activation_format`` in the row).
     Calibration and held-out texts are disjoint; int8/fp8 weights are per output channel, NVFP4
     weights per block of 16 (nvfp4-mse applies to nvfp4 only). NVFP4 models are validated
     and scored with the ONNX reference evaluator (ONNX Runtime has no FP4 kernels).
@@ -80,6 +82,7 @@ def _demo_row(
     errors = [r["weight_rel_error"] for r in result.report["tensors"] if r["kind"] == "weight"]
     return {
         "format": fmt,
+        "activation_format": result.report["recipe"]["activation"]["format"],
         "method": method,
         "weight_method": weight_method,
         "weight_error": sum(errors) / len(errors),

@@ -92,6 +92,7 @@ def calibrate_onnx(
     run = plan_run(
         model, recipe, data, config.data.batch_size, config.capture.provider, data_options
     )
+    run.plan.notes += config.quantization.notes()
     asked = asked_outputs(config)
     keep = check_request(run, asked, config, data, data_options)
     split = split_data(

@@ -24,7 +24,7 @@ from qcal_export.spec.choices import CheckpointLayout, NonFinite, NVFP4Form, Tar
 from qcal_export.spec.formats import FORMATS as FORMAT_REGISTRY
 from qcal_export.spec.methods import METHODS
 from qcal_export.spec.recipe import DEFAULT_TARGET, Recipe, load_recipe
-from qcal_export.spec.recipe_options import build_recipe
+from qcal_export.spec.recipe_options import build_recipe, recipe_notes
 
 FORMATS = tuple(FORMAT_REGISTRY)
 METHOD_NAMES = tuple(METHODS)
@@ -173,6 +173,10 @@ class QuantizationOptions:
         if isinstance(self.recipe, (str, Path)):
             return load_recipe(self.recipe)
         return build_recipe(self.recipe, **self.recipe_options())
+
+    def notes(self) -> list[str]:
+        """What building the recipe chose that the options did not say (``recipe_notes``)."""
+        return recipe_notes(self.recipe, self.recipe_options())
 
     @property
     def recipe_file(self) -> str | Path | None:

@@ -29,10 +29,10 @@ DEFAULT_OP_TYPES = (
 )
 """The compute ops, and the ops a deployment target places Q/DQ around (what each target does
 with them: ``graphs.op_inputs.PLACEMENTS``)."""
-DEFAULT_TARGET = Target.TENSORRT
-"""TensorRT's placement (the compute ops' inputs, plus residual Adds and pooling inputs in CNNs):
-ONNX Runtime's full placement also quantizes every residual-stream Add and its outputs, which
-max calibration cannot range on transformers with outlier channels; ``ort`` is asked for."""
+DEFAULT_TARGET = Target.ORT
+"""ONNX Runtime's placement, as its QDQ quantizer does it: the model runs on ORT's integer
+kernels wherever they exist, while the residual stream feeding a normalization stays float
+(``graphs.placement``), so max calibration needs no range for its outlier channels."""
 MAX_BLOCK_SIZE = 4096
 """Largest weight block (blocks in use are 16 to 256): calibration pads every row of a weight to
 a whole number of blocks, so a block wider than the reduction axis costs rows * block_size."""

@@ -36,8 +36,9 @@ def build_recipe(
 
     ``format`` applies to weights and activations unless ``weight_format`` /
     ``activation_format`` say otherwise; weight-only formats (int4) and ``activation_format``
-    "none" leave activations in float. A ``method`` only weights take (nvfp4-mse) becomes the
-    weight method, and activations then use max. ``hessian`` weights the nvfp4-mse sweep by the
+    "none" leave activations in float; int8 under target ort gives uint8 activations
+    (``unsigned_activations``). A ``method`` only weights take (nvfp4-mse) becomes the weight
+    method, and activations then use max. ``hessian`` weights the nvfp4-mse sweep by the
     layer inputs' ``Xᵀ X``.
     ``method_options`` (``percentile``, ``bins``, ``grid``, ...) go to whichever of the two
     methods takes them (see ``methods.METHOD_OPTIONS``).
@@ -45,7 +46,9 @@ def build_recipe(
     if recipe is not None:
         return recipe
     weight_format = weight_format or format
-    if activation_format is None:
+    if unsigned_activations(format, activation_format, target):
+        activation_format = "uint8"
+    elif activation_format is None:
         weight_only = format in FORMATS and FORMATS[format].weight_only
         activation_format = "none" if weight_only else format
     weights_only = method in METHODS and not METHODS[method].applies_to(TensorKind.ACTIVATION)
@@ -88,6 +91,30 @@ def build_recipe(
         nvfp4_form=nvfp4_form,
         target=target,
     )
+
+
+UNSIGNED_ACTIVATIONS_NOTE = (
+    "target ort: activations are uint8 (asymmetric, as ONNX Runtime's quantizer makes them: its "
+    "x86 8-bit kernels take uint8 activations), weights int8 per channel; "
+    "--activation-format int8 keeps activations signed"
+)
+
+
+def unsigned_activations(format: str, activation_format: str | None, target: str) -> bool:
+    """Whether int8 activations become uint8: under target ort with no activation format given,
+    as ONNX Runtime's quantizer does, so that every MatMul finds an 8-bit kernel on the CPU."""
+    return target == "ort" and format == "int8" and activation_format is None
+
+
+def recipe_notes(recipe: Recipe | None, options: Mapping[str, Any]) -> list[str]:
+    """Notes on what ``build_recipe`` chose that the options did not say (uint8 activations
+    under target ort); none for a recipe given."""
+    chosen = recipe is None and unsigned_activations(
+        options.get("format", "int8"),
+        options.get("activation_format"),
+        options.get("target", DEFAULT_TARGET),
+    )
+    return [UNSIGNED_ACTIVATIONS_NOTE] if chosen else []
 
 
 def split_method_options(

@@ -53,6 +53,7 @@ def reexported(mlp, batches, scales, exclude, path):
         mlp,
         batches,
         format="int8",
+        target="tensorrt",
         scales_in=scales,
         exclude=exclude,
         output=path,
@@ -62,12 +63,14 @@ def reexported(mlp, batches, scales, exclude, path):
 
 
 def test_each_nodes_sensitivity_is_that_of_a_model_quantizing_only_it(mlp, tmp_path):
+    """At target tensorrt (the three MatMuls, int8 activations: the SQNR oracle's grid)."""
     batches = heavy_batches(3)
     scales = tmp_path / "s.safetensors"
     result = calibrate_onnx(
         mlp,
         batches,
         format="int8",
+        target="tensorrt",
         layer_view=True,
         view_batches=3,
         scales=scales,
@@ -110,7 +113,9 @@ def test_each_nodes_sensitivity_is_that_of_a_model_quantizing_only_it(mlp, tmp_p
 def test_target_leaves_the_fewest_nodes_float_and_holds_out_every_fifth_batch(mlp, tmp_path):
     batches = heavy_batches(10)
     held = [batches[4], batches[9]]
-    view = calibrate_onnx(mlp, batches, format="int8", layer_view=True, validate_batches=0)
+    view = calibrate_onnx(
+        mlp, batches, format="int8", target="tensorrt", layer_view=True, validate_batches=0
+    )
     worst = view.report["layer_view"]["all_quantized"]["cosine"]
     target = 1 - (1 - worst) / 3  # out of reach with every node quantized
     output, scales = tmp_path / "q.onnx", tmp_path / "q.safetensors"
@@ -118,6 +123,7 @@ def test_target_leaves_the_fewest_nodes_float_and_holds_out_every_fifth_batch(ml
         mlp,
         batches,
         format="int8",
+        target="tensorrt",
         target_cosine=target,
         output=output,
         scales=scales,
@@ -133,7 +139,9 @@ def test_target_leaves_the_fewest_nodes_float_and_holds_out_every_fifth_batch(ml
     assert precision["quantized_matmul_gemm"] == {"quantized": 3 - len(floats), "of": 3}
     calibrated = [b for i, b in enumerate(batches) if i % 5 != 4]
     alone_scales = tmp_path / "split.safetensors"
-    calibrate_onnx(mlp, calibrated, format="int8", scales=alone_scales, validate_batches=0)
+    calibrate_onnx(
+        mlp, calibrated, format="int8", target="tensorrt", scales=alone_scales, validate_batches=0
+    )
     found, expected = load_scales(scales)[0], load_scales(alone_scales)[0]
     assert found and all(np.array_equal(found[t].amax, expected[t].amax) for t in found)
     for node in floats:
@@ -169,6 +177,7 @@ def test_method_auto_picks_the_method_nearest_float_with_only_its_consumers_quan
         mlp,
         batches,
         format="int8",
+        target="tensorrt",
         method="auto",
         method_options=clipped,
         view_batches=3,
@@ -188,6 +197,7 @@ def test_method_auto_picks_the_method_nearest_float_with_only_its_consumers_quan
             mlp,
             batches,
             format="int8",
+            target="tensorrt",
             method=method,
             method_options=options,
             scales=scales,

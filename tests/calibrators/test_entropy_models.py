@@ -47,6 +47,7 @@ def test_attention_weights_keep_their_peaks(recognizer, tmp_path):
             recognizer / "data",
             output=tmp_path / f"{name}.onnx",
             validate_batches=0,
+            target="tensorrt",
             **options,
         )
         amax = float(result.scales[SOFTMAX].amax.max())

@@ -61,7 +61,11 @@ def calibrate(workdir, method: str, monkeypatch, **capture_options) -> dict:
 
     monkeypatch.setattr(pipeline, "OrtCapture", Spy)
     result = pipeline.calibrate_onnx(
-        workdir / "model.onnx", workdir / "data", method=method, validate_batches=0
+        workdir / "model.onnx",
+        workdir / "data",
+        method=method,
+        validate_batches=0,
+        target="tensorrt",
     )
     monkeypatch.undo()
     assert len(made) == 1

@@ -136,6 +136,7 @@ def test_calibrate_onnx_on_a_text_file(tmp_path, tokenizer):
         data_options=TextOptions(tokenizer_dir()),
         batch_size=2,
         output=tmp_path / "q.onnx",
+        target="tensorrt",
     )
     assert result.report["batches_per_pass"] == [3]
     ids = tokenizer(TEXTS, padding="longest", return_tensors="np")["input_ids"]

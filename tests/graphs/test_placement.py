@@ -172,8 +172,8 @@ def test_block_and_weight_only_formats_keep_to_the_compute_ops():
 
 
 def test_target_is_a_recipe_field_checked_before_anything_runs():
-    assert Recipe().target == "tensorrt"  # see recipe.DEFAULT_TARGET for why
-    assert recipe_from_dict({"target": "ort"}).target == "ort"
+    assert Recipe().target == "ort"  # see recipe.DEFAULT_TARGET for why
+    assert recipe_from_dict({"target": "tensorrt"}).target == "tensorrt"
     with pytest.raises(RecipeError, match=r"target must be one of \['ort', 'tensorrt'\]"):
         recipe_from_dict({"target": "trt"})
 

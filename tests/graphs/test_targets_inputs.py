@@ -32,7 +32,7 @@ def test_integer_inputs_are_skipped():
         {"yi": (TensorProto.INT32, ["b", 3]), "z": (FLOAT, ["b", 3])},
         [weight("wi", (4, 3), np.int32), weight("w", (4, 3))],
     )
-    plan = find_targets(m, Recipe(op_types=("MatMul", "Where")))
+    plan = find_targets(m, Recipe(op_types=("MatMul", "Where"), target="tensorrt"))
     assert sorted(plan.activations) == ["other", "x", "y"]
     assert plan.activations["y"].uses == [Use("where", 1)]
     assert plan.activations["other"].uses == [Use("where", 2)]

@@ -22,6 +22,10 @@ from qcal_export import Recipe, TensorSpec, calibrate_onnx
 from qcal_export.errors import DataError
 from qcal_export.spec.formats import AMAX_FLOOR, get_format
 
+TRT = "tensorrt"
+"""The convgemm tests' target: Q/DQ on the Conv and Gemm inputs (convgemm.ACTIVATIONS) only,
+symmetric int8 activations."""
+
 
 def _matmul_model(path):
     w = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
@@ -62,7 +66,7 @@ def float_weights(workdir: Path) -> dict[str, np.ndarray]:
 
 
 def test_mse_takes_two_passes(workdir):
-    result = calibrate_onnx(workdir / "model.onnx", workdir / "data", method="mse")
+    result = calibrate_onnx(workdir / "model.onnx", workdir / "data", method="mse", target=TRT)
     assert result.report["batches_per_pass"] == [BATCHES, BATCHES]
     methods = {r["tensor"]: r["method"] for r in result.report["tensors"]}
     assert methods == {"x": "mse", "/Flatten_output_0": "mse", **dict.fromkeys(WEIGHTS, "max")}
@@ -89,7 +93,9 @@ def test_fp8_raises_the_opset_to_19(workdir, tmp_path):
 
 def test_weights_mode_qdq_keeps_float_weights_with_a_q_dq_pair(workdir, tmp_path):
     out = tmp_path / "qdq.onnx"
-    calibrate_onnx(workdir / "model.onnx", workdir / "data", weights_mode="qdq", output=out)
+    calibrate_onnx(
+        workdir / "model.onnx", workdir / "data", weights_mode="qdq", output=out, target=TRT
+    )
     model = onnx.load(str(out))
     stored = {t.name: t for t in model.graph.initializer}
     originals = float_weights(workdir)
@@ -108,7 +114,7 @@ def test_weights_mode_qdq_keeps_float_weights_with_a_q_dq_pair(workdir, tmp_path
     assert op_counts(model)["QuantizeLinear"] == 4
     # same numbers as the stored-quantized form
     quantized = tmp_path / "quantized.onnx"
-    calibrate_onnx(workdir / "model.onnx", workdir / "data", output=quantized)
+    calibrate_onnx(workdir / "model.onnx", workdir / "data", output=quantized, target=TRT)
     x = data_batches(workdir)[1]
     assert np.allclose(run_model(out, x), run_model(quantized, x), rtol=0, atol=1e-6)
 
@@ -126,7 +132,7 @@ def test_torch_only_recipe_fields_are_ignored_with_a_warning(workdir, caplog):
 def test_exclude_leaves_matching_nodes_in_float(workdir, tmp_path):
     out = tmp_path / "excluded.onnx"
     result = calibrate_onnx(
-        workdir / "model.onnx", workdir / "data", exclude=("/fc/*",), output=out
+        workdir / "model.onnx", workdir / "data", exclude=("/fc/*",), output=out, target=TRT
     )
     assert result.report["quantized_nodes"] == ["/conv/Conv"]
     assert result.report["excluded_nodes"] == ["/fc/Gemm"]
@@ -169,7 +175,9 @@ def test_qdq_model_equals_a_fake_quant_reference(workdir, tmp_path, fmt_name):
     quantization step of the Gemm input (times the largest weight), none by more.
     """
     out = tmp_path / "q.onnx"
-    result = calibrate_onnx(workdir / "model.onnx", workdir / "data", format=fmt_name, output=out)
+    result = calibrate_onnx(
+        workdir / "model.onnx", workdir / "data", format=fmt_name, output=out, target=TRT
+    )
     assert set(result.scales) == ACTIVATIONS | WEIGHTS
     act = result.scales["/Flatten_output_0"]
     # largest step between neighbouring values: the scale for ints, 32 * scale for fp8 e4m3

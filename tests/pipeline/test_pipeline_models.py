@@ -19,12 +19,20 @@ from mlp import MLP
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from qcal_export import calibrate_onnx
+import qcal_export
 from qcal_export.errors import ModelError, RecipeError
 from qcal_export.spec.formats import SCALE_LIMITS
 from qcal_export.validation.validate import reference_runner
 
 CPU = ["CPUExecutionProvider"]
+
+
+def calibrate_onnx(*args, **options):
+    """``qcal_export.calibrate_onnx`` at target tensorrt: these cases are about the models'
+    inputs, weights and scales, on the compute ops' Q/DQ (not ORT's element-wise placement)."""
+    return qcal_export.calibrate_onnx(*args, **{"target": "tensorrt", **options})
+
+
 FORMATS = {
     "int8": {"format": "int8"},
     "uint8": {"format": "uint8"},

@@ -8,7 +8,13 @@ import pytest
 
 from qcal_export.cli import method_option
 from qcal_export.errors import RecipeError
-from qcal_export.spec.recipe_options import build_recipe, split_method_options
+from qcal_export.spec.recipe import Recipe
+from qcal_export.spec.recipe_options import (
+    UNSIGNED_ACTIVATIONS_NOTE,
+    build_recipe,
+    recipe_notes,
+    split_method_options,
+)
 
 
 def test_method_options_go_to_the_method_that_takes_them():
@@ -76,3 +82,34 @@ def test_cli_method_option_parses_numbers(text, parsed):
 def test_cli_method_option_rejects_non_numbers(text):
     with pytest.raises(argparse.ArgumentTypeError, match="is not KEY=NUMBER"):
         method_option(text)
+
+
+@pytest.mark.parametrize(
+    ("options", "activation", "weight"),
+    [
+        ({}, "uint8", "int8"),
+        ({"format": "int8"}, "uint8", "int8"),
+        ({"activation_format": "int8"}, "int8", "int8"),
+        ({"target": "tensorrt"}, "int8", "int8"),
+        ({"format": "uint8"}, "uint8", "uint8"),
+        ({"format": "fp8"}, "fp8", "fp8"),
+        ({"format": "nvfp4"}, "nvfp4", "nvfp4"),
+        ({"format": "int4"}, None, "int4"),
+    ],
+)
+def test_int8_under_target_ort_defaults_activations_to_uint8(options, activation, weight):
+    """As ONNX Runtime's quantize_static: uint8 activations (its x86 8-bit kernels take them),
+    int8 weights per channel; an explicit activation format or target tensorrt keeps int8."""
+    recipe = build_recipe(None, **options)
+    assert recipe.target == options.get("target", "ort")
+    assert (recipe.activation.format if recipe.activation else None) == activation
+    assert (recipe.weight.format, recipe.weight.per_channel) == (weight, True)
+    chosen = options.get("format", "int8") == "int8" and activation == "uint8"
+    assert recipe_notes(None, options) == ([UNSIGNED_ACTIVATIONS_NOTE] if chosen else [])
+
+
+def test_a_recipe_given_is_taken_as_it_is_and_gets_no_note():
+    recipe = Recipe(target="ort")
+    assert build_recipe(recipe) is recipe
+    assert recipe.activation.format == "int8"
+    assert recipe_notes(recipe, {}) == []
