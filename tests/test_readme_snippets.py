@@ -132,7 +132,8 @@ def torch_models(folder: Path) -> dict[str, Any]:
 
 FIXTURES: dict[str, Callable[[Path], dict[str, Any]]] = {
     "Python #1": python_api,
-    "Python #2": calibrators,
+    "Python #2": python_api,
+    "Python #3": calibrators,
     "Torch models #1": torch_models,
 }
 """The names each snippet uses but does not define, made in the snippet's folder."""

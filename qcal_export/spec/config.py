@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +180,10 @@ def _plain_group(group: Any, *, strict: bool) -> dict[str, Any]:
 
 
 def _plain(value: Any, name: str, strict: bool) -> Any:
-    """``value`` as JSON/YAML data: paths as strings, tuples as lists, a Recipe as its dict."""
+    """``value`` as JSON/YAML data: paths and choices as strings, tuples as lists, a Recipe as
+    its dict."""
+    if isinstance(value, Enum):
+        return value.value
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, Path):

@@ -91,6 +91,16 @@ def test_yaml_and_json_text_round_trip(tmp_path):
     assert load_config(tmp_path / "c.json") == config
 
 
+def test_the_defaults_write_as_plain_strings_and_read_back(tmp_path):
+    # Defaults hold string enums (Target, NVFP4Form, ...): a config file holds their strings.
+    config = CalibrationConfig.from_options()
+    text = config.to_yaml()
+    assert "!!python" not in text
+    assert yaml.safe_load(text)["quantization"]["target"] == str(config.quantization.target)
+    (tmp_path / "c.yaml").write_text(text)
+    assert load_config(tmp_path / "c.yaml").to_dict() == config.to_dict()
+
+
 def test_a_recipe_object_round_trips_as_its_dict():
     recipe = Recipe(
         activation=TensorSpec(format="fp8", method="mse"),
