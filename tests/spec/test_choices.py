@@ -65,7 +65,7 @@ def test_a_recipe_holds_members_and_writes_the_words():
     assert recipe.nvfp4_form is NVFP4Form.TENSORRT and recipe.target is Target.ORT
     written = json.loads(json.dumps(recipe.to_dict()))
     assert {key: written[key] for key in data} == data
-    assert Recipe().target is Target.TENSORRT and Recipe().nonfinite is NonFinite.SKIP
+    assert Recipe().target is Target.ORT and Recipe().nonfinite is NonFinite.SKIP
 
 
 @pytest.mark.parametrize(
