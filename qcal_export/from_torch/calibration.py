@@ -289,7 +289,9 @@ def capture(model: nn.Module, recipe: Recipe | None = None, **options: Any) -> T
     (or the loop alone for single-pass methods), and ``cal.result()``. ``options`` build the
     recipe when none is given (``format``, ``method``, ...: see ``recipe_options.build_recipe``).
     """
-    return TorchCapture(model, recipe_from_options(recipe, options))
+    # Hooks quantize the targeted modules' inputs, as TensorRT's placement does; the ort
+    # target's placement (and its uint8 activations for int8) is the ONNX path's.
+    return TorchCapture(model, recipe_from_options(recipe, {"target": "tensorrt", **options}))
 
 
 def calibrate_torch(

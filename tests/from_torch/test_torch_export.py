@@ -277,3 +277,15 @@ def test_export_reports_both_runtimes(tmp_path):
     for name, error in validation["reference"].items():
         assert 0 < error["rel_l2"] < 0.1
         assert validation["default"][name]["rel_l2"] == pytest.approx(error["rel_l2"], rel=0.5)
+
+
+def test_torch_capture_keeps_int8_activations_under_the_default_target():
+    # The hooks place Q/DQ as TensorRT does; the ort target's uint8 default is the ONNX path's.
+    from qcal_export import capture
+
+    recipe = capture(torch.nn.Sequential(torch.nn.Linear(4, 4))).recipe
+    assert (recipe.activation.format, recipe.weight.format, recipe.target) == (
+        "int8",
+        "int8",
+        "tensorrt",
+    )
