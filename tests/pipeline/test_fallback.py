@@ -99,3 +99,15 @@ def test_a_placement_that_holds_is_kept(tmp_path):
     result = calibrate_onnx(path, data, target="ort", min_cosine=0.5)
     assert not [n for n in result.report["export_notes"] if n.startswith("placement:")]
     assert "normalize" in result.report["quantized_nodes"]
+
+
+def test_a_small_gain_keeps_the_placement(tmp_path):
+    # Below a strict min_cosine the compute-ops model is a little closer to float, but the
+    # placement does not cost most of the error: its integer kernels stay.
+    path = tmp_path / "ln.onnx"
+    onnx.save(decomposed_layernorm_model(), str(path))
+    data = [{"x": RNG.standard_normal((8, 16)).astype(np.float32)} for _ in range(10)]
+    result = calibrate_onnx(path, data, target="ort", min_cosine=0.999999)
+    assert result.report["verdict"]["status"] == "below target"
+    assert not [n for n in result.report["export_notes"] if n.startswith("placement:")]
+    assert "normalize" in result.report["quantized_nodes"]
