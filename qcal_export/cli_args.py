@@ -17,7 +17,7 @@ from qcal_export.spec.config import CalibrationConfig, option_fields
 from qcal_export.spec.config_groups import FORMATS
 from qcal_export.spec.formats import FORMATS as FORMAT_REGISTRY
 from qcal_export.spec.methods import method_names
-from qcal_export.spec.recipe import DEFAULT_TARGET, Recipe
+from qcal_export.spec.recipe import Recipe
 
 console = Console(stderr=True)
 PLACEMENT_DETAIL_NODES = 40
@@ -251,9 +251,8 @@ def add_inspect(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--activation-format", choices=[*FORMATS, "none"])
     p.add_argument(
         "--target",
-        default=DEFAULT_TARGET,
         choices=Target.values(),
-        help=f"the Q/DQ placement to show, as calibrate --target (default {DEFAULT_TARGET})",
+        help="the Q/DQ placement to show, as calibrate --target (default: calibrate's)",
     )
     p.add_argument("--exclude", nargs="*", default=[], metavar="NODE")
     p.add_argument("--exclude-op-types", nargs="*", default=[], metavar="OP")

@@ -106,15 +106,15 @@ class QuantizationOptions:
             "trt::TRT_FP4DynamicQuantize",
         ),
     )
-    target: str = field(
-        default=DEFAULT_TARGET,
+    target: str | None = field(
+        default=None,
         metadata=cli(
             "--target",
             choices=tuple(Target.values()),
             help="Q/DQ placement of this runtime: ort (ONNX Runtime's integer kernels: Add, Mul, "
             "Concat, pooling, Softmax..., scales shared through data movement) or tensorrt "
-            f"(TensorRT's rules: compute-op inputs, residual Adds, pooling inputs); default "
-            f"{DEFAULT_TARGET}",
+            "(TensorRT's rules: compute-op inputs, residual Adds, pooling inputs); default "
+            f"{DEFAULT_TARGET} for integer activations, tensorrt for fp8 and nvfp4 ones",
         ),
     )
     method_options: Mapping[str, float] | None = field(

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from qcal_export.errors import RecipeError
-from qcal_export.spec.choices import NonFinite, NVFP4Form, TensorKind, WeightsMode
+from qcal_export.spec.choices import NonFinite, NVFP4Form, Target, TensorKind, WeightsMode
 from qcal_export.spec.formats import FORMATS
 from qcal_export.spec.methods import DEFAULT_METHOD, HESSIAN, METHOD_OPTIONS, METHODS
 from qcal_export.spec.recipe import DEFAULT_TARGET, Recipe, TensorSpec
@@ -29,23 +29,24 @@ def build_recipe(
     weights_mode: str = WeightsMode.QUANTIZED,
     nonfinite: str = NonFinite.SKIP,
     nvfp4_form: str = NVFP4Form.PORTABLE,
-    target: str = DEFAULT_TARGET,
+    target: str | None = None,
     method_options: Mapping[str, float] | None = None,
 ) -> Recipe:
     """The recipe given, or one built from the keyword options.
 
     ``format`` applies to weights and activations unless ``weight_format`` /
     ``activation_format`` say otherwise; weight-only formats (int4) and ``activation_format``
-    "none" leave activations in float; int8 under target ort gives uint8 activations
-    (``unsigned_activations``). A ``method`` only weights take (nvfp4-mse) becomes the weight
-    method, and activations then use max. ``hessian`` weights the nvfp4-mse sweep by the
-    layer inputs' ``Xᵀ X``.
+    "none" leave activations in float. ``target`` None is ``default_target``'s; int8 under
+    target ort gives uint8 activations (``unsigned_activations``). A ``method`` only weights
+    take (nvfp4-mse) becomes the weight method, and activations then use max. ``hessian``
+    weights the nvfp4-mse sweep by the layer inputs' ``Xᵀ X``.
     ``method_options`` (``percentile``, ``bins``, ``grid``, ...) go to whichever of the two
     methods takes them (see ``methods.METHOD_OPTIONS``).
     """
     if recipe is not None:
         return recipe
     weight_format = weight_format or format
+    target = default_target(format, activation_format) if target is None else target
     if unsigned_activations(format, activation_format, target):
         activation_format = "uint8"
     elif activation_format is None:
@@ -100,6 +101,15 @@ UNSIGNED_ACTIVATIONS_NOTE = (
 )
 
 
+def default_target(format: str, activation_format: str | None) -> str:
+    """The placement for the runtime that runs the activations' format: ``ort`` (ONNX
+    Runtime's 8-bit integer kernels) for integer and float activations, ``tensorrt`` for
+    floating-point formats (fp8, nvfp4), which TensorRT runs and ONNX Runtime has no kernels
+    for: there ORT's placement would only add rounding around element-wise ops."""
+    fmt = FORMATS.get(activation_format or format)
+    return Target.TENSORRT if fmt is not None and not fmt.integer else DEFAULT_TARGET
+
+
 def unsigned_activations(format: str, activation_format: str | None, target: str) -> bool:
     """Whether int8 activations become uint8: under target ort with no activation format given,
     as ONNX Runtime's quantizer does, so that every MatMul finds an 8-bit kernel on the CPU."""
@@ -109,11 +119,9 @@ def unsigned_activations(format: str, activation_format: str | None, target: str
 def recipe_notes(recipe: Recipe | None, options: Mapping[str, Any]) -> list[str]:
     """Notes on what ``build_recipe`` chose that the options did not say (uint8 activations
     under target ort); none for a recipe given."""
-    chosen = recipe is None and unsigned_activations(
-        options.get("format", "int8"),
-        options.get("activation_format"),
-        options.get("target", DEFAULT_TARGET),
-    )
+    fmt, activation_format = options.get("format", "int8"), options.get("activation_format")
+    target = options.get("target") or default_target(fmt, activation_format)
+    chosen = recipe is None and unsigned_activations(fmt, activation_format, target)
     return [UNSIGNED_ACTIVATIONS_NOTE] if chosen else []
 
 

@@ -85,23 +85,26 @@ def test_cli_method_option_rejects_non_numbers(text):
 
 
 @pytest.mark.parametrize(
-    ("options", "activation", "weight"),
+    ("options", "activation", "weight", "target"),
     [
-        ({}, "uint8", "int8"),
-        ({"format": "int8"}, "uint8", "int8"),
-        ({"activation_format": "int8"}, "int8", "int8"),
-        ({"target": "tensorrt"}, "int8", "int8"),
-        ({"format": "uint8"}, "uint8", "uint8"),
-        ({"format": "fp8"}, "fp8", "fp8"),
-        ({"format": "nvfp4"}, "nvfp4", "nvfp4"),
-        ({"format": "int4"}, None, "int4"),
+        ({}, "uint8", "int8", "ort"),
+        ({"format": "int8"}, "uint8", "int8", "ort"),
+        ({"activation_format": "int8"}, "int8", "int8", "ort"),
+        ({"target": "tensorrt"}, "int8", "int8", "tensorrt"),
+        ({"format": "uint8"}, "uint8", "uint8", "ort"),
+        ({"format": "fp8"}, "fp8", "fp8", "tensorrt"),
+        ({"format": "nvfp4"}, "nvfp4", "nvfp4", "tensorrt"),
+        ({"format": "fp8", "target": "ort"}, "fp8", "fp8", "ort"),
+        ({"format": "int8", "activation_format": "fp8"}, "fp8", "int8", "tensorrt"),
+        ({"format": "int4"}, None, "int4", "ort"),
     ],
 )
-def test_int8_under_target_ort_defaults_activations_to_uint8(options, activation, weight):
+def test_int8_under_target_ort_defaults_activations_to_uint8(options, activation, weight, target):
     """As ONNX Runtime's quantize_static: uint8 activations (its x86 8-bit kernels take them),
-    int8 weights per channel; an explicit activation format or target tensorrt keeps int8."""
+    int8 weights per channel; an explicit activation format or target tensorrt keeps int8. The
+    default target is the runtime of the activations' format: tensorrt for fp8 and nvfp4."""
     recipe = build_recipe(None, **options)
-    assert recipe.target == options.get("target", "ort")
+    assert recipe.target == target
     assert (recipe.activation.format if recipe.activation else None) == activation
     assert (recipe.weight.format, recipe.weight.per_channel) == (weight, True)
     chosen = options.get("format", "int8") == "int8" and activation == "uint8"

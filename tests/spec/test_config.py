@@ -17,6 +17,7 @@ from qcal_export import CalibrationConfig, ImageOptions, RandomOptions, TextOpti
 from qcal_export.cli import build_parser
 from qcal_export.cli_args import config_from_args
 from qcal_export.errors import DataError, RecipeError
+from qcal_export.spec.choices import NVFP4Form, Target
 from qcal_export.spec.config import GROUPS, option_fields, option_names
 from qcal_export.spec.recipe import Override, Recipe, TensorSpec
 
@@ -91,12 +92,13 @@ def test_yaml_and_json_text_round_trip(tmp_path):
     assert load_config(tmp_path / "c.json") == config
 
 
-def test_the_defaults_write_as_plain_strings_and_read_back(tmp_path):
-    # Defaults hold string enums (Target, NVFP4Form, ...): a config file holds their strings.
-    config = CalibrationConfig.from_options()
+def test_enum_choices_write_as_plain_strings_and_read_back(tmp_path):
+    # Choices given as string enums (Target, NVFP4Form, ...) are written as their strings.
+    config = CalibrationConfig.from_options(target=Target.ORT, nvfp4_form=NVFP4Form.TENSORRT)
     text = config.to_yaml()
     assert "!!python" not in text
-    assert yaml.safe_load(text)["quantization"]["target"] == str(config.quantization.target)
+    written = yaml.safe_load(text)["quantization"]
+    assert (written["target"], written["nvfp4_form"]) == ("ort", "tensorrt")
     (tmp_path / "c.yaml").write_text(text)
     assert load_config(tmp_path / "c.yaml").to_dict() == config.to_dict()
 
