@@ -212,9 +212,9 @@ def choose_methods(
     outputs, with only that activation's consumers quantized, are nearest the float model's
     (squared error summed over outputs and batches; the first method on ties).
 
-    The graph outputs, not the consumers' own: on the demo, picking by the consumers' outputs
-    gave a mean cosine of 0.976, below max alone (0.983); by the graph outputs 0.992, at the same
-    cost (every run computes the whole graph)."""
+    The graph outputs, not the consumers' own: minimising each layer's local error is not
+    keeping the model's output (benchmarks/results/design_notes.md has the demo's figures), and
+    the graph outputs cost nothing more (every run computes the whole graph)."""
     index = {node: i for i, node in enumerate(runs.nodes)}
     errors = {t: dict.fromkeys(methods, 0.0) for t, methods in candidates.items()}
     reference = 0.0
