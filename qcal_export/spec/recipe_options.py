@@ -52,21 +52,7 @@ def build_recipe(
     elif activation_format is None:
         weight_only = format in FORMATS and FORMATS[format].weight_only
         activation_format = "none" if weight_only else format
-    weights_only = method in METHODS and not METHODS[method].applies_to(TensorKind.ACTIVATION)
-    if weight_method is None:
-        weight_method = method if weights_only else DEFAULT_METHOD
-    if weights_only:
-        method = DEFAULT_METHOD
-    chosen = METHODS.get(weight_method)
-    if chosen is not None and chosen.searches:
-        raise RecipeError(
-            f"method {weight_method} chooses activation methods; give weights another method"
-        )
-    if hessian and (chosen is None or not chosen.hessian):
-        weighted = " or ".join(name for name, m in METHODS.items() if m.hessian)
-        raise RecipeError(
-            f"hessian weighting needs weight method {weighted}, not {weight_method!r}"
-        )
+    method, weight_method = _methods(method, weight_method, hessian)
     activation_options, weight_options = split_method_options(
         method_options or {}, method if activation_format != "none" else None, weight_method
     )
@@ -92,6 +78,28 @@ def build_recipe(
         nvfp4_form=nvfp4_form,
         target=target,
     )
+
+
+def _methods(method: str, weight_method: str | None, hessian: bool) -> tuple[str, str]:
+    """The activation and weight methods: a weights-only ``method`` (nvfp4-mse) becomes the
+    weight method (activations then use the default); RecipeError for a search (auto) on
+    weights, or ``hessian`` with a weight method that takes no Hessian."""
+    weights_only = method in METHODS and not METHODS[method].applies_to(TensorKind.ACTIVATION)
+    if weight_method is None:
+        weight_method = method if weights_only else DEFAULT_METHOD
+    if weights_only:
+        method = DEFAULT_METHOD
+    chosen = METHODS.get(weight_method)
+    if chosen is not None and chosen.searches:
+        raise RecipeError(
+            f"method {weight_method} chooses activation methods; give weights another method"
+        )
+    if hessian and (chosen is None or not chosen.hessian):
+        weighted = " or ".join(name for name, m in METHODS.items() if m.hessian)
+        raise RecipeError(
+            f"hessian weighting needs weight method {weighted}, not {weight_method!r}"
+        )
+    return method, weight_method
 
 
 UNSIGNED_ACTIVATIONS_NOTE = (
