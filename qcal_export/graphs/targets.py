@@ -139,17 +139,17 @@ def _plan_compute_node(
 
 
 def _note_sentinels_and_overridable(plan: Plan, graph: onnx.GraphProto, recipe: Recipe) -> None:
-    """The plan's closing notes: nodes left without Q/DQ for their sentinel values, and weights
-    that are also graph inputs."""
+    """The plan's closing notes: nodes left without Q/DQ for their sentinel values or as the
+    residual stream (``placement_notes``), and weights that are also graph inputs."""
     if plan.sentinel_nodes:
-        plan.notes.append(
+        plan.placement_notes.append(
             f"{len(plan.sentinel_nodes)} node(s) read or write sentinel values (|x| >= "
             f"{SENTINEL:g}, an attention mask's stand-in for -inf): no {recipe.target} Q/DQ "
             f"around them, whose scale would round all other values to zero: "
             f"{plan.sentinel_nodes[:5]}"
         )
     if plan.stream_nodes:
-        plan.notes.append(
+        plan.placement_notes.append(
             f"{len(plan.stream_nodes)} Add node(s) of the residual stream feeding a "
             f"normalization: no {recipe.target} Q/DQ around them (a few channels there are far "
             f"larger than the rest; one scale per tensor would round the others away): "

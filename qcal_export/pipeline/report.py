@@ -50,7 +50,7 @@ def build_report(
         "shared_scales": {t: entry.source for t, entry in run.plan.shared.items()},
         "excluded_nodes": run.plan.excluded,
         "float_subgraph_nodes": run.plan.float_subgraph_nodes,
-        "plan_notes": run.plan.notes,
+        "plan_notes": [*run.plan.notes, *run.plan.placement_notes],
         "tensors": [tensor_row(s, run.weight_errors) for s in scales.values()],
         "export_notes": exported.notes,
         "validator": run.validator or None,

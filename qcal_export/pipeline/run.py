@@ -153,6 +153,8 @@ def plan_run(
     plan.notes += unmatched_patterns(loaded.proto, recipe, str(loaded.path))
     for note in [*preprocessed.unfound_weights.values(), *plan.notes]:
         log.warning("%s", note)
+    for note in plan.placement_notes:
+        log.info("%s", note)
     if not plan.activations and not plan.weights:
         present = {node.op_type for node in loaded.proto.graph.node}
         types = [t for t in recipe.op_types if t in present] or list(recipe.op_types)
