@@ -78,7 +78,7 @@ def _runtime_clause(validation: Validation, output: str) -> str:
     default = validation.default
     got = f": cosine {default[output]['cosine']:.4f} there" if default else ""
     return (
-        f", ORT's optimizations off; at its default optimizations {validation.issue.summary}"
+        f", ORT's optimizations off; {validation.issue.summary}"
         f"{got}: the runtime is at fault, not the quantization"
     )
 

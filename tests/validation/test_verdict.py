@@ -131,7 +131,7 @@ def test_the_runtime_at_fault_is_named_and_the_reference_judged(tmp_path_factory
     assert verdict["cosine"] == validation["reference"]["y"]["cosine"]
     assert verdict["status"] == "pass"
     line = verdict["line"]
-    assert "ORT's optimizations off; at its default optimizations onnxruntime" in line
+    assert "ORT's optimizations off; onnxruntime (CPUExecutionProvider) at its default" in line
     default = validation["default"]["y"]["cosine"]
     assert f"cosine {default:.4f} there: the runtime is at fault, not the quantization" in line
 
