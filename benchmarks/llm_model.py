@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -97,9 +98,11 @@ def llama_module(size: str) -> Any:
         names stay transformers' own (``model.layers.0.self_attn.q_proj``, ``lm_head``)."""
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return super().forward(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            ).logits
+            return (
+                super()
+                .forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                .logits
+            )
 
     torch.manual_seed(SEED)
     return Logits(llama_config(size)).eval()
@@ -198,14 +201,13 @@ def build(
     (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
     module = llama_module(size)
     data = calibration_batches(size, count=batches, seq=seq)
-    path, raw = out / MODEL_NAME, out / f".{MODEL_NAME}.raw"
+    path = out / MODEL_NAME
     export_module = module.to(torch.float16) if dtype == "float16" else module
-    try:
-        _export(export_module, data[-1], raw)
-        _save_external(raw, path)
-    finally:
-        for leftover in out.glob(f".{MODEL_NAME}.raw*"):
-            leftover.unlink()
+    # Past 2 GB the exporter writes one file per weight: export into a folder removed after.
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as raw:
+        _export(export_module, data[-1], Path(raw) / MODEL_NAME)
+        _save_external(Path(raw) / MODEL_NAME, path)
+    # The reference: the exported weights (fp16-rounded if asked) in float32 arithmetic.
     diff = check_export(module.float(), path, data[-1], dtype)
     for i, batch in enumerate(data):
         np.savez(out / DATA_DIR / f"batch_{i:03d}.npz", **batch)

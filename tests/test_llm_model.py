@@ -56,7 +56,11 @@ def weight_matmuls(path: Path) -> dict[str, str]:
     """{MatMul node name: its weight initializer} of the float model."""
     model = onnx.load(str(path), load_external_data=False)
     inits = {t.name for t in model.graph.initializer}
-    return {n.name: n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    return {
+        n.name: n.input[1]
+        for n in model.graph.node
+        if n.op_type == "MatMul" and n.input[1] in inits
+    }
 
 
 def test_export_has_external_data_and_matches_torch(tiny):
@@ -103,8 +107,8 @@ def test_calibrates_every_matmul_weight(tiny, tmp_path, fmt, options):
     weights = weight_matmuls(tiny)
     for node in model.graph.node:
         if node.name in weights:
-            dq = producer[node.input[1]]
-            assert dq.op_type == "DequantizeLinear", node.name
+            dq = producer.get(node.input[1])
+            assert dq is not None and dq.op_type == "DequantizeLinear", node.name
             assert inits[dq.input[0]].data_type == STORAGE[fmt], node.name
     assert sum(n.name in weights for n in model.graph.node) == WEIGHT_MATMULS
     assert not set(weights.values()) & set(inits)  # no float copy of a weight is kept
@@ -143,3 +147,33 @@ def test_nvfp4_checkpoints_hold_the_graph_weights(tiny, tmp_path):
             want = s.fake_quant_weight(graph_weight.T.contiguous())
         assert torch.equal(weights[layer], want), layer
         torch.testing.assert_close(ct_weights[layer], want, rtol=6e-7, atol=0)
+
+
+def test_float16_export_calibrates_to_fp8(tmp_path):
+    path = llm_model.build("tiny", tmp_path / "fp16", dtype="float16", batches=2, seq=8)
+    model = onnx.load(str(path), load_external_data=False)
+    weights = weight_matmuls(path)
+    assert {t.data_type for t in model.graph.initializer if t.name in weights.values()} == {
+        TensorProto.FLOAT16
+    }
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    out = tmp_path / "q.onnx"
+    result = calibrate_onnx(
+        path, path.parent / "data", output=out, format="fp8", validate_batches=1
+    )
+    assert result.report["verdict"]["cosine"] > MIN_COSINE["fp8"]
+    quantized = onnx.load(str(out), load_external_data=False)
+    stored = [t for t in quantized.graph.initializer if t.data_type == STORAGE["fp8"]]
+    assert len(stored) >= WEIGHT_MATMULS
+
+
+def test_sizes_have_the_parameters_they_claim():
+    """The benchmark sizes (not built here) have the parameter counts their config gives."""
+    from transformers import LlamaForCausalLM
+
+    for size in llm_model.SIZES:
+        with torch.device("meta"):
+            lm = LlamaForCausalLM(llm_model.llama_config(size))
+        assert sum(p.numel() for p in lm.parameters()) == llm_model.parameter_count(size)
+    assert 0.1e9 < llm_model.parameter_count("small") < 0.15e9
+    assert 1.0e9 < llm_model.parameter_count("1b") < 1.2e9
