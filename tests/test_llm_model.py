@@ -114,6 +114,7 @@ def test_calibrates_every_matmul_weight(tiny, tmp_path, fmt, options):
     assert not set(weights.values()) & set(inits)  # no float copy of a weight is kept
     verdict = result.report["verdict"]
     assert verdict["cosine"] > MIN_COSINE[fmt], verdict["line"]
+    assert result.report["validation"]["runtime_issue"] is None
 
 
 def test_nvfp4_checkpoints_hold_the_graph_weights(tiny, tmp_path):
@@ -149,22 +150,39 @@ def test_nvfp4_checkpoints_hold_the_graph_weights(tiny, tmp_path):
         torch.testing.assert_close(ct_weights[layer], want, rtol=6e-7, atol=0)
 
 
-def test_float16_export_calibrates_to_fp8(tmp_path):
-    path = llm_model.build("tiny", tmp_path / "fp16", dtype="float16", batches=2, seq=8)
-    model = onnx.load(str(path), load_external_data=False)
-    weights = weight_matmuls(path)
+@pytest.fixture(scope="module")
+def tiny16(tmp_path_factory) -> Path:
+    """The tiny model exported in float16, with 2 short batches: the model's path."""
+    return llm_model.build("tiny", tmp_path_factory.mktemp("llm16"), "float16", batches=2, seq=8)
+
+
+def test_float16_export_calibrates_to_fp8(tiny16, tmp_path):
+    model = onnx.load(str(tiny16), load_external_data=False)
+    weights = weight_matmuls(tiny16)
     assert {t.data_type for t in model.graph.initializer if t.name in weights.values()} == {
         TensorProto.FLOAT16
     }
     assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
     out = tmp_path / "q.onnx"
     result = calibrate_onnx(
-        path, path.parent / "data", output=out, format="fp8", validate_batches=1
+        tiny16, tiny16.parent / "data", output=out, format="fp8", validate_batches=1
     )
     assert result.report["verdict"]["cosine"] > MIN_COSINE["fp8"]
     quantized = onnx.load(str(out), load_external_data=False)
     stored = [t for t in quantized.graph.initializer if t.data_type == STORAGE["fp8"]]
     assert len(stored) >= WEIGHT_MATMULS
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the ort target puts Q/DQ around the rotary Concat of a float16 model; ORT's "
+    "QDQSelectorActionTransformer fuses it into QLinearConcat, which takes no float16 scale, "
+    "so ORT cannot load the int8 model at its default optimizations",
+)
+def test_float16_int8_runs_in_ort_at_default_optimizations(tiny16, tmp_path):
+    out = tmp_path / "q.onnx"
+    result = calibrate_onnx(tiny16, tiny16.parent / "data", output=out, validate_batches=1)
+    assert result.report["validation"]["runtime_issue"] is None
 
 
 def test_sizes_have_the_parameters_they_claim():
