@@ -201,14 +201,16 @@ def build(
     (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
     module = llama_module(size)
     data = calibration_batches(size, count=batches, seq=seq)
+    # A batch with padding, so that the mask cannot be traced away as a constant.
+    sample = calibration_batches(size, count=2, seq=seq, seed=SEED + 1)[1]
     path = out / MODEL_NAME
     export_module = module.to(torch.float16) if dtype == "float16" else module
     # Past 2 GB the exporter writes one file per weight: export into a folder removed after.
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as raw:
-        _export(export_module, data[-1], Path(raw) / MODEL_NAME)
+        _export(export_module, sample, Path(raw) / MODEL_NAME)
         _save_external(Path(raw) / MODEL_NAME, path)
     # The reference: the exported weights (fp16-rounded if asked) in float32 arithmetic.
-    diff = check_export(module.float(), path, data[-1], dtype)
+    diff = check_export(module.float(), path, sample, dtype)
     for i, batch in enumerate(data):
         np.savez(out / DATA_DIR / f"batch_{i:03d}.npz", **batch)
     logger.info("%s (%s, %s): ORT vs torch max abs diff %.3g", path, size, dtype, diff)
