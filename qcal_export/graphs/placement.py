@@ -12,6 +12,7 @@ from onnx import TensorProto, numpy_helper
 
 from qcal_export.graphs.op_inputs import COMPUTE_OPS, CONV_PRODUCERS, PLACEMENTS
 from qcal_export.onnx_io.tensor_types import FLOAT_TYPES, Shape
+from qcal_export.spec.choices import Target
 from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import PerTensor
 from qcal_export.spec.plan import (
@@ -102,6 +103,9 @@ def place_node(plan: Plan, node: onnx.NodeProto, recipe: Recipe, view: GraphView
         return False
     rules = PLACEMENTS[recipe.target]
     op = node.op_type
+    if recipe.target == Target.ORT and _half_precision(node, view):
+        plan.half_nodes.append(node.name)
+        return False
     if node.name in view.stream:
         if op in rules.all_inputs | rules.own_output or (
             op in rules.residual and _residual_inputs(node, view)
@@ -131,6 +135,13 @@ def place_node(plan: Plan, node: onnx.NodeProto, recipe: Recipe, view: GraphView
             if uses:
                 add_shared(plan, tensor, node.input[0], view.elem_type(tensor), uses)
     return _planned_count(plan) != count
+
+
+def _half_precision(node: onnx.NodeProto, view: GraphView) -> bool:
+    """Whether ``node`` computes in float16 or bfloat16: ORT fuses the Q/DQ around it into
+    QLinear kernels that take float32 scales only, and then cannot load the model."""
+    floats = [t for t in node.output if view.is_float(t)]
+    return any(view.elem_type(t) != TensorProto.FLOAT for t in floats)
 
 
 def _planned_count(plan: Plan) -> int:

@@ -155,6 +155,12 @@ def _note_sentinels_and_overridable(plan: Plan, graph: onnx.GraphProto, recipe: 
             f"larger than the rest; one scale per tensor would round the others away): "
             f"{plan.stream_nodes[:5]}"
         )
+    if plan.half_nodes:
+        plan.placement_notes.append(
+            f"{len(plan.half_nodes)} float16/bfloat16 node(s): no ort Q/DQ around them beyond "
+            f"the compute ops' inputs (ONNX Runtime fuses such Q/DQ into QLinear kernels that "
+            f"take float32 scales only, and then cannot load the model): {plan.half_nodes[:5]}"
+        )
     overridable = sorted(set(plan.weights) & {value.name for value in graph.input})
     if overridable:
         plan.notes.append(

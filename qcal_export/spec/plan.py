@@ -102,6 +102,8 @@ class Plan:
     ``sentinel_nodes``: nodes the target would place Q/DQ around that read or write sentinel
     values (attention masks), left without. ``stream_nodes``: Adds of the residual stream
     feeding a normalization that the target would place Q/DQ around, left without.
+    ``half_nodes``: nodes of float16/bfloat16 the ort target would place Q/DQ around, left
+    without (ORT's QLinear kernels take float32 scales only).
     ``placement_notes``: what the target deliberately left float and why (for the report and
     the summary; not a warning, unlike ``notes``).
     """
@@ -117,6 +119,7 @@ class Plan:
     shared: dict[str, SharedActivation] = field(default_factory=dict)
     sentinel_nodes: list[str] = field(default_factory=list)
     stream_nodes: list[str] = field(default_factory=list)
+    half_nodes: list[str] = field(default_factory=list)
     placement_notes: list[str] = field(default_factory=list)
 
     def is_quantized(self, tensor: str) -> bool:
