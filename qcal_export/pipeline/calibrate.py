@@ -27,7 +27,7 @@ from qcal_export.errors import BelowTargetError, DataError, RecipeError, Runtime
 from qcal_export.graphs.export import ExportResult, check_scales_match, export_qdq
 from qcal_export.onnx_io.model_io import save_model
 from qcal_export.onnx_io.tensor_types import tensor_types
-from qcal_export.pipeline.fallback import fall_back, spare_copy
+from qcal_export.pipeline.fallback import fall_back, fallback_source
 from qcal_export.pipeline.report import build_report
 from qcal_export.pipeline.run import (
     CalibrationResult,
@@ -249,7 +249,7 @@ def _export(
             )
 
     validates = data is not None and outputs.validate_batches > 0
-    spare = spare_copy(run.plan, run.loaded.proto) if validates else None
+    source = fallback_source(run.plan, run.loaded.proto) if validates else None
 
     def export(plan: Plan, model: onnx.ModelProto) -> ExportResult:
         recipe = run.recipe
@@ -261,10 +261,11 @@ def _export(
         return exported, None
     with run.timed("validate_s"):
         validation = _output_error(run, exported.model, outputs.validate_batches, data)
-        if spare is not None:
+        if source is not None:
+            narrow, spare = source
             run.plan, exported, validation = fall_back(
                 run.plan,
-                spare,
+                narrow,
                 (exported, validation),
                 lambda plan: export(plan, spare),
                 lambda model: _output_error(run, model, outputs.validate_batches, data),

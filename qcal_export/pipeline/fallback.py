@@ -39,32 +39,32 @@ def compute_ops_only(plan: Plan, model: onnx.ModelProto) -> Plan | None:
     return without_nodes(plan, placed) if placed else None
 
 
-def spare_copy(plan: Plan, model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """A copy of ``model`` to export again from (the export edits its model in place), where
-    a fallback could apply: the plan places Q/DQ beyond the compute ops. None past 2 GB, where
-    a second copy in memory costs more than the fallback is worth."""
-    if compute_ops_only(plan, model) is None or over_protobuf_limit(model):
+def fallback_source(plan: Plan, model: onnx.ModelProto) -> tuple[Plan, onnx.ModelProto] | None:
+    """Where a fallback could apply (the plan places Q/DQ beyond the compute ops): the
+    compute-ops plan, and a copy of ``model`` to export it from (the export edits its model in
+    place), taken before the first export. None past 2 GB, where a second copy in memory costs
+    more than the fallback is worth."""
+    narrow = compute_ops_only(plan, model)
+    if narrow is None or over_protobuf_limit(model):
         return None
     spare = onnx.ModelProto()
     spare.CopyFrom(model)
-    return spare
+    return narrow, spare
 
 
 def fall_back(
     plan: Plan,
-    model: onnx.ModelProto,
+    narrow: Plan,
     first: tuple[ExportResult, Validation],
     export: Callable[[Plan], ExportResult],
     validate: Callable[[onnx.ModelProto], Validation],
     min_cosine: float,
 ) -> tuple[Plan, ExportResult, Validation]:
     """The plan, model and validation to keep: ``first`` where it reaches ``min_cosine`` or
-    the compute-ops-only export of ``model`` (a spare copy: ``export`` edits it) does not halve
-    its output error (``HALF``), else that export (with a warning and an export note naming the
-    nodes left in float)."""
+    the export of the compute-ops plan ``narrow`` does not halve its output error (``HALF``),
+    else that export (with a warning and an export note naming the nodes left in float)."""
     exported, validation = first
-    narrow = compute_ops_only(plan, model) if validation.lowest_cosine < min_cosine else None
-    if narrow is None:
+    if validation.lowest_cosine >= min_cosine:
         return plan, exported, validation
     again = export(narrow)
     checked = validate(again.model)

@@ -121,7 +121,7 @@ def default_target(format: str, activation_format: str | None) -> str:
 def unsigned_activations(format: str, activation_format: str | None, target: str) -> bool:
     """Whether int8 activations become uint8: under target ort with no activation format given,
     as ONNX Runtime's quantizer does, so that every MatMul finds an 8-bit kernel on the CPU."""
-    return target == "ort" and format == "int8" and activation_format is None
+    return target == Target.ORT and format == "int8" and activation_format is None
 
 
 def recipe_notes(recipe: Recipe | None, options: Mapping[str, Any]) -> list[str]:
