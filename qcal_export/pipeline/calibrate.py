@@ -47,10 +47,14 @@ from qcal_export.validation.data import ValidationData
 from qcal_export.validation.deployment import measure_deployment
 from qcal_export.validation.eval_module import Metric, load_metric
 from qcal_export.validation.reference import needs_reference_evaluator
-from qcal_export.validation.validate import Validation, validate_outputs
+from qcal_export.validation.validate import Validation, ValidationSkipped, validate_outputs
 from qcal_export.validation.verdict import Checks, conclude, measure
 
 log = logging.getLogger(__name__)
+
+MIN_EVALUATOR_BUDGET_S = 60.0
+"""The least time the ONNX reference evaluator gets to validate (FP4 and TensorRT-op models);
+past the calibration's own time, if longer, it stops: see ``validate._in_evaluator``."""
 
 ProgressFactory = Callable[[str], AbstractContextManager[Callable[[], None]]]
 """Given a label, a context manager yielding a callback called once per batch."""
@@ -80,7 +84,10 @@ def calibrate_onnx(
     (same model, recipe and data order) and gives the scales of an uninterrupted run.
     Validation runs the QDQ model in ONNX Runtime at its default optimizations and with them off
     (the reference) on ``validate_batches`` held-out batches; the report's ``verdict`` judges
-    the lowest output cosine against ``min_cosine``; under ``strict`` a runtime mismatch raises
+    the lowest output cosine against ``min_cosine``; models ORT cannot run (FP4, TensorRT's ops)
+    are validated in the ONNX reference evaluator for at most the calibration's time
+    (``MIN_EVALUATOR_BUDGET_S`` at least), on the batches done by then, or not at all with a
+    note in ``export_notes``; under ``strict`` a runtime mismatch raises
     RuntimeMismatchError, a verdict below target BelowTargetError, once everything is written.
     No input (the model, its external data, the data, ``scales_in``, the recipe file) is ever
     written: an output on one of them, or on another output, is refused before anything runs.
@@ -260,7 +267,12 @@ def _export(
     if data is None or not validates:
         return exported, None
     with run.timed("validate_s"):
-        validation = _output_error(run, exported.model, outputs.validate_batches, data)
+        try:
+            validation = _output_error(run, exported.model, outputs.validate_batches, data)
+        except ValidationSkipped as e:
+            log.warning("%s", e)
+            exported.notes.append(str(e))
+            return exported, None
         if source is not None:
             narrow, spare = source
             run.plan, exported, validation = fall_back(
@@ -361,8 +373,18 @@ def _output_error(
     ONNX reference evaluator for FLOAT4E2M1 and TensorRT's ops); ``run.validator`` names the
     runner of the error users get."""
     name = f"the quantized model of {run.loaded.path}"
+    seen = len(data.seen)
+    budget = max(MIN_EVALUATOR_BUDGET_S, run.timings.get("calibrate_s", 0.0))
     validation = validate_outputs(
-        run.loaded.path, exported, run.providers, data.recorded(max_batches), max_batches, name
+        run.loaded.path,
+        exported,
+        run.providers,
+        data.recorded(max_batches),
+        max_batches,
+        name,
+        budget_s=budget,
     )
+    if validation.batches is not None:  # a pass stopped early: the batch cut short was not used
+        del data.seen[seen + validation.batches :]
     run.validator = validation.output_validator
     return validation

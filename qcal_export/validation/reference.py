@@ -3,6 +3,8 @@ FP4 kernels) and TensorRT's custom ops, implemented here as TensorRT documents t
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnx
 import torch
@@ -59,20 +61,38 @@ TRT_OPS = [
 ]
 
 
+class EvaluatorTimeout(Exception):
+    """The reference evaluator ran past its deadline (``ReferenceRunner(deadline=...)``)."""
+
+
+class _DeadlineEvaluator(ReferenceEvaluator):
+    """The reference evaluator, stopped between two nodes once ``time.monotonic()`` passes
+    ``deadline``: it logs every node it runs through ``_log``, the hook checked here."""
+
+    deadline: float | None = None
+
+    def _log(self, level: int, pattern: str, *args: object) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise EvaluatorTimeout(f"past its deadline at {pattern % args if args else pattern}")
+        super()._log(level, pattern, *args)
+
+
 class ReferenceRunner:
     """The ONNX reference evaluator behind ORT's ``run(names, feed)`` interface.
 
     The evaluator finds custom ops by name alone, so ``trt::DequantizeLinear`` is renamed in
-    the copy it runs, to keep the default-domain DequantizeLinear its own.
+    the copy it runs, to keep the default-domain DequantizeLinear its own. With a ``deadline``
+    (a ``time.monotonic()`` value) a run still going then raises EvaluatorTimeout.
     """
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, deadline: float | None = None):
         if any(node.domain == TRT_DOMAIN for node in model.graph.node):
             model = onnx.ModelProto.FromString(model.SerializeToString())
             for node in model.graph.node:
                 if node.domain == TRT_DOMAIN and node.op_type == "DequantizeLinear":
                     node.op_type = _TRT_DEQUANTIZE
-        self._evaluator = ReferenceEvaluator(model, new_ops=TRT_OPS)
+        self._evaluator = _DeadlineEvaluator(model, new_ops=TRT_OPS)
+        self._evaluator.deadline = deadline
 
     def run(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._evaluator.run(names, feed)

@@ -5,6 +5,7 @@ reference evaluator for what ORT cannot run)."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,11 @@ from qcal_export.capture.data import DataSource, feeds, model_inputs
 from qcal_export.capture.onnxruntime import ORT_ERRORS, open_session
 from qcal_export.errors import ModelError
 from qcal_export.validation.output_error import Errors, ErrorTally
-from qcal_export.validation.reference import ReferenceRunner, needs_reference_evaluator
+from qcal_export.validation.reference import (
+    EvaluatorTimeout,
+    ReferenceRunner,
+    needs_reference_evaluator,
+)
 from qcal_export.validation.runtime_check import (
     Level,
     ModelSessions,
@@ -51,20 +56,6 @@ def warn_nonfinite(errors: Errors, runner: str) -> None:
                 name,
                 error["nonfinite_float"],
             )
-
-
-def compare_outputs(
-    reference: ort.InferenceSession,
-    candidate: ort.InferenceSession | ReferenceRunner,
-    model: onnx.ModelProto,
-    source: DataSource,
-    max_batches: int,
-) -> Errors:
-    """Max abs, relative L2 and cosine of each float graph output over ``max_batches`` batches."""
-    errors = ErrorTally(float_outputs(reference))
-    for refs, cands in output_pairs(reference, candidate, model, source, max_batches):
-        errors.add(refs, cands)
-    return errors.per_output()
 
 
 def float_outputs(session: ort.InferenceSession) -> list[str]:
@@ -105,13 +96,16 @@ class Validation:
     """The QDQ model's output error against the float model's, per graph output: in the
     reference (``validator``: ORT with graph optimizations off, or the ONNX reference evaluator)
     and as ORT runs it by default (``runtime``; ``default`` is None where ORT cannot run the
-    model's types or failed: ``issue`` says how)."""
+    model's types or failed: ``issue`` says how). ``stopped`` says why fewer batches than asked
+    were validated (the reference evaluator's time budget), ``batches`` how many were."""
 
     reference: Errors
     validator: str
     default: Errors | None = None
     runtime: str | None = None
     issue: RuntimeIssue | None = None
+    stopped: str | None = None
+    batches: int | None = None
 
     @property
     def output_error(self) -> Errors:
@@ -141,6 +135,7 @@ class Validation:
             "runtime": self.runtime,
             "default": self.default,
             "runtime_issue": None if self.issue is None else self.issue.to_report(),
+            "stopped": self.stopped,
         }
 
 
@@ -151,6 +146,7 @@ def validate_outputs(
     source: DataSource,
     max_batches: int,
     name: str = "the quantized model",
+    budget_s: float | None = None,
 ) -> Validation:
     """``model``'s outputs against ``float_model``'s on the first ``max_batches`` batches, in
     ORT at its default level and with optimizations off (one pass over the batches).
@@ -159,14 +155,11 @@ def validate_outputs(
     does beyond float noise (``runtime_check.worse_than_reference``), one warning says so and
     names the ORT optimizer at fault; a reference that cannot run is a ModelError naming
     ``name``. Models with types or ops ORT has no kernels for (FP4, TensorRT's) run in the ONNX
-    reference evaluator alone.
+    reference evaluator alone, for at most ``budget_s`` seconds (see ``_in_evaluator``).
     """
     float_session = open_session(float_model, providers, str(float_model))
     if needs_reference_evaluator(model):
-        runner = ReferenceRunner(model)
-        errors = compare_outputs(float_session, runner, model, source, max_batches)
-        warn_nonfinite(errors, EVALUATOR)
-        return Validation(errors, EVALUATOR)
+        return _in_evaluator(float_session, model, source, max_batches, budget_s)
     with ModelSessions(model, providers) as sessions:
         validation, first = _against_default(
             sessions, float_session, model, source, max_batches, name
@@ -177,6 +170,41 @@ def validate_outputs(
             log.warning("%s", validation.issue.message)
     warn_nonfinite(validation.output_error, validation.output_validator)
     return validation
+
+
+class ValidationSkipped(Exception):
+    """No batch could be validated within the reference evaluator's time budget."""
+
+
+def _in_evaluator(
+    float_session: ort.InferenceSession,
+    model: onnx.ModelProto,
+    source: DataSource,
+    max_batches: int,
+    budget_s: float | None,
+) -> Validation:
+    """The validation in the ONNX reference evaluator, which runs numpy op by op, far slower
+    than ORT: past ``budget_s`` it stops between two nodes and the batches done so far make the
+    validation (``stopped`` says so); ValidationSkipped where not even one batch was done."""
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    runner = ReferenceRunner(model, deadline)
+    tally = ErrorTally(float_outputs(float_session))
+    stopped = None
+    try:
+        for refs, cands in output_pairs(float_session, runner, model, source, max_batches):
+            tally.add(refs, cands)
+    except EvaluatorTimeout:
+        budget = f"the ONNX reference evaluator's time budget ({budget_s:.0f} s)"
+        if tally.batches == 0:
+            raise ValidationSkipped(
+                f"validation skipped: one batch took longer than {budget}; validate the QDQ "
+                "model on fewer or smaller batches (--validate-data), or deploy-test it"
+            ) from None
+        stopped = f"validated on {tally.batches} of {max_batches} batches: {budget} ran out"
+        log.warning("%s", stopped)
+    errors = tally.per_output()
+    warn_nonfinite(errors, EVALUATOR)
+    return Validation(errors, EVALUATOR, stopped=stopped, batches=tally.batches)
 
 
 def _against_default(
