@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from qcal_export.capture.iobinding import (
     session_device,
 )
 from qcal_export.errors import DataError, ModelError
-from qcal_export.onnx_io.model_io import over_protobuf_limit
+from qcal_export.onnx_io.weights import session_initializers
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +85,9 @@ def open_session(
     """An ORT session over ``model``, optionally exposing ``extra_outputs`` (name -> elem type).
 
     ``model`` is a proto or a file. The outputs are added to a proto only while it is
-    serialized; protos over 2 GB go through a temporary external-data file. Worker threads do
-    not spin-wait after a run: between runs the calibrators need the same cores.
+    serialized; its stored weights are handed to ONNX Runtime as external initializers, not
+    serialized. Worker threads do not spin-wait after a run: between runs the calibrators need
+    the same cores.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -99,21 +99,25 @@ def open_session(
             raise load_error(name, e, providers) from None
     added = _append_outputs(model, extra_outputs or {})
     try:
-        if not over_protobuf_limit(model):
-            return ort.InferenceSession(
-                model.SerializeToString(), options, providers=list(providers)
-            )
-        with tempfile.TemporaryDirectory(prefix="qcal-session-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            large = onnx.ModelProto()
-            large.CopyFrom(model)
-            onnx.save_model(large, str(path), save_as_external_data=True, location="model.data")
-            return ort.InferenceSession(str(path), options, providers=list(providers))
+        return stored_session(model, options, providers)
     except ORT_ERRORS as e:
         raise load_error(name, e, providers) from None
     finally:
         for _ in range(added):
             model.graph.output.pop()
+
+
+def stored_session(
+    model: onnx.ModelProto, options: ort.SessionOptions, providers: Sequence[ProviderEntry]
+) -> ort.InferenceSession:
+    """An ORT session over ``model``'s serialized graph, its stored weights given as external
+    initializers (kept alive with the session: ORT reads them where they are)."""
+    names, values = session_initializers(model)
+    if names:
+        options.add_external_initializers(names, values)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+    session.qcal_weights = values
+    return session
 
 
 def load_error(name: str, error: Exception, providers: Sequence[ProviderEntry]) -> ModelError:

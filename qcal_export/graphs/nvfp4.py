@@ -76,7 +76,7 @@ def quantize_weight_nvfp4(
         restored = names.new(f"{tensor}_dequantized_transposed")
         graph.node.append(_transpose(dequantized, restored, names))
         dequantized = restored
-    rewire(graph, plan.uses, tensor, dequantized)
+    rewire(plan.uses, tensor, dequantized, names)
     drop_if_unused(graph, init, mode)
 
 
@@ -134,7 +134,7 @@ def insert_activation_nvfp4(
                 f"{tensor}: blocks along axis {blocks.axis} of {blocks.rank}, not the last; "
                 "written in the portable form"
             )
-    rewire(graph, plan.uses, tensor, dequantized)
+    rewire(plan.uses, tensor, dequantized, names)
     graph.node.extend(nodes)
     return note
 

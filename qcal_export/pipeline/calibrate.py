@@ -92,27 +92,30 @@ def calibrate_onnx(
     run = plan_run(
         model, recipe, data, config.data.batch_size, config.capture.provider, data_options
     )
-    run.plan.notes += config.quantization.notes()
-    asked = asked_outputs(config)
-    keep = check_request(run, asked, config, data, data_options)
-    split = split_data(
-        run.source,
-        accuracy,
-        validate=config.validation.validate_batches,
-        validate_data=config.validation.validate_data,
-        batch_size=config.data.batch_size,
-        scales_in=config.quantization.scales_in,
-    )
-    run.source = split.calibration
-    checks = Checks(split.validation, float(config.validation.min_cosine), metric)
-    outputs = _join_ranks(run, dataclasses.replace(asked, keep=keep), accuracy, config)
-    holdout, sections = split.holdout, prepare(run, accuracy, config.data.max_batches)
-    run.state = state_file(run, config, split.split)
-    with run.timed("calibrate_s"):
-        found = _scales(run, config, progress)
-    found, analysis = refine(run, found, accuracy, holdout, sections)
-    run.weight_errors = relative_weight_errors(run.loaded.proto, found.values())
-    return _write_outputs(run, found, outputs, sections, analysis, holdout, checks)
+    try:  # the model's weight store is released when the run ends, however it ends
+        run.plan.notes += config.quantization.notes()
+        asked = asked_outputs(config)
+        keep = check_request(run, asked, config, data, data_options)
+        split = split_data(
+            run.source,
+            accuracy,
+            validate=config.validation.validate_batches,
+            validate_data=config.validation.validate_data,
+            batch_size=config.data.batch_size,
+            scales_in=config.quantization.scales_in,
+        )
+        run.source = split.calibration
+        checks = Checks(split.validation, float(config.validation.min_cosine), metric)
+        outputs = _join_ranks(run, dataclasses.replace(asked, keep=keep), accuracy, config)
+        holdout, sections = split.holdout, prepare(run, accuracy, config.data.max_batches)
+        run.state = state_file(run, config, split.split)
+        with run.timed("calibrate_s"):
+            found = _scales(run, config, progress)
+        found, analysis = refine(run, found, accuracy, holdout, sections)
+        run.weight_errors = relative_weight_errors(run.loaded.proto, found.values())
+        return _write_outputs(run, found, outputs, sections, analysis, holdout, checks)
+    finally:
+        run.loaded.store.release()
 
 
 def _config(config: CalibrationConfig | None, options: dict[str, Any]) -> CalibrationConfig:
