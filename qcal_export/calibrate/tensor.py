@@ -150,8 +150,8 @@ def relative_weight_errors(
         if s.kind != "weight" or s.name not in initializers:
             continue
         weight = initializer_values(initializers[s.name]).float()
-        dequantized = s.fake_quant_weight(weight)
-        norm = float(weight.double().norm())
-        diff = float((dequantized.double() - weight.double()).norm())
+        exact = weight.double()
+        diff = float(s.fake_quant_weight(weight).double().sub_(exact).norm())
+        norm = float(exact.norm())
         errors[s.name] = diff / norm if norm else diff
     return errors

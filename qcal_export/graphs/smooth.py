@@ -97,7 +97,7 @@ def smooth_model(
             how = _insert_mul(graph, tensor, consumers, factors, replace.names, arrays[0].dtype)
         notes.append(f"smoothed {tensor} (alpha {alpha:g}, {len(consumers)} consumers): {how}")
     for name in replace.replaced:
-        drop_if_unused(graph, weights[name], "quantized")
+        drop_if_unused(graph, weights[name], "quantized", replace.names)
     sort_nodes(graph)
     store_embedded(smoothed)
     return smoothed, notes
