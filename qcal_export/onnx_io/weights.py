@@ -163,15 +163,17 @@ def to_array(init: TensorProto) -> np.ndarray:
 def store_model(proto: onnx.ModelProto, folder: Path, store: WeightStore) -> onnx.ModelProto:
     """A new proto of ``proto`` whose main-graph initializers of ``MIN_BYTES`` or more are in
     ``store``: those with external data (files in ``folder``) read lazily from their file,
-    embedded ones moved. Other tensors with external data are read into the proto.
+    embedded ones moved. Other tensors with external data (smaller ones, those of subgraphs
+    and attributes) are read into the proto.
     ModelError when an external data file is missing or too short."""
     for init in proto.graph.initializer:
         if init.data_type not in STORED_TYPES:
             continue
-        location = _location(init)
-        if location is not None:
+        if _embedded_bytes(init) < MIN_BYTES:
+            continue
+        if _location(init) is not None:
             _store_external(init, folder, store)
-        elif _embedded_bytes(init) >= MIN_BYTES:
+        else:
             store.put(init.name, numpy_helper.to_array(init))
             _point_at(init, store, init.name)
     for tensor in all_tensors(proto.graph):
@@ -203,6 +205,7 @@ def _store_external(init: TensorProto, folder: Path, store: WeightStore) -> None
 
 
 def _embedded_bytes(init: TensorProto) -> int:
+    """Bytes of ``init``'s data (raw, or as its type and dims say)."""
     if init.HasField("raw_data"):
         return len(init.raw_data)
     count = int(np.prod(init.dims, dtype=np.int64)) if init.dims else 1
