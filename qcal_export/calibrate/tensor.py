@@ -7,6 +7,7 @@ accumulated during the activations' first capture pass (``activation_calibration
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import onnx
@@ -150,8 +151,21 @@ def relative_weight_errors(
         if s.kind != "weight" or s.name not in initializers:
             continue
         weight = initializer_values(initializers[s.name]).float()
-        exact = weight.double()
-        diff = float(s.fake_quant_weight(weight).double().sub_(exact).norm())
-        norm = float(exact.norm())
+        norm, diff = _norms(weight, s.fake_quant_weight(weight))
         errors[s.name] = diff / norm if norm else diff
     return errors
+
+
+def _norms(weight: torch.Tensor, dequantized: torch.Tensor) -> tuple[float, float]:
+    """``||W||`` and ``||dequantized - W||`` in float64, a slice of rows at a time (a weight
+    in float64 is twice its float32 size)."""
+    rows = weight.reshape(-1, weight.shape[-1]) if weight.dim() else weight.reshape(1, 1)
+    fq = dequantized.reshape(rows.shape)
+    step = max(1, (1 << 22) // max(1, rows.shape[1]))
+    norm_sq = diff_sq = 0.0
+    for start in range(0, rows.shape[0], step):
+        exact = rows[start : start + step].double().reshape(-1)
+        norm_sq += float(torch.dot(exact, exact))
+        diff = fq[start : start + step].double().reshape(-1).sub_(exact)
+        diff_sq += float(torch.dot(diff, diff))
+    return math.sqrt(norm_sq), math.sqrt(diff_sq)

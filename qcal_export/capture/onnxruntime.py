@@ -28,7 +28,7 @@ from qcal_export.capture.iobinding import (
     session_device,
 )
 from qcal_export.errors import DataError, ModelError
-from qcal_export.onnx_io.weights import session_initializers
+from qcal_export.onnx_io.weights import file_model, paging_out, session_initializers
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,10 @@ def open_session(
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if isinstance(model, Path):
+        light = file_model(model)
         try:
+            if light is not None:
+                return stored_session(light, options, providers)
             return ort.InferenceSession(str(model), options, providers=list(providers))
         except ORT_ERRORS as e:
             raise load_error(name, e, providers) from None
@@ -111,11 +114,17 @@ def stored_session(
     model: onnx.ModelProto, options: ort.SessionOptions, providers: Sequence[ProviderEntry]
 ) -> ort.InferenceSession:
     """An ORT session over ``model``'s serialized graph, its stored weights given as external
-    initializers (kept alive with the session: ORT reads them where they are)."""
+    initializers (kept alive with the session: ORT reads them where they are).
+
+    A model file loaded into a store (``weights.file_model``) is opened over that store's
+    weights: one copy of them in memory, whichever session reads them."""
     names, values = session_initializers(model)
     if names:
         options.add_external_initializers(names, values)
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+    with paging_out(model):
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=list(providers)
+        )
     session.qcal_weights = values
     return session
 

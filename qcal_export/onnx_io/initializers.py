@@ -7,7 +7,7 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from qcal_export.onnx_io.weights import to_array
+from qcal_export.onnx_io.weights import drop_pages, to_array
 
 
 def initializer(graph: onnx.GraphProto, name: str) -> TensorProto:
@@ -20,5 +20,8 @@ def initializer_values(init: TensorProto) -> torch.Tensor:
     refuses."""
     array = to_array(init)
     if init.data_type == TensorProto.BFLOAT16:
-        return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(array.copy())
+        values = torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
+    else:
+        values = torch.from_numpy(array.copy())
+    drop_pages(init)  # the copy is what is used from now on
+    return values

@@ -108,7 +108,7 @@ def load_model(path: str | Path) -> LoadedModel:
     if not proto.graph.node:
         raise ModelError(f"{path} holds no ONNX graph (is it an ONNX model?)")
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
-    store = WeightStore()
+    store = WeightStore(path)
     try:
         proto = store_model(proto, path.parent, store)
     except ModelError as e:

@@ -13,7 +13,10 @@ were computed from, so that a second export of the same weight with the same sca
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -56,13 +59,16 @@ _STORES: dict[str, WeightStore] = {}
 
 
 class WeightStore:
-    """Arrays by key; those of an external data file are read from it when first asked.
+    """Arrays by key; those of an external data file are views of a read-only map of it,
+    read (paged in) when first used.
 
     A store lives until ``release`` (a run releases its model's store when it ends): protos
     name it by its token, copies of a proto too, so none of them owns it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, source: Path | None = None) -> None:
+        self.source = None if source is None else source.resolve()
+        """The model file the store's own keys (the initializer names) were read from."""
         self.token = secrets.token_hex(6)
         self._arrays: dict[str, np.ndarray] = {}
         self._lazy: dict[str, tuple[Path, int, int, np.dtype, tuple[int, ...]]] = {}
@@ -76,6 +82,18 @@ class WeightStore:
         self._arrays.clear()
         self._lazy.clear()
         self._maps.clear()
+
+    def drop_pages(self, key: str | None = None) -> None:
+        """Take the mapped file pages of ``key`` (all: None) out of this process's resident
+        memory; they stay in the page cache and come back when next read, so a copy made or
+        a session built from them costs its own memory only."""
+        ranges = [self._lazy[key]] if key is not None and key in self._lazy else []
+        if key is None:
+            ranges = [(f, 0, len(m), None, None) for f, m in self._maps.items() if len(m)]
+        for file, offset, length, _, _ in ranges:
+            mapped = self._maps[file]._mmap  # numpy's mmap.mmap of the file
+            start = offset - offset % mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
 
     def __contains__(self, key: str) -> bool:
         return key in self._arrays or key in self._lazy
@@ -92,6 +110,8 @@ class WeightStore:
                 f"{file}: tensor {init.name!r} has {length} bytes of external data, its type "
                 f"and dims {list(dims)} need {dtype.itemsize * int(np.prod(dims))}"
             )
+        if file not in self._maps:  # mapped now: the file may be removed once loaded
+            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
         self._lazy[key] = (file, offset, length, dtype, dims)
 
     def get(self, key: str) -> np.ndarray:
@@ -99,17 +119,63 @@ class WeightStore:
         if array is not None:
             return array
         file, offset, length, dtype, dims = self._lazy[key]
-        mapped = self._maps.get(file)
-        if mapped is None:
-            mapped = self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
-        raw = mapped[offset : offset + length]
+        raw = self._maps[file][offset : offset + length]
         if offset % dtype.itemsize:  # numpy and ONNX Runtime want aligned elements
             raw = raw.copy()
         return raw.view(dtype).reshape(dims)
 
 
-def new_store() -> WeightStore:
-    return WeightStore()
+def file_model(path: Path) -> onnx.ModelProto | None:
+    """The light proto of the model file ``path`` over the weights of the live store loaded
+    from it (no second copy of its weights); None when no store was loaded from ``path``."""
+    resolved = path.resolve()
+    store = next((s for s in _STORES.values() if s.source == resolved), None)
+    if store is None:
+        return None
+    proto = onnx.load(str(path), load_external_data=False)
+    for init in proto.graph.initializer:
+        if init.name in store:
+            _point_at(init, store, init.name)
+    for tensor in all_tensors(proto.graph):
+        if _location(tensor) is not None and not is_stored(tensor):
+            load_external_data_for_tensor(tensor, str(path.parent))
+            tensor.ClearField("external_data")
+            tensor.ClearField("data_location")
+    return proto
+
+
+def drop_pages(source: onnx.ModelProto | TensorProto) -> None:
+    """``WeightStore.drop_pages`` for the tensor ``source``, or for every store the model
+    ``source`` reads from."""
+    if isinstance(source, TensorProto):
+        found = stored_key(source)
+        if found is not None:
+            found[0].drop_pages(found[1])
+        return
+    stores = {f[0].token: f[0] for t in source.graph.initializer if (f := stored_key(t))}
+    for store in stores.values():
+        store.drop_pages()
+
+
+@contextlib.contextmanager
+def paging_out(model: onnx.ModelProto, every: float = 0.2) -> Iterator[None]:
+    """Within, drop the mapped pages of ``model``'s stored weights every ``every`` seconds
+    (``drop_pages``): while ONNX Runtime builds a session it reads each weight once to pack
+    it, and the pages it read need not stay resident beside the packed copy."""
+    done = threading.Event()
+
+    def drop() -> None:
+        while not done.wait(every):
+            drop_pages(model)
+
+    thread = threading.Thread(target=drop, name="qcal-paging-out", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        drop_pages(model)
 
 
 def _location(init: TensorProto) -> str | None:

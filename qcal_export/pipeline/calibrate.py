@@ -303,6 +303,7 @@ def _scales(
         resume=config.state.resume,
         ranks=run.ranks,
     )
+    del capture  # closes the capture session (its copies of the weights) before the weights
     run.batches_per_pass = activations.batches_per_pass
     found.update(
         calibrate_weights(run.loaded.proto, run.plan, run.recipe.nonfinite, activations.hessians)

@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from qcal_export.capture.onnxruntime import stored_session
-from qcal_export.onnx_io.weights import stored_bytes
+from qcal_export.onnx_io.weights import file_model, stored_bytes
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ def _options() -> ort.SessionOptions:
 def _session(
     model: str | Path | onnx.ModelProto, options: ort.SessionOptions, providers: Sequence[str]
 ) -> ort.InferenceSession:
-    if isinstance(model, onnx.ModelProto):
-        return stored_session(model, options, providers)
+    light = model if isinstance(model, onnx.ModelProto) else file_model(Path(model))
+    if light is not None:
+        return stored_session(light, options, providers)
     return ort.InferenceSession(str(model), options, providers=list(providers))

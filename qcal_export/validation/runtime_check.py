@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from qcal_export.capture.onnxruntime import ORT_ERRORS
 from qcal_export.onnx_io.model_io import over_protobuf_limit
-from qcal_export.onnx_io.weights import session_initializers
+from qcal_export.onnx_io.weights import paging_out, session_initializers
 
 Level = ort.GraphOptimizationLevel
 LEVELS = [("basic", Level.ORT_ENABLE_BASIC), ("extended", Level.ORT_ENABLE_EXTENDED)]
@@ -121,6 +121,7 @@ class ModelSessions:
         self._dir = tempfile.TemporaryDirectory(prefix="qcal-validate-")
         self._large = over_protobuf_limit(model)
         self._model = model.SerializeToString()
+        self._proto = model
         self._weights = session_initializers(model)
 
     def __enter__(self) -> ModelSessions:
@@ -147,9 +148,10 @@ class ModelSessions:
         names, values = self._weights
         if names:
             options.add_external_initializers(names, values)
-        return ort.InferenceSession(
-            self._model, options, providers=self.providers, disabled_optimizers=list(disabled)
-        )
+        with paging_out(self._proto):
+            return ort.InferenceSession(
+                self._model, options, providers=self.providers, disabled_optimizers=list(disabled)
+            )
 
     def scratch(self, name: str) -> Path | None:
         """A path in the temporary folder for an optimized graph; None past 2 GB (not read)."""
