@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
 import secrets
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import onnx
@@ -54,13 +57,18 @@ STORED_TYPES = {
 """Element types stored one element per item of a numpy dtype (4-bit and string tensors stay
 embedded: ONNX Runtime takes no packed external initializer from numpy)."""
 
+SPILL_BYTES = 1 << 20
+"""Arrays a store is given of this size or more (quantized, smoothed or embedded weights) go
+to its temporary file, mapped: like a model's external data, their pages can be dropped."""
+
+_SPILLED = Path("<spilled>")
 _STORES: dict[str, WeightStore] = {}
 """Every store not released, by token: a proto names its store, copies of it too."""
 
 
 class WeightStore:
     """Arrays by key; those of an external data file are views of a read-only map of it,
-    read (paged in) when first used.
+    read (paged in) when first used; large arrays given to it are kept the same way (``put``).
 
     A store lives until ``release`` (a run releases its model's store when it ends): protos
     name it by its token, copies of a proto too, so none of them owns it.
@@ -73,6 +81,7 @@ class WeightStore:
         self._arrays: dict[str, np.ndarray] = {}
         self._lazy: dict[str, tuple[Path, int, int, np.dtype, tuple[int, ...]]] = {}
         self._maps: dict[Path, np.memmap] = {}
+        self._spill: IO[bytes] | None = None
         self.types: dict[str, int] = {}
         _STORES[self.token] = self
 
@@ -82,6 +91,9 @@ class WeightStore:
         self._arrays.clear()
         self._lazy.clear()
         self._maps.clear()
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
 
     def drop_pages(self, key: str | None = None) -> None:
         """Take the mapped file pages of ``key`` (all: None) out of this process's resident
@@ -99,7 +111,22 @@ class WeightStore:
         return key in self._arrays or key in self._lazy
 
     def put(self, key: str, array: np.ndarray) -> None:
-        self._arrays[key] = np.ascontiguousarray(array)
+        """Keep ``array`` under ``key``: in memory under ``SPILL_BYTES``, else written to the
+        store's temporary file and mapped from it (its pages can leave resident memory)."""
+        array = np.ascontiguousarray(array)
+        if array.nbytes < SPILL_BYTES:
+            self._arrays[key] = array
+            return
+        if self._spill is None:
+            self._spill = tempfile.TemporaryFile(prefix="qcal-weights-")  # noqa: SIM115 (closed by release)
+        spill = self._spill
+        end = spill.seek(0, os.SEEK_END)
+        offset = end + (-end % mmap.PAGESIZE)
+        spill.seek(offset)
+        spill.write(array.reshape(-1).view(np.uint8).data)
+        spill.flush()
+        self._maps[_SPILLED] = np.memmap(spill, dtype=np.uint8, mode="r")
+        self._lazy[key] = (_SPILLED, offset, array.nbytes, array.dtype, array.shape)
 
     def put_file(self, key: str, file: Path, offset: int, length: int, init: TensorProto) -> None:
         """``key`` reads ``length`` bytes at ``offset`` of ``file`` as ``init``'s type and dims."""

@@ -18,7 +18,13 @@ from qcal_export.capture.onnxruntime import open_session
 from qcal_export.errors import ModelError
 from qcal_export.graphs.export import export_qdq
 from qcal_export.onnx_io.model_io import check_model, load_model, save_model
-from qcal_export.onnx_io.weights import is_stored, materialized, to_array
+from qcal_export.onnx_io.weights import (
+    SPILL_BYTES,
+    WeightStore,
+    is_stored,
+    materialized,
+    to_array,
+)
 from qcal_export.pipeline.run import plan_run
 from qcal_export.spec.config import CalibrationConfig
 
@@ -210,3 +216,20 @@ def test_a_model_with_external_data_is_calibrated_without_its_weights_in_the_pro
     want = ort.InferenceSession(str(path), providers=CPU).run(None, batches[0])[0]
     got = ort.InferenceSession(str(result.model_path), providers=CPU).run(None, batches[0])[0]
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
+
+
+def test_large_arrays_given_to_the_store_are_read_back_from_its_file():
+    """An array of SPILL_BYTES or more is kept in the store's temporary file, mapped read-only;
+    its pages can be dropped and read again, the same values."""
+    store = WeightStore()
+    big = np.random.default_rng(0).standard_normal((SPILL_BYTES // 4 + 16,)).astype(np.float32)
+    small = np.arange(10, dtype=np.int64)
+    store.put("big", big)
+    store.put("small", small)
+    got = store.get("big")
+    assert not got.flags.writeable and np.array_equal(got, big)
+    store.drop_pages()
+    np.testing.assert_array_equal(store.get("big"), big)
+    np.testing.assert_array_equal(store.get("small"), small)
+    store.release()
+    assert "big" not in store
