@@ -135,8 +135,7 @@ def render(rows: list[dict[str, Any]], model_bytes: int, args: argparse.Namespac
         "- qcal: calibrate_onnx(format='int8', method='max', per-channel weights, 1 batch of "
         "validation against the float model); ORT: quantize_static(MinMax, QDQ, per_channel, "
         "use_external_data_format=True)",
-        "",
-        "- peak RSS: the row process's VmHWM (``ru_maxrss`` counted the parent's peak while it "
+        "- peak RSS: the row process's VmHWM (`ru_maxrss` counted the parent's peak while it "
         "built the model: the table of 2026-11-23 showed that for both rows)",
         "",
         "| row | wall time (s) | peak RSS (MiB) | peak RSS / model size | files written |",

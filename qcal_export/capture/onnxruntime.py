@@ -28,7 +28,8 @@ from qcal_export.capture.iobinding import (
     session_device,
 )
 from qcal_export.errors import DataError, ModelError
-from qcal_export.onnx_io.weights import file_model, paging_out, session_initializers
+from qcal_export.onnx_io.weight_sessions import paging_out, session_initializers
+from qcal_export.onnx_io.weights import file_model
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ A loaded model's proto keeps every initializer of ``MIN_BYTES`` or more as a Ten
 its name, type and dims but no data: ``data_location = EXTERNAL`` and a ``location`` naming the
 store and the key (``qcal-weights:<token>:<key>``). Shape inference, the checker and
 serialisation then never walk the weights; ONNX Runtime gets them as external initializers
-(``session_initializers``); ``to_array`` reads any initializer, stored or embedded. Tensors in
-an external data file are read from it when first asked (a read-only map of the file, one per
+(``weight_sessions``); ``to_array`` reads any initializer, stored or embedded. Tensors in an
+external data file are read from it when first used (a read-only map of the file, one per
 file); embedded ones are moved out of the proto on load. Arrays derived from a stored weight
 (quantized, smoothed) go into the same store (``derived_tensor``), under a key naming what they
 were computed from, so that a second export of the same weight with the same scales reuses it.
@@ -13,19 +13,16 @@ were computed from, so that a second export of the same weight with the same sca
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 import secrets
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor
 
@@ -184,27 +181,6 @@ def drop_pages(source: onnx.ModelProto | TensorProto) -> None:
         store.drop_pages()
 
 
-@contextlib.contextmanager
-def paging_out(model: onnx.ModelProto, every: float = 0.2) -> Iterator[None]:
-    """Within, drop the mapped pages of ``model``'s stored weights every ``every`` seconds
-    (``drop_pages``): while ONNX Runtime builds a session it reads each weight once to pack
-    it, and the pages it read need not stay resident beside the packed copy."""
-    done = threading.Event()
-
-    def drop() -> None:
-        while not done.wait(every):
-            drop_pages(model)
-
-    thread = threading.Thread(target=drop, name="qcal-paging-out", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-        drop_pages(model)
-
-
 def _location(init: TensorProto) -> str | None:
     if init.data_location != TensorProto.EXTERNAL:
         return None
@@ -343,30 +319,6 @@ def store_embedded(model: onnx.ModelProto) -> None:
             key = f"{init.name}|{secrets.token_hex(4)}"
             store.put(key, numpy_helper.to_array(init))
             _point_at(init, store, key)
-
-
-def _main_stored(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, np.ndarray]]:
-    for init in model.graph.initializer:
-        found = stored_key(init)
-        if found is not None:
-            yield init, found[0].get(found[1])
-
-
-def _ort_value(array: np.ndarray, elem_type: int) -> ort.OrtValue:
-    if array.dtype.kind in "biuf" and array.dtype.type.__module__ == "numpy":
-        return ort.OrtValue.ortvalue_from_numpy(array)
-    bits = array.view(np.dtype(f"u{array.dtype.itemsize}"))
-    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, elem_type)
-
-
-def session_initializers(model: onnx.ModelProto) -> tuple[list[str], list[ort.OrtValue]]:
-    """Names and ONNX Runtime values of ``model``'s stored initializers, for
-    ``SessionOptions.add_external_initializers`` (keep the values alive with the session)."""
-    names, values = [], []
-    for init, array in _main_stored(model):
-        names.append(init.name)
-        values.append(_ort_value(array, init.data_type))
-    return names, values
 
 
 def stored_bytes(model: onnx.ModelProto) -> int:

@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from qcal_export.capture.onnxruntime import ORT_ERRORS
 from qcal_export.onnx_io.model_io import over_protobuf_limit
-from qcal_export.onnx_io.weights import paging_out, session_initializers
+from qcal_export.onnx_io.weight_sessions import paging_out, session_initializers
 
 Level = ort.GraphOptimizationLevel
 LEVELS = [("basic", Level.ORT_ENABLE_BASIC), ("extended", Level.ORT_ENABLE_EXTENDED)]
