@@ -74,6 +74,7 @@ class WeightStore:
     def __init__(self, source: Path | None = None) -> None:
         self.source = None if source is None else source.resolve()
         """The model file the store's own keys (the initializer names) were read from."""
+        self._stats = {} if source is None else {self.source: _identity(self.source)}
         self.token = secrets.token_hex(6)
         self._arrays: dict[str, np.ndarray] = {}
         self._lazy: dict[str, tuple[Path, int, int, np.dtype, tuple[int, ...]]] = {}
@@ -103,6 +104,13 @@ class WeightStore:
             mapped = self._maps[file]._mmap  # numpy's mmap.mmap of the file
             start = offset - offset % mmap.PAGESIZE
             mapped.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+
+    def holds(self, path: Path) -> bool:
+        """Whether this store was loaded from the model file ``path`` (resolved) and neither
+        it nor its data files changed since."""
+        if self.source != path:
+            return False
+        return all(_identity(file) == stat for file, stat in self._stats.items())
 
     def __contains__(self, key: str) -> bool:
         return key in self._arrays or key in self._lazy
@@ -136,6 +144,7 @@ class WeightStore:
             )
         if file not in self._maps:  # mapped now: the file may be removed once loaded
             self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
+            self._stats[file] = _identity(file)
         self._lazy[key] = (file, offset, length, dtype, dims)
 
     def get(self, key: str) -> np.ndarray:
@@ -149,11 +158,21 @@ class WeightStore:
         return raw.view(dtype).reshape(dims)
 
 
+def _identity(file: Path) -> tuple[int, int, int] | None:
+    """The file's inode, size and modification time (None once it is gone)."""
+    try:
+        stat = file.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def file_model(path: Path) -> onnx.ModelProto | None:
     """The light proto of the model file ``path`` over the weights of the live store loaded
-    from it (no second copy of its weights); None when no store was loaded from ``path``."""
+    from it (no second copy of its weights); None when no store was loaded from ``path``, or
+    the file or its data changed since."""
     resolved = path.resolve()
-    store = next((s for s in _STORES.values() if s.source == resolved), None)
+    store = next((s for s in reversed(_STORES.values()) if s.holds(resolved)), None)
     if store is None:
         return None
     proto = onnx.load(str(path), load_external_data=False)

@@ -233,3 +233,22 @@ def test_large_arrays_given_to_the_store_are_read_back_from_its_file():
     np.testing.assert_array_equal(store.get("small"), small)
     store.release()
     assert "big" not in store
+
+
+def test_a_file_opened_by_path_reads_its_store_only_while_the_file_is_unchanged(tmp_path):
+    """open_session(path) over a model loaded into a store shares the store's weights; once
+    the file is rewritten (other weights), the session reads the new file."""
+    path = save(chain(), tmp_path / "m.onnx", external=True)
+    loaded = load_model(path)
+    shared = open_session(path, CPU, "shared").run(None, feed())[0]
+    np.testing.assert_array_equal(
+        shared, ort.InferenceSession(str(path), providers=CPU).run(None, feed())[0]
+    )
+    other = chain()
+    for init in other.graph.initializer:
+        if init.name.startswith("w"):
+            init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+    save(other, path, external=True)
+    got = open_session(path, CPU, "rewritten").run(None, feed())[0]
+    np.testing.assert_array_equal(got, -shared)  # three layers: the sign flips
+    loaded.store.release()
