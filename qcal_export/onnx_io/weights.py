@@ -262,7 +262,11 @@ def store_model(proto: onnx.ModelProto, folder: Path, store: WeightStore) -> onn
         if _location(init) is not None:
             _store_external(init, folder, store)
         else:
-            store.put(init.name, numpy_helper.to_array(init))
+            try:
+                array = numpy_helper.to_array(init)
+            except ValueError as e:  # data of another size than its dims
+                raise ModelError(f"initializer {init.name!r} cannot be read ({e})") from None
+            store.put(init.name, array)
             _point_at(init, store, init.name)
     for tensor in all_tensors(proto.graph):
         if _location(tensor) is not None and not is_stored(tensor):

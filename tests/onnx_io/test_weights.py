@@ -252,3 +252,12 @@ def test_a_file_opened_by_path_reads_its_store_only_while_the_file_is_unchanged(
     got = open_session(path, CPU, "rewritten").run(None, feed())[0]
     np.testing.assert_array_equal(got, -shared)  # three layers: the sign flips
     loaded.store.release()
+
+
+def test_an_embedded_weight_whose_data_does_not_fit_its_dims_is_named(tmp_path):
+    model = chain()
+    model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:-4]
+    path = tmp_path / "short.onnx"
+    onnx.save_model(model, str(path))
+    with pytest.raises(ModelError, match=r"short\.onnx: initializer 'w0' cannot be read"):
+        load_model(path)
