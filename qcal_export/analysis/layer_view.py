@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from onnx import numpy_helper
 
 from qcal_export.analysis.planned import PlannedModel
 from qcal_export.analysis.sensitivity import (
@@ -28,6 +27,7 @@ from qcal_export.capture.onnxruntime import open_session
 from qcal_export.errors import RecipeError
 from qcal_export.graphs.export import export_qdq
 from qcal_export.graphs.switchable import Slot, switch_units, switchable_model, without_units
+from qcal_export.onnx_io.weights import to_array
 from qcal_export.spec.plan import Plan
 from qcal_export.spec.scales import TensorScales
 from qcal_export.validation.output_error import ErrorTally
@@ -153,10 +153,10 @@ def _scale_feed(scales: TensorScales, names: tuple[str, str], inits: dict) -> di
     replace the exported initializers, in their dtypes."""
     q = scales.qparams()
     scale_name, zero_name = names
-    dtype = numpy_helper.to_array(inits[scale_name]).dtype
+    dtype = to_array(inits[scale_name]).dtype
     feed = {scale_name: q.scale.numpy().astype(dtype).reshape(inits[scale_name].dims)}
     if not q.fmt.symmetric:
-        zero = numpy_helper.to_array(inits[zero_name])
+        zero = to_array(inits[zero_name])
         values = q.fmt.encode_zero_point(q.zero_point).numpy()
         feed[zero_name] = values.astype(zero.dtype).reshape(zero.shape)
     return feed

@@ -7,6 +7,7 @@ accumulated during the activations' first capture pass (``activation_calibration
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import onnx
@@ -96,12 +97,14 @@ def calibrate_weights(
     plan: Plan,
     nonfinite: str,
     hessians: dict[str, torch.Tensor] | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, TensorScales]:
-    """Calibrate every planned weight from its initializer with its planned granularity."""
+    """Calibrate every planned weight from its initializer with its planned granularity, one
+    weight at a time, on ``device`` (the host where None: a GPU runs the kernels' sweeps)."""
     initializers = {t.name: t for t in model.graph.initializer}
     scales = {}
     for tensor, weight in plan.weights.items():
-        values = initializer_values(initializers[tensor])
+        values = _on(initializer_values(initializers[tensor]), device)
         hessian = _weight_hessian(weight, hessians or {})
         scales[tensor] = calibrate_weight(
             tensor, values, weight.spec, weight.granularity, nonfinite, hessian
@@ -141,17 +144,35 @@ def _weight_hessian(weight: WeightPlan, hessians: dict[str, torch.Tensor]) -> to
 
 
 def relative_weight_errors(
-    model: onnx.ModelProto, scales: Iterable[TensorScales]
+    model: onnx.ModelProto, scales: Iterable[TensorScales], device: torch.device | None = None
 ) -> dict[str, float]:
-    """Per weight, ``||dequantize(quantize(W)) - W|| / ||W||`` (float64) with its scales."""
+    """Per weight, ``||dequantize(quantize(W)) - W|| / ||W||`` (float64) with its scales, one
+    weight at a time on ``device`` (the host where None)."""
     initializers = {t.name: t for t in model.graph.initializer}
     errors = {}
     for s in scales:
         if s.kind != "weight" or s.name not in initializers:
             continue
-        weight = initializer_values(initializers[s.name]).float()
-        dequantized = s.fake_quant_weight(weight)
-        norm = float(weight.double().norm())
-        diff = float((dequantized.double() - weight.double()).norm())
+        weight = _on(initializer_values(initializers[s.name]), device).float()
+        norm, diff = _norms(weight, s.fake_quant_weight(weight))
         errors[s.name] = diff / norm if norm else diff
     return errors
+
+
+def _on(values: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    return values if device is None else values.to(device)
+
+
+def _norms(weight: torch.Tensor, dequantized: torch.Tensor) -> tuple[float, float]:
+    """``||W||`` and ``||dequantized - W||`` in float64, a slice of rows at a time (a weight
+    in float64 is twice its float32 size)."""
+    rows = weight.reshape(-1, weight.shape[-1]) if weight.dim() else weight.reshape(1, 1)
+    fq = dequantized.reshape(rows.shape)
+    step = max(1, (1 << 22) // max(1, rows.shape[1]))
+    norm_sq = diff_sq = 0.0
+    for start in range(0, rows.shape[0], step):
+        exact = rows[start : start + step].double().reshape(-1)
+        norm_sq += float(torch.dot(exact, exact))
+        diff = fq[start : start + step].double().reshape(-1).sub_(exact)
+        diff_sq += float(torch.dot(diff, diff))
+    return math.sqrt(norm_sq), math.sqrt(diff_sq)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ from qcal_export.capture.iobinding import (
     session_device,
 )
 from qcal_export.errors import DataError, ModelError
-from qcal_export.onnx_io.model_io import over_protobuf_limit
+from qcal_export.onnx_io.weight_sessions import paging_out, session_initializers
+from qcal_export.onnx_io.weights import file_model
 
 log = logging.getLogger(__name__)
 
@@ -86,34 +86,48 @@ def open_session(
     """An ORT session over ``model``, optionally exposing ``extra_outputs`` (name -> elem type).
 
     ``model`` is a proto or a file. The outputs are added to a proto only while it is
-    serialized; protos over 2 GB go through a temporary external-data file. Worker threads do
-    not spin-wait after a run: between runs the calibrators need the same cores.
+    serialized; its stored weights are handed to ONNX Runtime as external initializers, not
+    serialized. Worker threads do not spin-wait after a run: between runs the calibrators need
+    the same cores.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if isinstance(model, Path):
+        light = file_model(model)
         try:
+            if light is not None:
+                return stored_session(light, options, providers)
             return ort.InferenceSession(str(model), options, providers=list(providers))
         except ORT_ERRORS as e:
             raise load_error(name, e, providers) from None
     added = _append_outputs(model, extra_outputs or {})
     try:
-        if not over_protobuf_limit(model):
-            return ort.InferenceSession(
-                model.SerializeToString(), options, providers=list(providers)
-            )
-        with tempfile.TemporaryDirectory(prefix="qcal-session-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            large = onnx.ModelProto()
-            large.CopyFrom(model)
-            onnx.save_model(large, str(path), save_as_external_data=True, location="model.data")
-            return ort.InferenceSession(str(path), options, providers=list(providers))
+        return stored_session(model, options, providers)
     except ORT_ERRORS as e:
         raise load_error(name, e, providers) from None
     finally:
         for _ in range(added):
             model.graph.output.pop()
+
+
+def stored_session(
+    model: onnx.ModelProto, options: ort.SessionOptions, providers: Sequence[ProviderEntry]
+) -> ort.InferenceSession:
+    """An ORT session over ``model``'s serialized graph, its stored weights given as external
+    initializers (kept alive with the session: ORT reads them where they are).
+
+    A model file loaded into a store (``weights.file_model``) is opened over that store's
+    weights: one copy of them in memory, whichever session reads them."""
+    names, values = session_initializers(model)
+    if names:
+        options.add_external_initializers(names, values)
+    with paging_out(model):
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=list(providers)
+        )
+    session.qcal_weights = values
+    return session
 
 
 def load_error(name: str, error: Exception, providers: Sequence[ProviderEntry]) -> ModelError:

@@ -35,7 +35,8 @@ from qcal_export.from_torch.node_map import (
 from qcal_export.from_torch.plan import MappedPlan, plan_mapped
 from qcal_export.graphs.export import ExportResult, export_qdq
 from qcal_export.graphs.targets import name_nodes
-from qcal_export.onnx_io.model_io import load_model, save_model
+from qcal_export.onnx_io.model_io import LoadedModel, load_model, save_model
+from qcal_export.onnx_io.weights import WeightStore
 from qcal_export.spec.recipe import Recipe
 from qcal_export.spec.scales import TensorScales
 from qcal_export.validation.validate import Validation, validate_outputs
@@ -92,8 +93,12 @@ def export_onnx(
     args = args if isinstance(args, tuple) else (args,)
     built = _build(calibrated, args, kwargs, dynamo, validate, export_options)
     _warn(built.module_map, built.mapped, len(calibrated.targets))
+    try:
+        model_path = save_model(built.exported.model, path, external_data=False)
+    finally:
+        built.store.release()
     result = TorchExportResult(
-        model_path=save_model(built.exported.model, path, external_data=False),
+        model_path=model_path,
         scales=built.mapped.scales,
         mapped=built.module_map.mapped,
         unmapped=built.module_map.unmapped,
@@ -128,13 +133,15 @@ def export_onnx(
 
 @dataclass
 class _Built:
-    """The QDQ model of one export, how it came about, and its output error."""
+    """The QDQ model of one export, how it came about, its output error, and the store of its
+    weights (released once the model is written)."""
 
     exported: ExportResult
     sha256: str
     module_map: ModuleMap
     mapped: MappedPlan
     validation: Validation | None
+    store: WeightStore
 
 
 def _build(
@@ -150,23 +157,37 @@ def _build(
         float_path = Path(tmp) / "float.onnx"
         _export_float(calibrated.model, args, kwargs, dynamo, float_path, export_options)
         loaded = load_model(float_path)
-        name_nodes(loaded.proto)
-        fold_weight_identities(loaded.proto)
-        module_map = map_targets(loaded.proto, calibrated.targets)
-        if not module_map.mapped:
-            reasons = "; ".join(f"{m}: {why}" for m, why in list(module_map.unmapped.items())[:3])
-            raise ModelError(
-                f"no targeted module could be mapped to the exported graph ({reasons})"
-            )
-        mapped = plan_mapped(loaded.proto, module_map, calibrated.targets, calibrated.scales)
-        recipe = calibrated.recipe
-        exported = export_qdq(
-            loaded.proto, mapped.plan, mapped.scales, recipe.weights_mode, recipe.nvfp4_form
-        )
-        validation = None
-        if validate:
-            validation = _validate(float_path, exported.model, args, kwargs, mapped.notes)
-    return _Built(exported, loaded.sha256, module_map, mapped, validation)
+        try:
+            return _build_loaded(calibrated, loaded, float_path, args, kwargs, validate)
+        except BaseException:
+            loaded.store.release()
+            raise
+
+
+def _build_loaded(
+    calibrated: CalibratedModule,
+    loaded: LoadedModel,
+    float_path: Path,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None,
+    validate: bool,
+) -> _Built:
+    """``_build`` once the float model is loaded (its weights in ``loaded.store``)."""
+    name_nodes(loaded.proto)
+    fold_weight_identities(loaded.proto)
+    module_map = map_targets(loaded.proto, calibrated.targets)
+    if not module_map.mapped:
+        reasons = "; ".join(f"{m}: {why}" for m, why in list(module_map.unmapped.items())[:3])
+        raise ModelError(f"no targeted module could be mapped to the exported graph ({reasons})")
+    mapped = plan_mapped(loaded.proto, module_map, calibrated.targets, calibrated.scales)
+    recipe = calibrated.recipe
+    exported = export_qdq(
+        loaded.proto, mapped.plan, mapped.scales, recipe.weights_mode, recipe.nvfp4_form
+    )
+    validation = None
+    if validate:
+        validation = _validate(float_path, exported.model, args, kwargs, mapped.notes)
+    return _Built(exported, loaded.sha256, module_map, mapped, validation, loaded.store)
 
 
 def map_targets(model: onnx.ModelProto, targets: list[ModuleTarget]) -> ModuleMap:

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from qcal_export.graphs.op_inputs import WEIGHT_INPUTS
 from qcal_export.onnx_io.tensor_types import FLOAT_TYPES
+from qcal_export.onnx_io.weights import to_array
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 REWRITE_RULE = "pkg.onnxscript.rewriter.rule_name"
@@ -153,7 +153,7 @@ class _Graph:
         """The initializer's values; float types as float32, as the module weights come."""
         if name not in self._arrays:
             init = self.initializers[name]
-            array = numpy_helper.to_array(init)
+            array = to_array(init)
             if init.data_type in FLOAT_TYPES:
                 array = array.astype(np.float32)
             self._arrays[name] = array

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import onnx
 
 from qcal_export.graphs.targets import find_targets, name_nodes
-from qcal_export.onnx_io.model_io import inference_view
 from qcal_export.spec.recipe import DEFAULT_OP_TYPES, Recipe
 
 
@@ -22,7 +21,7 @@ class NodeRow:
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, str]:
-    inferred = onnx.shape_inference.infer_shapes(inference_view(model), strict_mode=False)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     graph = inferred.graph
     shapes = {t.name: "x".join(map(str, t.dims)) for t in graph.initializer}
     for info in [*graph.input, *graph.output, *graph.value_info]:

@@ -17,7 +17,7 @@ import torch
 from onnx import TensorProto, helper
 
 from qcal_export.graphs.qdq import Names, drop_if_unused, make_tensor, qdq_node, rewire
-from qcal_export.onnx_io.initializers import initializer, initializer_values
+from qcal_export.onnx_io.initializers import initializer_values
 from qcal_export.spec.formats import FP8_SUBNORMAL_MIN, NVFP4
 from qcal_export.spec.granularity import PerBlock
 from qcal_export.spec.plan import ActivationPlan, Blocks, WeightPlan
@@ -38,7 +38,7 @@ def quantize_weight_nvfp4(
     last axis, with a Transpose after the DequantizeLinear, as Model Optimizer writes it.
     """
     tensor = plan.tensor
-    init = initializer(graph, tensor)
+    init = names.initializer(tensor)
     weight = initializer_values(init).float()
     granularity, block_scales = q.granularity, q.scale.to(torch.float8_e4m3fn)
     transpose = form == "tensorrt" and weight.dim() == 2 and granularity.axis % 2 == 0
@@ -76,8 +76,8 @@ def quantize_weight_nvfp4(
         restored = names.new(f"{tensor}_dequantized_transposed")
         graph.node.append(_transpose(dequantized, restored, names))
         dequantized = restored
-    rewire(graph, plan.uses, tensor, dequantized)
-    drop_if_unused(graph, init, mode)
+    rewire(plan.uses, tensor, dequantized, names)
+    drop_if_unused(graph, init, mode, names)
 
 
 def _block_scale_chain(
@@ -134,7 +134,7 @@ def insert_activation_nvfp4(
                 f"{tensor}: blocks along axis {blocks.axis} of {blocks.rank}, not the last; "
                 "written in the portable form"
             )
-    rewire(graph, plan.uses, tensor, dequantized)
+    rewire(plan.uses, tensor, dequantized, names)
     graph.node.extend(nodes)
     return note
 

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from qcal_export.graphs.op_inputs import COMPUTE_OPS, CONV_PRODUCERS, PLACEMENTS
 from qcal_export.onnx_io.tensor_types import FLOAT_TYPES, Shape
+from qcal_export.onnx_io.weights import to_array
 from qcal_export.spec.choices import Target
 from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import PerTensor
@@ -302,5 +303,5 @@ def _size(tensor: TensorProto) -> int:
 
 
 def _is_sentinel(tensor: TensorProto) -> bool:
-    values = numpy_helper.to_array(tensor).astype(np.float64)
+    values = to_array(tensor).astype(np.float64)
     return bool(values.size) and not (np.abs(values) < SENTINEL).all()

@@ -20,7 +20,7 @@ from onnxscript.optimizer import fold_constants
 
 from qcal_export.graphs.op_inputs import WEIGHT_INPUTS, is_activation_input
 from qcal_export.graphs.targets import name_nodes
-from qcal_export.onnx_io.model_io import inference_view
+from qcal_export.onnx_io.weights import embed, store_embedded
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,9 @@ def _fold(model: onnx.ModelProto, chains: set[str], result: PreprocessResult) ->
             f"initializer(s) {sorted(v.name for v in listed)} were also graph inputs: made "
             "constants (no longer inputs) so that the weights computed from them fold"
         )
+    for init in graph.initializer:  # the folder reads these: their data into the proto
+        if init.name in weights:
+            embed(init)
     ir_model = ir.serde.deserialize_model(model)
     ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(ir_model)
     fold_constants(
@@ -164,6 +167,7 @@ def _fold(model: onnx.ModelProto, chains: set[str], result: PreprocessResult) ->
         should_fold=lambda node: node.name in chains,
     )
     folded = ir.serde.serialize_model(ir_model)
+    store_embedded(folded)
     _describe(graph, folded.graph, chains, result)
     return folded
 
@@ -240,7 +244,7 @@ def _infer_types(result: PreprocessResult) -> None:
     (their value_info), counting those it found and those whose type stays unknown."""
     model = result.model
     try:
-        inferred = onnx.shape_inference.infer_shapes(inference_view(model), strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except (onnx.shape_inference.InferenceError, ValueError) as e:
         result.changes.append(f"shape inference failed ({e}): types come from ONNX Runtime")
         return

@@ -6,6 +6,7 @@ appends its nodes; ``sort_nodes`` restores topological order once after all pass
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from collections.abc import Iterator
 
@@ -14,7 +15,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qcal_export.errors import ModelError
-from qcal_export.onnx_io.initializers import initializer, initializer_values
+from qcal_export.onnx_io.initializers import initializer_values
+from qcal_export.onnx_io.weights import derived_tensor
 from qcal_export.spec.formats import Format, pack_nibbles
 from qcal_export.spec.granularity import Granularity
 from qcal_export.spec.plan import ActivationPlan, SharedActivation, Use, WeightPlan
@@ -25,9 +27,16 @@ PACKED_TYPES = {TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1}
 
 
 class Names:
-    """Allocates tensor and node names unused anywhere in the graph."""
+    """Allocates tensor and node names unused anywhere in the graph; finds the graph's nodes
+    and initializers by name (an index built once: the passes append, they do not remove
+    nodes)."""
 
     def __init__(self, graph: onnx.GraphProto):
+        self._graph = graph
+        self._nodes: dict[str, onnx.NodeProto] = {}
+        self._inits: dict[str, TensorProto] = {}
+        self._readers: dict[str, list[tuple[onnx.NodeProto, int]]] | None = None
+        self._outer: set[str] = set()
         self._taken = {t.name for t in graph.initializer}
         self._taken |= {v.name for v in [*graph.input, *graph.output, *graph.value_info]}
         for node in graph.node:
@@ -39,6 +48,35 @@ class Names:
             name, k = f"{base}_{k}", k + 1
         self._taken.add(name)
         return name
+
+    def node(self, name: str) -> onnx.NodeProto:
+        """The node called ``name`` (KeyError if none)."""
+        if name not in self._nodes:
+            self._nodes = {n.name: n for n in self._graph.node}
+        return self._nodes[name]
+
+    def initializer(self, name: str) -> TensorProto:
+        """The main-graph initializer called ``name``."""
+        if name not in self._inits:
+            self._inits = {t.name: t for t in self._graph.initializer}
+        return self._inits[name]
+
+    def is_read(self, tensor: str) -> bool:
+        """Whether a node (in a subgraph too) reads ``tensor`` or it is a graph output; the
+        readers are indexed on the first call, when the nodes that may stop reading it are
+        already in the graph (the passes rewire, and append nodes that read new tensors)."""
+        if self._readers is None:
+            self._readers = {}
+            for node in self._graph.node:
+                for index, name in enumerate(node.input):
+                    self._readers.setdefault(name, []).append((node, index))
+                for attr in node.attribute:
+                    for sub in [attr.g] if attr.HasField("g") else attr.graphs:
+                        self._outer |= {t for inner in all_nodes(sub) for t in inner.input}
+            self._outer |= {o.name for o in self._graph.output}
+        if tensor in self._outer:
+            return True
+        return any(node.input[i] == tensor for node, i in self._readers.get(tensor, ()))
 
 
 def make_tensor(name: str, values: torch.Tensor, elem_type: int) -> TensorProto:
@@ -66,11 +104,10 @@ def _qdq_inputs(
     return [scale, zero_point]
 
 
-def rewire(graph: onnx.GraphProto, uses: list[Use], tensor: str, replacement: str) -> None:
+def rewire(uses: list[Use], tensor: str, replacement: str, names: Names) -> None:
     """Point each of ``uses`` (once per node input, whoever asked for it) at ``replacement``."""
-    nodes = {n.name: n for n in graph.node}
     for name, index in dict.fromkeys((use.node, use.index) for use in uses):
-        node = nodes[name]
+        node = names.node(name)
         if node.input[index] != tensor:
             raise ModelError(f"node {name!r} input {index} is not {tensor!r}")
         node.input[index] = replacement
@@ -159,7 +196,7 @@ def insert_shared_qdq(
     tensor = plan.tensor
     quantized = names.new(f"{tensor}_quantized")
     dequantized = names.new(f"{tensor}_dequantized")
-    rewire(graph, plan.uses, tensor, dequantized)
+    rewire(plan.uses, tensor, dequantized, names)
     graph.node.extend(
         [
             qdq_node("QuantizeLinear", tensor, params, quantized, granularity, names, tensor),
@@ -176,45 +213,52 @@ def quantize_weight(
     """Store the weight quantized (``mode="quantized"``) or keep it float with a Q -> DQ pair;
     returns the names of the scale and zero point initializers."""
     tensor = plan.tensor
-    init = initializer(graph, tensor)
+    init = names.initializer(tensor)
     params = _qdq_inputs(graph, names, tensor, q, init.data_type)
     stored = names.new(f"{tensor}_quantized")
     dequantized = names.new(f"{tensor}_dequantized")
     gran = q.granularity
     if mode == "quantized":
-        weight = initializer_values(init)
-        shape = tuple(weight.shape)
-        scale, zero_point = gran.expand(q.scale, shape), gran.expand(q.zero_point, shape)
-        values = q.fmt.quantize(weight, scale, zero_point)
-        graph.initializer.append(make_tensor(stored, values, q.fmt.onnx_type))
+
+        def quantized() -> TensorProto:
+            weight = initializer_values(init)
+            shape = tuple(weight.shape)
+            scale, zero_point = gran.expand(q.scale, shape), gran.expand(q.zero_point, shape)
+            return make_tensor(stored, q.fmt.quantize(weight, scale, zero_point), q.fmt.onnx_type)
+
+        graph.initializer.append(derived_tensor(stored, init, qparams_tag(q), quantized))
     else:
         graph.node.append(qdq_node("QuantizeLinear", tensor, params, stored, gran, names, tensor))
     graph.node.append(
         qdq_node("DequantizeLinear", stored, params, dequantized, gran, names, tensor)
     )
-    rewire(graph, plan.uses, tensor, dequantized)
-    drop_if_unused(graph, init, mode)
+    rewire(plan.uses, tensor, dequantized, names)
+    drop_if_unused(graph, init, mode, names)
     return params
 
 
-def drop_if_unused(graph: onnx.GraphProto, init: TensorProto, mode: str) -> None:
+def qparams_tag(q: QParams) -> str:
+    """A digest of what a weight quantized with ``q`` depends on besides the weight."""
+    digest = hashlib.sha256(f"{q.fmt.name}|{q.granularity.describe()}".encode())
+    for value in (q.scale, q.zero_point, q.global_scale):
+        if value is not None:
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().double().numpy().tobytes())
+    return "q" + digest.hexdigest()[:24]
+
+
+def drop_if_unused(graph: onnx.GraphProto, init: TensorProto, mode: str, names: Names) -> None:
     """Remove the float weight once the quantized copy replaced all its uses, and its graph
     input entry in either mode (exporters' ``keep_initializers_as_inputs``).
 
     The weight was calibrated as a constant: an input that could override it would bypass its
     scales, and a graph input left without its initializer would have to be fed.
     """
-    if mode == "quantized" and not _is_used(graph, init.name):
+    if mode == "quantized" and not names.is_read(init.name):
         graph.initializer.remove(init)
     inputs = [value for value in graph.input if value.name == init.name]
     for value in inputs:
         graph.input.remove(value)
-
-
-def _is_used(graph: onnx.GraphProto, tensor: str) -> bool:
-    if any(o.name == tensor for o in graph.output):
-        return True
-    return any(tensor in node.input for node in all_nodes(graph))
 
 
 def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:

@@ -26,6 +26,7 @@ from onnx import helper, numpy_helper
 
 from qcal_export.errors import RecipeError
 from qcal_export.graphs.qdq import Names, all_nodes, drop_if_unused, sort_nodes
+from qcal_export.onnx_io.weights import store_embedded, to_array
 
 SCALE_RANGE = (1e-5, 1e5)
 """Smoothing factors are clamped to this range (dead channels would give 0 or infinity)."""
@@ -86,7 +87,7 @@ def smooth_model(
             continue
         # A weight an earlier group changed (this consumer produced its activation) counts
         # as it now is: the current input, not the name found at the start.
-        arrays = [numpy_helper.to_array(weights[c.node.input[1]]) for c in consumers]
+        arrays = [to_array(weights[c.node.input[1]]) for c in consumers]
         factors = _factors(act_amax[tensor], consumers, arrays, alpha, tensor)
         for consumer in consumers:
             shape = [-1, 1] if consumer.axis == 0 else [1, -1]
@@ -96,8 +97,9 @@ def smooth_model(
             how = _insert_mul(graph, tensor, consumers, factors, replace.names, arrays[0].dtype)
         notes.append(f"smoothed {tensor} (alpha {alpha:g}, {len(consumers)} consumers): {how}")
     for name in replace.replaced:
-        drop_if_unused(graph, weights[name], "quantized")
+        drop_if_unused(graph, weights[name], "quantized", replace.names)
     sort_nodes(graph)
+    store_embedded(smoothed)
     return smoothed, notes
 
 
@@ -182,7 +184,7 @@ class _Replacer:
 
     def __call__(self, node, slot, transform) -> None:
         name = node.input[slot]
-        values = numpy_helper.to_array(self.weights[name])
+        values = to_array(self.weights[name])
         new = self.names.new(f"{name.removesuffix('_smoothed')}_smoothed")
         changed = transform(values.astype(np.float64)).astype(values.dtype)
         tensor = numpy_helper.from_array(changed, new)

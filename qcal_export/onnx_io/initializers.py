@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
+
+from qcal_export.onnx_io.weights import drop_pages, to_array
 
 
 def initializer(graph: onnx.GraphProto, name: str) -> TensorProto:
@@ -13,9 +15,13 @@ def initializer(graph: onnx.GraphProto, name: str) -> TensorProto:
 
 
 def initializer_values(init: TensorProto) -> torch.Tensor:
-    """An initializer's values as a torch tensor of its own dtype; bfloat16 too, which numpy
-    holds as ml_dtypes' type that ``torch.from_numpy`` refuses."""
-    array = numpy_helper.to_array(init)
+    """An initializer's values (from its weight store where it is stored) as a torch tensor of
+    its own dtype; bfloat16 too, which numpy holds as ml_dtypes' type that ``torch.from_numpy``
+    refuses."""
+    array = to_array(init)
     if init.data_type == TensorProto.BFLOAT16:
-        return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(array.copy())
+        values = torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
+    else:
+        values = torch.from_numpy(array.copy())
+    drop_pages(init)  # the copy is what is used from now on
+    return values

@@ -11,13 +11,22 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
-from onnx import helper
-from onnx.external_data_helper import convert_model_to_external_data, write_external_data_tensors
 
 from qcal_export.errors import ModelError
 from qcal_export.files.atomic import atomic_dir, atomic_path, check_writable, fsync, write_errors
+from qcal_export.onnx_io.weights import (
+    MIN_BYTES,
+    WeightStore,
+    all_tensors,
+    checker_view,
+    embed,
+    store_model,
+    stored_bytes,
+    stored_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,43 +34,25 @@ PROTOBUF_LIMIT = 2**31 - 1
 """A serialized ModelProto cannot exceed 2 GB: larger models must keep external data."""
 
 
-def inference_view(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` itself, or past 2 GB a copy for shape inference: main-graph initializers over
-    1 MiB become graph inputs of their type and shape (inference reads no weight values)."""
-    if not over_protobuf_limit(model):
-        return model
-    graph = onnx.GraphProto(name=model.graph.name)
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    graph.value_info.extend(model.graph.value_info)
-    for init in model.graph.initializer:
-        if len(init.raw_data) > 1 << 20:
-            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, init.dims))
-        else:
-            graph.initializer.append(init)
-    view = helper.make_model(graph, opset_imports=model.opset_import)
-    view.ir_version = model.ir_version
-    view.functions.extend(model.functions)
-    return view
-
-
 def over_protobuf_limit(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` serializes past 2 GB (protobuf cannot even size such a message)."""
+    """Whether ``model`` with its stored weights embedded would serialize past 2 GB (protobuf
+    cannot even size such a message)."""
     try:
-        return model.ByteSize() > PROTOBUF_LIMIT
+        return model.ByteSize() + stored_bytes(model) > PROTOBUF_LIMIT
     except EncodeError:
         return True
 
 
 @dataclass
 class LoadedModel:
-    """An ONNX model read from ``path``, its weights in memory, and the file's checksum."""
+    """An ONNX model read from ``path``: its graph (``proto``, large initializers without
+    data), its weights (``store``, read from the files as asked), and the file's checksum."""
 
     proto: onnx.ModelProto
     path: Path
     sha256: str
     external_data: bool
+    store: WeightStore
 
     @property
     def opset(self) -> int:
@@ -105,7 +96,8 @@ def file_sha256(path: Path) -> str:
 
 
 def load_model(path: str | Path) -> LoadedModel:
-    """Load ``path`` and its external data; ModelError names the file when it cannot be read."""
+    """Load ``path``, its large initializers into a weight store (external data is read from
+    its file when first asked); ModelError names the file when it cannot be read."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
@@ -116,12 +108,12 @@ def load_model(path: str | Path) -> LoadedModel:
     if not proto.graph.node:
         raise ModelError(f"{path} holds no ONNX graph (is it an ONNX model?)")
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
-    if external:
-        try:
-            onnx.load_external_data_for_model(proto, str(path.parent))
-        except Exception as e:  # onnx reports a missing data file as a bare ValidationError
-            raise ModelError(f"{path}: cannot read its external data ({e})") from None
-    return LoadedModel(proto, path, file_sha256(path), external)
+    store = WeightStore(path)
+    try:
+        proto = store_model(proto, path.parent, store)
+    except ModelError as e:
+        raise ModelError(f"{path}: {e}") from None
+    return LoadedModel(proto, path, file_sha256(path), external, store)
 
 
 SAVE_STEPS: list[Callable[[str], None]] = []
@@ -178,17 +170,21 @@ def save_model(
 def _stage(
     model: onnx.ModelProto, tmp: Path, staging: Path, path: Path, *, external_data: bool
 ) -> Path | None:
-    """Write ``model`` to ``tmp`` and, with ``external_data``, its tensors to a data file in
-    ``staging`` (returned); ``model`` keeps its tensors in memory either way."""
+    """Write ``model`` to ``tmp`` and, with ``external_data``, its tensors of ``MIN_BYTES`` or
+    more, one by one, to a data file in ``staging`` (returned); else with every tensor embedded.
+    ``model`` is not changed."""
     mode = tmp.stat().st_mode & 0o777
-    data = _write_data(model, staging, path, mode) if external_data else None
+    written = onnx.ModelProto()
+    written.CopyFrom(model)
+    if external_data:
+        data = _write_data(written, staging, path, mode)
+    else:
+        data = None
+        for tensor in _initializers(written.graph):
+            embed(tensor)
     _step("data_written")
     with open(tmp, "wb") as f:
-        f.write(model.SerializeToString())
-    if external_data:  # the tensors went to the data file: read them back in
-        onnx.load_external_data_for_model(model, str(staging))
-        for tensor in _tensors(model.graph):
-            tensor.ClearField("data_location")
+        f.write(written.SerializeToString())
     _step("model_staged")
     return data
 
@@ -208,7 +204,7 @@ def external_data_files(path: str | Path) -> list[Path]:
     path = Path(path)
     proto = onnx.load(str(path), load_external_data=False)
     files: list[Path] = []
-    for tensor in _tensors(proto.graph):
+    for tensor in all_tensors(proto.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
@@ -218,22 +214,58 @@ def external_data_files(path: str | Path) -> list[Path]:
 
 
 def _write_data(model: onnx.ModelProto, folder: Path, path: Path, mode: int) -> Path | None:
-    """Move ``model``'s tensors of 1 KiB or more to ``folder/<name>.<token>.data``, a name
-    unused beside the output ``path`` too; None when every tensor is smaller (all inline)."""
+    """Move ``model``'s initializers of ``MIN_BYTES`` or more (stored, or embedded as raw
+    bytes) to ``folder/<name>.<token>.data``, a name unused beside the output ``path`` too, at
+    aligned offsets; None when every tensor is smaller (all inline)."""
     while True:
         data_name = f"{path.name}.{secrets.token_hex(6)}.data"
         if not (path.parent / data_name).exists():
             break
-    convert_model_to_external_data(
-        model, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
-    )
-    write_external_data_tensors(model, str(folder))
     data = folder / data_name
-    if not data.exists():
+    with open(data, "wb") as f:
+        for tensor in _initializers(model.graph):
+            raw = _raw_bytes(tensor)
+            if raw is None or len(raw) < MIN_BYTES:
+                continue
+            offset = -f.tell() % (4096 if len(raw) >= 1 << 20 else 64)
+            f.write(b"\0" * offset)
+            offset = f.tell()
+            f.write(raw)
+            _point_at_file(tensor, data_name, offset, len(raw))
+    if os.path.getsize(data) == 0:
+        data.unlink()
         return None
-    os.chmod(data, mode)  # onnx creates it 0600: give it the mode of every other output
+    os.chmod(data, mode)
     fsync(data)
     return data
+
+
+def _raw_bytes(tensor: onnx.TensorProto) -> memoryview | bytes | None:
+    """The bytes a data file holds for ``tensor``: its stored array or its raw data."""
+    found = stored_key(tensor)
+    if found is not None:
+        return memoryview(np.ascontiguousarray(found[0].get(found[1]))).cast("B")
+    if tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return None
+
+
+def _point_at_file(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    tensor.ClearField("raw_data")
+    tensor.ClearField("external_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
+
+
+def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """The initializers of ``graph`` and of its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else attr.graphs:
+                yield from _initializers(sub)
 
 
 def _own_data_files(path: Path) -> set[Path]:
@@ -254,29 +286,14 @@ def _step(name: str) -> None:
         hook(name)
 
 
-def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor of ``graph``: initializers and attribute tensors, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for sub in [attr.g] if attr.HasField("g") else attr.graphs:
-                yield from _tensors(sub)
-
-
-def check_model(model: onnx.ModelProto, name: str, *, full: bool, path: Path | None = None) -> None:
+def check_model(model: onnx.ModelProto, name: str, *, full: bool) -> None:
     """Run onnx's checker (with shape inference when ``full``); ModelError names the model.
 
-    A model past 2 GB is checked from its file ``path`` (the checker reads its external data
-    there); without one, only its graph is checked, on a weightless view.
+    Stored initializers are checked as graph inputs of their type and shape (their data is in
+    the store, which checked their sizes when it took them).
     """
-    target: onnx.ModelProto | str = model
-    if over_protobuf_limit(model):
-        target = str(path) if path is not None else inference_view(model)
     try:
-        onnx.checker.check_model(target, full_check=full)
+        onnx.checker.check_model(checker_view(model), full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         reason = " ".join(str(e).split())
         reason = reason if len(reason) <= 300 else reason[:297] + "..."

@@ -6,8 +6,6 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from qcal_export.onnx_io.model_io import inference_view
-
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 Shape = tuple[int | None, ...]
 
@@ -21,7 +19,7 @@ def tensor_infos(model: onnx.ModelProto) -> dict[str, tuple[int, Shape | None]]:
     """Element type and shape (None for a symbolic dim; None if the rank is unknown) of every
     tensor whose type is known after shape inference."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(inference_view(model), strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except (onnx.shape_inference.InferenceError, ValueError):
         inferred = model
     graph = inferred.graph

@@ -99,27 +99,32 @@ def calibrate_onnx(
     run = plan_run(
         model, recipe, data, config.data.batch_size, config.capture.provider, data_options
     )
-    run.plan.notes += config.quantization.notes()
-    asked = asked_outputs(config)
-    keep = check_request(run, asked, config, data, data_options)
-    split = split_data(
-        run.source,
-        accuracy,
-        validate=config.validation.validate_batches,
-        validate_data=config.validation.validate_data,
-        batch_size=config.data.batch_size,
-        scales_in=config.quantization.scales_in,
-    )
-    run.source = split.calibration
-    checks = Checks(split.validation, float(config.validation.min_cosine), metric)
-    outputs = _join_ranks(run, dataclasses.replace(asked, keep=keep), accuracy, config)
-    holdout, sections = split.holdout, prepare(run, accuracy, config.data.max_batches)
-    run.state = state_file(run, config, split.split)
-    with run.timed("calibrate_s"):
-        found = _scales(run, config, progress)
-    found, analysis = refine(run, found, accuracy, holdout, sections)
-    run.weight_errors = relative_weight_errors(run.loaded.proto, found.values())
-    return _write_outputs(run, found, outputs, sections, analysis, holdout, checks)
+    try:  # the model's weight store is released when the run ends, however it ends
+        run.plan.notes += config.quantization.notes()
+        asked = asked_outputs(config)
+        keep = check_request(run, asked, config, data, data_options)
+        split = split_data(
+            run.source,
+            accuracy,
+            validate=config.validation.validate_batches,
+            validate_data=config.validation.validate_data,
+            batch_size=config.data.batch_size,
+            scales_in=config.quantization.scales_in,
+        )
+        run.source = split.calibration
+        checks = Checks(split.validation, float(config.validation.min_cosine), metric)
+        outputs = _join_ranks(run, dataclasses.replace(asked, keep=keep), accuracy, config)
+        holdout, sections = split.holdout, prepare(run, accuracy, config.data.max_batches)
+        run.state = state_file(run, config, split.split)
+        with run.timed("calibrate_s"):
+            found = _scales(run, config, progress)
+        found, analysis = refine(run, found, accuracy, holdout, sections)
+        run.weight_errors = relative_weight_errors(
+            run.loaded.proto, found.values(), weight_device(run)
+        )
+        return _write_outputs(run, found, outputs, sections, analysis, holdout, checks)
+    finally:
+        run.loaded.store.release()
 
 
 def _config(config: CalibrationConfig | None, options: dict[str, Any]) -> CalibrationConfig:
@@ -312,13 +317,27 @@ def _scales(
         resume=config.state.resume,
         ranks=run.ranks,
     )
+    del capture  # closes the capture session (its copies of the weights) before the weights
     run.batches_per_pass = activations.batches_per_pass
     found.update(
-        calibrate_weights(run.loaded.proto, run.plan, run.recipe.nonfinite, activations.hessians)
+        calibrate_weights(
+            run.loaded.proto,
+            run.plan,
+            run.recipe.nonfinite,
+            activations.hessians,
+            weight_device(run),
+        )
     )
     found.update(activations.scales)
     run.candidates = activations.candidates
     return found
+
+
+def weight_device(run: Run) -> torch.device | None:
+    """Where weights are calibrated: the GPU the run captures on (CUDA EP first, and a torch
+    with CUDA), so that their sweeps run in its kernels; else the host (None)."""
+    cuda = run.providers[:1] == ["CUDAExecutionProvider"]
+    return torch.device("cuda", run.device_id) if cuda and torch.cuda.is_available() else None
 
 
 def _capture_pass(run: Run, max_batches: int | None, progress: ProgressFactory | None):

@@ -19,7 +19,6 @@ import onnx
 
 from qcal_export.graphs.export import ExportResult
 from qcal_export.graphs.op_inputs import COMPUTE_OPS
-from qcal_export.onnx_io.model_io import over_protobuf_limit
 from qcal_export.spec.plan import Plan, without_nodes
 from qcal_export.validation.validate import Validation
 
@@ -42,10 +41,9 @@ def compute_ops_only(plan: Plan, model: onnx.ModelProto) -> Plan | None:
 def fallback_source(plan: Plan, model: onnx.ModelProto) -> tuple[Plan, onnx.ModelProto] | None:
     """Where a fallback could apply (the plan places Q/DQ beyond the compute ops): the
     compute-ops plan, and a copy of ``model`` to export it from (the export edits its model in
-    place), taken before the first export. None past 2 GB, where a second copy in memory costs
-    more than the fallback is worth."""
+    place), taken before the first export; it shares the model's stored weights."""
     narrow = compute_ops_only(plan, model)
-    if narrow is None or over_protobuf_limit(model):
+    if narrow is None:
         return None
     spare = onnx.ModelProto()
     spare.CopyFrom(model)

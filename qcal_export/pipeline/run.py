@@ -137,8 +137,23 @@ def plan_run(
     targets, open the data (``data_options``: how images, texts or random data become its
     inputs); nothing runs yet."""
     loaded = load_model(model)
+    try:
+        return _plan_loaded(loaded, recipe, data, batch_size, provider, data_options)
+    except BaseException:
+        loaded.store.release()
+        raise
+
+
+def _plan_loaded(
+    loaded: LoadedModel,
+    recipe: Recipe,
+    data: Any,
+    batch_size: int | None,
+    provider: str,
+    data_options: DataOptions | None,
+) -> Run:
     check_opset(loaded.proto, str(loaded.path))
-    check_model(loaded.proto, str(loaded.path), full=False, path=loaded.path)
+    check_model(loaded.proto, str(loaded.path), full=False)
     preprocessed = preprocess(loaded.proto)
     loaded.proto = preprocessed.model
     plan = find_targets(loaded.proto, recipe)

@@ -55,10 +55,13 @@ class TensorScales:
     def fake_quant_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight (graph shape) as the exported DequantizeLinear chain gives it, float32."""
         shape, fmt = tuple(weight.shape), get_format(self.format)
-        scale = self.granularity.expand(self.scale, shape)
+        scale = self.granularity.expand(self.scale.to(weight.device), shape)
         if fmt.two_level:
-            return fmt.fake_quant_blocks(weight, fmt.effective_scales(scale, self.global_scale))
-        zero_point = self.granularity.expand(self.zero_point, shape)
+            global_scale = self.global_scale
+            if global_scale is not None:
+                global_scale = global_scale.to(weight.device)
+            return fmt.fake_quant_blocks(weight, fmt.effective_scales(scale, global_scale))
+        zero_point = self.granularity.expand(self.zero_point.to(weight.device), shape)
         return fmt.fake_quant(weight, scale, zero_point)
 
     def qparams(self) -> QParams:

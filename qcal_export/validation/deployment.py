@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from qcal_export.onnx_io.model_io import over_protobuf_limit
+from qcal_export.capture.onnxruntime import stored_session
+from qcal_export.onnx_io.weights import file_model, stored_bytes
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,9 @@ INTEGER_KERNELS = ("QLinear", "MatMulInteger", "ConvInteger", "QGemm", "QAttenti
 
 
 def profile_kernels(
-    model: str | Path | bytes, feed: Mapping[str, np.ndarray], providers: Sequence[str]
+    model: str | Path | onnx.ModelProto,
+    feed: Mapping[str, np.ndarray],
+    providers: Sequence[str],
 ) -> Counter[str]:
     """How many nodes of each op type ORT runs for ``model`` at its default optimizations, by
     its profiler on one run of ``feed``: the kernels after ORT's fusions, not the graph's ops."""
@@ -54,7 +57,7 @@ def integer_kernels(kernels: Mapping[str, int]) -> dict[str, int]:
 
 
 def median_latency(
-    model: str | Path | bytes,
+    model: str | Path | onnx.ModelProto,
     feed: Mapping[str, np.ndarray],
     providers: Sequence[str],
     runs: int = 5,
@@ -83,8 +86,7 @@ def measure_deployment(
     of ``runs``, same ``feed``, default optimizations) and file size, float against quantized.
 
     The quantized model is read from ``quantized_path`` where it was written (its size then
-    counts its external data), else serialized; past 2 GB unwritten, only the float side is
-    measured.
+    counts its external data), else opened from its proto and weight store.
     """
     section: dict[str, Any] = {
         "providers": list(providers),
@@ -93,14 +95,11 @@ def measure_deployment(
         "float": _side(float_path, feed, providers, runs, _file_bytes(float_path)),
     }
     if quantized_path is not None:
-        source: str | Path | bytes = quantized_path
+        source: str | Path | onnx.ModelProto = quantized_path
         size = _file_bytes(quantized_path)
-    elif over_protobuf_limit(quantized):
-        section["note"] = "the quantized model is past 2 GB and was not written: not measured"
-        return section
     else:
-        source = quantized.SerializeToString()
-        size = len(source)
+        source = quantized
+        size = quantized.ByteSize() + stored_bytes(quantized)
     section["quantized"] = _side(source, feed, providers, runs, size)
     kernels = profile_kernels(source, feed, providers)
     section["kernels"] = dict(sorted(kernels.items()))
@@ -133,7 +132,7 @@ def no_integer_kernels(providers: Sequence[str]) -> str:
 
 
 def _side(
-    model: str | Path | bytes,
+    model: str | Path | onnx.ModelProto,
     feed: Mapping[str, np.ndarray],
     providers: Sequence[str],
     runs: int,
@@ -164,7 +163,9 @@ def _options() -> ort.SessionOptions:
 
 
 def _session(
-    model: str | Path | bytes, options: ort.SessionOptions, providers: Sequence[str]
+    model: str | Path | onnx.ModelProto, options: ort.SessionOptions, providers: Sequence[str]
 ) -> ort.InferenceSession:
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=list(providers))
+    light = model if isinstance(model, onnx.ModelProto) else file_model(Path(model))
+    if light is not None:
+        return stored_session(light, options, providers)
+    return ort.InferenceSession(str(model), options, providers=list(providers))

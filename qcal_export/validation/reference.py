@@ -13,6 +13,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from qcal_export.graphs.nvfp4 import TRT_DOMAIN
+from qcal_export.onnx_io.weights import materialized
 from qcal_export.spec.formats import NVFP4
 from qcal_export.spec.granularity import PerBlock
 
@@ -86,8 +87,8 @@ class ReferenceRunner:
     """
 
     def __init__(self, model: onnx.ModelProto, deadline: float | None = None):
+        model = materialized(model)  # the evaluator reads the weights from the proto
         if any(node.domain == TRT_DOMAIN for node in model.graph.node):
-            model = onnx.ModelProto.FromString(model.SerializeToString())
             for node in model.graph.node:
                 if node.domain == TRT_DOMAIN and node.op_type == "DequantizeLinear":
                     node.op_type = _TRT_DEQUANTIZE

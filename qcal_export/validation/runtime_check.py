@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 from qcal_export.capture.onnxruntime import ORT_ERRORS
 from qcal_export.onnx_io.model_io import over_protobuf_limit
+from qcal_export.onnx_io.weight_sessions import paging_out, session_initializers
 
 Level = ort.GraphOptimizationLevel
 LEVELS = [("basic", Level.ORT_ENABLE_BASIC), ("extended", Level.ORT_ENABLE_EXTENDED)]
@@ -111,21 +112,17 @@ def worse_than_reference(deployed_sq: float, quantization_sq: float, reference_s
 
 
 class ModelSessions:
-    """ORT sessions over one model at chosen optimization levels, the model serialized once
-    (past 2 GB to a temporary external-data file); a context manager that removes it."""
+    """ORT sessions over one model at chosen optimization levels: its graph serialized once,
+    its stored weights given to each session as external initializers; a context manager that
+    removes the temporary folder of the optimized graphs."""
 
     def __init__(self, model: onnx.ModelProto, providers: Sequence[str]):
         self.providers = list(providers)
         self._dir = tempfile.TemporaryDirectory(prefix="qcal-validate-")
         self._large = over_protobuf_limit(model)
-        if self._large:
-            path = Path(self._dir.name) / "model.onnx"
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(copy, str(path), save_as_external_data=True, location="model.data")
-            self._model: bytes | str = str(path)
-        else:
-            self._model = model.SerializeToString()
+        self._model = model.SerializeToString()
+        self._proto = model
+        self._weights = session_initializers(model)
 
     def __enter__(self) -> ModelSessions:
         return self
@@ -148,9 +145,13 @@ class ModelSessions:
             options.graph_optimization_level = level
         if optimized is not None:
             options.optimized_model_filepath = str(optimized)
-        return ort.InferenceSession(
-            self._model, options, providers=self.providers, disabled_optimizers=list(disabled)
-        )
+        names, values = self._weights
+        if names:
+            options.add_external_initializers(names, values)
+        with paging_out(self._proto):
+            return ort.InferenceSession(
+                self._model, options, providers=self.providers, disabled_optimizers=list(disabled)
+            )
 
     def scratch(self, name: str) -> Path | None:
         """A path in the temporary folder for an optimized graph; None past 2 GB (not read)."""

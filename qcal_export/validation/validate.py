@@ -149,7 +149,8 @@ def validate_outputs(
     budget_s: float | None = None,
 ) -> Validation:
     """``model``'s outputs against ``float_model``'s on the first ``max_batches`` batches, in
-    ORT at its default level and with optimizations off (one pass over the batches).
+    ORT at its default level and with optimizations off (one pass over the batches; the float
+    model's outputs first, so that its session is closed before the quantized model's open).
 
     Where the default session fails, or lands further from the float model than the reference
     does beyond float noise (``runtime_check.worse_than_reference``), one warning says so and
@@ -160,10 +161,14 @@ def validate_outputs(
     float_session = open_session(float_model, providers, str(float_model))
     if needs_reference_evaluator(model):
         return _in_evaluator(float_session, model, source, max_batches, budget_s)
+    names = float_outputs(float_session)
+    recorded = [
+        (feed, float_session.run(names, feed))
+        for feed in feeds(source, model_inputs(model), max_batches)
+    ]
+    del float_session  # one model's weights in memory at a time
     with ModelSessions(model, providers) as sessions:
-        validation, first = _against_default(
-            sessions, float_session, model, source, max_batches, name
-        )
+        validation, first = _against_default(sessions, names, recorded, name)
         if validation.issue is not None:
             if first is not None:
                 diagnose(sessions, *first, validation.issue)
@@ -209,21 +214,18 @@ def _in_evaluator(
 
 def _against_default(
     sessions: ModelSessions,
-    float_session: ort.InferenceSession,
-    model: onnx.ModelProto,
-    source: DataSource,
-    max_batches: int,
+    names: list[str],
+    recorded: list[tuple[dict[str, np.ndarray], list[np.ndarray]]],
     name: str,
 ) -> tuple[Validation, tuple | None]:
-    """The validation without diagnosis, and the first batch (feed, output names, float and
-    reference outputs) to diagnose on."""
+    """The validation without diagnosis on the ``recorded`` batches (feed, the float model's
+    outputs ``names``), and the first batch (feed, output names, float and reference outputs)
+    to diagnose on."""
     device = sessions.providers[0]
     reference, default, failure = _open_both(sessions, name)
-    names = float_outputs(float_session)
     quantization, deployed = ErrorTally(names), ErrorTally(names)
     first = None
-    for feed in feeds(source, model_inputs(model), max_batches):
-        floats = float_session.run(names, feed)
+    for feed, floats in recorded:
         refs = _run_reference(reference, names, feed, name)
         first = first or (feed, names, floats, refs)
         quantization.add(floats, refs)

@@ -14,8 +14,10 @@ import pytest
 from full_disk import run_with_file_limit
 from onnx import TensorProto, helper, numpy_helper
 
+from qcal_export.capture.onnxruntime import stored_session
 from qcal_export.errors import ModelError, OutputError
 from qcal_export.onnx_io.model_io import load_model, save_model
+from qcal_export.onnx_io.weights import is_stored, to_array
 
 FLOAT = TensorProto.FLOAT
 
@@ -42,7 +44,7 @@ def make_model(k: int = 64, n: int = 32, seed: int = 0) -> onnx.ModelProto:
 
 
 def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {t.name: to_array(t) for t in model.graph.initializer}
 
 
 def assert_same_weights(got: onnx.ModelProto, want: onnx.ModelProto) -> None:
@@ -51,17 +53,15 @@ def assert_same_weights(got: onnx.ModelProto, want: onnx.ModelProto) -> None:
     for name, values in want_w.items():
         assert got_w[name].dtype == values.dtype
         assert np.array_equal(got_w[name], values), name
-    for t in got.graph.initializer:
-        assert t.data_location == TensorProto.DEFAULT and not t.external_data
+    for t in got.graph.initializer:  # in the proto, or in its weight store
+        assert is_stored(t) or (t.data_location == TensorProto.DEFAULT and not t.external_data)
 
 
 def run(model_or_path, x: np.ndarray) -> np.ndarray:
-    source = model_or_path
     if isinstance(model_or_path, onnx.ModelProto):
-        source = model_or_path.SerializeToString()
+        session = stored_session(model_or_path, ort.SessionOptions(), ["CPUExecutionProvider"])
     else:
-        source = str(model_or_path)
-    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(model_or_path), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
 
 
