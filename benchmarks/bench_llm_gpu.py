@@ -116,11 +116,12 @@ def model_path(args: argparse.Namespace) -> Path:
 
 
 def build_model(args: argparse.Namespace, gpu: GpuMemory, budget: float) -> dict[str, Any]:
-    """Export the model in a child process unless a finished export is there; its record."""
+    """Export the model in a child process unless a finished export is there; its record
+    (``now``: whether this call exported it)."""
     path = model_path(args)
     done = path.parent / "built.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        return {**json.loads(done.read_text()), "now": False}
     need = llm_model.parameter_count(args.size) * (2 if args.dtype == "float16" else 4) * 2.2
     args.work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.work).free
@@ -142,7 +143,7 @@ def build_model(args: argparse.Namespace, gpu: GpuMemory, budget: float) -> dict
         "bytes": sum(p.stat().st_size for p in path.parent.glob(f"{path.name}*")),
     }
     done.write_text(json.dumps(record))
-    return record
+    return {**record, "now": True}
 
 
 def hist_sequences(args: argparse.Namespace) -> tuple[int, int, str]:
@@ -211,6 +212,14 @@ def run_one(name: str, args: argparse.Namespace, gpu: GpuMemory, timeout: float)
     return {**json.loads(result_json.read_text()), **watched.to_dict()}
 
 
+def expected_seconds(name: str, rows: dict[str, Any]) -> float:
+    """A row's likely time: the longest recorded row of the same side (ours / ORT), 0 if none.
+    A call that has already measured a row does not start one expected to overrun it."""
+    who = llm_rows.ROWS.get(name, llm_rows.ROWS["ours-max"]).who
+    times = [r["process_s"] for r in rows.values() if r.get("who") == who and "error" not in r]
+    return max(times, default=0.0)
+
+
 def summary(record: dict[str, Any]) -> str:
     if "error" in record:
         return record["error"]
@@ -232,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     build = build_model(args, gpu, budget)
     gib = build["bytes"] / 2**30
     print(f"model {model_path(args)}: exported in {build['seconds']:.0f} s, {gib:.2f} GiB")
+    exported_now = build.pop("now")
     if args.build_only:
+        return 0
+    if exported_now and args.budget_s:
+        print("model exported in this call: the rows run in the next ones")
         return 0
     args.hist_sequences, per_sequence, why = hist_sequences(args)
     settings = {k: getattr(args, k) for k in SETTINGS}
@@ -249,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     todo = [n for n in names if args.force or n not in results["rows"]]
     for name in todo:
         left = budget - (time.perf_counter() - start)
-        if left < MIN_ROW_S:
+        guess = expected_seconds(name, results["rows"])
+        if left < MIN_ROW_S or (guess > left and time.perf_counter() - start > MIN_ROW_S):
+            print(f"== {name}: {left:.0f} s left in this call, expected ~{guess:.0f} s: next call")
             break
         print(f"== {name} (timeout {min(args.row_timeout, left):.0f} s)", flush=True)
         record = run_one(name, args, gpu, min(args.row_timeout, left))

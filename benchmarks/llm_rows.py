@@ -129,12 +129,18 @@ def _ours(name: str, args: Any, data: list[dict], out: Path) -> dict[str, Any]:
 
 
 def _cuda_sync(args: Any) -> Any:
-    """torch.cuda.synchronize on CUDA rows, so that each phase owns the GPU work it queued."""
-    if args.provider != "cuda":
-        return None
+    """On CUDA rows, torch.cuda.synchronize once torch has a CUDA context (never creating one),
+    so that each phase owns the GPU work it queued."""
     import torch
 
-    return torch.cuda.synchronize if torch.cuda.is_available() else None
+    if args.provider != "cuda" or not torch.cuda.is_available():
+        return None
+
+    def sync() -> None:
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    return sync
 
 
 def _torch_peak_cuda() -> float | None:
