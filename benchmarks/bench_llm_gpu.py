@@ -21,13 +21,18 @@ limit runs it in several calls, each measuring the rows it has time for (``--bud
     python benchmarks/bench_llm_gpu.py --rows ours-max,ort-minmax [--torch-profile]
     python benchmarks/bench_llm_gpu.py --provider cpu --size small --sequences 16 --seq 128
 
-On one H100/H200 with 16 cores (``bash benchmarks/run_gpu.sh llm`` runs one call; repeat it
-until it prints "all rows done"), estimated from the small model on 2 CPU cores (the model-size
-parts scale with the parameters, about 8x; the capture runs on the GPU):
-call 1 the export (``--build-only``, several minutes, ~4.4 GB of float32 on disk); call 2
-ours-max and ort-minmax; call 3 ours-nvfp4 and ours-fp8; call 4 the histogram rows on the
-smaller data; the mse row last. A row cut by the call's budget is not recorded and runs again
-in the next call; one that exceeds ``--row-timeout`` on its own is recorded as a timeout.
+The order of calls on one H100/H200 (``bash benchmarks/run_gpu.sh llm`` runs one call within
+570 s; repeat it until it prints "all rows done"; the estimate of each row's time, from the
+small model measured on the CPU, is in benchmarks/results/llm_cpu_small.md). The host-side
+phases (load, checker, pre-process, plan, shape inference, session, export) scale with the
+parameters and dominate; the capture runs on the GPU. Call 1: the export (the call then
+stops). Call 2: ours-max and ort-minmax, the headline pair. Call 3: ours-fp8, then
+ours-percentile. Further calls: ort-percentile, ours-entropy, ort-entropy, ours-mse on the
+histogram data; ours-nvfp4 last, as its nvfp4-mse weight sweep runs on the host
+(``calibrate_weights`` takes the initializers on the CPU) and is expected to reach the row
+timeout at 1b. A row cut by the call's budget is not recorded and runs again in the next call;
+one that exceeds ``--row-timeout`` on its own is recorded as a timeout; a call does not start
+a row expected (from the rows measured) to overrun what is left of it.
 """
 
 from __future__ import annotations
@@ -146,6 +151,18 @@ def build_model(args: argparse.Namespace, gpu: GpuMemory, budget: float) -> dict
     return {**record, "now": True}
 
 
+def check_provider(provider: str) -> None:
+    """Stop before anything runs when ORT lacks the provider's execution provider."""
+    import onnxruntime
+
+    wanted = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}[provider]
+    if wanted not in onnxruntime.get_available_providers():
+        raise SystemExit(
+            f"--provider {provider}: {onnxruntime.__file__} offers "
+            f"{onnxruntime.get_available_providers()}; put onnxruntime-gpu first on PYTHONPATH"
+        )
+
+
 def hist_sequences(args: argparse.Namespace) -> tuple[int, int, str]:
     """(histogram rows' sequences, ORT's estimated host bytes a sequence, why that count)."""
     per_sequence = llm_rows.ort_histogram_bytes_per_sequence(args.size, args.seq, args.dtype)
@@ -238,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget_s or float("inf")
     gpu = GpuMemory(args.device_id)
     names = selected_rows(args.rows, args.torch_profile)
+    if not args.build_only:
+        check_provider(args.provider)
     build = build_model(args, gpu, budget)
     gib = build["bytes"] / 2**30
     print(f"model {model_path(args)}: exported in {build['seconds']:.0f} s, {gib:.2f} GiB")
