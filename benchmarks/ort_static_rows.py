@@ -52,9 +52,13 @@ def calibrate_ort(
     symmetric: bool,
     quantize_outputs: bool,
     providers: list | None = None,
+    external_data: bool = False,
+    activation_type: str = "QInt8",
 ) -> None:
     """quantize_static as the benchmarks compare it (QDQ, int8, per-channel, MatMul/Gemm);
-    ``providers`` for its calibration session (ORT's default where None)."""
+    ``providers`` for its calibration session (ORT's default where None); ``external_data``
+    writes the QDQ model's weights to a file beside it (needed past 2 GB); ``activation_type``
+    a QuantType name (QUInt8: uint8 activations, as ours under the default ort target)."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -75,7 +79,8 @@ def calibrate_ort(
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["MatMul", "Gemm"],
         per_channel=True,
-        activation_type=QuantType.QInt8,
+        use_external_data_format=external_data,
+        activation_type=getattr(QuantType, activation_type),
         weight_type=QuantType.QInt8,
         calibrate_method=getattr(CalibrationMethod, method),
         **({} if providers is None else {"calibration_providers": providers}),

@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # The CUDA tests and the GPU benchmarks behind README's GPU tables, on a machine with a CUDA GPU,
 # Triton and (for the capture step) onnxruntime-gpu:
-#     bash benchmarks/run_gpu.sh [tests] [nvfp4] [mse] [histogram] [capture]   (default: all)
+#     bash benchmarks/run_gpu.sh [tests] [nvfp4] [mse] [histogram] [capture]   (default: these)
+#     bash benchmarks/run_gpu.sh llm            (the ~1B LLM, ours vs ORT: one call at a time)
+#     bash benchmarks/run_gpu.sh distributed    (needs 2 GPUs: 1 vs 2 processes, NCCL)
 # Tables go to $OUT when it is set, else benchmarks/results; each step's log beside them.
 # Every step runs (under STEP_TIMEOUT seconds, default 900); the exit status is 1 if one failed.
+# llm fits a 10-minute command: its step stops at LLM_STEP_TIMEOUT (default 570 s) and the
+# script itself starts no row past its budget (30 s less). Call 1 exports the model (and stops:
+# the export needs most of a call), calls 2.. measure the rows left until the log says
+# "all rows done"; the rows measured stay in $OUT/llm_gpu.json. LLM_ARGS adds options (e.g.
+# LLM_ARGS="--rows ours-max,ort-minmax --torch-profile"); the model is kept in
+# QCAL_LLM_WORK (default /tmp/qcal-llm) between calls on the same machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results}
@@ -31,7 +39,15 @@ for name in "${@:-tests nvfp4 mse histogram capture}"; do
         histogram) step bench_histogram python3 benchmarks/bench_histogram_kernel.py ;;
         capture) step bench_capture python3 benchmarks/bench_capture_throughput.py \
             --provider cuda --repeats 3 ;;
-        *) echo "unknown step $one: tests nvfp4 mse histogram capture" >&2 && exit 2 ;;
+        llm)
+            limit=${LLM_STEP_TIMEOUT:-570}
+            # shellcheck disable=SC2086  # LLM_ARGS is a list of options
+            STEP_TIMEOUT=$limit step bench_llm python3 benchmarks/bench_llm_gpu.py \
+                --budget-s $((limit - 30)) --row-timeout $((limit - 30)) ${LLM_ARGS:-}
+            ;;
+        distributed) step bench_distributed python3 benchmarks/bench_distributed.py \
+            --provider cuda --nproc 1 2 ;;
+        *) echo "unknown step $one: tests nvfp4 mse histogram capture llm distributed" >&2 && exit 2 ;;
         esac
     done
 done

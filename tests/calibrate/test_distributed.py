@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -62,6 +63,22 @@ def test_two_processes_give_one_process_scales(workdir, tmp_path, method, batche
     options = {"method": method, "format": "nvfp4" if extra else "int8", "hessian": bool(extra)}
     options["exclude_op_types"] = ("Conv",) if extra else ()
     calibrate_onnx(workdir / "model.onnx", data, scales=single, validate_batches=0, **options)
+    assert_same_scales(single, tmp_path / "two.safetensors")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2 or "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="needs two GPUs and onnxruntime-gpu",
+)
+def test_two_gpus_give_one_gpu_scales(workdir, tmp_path):
+    # Each rank captures on the GPU of its LOCAL_RANK; NCCL carries the merge.
+    data = data_dir(workdir, tmp_path, 4)
+    argv = [str(workdir / "model.onnx"), "--data", str(data), "--provider", "cuda"]
+    done = qcal_nproc(*argv, "--scales", str(tmp_path / "two.safetensors"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = tmp_path / "one.safetensors"
+    calibrate_onnx(workdir / "model.onnx", data, scales=single, validate_batches=0, provider="cuda")
     assert_same_scales(single, tmp_path / "two.safetensors")
 
 
