@@ -244,7 +244,8 @@ def _raw_bytes(tensor: onnx.TensorProto) -> memoryview | bytes | None:
     """The bytes a data file holds for ``tensor``: its stored array or its raw data."""
     found = stored_key(tensor)
     if found is not None:
-        return memoryview(np.ascontiguousarray(found[0].get(found[1]))).cast("B")
+        array = np.ascontiguousarray(found[0].get(found[1]))
+        return array.reshape(-1).view(np.uint8).data  # bytes of any dtype (ml_dtypes' fp8 too)
     if tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.HasField("raw_data"):
         return tensor.raw_data
     return None

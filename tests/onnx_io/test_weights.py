@@ -21,6 +21,7 @@ from qcal_export.onnx_io.model_io import check_model, load_model, save_model
 from qcal_export.onnx_io.weights import (
     SPILL_BYTES,
     WeightStore,
+    derived_tensor,
     is_stored,
     materialized,
     to_array,
@@ -261,3 +262,34 @@ def test_an_embedded_weight_whose_data_does_not_fit_its_dims_is_named(tmp_path):
     onnx.save_model(model, str(path))
     with pytest.raises(ModelError, match=r"short\.onnx: initializer 'w0' cannot be read"):
         load_model(path)
+
+
+@pytest.mark.parametrize("external", [True, False], ids=["external", "embedded"])
+def test_a_derived_fp8_weight_is_written_as_its_bits(tmp_path, external):
+    """A quantized weight the store holds in ml_dtypes' float8 (no buffer protocol) is written
+    byte for byte: ORT's DequantizeLinear of the written model gives codes x scale."""
+    path = save(chain(), tmp_path / "m.onnx", external=True)
+    loaded = load_model(path)
+    source = next(t for t in loaded.proto.graph.initializer if t.name == "w0")
+    codes = (to_array(source) / 0.05).astype(ml_dtypes.float8_e4m3fn)
+
+    def make() -> TensorProto:
+        raw = codes.view(np.uint8).tobytes()
+        return helper.make_tensor("wq", TensorProto.FLOAT8E4M3FN, codes.shape, raw, raw=True)
+
+    stored = derived_tensor("wq", source, "fp8", make)
+    assert is_stored(stored)
+    scale = numpy_helper.from_array(np.array(0.05, np.float32), "s")
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["wq", "s"], ["y"], "dq")],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(codes.shape))],
+        [stored, scale],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    out = save_model(model, tmp_path / "q.onnx", external_data=external)
+    onnx.checker.check_model(str(out), full_check=True)
+    got = ort.InferenceSession(str(out), providers=CPU).run(None, {})[0]
+    np.testing.assert_array_equal(got, codes.astype(np.float32) * np.float32(0.05))
+    loaded.store.release()
