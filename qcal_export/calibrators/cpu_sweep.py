@@ -19,6 +19,7 @@ TILE_ELEMENTS = 1 << 18
 ZERO_SHARE = 0.25
 """Values set apart only where at least this share of a group's values is zero for all
 candidates: below it the copy of the others costs more than it saves."""
+SAMPLE_STEP = 64
 
 
 def tiles(rows: int, cols: int, per_tile: int, align: int) -> Iterator[tuple[slice, slice]]:
@@ -36,19 +37,27 @@ def tiles(rows: int, cols: int, per_tile: int, align: int) -> Iterator[tuple[sli
 def split_zeros(
     fmt: Format, groups: torch.Tensor, scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The values of one group that not every candidate quantizes to 0, ``[1, m]``, and those
-    that every candidate does, ``[z]``; None where that does not pay (see ``ZERO_SHARE``).
+    """The values of one group that not every candidate quantizes to 0, ``[1, m]``, and the
+    group with 0 in their place, ``[n]`` (its error sums are those of the values set apart);
+    None where that does not pay (see ``ZERO_SHARE``).
 
     ``groups`` ``[1, n]`` finite float32; ``scale`` the candidates' float32 scales (any shape).
     Int formats round ``x / scale`` half to even (0 for ``|x / scale| <= 0.5``), FP8 E4M3 to its
     grid (0 for ``|x / scale| <= 2 ** -10``, half its smallest subnormal); a block format's
-    scales come from its blocks, which a split would break.
+    scales come from its blocks, which a split would break. A sample of every ``SAMPLE_STEP``-th
+    value decides first whether the split can pay (only the cost depends on it).
     """
     if groups.shape[0] != 1 or fmt.block_size > 1 or groups.is_cuda:
         return None
     limit = 0.5 if fmt.integer else 2.0**-10
-    zero = torch.div(groups[0], scale.min()).abs_() <= limit
-    count = int(zero.sum())
-    if count < ZERO_SHARE * groups.shape[1]:
+    smallest = scale.min()
+    sample = groups[0, ::SAMPLE_STEP]
+    if int(torch.count_nonzero(torch.div(sample, smallest).abs_() <= limit)) < (
+        ZERO_SHARE * len(sample)
+    ):
         return None
-    return groups[0][~zero][None], groups[0][zero]
+    keep = torch.div(groups[0], smallest).abs_() > limit
+    index = keep.nonzero().squeeze(1)
+    if len(index) > (1 - ZERO_SHARE) * groups.shape[1]:
+        return None
+    return groups[0].index_select(0, index)[None], torch.where(keep, 0.0, groups[0])
