@@ -114,13 +114,22 @@ class _Scorer:
         return self.cal._qparams(amin, amax)
 
     def approximate(self, k: int, rows: torch.Tensor) -> torch.Tensor:
-        """``sum exp(norm * log|xq - x|)`` in float32 terms, float64 sums, ``[rows.sum()]``."""
-        groups = self.groups if bool(rows.all()) else self.groups[rows]
+        """``sum exp(norm * log|xq - x|)`` in float32 terms, float64 sums, ``[rows.sum()]``.
+
+        The rows of a mask are gathered a tile at a time (the copy stays in cache)."""
+        index = None if bool(rows.all()) else rows.nonzero().squeeze(1)
+        count = self.groups.shape[0] if index is None else len(index)
         params = self._params(k, rows)
-        errors = torch.zeros(groups.shape[0], dtype=torch.float64)
+        errors = torch.zeros(count, dtype=torch.float64)
         scratch, wide = self.scratch
-        for r, c in tiles(*groups.shape, len(scratch), 1):
-            x = groups[r, c]
+        size = len(scratch) // 2
+        for r, c in tiles(count, self.groups.shape[1], size, 1):
+            if index is None:
+                x = self.groups[r, c]
+            else:
+                columns, part = self.groups[:, c], index[r]
+                x = scratch[size : size + len(part) * columns.shape[1]].view(len(part), -1)
+                torch.index_select(columns, 0, part, out=x)
             out = scratch[: x.numel()].view(1, *x.shape)
             self.cal._fake_quant(out, x, params[:, :, r, None])
             out.sub_(x).abs_().log_().mul_(self.norm).exp_()
