@@ -15,6 +15,7 @@ import torch
 
 from qcal_export.calibrators import kernels
 from qcal_export.calibrators.base import Calibrator, MergeOp
+from qcal_export.calibrators.bucket_sweep import MIN_VALUES, bucket_losses
 from qcal_export.calibrators.cpu_sweep import TILE_ELEMENTS, split_zeros, tiles
 from qcal_export.errors import CalibrationError
 from qcal_export.spec.choices import NonFinite
@@ -173,6 +174,9 @@ class MseCalibrator(Calibrator):
         ``scale``, ``zero_point`` ``[K, G, 1]``.
         """
         losses = self._state["losses"]
+        if self._buckets(groups):
+            losses += bucket_losses(self.fmt, groups[0], scale[:, 0, 0], zero_point[:, 0, 0])
+            return
         split = None if self.error_func is not None else split_zeros(self.fmt, groups, scale)
         if split is not None:
             groups, zeros = split
@@ -187,6 +191,17 @@ class MseCalibrator(Calibrator):
             xq = scratch[: num_cand * xc.numel()].view(num_cand, *xc.shape)
             self.fmt.fake_quant_into(xq, xc, scale[:, rows], zero_point[:, rows])
             losses[rows] += self._error(xc, xq, wide[: xq.numel()].view(xq.shape)).T
+
+    def _buckets(self, groups: torch.Tensor) -> bool:
+        """Whether ``bucket_losses`` scores ``groups``: one large group on the CPU, the format's
+        own squared error, one scale per group."""
+        return (
+            groups.shape[0] == 1
+            and groups.shape[1] >= MIN_VALUES
+            and not groups.is_cuda
+            and self.error_func is None
+            and self.fmt.block_size == 1
+        )
 
     def _fused(self, groups: torch.Tensor) -> bool:
         """Whether a Triton sweep scores ``groups``: CUDA, Triton, the format's own QDQ and

@@ -9,7 +9,7 @@ import pytest
 import torch
 from oracle import F32, oracle
 
-from qcal_export.calibrators import cpu_sweep, mse
+from qcal_export.calibrators import bucket_sweep, cpu_sweep, mse
 from qcal_export.calibrators.mse import MseCalibrator, mse_multipliers
 from qcal_export.spec.formats import FP8_E4M3, INT8, UINT8
 from qcal_export.spec.granularity import PerAxis, PerTensor
@@ -123,3 +123,58 @@ def test_per_channel_tiles_of_whole_rows_match_float64_oracle(fmt_name, monkeypa
         amin, amax = cal.compute_range()
         assert np.array_equal(amax.numpy(), expected_amax)
         assert np.array_equal(amin.numpy(), expected_amin)
+
+
+def bucket_data(fmt, seed: int) -> np.ndarray:
+    """Outliers, many tiny values, exact zeros of both signs, values on the int8 grid of the
+    initial range (ties of the rounding), and values at the ends of buckets."""
+    x = outliers(fmt, 90000, seed)
+    rng = np.random.default_rng(seed)
+    x[:50] = 0.0
+    x[50:100] = -0.0
+    grid = np.abs(x).max() / 127
+    x[100:2100] = (rng.integers(-40, 40, 2000) + 0.5) * grid
+    ends = np.arange(1, 1001, dtype=np.int64) << bucket_sweep.SHIFT
+    x[2100:3100] = (ends + (127 << 23)).astype(np.int32).view(F32)  # near 1.0
+    x[3100:4100] = -((ends - 1 + (127 << 23)).astype(np.int32).view(F32))
+    return x
+
+
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_bucket_losses_match_float64_oracle(fmt_name, monkeypatch):
+    """One large group per tensor: the histogram losses of every candidate agree with the float64
+    brute force to 1e-12, and the choice is its choice."""
+    fmt = FORMATS[fmt_name]
+    data = [bucket_data(fmt, seed=6), bucket_data(fmt, seed=7)]
+    used = []
+    original = bucket_sweep.bucket_losses
+    monkeypatch.setattr(mse, "bucket_losses", lambda *a: used.append(1) or original(*a))
+    lo = min(min(float(d.min()) for d in data), 0.0)
+    hi = max(float(d.max()) for d in data)
+    amin0, amax0 = (-max(-lo, hi), max(-lo, hi)) if fmt.symmetric else (lo, hi)
+    cal = MseCalibrator(fmt, PerTensor(), amin0=amin0, amax0=amax0)
+    for d in data:
+        cal.collect(torch.from_numpy(d))
+    assert len(used) == 2
+    expected_amin, expected_amax, losses = oracle(fmt, PerTensor(), data, amin0, amax0)
+    np.testing.assert_allclose(cal.state_dict()["losses"].numpy(), losses, rtol=1e-12)
+    amin, amax = cal.compute_range()
+    assert amax.item() == expected_amax[0] and amin.item() == expected_amin[0]
+
+
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_bucket_losses_of_a_narrow_range_match_the_value_by_value_sweep(fmt_name):
+    """A range far below the values' (most clip) and one far above (most round to 0): the
+    histogram losses are the tile sweep's."""
+    fmt = FORMATS[fmt_name]
+    x = torch.from_numpy(bucket_data(fmt, seed=8))
+    for amax0 in (1e-3, 1e6):
+        amin0 = -amax0 if fmt.symmetric else -amax0 / 3
+        sums = []
+        for values in (bucket_sweep.MIN_VALUES, len(x) + 1):
+            cal = MseCalibrator(fmt, PerTensor(), amin0=amin0, amax0=amax0)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(mse, "MIN_VALUES", values)
+                cal.collect(x)
+            sums.append(cal.state_dict()["losses"])
+        torch.testing.assert_close(sums[0], sums[1], rtol=1e-12, atol=0)
