@@ -140,11 +140,13 @@ NOTES = [
     "for norm 2.4) of the float64 error; a comparison with a group's best that the bounds "
     "cannot decide is redone in float64. Per channel, a group whose 32 largest values alone "
     "(float64) err more than its best is not scored for that candidate.",
-    "- Both of ours, per tensor: values that the smallest candidate scale already quantizes to "
-    "0 (all but the outlier channels and spikes for int8 here) are quantized to 0 by every "
-    "candidate; their error is summed once and added to each (calibrators/cpu_sweep.py). The "
-    "multiplier sweep scores all 39 candidates in float64 on cache-sized tiles (per channel: "
-    "tiles of whole rows).",
+    "- Ours per tensor: the multiplier sweep takes every candidate's float64 loss from one "
+    "histogram of 1024-value float32 buckets (calibrators/bucket_sweep.py): exact per-bucket "
+    "sums where the candidate maps the whole bucket to one value, the values themselves in the "
+    "few buckets where its output changes. The shrink search sets apart the values that the "
+    "smallest candidate scale already quantizes to 0 (then so does every candidate) and adds "
+    "their error once (calibrators/cpu_sweep.py). Per channel the sweep scores all 39 "
+    "candidates in float64 on cache-sized tiles of whole rows.",
     "- Load: other jobs share the 2 cores (see the load averages above); the wall times of "
     "both sides stretch with it, the CPU-time ratio less so.",
     "- Threads: 1 by default. On this shared 2-core machine (1-min load 2 to 5 from other jobs) "
