@@ -68,14 +68,14 @@ def _value_losses(
     scale: torch.Tensor,
     zero_point: torch.Tensor,
 ) -> torch.Tensor:
-    """Summed squared error of values ``x`` ``[m]`` in buckets ``index`` for the candidates
-    whose output changes inside their bucket (``impure`` ``[K, buckets]``), ``[K]`` float64."""
-    num = scale.shape[0]
-    losses = torch.zeros(num, dtype=torch.float64)
-    per_tile = max(TILE_ELEMENTS // num, 1)
-    for _, cols in tiles(1, len(x), per_tile, 1):
-        part = x[cols][None]
-        xq = fmt.fake_quant(part, scale, zero_point)
-        error = xq.double().sub_(part).square_()
-        losses += error.mul_(impure[:, index[cols]]).sum(-1)
+    """Summed squared error of values ``x`` ``[m]`` in buckets ``index``, each candidate over
+    the values of the buckets where its output changes (``impure`` ``[K, buckets]``), ``[K]``
+    float64."""
+    losses = torch.zeros(scale.shape[0], dtype=torch.float64)
+    for k in range(scale.shape[0]):
+        values = x[impure[k][index].nonzero().squeeze(1)]
+        for _, cols in tiles(1, len(values), TILE_ELEMENTS, 1):
+            part = values[cols]
+            xq = fmt.fake_quant(part, scale[k], zero_point[k])
+            losses[k] += xq.double().sub_(part).square_().sum()
     return losses
