@@ -33,8 +33,7 @@ def bucket_losses(
     floor = torch.tensor(limit, dtype=torch.float32) * scale.min()
     first = max(int(floor.view(torch.int32)) >> SHIFT, 1) - 1
     span = int(bits.max()) - first + 1
-    negative = x < 0
-    index = (bits - first).clamp_(min=0).add_(negative.int() * span)
+    index = (bits - first).clamp_(min=0).add_(x < 0, alpha=span)
     ends = torch.arange(span, dtype=torch.int32).add_(first)
     low = torch.cat([ends, ends]) << SHIFT
     high = low | ((1 << SHIFT) - 1)
@@ -42,8 +41,8 @@ def bucket_losses(
     sign = torch.ones(2 * span)
     sign[span:] = -1.0
     low, high = low.view(torch.float32) * sign, high.view(torch.float32) * sign
-    reference = (bits << SHIFT).view(torch.float32).copysign_(x)
-    u = x.sub(reference.masked_fill_(bits <= first, 0.0)).double()
+    reference = (x.view(torch.int32) & -(1 << SHIFT)).view(torch.float32)
+    u = torch.where(bits > first, x - reference, x).double()
     count = torch.bincount(index, minlength=2 * span).double()
     sum1 = torch.bincount(index, weights=u, minlength=2 * span)
     sum2 = torch.bincount(index, weights=u.square_(), minlength=2 * span)
