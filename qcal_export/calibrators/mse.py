@@ -15,6 +15,8 @@ import torch
 
 from qcal_export.calibrators import kernels
 from qcal_export.calibrators.base import Calibrator, MergeOp
+from qcal_export.calibrators.bucket_sweep import MIN_VALUES, bucket_losses
+from qcal_export.calibrators.cpu_sweep import TILE_ELEMENTS, split_zeros, tiles
 from qcal_export.errors import CalibrationError
 from qcal_export.spec.choices import NonFinite
 from qcal_export.spec.formats import Format
@@ -22,9 +24,6 @@ from qcal_export.spec.granularity import Granularity, PerBlock, PerTensorGroup
 
 QuantFunc = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ErrorFunc = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-CHUNK_ELEMENTS = 1 << 20
-"""Candidates x groups x columns scored at once: a cache-sized scratch buffer, reused in place."""
 
 
 def mse_multipliers(start: float = 0.25, stop: float = 4.0, step: float = 0.1) -> torch.Tensor:
@@ -166,19 +165,43 @@ class MseCalibrator(Calibrator):
         if self._fused(groups):
             self._update_fused(groups, scale, zero_point)
             return
-        scale, zero_point = scale[:, :, None], zero_point[:, :, None]
-        num_cand, num_groups = scale.shape[:2]
-        block = self.fmt.block_size
-        chunk = max(block, CHUNK_ELEMENTS // (num_cand * num_groups) // block * block)
-        size = num_cand * num_groups * min(chunk, groups.shape[1])
+        self._sweep(groups, scale[:, :, None], zero_point[:, :, None])
+
+    def _sweep(self, groups: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Torch sweep: every candidate on cache-sized tiles of ``groups``, the values that all
+        candidates quantize to 0 set apart (their error ``x ** 2`` is added once per candidate).
+
+        ``scale``, ``zero_point`` ``[K, G, 1]``.
+        """
+        losses = self._state["losses"]
+        if self._buckets(groups):
+            losses += bucket_losses(self.fmt, groups[0], scale[:, 0, 0], zero_point[:, 0, 0])
+            return
+        split = None if self.error_func is not None else split_zeros(self.fmt, groups, scale)
+        if split is not None:
+            groups, zeros = split
+            losses += zeros.double().square_().sum()
+        num_cand, block = scale.shape[0], self.fmt.block_size
+        per_tile = max(TILE_ELEMENTS // num_cand, block)
+        size = num_cand * min(per_tile, groups.numel())
         scratch = torch.empty(size, device=groups.device)
         wide = torch.empty(size, dtype=torch.float64, device=groups.device)
-        losses = self._state["losses"]
-        for begin in range(0, groups.shape[1], chunk):
-            xc = groups[:, begin : begin + chunk]
-            xq = scratch[: num_cand * xc.numel()].view(num_cand, num_groups, -1)
-            self.fmt.fake_quant_into(xq, xc, scale, zero_point)
-            losses += self._error(xc, xq, wide[: xq.numel()].view(xq.shape)).T
+        for rows, cols in tiles(*groups.shape, per_tile, block):
+            xc = groups[rows, cols]
+            xq = scratch[: num_cand * xc.numel()].view(num_cand, *xc.shape)
+            self.fmt.fake_quant_into(xq, xc, scale[:, rows], zero_point[:, rows])
+            losses[rows] += self._error(xc, xq, wide[: xq.numel()].view(xq.shape)).T
+
+    def _buckets(self, groups: torch.Tensor) -> bool:
+        """Whether ``bucket_losses`` scores ``groups``: one large group on the CPU, the format's
+        own squared error, one scale per group."""
+        return (
+            groups.shape[0] == 1
+            and groups.shape[1] >= MIN_VALUES
+            and not groups.is_cuda
+            and self.error_func is None
+            and self.fmt.block_size == 1
+        )
 
     def _fused(self, groups: torch.Tensor) -> bool:
         """Whether a Triton sweep scores ``groups``: CUDA, Triton, the format's own QDQ and

@@ -17,19 +17,18 @@ scored with the format's QuantizeLinear -> DequantizeLinear arithmetic (symmetri
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 
+from qcal_export.calibrators import shrink_cpu
 from qcal_export.calibrators.base import Calibrator, MergeOp
+from qcal_export.calibrators.cpu_sweep import TILE_ELEMENTS, tiles
 from qcal_export.errors import CalibrationError
 from qcal_export.spec.choices import NonFinite
 from qcal_export.spec.formats import Format
 from qcal_export.spec.granularity import Granularity, PerBlock, PerTensorGroup
-
-CHUNK_ELEMENTS = 1 << 20
-"""Candidates x elements scored at once: the size of the float32 and float64 scratch buffers."""
 
 
 def shrink_factors(maxshrink: float = 0.2, grid: float = 100) -> torch.Tensor:
@@ -117,25 +116,35 @@ class ShrinkMseCalibrator(Calibrator):
         batches += 1
 
     def _search(self, groups: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        """Index of each group's winning candidate, ``[G]``, exactly as the sequential search.
+        """Index of each group's winning candidate, ``[G]``, exactly as the sequential search:
+        on the CPU one candidate at a time (``shrink_cpu``), else in chunks."""
+        if shrink_cpu.applies(self, groups, lo, hi):
+            return shrink_cpu.search(self, groups, lo, hi)
+        return self._search_chunks(groups, lo, hi)
 
-        Candidates are scored a chunk at a time; the early stop is resolved on the chunk's
-        ``[K, G]`` errors, and the next chunk is scored only if the search goes on.
+    def _search_chunks(
+        self, groups: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+    ) -> torch.Tensor:
+        """``_search`` scoring a chunk of candidates per pass over ``groups``.
+
+        The first chunk holds ``patience + 1`` candidates, each next one as many as the search
+        needs at least before it can stop: no candidate past the sequential stop is scored. The
+        early stop is resolved on the chunk's ``[K, G]`` errors.
         """
         num, device = groups.shape[0], groups.device
         shrink = self.shrink.to(device)
         best_error = torch.full((num,), math.inf, dtype=torch.float64, device=device)
         best = torch.zeros(num, dtype=torch.int64, device=device)
-        chunk = min(len(shrink), self.patience + 1)
-        per_tile = max(self.fmt.block_size, CHUNK_ELEMENTS // chunk)
-        size = chunk * min(per_tile, groups.numel())
+        most = min(len(shrink), self.patience + 1)
+        per_tile = max(TILE_ELEMENTS // most, self.fmt.block_size)
+        size = most * min(per_tile, max(groups.numel(), 1))
         scratch = (
             torch.empty(size, device=device),
             torch.empty(size, dtype=torch.float64, device=device),
         )
-        idle, previous = 0, None
-        for begin in range(0, len(shrink), chunk):
-            p = shrink[begin : begin + chunk]
+        begin, idle, previous = 0, 0, None
+        while begin < len(shrink) and idle < self.patience:
+            p = shrink[begin : begin + (most if begin == 0 else self.patience - idle)]
             errors, previous = self._errors(groups, lo, hi, p, scratch, previous)
             kept, idle = _early_stop(errors, best_error, idle, self.patience)
             errors = errors[:kept]
@@ -144,8 +153,7 @@ class ShrinkMseCalibrator(Calibrator):
             better = error < best_error
             best_error = torch.where(better, error, best_error)
             best = torch.where(better, index + begin, best)
-            if idle >= self.patience:
-                break
+            begin += len(p)
         return best
 
     def _errors(
@@ -171,7 +179,7 @@ class ShrinkMseCalibrator(Calibrator):
         params, run = _distinct_runs(candidates)
         errors = torch.zeros(params.shape[1:], dtype=torch.float64, device=groups.device)
         per_tile = len(scratch[0]) // len(p)
-        for rows, cols in _tiles(*groups.shape, per_tile, self.fmt.block_size):
+        for rows, cols in tiles(*groups.shape, per_tile, self.fmt.block_size):
             x = groups[rows, cols]
             out, diff = (s[: len(errors) * x.numel()].view(len(errors), *x.shape) for s in scratch)
             diff.copy_(self._fake_quant(out, x, params[:, :, rows, None])).sub_(x)
@@ -272,15 +280,6 @@ def _distinct_runs(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     count = int(run[-1].max()) + 1
     runs = params[:, -1:].repeat(1, count, 1)
     return runs.scatter_(1, run.expand_as(params), params), run
-
-
-def _tiles(rows: int, cols: int, per_tile: int, align: int) -> Iterator[tuple[slice, slice]]:
-    """Row and column ranges of at most ``per_tile`` elements; widths a multiple of ``align``."""
-    width = min(cols, per_tile // align * align)
-    height = max(1, per_tile // width)
-    for row in range(0, rows, height):
-        for col in range(0, cols, width):
-            yield slice(row, row + height), slice(col, col + width)
 
 
 def _scores_block_scales(fmt: Format, granularity: Granularity) -> bool:

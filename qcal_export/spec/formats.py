@@ -189,9 +189,14 @@ class FP8E4M3Format:
     ) -> torch.Tensor:
         torch.div(x, scale, out=out)
         out.clamp_(-self.qmax, self.qmax)
-        codes = out.to(self.storage_dtype).view(torch.uint8).long()
-        # Decoding through a 256-entry table is twice as fast as torch's fp8 -> fp32 cast on CPU.
-        out.copy_(torch.take(_fp8_values(out.device), codes).view(out.shape))
+        codes = out.to(self.storage_dtype).view(torch.uint8).int().reshape(-1)
+        # Decoding through a 256-entry table, written in place, is faster than torch's
+        # fp8 -> fp32 cast on CPU.
+        values = _fp8_values(out.device)
+        if out.is_contiguous():
+            torch.index_select(values, 0, codes, out=out.view(-1))
+        else:
+            out.copy_(values.index_select(0, codes).view(out.shape))
         return out.mul_(scale)
 
     def encode_zero_point(self, zero_point: torch.Tensor) -> torch.Tensor:

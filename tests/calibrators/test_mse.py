@@ -107,8 +107,8 @@ def test_losses_accumulate_across_collect_calls():
 
 
 def test_chunked_sweep_equals_oracle(monkeypatch):
-    """Force the sweep into many column chunks: the result must not change."""
-    monkeypatch.setattr(mse, "CHUNK_ELEMENTS", 39 * CHANNELS * 5)  # 5 columns at a time
+    """Force the sweep into many tiles of a few columns: the result must not change."""
+    monkeypatch.setattr(mse, "TILE_ELEMENTS", 39 * CHANNELS * 5)  # 5 columns at a time
     fmt, granularity = UINT8, PerAxis(-1)
     data = make_batches("student-t", fmt, "last-axis", seed=11)
     amin0, amax0 = initial_range(fmt, granularity, data)

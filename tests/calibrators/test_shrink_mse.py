@@ -138,22 +138,22 @@ def test_search_runs_the_whole_grid_while_some_group_improves():
 )
 def test_vectorized_early_stop_is_the_sequential_search(errors, patience):
     """The chunked search on given error matrices (small integers: many ties, stops anywhere)
-    picks the sequential winners and never scores a chunk past the sequential stop."""
+    picks the sequential winners and scores exactly the candidates the sequential search does."""
     count, num_groups = errors.shape
     cal = ShrinkMseCalibrator(INT8, PerTensor(), maxshrink=1.0, grid=count, patience=patience)
     starts = []
 
     def given_errors(groups, lo, hi, p, scratch, previous):
         begin = round((1 - p[0].item()) * count)
-        starts.append(begin)
+        starts.extend(range(begin, begin + len(p)))
         return torch.from_numpy(errors[begin : begin + len(p)]).double(), None
 
     cal._errors = given_errors
     zeros = torch.zeros(num_groups)
-    best = cal._search(zeros[:, None], zeros, zeros)
+    best = cal._search_chunks(zeros[:, None], zeros, zeros)
     expected, scored = sequential_search(errors.astype(F64), patience)
     np.testing.assert_array_equal(best.numpy(), expected)
-    assert starts[-1] < scored and starts == list(range(0, starts[-1] + 1, patience + 1))
+    assert starts == list(range(scored))
 
 
 def test_equal_block_scales_score_equal_across_chunks():
@@ -180,8 +180,8 @@ def test_equal_block_scales_score_equal_across_chunks():
 @pytest.mark.parametrize("patience", [1, 2, 3, 7])
 @pytest.mark.parametrize("case", ["tensor-int8", "g_idx-uint4", "block-fp8"])
 def test_early_stop_across_chunks_and_tiles(monkeypatch, case, patience):
-    """Candidate chunks of patience + 1 and tiles of a few columns: the sequential result."""
-    monkeypatch.setattr(shrink_mse, "CHUNK_ELEMENTS", 64)
+    """Candidate chunks and tiles of a few columns: the sequential result."""
+    monkeypatch.setattr(shrink_mse, "TILE_ELEMENTS", 64)
     fmt, gran, shape, group = case_of(case)
     data = make_batches(shape, fmt, seed=patience)
     options = dict(maxshrink=0.3, grid=50, norm=2.0, patience=patience)
