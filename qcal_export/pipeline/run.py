@@ -254,7 +254,7 @@ def check_request(
         if paths[key] is not None:
             check_writable(paths[key], what)
     if paths["checkpoint"] is not None:
-        check_checkpoint_dir(paths["checkpoint"], checkpoint_layouts)
+        check_checkpoint_dir(paths["checkpoint"], checkpoint_layouts, run.recipe)
     model_data = external_data_files(run.loaded.path) if run.loaded.external_data else []
     return check_paths(
         model=run.loaded.path,
