@@ -70,9 +70,15 @@ def _check_recipe(recipe: Recipe, layouts: Sequence[str]) -> None:
     if not formats & {NVFP4.name, FP8_E4M3.name}:
         raise OutputError(NO_LAYER)
     weight, activation = recipe.weight, recipe.activation
-    if recipe.overrides or CheckpointLayout.MODELOPT.value not in layouts:
+    if recipe.overrides or weight is None or weight.format != FP8_E4M3.name:
         return
-    if weight is not None and weight.format == FP8_E4M3.name:
+    if activation is not None and activation.format != FP8_E4M3.name:
+        raise OutputError(
+            f"FP8 checkpoints hold FP8 weights with static FP8 activations or float ones, the "
+            f"activations are calibrated as {activation.format}: calibrate with "
+            "--activation-format fp8 (or none: weight-only)"
+        )
+    if CheckpointLayout.MODELOPT.value in layouts:
         if weight.per_channel:
             raise OutputError(
                 "ModelOpt FP8 holds one weight scale per tensor, the weights are calibrated per "

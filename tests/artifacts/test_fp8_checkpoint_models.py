@@ -20,6 +20,7 @@ from qcal_export.artifacts.fp8_checkpoint import load_fp8_checkpoint
 from qcal_export.cli import main
 from qcal_export.errors import OutputError
 from qcal_export.pipeline.calibrate import calibrate_onnx
+from qcal_export.spec.recipe import Override, Recipe, TensorSpec
 
 LAYOUTS = ("modelopt", "compressed-tensors")
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "llm_model.py"
@@ -116,6 +117,7 @@ def test_cli_fp8_checkpoint_and_its_errors(mlp, tmp_path, capsys):
         "int8": "no NVFP4 or FP8 linear layer to write: calibrate MatMul/Gemm weights as nvfp4",
         "fp8": "ModelOpt FP8 holds one weight scale per tensor.*--no-per-channel-weights",
         "fp8 --activation-format none --no-per-channel-weights": r"static input scale.*fp8 \(",
+        "fp8 --activation-format int8": "activations are calibrated as int8.*--activation-format",
     }
     for options, pattern in refused.items():
         code = main([*args, "--format", *options.split(), "--checkpoint", str(tmp_path / "c")])
@@ -125,6 +127,27 @@ def test_cli_fp8_checkpoint_and_its_errors(mlp, tmp_path, capsys):
     fp8 = ["--format", "fp8", "--no-per-channel-weights", "--checkpoint", str(tmp_path / "c")]
     assert main([*args, *fp8, "--validate-batches", "0"]) == 0
     assert (tmp_path / "c" / "hf_quant_config.json").is_file()
+
+
+def test_an_input_calibrated_in_int8_is_refused_naming_its_layer(mlp, tmp_path):
+    """An override giving one layer int8 activations (with a zero point) passes the recipe check;
+    the writer names the layer and writes nothing."""
+    weight = TensorSpec("fp8", per_channel=True)
+    recipe = Recipe(
+        activation=TensorSpec("fp8"),
+        weight=weight,
+        overrides=(Override(nodes="/down/*", activation=TensorSpec("uint8"), weight=weight),),
+    )
+    with pytest.raises(OutputError, match=r"layer 'down': input .* calibrated as uint8"):
+        calibrate_onnx(
+            mlp / "mlp.onnx",
+            mlp / "data",
+            recipe=recipe,
+            checkpoint=tmp_path / "c",
+            checkpoint_layouts=("compressed-tensors",),
+            validate_batches=0,
+        )
+    assert not (tmp_path / "c").exists()
 
 
 def _llm_model():
