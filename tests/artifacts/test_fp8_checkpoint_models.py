@@ -158,16 +158,20 @@ def _llm_model():
     return module
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """The tiny LLM with its weights embedded (data in its folder's data/): its QDQ model is
-    saved as one file, as the exported FP8 weights are checked in it."""
+def _embedded_tiny(folder: Path, dtype: str) -> Path:
+    """The tiny LLM with its weights embedded (data in ``folder``/data): its QDQ model is saved
+    as one file, as the exported FP8 weights are checked in it."""
     import onnx
 
-    path = _llm_model().build("tiny", tmp_path_factory.mktemp("llm"), batches=2, seq=16)
+    path = _llm_model().build("tiny", folder, dtype, batches=2, seq=16)
     embedded = path.parent / "embedded.onnx"
     onnx.save(onnx.load(str(path)), str(embedded))
     return embedded
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return _embedded_tiny(tmp_path_factory.mktemp("llm"), "float32")
 
 
 def test_tiny_llm_checkpoints_hold_the_graph_weights(tiny, tmp_path):
@@ -194,3 +198,25 @@ def test_tiny_llm_checkpoints_hold_the_graph_weights(tiny, tmp_path):
     _, _, config = load_fp8_checkpoint(tmp_path / "ckpt" / "compressed-tensors")
     (group,) = config["quantization_config"]["config_groups"].values()
     assert sorted(group["targets"]) == sorted(want)
+
+
+def test_float16_llm_checkpoint_rounds_to_the_graph_weights(tmp_path):
+    """float16 graph: its DequantizeLinear gives fl16(fp8 * scale16); the checkpoint's float32
+    product is exact, so rounded to float16 it is the graph's weight."""
+    from onnx import TensorProto
+
+    model = _embedded_tiny(tmp_path / "llm", "float16")
+    calibrate_onnx(
+        model,
+        model.parent / "data",
+        format="fp8",
+        output=tmp_path / "q.onnx",
+        checkpoint=tmp_path / "ct",
+        checkpoint_layouts=("compressed-tensors",),
+        validate_batches=0,
+    )
+    want = graph_weights(model, tmp_path / "q.onnx", TensorProto.FLOAT16)
+    weights, input_scales, _ = load_fp8_checkpoint(tmp_path / "ct")
+    assert set(weights) == set(want) == set(input_scales)
+    for name, weight in weights.items():
+        np.testing.assert_array_equal(weight.half().numpy(), want[name], err_msg=name)
