@@ -48,11 +48,11 @@ def check_checkpoint_dir(
     """OutputError for an unknown layout, a directory whose parent cannot be written, or a
     ``recipe`` none of whose weights a checkpoint of ``layouts`` can hold (before calibrating).
     """
-    if recipe is not None:
-        _check_recipe(recipe, layouts)
     unknown = [layout for layout in layouts if layout not in LAYOUTS]
     if unknown or not layouts:
         raise OutputError(f"checkpoint layout(s) {unknown or '[]'}: choose from {list(LAYOUTS)}")
+    if recipe is not None:
+        _check_recipe(recipe, layouts)
     directory = Path(directory)
     parent = directory.parent if str(directory.parent) else Path(".")
     if directory.exists() and not directory.is_dir():
@@ -121,7 +121,7 @@ def write_checkpoints(
 
 def checkpoint_layers(
     model: onnx.ModelProto, plan: Plan, scales: Mapping[str, TensorScales], *, fp8: bool = False
-) -> tuple[list, dict[str, torch.Tensor], list[str]]:
+) -> tuple[list[NVFP4Linear | FP8Linear], dict[str, torch.Tensor], list[str]]:
     """(NVFP4 or, with ``fp8``, FP8 layers; other float parameters by name; names of linear
     layers left unquantized).
 
