@@ -42,17 +42,11 @@ def layer_name(weight: str, node: str) -> str:
     return ".".join(parts[:-1]) if len(parts) > 1 else (parts[0] if parts else weight)
 
 
-def check_checkpoint_dir(
-    directory: str | Path, layouts: Sequence[str], recipe: Recipe | None = None
-) -> Path:
-    """OutputError for an unknown layout, a directory whose parent cannot be written, or a
-    ``recipe`` none of whose weights a checkpoint of ``layouts`` can hold (before calibrating).
-    """
+def check_checkpoint_dir(directory: str | Path, layouts: Sequence[str]) -> Path:
+    """OutputError for an unknown layout or a directory whose parent cannot be written."""
     unknown = [layout for layout in layouts if layout not in LAYOUTS]
     if unknown or not layouts:
         raise OutputError(f"checkpoint layout(s) {unknown or '[]'}: choose from {list(LAYOUTS)}")
-    if recipe is not None:
-        _check_recipe(recipe, layouts)
     directory = Path(directory)
     parent = directory.parent if str(directory.parent) else Path(".")
     if directory.exists() and not directory.is_dir():
@@ -62,9 +56,10 @@ def check_checkpoint_dir(
     return directory
 
 
-def _check_recipe(recipe: Recipe, layouts: Sequence[str]) -> None:
-    """No weight spec in NVFP4 or FP8; or, without overrides, FP8 weights ModelOpt cannot hold
-    (per channel, or activations not in FP8): the errors ``write_checkpoints`` would raise."""
+def check_checkpoint_recipe(recipe: Recipe, layouts: Sequence[str]) -> None:
+    """OutputError, before calibrating, for what ``write_checkpoints`` would refuse: no weight
+    spec in NVFP4 or FP8; or, without overrides, FP8 activations in another format, or FP8
+    weights ModelOpt cannot hold (per channel, or activations left in float)."""
     weights = [recipe.weight, *(o.weight for o in recipe.overrides)]
     formats = {spec.format for spec in weights if spec is not None}
     if not formats & {NVFP4.name, FP8_E4M3.name}:
