@@ -203,10 +203,18 @@ def write_nvfp4_checkpoint(
         raise OutputError(f"extra_tensors {clash} collide with the quantized layers' tensors")
     files = form.quant_configs([layer.name for layer in layers], w4a4, list(ignore))
     files[CONFIG_FILE] = {**(base_config or {}), "quantization_config": files[CONFIG_FILE]}
-    folder = _make_directory(directory)
+    return write_checkpoint_files(directory, tensors | extra, files)
+
+
+def write_checkpoint_files(
+    directory: str | Path, tensors: Mapping[str, torch.Tensor], files: Mapping[str, dict]
+) -> Path:
+    """model.safetensors and the JSON ``files`` {name: content}, each written atomically into
+    ``directory`` (created if missing); a stale hf_quant_config.json is removed. Returns it."""
+    folder = make_directory(directory)
     weights = folder / WEIGHTS_FILE
     with atomic_path(weights, "checkpoint weights", failures=(OSError, SafetensorError)) as tmp:
-        save_file(_storable(tensors | extra), str(tmp), metadata={"format": "pt"})
+        save_file(storable(tensors), str(tmp), metadata={"format": "pt"})
     for file_name, content in files.items():
         write_file(folder / file_name, json.dumps(content, indent=2) + "\n", "checkpoint config")
     if HF_QUANT_CONFIG_FILE not in files:
@@ -221,7 +229,7 @@ def load_nvfp4_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor
     way that layout's own library does it.
     """
     folder = Path(directory)
-    tensors, config = _read(folder)
+    tensors, config = read_checkpoint(folder)
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method not in LAYOUT_BY_NAME:
         raise ScalesError(
@@ -313,7 +321,7 @@ def _dequantize(packed: torch.Tensor, effective: torch.Tensor) -> torch.Tensor:
     return (values.reshape(out, -1, NVFP4.block_size) * effective.unsqueeze(-1)).reshape(out, -1)
 
 
-def _storable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def storable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous CPU tensors; one sharing storage with another (tied weights) is copied."""
     stored, storages = {}, set()
     for name, tensor in tensors.items():
@@ -324,7 +332,7 @@ def _storable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return stored
 
 
-def _make_directory(directory: str | Path) -> Path:
+def make_directory(directory: str | Path) -> Path:
     folder = Path(directory)
     if not folder.parent.is_dir():
         raise OutputError(f"checkpoint directory {folder}: {folder.parent} does not exist")
@@ -334,7 +342,7 @@ def _make_directory(directory: str | Path) -> Path:
     return folder
 
 
-def _read(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors of model.safetensors and the config.json object; ScalesError names the file."""
     path = folder / WEIGHTS_FILE
     try:

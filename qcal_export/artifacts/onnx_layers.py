@@ -18,15 +18,20 @@ import torch
 from onnx import TensorProto
 
 from qcal_export.artifacts.checkpoint import LAYOUTS, NVFP4Linear, write_nvfp4_checkpoint
+from qcal_export.artifacts.fp8_checkpoint import FP8Linear, check_fp8_layers, write_fp8_checkpoint
 from qcal_export.errors import OutputError
 from qcal_export.graphs.op_inputs import WEIGHT_INPUTS
 from qcal_export.onnx_io.initializers import initializer_values
 from qcal_export.onnx_io.tensor_types import FLOAT_TYPES
-from qcal_export.spec.formats import get_format
+from qcal_export.spec.choices import CheckpointLayout
+from qcal_export.spec.formats import FP8_E4M3, NVFP4, get_format
+from qcal_export.spec.granularity import PerAxis, PerTensor
 from qcal_export.spec.plan import Plan, WeightPlan
+from qcal_export.spec.recipe import Recipe
 from qcal_export.spec.scales import TensorScales
 
 LINEAR_OPS = ("MatMul", "Gemm")
+NO_LAYER = "no NVFP4 or FP8 linear layer to write: calibrate MatMul/Gemm weights as nvfp4 or fp8"
 
 
 def layer_name(weight: str, node: str) -> str:
@@ -51,6 +56,38 @@ def check_checkpoint_dir(directory: str | Path, layouts: Sequence[str]) -> Path:
     return directory
 
 
+def check_checkpoint_recipe(recipe: Recipe, layouts: Sequence[str]) -> None:
+    """OutputError, before calibrating, for what ``write_checkpoints`` would refuse: no weight
+    spec in NVFP4 or FP8; or, without overrides, FP8 activations in another format, or FP8
+    weights ModelOpt cannot hold (per channel, or activations left in float)."""
+    weights = [recipe.weight, *(o.weight for o in recipe.overrides)]
+    formats = {spec.format for spec in weights if spec is not None}
+    if not formats & {NVFP4.name, FP8_E4M3.name}:
+        raise OutputError(NO_LAYER)
+    weight, activation = recipe.weight, recipe.activation
+    if recipe.overrides or weight is None or weight.format != FP8_E4M3.name:
+        return
+    if activation is not None and activation.format != FP8_E4M3.name:
+        raise OutputError(
+            f"FP8 checkpoints hold FP8 weights with static FP8 activations or float ones, the "
+            f"activations are calibrated as {activation.format}: calibrate with "
+            "--activation-format fp8 (or none: weight-only)"
+        )
+    if CheckpointLayout.MODELOPT.value in layouts:
+        if weight.per_channel:
+            raise OutputError(
+                "ModelOpt FP8 holds one weight scale per tensor, the weights are calibrated per "
+                "output channel: calibrate with --no-per-channel-weights, or write "
+                "--checkpoint-layout compressed-tensors"
+            )
+        if activation is None or activation.format != FP8_E4M3.name:
+            raise OutputError(
+                "ModelOpt FP8 quantizes activations with a static input scale: calibrate "
+                "activations as fp8 (--activation-format fp8), or write --checkpoint-layout "
+                "compressed-tensors (FP8 weight-only)"
+            )
+
+
 def write_checkpoints(
     model: onnx.ModelProto,
     plan: Plan,
@@ -59,26 +96,32 @@ def write_checkpoints(
     layouts: Sequence[str],
 ) -> dict[str, Path]:
     """Write one checkpoint per layout: into ``directory`` for one layout, else into
-    ``directory/<layout>``. ``model`` must still hold the float weights."""
-    layers, extra, ignore = checkpoint_layers(model, plan, scales)
+    ``directory/<layout>``; NVFP4 or FP8, as the linear weights were calibrated. ``model`` must
+    still hold the float weights."""
+    fp8 = _calibrated_as_fp8(model, plan, scales)
+    layers, extra, ignore = checkpoint_layers(model, plan, scales, fp8=fp8)
+    if fp8:
+        for layout in layouts:  # refused before any layout is written
+            check_fp8_layers(layers, layout)
     directory = Path(directory)
     written = {}
     for layout in layouts:
         target = directory if len(layouts) == 1 else directory / layout
         if len(layouts) > 1:
             directory.mkdir(exist_ok=True)
-        written[layout] = write_nvfp4_checkpoint(
-            target, layers, layout, extra_tensors=extra, ignore=ignore
-        )
+        write = write_fp8_checkpoint if fp8 else write_nvfp4_checkpoint
+        written[layout] = write(target, layers, layout, extra_tensors=extra, ignore=ignore)
     return written
 
 
 def checkpoint_layers(
-    model: onnx.ModelProto, plan: Plan, scales: Mapping[str, TensorScales]
-) -> tuple[list[NVFP4Linear], dict[str, torch.Tensor], list[str]]:
-    """(NVFP4 layers, other float parameters by name, names of linear layers left unquantized).
+    model: onnx.ModelProto, plan: Plan, scales: Mapping[str, TensorScales], *, fp8: bool = False
+) -> tuple[list[NVFP4Linear | FP8Linear], dict[str, torch.Tensor], list[str]]:
+    """(NVFP4 or, with ``fp8``, FP8 layers; other float parameters by name; names of linear
+    layers left unquantized).
 
-    Linear layers left out of NVFP4 are written in float as ``<layer>.weight`` ``[out, in]``.
+    Linear layers left out are written in float as ``<layer>.weight`` ``[out, in]``. Weights are
+    read one at a time from the model's weight store.
     """
     initializers = {t.name: t for t in model.graph.initializer}
     layers, extra, ignore, used = [], {}, [], set()
@@ -88,13 +131,15 @@ def checkpoint_layers(
             continue
         used.add(weight)
         name = layer_name(weight, node.name)
-        values = _serving_weight(node, initializer_values(initializers[weight]))
+        values = initializer_values(initializers[weight])
         entry, plan_entry = scales.get(weight), plan.weights.get(weight)
-        if entry is None or not get_format(entry.format).two_level or plan_entry is None:
+        if plan_entry is None or not _quantized_as(entry, fp8):
             ignore.append(name)
-            extra[f"{name}.weight"] = values
-            continue
-        layers.append(_nvfp4_layer(name, node, values, entry, plan_entry, scales))
+            extra[f"{name}.weight"] = _serving_weight(node, values)
+        elif fp8:
+            layers.append(_fp8_layer(name, node, values, entry, scales))
+        else:
+            layers.append(_nvfp4_layer(name, node, values, entry, plan_entry, scales))
     for layer in layers:
         bias = initializers.get(f"{layer.name}.bias")
         layer.bias = None if bias is None else initializer_values(bias)
@@ -103,8 +148,35 @@ def checkpoint_layers(
         if tensor not in used and _is_parameter(init):
             extra[tensor] = initializer_values(init)
     if not layers:
-        raise OutputError("no NVFP4 linear layer to write: calibrate MatMul/Gemm weights as nvfp4")
+        raise OutputError(NO_LAYER)
     return layers, extra, ignore
+
+
+def _quantized_as(entry: TensorScales | None, fp8: bool) -> bool:
+    if entry is None:
+        return False
+    return entry.format == FP8_E4M3.name if fp8 else get_format(entry.format).two_level
+
+
+def _calibrated_as_fp8(
+    model: onnx.ModelProto, plan: Plan, scales: Mapping[str, TensorScales]
+) -> bool:
+    """Whether the checkpoint is FP8: some linear weight is FP8, none NVFP4 (OutputError for a
+    calibration mixing both, which no serving layout holds)."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    found: dict[bool, str] = {}
+    for node in model.graph.node:
+        weight = _linear_weight(node, initializers)
+        if weight is not None and weight in plan.weights:
+            for fp8 in (True, False):
+                if _quantized_as(scales.get(weight), fp8):
+                    found.setdefault(fp8, weight)
+    if len(found) > 1:
+        raise OutputError(
+            f"linear weights {found[True]!r} (fp8) and {found[False]!r} (nvfp4) mix formats: a "
+            "serving checkpoint holds one; calibrate them in one format or --exclude the others"
+        )
+    return True in found
 
 
 def _linear_weight(node: onnx.NodeProto, initializers: dict[str, TensorProto]) -> str | None:
@@ -132,6 +204,7 @@ def _nvfp4_layer(
     weight: WeightPlan,
     scales: Mapping[str, TensorScales],
 ) -> NVFP4Linear:
+    values = _serving_weight(node, values).float()
     block_scales = entry.scale.to(torch.float8_e4m3fn)
     if weight.granularity.axis % 2 == 0:
         block_scales = block_scales.T.contiguous()
@@ -146,6 +219,50 @@ def _nvfp4_layer(
         global_scale=entry.global_scale.reshape(()).float(),
         input_global_scale=input_scale,
     )
+
+
+def _fp8_layer(
+    name: str,
+    node: onnx.NodeProto,
+    values: torch.Tensor,
+    entry: TensorScales,
+    scales: Mapping[str, TensorScales],
+) -> FP8Linear:
+    """The FP8 codes the QDQ export stores (the weight in its own dtype over the float32 scale)
+    and the scales as the graph holds them (in the weight's type), in serving orientation.
+
+    OutputError where the serving layouts cannot express the calibration: weight scales per
+    block or per input channel, or an input calibrated in another format than FP8."""
+    shape, gran = tuple(values.shape), entry.granularity
+    output_axis = 1 - WEIGHT_INPUTS[node.op_type].reduction(node, 2)
+    if isinstance(gran, PerAxis):
+        if gran.axis % 2 != output_axis:
+            raise OutputError(
+                f"layer {name!r}: weight {entry.name!r} has FP8 scales per input channel (axis "
+                f"{gran.axis}); serving checkpoints take them per output channel or per tensor"
+            )
+    elif not isinstance(gran, PerTensor):
+        raise OutputError(
+            f"layer {name!r}: weight {entry.name!r} has FP8 scales {gran.describe()}; serving "
+            "checkpoints take them per output channel or per tensor (--per-channel-weights)"
+        )
+    codes = FP8_E4M3.quantize(values, gran.expand(entry.scale, shape), torch.zeros(()))
+    codes = _serving_weight(node, codes.view(torch.uint8)).view(torch.float8_e4m3fn)
+    weight_scale = entry.scale.to(values.dtype).float()
+    weight_scale = (
+        weight_scale.reshape(-1) if isinstance(gran, PerAxis) else weight_scale.reshape(())
+    )
+    activation = scales.get(node.input[0])
+    input_scale = None
+    if activation is not None:
+        if activation.format != FP8_E4M3.name or not isinstance(activation.granularity, PerTensor):
+            raise OutputError(
+                f"layer {name!r}: input {activation.name!r} is calibrated as {activation.format} "
+                f"{activation.granularity.describe()}; FP8 checkpoints hold static per-tensor FP8 "
+                "activations: calibrate with --activation-format fp8 (or none: weight-only)"
+            )
+        input_scale = activation.scale.to(values.dtype).float().reshape(())
+    return FP8Linear(name, codes, weight_scale, input_scale)
 
 
 def _is_parameter(init: TensorProto) -> bool:

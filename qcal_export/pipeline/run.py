@@ -18,7 +18,7 @@ from typing import Any
 import onnx
 
 from qcal_export.analysis.planned import PlannedModel
-from qcal_export.artifacts.onnx_layers import check_checkpoint_dir
+from qcal_export.artifacts.onnx_layers import check_checkpoint_dir, check_checkpoint_recipe
 from qcal_export.calibrate.distributed import Ranks
 from qcal_export.calibrate.resume import StateFile
 from qcal_export.capture.data import DataSource, model_inputs, open_data
@@ -256,12 +256,15 @@ def check_request(
     if paths["checkpoint"] is not None:
         check_checkpoint_dir(paths["checkpoint"], checkpoint_layouts)
     model_data = external_data_files(run.loaded.path) if run.loaded.external_data else []
-    return check_paths(
+    read = check_paths(
         model=run.loaded.path,
         model_data=model_data,
         checkpoint_layouts=checkpoint_layouts,
         **paths,
     )
+    if paths["checkpoint"] is not None:
+        check_checkpoint_recipe(run.recipe, checkpoint_layouts)
+    return read
 
 
 def state_file(run: Run, config: CalibrationConfig, split: bool) -> StateFile | None:

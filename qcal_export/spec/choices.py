@@ -84,7 +84,7 @@ class Target(Choice):
 
 
 class CheckpointLayout(Choice):
-    """The serving checkpoint layouts of NVFP4 linear layers."""
+    """The serving checkpoint layouts of NVFP4 and FP8 linear layers."""
 
     MODELOPT = "modelopt"
     COMPRESSED_TENSORS = "compressed-tensors"

@@ -236,7 +236,8 @@ class OutputConfig:
         default=None, metadata=cli("--report", help="JSON report to write")
     )
     checkpoint: str | Path | None = field(
-        default=None, metadata=cli("--checkpoint", help="directory for NVFP4 serving checkpoints")
+        default=None,
+        metadata=cli("--checkpoint", help="directory for NVFP4 or FP8 serving checkpoints"),
     )
     checkpoint_layouts: tuple[str, ...] = field(
         default=("modelopt",),
