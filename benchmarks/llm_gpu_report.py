@@ -163,11 +163,10 @@ def notes(results: dict[str, Any]) -> list[str]:
         f"'{s['provider']}', validate_batches=0, output=...)`; int8 rows with "
         "`weight_method='max', per_channel_weights=True`; ours-nvfp4 with "
         "`method='nvfp4-mse', hessian=True, checkpoint=..., checkpoint_layouts=('modelopt', "
-        "'compressed-tensors')`; ours-fp8 `format='fp8'` (method max). Validation is off on "
+        "'compressed-tensors')`; ours-fp8 `format='fp8'` (method max, per-channel weights) "
+        "with `checkpoint_layouts=('compressed-tensors',)`. Validation is off on "
         "every row (ORT has none; an NVFP4 model of this size has no fast ORT-runnable "
         "validation yet).",
-        "- The library writes serving checkpoints for NVFP4 only: `write_checkpoints` refuses "
-        "FP8 (`no NVFP4 linear layer to write`), so ours-fp8 writes the QDQ model alone.",
         "- ORT: `quantize_static(QuantFormat.QDQ, activation_type=QUInt8, weight_type=QInt8, "
         "per_channel=True, op_types_to_quantize=['MatMul', 'Gemm'], "
         "use_external_data_format=True, calibration_providers=[...], "
