@@ -41,6 +41,10 @@ from qcal_export.spec.plan import ActivationPlan, Plan
 from qcal_export.spec.recipe import TensorSpec
 from qcal_export.spec.scales import TensorScales
 
+COLLECTING = ("collect", "_input_dtype", "_drop_nonfinite", "_init_state", "_update", "_count")
+"""The methods a histogram calibrator collects with: a subclass that overrides none of them
+collects the base histogram."""
+
 
 class CapturePass(Protocol):
     """Streams the data once, calling every collector of a tensor with each captured value;
@@ -209,10 +213,7 @@ def _statistic(cal: Calibrator) -> tuple | None:
     alike = (cal.fmt, cal.granularity, cal.nonfinite)
     if kind is MaxCalibrator:
         return ("range", *alike)
-    plain = all(
-        getattr(kind, name) is getattr(HistogramCalibrator, name)
-        for name in ("collect", "_init_state", "_update", "_count")
-    )
+    plain = all(getattr(kind, name) is getattr(HistogramCalibrator, name) for name in COLLECTING)
     if isinstance(cal, HistogramCalibrator) and plain:
         return ("histogram", cal.bins, *alike)
     return None
