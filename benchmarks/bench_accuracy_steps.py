@@ -5,11 +5,12 @@ Each row is ``METHOD[:ALPHA][@TARGET]`` (``auto:0.8@0.99``: method auto, ``--smo
 ``--target-cosine 0.99``); weights are per-channel int8 with max, all MatMuls are quantized
 unless a target leaves some in float. Per row: mean and min cosine of the sentence embeddings
 against the float model on the 128 held-out texts, the MatMuls left in int8, the target's own
-held-out split figure, and the wall time of the calibration. Not a test; run it by hand:
+held-out split figure, and the wall time of the calibration; under the table each row's
+phase times and its time over the first ``max`` row's (same run). Not a test; run it by hand:
 
-    python benchmarks/bench_accuracy_steps.py [--rows max mse auto:0.8 max@0.99 ...]
+    python benchmarks/bench_accuracy_steps.py [--rows max mse auto:0.8 max@0.99 ...] [--output F]
 
-The table is printed and written to ``benchmarks/results/accuracy_steps.md``.
+The table is printed and written to ``benchmarks/results/accuracy_steps.md`` (or ``--output``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def parse_row(text: str) -> tuple[str, float | None, float | None]:
     return method, float(alpha) if alpha else None, float(target) if target else None
 
 
-def run_row(text: str, model: Path, calib: list, heldout: list, out: Path) -> str:
+def run_row(
+    text: str, model: Path, calib: list, heldout: list, out: Path
+) -> tuple[str, float, dict]:
     method, alpha, target = parse_row(text)
     start = time.perf_counter()
     result = calibrate_onnx(
@@ -65,15 +68,17 @@ def run_row(text: str, model: Path, calib: list, heldout: list, out: Path) -> st
     split = f"{precision['heldout_exported']['cosine']:.4f}" if precision else ""
     picked = Counter(c["picked"] for c in result.report.get("method_choice", {}).values())
     picks = ", ".join(f"{m} {n}" for m, n in picked.most_common())
-    return (
+    line = (
         f"| {method} | {alpha or ''} | {target or ''} | {score['mean']:.4f} | {score['min']:.4f} "
         f"| {kept} | {split} | {seconds:.0f} | {picks} |"
     )
+    return line, seconds, result.timings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="*", default=list(ROWS), help="METHOD[:ALPHA][@TARGET]")
+    parser.add_argument("--output", type=Path, default=RESULT_FILE, help="the table's file")
     args = parser.parse_args()
     model = demo_model_path()
     calib_texts, heldout_texts = demo_texts(256, 128)
@@ -91,11 +96,19 @@ def main() -> None:
         "| held-out split | time (s) | auto picked |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+    notes = ["", "Phase times (s) and time over the first max row's, from this run:", ""]
+    base = None
     with tempfile.TemporaryDirectory() as tmp:
         for text in args.rows:
-            lines.append(run_row(text, model, calib, heldout, Path(tmp) / "q.onnx"))
-            print(lines[-1], flush=True)
-    RESULT_FILE.write_text("\n".join(lines) + "\n")
+            line, seconds, timings = run_row(text, model, calib, heldout, Path(tmp) / "q.onnx")
+            lines.append(line)
+            print(line, flush=True)
+            base = seconds if base is None and text == "max" else base
+            ratio = f"; {seconds / base:.1f}x max" if base else ""
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+            notes.append(f"- {text}: {seconds:.1f} s ({phases}){ratio}")
+    lines += notes
+    args.output.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

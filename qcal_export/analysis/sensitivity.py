@@ -214,25 +214,45 @@ def choose_methods(
 
     The graph outputs, not the consumers' own: minimising each layer's local error is not
     keeping the model's output (benchmarks/results/design_notes.md has the demo's figures), and
-    the graph outputs cost nothing more (every run computes the whole graph)."""
+    the graph outputs cost nothing more (every run computes the whole graph). One model run
+    scores one candidate on one batch; candidates whose scale inputs are equal (a percentile
+    or entropy range clamped to the max one) run once, the later ones taking its error.
+    """
     index = {node: i for i, node in enumerate(runs.nodes)}
-    errors = {t: dict.fromkeys(methods, 0.0) for t, methods in candidates.items()}
+    same = {t: _first_equal(methods) for t, methods in candidates.items()}
+    errors = {t: dict.fromkeys(firsts.values(), 0.0) for t, firsts in same.items()}
     reference = 0.0
     off = np.zeros(len(runs.nodes), dtype=bool)
     for feed in runs.feeds(source, max_batches):
         floats = runs.run(feed, off, runs.outputs)
         reference += sum(_sq(f) for f in floats)
-        for tensor, methods in candidates.items():
+        for tensor, scored in errors.items():
             enable = off.copy()
             enable[[index[node] for node in consumers[tensor]]] = True
-            for method, scales in methods.items():
-                got = runs.run(feed, enable, runs.outputs, scales)
-                errors[tensor][method] += sum(_sq(g, f) for g, f in zip(got, floats, strict=True))
+            for method in scored:
+                got = runs.run(feed, enable, runs.outputs, candidates[tensor][method])
+                scored[method] += sum(_sq(g, f) for g, f in zip(got, floats, strict=True))
     choice = {}
-    for tensor, by_method in errors.items():
-        relative = {m: math.sqrt(e / (reference or 1.0)) for m, e in by_method.items()}
+    for tensor, firsts in same.items():
+        relative = {
+            m: math.sqrt(errors[tensor][first] / (reference or 1.0)) for m, first in firsts.items()
+        }
         choice[tensor] = {"picked": min(relative, key=relative.get), "output_rel_l2": relative}
     return choice
+
+
+def _first_equal(methods: dict[str, dict[str, np.ndarray]]) -> dict[str, str]:
+    """Per method, the first method whose scale inputs equal its own (itself if none)."""
+    firsts: dict[str, str] = {}
+    for method, feed in methods.items():
+        firsts[method] = next(
+            (m for m in firsts if m == firsts[m] and _equal_feeds(methods[m], feed)), method
+        )
+    return firsts
+
+
+def _equal_feeds(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def _sq(a: np.ndarray, b: np.ndarray | None = None) -> float:

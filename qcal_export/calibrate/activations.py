@@ -4,6 +4,10 @@
 Methods that need an initial range take a max pass first. The first pass also accumulates the
 Hessians (``Xᵀ X`` blocks of a layer's input) that Hessian-weighted nvfp4-mse weight sweeps ask
 for. NVFP4 activations get a global scale only: the graph computes their block scales.
+
+Under ``auto`` a tensor's candidates collect once what they collect alike: max and mse's first
+pass keep the same running range, percentile and entropy the same histogram. One calibrator of
+each such set collects; the others take a copy of its state after the pass.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from qcal_export.calibrate.tensor import (
     second_pass,
 )
 from qcal_export.calibrators import Calibrator
+from qcal_export.calibrators.histogram import HistogramCalibrator
+from qcal_export.calibrators.max import MaxCalibrator
 from qcal_export.calibrators.nvfp4_mse import BlockHessian
 from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import Granularity, PerTensor, PerTensorGroup
@@ -34,6 +40,10 @@ from qcal_export.spec.methods import METHODS
 from qcal_export.spec.plan import ActivationPlan, Plan
 from qcal_export.spec.recipe import TensorSpec
 from qcal_export.spec.scales import TensorScales
+
+COLLECTING = ("collect", "_input_dtype", "_drop_nonfinite", "_init_state", "_update", "_count")
+"""The methods a histogram calibrator collects with: a subclass that overrides none of them
+collects the base histogram."""
 
 
 class CapturePass(Protocol):
@@ -124,6 +134,7 @@ def calibrate_activations(
     if collectors:
         first = partial(_first_pass, capture, collectors, firsts_state, state, progress)
         counts.append(ranks.run_pass(first, firsts_state))
+        _copy_shared(firsts, specs)
     second = second_pass(cals, firsts)
     if second:
         counts.append(_second_pass(capture, second, specs, state, progress, ranks))
@@ -159,12 +170,53 @@ def _second_pass(
 def _collectors(
     cals: dict[str, Calibrator], specs: dict[str, tuple[str, TensorSpec]]
 ) -> dict[str, list[Collector]]:
-    """Per captured tensor, the collect of every calibrator it feeds."""
+    """Per captured tensor, the collect of every calibrator it feeds, but one per set of its
+    calibrators that collect the same state (``_leaders``)."""
     collectors: dict[str, list[Collector]] = {}
+    leaders = _leaders(cals, specs)
     for key, cal in cals.items():
-        tensor = specs[key][0]
-        collectors.setdefault(tensor, []).append(named_collector(tensor, cal.collect))
+        if leaders[key] == key:
+            tensor = specs[key][0]
+            collectors.setdefault(tensor, []).append(named_collector(tensor, cal.collect))
     return collectors
+
+
+def _copy_shared(cals: dict[str, Calibrator], specs: dict[str, tuple[str, TensorSpec]]) -> None:
+    """Give every calibrator that did not collect (``_leaders``) its leader's state."""
+    for key, leader in _leaders(cals, specs).items():
+        if leader != key:
+            cals[key].restore(cals[leader].state_dict())
+
+
+def _leaders(
+    cals: dict[str, Calibrator], specs: dict[str, tuple[str, TensorSpec]]
+) -> dict[str, str]:
+    """Per calibrator, the first calibrator of the same tensor that collects the same state
+    (itself where none does)."""
+    first: dict[tuple, str] = {}
+    leaders = {}
+    for key, cal in cals.items():
+        statistic = _statistic(cal)
+        if statistic is None:
+            leaders[key] = key
+        else:
+            leaders[key] = first.setdefault((specs[key][0], *statistic), key)
+    return leaders
+
+
+def _statistic(cal: Calibrator) -> tuple | None:
+    """What the state of ``cal`` is a function of, besides the values collected, for the kinds
+    whose state is the same whatever they decide from it: the running range of a max
+    calibrator, the histogram of a histogram calibrator that only decides (percentile,
+    entropy). None for any other: it collects alone."""
+    kind = type(cal)
+    alike = (cal.fmt, cal.granularity, cal.nonfinite)
+    if kind is MaxCalibrator:
+        return ("range", *alike)
+    plain = all(getattr(kind, name) is getattr(HistogramCalibrator, name) for name in COLLECTING)
+    if isinstance(cal, HistogramCalibrator) and plain:
+        return ("histogram", cal.bins, *alike)
+    return None
 
 
 def _activation_scales(

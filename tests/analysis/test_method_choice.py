@@ -1,0 +1,92 @@
+"""Method auto's scoring against the exhaustive choice, on a real exported MLP in ONNX Runtime.
+
+The exhaustive choice scores every candidate of every activation on every view batch, one at a
+time: a model exported from that candidate's scales with only the activation's consumers
+quantized, against the float model. The run's scoring (candidates with equal scales run once)
+must pick the same candidate and give every candidate's error, that of its exported model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from mlp import make_mlp
+from test_layer_view import output_error, plain_session, reexported
+
+from qcal_export.pipeline.calibrate import calibrate_onnx
+
+METHODS = ("max", "mse", "percentile", "entropy")
+CLIPPED = {"max_clipped": 0.01}  # small batches: entropy clipping at most 1e-3 is max's
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    return make_mlp(tmp_path_factory.mktemp("mlp"), seq=True) / "mlp.onnx"
+
+
+def mixed_batches(count: int) -> list[dict[str, np.ndarray]]:
+    """Heavy-tailed batches, each with a few large outliers of its own size: the candidates
+    clip differently, and how far apart they are changes from batch to batch."""
+    rng = np.random.default_rng(7)
+    batches = []
+    for _ in range(count):
+        x = rng.standard_t(3.0, (4, 5, 64)).astype(np.float32)
+        x[rng.integers(0, 4), rng.integers(0, 5), rng.integers(0, 64, 3)] *= rng.uniform(2, 12)
+        batches.append({"x": x})
+    return batches
+
+
+def method_scales(mlp, batches, tmp_path) -> dict[str, object]:
+    """Every tensor's scales calibrated by each single method, saved to a file."""
+    paths = {}
+    for method in METHODS:
+        paths[method] = tmp_path / f"{method}.safetensors"
+        calibrate_onnx(
+            mlp,
+            batches,
+            format="int8",
+            target="tensorrt",
+            method=method,
+            method_options=CLIPPED if method == "entropy" else {},
+            scales=paths[method],
+            validate_batches=0,
+        )
+    return paths
+
+
+def test_race_picks_the_exhaustive_choice_and_reports_every_candidate(mlp, tmp_path):
+    batches = mixed_batches(6)
+    result = calibrate_onnx(
+        mlp,
+        batches,
+        format="int8",
+        target="tensorrt",
+        method="auto",
+        method_options=CLIPPED,
+        view_batches=len(batches),
+        validate_batches=0,
+    )
+    choice = result.report["method_choice"]
+    quantized = result.report["quantized_nodes"]
+    scales = method_scales(mlp, batches, tmp_path)
+    reference = plain_session(mlp)
+    nodes = onnx.load(str(mlp)).graph.node
+    shared = 0
+    for tensor, entry in choice.items():
+        errors = entry["output_rel_l2"]
+        assert list(errors) == list(METHODS)
+        others = [n.name for n in nodes if n.name in quantized and tensor not in n.input]
+        exhaustive = {}
+        for method in METHODS:
+            path = tmp_path / f"{tensor.strip('/')}_{method}.onnx"
+            alone = plain_session(reexported(mlp, batches, scales[method], others, path))
+            exhaustive[method] = output_error(reference, alone, batches)["rel_l2"]
+            assert errors[method] == pytest.approx(exhaustive[method], rel=1e-4), method
+        one_at_a_time = min(exhaustive, key=exhaustive.get)  # the first method on ties
+        assert entry["picked"] == one_at_a_time, (tensor, exhaustive)
+        assert len(set(np.round(list(exhaustive.values()), 6))) > 2  # the choice is not trivial
+        shared += len(METHODS) - len(set(errors.values()))
+    assert shared > 0  # percentile's range is max's somewhere: scored once
+    picked = {t: c["picked"] for t, c in choice.items()}
+    assert {t: result.scales[t].method for t in choice} == picked
