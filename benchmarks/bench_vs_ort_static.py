@@ -229,7 +229,10 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, total_s: float)
         "calibrate, export, save). Ours runs with `validate_batches=0`, as quantize_static does "
         "not re-run the model.",
         "- Ours: `calibrate_onnx(format='int8', method=max|mse, weight_method='max', "
-        "per_channel_weights=True)`; activations symmetric per tensor.",
+        "per_channel_weights=True)` at the default `ort` placement: uint8 asymmetric "
+        "activations per tensor, and besides the MatMuls' inputs the tensors ORT's integer "
+        "kernels read (bias Adds, embedding Gathers: the Q nodes column), residual stream left "
+        "float.",
         "- ORT: `quantize_static(QuantFormat.QDQ, QInt8/QInt8, per_channel=True, "
         f"op_types_to_quantize=['MatMul', 'Gemm'])`, activations {act}, "
         "default calibrator options (Percentile 99.999, Entropy 128 bins); "
@@ -237,13 +240,12 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, total_s: float)
         + (
             "MatMul/Gemm outputs quantized too (ORT's QDQ default)."
             if args.ort_quantize_outputs
-            else "`OpTypesToExcludeOutputQuantization=['MatMul', 'Gemm']`, so both quantize "
-            "the same activation tensors (MatMul inputs; Q nodes column)."
+            else "`OpTypesToExcludeOutputQuantization=['MatMul', 'Gemm']`, so ORT quantizes "
+            "the MatMul inputs alone (Q nodes column)."
         ),
-        "- With the same tensors, ORT MinMax and ours max give the same activation scales and "
-        "identical int8 weights (checked by hand); the cosine still differs because ORT routes "
-        "every consumer of a quantized tensor through its DequantizeLinear (the residual Add and "
-        "Shape nodes too), while ours feeds only the quantized MatMul from the Q/DQ pair.",
+        "- On a tensor both quantize, ORT MinMax and ours max give the same range; ORT routes "
+        "every consumer of a quantized tensor through its DequantizeLinear (the residual Add "
+        "and Shape nodes too), ours only the consumers its placement quantizes.",
         "- calib padding: `demo_batches` pads each batch to its own longest text (per batch). "
         "ORT's Percentile and Entropy calibrators stack all batches' outputs with `np.asarray` "
         "and raise `ValueError: ... inhomogeneous shape` on batches of different sequence "
