@@ -89,19 +89,28 @@ class LayoutSpec:
 
 
 def _modelopt_configs(names: list[str], w4a4: bool, ignore: list[str]) -> dict[str, dict]:
-    """hf_quant_config.json and ``quantization_config`` as ModelOpt writes them
+    """hf_quant_config.json and ``quantization_config`` as ModelOpt writes them for NVFP4
     (``process_layer_quant_config``, ``convert_hf_quant_config_format``)."""
-    from qcal_export.version import __version__
-
     algo = "NVFP4" if w4a4 else "W4A16_NVFP4"
-    producer = {"name": "qcal_export", "version": __version__}
     fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
     group = ({"input_activations": fp4} if w4a4 else {}) | {"weights": fp4, "targets": ["Linear"]}
-    quantization = {"quant_algo": algo, "kv_cache_quant_algo": None, "group_size": 16}
+    return modelopt_configs(algo, group, ignore, group_size=16)
+
+
+def modelopt_configs(
+    algo: str, group: dict[str, Any], ignore: list[str], **quantization: Any
+) -> dict[str, dict]:
+    """ModelOpt's two config files for one ``quant_algo`` and its config group: hf_quant_config
+    .json's ``quantization`` (with ``quantization`` entries beside the algorithm) and
+    config.json's ``quantization_config``; ``ignore`` the layers left in float."""
+    from qcal_export.version import __version__
+
+    producer = {"name": "qcal_export", "version": __version__}
+    entries = {"quant_algo": algo, "kv_cache_quant_algo": None, **quantization}
     return {
         HF_QUANT_CONFIG_FILE: {
             "producer": producer,
-            "quantization": quantization | {"exclude_modules": ignore},
+            "quantization": entries | {"exclude_modules": ignore},
         },
         CONFIG_FILE: {
             "config_groups": {"group_0": group},

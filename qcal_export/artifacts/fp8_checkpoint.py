@@ -25,9 +25,9 @@ import torch
 from qcal_export.artifacts.checkpoint import (
     CONFIG_FILE,
     CT_VERSION,
-    HF_QUANT_CONFIG_FILE,
     LAYOUTS,
     WEIGHTS_FILE,
+    modelopt_configs,
     read_checkpoint,
     write_checkpoint_files,
 )
@@ -204,25 +204,9 @@ def _check_layer(layer: FP8Linear, layout: str) -> None:
 def _modelopt_configs(ignore: list[str]) -> dict[str, dict]:
     """hf_quant_config.json and ``quantization_config`` of ModelOpt's FP8 (per-tensor weights,
     static per-tensor activations)."""
-    from qcal_export.version import __version__
-
-    producer = {"name": "qcal_export", "version": __version__}
     fp8 = {"dynamic": False, "num_bits": 8, "type": "float"}
     group = {"input_activations": fp8, "weights": fp8, "targets": ["Linear"]}
-    quantization = {"quant_algo": MODELOPT_ALGO, "kv_cache_quant_algo": None}
-    return {
-        HF_QUANT_CONFIG_FILE: {
-            "producer": producer,
-            "quantization": quantization | {"exclude_modules": ignore},
-        },
-        CONFIG_FILE: {
-            "config_groups": {"group_0": group},
-            "ignore": ignore,
-            "quant_algo": MODELOPT_ALGO,
-            "producer": producer,
-            "quant_method": CheckpointLayout.MODELOPT.value,
-        },
-    }
+    return modelopt_configs(MODELOPT_ALGO, group, ignore)
 
 
 def _ct_configs(layers: Sequence[FP8Linear], static: bool, ignore: list[str]) -> dict[str, dict]:
