@@ -4,29 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import onnx
-import torch
 
 from qcal_export.analysis.accuracy import Accuracy, split_data, target_from
 from qcal_export.analysis.layer_view import Analysis
 from qcal_export.artifacts.onnx_layers import write_checkpoints
 from qcal_export.artifacts.report import save_report
-from qcal_export.artifacts.scales import load_scales, save_scales
-from qcal_export.calibrate.activations import calibrate_activations, hessian_inputs
+from qcal_export.artifacts.scales import save_scales
 from qcal_export.calibrate.distributed import ranks_from_env
-from qcal_export.calibrate.tensor import Collector, calibrate_weights, relative_weight_errors
+from qcal_export.calibrate.tensor import relative_weight_errors
 from qcal_export.capture.data import DataSource, feeds, model_inputs
 from qcal_export.capture.forms import DataOptions
-from qcal_export.capture.onnxruntime import OrtCapture
-from qcal_export.errors import BelowTargetError, DataError, RecipeError, RuntimeMismatchError
-from qcal_export.graphs.export import ExportResult, check_scales_match, export_qdq
+from qcal_export.errors import BelowTargetError, RecipeError, RuntimeMismatchError
+from qcal_export.graphs.export import ExportResult, export_qdq
 from qcal_export.onnx_io.model_io import save_model
-from qcal_export.onnx_io.tensor_types import tensor_types
 from qcal_export.pipeline.fallback import fall_back, fallback_source
 from qcal_export.pipeline.report import build_report
 from qcal_export.pipeline.run import (
@@ -39,6 +33,7 @@ from qcal_export.pipeline.run import (
     shard_run,
     state_file,
 )
+from qcal_export.pipeline.scales_step import ProgressFactory, calibrate_scales, weight_device
 from qcal_export.pipeline.steps import prepare, refine
 from qcal_export.spec.config import CalibrationConfig
 from qcal_export.spec.plan import Plan
@@ -55,9 +50,6 @@ log = logging.getLogger(__name__)
 MIN_EVALUATOR_BUDGET_S = 60.0
 """The least time the ONNX reference evaluator gets to validate (FP4 and TensorRT-op models);
 past the calibration's own time, if longer, it stops: see ``validate._in_evaluator``."""
-
-ProgressFactory = Callable[[str], AbstractContextManager[Callable[[], None]]]
-"""Given a label, a context manager yielding a callback called once per batch."""
 
 
 def calibrate_onnx(
@@ -100,31 +92,42 @@ def calibrate_onnx(
         model, recipe, data, config.data.batch_size, config.capture.provider, data_options
     )
     try:  # the model's weight store is released when the run ends, however it ends
-        run.plan.notes += config.quantization.notes()
-        asked = asked_outputs(config)
-        keep = check_request(run, asked, config, data, data_options)
-        split = split_data(
-            run.source,
-            accuracy,
-            validate=config.validation.validate_batches,
-            validate_data=config.validation.validate_data,
-            batch_size=config.data.batch_size,
-            scales_in=config.quantization.scales_in,
-        )
-        run.source = split.calibration
-        checks = Checks(split.validation, float(config.validation.min_cosine), metric)
-        outputs = _join_ranks(run, dataclasses.replace(asked, keep=keep), accuracy, config)
-        holdout, sections = split.holdout, prepare(run, accuracy, config.data.max_batches)
-        run.state = state_file(run, config, split.split)
-        with run.timed("calibrate_s"):
-            found = _scales(run, config, progress)
-        found, analysis = refine(run, found, accuracy, holdout, sections)
-        run.weight_errors = relative_weight_errors(
-            run.loaded.proto, found.values(), weight_device(run)
-        )
-        return _write_outputs(run, found, outputs, sections, analysis, holdout, checks)
+        return _calibrate(run, config, data, data_options, progress, metric, accuracy)
     finally:
         run.loaded.store.release()
+
+
+def _calibrate(
+    run: Run,
+    config: CalibrationConfig,
+    data: Any,
+    data_options: DataOptions | None,
+    progress: ProgressFactory | None,
+    metric: Metric | None,
+    accuracy: Accuracy,
+) -> CalibrationResult:
+    """The planned run's steps: check what is asked, split the data, calibrate, refine, write."""
+    run.plan.notes += config.quantization.notes()
+    asked = asked_outputs(config)
+    keep = check_request(run, asked, config, data, data_options)
+    split = split_data(
+        run.source,
+        accuracy,
+        validate=config.validation.validate_batches,
+        validate_data=config.validation.validate_data,
+        batch_size=config.data.batch_size,
+        scales_in=config.quantization.scales_in,
+    )
+    run.source = split.calibration
+    checks = Checks(split.validation, float(config.validation.min_cosine), metric)
+    outputs = _join_ranks(run, dataclasses.replace(asked, keep=keep), accuracy, config)
+    holdout, sections = split.holdout, prepare(run, accuracy, config.data.max_batches)
+    run.state = state_file(run, config, split.split)
+    with run.timed("calibrate_s"):
+        found = calibrate_scales(run, config, progress)
+    found, analysis = refine(run, found, accuracy, holdout, sections)
+    run.weight_errors = relative_weight_errors(run.loaded.proto, found.values(), weight_device(run))
+    return _write_outputs(run, found, outputs, sections, analysis, holdout, checks)
 
 
 def _config(config: CalibrationConfig | None, options: dict[str, Any]) -> CalibrationConfig:
@@ -289,98 +292,6 @@ def _export(
                 min_cosine,
             )
     return exported, validation
-
-
-def _scales(
-    run: Run, config: CalibrationConfig, progress: ProgressFactory | None
-) -> dict[str, TensorScales]:
-    """Scales for every planned tensor: read from ``scales_in`` or calibrated now."""
-    scales_in = config.quantization.scales_in
-    if scales_in is not None:
-        found, header = load_scales(scales_in)
-        check_scales_match(run.plan, found, str(scales_in))
-        if header.get("model_sha256") != run.loaded.sha256:
-            log.warning(
-                "%s was calibrated on another model file than %s", scales_in, run.loaded.path
-            )
-        return found
-    hessians = hessian_inputs(run.plan)
-    if run.source is None and (run.plan.activations or hessians):
-        raise DataError("calibration needs data: pass --data (or scales_in to reuse saved scales)")
-    found: dict[str, TensorScales] = {}
-    capture = _capture_pass(run, config.data.max_batches, progress)
-    activations = calibrate_activations(
-        run.plan,
-        capture,
-        run.recipe.nonfinite,
-        state=run.state,
-        resume=config.state.resume,
-        ranks=run.ranks,
-    )
-    del capture  # closes the capture session (its copies of the weights) before the weights
-    run.batches_per_pass = activations.batches_per_pass
-    found.update(
-        calibrate_weights(
-            run.loaded.proto,
-            run.plan,
-            run.recipe.nonfinite,
-            activations.hessians,
-            weight_device(run),
-        )
-    )
-    found.update(activations.scales)
-    run.candidates = activations.candidates
-    return found
-
-
-def weight_device(run: Run) -> torch.device | None:
-    """Where weights are calibrated: the GPU the run captures on (CUDA EP first, and a torch
-    with CUDA), so that their sweeps run in its kernels; else the host (None)."""
-    cuda = run.providers[:1] == ["CUDAExecutionProvider"]
-    return torch.device("cuda", run.device_id) if cuda and torch.cuda.is_available() else None
-
-
-def _capture_pass(run: Run, max_batches: int | None, progress: ProgressFactory | None):
-    """A CapturePass over the run's data with one ORT session, opened on first use."""
-    sessions: list[OrtCapture] = []
-
-    def capture(
-        collectors: dict[str, list[Collector]],
-        label: str,
-        *,
-        skip: int = 0,
-        after_batch: Callable[[int], None] | None = None,
-    ) -> int:
-        if not sessions:
-            types = tensor_types(run.loaded.proto)
-            wanted = {t: types[t] for t in [*run.plan.activations, *hessian_inputs(run.plan)]}
-            sessions.append(
-                OrtCapture(
-                    run.loaded.proto,
-                    wanted,
-                    providers=run.providers,
-                    name=str(run.loaded.path),
-                    device_id=run.device_id,
-                )
-            )
-
-        def sink(tensor: str, value: torch.Tensor) -> None:
-            for collect in collectors[tensor]:
-                collect(value)
-
-        with progress(f"calibrating ({label})") if progress else nullcontext() as on_batch:
-            return sessions[0].run(
-                run.source,
-                sink,
-                tensors=list(collectors),
-                max_batches=max_batches,
-                on_batch=on_batch,
-                skip=skip,
-                after_batch=after_batch,
-                allow_empty=run.ranks.world > 1,
-            )
-
-    return capture
 
 
 def _output_error(
