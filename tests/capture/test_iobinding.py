@@ -23,6 +23,7 @@ from qcal_export.capture.iobinding import bind_device_id, to_torch
 from qcal_export.capture.onnxruntime import OrtCapture, select_providers
 from qcal_export.errors import DataError
 from qcal_export.pipeline import calibrate as pipeline
+from qcal_export.pipeline import scales_step
 
 CPU = ["CPUExecutionProvider"]
 FLOAT = TensorProto.FLOAT
@@ -59,7 +60,7 @@ def calibrate(workdir, method: str, monkeypatch, **capture_options) -> dict:
 
             return super().run(source, spy, **kwargs)
 
-    monkeypatch.setattr(pipeline, "OrtCapture", Spy)
+    monkeypatch.setattr(scales_step, "OrtCapture", Spy)
     result = pipeline.calibrate_onnx(
         workdir / "model.onnx",
         workdir / "data",
