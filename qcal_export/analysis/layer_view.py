@@ -17,7 +17,6 @@ from qcal_export.analysis.sensitivity import (
     PrecisionChoice,
     SwitchedRuns,
     Target,
-    choose_methods,
     layer_view,
     search_precision,
 )
@@ -27,7 +26,6 @@ from qcal_export.capture.onnxruntime import open_session
 from qcal_export.errors import RecipeError
 from qcal_export.graphs.export import export_qdq
 from qcal_export.graphs.switchable import Slot, switch_units, switchable_model, without_units
-from qcal_export.onnx_io.weights import to_array
 from qcal_export.spec.plan import Plan
 from qcal_export.spec.scales import TensorScales
 from qcal_export.validation.output_error import ErrorTally
@@ -123,51 +121,12 @@ def analyse_layers(
     return Analysis(view, switch_units(planned.plan), sqnr, choice)
 
 
-def choose_activation_methods(
-    planned: PlannedModel,
-    source: DataSource | None,
-    found: dict[str, TensorScales],
-    candidates: dict[str, dict[str, TensorScales]],
-    batches: int,
-) -> tuple[dict[str, TensorScales], dict[str, Any]]:
-    """Method ``auto``: per activation, the candidate (``candidates``: activation -> method ->
-    scales) nearest float by the graph outputs with only its consumers quantized, on the first
-    ``batches`` batches of ``source``; the chosen scales and the report section."""
-    runs = switched_runs(planned, source, found)
-    consumers = {
-        t: [unit for unit, slots in runs.units.items() if any(s.tensor == t for s in slots)]
-        for t in candidates
-    }
-    inits = {t.name: t for t in runs.model.graph.initializer}
-    feeds = {
-        tensor: {m: _scale_feed(s, runs.scales[tensor], inits) for m, s in methods.items()}
-        for tensor, methods in candidates.items()
-    }
-    choice = choose_methods(runs, source, feeds, consumers, batches)
-    chosen = {t: candidates[t][c["picked"]] for t, c in choice.items()}
-    return chosen, choice
-
-
-def _scale_feed(scales: TensorScales, names: tuple[str, str], inits: dict) -> dict[str, Any]:
-    """A candidate's scale (and, for asymmetric formats, zero point) as the inputs that
-    replace the exported initializers, in their dtypes."""
-    q = scales.qparams()
-    scale_name, zero_name = names
-    dtype = to_array(inits[scale_name]).dtype
-    feed = {scale_name: q.scale.numpy().astype(dtype).reshape(inits[scale_name].dims)}
-    if not q.fmt.symmetric:
-        zero = to_array(inits[zero_name])
-        values = q.fmt.encode_zero_point(q.zero_point).numpy()
-        feed[zero_name] = values.astype(zero.dtype).reshape(zero.shape)
-    return feed
-
-
 def switched_runs(
     planned: PlannedModel, source: DataSource | None, found: dict[str, TensorScales]
 ) -> SwitchedRuns:
     """A session over the switchable form of the planned model under ``found``."""
     if source is None:
-        raise RecipeError("the per-layer view, precision targets and method auto need data")
+        raise RecipeError("the per-layer view and precision targets need data")
     original = planned.model  # still the float model (smoothed, if asked): export comes later
     model = onnx.ModelProto()
     model.CopyFrom(original)
@@ -175,7 +134,7 @@ def switched_runs(
     exported = export_qdq(model, planned.plan, found, recipe.weights_mode, recipe.nvfp4_form)
     if needs_reference_evaluator(exported.model):
         raise RecipeError(
-            "the per-layer view, precision targets and method auto run in ONNX Runtime, which "
+            "the per-layer view and precision targets run in ONNX Runtime, which "
             "cannot run this model's quantized form (FLOAT4E2M1 or TensorRT ops): not for nvfp4"
         )
     switchable = switchable_model(original, exported.model, planned.plan)

