@@ -34,6 +34,10 @@ SPECIALS = [0.0, -0.0, np.inf, -np.inf, FLT_MAX, -FLT_MAX, 1e30, -1e30, 1e-45, -
 REFERENCE_LIMIT = 2.0**31
 """The reference evaluator casts ``rint(x / scale)`` to int32 before saturating: past this
 quotient its cast overflows (ORT saturates), so the reference gets no such values."""
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:overflow encountered in divide:RuntimeWarning",
+    "ignore:invalid value encountered in cast:RuntimeWarning",
+)  # numpy's words for that overflow in the reference evaluator
 
 
 def qdq_model(name: str, shape: tuple[int, ...], scale, zero_point, axis, opset=21):
