@@ -110,8 +110,8 @@ def default_quantized_bins(fmt: Format, bins: int) -> int:
     8-bit and float formats: ``QUANTIZED_BINS``. A 16-bit format's 65536 levels are more bins
     than any histogram here holds (``2 * MAX_BINS``): with ``2 * bins`` quantized bins the one
     window is the whole histogram, unmerged, so the range is the observed one (max's), as KL
-    finds where the rounding it would weigh is below the histogram's resolution. An 8-bit
-    ``quantized_bins`` given as an option is still taken.
+    finds where the rounding it would weigh is below the histogram's resolution. A
+    ``quantized_bins`` option is taken as given.
     """
     levels = fmt.qmax - fmt.qmin + 1 if fmt.integer else QUANTIZED_BINS
     return min(max(QUANTIZED_BINS, levels), 2 * bins)
