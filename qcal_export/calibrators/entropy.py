@@ -23,7 +23,8 @@ from qcal_export.spec.granularity import Granularity
 QUANTIZED_BINS = 256
 """Default quantized bins over a window of ``i`` bins each side (at most ``2 * bins``): 128 each
 side, int8's magnitudes (as TensorRT's entropy calibrator merges ``|x|`` into 128 bins). ORT's 128
-over both sides would model 7 bits and start the search at 64 bins each side."""
+over both sides would model 7 bits and start the search at 64 bins each side. Integer formats of
+more levels (16 bits) model their own grid: ``default_quantized_bins``."""
 MAX_CLIPPED = 1e-3
 """Largest share of the values a threshold may clip. KL weighs each bin by its share of the
 values, so a tensor with most of its mass near zero (softmax, attention, post-sigmoid) scores best
@@ -75,7 +76,7 @@ class EntropyCalibrator(HistogramCalibrator):
     ):
         bins = integer_option("bins", bins, 2, MAX_BINS)
         if quantized_bins is None:
-            quantized_bins = min(QUANTIZED_BINS, 2 * bins)
+            quantized_bins = default_quantized_bins(fmt, bins)
         self.quantized_bins = integer_option("quantized_bins", quantized_bins, 2, 2 * bins)
         real = isinstance(max_clipped, numbers.Real) and not isinstance(max_clipped, bool)
         if not (real and 0 < max_clipped <= 1):
@@ -101,6 +102,19 @@ class EntropyCalibrator(HistogramCalibrator):
             bound = torch.minimum(threshold, torch.maximum(-amin, amax)).float()
             return -bound, bound
         return torch.maximum(-threshold, amin).float(), torch.minimum(threshold, amax).float()
+
+
+def default_quantized_bins(fmt: Format, bins: int) -> int:
+    """Quantized bins that model ``fmt``'s levels, at most the ``2 * bins`` of the histogram.
+
+    8-bit and float formats: ``QUANTIZED_BINS``. A 16-bit format's 65536 levels are more bins
+    than any histogram here holds (``2 * MAX_BINS``): with ``2 * bins`` quantized bins the one
+    window is the whole histogram, unmerged, so the range is the observed one (max's), as KL
+    finds where the rounding it would weigh is below the histogram's resolution. A
+    ``quantized_bins`` option is taken as given.
+    """
+    levels = fmt.qmax - fmt.qmin + 1 if fmt.integer else QUANTIZED_BINS
+    return min(max(QUANTIZED_BINS, levels), 2 * bins)
 
 
 class _Sums(NamedTuple):

@@ -16,51 +16,71 @@ from qcal_export.spec.formats import get_format
 from qcal_export.spec.plan import Plan
 
 EIGHT_BIT = {TensorProto.INT8, TensorProto.UINT8}
+SIXTEEN_BIT = {TensorProto.INT16, TensorProto.UINT16}
 ZERO_POINT_FREE_OPSET = 21
 """QuantizeLinear takes its output type from ``output_dtype`` instead of a zero point since 21."""
 
 
 def shield_matmul_weights(graph: onnx.GraphProto, names: Names) -> list[str]:
     """A Reshape to the weight's own shape between an 8-bit weight's DequantizeLinear and its
-    MatMul, where the weight is block-quantized or not 2-D and the MatMul's other input is
-    dequantized from 8 bits too.
+    MatMul, where ORT's CPU rewrites would compute the MatMul unlike its graph: the weight is
+    block-quantized or not 2-D and the other input is dequantized from 8 bits, or the other
+    input is dequantized from 16 bits.
 
     ORT's QDQSelectorActionTransformer turns ``DQ(A), DQ(B) -> MatMul`` into MatMulIntegerToFloat
     (QLinearMatMul with a Q after) whatever B's scale layout; those kernels take per-tensor or
-    per-column scales of a 2-D B only, and fail at run time on block scales or a 3-D B. With the
-    Reshape, B is no DequantizeLinear output and the selector leaves the MatMul alone.
+    per-column scales of a 2-D B only, and fail at run time on block scales or a 3-D B. Where A
+    is not 8-bit it turns ``DQ(B) -> MatMul`` into MatMulNBits, which at its default accuracy
+    level (4) quantizes A to int8: 16-bit activations would lose their 8 extra bits there. With
+    the Reshape, B is no DequantizeLinear output and the selectors leave the MatMul alone.
     """
     producers = {out: node for node in graph.node for out in node.output}
     initializers = {t.name: t for t in graph.initializer}
-    shielded = []
+    shielded: dict[int, list[str]] = {8: [], 16: []}
     for node in list(graph.node):
         if node.op_type != "MatMul":
             continue
         a, b = (producers.get(tensor) for tensor in node.input[:2])
-        if _stored_type(a, producers, initializers) not in EIGHT_BIT:
-            continue
         if _stored_type(b, producers, initializers) not in EIGHT_BIT:
             continue
         dims = _stored_dims(b, producers, initializers)
-        if dims is None or (len(dims) == 2 and not _block_size(b)):
+        if dims is None:
             continue
-        shape = names.new(f"{b.output[0]}_shape")
-        reshaped = names.new(f"{b.output[0]}_reshaped")
-        graph.initializer.append(numpy_helper.from_array(np.array(dims, np.int64), shape))
-        graph.node.append(
-            helper.make_node(
-                "Reshape", [b.output[0], shape], [reshaped], names.new(f"{node.name}_weight")
-            )
+        a_type = _stored_type(a, producers, initializers)
+        if a_type in SIXTEEN_BIT:
+            shielded[16].append(_reshape_weight(graph, names, node, b.output[0], dims))
+        elif a_type in EIGHT_BIT and (len(dims) != 2 or _block_size(b)):
+            shielded[8].append(_reshape_weight(graph, names, node, b.output[0], dims))
+    notes = []
+    if shielded[8]:
+        notes.append(
+            f"MatMul {shielded[8]}: a Reshape to the weight's own shape follows its "
+            "block-quantized or not 2-D 8-bit weight's DequantizeLinear, so that ONNX Runtime's "
+            "MatMulIntegerToFloat fusion (per-tensor or per-column 2-D weights only) does not "
+            "take the MatMul"
         )
-        node.input[1] = reshaped
-        shielded.append(node.name)
-    if not shielded:
-        return []
-    return [
-        f"MatMul {shielded}: a Reshape to the weight's own shape follows its block-quantized or "
-        "not 2-D 8-bit weight's DequantizeLinear, so that ONNX Runtime's MatMulIntegerToFloat "
-        "fusion (per-tensor or per-column 2-D weights only) does not take the MatMul"
-    ]
+    if shielded[16]:
+        notes.append(
+            f"MatMul {shielded[16]}: a Reshape to the weight's own shape follows its 8-bit "
+            "weight's DequantizeLinear, so that ONNX Runtime's MatMulNBits fusion (which "
+            "quantizes the 16-bit activations to int8 at its default accuracy level 4) does not "
+            "take the MatMul"
+        )
+    return notes
+
+
+def _reshape_weight(
+    graph: onnx.GraphProto, names: Names, node: onnx.NodeProto, weight: str, dims: list[int]
+) -> str:
+    """``weight`` -> Reshape(its own ``dims``) -> ``node``'s input 1; returns ``node``'s name."""
+    shape = names.new(f"{weight}_shape")
+    reshaped = names.new(f"{weight}_reshaped")
+    graph.initializer.append(numpy_helper.from_array(np.array(dims, np.int64), shape))
+    graph.node.append(
+        helper.make_node("Reshape", [weight, shape], [reshaped], names.new(f"{node.name}_weight"))
+    )
+    node.input[1] = reshaped
+    return node.name
 
 
 def fp8_after_relu(graph: onnx.GraphProto, plan: Plan) -> list[str]:

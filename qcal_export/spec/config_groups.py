@@ -62,7 +62,9 @@ class QuantizationOptions:
     activation_format: str | None = field(
         default=None,
         metadata=cli(
-            "--activation-format", choices=(*FORMATS, "none"), help="activations' format, or none"
+            "--activation-format",
+            choices=(*FORMATS, "none"),
+            help="activations' format, or none (int16/uint16 with int8 weights: A16W8)",
         ),
     )
     method: str = field(

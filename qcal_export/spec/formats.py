@@ -86,6 +86,8 @@ class IntFormat:
     @property
     def onnx_type(self) -> int:
         types = {
+            (16, True): TensorProto.INT16,
+            (16, False): TensorProto.UINT16,
             (8, True): TensorProto.INT8,
             (8, False): TensorProto.UINT8,
             (4, True): TensorProto.INT4,
@@ -96,10 +98,14 @@ class IntFormat:
     @property
     def storage_dtype(self) -> torch.dtype:
         """Dtype of the unpacked integers; 4-bit values are packed two per byte on export."""
+        if self.bits == 16:
+            return torch.int16 if self.signed else torch.uint16
         return torch.int8 if self.signed else torch.uint8
 
     @property
     def min_opset(self) -> int:
+        """QuantizeLinear/DequantizeLinear take 8-bit integers since opset 10, 4- and 16-bit
+        ones since 21."""
         return 10 if self.bits == 8 else 21
 
     def scale_zero_point(
@@ -356,11 +362,15 @@ Format = IntFormat | FP8E4M3Format | NVFP4Format
 
 INT8 = IntFormat(bits=8, signed=True, symmetric=True)
 UINT8 = IntFormat(bits=8, signed=False, symmetric=False)
+INT16 = IntFormat(bits=16, signed=True, symmetric=True)
+UINT16 = IntFormat(bits=16, signed=False, symmetric=False)
 INT4 = IntFormat(bits=4, signed=True, symmetric=True)
 UINT4 = IntFormat(bits=4, signed=False, symmetric=False)
 FP8_E4M3 = FP8E4M3Format()
 
-FORMATS: dict[str, Format] = {f.name: f for f in (INT8, UINT8, INT4, UINT4, FP8_E4M3, NVFP4)}
+FORMATS: dict[str, Format] = {
+    f.name: f for f in (INT8, UINT8, INT16, UINT16, INT4, UINT4, FP8_E4M3, NVFP4)
+}
 
 
 def get_format(name: str) -> Format:

@@ -127,7 +127,8 @@ def no_integer_kernels(providers: Sequence[str]) -> str:
         )
     return (
         "ONNX Runtime fused no integer kernels for this placement: on the CPU, --target ort with "
-        "--activation-format uint8 places Q/DQ where its QDQ fusions apply"
+        "--activation-format uint8 places Q/DQ where its QDQ fusions apply (its integer kernels "
+        "take 8-bit activations: 16-bit ones run as float ops between their Q/DQ)"
     )
 
 

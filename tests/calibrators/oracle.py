@@ -15,7 +15,7 @@ import torch
 
 from qcal_export.calibrators.max import MaxCalibrator
 from qcal_export.calibrators.mse import mse_multipliers
-from qcal_export.spec.formats import AMAX_FLOOR, FP8_E4M3, SCALE_FLOOR, UINT8
+from qcal_export.spec.formats import AMAX_FLOOR, FP8_E4M3, SCALE_FLOOR
 from qcal_export.spec.granularity import PerAxis, PerTensor
 
 GRANULARITIES = {"per-tensor": PerTensor(), "axis0": PerAxis(0), "last-axis": PerAxis(-1)}
@@ -36,22 +36,32 @@ def floored_scale(width: np.ndarray, levels: float) -> np.ndarray:
 # the oracle ---------------------------------------------------------------------------------
 
 
+INT_LEVELS = {
+    "int8": (-128, 127),
+    "uint8": (0, 255),
+    "int16": (-32768, 32767),
+    "uint16": (0, 65535),
+}
+"""Each integer format's (qmin, qmax), written out here rather than read from the package."""
+
+
 def fake_quant_oracle(fmt, x: np.ndarray, amin: np.ndarray, amax: np.ndarray) -> np.ndarray:
     """QuantizeLinear -> DequantizeLinear in numpy float32; ``x`` [G, n], ``amin/amax`` [G]."""
     amin, amax = amin[:, None], amax[:, None]
-    if fmt is UINT8:
-        lo, hi = np.minimum(amin, F32(0)), np.maximum(amax, F32(0))
-        scale = floored_scale(hi - lo, 255)
-        zero_point = np.clip(np.round(F32(0) - lo / scale), 0, 255)
-        q = np.clip(np.round(x / scale) + zero_point, 0, 255)
-        return (q - zero_point) * scale
     bound = np.maximum(np.abs(amin), np.abs(amax))
     if fmt is FP8_E4M3:
         scale = floored_scale(bound, 448)
         q = np.clip(x / scale, -448, 448).astype(ml_dtypes.float8_e4m3fn)
         return q.astype(F32) * scale
-    scale = floored_scale(bound, 127)
-    return np.clip(np.round(x / scale), -128, 127) * scale
+    qmin, qmax = INT_LEVELS[fmt.name]
+    if qmin == 0:
+        lo, hi = np.minimum(amin, F32(0)), np.maximum(amax, F32(0))
+        scale = floored_scale(hi - lo, qmax)
+        zero_point = np.clip(np.round(F32(0) - lo / scale), 0, qmax)
+        q = np.clip(np.round(x / scale) + zero_point, 0, qmax)
+        return (q - zero_point) * scale
+    scale = floored_scale(bound, qmax)
+    return np.clip(np.round(x / scale), qmin, qmax) * scale
 
 
 def int4_oracle(fmt, x, amin, amax):
@@ -131,7 +141,7 @@ def make_batches(kind: str, fmt, gran_name: str, seed: int = 0) -> list[np.ndarr
             where = rng.random(shape) < 0.002
             x[where] *= 60.0
         x = x * gains
-        if fmt is UINT8:
+        if not fmt.symmetric:
             x = x + 0.8 * gains  # mostly positive, like post-GELU activations
         out.append(x.astype(F32))
     return layout(out, gran_name)

@@ -27,10 +27,18 @@ from oracle import (
 from qcal_export.calibrators import mse
 from qcal_export.calibrators.mse import MseCalibrator, mse_multipliers
 from qcal_export.errors import CalibrationError
-from qcal_export.spec.formats import FP8_E4M3, INT8, SCALE_FLOOR, UINT8, floor_zero
+from qcal_export.spec.formats import (
+    FP8_E4M3,
+    INT8,
+    INT16,
+    SCALE_FLOOR,
+    UINT8,
+    UINT16,
+    floor_zero,
+)
 from qcal_export.spec.granularity import PerAxis, PerTensor
 
-FORMATS = {"int8": INT8, "uint8": UINT8, "fp8": FP8_E4M3}
+FORMATS = {"int8": INT8, "uint8": UINT8, "int16": INT16, "uint16": UINT16, "fp8": FP8_E4M3}
 
 
 def mse_calibrator(fmt, granularity, amin0, amax0, **kwargs) -> MseCalibrator:

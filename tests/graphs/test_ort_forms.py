@@ -75,6 +75,32 @@ def test_8bit_matmul_weights_ort_cannot_fuse_are_written_behind_a_reshape(
     assert_default_is_the_reference(result, model, case.batches)
 
 
+@pytest.mark.parametrize("activations", ["int16", "uint16"])
+@pytest.mark.parametrize("block_size", [None, 32], ids=["per-channel", "block"])
+def test_8bit_matmul_weights_behind_16bit_activations_are_written_behind_a_reshape(
+    tmp_path, caplog, activations, block_size
+):
+    """ORT's MatMulNBits fusion takes ``DQ(int8 weight) -> MatMul`` and, at its default
+    accuracy level 4, quantizes the 16-bit activations to int8; behind the Reshape ORT computes
+    the graph as written. 16-bit weights are not fused: they stay plain."""
+    case = matmul_case(True, False)
+    options = {"activation_format": activations, "block_size": block_size}
+    with caplog.at_level(logging.WARNING):
+        result, model = calibrate(case.float_model, case.batches, tmp_path, **options)
+    assert not caplog.records
+    nodes = {n.output[0]: n for n in model.graph.node}
+    matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
+    reshape = nodes[matmul.input[1]]
+    assert reshape.op_type == "Reshape" and nodes[reshape.input[0]].op_type == "DequantizeLinear"
+    assert nodes[matmul.input[0]].op_type == "DequantizeLinear"
+    assert any("MatMulNBits" in note for note in result.report["export_notes"])
+    assert_default_is_the_reference(result, model, case.batches)
+    result, model = calibrate(case.float_model, case.batches, tmp_path, format=activations)
+    assert "Reshape" not in {n.op_type for n in model.graph.node}
+    assert result.report["export_notes"] == []
+    assert_default_is_the_reference(result, model, case.batches)
+
+
 def test_fp8_after_a_relu_is_quantized_without_zero_point_at_opset_21(tmp_path, caplog):
     case = conv_relu_fp8_case()
     with caplog.at_level(logging.WARNING):

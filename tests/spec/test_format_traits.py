@@ -18,6 +18,8 @@ def test_each_format_declares_its_traits():
     assert traits == {
         "int8": (False, True, False, None),
         "uint8": (False, True, False, None),
+        "int16": (False, True, False, None),
+        "uint16": (False, True, False, None),
         "int4": (False, True, True, 128),
         "uint4": (False, True, True, 128),
         "fp8": (False, False, False, None),
