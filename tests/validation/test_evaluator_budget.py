@@ -1,4 +1,5 @@
-"""The ONNX reference evaluator (FP4 models) validates within a time budget: past it, the batches
+"""The ONNX reference evaluator (FP4 models the FP4 emulation cannot express: TensorRT's ops)
+validates within a time budget: past it, the batches
 done so far make the validation and the report says so; with none done the run skips validation
 with a note instead of running for as long as numpy takes, and still writes everything."""
 
@@ -16,14 +17,17 @@ from qcal_export.validation.reference import ReferenceRunner
 from qcal_export.validation.validate import EVALUATOR, ValidationSkipped, validate_outputs
 
 CPU = ["CPUExecutionProvider"]
+TRT = {"nvfp4_form": "tensorrt"}
 
 
 @pytest.fixture(scope="module")
 def nvfp4_model(tmp_path_factory):
-    """(float model path, its NVFP4 QDQ model, data directory)."""
+    """(float model path, its NVFP4 QDQ model in the TensorRT form, data directory)."""
     root = make_mlp(tmp_path_factory.mktemp("mlp"), seq=False)
     out = root / "q.onnx"
-    calibrate_onnx(root / "mlp.onnx", root / "data", format="nvfp4", output=out, validate_batches=0)
+    calibrate_onnx(
+        root / "mlp.onnx", root / "data", format="nvfp4", output=out, validate_batches=0, **TRT
+    )
     return root / "mlp.onnx", onnx.load(str(out)), root / "data"
 
 
@@ -67,7 +71,7 @@ def test_the_run_writes_everything_and_notes_the_skipped_validation(
     float_path, _, data = nvfp4_model
     monkeypatch.setattr(ReferenceRunner, "run", _expired_run(ReferenceRunner.run))
     out, report = tmp_path / "q.onnx", tmp_path / "report.json"
-    result = calibrate_onnx(float_path, data, format="nvfp4", output=out, report=report)
+    result = calibrate_onnx(float_path, data, format="nvfp4", output=out, report=report, **TRT)
     saved = json.loads(report.read_text())
     assert saved["validation"] is None and result.report["validation"] is None
     assert any(n.startswith("validation skipped: one batch took") for n in saved["export_notes"])
