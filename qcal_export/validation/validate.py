@@ -1,6 +1,6 @@
 """Validate a QDQ model: onnx's full checker, then its outputs against the float model's, as
-ONNX Runtime runs it by default and in a reference (ORT with graph optimizations off, or the ONNX
-reference evaluator for what ORT cannot run)."""
+ONNX Runtime runs it by default and in a reference (ORT with graph optimizations off; for what
+ORT cannot run, ORT over the model's FP4 emulation, or the ONNX reference evaluator)."""
 
 from __future__ import annotations
 
