@@ -5,9 +5,9 @@ its dequantized float initializer (graphs/fp4_weights.py), and each activation
 ``QuantizeLinear -> DequantizeLinear`` to FLOAT4E2M1 becomes standard float ops: ``x / scale``
 (the scale repeated over its block, a partial last block and dynamic shapes included), E2M1
 rounding half to even by magnitude range, saturating at 6, and ``* scale``. The block scales
-stay as the graph computes them (QuantizeLinear to FP8 and back, which ORT runs). Tensors in
-another type the emulation cannot express, and custom-domain ops, are left as they are:
-``Emulation.unexpressed`` names them.
+stay as the graph computes them (QuantizeLinear to FP8 and back, which ORT runs). What the
+emulation cannot express (TensorRT's ops, FP4 elsewhere) is left as it is:
+``Emulation.unexpressed`` names it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qcal_export.graphs.fp4_weights import ELEMENT_FORMATS, fold_weights
+from qcal_export.graphs.nvfp4 import TRT_DOMAIN
 from qcal_export.graphs.qdq import Names
 from qcal_export.onnx_io.weights import store_embedded
 from qcal_export.spec.formats import E2M1_VALUES
@@ -57,11 +58,21 @@ def emulate_fp4(model: onnx.ModelProto) -> Emulation:
     return Emulation(copy, len(folded), emulated, unexpressed(graph))
 
 
+def runnable_form(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """``model`` itself where ONNX Runtime can run it, else its FP4 emulation where that
+    expresses all of it, else None (TensorRT's ops): for any pass that runs an exported model
+    in ORT, such as a switchable form built over it."""
+    if not unexpressed(model.graph):
+        return model
+    emulation = emulate_fp4(model)
+    return None if emulation.unexpressed else emulation.model
+
+
 def unexpressed(graph: onnx.GraphProto) -> list[str]:
-    """Initializers and nodes of ``graph`` that still hold an FP4 type or a custom-domain op."""
+    """Initializers and nodes of ``graph`` that ORT cannot run: an FP4 type or TensorRT's op."""
     left = [f"initializer {t.name!r}" for t in graph.initializer if t.data_type in ELEMENT_FORMATS]
     for node in graph.node:
-        if node.domain not in ("", "ai.onnx"):
+        if node.domain == TRT_DOMAIN:
             left.append(f"{node.domain}::{node.op_type} node {node.name!r}")
         elif _output_dtype(node) in ELEMENT_FORMATS:
             left.append(f"{node.op_type} node {node.name!r}")

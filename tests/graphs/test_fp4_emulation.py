@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from test_nvfp4 import E2M1, e2m1_oracle, weight_params
 
-from qcal_export.graphs.fp4_emulation import emulate_fp4, unexpressed
+from qcal_export.graphs.fp4_emulation import emulate_fp4, runnable_form, unexpressed
 from qcal_export.graphs.fp4_weights import fold_weights
 from qcal_export.graphs.nvfp4 import add_trt_domain, insert_activation_nvfp4, quantize_weight_nvfp4
 from qcal_export.graphs.qdq import Names, sort_nodes
@@ -54,8 +54,8 @@ def grid_values() -> np.ndarray:
 def qdq_model(x_shape: list, scale: np.ndarray, **block: int) -> onnx.ModelProto:
     """x -> QuantizeLinear(FLOAT4E2M1, ``scale``) -> DequantizeLinear -> y."""
     nodes = [
-        helper.make_node("QuantizeLinear", ["x", "s"], ["q"], output_dtype=FP4, **block),
-        helper.make_node("DequantizeLinear", ["q", "s"], ["y"], **block),
+        helper.make_node("QuantizeLinear", ["x", "s"], ["q"], "Q", output_dtype=FP4, **block),
+        helper.make_node("DequantizeLinear", ["q", "s"], ["y"], "DQ", **block),
     ]
     graph = helper.make_graph(
         nodes,
@@ -224,3 +224,24 @@ def test_the_tensorrt_form_leaves_its_ops_unexpressed():
     assert left and all(entry.startswith("trt::") for entry in left)
     assert unexpressed(model.graph)  # the input model itself is left as it was
     assert any(t.data_type == FP4 for t in model.graph.initializer)
+
+
+def test_runnable_form_is_the_model_its_emulation_or_none():
+    plain, _ = linear_model("Gemm", {"k": 40})
+    assert runnable_form(plain) is plain
+    portable, parts = linear_model("Gemm", {"k": 40})
+    quantize(portable, parts, "quantized")
+    emulated = runnable_form(portable)
+    assert emulated is not None and not unexpressed(emulated.graph)
+    trt, parts = linear_model("MatMul", {"k": 40})
+    quantize(trt, parts, "quantized", form="tensorrt")
+    assert runnable_form(trt) is None
+
+
+def test_an_fp4_tensor_read_elsewhere_stays_and_is_named():
+    """A QuantizeLinear to FP4 whose codes are also a graph output cannot be emulated away."""
+    model = qdq_model([None], np.float32(1.0))
+    model.graph.output.append(helper.make_tensor_value_info("q", FP4, [None]))
+    emulation = emulate_fp4(model)
+    assert emulation.emulated_activations == 1
+    assert emulation.unexpressed == ["QuantizeLinear node 'Q'"]
