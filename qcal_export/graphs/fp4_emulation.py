@@ -5,9 +5,10 @@ its dequantized float initializer (graphs/fp4_weights.py), and each activation
 ``QuantizeLinear -> DequantizeLinear`` to FLOAT4E2M1 becomes standard float ops: ``x / scale``
 (the scale repeated over its block, a partial last block and dynamic shapes included), E2M1
 rounding half to even by magnitude range, saturating at 6, and ``* scale``. The block scales
-stay as the graph computes them (QuantizeLinear to FP8 and back, which ORT runs). What the
-emulation cannot express (TensorRT's ops, FP4 elsewhere) is left as it is:
-``Emulation.unexpressed`` names it.
+stay as the graph computes them (QuantizeLinear to FP8 and back, which ORT runs); TensorRT's
+form becomes the same standard ops (graphs/fp4_trt.py). What the emulation cannot express (an
+FP4 tensor read by another op, a zero point, a global scale computed in the graph) is left as
+it is: ``Emulation.unexpressed`` names it.
 """
 
 from __future__ import annotations
@@ -17,20 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
+from qcal_export.graphs.fp4_ops import Builder, block_expanded, round_trip
+from qcal_export.graphs.fp4_trt import emulate_trt
 from qcal_export.graphs.fp4_weights import ELEMENT_FORMATS, fold_weights
 from qcal_export.graphs.nvfp4 import TRT_DOMAIN
 from qcal_export.graphs.qdq import Names
 from qcal_export.onnx_io.weights import store_embedded
-from qcal_export.spec.formats import E2M1_VALUES
-
-E2M1_STEPS = ((2.0, 0.5), (4.0, 1.0))
-"""(magnitude bound, grid spacing below it) of E2M1; 2.0 up to the largest value, 6. Dividing
-by a power-of-two spacing, rounding half to even and multiplying back is exact (as
-``NVFP4Format.round_e2m1`` computes it)."""
-
-E2M1_MAX, E2M1_WIDE_STEP = E2M1_VALUES[-1], 2.0
 
 
 @dataclass
@@ -52,16 +47,24 @@ def emulate_fp4(model: onnx.ModelProto) -> Emulation:
     graph = copy.graph
     folded = fold_weights(graph)
     _replace_by_initializers(graph, folded)
-    emulated = _emulate_activations(graph)
+    emulated = emulate_trt(graph) + _emulate_activations(graph)
     prune(graph)
+    _drop_unused_trt_domain(copy)
     store_embedded(copy)
     return Emulation(copy, len(folded), emulated, unexpressed(graph))
 
 
+def _drop_unused_trt_domain(model: onnx.ModelProto) -> None:
+    if not any(node.domain == TRT_DOMAIN for node in model.graph.node):
+        kept = [entry for entry in model.opset_import if entry.domain != TRT_DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+
+
 def runnable_form(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """``model`` itself where ONNX Runtime can run it, else its FP4 emulation where that
-    expresses all of it, else None (TensorRT's ops): for any pass that runs an exported model
-    in ORT, such as a switchable form built over it."""
+    expresses all of it, else None: for any pass that runs an exported model in ORT, such as a
+    switchable form built over it."""
     if not unexpressed(model.graph):
         return model
     emulation = emulate_fp4(model)
@@ -112,9 +115,10 @@ def _emulate_activations(graph: onnx.GraphProto) -> int:
         if quantize is None:
             nodes.append(node)
             continue
-        builder = _Builder(graph, names, node.output[0])
-        scale = _block_expanded(builder, quantize)
-        _round_trip(builder, quantize.input[0], scale, node.output[0])
+        builder = Builder(graph, names, node.output[0])
+        x, scale = quantize.input[0], quantize.input[1]
+        expanded = block_expanded(builder, x, scale, *_blocks(quantize))
+        round_trip(builder, x, expanded, node.output[0])
         nodes.extend(builder.nodes)
         count += 1
     del graph.node[:]
@@ -141,68 +145,6 @@ def _fp4_source(
 def _blocks(node: onnx.NodeProto) -> tuple[int, int]:
     attributes = {a.name: a.i for a in node.attribute}
     return attributes.get("axis", 1), attributes.get("block_size", 0)
-
-
-class _Builder:
-    """Appends nodes and constants named after one tensor; ``node`` returns the output name."""
-
-    def __init__(self, graph: onnx.GraphProto, names: Names, tensor: str):
-        self.graph, self.names, self.tensor = graph, names, tensor
-        self.nodes: list[onnx.NodeProto] = []
-
-    def const(self, base: str, values: np.ndarray) -> str:
-        name = self.names.new(f"{self.tensor}_{base}")
-        self.graph.initializer.append(numpy_helper.from_array(values, name))
-        return name
-
-    def node(
-        self, op: str, inputs: list[str], base: str, output: str | None = None, **attributes: int
-    ) -> str:
-        out = output or self.names.new(f"{self.tensor}_{base}")
-        name = self.names.new(f"{self.tensor}_emulated_{op}")
-        self.nodes.append(helper.make_node(op, inputs, [out], name, **attributes))
-        return out
-
-
-def _block_expanded(b: _Builder, quantize: onnx.NodeProto) -> str:
-    """The Q node's scale repeated over each block along its axis, cut to the input's length
-    (``Gather`` of block ``i // block_size`` for each index ``i``); per tensor: as it is."""
-    axis, size = _blocks(quantize)
-    x, scale = quantize.input[0], quantize.input[1]
-    if not size:
-        return scale
-    shape = b.node("Shape", [x], "shape")
-    length = b.node("Gather", [shape, b.const("axis", np.array(axis, np.int64))], "length")
-    one = b.const("one", np.array(1, np.int64))
-    index = b.node("Range", [b.const("zero", np.array(0, np.int64)), length, one], "index")
-    block = b.node("Div", [index, b.const("block_size", np.array(size, np.int64))], "block")
-    return b.node("Gather", [scale, block], "expanded_scale", axis=axis)
-
-
-def _round_trip(b: _Builder, x: str, scale: str, output: str) -> None:
-    """``output = round_e2m1(x / scale) * scale`` in ``x``'s type, the rounding in float32
-    (exact: E2M1 values are representable in every float type)."""
-    y = b.node("Div", [x, scale], "scaled")
-    y32 = b.node("Cast", [y], "scaled_float", to=TensorProto.FLOAT)
-    rounded = _round_e2m1(b, y32)
-    back = b.node("CastLike", [rounded, x], "rounded_like")
-    b.node("Mul", [back, scale], "emulated", output)
-
-
-def _round_e2m1(b: _Builder, y: str) -> str:
-    """Float32 ``y`` to the E2M1 grid: clipped to ±6, divided by the grid spacing of its
-    magnitude, rounded half to even, multiplied back."""
-    f32 = np.float32
-    clipped = b.node(
-        "Clip", [y, b.const("low", f32(-E2M1_MAX)), b.const("high", f32(E2M1_MAX))], "clipped"
-    )
-    magnitude = b.node("Abs", [clipped], "magnitude")
-    step = b.const("wide_step", f32(E2M1_WIDE_STEP))
-    for bound, spacing in reversed(E2M1_STEPS):
-        below = b.node("Less", [magnitude, b.const("bound", f32(bound))], "below")
-        step = b.node("Where", [below, b.const("spacing", f32(spacing)), step], "step")
-    units = b.node("Round", [b.node("Div", [clipped, step], "units")], "rounded_units")
-    return b.node("Mul", [units, step], "rounded")
 
 
 def prune(graph: onnx.GraphProto) -> None:

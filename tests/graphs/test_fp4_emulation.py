@@ -22,13 +22,15 @@ from qcal_export.spec.granularity import PerBlock
 from qcal_export.spec.plan import ActivationPlan, Blocks, Use, WeightPlan
 from qcal_export.spec.recipe import TensorSpec
 from qcal_export.spec.scales import QParams
+from qcal_export.validation.reference import ReferenceRunner
 
 FLOAT, FP4 = TensorProto.FLOAT, TensorProto.FLOAT4E2M1
 NVFP4_SPEC = TensorSpec(format="nvfp4")
 
 
 def run_both(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tuple[list, list]:
-    """(ORT's outputs of the emulated model, the reference evaluator's of ``model``)."""
+    """(ORT's outputs of the emulated model, the reference evaluator's of ``model``, with
+    TensorRT's ops as TensorRT documents them)."""
     emulation = emulate_fp4(model)
     assert emulation.unexpressed == []
     onnx.checker.check_model(emulation.model, full_check=True)
@@ -37,7 +39,8 @@ def run_both(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tuple[list,
     session = ort.InferenceSession(
         emulation.model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    return session.run(None, feed), ReferenceEvaluator(model).run(None, feed)
+    names = [o.name for o in model.graph.output]
+    return session.run(names, feed), ReferenceRunner(model).run(names, feed)
 
 
 def grid_values() -> np.ndarray:
@@ -179,13 +182,15 @@ def assert_equal_where_they_can_be(model: onnx.ModelProto, feed: dict[str, np.nd
     np.testing.assert_allclose(got, want, rtol=0, atol=64 * eps * np.abs(want).max())
 
 
+@pytest.mark.parametrize("form", ["portable", "tensorrt"])
 @pytest.mark.parametrize("mode", ["quantized", "qdq"])
 @pytest.mark.parametrize(
     ("op", "k"), [("MatMul", 40), ("MatMul", "k"), ("Gemm", 40), ("Conv", 20), ("Conv", "c")]
 )
-def test_emulated_models_equal_the_reference_evaluator(op, k, mode):
+def test_emulated_models_equal_the_reference_evaluator(op, k, mode, form):
+    """The TensorRT form writes Conv's activations (blocks on axis 1) in the portable form."""
     model, parts = linear_model(op, {"k": k})
-    quantize(model, parts, mode)
+    quantize(model, parts, mode, form)
     for feed in feeds(op, 20 if op == "Conv" else 40):
         assert_equal_where_they_can_be(model, feed)
 
@@ -215,13 +220,13 @@ def test_folded_weights_are_the_dequantize_chain_bit_for_bit():
     assert name in {t.name for t in emulated.graph.initializer}
 
 
-def test_the_tensorrt_form_leaves_its_ops_unexpressed():
+def test_the_tensorrt_form_becomes_standard_ops():
     model, parts = linear_model("MatMul", {"k": 40})
     quantize(model, parts, "quantized", form="tensorrt")
     emulation = emulate_fp4(model)
-    assert emulation.folded_weights == 1
-    left = emulation.unexpressed
-    assert left and all(entry.startswith("trt::") for entry in left)
+    assert (emulation.folded_weights, emulation.emulated_activations) == (1, 1)
+    assert emulation.unexpressed == []
+    assert [entry.domain for entry in emulation.model.opset_import] == [""]
     assert unexpressed(model.graph)  # the input model itself is left as it was
     assert any(t.data_type == FP4 for t in model.graph.initializer)
 
@@ -233,9 +238,9 @@ def test_runnable_form_is_the_model_its_emulation_or_none():
     quantize(portable, parts, "quantized")
     emulated = runnable_form(portable)
     assert emulated is not None and not unexpressed(emulated.graph)
-    trt, parts = linear_model("MatMul", {"k": 40})
-    quantize(trt, parts, "quantized", form="tensorrt")
-    assert runnable_form(trt) is None
+    read_elsewhere = qdq_model([None], np.float32(1.0))
+    read_elsewhere.graph.output.append(helper.make_tensor_value_info("q", FP4, [None]))
+    assert runnable_form(read_elsewhere) is None
 
 
 def test_an_fp4_tensor_read_elsewhere_stays_and_is_named():
