@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from mlp import batches, make_mlp
+from test_evaluator_budget import fp4_read_elsewhere
 
 from qcal_export.capture.data import open_data
 from qcal_export.graphs.fp4_emulation import emulate_fp4
@@ -38,14 +39,15 @@ def test_the_run_validates_in_the_emulation_and_writes_the_fp4_model(mlp, tmp_pa
     assert report["output_error"]["y"]["cosine"] > 0.9
 
 
+@pytest.mark.parametrize("form", ["portable", "tensorrt"])
 @pytest.mark.parametrize("mode", ["quantized", "qdq"])
-def test_the_evaluator_computes_the_same_values_on_the_emulated_graph(mlp, tmp_path, mode):
+def test_the_evaluator_computes_the_same_values_on_the_emulated_graph(mlp, tmp_path, mode, form):
     """On an exported multi-layer model (partial last blocks, dynamic batch) the emulated graph
     and the FP4 graph, both in the reference evaluator (the same float kernels), give the same
     outputs bit for bit: any difference in ORT comes from ORT's float kernels, not the
     emulation."""
     out = tmp_path / "q.onnx"
-    options = {"format": "nvfp4", "weights_mode": mode, "validate_batches": 0}
+    options = {"format": "nvfp4", "weights_mode": mode, "nvfp4_form": form, "validate_batches": 0}
     calibrate_onnx(mlp / "mlp.onnx", mlp / "data", output=out, **options)
     model = onnx.load(str(out))
     emulated = ReferenceRunner(emulate_fp4(model).model)
@@ -84,13 +86,22 @@ def test_emulation_and_evaluator_agree_to_float_rounding(mlp, tmp_path):
     assert validation.reference["y"]["rel_l2"] == pytest.approx(want_error["rel_l2"], rel=0.05)
 
 
-def test_the_tensorrt_form_runs_in_the_evaluator_with_a_note(mlp, tmp_path):
+def test_the_tensorrt_form_validates_in_the_emulation(mlp, tmp_path):
     out = tmp_path / "q.onnx"
-    result = calibrate_onnx(
-        mlp / "mlp.onnx", mlp / "data", format="nvfp4", output=out, nvfp4_form="tensorrt"
-    )
-    validation = result.report["validation"]
-    assert result.report["validator"] == validation["validator"] == EVALUATOR
-    assert validation["note"].startswith(
-        "validated in the ONNX reference evaluator: the FP4 emulation cannot express trt::"
+    options = {"format": "nvfp4", "nvfp4_form": "tensorrt"}
+    result = calibrate_onnx(mlp / "mlp.onnx", mlp / "data", output=out, **options)
+    assert result.report["validator"] == emulation_validator(CPU)
+    written = onnx.load(str(out))
+    assert any(node.domain == "trt" for node in written.graph.node)
+
+
+def test_what_the_emulation_cannot_express_runs_in_the_evaluator_with_a_note(mlp, tmp_path):
+    out = tmp_path / "q.onnx"
+    calibrate_onnx(mlp / "mlp.onnx", mlp / "data", format="nvfp4", output=out, validate_batches=0)
+    model = fp4_read_elsewhere(onnx.load(str(out)))
+    validation = validate_outputs(mlp / "mlp.onnx", model, CPU, open_data(mlp / "data"), 1)
+    assert validation.validator == EVALUATOR
+    assert validation.to_report()["note"].startswith(
+        "validated in the ONNX reference evaluator: the FP4 emulation cannot express "
+        "QuantizeLinear node "
     )
