@@ -82,9 +82,9 @@ def reference_runner(
 ) -> tuple[ort.InferenceSession | ReferenceRunner, str]:
     """A runner for the quantized model and the validator's name.
 
-    ONNX Runtime where it has kernels for every op; for FLOAT4E2M1 tensors (ORT has no FP4
-    kernels) ORT over the model's FP4 emulation, and the ONNX reference evaluator for what the
-    emulation cannot express (TensorRT's custom ops, implemented as TensorRT documents them).
+    ONNX Runtime where it has kernels for every op; for FLOAT4E2M1 tensors and TensorRT's FP4
+    ops (ORT has no FP4 kernels) ORT over the model's FP4 emulation, and the ONNX reference
+    evaluator for what the emulation cannot express (``fp4_runner``).
     """
     if needs_reference_evaluator(model):
         runner, validator, _ = fp4_runner(model, providers)
