@@ -58,11 +58,13 @@ class Constants:
         return source.permute(*perm).contiguous()
 
     def scale(self, name: str) -> torch.Tensor | None:
-        """A float scale initializer, or the DequantizeLinear of block scales stored in one of
-        SCALE_TYPES by a per-tensor float scale (NVFP4's two levels)."""
+        """A float scale initializer, block scales stored in one of SCALE_TYPES (as float32),
+        or their DequantizeLinear by a per-tensor float scale (NVFP4's two levels)."""
         plain = self.floats(name)
         if plain is not None:
             return plain
+        if self.elem_type(name) in SCALE_TYPES:
+            return self._block_scales(name).float()
         node = self.producers.get(name)
         if node is None or node.op_type != "DequantizeLinear" or node.domain:
             return None
@@ -70,9 +72,14 @@ class Constants:
         outer = self.floats(node.input[1])
         if stored not in SCALE_TYPES or outer is None or outer.numel() != 1 or len(node.input) > 2:
             return None
-        raw = torch.from_numpy(to_array(self.inits[node.input[0]]).view(np.uint8).copy())
-        block_scales = raw.view(SCALE_TYPES[stored])
+        block_scales = self._block_scales(node.input[0])
         return NVFP4.effective_scales(block_scales, outer.reshape(())).to(outer.dtype)
+
+    def _block_scales(self, name: str) -> torch.Tensor:
+        """An initializer of one of SCALE_TYPES, read by its bytes as that torch dtype."""
+        init = self.inits[name]
+        raw = torch.from_numpy(to_array(init).view(np.uint8).copy())
+        return raw.view(SCALE_TYPES[init.data_type])
 
 
 def fold_weights(graph: onnx.GraphProto) -> dict[str, torch.Tensor]:
@@ -95,7 +102,9 @@ def _dequantized(constants: Constants, node: onnx.NodeProto) -> torch.Tensor | N
     if scale is None or element is None:
         return None
     expanded = expand_scale(scale, tuple(element.shape), node)
-    return (element * expanded).to(scale.dtype)
+    output_type = _attribute(node, "output_dtype", 0)
+    dtype = scale.dtype if not output_type else _torch_dtype(output_type)
+    return (element * expanded).to(dtype)
 
 
 def _element_values(constants: Constants, name: str) -> torch.Tensor | None:
@@ -126,6 +135,13 @@ def expand_scale(scale: torch.Tensor, shape: tuple[int, ...], node: onnx.NodePro
     if block_size:
         return PerBlock(axis, block_size).expand(scale, shape)
     return scale.reshape([-1 if i == axis else 1 for i in range(len(shape))])
+
+
+def _torch_dtype(elem_type: int) -> torch.dtype:
+    """The torch dtype of an ONNX float type (bfloat16 too, which numpy lacks)."""
+    if elem_type == TensorProto.BFLOAT16:
+        return torch.bfloat16
+    return torch.from_numpy(np.zeros(0, helper.tensor_dtype_to_np_dtype(elem_type))).dtype
 
 
 def _attribute(node: onnx.NodeProto, name: str, default):

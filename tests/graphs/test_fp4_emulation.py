@@ -16,7 +16,7 @@ from test_nvfp4 import E2M1, e2m1_oracle, weight_params
 from qcal_export.graphs.fp4_emulation import emulate_fp4, runnable_form, unexpressed
 from qcal_export.graphs.fp4_weights import fold_weights
 from qcal_export.graphs.nvfp4 import add_trt_domain, insert_activation_nvfp4, quantize_weight_nvfp4
-from qcal_export.graphs.qdq import Names, sort_nodes
+from qcal_export.graphs.qdq import Names, make_tensor, sort_nodes
 from qcal_export.spec.formats import NVFP4
 from qcal_export.spec.granularity import PerBlock
 from qcal_export.spec.plan import ActivationPlan, Blocks, Use, WeightPlan
@@ -250,3 +250,30 @@ def test_an_fp4_tensor_read_elsewhere_stays_and_is_named():
     emulation = emulate_fp4(model)
     assert emulation.emulated_activations == 1
     assert emulation.unexpressed == ["QuantizeLinear node 'Q'"]
+
+
+def test_a_single_level_block_scale_in_a_scale_type_folds_too():
+    """FP4 codes behind one DequantizeLinear whose block scales are stored in a scale type
+    (the MX layout: here FP8, an E8M0 type plugs into SCALE_TYPES the same way), its output
+    type given by ``output_dtype``: folded as the reference evaluator computes it."""
+    rng = np.random.default_rng(4)
+    codes = torch.from_numpy(rng.integers(0, 16, (3, 40)).astype(np.uint8))
+    scales = torch.from_numpy(rng.uniform(0.01, 8, (3, 3)).astype(np.float32))
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "DequantizeLinear", ["c", "s"], ["w"], axis=1, block_size=16, output_dtype=FLOAT
+            )
+        ],
+        "g",
+        [],
+        [helper.make_tensor_value_info("w", FLOAT, [3, 40])],
+        initializer=[
+            make_tensor("c", codes, FP4),
+            make_tensor("s", scales.to(torch.float8_e4m3fn), TensorProto.FLOAT8E4M3FN),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    folded = fold_weights(model.graph)["w"]
+    assert folded.dtype == torch.float32
+    np.testing.assert_array_equal(folded.numpy(), ReferenceEvaluator(model).run(None, {})[0])
