@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from qcal_export.graphs.fp4_ops import Builder, block_expanded, round_trip
 from qcal_export.graphs.fp4_trt import emulate_trt
@@ -96,7 +96,8 @@ def _replace_by_initializers(graph: onnx.GraphProto, values: dict[str, torch.Ten
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     """A torch tensor as numpy (bfloat16 through ml_dtypes' type, which numpy_helper writes)."""
     if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.uint16).numpy().view(helper.tensor_dtype_to_np_dtype(16))
+        bfloat16 = helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16)
+        return tensor.view(torch.uint16).numpy().view(bfloat16)
     return tensor.numpy()
 
 
