@@ -299,9 +299,9 @@ def _output_error(
 ) -> Validation:
     """Error of the QDQ model's outputs against the float model's, on the first batches of
     ``data`` (their indices recorded there): in ONNX
-    Runtime as users run it (default optimizations) and in a reference (optimizations off; the
-    ONNX reference evaluator for FLOAT4E2M1 and TensorRT's ops); ``run.validator`` names the
-    runner of the error users get."""
+    Runtime as users run it (default optimizations) and in a reference (optimizations off; for
+    FP4, ORT over the model's FP4 emulation, or the ONNX reference evaluator for what it cannot
+    express); ``run.validator`` names the runner of the error users get."""
     name = f"the quantized model of {run.loaded.path}"
     seen = len(data.seen)
     budget = max(MIN_EVALUATOR_BUDGET_S, run.timings.get("calibrate_s", 0.0))

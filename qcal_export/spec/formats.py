@@ -346,6 +346,13 @@ class NVFP4Format:
         code = torch.searchsorted(grid, magnitude.contiguous()).to(torch.uint8)
         return torch.where(torch.signbit(values) & (magnitude > 0), code | 8, code)
 
+    def decode_e2m1(self, codes: torch.Tensor) -> torch.Tensor:
+        """Float32 values of E2M1 codes (uint8, 0..15, bit 3 the sign): ``encode_e2m1``'s
+        inverse, code 8 decoding to -0.0."""
+        grid = torch.tensor(E2M1_VALUES, device=codes.device)
+        magnitude = grid[(codes & 7).long()]
+        return torch.where((codes & 8) > 0, -magnitude, magnitude)
+
     def quantize(
         self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     ) -> torch.Tensor:

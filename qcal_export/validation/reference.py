@@ -99,6 +99,9 @@ class ReferenceRunner:
         return self._evaluator.run(names, feed)
 
 
+EVALUATOR = "onnx.reference.ReferenceEvaluator"
+"""The validator's name of the ONNX reference evaluator."""
+
 ORT_UNSUPPORTED_TYPES = {TensorProto.FLOAT4E2M1}
 
 

@@ -1,6 +1,6 @@
 """Validate a QDQ model: onnx's full checker, then its outputs against the float model's, as
-ONNX Runtime runs it by default and in a reference (ORT with graph optimizations off, or the ONNX
-reference evaluator for what ORT cannot run)."""
+ONNX Runtime runs it by default and in a reference (ORT with graph optimizations off; for what
+ORT cannot run, ORT over the model's FP4 emulation, or the ONNX reference evaluator)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ import onnxruntime as ort
 from qcal_export.capture.data import DataSource, feeds, model_inputs
 from qcal_export.capture.onnxruntime import ORT_ERRORS, open_session
 from qcal_export.errors import ModelError
+from qcal_export.validation.fp4_runner import fp4_runner
 from qcal_export.validation.output_error import Errors, ErrorTally
+from qcal_export.validation.reference import EVALUATOR as EVALUATOR
 from qcal_export.validation.reference import (
     EvaluatorTimeout,
     ReferenceRunner,
@@ -34,8 +36,6 @@ from qcal_export.validation.runtime_check import (
 )
 
 log = logging.getLogger(__name__)
-
-EVALUATOR = "onnx.reference.ReferenceEvaluator"
 
 
 def warn_nonfinite(errors: Errors, runner: str) -> None:
@@ -82,12 +82,13 @@ def reference_runner(
 ) -> tuple[ort.InferenceSession | ReferenceRunner, str]:
     """A runner for the quantized model and the validator's name.
 
-    ONNX Runtime where it has kernels for every op; the ONNX reference evaluator for FLOAT4E2M1
-    tensors (ORT has no FP4 kernels) and TensorRT's custom ops (implemented here as TensorRT
-    documents them).
+    ONNX Runtime where it has kernels for every op; for FLOAT4E2M1 tensors and TensorRT's FP4
+    ops (ORT has no FP4 kernels) ORT over the model's FP4 emulation, and the ONNX reference
+    evaluator for what the emulation cannot express (``fp4_runner``).
     """
     if needs_reference_evaluator(model):
-        return ReferenceRunner(model), EVALUATOR
+        runner, validator, _ = fp4_runner(model, providers)
+        return runner, validator
     return open_session(model, providers, "the quantized model"), f"onnxruntime ({providers[0]})"
 
 
@@ -106,6 +107,8 @@ class Validation:
     issue: RuntimeIssue | None = None
     stopped: str | None = None
     batches: int | None = None
+    note: str | None = None
+    """Why the reference evaluator validated a model ORT cannot run, not its FP4 emulation."""
 
     @property
     def output_error(self) -> Errors:
@@ -136,6 +139,7 @@ class Validation:
             "default": self.default,
             "runtime_issue": None if self.issue is None else self.issue.to_report(),
             "stopped": self.stopped,
+            "note": self.note,
         }
 
 
@@ -155,12 +159,13 @@ def validate_outputs(
     Where the default session fails, or lands further from the float model than the reference
     does beyond float noise (``runtime_check.worse_than_reference``), one warning says so and
     names the ORT optimizer at fault; a reference that cannot run is a ModelError naming
-    ``name``. Models with types or ops ORT has no kernels for (FP4, TensorRT's) run in the ONNX
-    reference evaluator alone, for at most ``budget_s`` seconds (see ``_in_evaluator``).
+    ``name``. Models with types or ops ORT has no kernels for (FP4, TensorRT's) are validated
+    alone, in ORT over their FP4 emulation or, for what it cannot express, in the ONNX reference
+    evaluator for at most ``budget_s`` seconds (see ``_in_evaluator``).
     """
     float_session = open_session(float_model, providers, str(float_model))
     if needs_reference_evaluator(model):
-        return _in_evaluator(float_session, model, source, max_batches, budget_s)
+        return _in_evaluator(float_session, model, providers, source, max_batches, budget_s)
     names = float_outputs(float_session)
     recorded = [
         (feed, float_session.run(names, feed))
@@ -184,15 +189,17 @@ class ValidationSkipped(Exception):
 def _in_evaluator(
     float_session: ort.InferenceSession,
     model: onnx.ModelProto,
+    providers: list[str],
     source: DataSource,
     max_batches: int,
     budget_s: float | None,
 ) -> Validation:
-    """The validation in the ONNX reference evaluator, which runs numpy op by op, far slower
-    than ORT: past ``budget_s`` it stops between two nodes and the batches done so far make the
-    validation (``stopped`` says so); ValidationSkipped where not even one batch was done."""
+    """The validation of a model ORT cannot run: in ORT over its FP4 emulation, or in the ONNX
+    reference evaluator (``fp4_runner``), which runs numpy op by op, far slower than ORT: past
+    ``budget_s`` it stops between two nodes and the batches done so far make the validation
+    (``stopped`` says so); ValidationSkipped where not even one batch was done."""
     deadline = None if budget_s is None else time.monotonic() + budget_s
-    runner = ReferenceRunner(model, deadline)
+    runner, validator, note = fp4_runner(model, providers, deadline)
     tally = ErrorTally(float_outputs(float_session))
     stopped = None
     try:
@@ -208,8 +215,8 @@ def _in_evaluator(
         stopped = f"validated on {tally.batches} of {max_batches} batches: {budget} ran out"
         log.warning("%s", stopped)
     errors = tally.per_output()
-    warn_nonfinite(errors, EVALUATOR)
-    return Validation(errors, EVALUATOR, stopped=stopped, batches=tally.batches)
+    warn_nonfinite(errors, validator)
+    return Validation(errors, validator, stopped=stopped, batches=tally.batches, note=note)
 
 
 def _against_default(

@@ -22,6 +22,7 @@ from qcal_export.spec.checks import MIN_COSINE as MIN_COSINE
 from qcal_export.spec.checks import check_min_cosine as check_min_cosine
 from qcal_export.validation.data import ValidationData
 from qcal_export.validation.eval_module import Metric, Outputs, batch_size, evaluate
+from qcal_export.validation.fp4_runner import fp4_runner
 from qcal_export.validation.reference import ReferenceRunner, needs_reference_evaluator
 from qcal_export.validation.runtime_check import Level, ModelSessions
 from qcal_export.validation.validate import Validation
@@ -98,9 +99,8 @@ def task_metric(
     float_session = open_session(float_model, providers, str(float_model))
     inputs = model_inputs(model)
     if needs_reference_evaluator(model):
-        values = evaluate(
-            metric, _pairs(float_session, ReferenceRunner(model), data, inputs, max_batches)
-        )
+        runner = fp4_runner(model, providers)[0]
+        values = evaluate(metric, _pairs(float_session, runner, data, inputs, max_batches))
     else:
         with ModelSessions(model, providers) as sessions:
             session = sessions.open(Level.ORT_DISABLE_ALL if reference else None)

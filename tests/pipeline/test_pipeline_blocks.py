@@ -21,7 +21,10 @@ from qcal_export.errors import OutputError, RecipeError
 from qcal_export.pipeline.calibrate import calibrate_onnx
 from qcal_export.spec.formats import NVFP4, get_format
 from qcal_export.spec.granularity import PerBlock
+from qcal_export.validation.fp4_runner import emulation_validator
 from qcal_export.validation.validate import reference_runner
+
+CPU = ["CPUExecutionProvider"]
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["matmul", "gemm"])
@@ -83,14 +86,14 @@ def fake_quant_forward(path, scales, x: np.ndarray) -> np.ndarray:
     ids=["max", "mse", "nvfp4-mse", "hessian", "tensorrt"],
 )
 def test_nvfp4_model_equals_a_fake_quant_forward(mlp, tmp_path, options):
-    """The reference evaluator runs the exported graph; a torch forward with the same scales
-    agrees to float32 rounding, but for rare activations on an E2M1 rounding boundary."""
+    """ORT runs the exported graph's FP4 emulation; a torch forward with the same scales agrees
+    to float32 rounding, but for rare activations on an E2M1 rounding boundary."""
     out = tmp_path / "q.onnx"
     result = calibrate_onnx(
         mlp / "mlp.onnx", mlp / "data", output=out, scales=tmp_path / "s.safetensors", **options
     )
     report = result.report
-    assert report["validator"] == "onnx.reference.ReferenceEvaluator"
+    assert report["validator"] == emulation_validator(CPU)
     assert report["opset"]["to"] == 23
     assert len(report["quantized_nodes"]) == 3
     runner, _ = reference_runner(onnx.load(str(out)), ["CPUExecutionProvider"])
@@ -237,7 +240,7 @@ def test_cli_nvfp4_with_hessian_and_checkpoint(mlp, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0
     out = "".join(capsys.readouterr().out.split())  # rich wraps long cells
-    assert "onnx.reference.ReferenceEvaluator" in out
+    assert "onnxruntime(CPUExecutionProvider,fp4emulation)" in out
     report = json.loads((tmp_path / "r.json").read_text())
     errors = [r["weight_rel_error"] for r in report["tensors"] if r["kind"] == "weight"]
     assert len(errors) == 2 and all(0 < e < 0.2 for e in errors)

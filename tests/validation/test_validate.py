@@ -17,8 +17,9 @@ from runtime_cases import conv_relu_fp8_case, matmul_case
 
 from qcal_export.capture.data import open_data
 from qcal_export.errors import ModelError
+from qcal_export.validation.fp4_runner import emulation_validator
 from qcal_export.validation.runtime_check import _single_culprit, worse_than_reference
-from qcal_export.validation.validate import EVALUATOR, validate_outputs
+from qcal_export.validation.validate import validate_outputs
 
 CPU = ["CPUExecutionProvider"]
 
@@ -111,9 +112,9 @@ def test_a_model_even_the_reference_cannot_load_is_a_model_error(tmp_path):
         validate(case, tmp_path, broken)
 
 
-def test_fp4_runs_in_the_reference_evaluator_alone(tmp_path):
+def test_fp4_runs_in_its_emulation_alone(tmp_path):
     """ORT has no FLOAT4E2M1 kernels (an unused FP4 initializer is enough to tell): no default
-    figures, no issue; the evaluator computes the QDQ math."""
+    figures, no issue; ORT runs the FP4 emulation (which drops the unused initializer)."""
     case = matmul_case(True, False)
     fp4 = onnx.ModelProto()
     fp4.CopyFrom(case.qdq_model)
@@ -122,7 +123,8 @@ def test_fp4_runs_in_the_reference_evaluator_alone(tmp_path):
         helper.make_tensor("unused_fp4", TensorProto.FLOAT4E2M1, [2], np.zeros(2, np.float32))
     )
     validation = validate(case, tmp_path, fp4)
-    assert (validation.validator, validation.default, validation.issue) == (EVALUATOR, None, None)
+    emulation = emulation_validator(["CPUExecutionProvider"])
+    assert (validation.validator, validation.default, validation.issue) == (emulation, None, None)
     assert validation.reference["y"]["rel_l2"] == pytest.approx(case.rel_l2(), rel=1e-5)
 
 
