@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from mlp import make_mlp
+from onnx.reference import ReferenceEvaluator
 
 from qcal_export.artifacts.scales import load_scales
 from qcal_export.capture.data import open_data, split_holdout
@@ -164,5 +165,44 @@ def test_holdout_split_and_bad_targets(mlp):
         calibrate_onnx(mlp, heavy_batches(5), target_cosine=1.5)
     with pytest.raises(DataError, match=r"held out\).*holds no batch"):
         calibrate_onnx(mlp, heavy_batches(4), target_cosine=0.99, validate_batches=0)
-    with pytest.raises(RecipeError, match="nvfp4"):
-        calibrate_onnx(mlp, heavy_batches(5), format="nvfp4", layer_view=True)
+    with pytest.raises(RecipeError, match="auto"):
+        calibrate_onnx(mlp, heavy_batches(5), format="nvfp4", method="auto")
+
+
+def test_nvfp4_sensitivity_runs_on_the_emulation_and_is_that_of_the_fp4_graph(mlp, tmp_path):
+    """NVFP4 (W4A4): the switchable form runs over the exact FP4 emulation in ORT; each node's
+    sensitivity is the output error of the FP4 model quantizing only that node, run in the ONNX
+    reference evaluator (float kernels sum in another order: a small tolerance)."""
+    batches = heavy_batches(2)
+    scales = tmp_path / "s.safetensors"
+    result = calibrate_onnx(
+        mlp,
+        batches,
+        format="nvfp4",
+        layer_view=True,
+        view_batches=2,
+        scales=scales,
+        validate_batches=0,
+    )
+    rows = {row["node"]: row for row in result.report["layers"]}
+    assert len(rows) == 3
+    reference = plain_session(mlp)
+    for node, row in rows.items():
+        others = tuple(n for n in rows if n != node)
+        path = tmp_path / "alone.onnx"
+        calibrate_onnx(
+            mlp,
+            batches,
+            format="nvfp4",
+            scales_in=scales,
+            exclude=others,
+            output=path,
+            validate_batches=0,
+        )
+        evaluator = ReferenceEvaluator(str(path))
+        error = ErrorTally(["y"])
+        for batch in batches:
+            error.add(reference.run(["y"], batch), evaluator.run(["y"], batch))
+        got = row["output_error_quantized_alone"]
+        assert got["rel_l2"] == pytest.approx(error.worst()["rel_l2"], rel=1e-3), node
+        assert got["rel_l2"] > 1e-3  # FP4: every node's error is far from float
