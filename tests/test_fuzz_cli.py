@@ -166,7 +166,7 @@ def test_generated_options_and_arguments(
         argv += ["--weight-method", weight_method] if weight_method else []
         argv += [f"--option={key}={value}" for key, value in method_options]
         argv += ["--layer-view"] if layer_view else []
-        argv += ["--exclude-op-types", "Conv"] if float_conv else []  # nvfp4 needs it
+        argv += ["--exclude-op-types", "Conv"] if float_conv else []
         for flag, value in arguments.items():
             argv.append(f"{flag}={value}")
         if "--state-every" in arguments:

@@ -39,7 +39,8 @@ WEIGHT_INPUTS: dict[str, WeightAxes] = {
 
 
 # op type -> {index of an input quantized as an activation: its reduction axis (negative, from
-# the end; None: unknown)}; other inputs stay float
+# the end; None: unknown here, as for Conv's channels, which graphs/conv_blocks.py finds)};
+# other inputs stay float
 ACTIVATION_INPUTS: dict[str, dict[int, Callable[[onnx.NodeProto], int | None]]] = {
     "MatMul": {0: lambda n: -1, 1: lambda n: -2},
     "Gemm": {

@@ -6,6 +6,7 @@ import onnx
 from onnx import TensorProto
 
 from qcal_export.errors import ModelError, RecipeError
+from qcal_export.graphs.conv_blocks import CONV_OPS, conv_activation_blocks, conv_blocking_problem
 from qcal_export.graphs.op_inputs import (
     ACTIVATION_INPUTS,
     WEIGHT_INPUTS,
@@ -180,6 +181,10 @@ def _plan_node(
     """Add ``node``'s quantizable inputs to ``plan``: (whether any was added, why each input it
     could quantize was left in float, the reasons of those that are no recipe's choice)."""
     act_spec, weight_spec = recipe.specs_for(node.name, node.op_type)
+    if node.op_type in CONV_OPS:
+        problem = conv_blocking_problem(node, act_spec, weight_spec, infos, initializers)
+        if problem is not None:
+            return False, [problem], [problem]
     axes = WEIGHT_INPUTS.get(node.op_type)
     added, why, faults = False, [], []
     for index, tensor in enumerate(node.input):
@@ -204,7 +209,7 @@ def _plan_node(
         elif act_spec is None:
             why.append(f"the recipe leaves activations in float (input {index} {tensor!r})")
         else:
-            blocks = _activation_blocks(node, index, tensor, act_spec, infos)
+            blocks = _activation_blocks(node, index, tensor, act_spec, infos, initializers)
             entry = ActivationPlan(tensor, act_spec, elem_type, blocks=blocks)
             add_activation(plan, entry, Use(node.name, index))
             added = True
@@ -274,10 +279,14 @@ def _activation_blocks(
     tensor: str,
     spec: TensorSpec,
     infos: dict[str, tuple[int, Shape | None]],
+    initializers: dict[str, TensorProto],
 ) -> Blocks | None:
-    """Where the blocks of a block-format activation run; RecipeError if that is unknown."""
+    """Where the blocks of a block-format activation run (a Conv's: along the channels, which
+    ``conv_blocking_problem`` found known); RecipeError if that is unknown."""
     if get_format(spec.format).block_size == 1:
         return None
+    if node.op_type in CONV_OPS:
+        return conv_activation_blocks(node, infos, initializers)
     rule = ACTIVATION_INPUTS.get(node.op_type, {}).get(index)
     axis = rule(node) if rule else None
     shape = infos.get(tensor, (None, None))[1]

@@ -150,13 +150,22 @@ def test_a_large_plan_prints_the_count_and_details_on_request(tmp_path, capsys, 
     assert len(_printed(lines)["tensors"]) == 14
 
 
+def test_nvfp4_plans_a_cnn_at_its_compute_ops_inputs(tmp_path, capsys):
+    """Conv activations in blocks along the channels: no refusal; block formats get no
+    placement beyond the compute ops' inputs, whatever the target."""
+    onnx.save(cnn_model(), str(tmp_path / "cnn.onnx"))
+    lines = _inspect(capsys, tmp_path / "cnn.onnx", "--format", "nvfp4", "--target", "ort")
+    printed = _printed(lines)
+    assert printed["nodes"] == ["c1", "c2", "c3", "fc"]
+    assert set(printed["tensors"]) == {"x", "r1", "p", "f", "w1", "w2", "w3", "wfc"}
+
+
 @pytest.mark.parametrize(
     ("options", "pattern"),
     [
         (["--recipe", "missing.yaml"], r"recipe file missing.yaml does not exist"),
         (["--target", "tflite"], r"--target: invalid choice: 'tflite'"),
         (["--format", "int8", "--weight-method", "max"], r"unrecognized arguments"),
-        (["--format", "nvfp4", "--target", "ort"], r"nvfp4 activation 'x' .* exclude the node"),
     ],
 )
 def test_bad_inspect_options_are_one_error_line(tmp_path, capsys, monkeypatch, options, pattern):
