@@ -141,6 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         args.formats,
         args.methods,
         args.weight_methods,
+        activation_format=args.activation_format,
         cache_dir=args.cache_dir,
         progress=progress_bar(None),
     )

@@ -293,4 +293,9 @@ def add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         choices=method_names(),
         help="weights (nvfp4-mse: nvfp4 only)",
     )
+    p.add_argument(
+        "--activation-format",
+        choices=[name for name, fmt in FORMAT_REGISTRY.items() if not fmt.weight_only],
+        help="every row's activations (e.g. int16 with --formats int8: A16W8)",
+    )
     return p

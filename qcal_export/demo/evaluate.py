@@ -32,8 +32,8 @@ def session(path: str | Path, cpu_only: bool = False) -> Any:
 
 
 class _Embedder:
-    """Runs one model on batches: ONNX Runtime, or the ONNX reference evaluator for models ORT
-    cannot run (NVFP4). The output is ``sentence_embedding`` if present, else the first."""
+    """Runs one model on batches with validation's reference runner (ONNX Runtime; for NVFP4
+    its FP4 emulation). The output is ``sentence_embedding`` if present, else the first."""
 
     def __init__(self, path: str | Path):
         import onnx
@@ -67,7 +67,7 @@ def embedding_cosine(
     """Per-sentence cosine similarity of two models' sentence embeddings, over all batches.
 
     Each batch feeds both models ([B, seq] int64 arrays); returns {"mean", "min", "count"}.
-    Models ONNX Runtime cannot run (NVFP4) go through the ONNX reference evaluator.
+    NVFP4 models run in ONNX Runtime over their exact FP4 emulation (validation's runner).
     """
     reference = _Embedder(reference_model)
     candidate = _Embedder(candidate_model)

@@ -24,6 +24,7 @@ def run_demo(
     methods: Sequence[str] = ("max",),
     weight_methods: Sequence[str] = ("max", "mse", "nvfp4-mse"),
     *,
+    activation_format: str | None = None,
     cache_dir: str | Path | None = None,
     progress: ProgressFactory | None = None,
 ) -> list[dict[str, Any]]:
@@ -31,10 +32,11 @@ def run_demo(
     float, mean relative weight error, time, model path.
 
     Each run takes calibrate's defaults beside its formats and methods (target ort: int8 runs
-    get uint8 activations, ``activation_format`` in the row).
+    get uint8 activations, ``activation_format`` in the row), or ``activation_format`` for
+    every row (int16 with int8 weights: A16W8).
     Calibration and held-out texts are disjoint; int8/fp8 weights are per output channel, NVFP4
     weights per block of 16 (nvfp4-mse applies to nvfp4 only). NVFP4 models are validated
-    and scored with the ONNX reference evaluator (ONNX Runtime has no FP4 kernels).
+    and scored in ONNX Runtime over their exact FP4 emulation (ORT has no FP4 kernels).
     """
     float_model = demo_model_path(cache_dir)
     calib_texts, heldout_texts = demo_texts(NUM_CALIB, NUM_HELDOUT)
@@ -48,7 +50,10 @@ def run_demo(
         for weight_method in weight_methods
         if weight_method not in METHODS or METHODS[weight_method].calibrates(fmt)
     ]
-    return [_demo_row(float_model, calib, heldout, out_dir, run, progress=progress) for run in runs]
+    return [
+        _demo_row(float_model, calib, heldout, out_dir, run, activation_format, progress=progress)
+        for run in runs
+    ]
 
 
 def _demo_row(
@@ -57,12 +62,14 @@ def _demo_row(
     heldout: list[dict[str, np.ndarray]],
     out_dir: Path,
     run: tuple[str, str, str],
+    activation_format: str | None,
     *,
     progress: ProgressFactory | None,
 ) -> dict[str, Any]:
     """Calibrate the float model with one (format, method, weight method) and score it."""
     fmt, method, weight_method = run
-    stem = out_dir / f"minilm_{fmt}_a-{method}_w-{weight_method}"
+    activations = "" if activation_format is None else f"{activation_format}-"
+    stem = out_dir / f"minilm_{fmt}_a-{activations}{method}_w-{weight_method}"
     start = time.perf_counter()
     result = calibrate_onnx(
         float_model,
@@ -71,6 +78,7 @@ def _demo_row(
         scales=stem.with_suffix(".safetensors"),
         report=stem.with_suffix(".json"),
         format=fmt,
+        activation_format=activation_format,
         method=method,
         weight_method=weight_method,
         validate_batches=1,
