@@ -57,6 +57,8 @@ class IntFormat:
     """Elements ``fake_quant`` treats together along the last axis (1: each on its own)."""
     two_level: ClassVar[bool] = False
     """Whether a tensor's scale has two levels (a global scale over block scales: NVFP4)."""
+    shared_exponent: ClassVar[bool] = False
+    """Whether block scales are powers of two stored as E8M0 (the MX formats)."""
     integer: ClassVar[bool] = True
     """Whether ``x / scale`` is rounded to integers (else cast to a float grid)."""
 
@@ -165,6 +167,7 @@ class FP8E4M3Format:
     symmetric: ClassVar[bool] = True
     block_size: ClassVar[int] = 1
     two_level: ClassVar[bool] = False
+    shared_exponent: ClassVar[bool] = False
     integer: ClassVar[bool] = False
     weight_only: ClassVar[bool] = False
     default_block_size: ClassVar[int | None] = None
@@ -255,6 +258,7 @@ class NVFP4Format:
     symmetric: ClassVar[bool] = True
     block_size: ClassVar[int] = 16
     two_level: ClassVar[bool] = True
+    shared_exponent: ClassVar[bool] = False
     integer: ClassVar[bool] = False
     weight_only: ClassVar[bool] = False
     default_block_size: ClassVar[int | None] = 16
@@ -378,6 +382,7 @@ FP8_E4M3 = FP8E4M3Format()
 FORMATS: dict[str, Format] = {
     f.name: f for f in (INT8, UINT8, INT16, UINT16, INT4, UINT4, FP8_E4M3, NVFP4)
 }
+"""Every format by name; the MX formats (spec/mx_formats.py, built on these) add themselves."""
 
 
 def get_format(name: str) -> Format:
@@ -407,3 +412,6 @@ def unpack_nibbles(packed: torch.Tensor, count: int) -> torch.Tensor:
     """The inverse of ``pack_nibbles``: ``count`` 4-bit codes (uint8) in order."""
     flat = packed.reshape(-1).to(torch.uint8)
     return torch.stack([flat & 0x0F, flat >> 4], dim=-1).reshape(-1)[:count]
+
+
+import qcal_export.spec.mx_formats  # noqa: E402, F401  (registers mxfp8 and mxfp4 in FORMATS)
