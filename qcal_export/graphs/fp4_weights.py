@@ -36,7 +36,10 @@ SCALE_TYPES: dict[int, torch.dtype] = {
 """Block scale storage types read by their bytes: NVFP4's FP8 block scales and the MX formats'
 power-of-two E8M0 scales."""
 
-UNRUNNABLE_TYPES = frozenset({*ELEMENT_FORMATS, TensorProto.FLOAT8E8M0})
+UNRUNNABLE_SCALES = frozenset({TensorProto.FLOAT8E8M0})
+"""Scale types ONNX Runtime has no Q/DQ kernels for: the MX formats' E8M0 exponents."""
+
+UNRUNNABLE_TYPES = frozenset({*ELEMENT_FORMATS, *UNRUNNABLE_SCALES})
 """Initializer types ONNX Runtime has no Q/DQ kernels for: FP4 elements and E8M0 scales."""
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
@@ -109,7 +112,7 @@ def fold_weights(graph: onnx.GraphProto) -> dict[str, torch.Tensor]:
 def _dequantized(constants: Constants, node: onnx.NodeProto) -> torch.Tensor | None:
     """``node``'s output as the reference DequantizeLinear computes it, None if not constant."""
     scale = constants.scale(node.input[1])
-    element = _element_values(constants, node.input[0])
+    element = _element_values(constants, node.input[0], constants.elem_type(node.input[1]))
     if scale is None or element is None:
         return None
     expanded = expand_scale(scale, tuple(element.shape), node)
@@ -118,11 +121,17 @@ def _dequantized(constants: Constants, node: onnx.NodeProto) -> torch.Tensor | N
     return (element * expanded).to(dtype)
 
 
-def _element_values(constants: Constants, name: str) -> torch.Tensor | None:
-    """Float32 values of constant codes: a stored initializer decoded, or the codes a
-    QuantizeLinear (no zero point) writes for a constant float tensor."""
-    stored = constants.elem_type(name)
-    fmt = ELEMENT_FORMATS.get(stored) or RUNNABLE_ELEMENTS.get(stored)
+def _element_format(elem_type: int | None, scale_type: int | None) -> MXFormat | None:
+    """The format that decodes ``elem_type`` codes over a ``scale_type`` scale, if any."""
+    if scale_type in UNRUNNABLE_SCALES and elem_type in RUNNABLE_ELEMENTS:
+        return RUNNABLE_ELEMENTS[elem_type]
+    return ELEMENT_FORMATS.get(elem_type)
+
+
+def _element_values(constants: Constants, name: str, scale_type: int | None) -> torch.Tensor | None:
+    """Float32 values of constant codes read with a ``scale_type`` scale: a stored initializer
+    decoded, or the codes a QuantizeLinear (no zero point) writes for a constant float tensor."""
+    fmt = _element_format(constants.elem_type(name), scale_type)
     if fmt is not None:
         codes = torch.from_numpy(to_array(constants.inits[name]).view(np.uint8).copy())
         return fmt.decode(codes)
@@ -130,7 +139,7 @@ def _element_values(constants: Constants, name: str) -> torch.Tensor | None:
     if node is None or node.op_type != "QuantizeLinear" or node.domain or len(node.input) != 2:
         return None
     output_type = _attribute(node, "output_dtype", None)
-    fmt = ELEMENT_FORMATS.get(output_type) or RUNNABLE_ELEMENTS.get(output_type)
+    fmt = _element_format(output_type, constants.elem_type(node.input[1]))
     weight, scale = constants.floats(node.input[0]), constants.scale(node.input[1])
     if fmt is None or weight is None or scale is None:
         return None
