@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from onnx import TensorProto
 
-from qcal_export.spec.formats import FORMATS, NVFP4, SCALE_FLOOR, _out_like
+from qcal_export.spec.e2m1 import decode_e2m1, encode_e2m1, round_e2m1
 
 E8M0_BIAS = 127
 """An E8M0 code is ``e + 127``; code 255 is NaN, so exponents run from -127 to 127."""
@@ -70,7 +70,7 @@ class MXFormat:
         return torch.ldexp(torch.ones(e.shape, dtype=torch.float32), e)
 
     def scale_zero_point(
-        self, amin: torch.Tensor, amax: torch.Tensor, scale_floor: float = SCALE_FLOOR
+        self, amin: torch.Tensor, amax: torch.Tensor, scale_floor: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The E8M0 scale (float32 ``2^e``) of each block range, and a zero zero point.
 
@@ -84,7 +84,9 @@ class MXFormat:
         self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None
     ) -> torch.Tensor:
         """QuantizeLinear -> DequantizeLinear in float32; ``scale`` broadcasts against ``x``."""
-        return self.fake_quant_into(_out_like(x, scale), x, scale, zero_point)
+        shape = torch.broadcast_shapes(x.shape, scale.shape)
+        out = torch.empty(shape, dtype=torch.float32, device=x.device)
+        return self.fake_quant_into(out, x, scale, zero_point)
 
     def fake_quant_into(
         self,
@@ -123,17 +125,16 @@ class MXFP4Format(MXFormat):
     """MXFP4: FP4 E2M1 elements (max 6, emax 2), stored two per byte like NVFP4's."""
 
     def round_elements(self, y: torch.Tensor) -> torch.Tensor:
-        return NVFP4.round_e2m1(y.to(torch.float32))
+        return round_e2m1(y.to(torch.float32))
 
     def quantize(
         self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None
     ) -> torch.Tensor:
-        return NVFP4.encode_e2m1(self.round_elements(x.to(torch.float32) / scale))
+        return encode_e2m1(self.round_elements(x.to(torch.float32) / scale))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return NVFP4.decode_e2m1(codes)
+        return decode_e2m1(codes)
 
 
 MXFP8 = MXFP8Format("mxfp8", 8, 448.0, TensorProto.FLOAT8E4M3FN, torch.float8_e4m3fn)
 MXFP4 = MXFP4Format("mxfp4", 2, 6.0, TensorProto.FLOAT4E2M1, torch.uint8)
-FORMATS.update({MXFP8.name: MXFP8, MXFP4.name: MXFP4})
