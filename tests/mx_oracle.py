@@ -41,8 +41,9 @@ def round_to_grid(y: float, grid: np.ndarray) -> float:
     return math.copysign(grid[code], y)
 
 
-def brute_force(weight: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(dequantized weight, exponents [blocks, N]) of ``weight`` [K, N] in float64."""
+def brute_force(weight: np.ndarray, name: str, lowest: int = -127) -> tuple[np.ndarray, np.ndarray]:
+    """(dequantized weight, exponents [blocks, N]) of ``weight`` [K, N] in float64; exponents
+    at least ``lowest`` (a zero block: ``lowest``)."""
     grid, emax = GRIDS[name]
     out = np.zeros(weight.shape)
     exponents = []
@@ -51,8 +52,8 @@ def brute_force(weight: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
         row = []
         for j in range(weight.shape[1]):
             amax = np.abs(block[:, j]).max()
-            e = -127 if amax == 0 else math.floor(math.log2(amax)) - emax
-            e = min(max(e, -127), 127)
+            e = lowest if amax == 0 else math.floor(math.log2(amax)) - emax
+            e = min(max(e, lowest), 127)
             row.append(e)
             for i, x in enumerate(block[:, j]):
                 out[start + i, j] = round_to_grid(x / 2.0**e, grid) * 2.0**e

@@ -8,6 +8,7 @@ element grid, saturating at its largest value (448, 6), as QuantizeLinear casts 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -59,10 +60,10 @@ class MXFormat:
     scale_onnx_type: ClassVar[int] = TensorProto.FLOAT8E8M0
     min_opset: ClassVar[int] = 24
 
-    def exponent(self, amax: torch.Tensor) -> torch.Tensor:
+    def exponent(self, amax: torch.Tensor, lowest: int = E8M0_MIN) -> torch.Tensor:
         """The spec's shared exponent of each block amax (int32): ``floor(log2(amax)) - emax``
-        within E8M0's range; a zero block gets the smallest."""
-        return (floor_log2(amax) - self.emax).clamp(E8M0_MIN, E8M0_MAX)
+        within ``[lowest, 127]``; a zero block gets ``lowest``."""
+        return (floor_log2(amax) - self.emax).clamp(max(lowest, E8M0_MIN), E8M0_MAX)
 
     def scale_of(self, exponent: torch.Tensor) -> torch.Tensor:
         """Float32 ``2^exponent`` of int exponents, clamped to E8M0's range."""
@@ -74,10 +75,13 @@ class MXFormat:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The E8M0 scale (float32 ``2^e``) of each block range, and a zero zero point.
 
-        ``scale_floor`` is not used: an E8M0 scale is never below ``2^-127``, never 0.
+        ``scale_floor`` (the smallest positive value of the weight's float type) bounds ``e``
+        from below, so that a QuantizeLinear in that type never divides by a scale that
+        underflows to 0 there; E8M0 itself holds nothing below ``2^-127``.
         """
+        lowest = math.ceil(math.log2(scale_floor)) if scale_floor > 0 else E8M0_MIN
         bound = torch.maximum(amin.abs(), amax.abs())
-        scale = self.scale_of(self.exponent(bound))
+        scale = self.scale_of(self.exponent(bound, lowest))
         return scale, torch.zeros_like(scale)
 
     def fake_quant(
