@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 from qcal_export.errors import OutputError, ScalesError
 from qcal_export.files.atomic import atomic_path, write_file
 from qcal_export.spec.choices import CheckpointLayout
-from qcal_export.spec.formats import E2M1_VALUES, NVFP4, pack_nibbles, unpack_nibbles
+from qcal_export.spec.e2m1 import E2M1_VALUES
+from qcal_export.spec.formats import NVFP4, pack_nibbles, unpack_nibbles
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

@@ -8,6 +8,7 @@ from qcal_export.calibrators.entropy import EntropyCalibrator
 from qcal_export.calibrators.histogram import HistogramCalibrator
 from qcal_export.calibrators.max import MaxCalibrator
 from qcal_export.calibrators.mse import MseCalibrator, mse_multipliers
+from qcal_export.calibrators.mx_mse import MxMseCalibrator
 from qcal_export.calibrators.nvfp4_mse import BlockHessian, NVFP4MseCalibrator
 from qcal_export.calibrators.percentile import PercentileCalibrator
 from qcal_export.calibrators.shrink_mse import ShrinkMseCalibrator
@@ -19,6 +20,7 @@ CALIBRATORS: dict[str, type[Calibrator]] = {
         (methods.MAX, MaxCalibrator),
         (methods.MSE, MseCalibrator),
         (methods.NVFP4_MSE, NVFP4MseCalibrator),
+        (methods.MX_MSE, MxMseCalibrator),
         (methods.PERCENTILE, PercentileCalibrator),
         (methods.ENTROPY, EntropyCalibrator),
         (methods.SHRINK_MSE, ShrinkMseCalibrator),
@@ -34,6 +36,7 @@ __all__ = [
     "HistogramCalibrator",
     "MaxCalibrator",
     "MseCalibrator",
+    "MxMseCalibrator",
     "NVFP4MseCalibrator",
     "PercentileCalibrator",
     "ShrinkMseCalibrator",

@@ -10,6 +10,7 @@ import onnx
 from onnx import helper
 
 from qcal_export.errors import ModelError, ScalesError
+from qcal_export.graphs.mx import quantize_weight_mx
 from qcal_export.graphs.nvfp4 import (
     TRT_DOMAIN,
     add_trt_domain,
@@ -145,6 +146,8 @@ def export_qdq(
         q = scales[tensor].qparams()
         if q.fmt.two_level:
             quantize_weight_nvfp4(graph, weight, q, weights_mode, names, nvfp4_form)
+        elif q.fmt.shared_exponent:
+            quantize_weight_mx(graph, weight, q, weights_mode, names)
         else:
             params[tensor] = quantize_weight(graph, weight, q, weights_mode, names)
     for tensor, activation in plan.activations.items():

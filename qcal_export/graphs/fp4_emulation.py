@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcal_export.graphs.fp4_ops import Builder, block_expanded, round_trip
 from qcal_export.graphs.fp4_trt import emulate_trt
-from qcal_export.graphs.fp4_weights import ELEMENT_FORMATS, fold_weights
+from qcal_export.graphs.fp4_weights import ELEMENT_FORMATS, UNRUNNABLE_TYPES, fold_weights
 from qcal_export.graphs.nvfp4 import TRT_DOMAIN
 from qcal_export.graphs.qdq import Names
 from qcal_export.onnx_io.weights import store_embedded
@@ -72,8 +72,9 @@ def runnable_form(model: onnx.ModelProto) -> onnx.ModelProto | None:
 
 
 def unexpressed(graph: onnx.GraphProto) -> list[str]:
-    """Initializers and nodes of ``graph`` that ORT cannot run: an FP4 type or TensorRT's op."""
-    left = [f"initializer {t.name!r}" for t in graph.initializer if t.data_type in ELEMENT_FORMATS]
+    """Initializers and nodes of ``graph`` that ORT cannot run: an FP4 type, an E8M0 scale or
+    TensorRT's op."""
+    left = [f"initializer {t.name!r}" for t in graph.initializer if t.data_type in UNRUNNABLE_TYPES]
     for node in graph.node:
         if node.domain == TRT_DOMAIN:
             left.append(f"{node.domain}::{node.op_type} node {node.name!r}")

@@ -9,7 +9,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qcal_export.graphs.qdq import Names
-from qcal_export.spec.formats import E2M1_VALUES
+from qcal_export.spec.e2m1 import E2M1_VALUES
 
 E2M1_STEPS = ((2.0, 0.5), (4.0, 1.0))
 """(magnitude bound, grid spacing below it) of E2M1; 2.0 up to the largest value, 6. Dividing

@@ -17,16 +17,30 @@ from onnx import TensorProto, helper
 
 from qcal_export.onnx_io.initializers import initializer_values
 from qcal_export.onnx_io.weights import to_array
-from qcal_export.spec.formats import NVFP4, NVFP4Format
+from qcal_export.spec.formats import NVFP4
 from qcal_export.spec.granularity import PerBlock
+from qcal_export.spec.mx_formats import MXFP4, MXFP8, MXFormat
 
-ELEMENT_FORMATS: dict[int, NVFP4Format] = {NVFP4.onnx_type: NVFP4}
-"""Formats by the element type they store; each decodes its codes (``decode_e2m1``), rounds
-onto its grid (``round_e2m1``) and multiplies its two scale levels (``effective_scales``)."""
+ELEMENT_FORMATS: dict[int, MXFormat] = {TensorProto.FLOAT4E2M1: MXFP4}
+"""Element types ONNX Runtime cannot run, by a format that stores them: it decodes its codes
+(``decode``) and rounds onto its grid (``round_elements``); NVFP4's E2M1 elements are MXFP4's."""
 
-SCALE_TYPES: dict[int, torch.dtype] = {TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn}
-"""Block scale storage types read by their bytes: a format with another scale type (a
-power-of-two exponent, say) adds its decoding here."""
+RUNNABLE_ELEMENTS: dict[int, MXFormat] = {TensorProto.FLOAT8E4M3FN: MXFP8}
+"""Element types ONNX Runtime runs, decoded where their chain's scale is one it cannot run
+(MXFP8's E4M3 elements over an E8M0 scale)."""
+
+SCALE_TYPES: dict[int, torch.dtype] = {
+    TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn,
+    TensorProto.FLOAT8E8M0: torch.float8_e8m0fnu,
+}
+"""Block scale storage types read by their bytes: NVFP4's FP8 block scales and the MX formats'
+power-of-two E8M0 scales."""
+
+UNRUNNABLE_SCALES = frozenset({TensorProto.FLOAT8E8M0})
+"""Scale types ONNX Runtime has no Q/DQ kernels for: the MX formats' E8M0 exponents."""
+
+UNRUNNABLE_TYPES = frozenset({*ELEMENT_FORMATS, *UNRUNNABLE_SCALES})
+"""Initializer types ONNX Runtime has no Q/DQ kernels for: FP4 elements and E8M0 scales."""
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
@@ -98,7 +112,7 @@ def fold_weights(graph: onnx.GraphProto) -> dict[str, torch.Tensor]:
 def _dequantized(constants: Constants, node: onnx.NodeProto) -> torch.Tensor | None:
     """``node``'s output as the reference DequantizeLinear computes it, None if not constant."""
     scale = constants.scale(node.input[1])
-    element = _element_values(constants, node.input[0])
+    element = _element_values(constants, node.input[0], constants.elem_type(node.input[1]))
     if scale is None or element is None:
         return None
     expanded = expand_scale(scale, tuple(element.shape), node)
@@ -107,22 +121,30 @@ def _dequantized(constants: Constants, node: onnx.NodeProto) -> torch.Tensor | N
     return (element * expanded).to(dtype)
 
 
-def _element_values(constants: Constants, name: str) -> torch.Tensor | None:
-    """Float32 values of constant codes: a stored initializer decoded, or the codes a
-    QuantizeLinear (no zero point) writes for a constant float tensor."""
-    stored = constants.elem_type(name)
-    if stored in ELEMENT_FORMATS:
+def _element_format(elem_type: int | None, scale_type: int | None) -> MXFormat | None:
+    """The format that decodes ``elem_type`` codes over a ``scale_type`` scale, if any."""
+    if scale_type in UNRUNNABLE_SCALES and elem_type in RUNNABLE_ELEMENTS:
+        return RUNNABLE_ELEMENTS[elem_type]
+    return ELEMENT_FORMATS.get(elem_type)
+
+
+def _element_values(constants: Constants, name: str, scale_type: int | None) -> torch.Tensor | None:
+    """Float32 values of constant codes read with a ``scale_type`` scale: a stored initializer
+    decoded, or the codes a QuantizeLinear (no zero point) writes for a constant float tensor."""
+    fmt = _element_format(constants.elem_type(name), scale_type)
+    if fmt is not None:
         codes = torch.from_numpy(to_array(constants.inits[name]).view(np.uint8).copy())
-        return ELEMENT_FORMATS[stored].decode_e2m1(codes)
+        return fmt.decode(codes)
     node = constants.producers.get(name)
     if node is None or node.op_type != "QuantizeLinear" or node.domain or len(node.input) != 2:
         return None
-    fmt = ELEMENT_FORMATS.get(_attribute(node, "output_dtype", None))
+    output_type = _attribute(node, "output_dtype", None)
+    fmt = _element_format(output_type, constants.elem_type(node.input[1]))
     weight, scale = constants.floats(node.input[0]), constants.scale(node.input[1])
     if fmt is None or weight is None or scale is None:
         return None
     expanded = expand_scale(scale, tuple(weight.shape), node)
-    return fmt.round_e2m1(weight / expanded.to(weight.dtype)).float()
+    return fmt.round_elements(weight / expanded.to(weight.dtype)).float()
 
 
 def expand_scale(scale: torch.Tensor, shape: tuple[int, ...], node: onnx.NodeProto) -> torch.Tensor:

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
+from qcal_export.spec.e2m1 import decode_e2m1, encode_e2m1, round_e2m1
+from qcal_export.spec.mx_formats import MXFP4, MXFP8, MXFormat
+
 AMAX_FLOOR = 1e-30
 """The amax (and range width) of a zero range: a tensor of zeros, nothing collected, or only
 non-finite values skipped. A non-zero amax, however small, keeps its own value."""
@@ -57,6 +60,8 @@ class IntFormat:
     """Elements ``fake_quant`` treats together along the last axis (1: each on its own)."""
     two_level: ClassVar[bool] = False
     """Whether a tensor's scale has two levels (a global scale over block scales: NVFP4)."""
+    shared_exponent: ClassVar[bool] = False
+    """Whether block scales are powers of two stored as E8M0 (the MX formats)."""
     integer: ClassVar[bool] = True
     """Whether ``x / scale`` is rounded to integers (else cast to a float grid)."""
 
@@ -165,6 +170,7 @@ class FP8E4M3Format:
     symmetric: ClassVar[bool] = True
     block_size: ClassVar[int] = 1
     two_level: ClassVar[bool] = False
+    shared_exponent: ClassVar[bool] = False
     integer: ClassVar[bool] = False
     weight_only: ClassVar[bool] = False
     default_block_size: ClassVar[int | None] = None
@@ -233,10 +239,6 @@ FP8_SUBNORMAL_MIN = 2.0**-9
 """Smallest positive FP8 E4M3FN value: the floor of an NVFP4 block scale."""
 
 
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-"""FP4 E2M1 magnitudes by code 0..7; code | 8 is the negative value (bit 3 is the sign)."""
-
-
 @dataclass(frozen=True)
 class NVFP4Format:
     """NVFP4: FP4 E2M1 elements in blocks of 16, an FP8 E4M3 scale per block, an FP32 global scale.
@@ -255,6 +257,7 @@ class NVFP4Format:
     symmetric: ClassVar[bool] = True
     block_size: ClassVar[int] = 16
     two_level: ClassVar[bool] = True
+    shared_exponent: ClassVar[bool] = False
     integer: ClassVar[bool] = False
     weight_only: ClassVar[bool] = False
     default_block_size: ClassVar[int | None] = 16
@@ -290,15 +293,8 @@ class NVFP4Format:
         return block_scales.to(torch.float32) * global_scale
 
     def round_e2m1(self, y: torch.Tensor) -> torch.Tensor:
-        """Round float32 ``y`` to the E2M1 grid, half to even, saturating at ±6.
-
-        The grid spacing is 0.5 below 2, 1 below 4 and 2 up to 6, so scaling by the spacing,
-        rounding half-even and scaling back is exact.
-        """
-        y = y.clamp(-self.qmax, self.qmax)
-        magnitude = y.abs()
-        step = torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
-        return torch.round(y / step) * step
+        """Round float32 ``y`` to the E2M1 grid, half to even, saturating at ±6."""
+        return round_e2m1(y)
 
     def fake_quant_blocks(self, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """Q -> DQ of ``blocks`` (``[..., 16]``) with float32 effective scales ``[..., 1]``."""
@@ -337,21 +333,12 @@ class NVFP4Format:
         return out
 
     def encode_e2m1(self, values: torch.Tensor) -> torch.Tensor:
-        """E2M1 codes (uint8, 0..15, bit 3 the sign) of values already on the E2M1 grid.
-
-        Zero is always code 0 (a rounded -0.0 too), which decodes to the same value as code 8.
-        """
-        magnitude = values.abs().to(torch.float32)
-        grid = torch.tensor(E2M1_VALUES, device=values.device)
-        code = torch.searchsorted(grid, magnitude.contiguous()).to(torch.uint8)
-        return torch.where(torch.signbit(values) & (magnitude > 0), code | 8, code)
+        """E2M1 codes (uint8, 0..15, bit 3 the sign) of values already on the E2M1 grid."""
+        return encode_e2m1(values)
 
     def decode_e2m1(self, codes: torch.Tensor) -> torch.Tensor:
-        """Float32 values of E2M1 codes (uint8, 0..15, bit 3 the sign): ``encode_e2m1``'s
-        inverse, code 8 decoding to -0.0."""
-        grid = torch.tensor(E2M1_VALUES, device=codes.device)
-        magnitude = grid[(codes & 7).long()]
-        return torch.where((codes & 8) > 0, -magnitude, magnitude)
+        """Float32 values of E2M1 codes: ``encode_e2m1``'s inverse."""
+        return decode_e2m1(codes)
 
     def quantize(
         self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
@@ -365,7 +352,7 @@ class NVFP4Format:
 
 NVFP4 = NVFP4Format()
 
-Format = IntFormat | FP8E4M3Format | NVFP4Format
+Format = IntFormat | FP8E4M3Format | NVFP4Format | MXFormat
 
 INT8 = IntFormat(bits=8, signed=True, symmetric=True)
 UINT8 = IntFormat(bits=8, signed=False, symmetric=False)
@@ -376,7 +363,7 @@ UINT4 = IntFormat(bits=4, signed=False, symmetric=False)
 FP8_E4M3 = FP8E4M3Format()
 
 FORMATS: dict[str, Format] = {
-    f.name: f for f in (INT8, UINT8, INT16, UINT16, INT4, UINT4, FP8_E4M3, NVFP4)
+    f.name: f for f in (INT8, UINT8, INT16, UINT16, INT4, UINT4, FP8_E4M3, NVFP4, MXFP8, MXFP4)
 }
 
 

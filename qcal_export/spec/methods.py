@@ -121,6 +121,12 @@ NVFP4_MSE = MethodSpec(
     ),
     formats=("nvfp4",),
 )
+MX_MSE = MethodSpec(
+    "mx-mse",
+    kinds=frozenset({TensorKind.WEIGHT}),
+    weight_only_reason="chooses per-block weight exponents; MX formats quantize weights only",
+    formats=("mxfp8", "mxfp4"),
+)
 SHRINK_MSE = MethodSpec(
     "shrink-mse",
     bounds={
@@ -152,7 +158,8 @@ AUTO = MethodSpec(
 )
 
 METHODS: dict[str, MethodSpec] = {
-    method.name: method for method in (MAX, MSE, NVFP4_MSE, SHRINK_MSE, PERCENTILE, ENTROPY, AUTO)
+    method.name: method
+    for method in (MAX, MSE, NVFP4_MSE, MX_MSE, SHRINK_MSE, PERCENTILE, ENTROPY, AUTO)
 }
 """Every method by name, in the order the CLI and messages list them."""
 DEFAULT_METHOD = MAX.name

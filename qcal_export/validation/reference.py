@@ -102,11 +102,12 @@ class ReferenceRunner:
 EVALUATOR = "onnx.reference.ReferenceEvaluator"
 """The validator's name of the ONNX reference evaluator."""
 
-ORT_UNSUPPORTED_TYPES = {TensorProto.FLOAT4E2M1}
+ORT_UNSUPPORTED_TYPES = {TensorProto.FLOAT4E2M1, TensorProto.FLOAT8E8M0}
 
 
 def needs_reference_evaluator(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` holds types or ops ONNX Runtime cannot run (FP4, TensorRT's ops)."""
+    """Whether ``model`` holds types or ops ONNX Runtime cannot run (FP4, E8M0 scales,
+    TensorRT's ops)."""
     graph = model.graph
     if any(t.data_type in ORT_UNSUPPORTED_TYPES for t in graph.initializer):
         return True

@@ -15,12 +15,14 @@ from qcal_export.calibrators import (
     EntropyCalibrator,
     MaxCalibrator,
     MseCalibrator,
+    MxMseCalibrator,
     NVFP4MseCalibrator,
     PercentileCalibrator,
     ShrinkMseCalibrator,
 )
 from qcal_export.spec.formats import FP8_E4M3, INT4, INT8, NVFP4, UINT4, UINT8
 from qcal_export.spec.granularity import PerAxis, PerBlock, PerTensor, PerTensorGroup
+from qcal_export.spec.mx_formats import MXFP4, MXFP8
 
 FLT_MAX = float(np.finfo(F32).max)
 SUBNORMAL = float(np.finfo(F32).smallest_subnormal)
@@ -41,6 +43,7 @@ CASES = {
     "mse": cases([NV_GROUP]),
     "shrink-mse": cases([NV_BLOCKS, NV_GROUP]),
     "nvfp4-mse": [(NVFP4, NV_BLOCKS), (NVFP4, PerBlock(0, 16))],
+    "mx-mse": [(MXFP8, PerBlock(-1, 32)), (MXFP4, PerBlock(0, 32))],
 }
 """Formats and granularities each calibrator accepts (see each class's checks)."""
 
@@ -70,6 +73,7 @@ def build(method: str, fmt, granularity, data: list[np.ndarray], **kwargs):
         "mse": MseCalibrator,
         "shrink-mse": ShrinkMseCalibrator,
         "nvfp4-mse": NVFP4MseCalibrator,
+        "mx-mse": MxMseCalibrator,
     }[method]
     if method == "entropy":  # 128 bins a side, not 2048: the KL sweep is 16x cheaper
         kwargs.setdefault("bins", 128)

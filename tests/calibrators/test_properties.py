@@ -33,6 +33,7 @@ from qcal_export.calibrators import (
 )
 from qcal_export.spec.formats import AMAX_FLOOR, FP8_E4M3, INT8, NVFP4, UINT8
 from qcal_export.spec.granularity import PerAxis, PerBlock, PerTensor
+from qcal_export.spec.mx_formats import MXFP4, MXFP8
 
 # 1. finite, positive amax and scale -----------------------------------------------------------
 
@@ -149,6 +150,6 @@ def test_cases_cover_every_calibrator_and_format():
 
     assert set(CASES) == set(CALIBRATORS)
     assert {f.name for cases_ in CASES.values() for f, _ in cases_} == {
-        f.name for f in (*PLAIN, NVFP4)
+        f.name for f in (*PLAIN, NVFP4, MXFP8, MXFP4)
     }
     assert math.isfinite(FLT_MAX) and SUBNORMAL > 0

@@ -59,11 +59,11 @@ def test_the_traits_callers_test_are_declared():
 
 
 def test_cli_choices_are_the_declared_methods():
-    every = ["max", "mse", "nvfp4-mse", "shrink-mse", "percentile", "entropy", "auto"]
+    every = ["max", "mse", "nvfp4-mse", "mx-mse", "shrink-mse", "percentile", "entropy", "auto"]
     assert method_names() == every
     assert _choices("calibrate", "--method") == every
     assert _choices("calibrate", "--weight-method") == every
-    assert _choices("demo", "--methods") == [m for m in every if m != "nvfp4-mse"]
+    assert _choices("demo", "--methods") == [m for m in every if m not in ("nvfp4-mse", "mx-mse")]
     assert _choices("demo", "--methods") == method_names(TensorKind.ACTIVATION)
 
 
@@ -74,7 +74,7 @@ def test_searches_are_refused_as_a_calibrator_with_the_methods_that_are_one():
     assert str(e.value) == (
         "method auto chooses among activation methods per tensor in calibrate_onnx; give "
         "weights and torch models a method of "
-        "['max', 'mse', 'nvfp4-mse', 'shrink-mse', 'percentile', 'entropy']"
+        "['max', 'mse', 'nvfp4-mse', 'mx-mse', 'shrink-mse', 'percentile', 'entropy']"
     )
     with pytest.raises(RecipeError, match=r"^method auto chooses activation methods; give"):
         build_recipe(None, weight_method="auto")

@@ -1,0 +1,110 @@
+"""calibrate_onnx and ``qcal calibrate`` with MX weights (mxfp8, mxfp4; activations in float) on
+a real exported MLP (MatMul and Gemm, a partial last block of 8): the written model holds the
+elements and E8M0 scales at opset 24, the reference evaluator computes the float64 brute force's
+weights (mx_oracle.py), and the validation figures come from ORT over the emulation."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from error_lines import assert_one_error_line
+from mlp import batches, make_mlp
+from mx_oracle import brute_force
+from onnx import TensorProto, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from qcal_export.cli import main
+from qcal_export.pipeline.calibrate import calibrate_onnx
+from qcal_export.validation.fp4_runner import emulation_validator
+
+CPU = ["CPUExecutionProvider"]
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["matmul", "gemm"])
+def mlp(request, tmp_path_factory):
+    return make_mlp(tmp_path_factory.mktemp("mlp"), seq=request.param)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def brute_force_weights(source: onnx.ModelProto, written: onnx.ModelProto, name: str) -> dict:
+    """Each float weight of ``source`` that ``written`` quantized, as the brute force gives it
+    (blocks along the reduction axis: MatMul's axis 0, Gemm transB's axis 1)."""
+    expected = {}
+    for node in written.graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        axis = next(a.i for a in node.attribute if a.name == "axis")
+        weight_name = node.output[0].removesuffix("_dequantized")
+        init = next(t for t in source.graph.initializer if t.name == weight_name)
+        weight = numpy_helper.to_array(init)
+        along_rows = weight if axis == 0 else weight.T
+        values, _ = brute_force(along_rows, name)
+        expected[node.output[0]] = values if axis == 0 else values.T
+    return expected
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "mxfp4"])
+def test_weight_only_mx_end_to_end(mlp, tmp_path, fmt):
+    out = tmp_path / "q.onnx"
+    result = calibrate_onnx(
+        mlp / "mlp.onnx", mlp / "data", weight_format=fmt, activation_format="none", output=out
+    )
+    report = result.report
+    assert report["validator"] == emulation_validator(CPU)
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    assert next(e.version for e in written.opset_import if e.domain == "") == 24
+    types = [t.data_type for t in written.graph.initializer]
+    element = TensorProto.FLOAT8E4M3FN if fmt == "mxfp8" else TensorProto.FLOAT4E2M1
+    assert types.count(TensorProto.FLOAT8E8M0) == types.count(element) == 3
+    # The dequantized weights, read from the evaluator, are the brute force's.
+    source = onnx.load(str(mlp / "mlp.onnx"))
+    expected = brute_force_weights(source, written, fmt)
+    assert len(expected) == 3
+    probe = onnx.ModelProto()
+    probe.CopyFrom(written)
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in expected)
+    x = batches(mlp)[0]
+    got = ReferenceEvaluator(probe).run(list(expected), {"x": x})
+    for name, values in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(values.astype(np.float64), expected[name], err_msg=name)
+    # The report's cosine is ORT's (emulation) against the float model, over all batches.
+    float_session = ort.InferenceSession(str(mlp / "mlp.onnx"), providers=CPU)
+    evaluator = ReferenceEvaluator(written)
+    reference = np.concatenate([float_session.run(None, {"x": b})[0] for b in batches(mlp)])
+    quantized = np.concatenate([evaluator.run(None, {"x": b})[0] for b in batches(mlp)])
+    assert report["output_error"]["y"]["cosine"] == pytest.approx(cosine(reference, quantized))
+    assert report["output_error"]["y"]["cosine"] > 0.95
+
+
+def test_the_cli_writes_mx_weights_and_refuses_mx_activations(mlp, tmp_path, capsys):
+    data = str(mlp / "data")
+    assert (
+        main(
+            [
+                "calibrate",
+                str(mlp / "mlp.onnx"),
+                "--data",
+                data,
+                "-o",
+                str(tmp_path / "a.onnx"),
+                "--format",
+                "mxfp4",
+            ]
+        )
+        == 0
+    )
+    written = onnx.load(str(tmp_path / "a.onnx"))
+    assert TensorProto.FLOAT8E8M0 in {t.data_type for t in written.graph.initializer}
+    capsys.readouterr()
+    bad = tmp_path / "b.onnx"
+    argv = ["calibrate", str(mlp / "mlp.onnx"), "--data", data, "-o", str(bad)]
+    assert main([*argv, "--format", "int8", "--activation-format", "mxfp8"]) == 2
+    assert_one_error_line(capsys.readouterr(), "mxfp8 is a weight format")
+    assert not bad.exists()
