@@ -277,7 +277,8 @@ def add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--formats",
         nargs="*",
         default=["int8", "fp8", "nvfp4"],
-        choices=[name for name, fmt in FORMAT_REGISTRY.items() if not fmt.weight_only],
+        choices=list(FORMAT_REGISTRY),
+        help="weight-only formats (int4, mxfp8, ...) with --activation-format none",
     )
     p.add_argument(
         "--methods",
@@ -295,7 +296,7 @@ def add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--activation-format",
-        choices=[name for name, fmt in FORMAT_REGISTRY.items() if not fmt.weight_only],
-        help="every row's activations (e.g. int16 with --formats int8: A16W8)",
+        choices=[*(n for n, fmt in FORMAT_REGISTRY.items() if not fmt.weight_only), "none"],
+        help="every row's activations (int16 with --formats int8: A16W8; none: weight-only)",
     )
     return p

@@ -74,24 +74,14 @@ class SwitchedRuns:
             name,
             extra_outputs={t: types[t] for t in sorted(probes - set(self.outputs))},
         )
-        overridable = {n for pair in switchable.scales.values() for n in pair}
-        self.inputs = [
-            i for i in model_inputs(model) if i.name != ENABLE and i.name not in overridable
-        ]
+        self.inputs = [i for i in model_inputs(model) if i.name != ENABLE]
         self.model = model
         self.nodes = switchable.nodes
         self.units = switchable.units
         self.probes = switchable.probes
-        self.scales = switchable.scales
 
-    def run(
-        self,
-        feed: dict[str, np.ndarray],
-        enable: np.ndarray,
-        names: list[str],
-        scales: dict[str, np.ndarray] | None = None,
-    ):
-        return self.session.run(names, {**feed, ENABLE: enable, **(scales or {})})
+    def run(self, feed: dict[str, np.ndarray], enable: np.ndarray, names: list[str]):
+        return self.session.run(names, {**feed, ENABLE: enable})
 
     def feeds(self, source: DataSource, max_batches: int | None = None):
         return feeds(source, self.inputs, max_batches)

@@ -47,9 +47,6 @@ class Switchable:
     model: onnx.ModelProto
     units: dict[str, list[Slot]]
     probes: dict[str, tuple[str, str]] = field(default_factory=dict)
-    scales: dict[str, tuple[str, str]] = field(default_factory=dict)
-    """Per quantized activation, its (scale, zero point) initializers, also graph inputs: a run
-    may feed other values in their place."""
 
     @property
     def nodes(self) -> list[str]:
@@ -116,7 +113,6 @@ def switchable_model(
             node.input[slot.index] = out
     graph.node.extend(added)
     graph.input.append(helper.make_tensor_value_info(ENABLE, TensorProto.BOOL, [len(units)]))
-    switched.scales = _overridable_scales(graph, set(plan.activations))
     sort_nodes(graph)
     return switched
 
@@ -143,20 +139,3 @@ def without_units(plan: Plan, units: dict[str, list[Slot]], left: set[str]) -> P
         nodes=[node for node in plan.nodes if node not in left],
         excluded=[*plan.excluded, *(node for node in plan.nodes if node in left)],
     )
-
-
-def _overridable_scales(graph: onnx.GraphProto, tensors: set[str]) -> dict[str, tuple[str, str]]:
-    """The (scale, zero point) initializers of each activation's QuantizeLinear, declared as
-    graph inputs too (an initializer that is also an input is a default a run may replace)."""
-    inits = {t.name: t for t in graph.initializer}
-    found = {}
-    for node in graph.node:
-        if node.op_type == "QuantizeLinear" and node.input[0] in tensors:
-            scale, zero_point = node.input[1], node.input[2]
-            found[node.input[0]] = (scale, zero_point)
-            for name in (scale, zero_point):
-                init = inits[name]
-                graph.input.append(
-                    helper.make_tensor_value_info(name, init.data_type, list(init.dims))
-                )
-    return found

@@ -23,6 +23,7 @@ from qcal_export.graphs.switchable import (
 )
 from qcal_export.graphs.targets import find_targets
 from qcal_export.spec.recipe import Recipe
+from qcal_export.validation.output_error import ErrorTally
 
 MODELS = {"cnn": (cnn_model, cnn_batches), "attention": (attention_model, attention_batches)}
 
@@ -146,3 +147,36 @@ def test_precision_search_leaves_a_scale_group_float_and_the_export_follows(tmp_
     quantized = {n.input[0] for n in written.graph.node if n.op_type == "QuantizeLinear"}
     assert not {"g", "f"} & quantized
     assert {"a", "p"} <= quantized or GROUP + "a" in floats
+
+
+def test_fp8_after_a_relu_keeps_no_zero_point_and_still_switches(tmp_path):
+    """fp8 at ``--target ort``: the activation after a Relu is written without a zero point
+    (opset 21); the per-layer view builds its switchable form over it and, all switches on,
+    gives the exported model's own error."""
+    model = cnn_model()
+    onnx.save(model, str(tmp_path / "float.onnx"))
+    result = calibrate_onnx(
+        tmp_path / "float.onnx",
+        cnn_batches(6),
+        format="fp8",
+        target="ort",
+        layer_view=True,
+        view_batches=6,
+        output=tmp_path / "q.onnx",
+        validate_batches=0,
+    )
+    exported = onnx.load(str(tmp_path / "q.onnx"))
+    relu = next(n.output[0] for n in exported.graph.node if n.op_type == "Relu")
+    (quantize,) = [
+        n for n in exported.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == relu
+    ]
+    assert len(quantize.input) == 2  # no zero point
+    reference, candidate = (
+        _session(str(tmp_path / "float.onnx")),
+        _session(str(tmp_path / "q.onnx")),
+    )
+    error = ErrorTally([o.name for o in reference.get_outputs()])
+    for feed in cnn_batches(6):
+        error.add(reference.run(None, feed), candidate.run(None, feed))
+    all_on = result.report["layer_view"]["all_quantized"]
+    assert all_on["rel_l2"] == pytest.approx(error.worst()["rel_l2"], rel=1e-4)
