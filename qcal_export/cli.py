@@ -154,8 +154,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
         table.add_column(column)
     for r in rows:
         activations = r["activation_format"]
+        if activations == "none":
+            label = f"{r['format']} (weights only)"
+        elif activations != r["format"]:
+            label = f"{r['format']} ({activations} activations)"
+        else:
+            label = r["format"]
         table.add_row(
-            r["format"] + ("" if activations == r["format"] else f" ({activations} activations)"),
+            label,
             r["method"],
             r["weight_method"],
             f"{r['weight_error']:.4f}",

@@ -134,3 +134,33 @@ def test_qcal_demo_a16w8_keeps_the_embedding(tmp_path, capsys):
     _, heldout = demo_texts()
     score = embedding_cosine(float_model, path, demo_batches(heldout[:32], batch_size=16))
     assert score["min"] > 0.999
+
+
+@pytest.mark.slow
+def test_qcal_demo_weight_only_mx_rows(tmp_path, capsys):
+    """Weight-only rows (``--activation-format none``): MXFP4 weights with the mx-mse exponent
+    search, E8M0 block scales of 32 at opset 24, scored over the emulation."""
+    code = main(
+        [
+            "demo",
+            "--out-dir", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache"),
+            "--formats", "mxfp4",
+            "--activation-format", "none",
+            "--weight-methods", "mx-mse",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "mxfp4" in printed and "(weigh" in printed  # the label, wrapped in its column
+    path = tmp_path / "out" / "minilm_mxfp4_a-none-max_w-mx-mse.onnx"
+    report = json.loads(path.with_suffix(".json").read_text())
+    assert report["opset"] == {"from": 17, "to": 24}
+    model = onnx.load(str(path))
+    scales = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT8E8M0]
+    assert len(scales) == 36
+    assert not any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    float_model = next((tmp_path / "cache").glob("*.onnx"))
+    _, heldout = demo_texts()
+    score = embedding_cosine(float_model, path, demo_batches(heldout[:16], batch_size=16))
+    assert 0.9 < score["mean"] < 0.9999

@@ -90,7 +90,7 @@ def _demo_row(
     errors = [r["weight_rel_error"] for r in result.report["tensors"] if r["kind"] == "weight"]
     return {
         "format": fmt,
-        "activation_format": result.report["recipe"]["activation"]["format"],
+        "activation_format": (result.report["recipe"]["activation"] or {}).get("format", "none"),
         "method": method,
         "weight_method": weight_method,
         "weight_error": sum(errors) / len(errors),
