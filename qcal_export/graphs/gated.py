@@ -77,7 +77,7 @@ def _gate(
     it is set, else passes their input on."""
     source, out = quantize.input[0], dequantize.output[0]
     flag = names.new(f"{source}/{GATE}")
-    position = numpy_helper.from_array(np.array(index, dtype=np.int64), flag + "_index")
+    position = numpy_helper.from_array(np.array(index, dtype=np.int64), names.new(flag + "_index"))
     inner = names.new(f"{out}/quantized")
     dequantize.output[0] = inner
     then_branch = helper.make_graph(
