@@ -5,7 +5,7 @@ The graph outputs, not the activation's own error or its consumers': minimising 
 local error is not keeping the model's output (benchmarks/results/design_notes.md has the demo's
 figures), and the graph outputs cost nothing more (every run computes the whole graph). The
 runs go through the gated model (``graphs/gated``): the float model with each activation's
-Q -> DQ behind a gate, so that a run costs about one float inference. One run scores one
+Q -> DQ behind a gate, so that a run computes only the Q -> DQ it scores. One run scores one
 candidate on one batch; candidates whose scales are equal (a percentile or entropy range clamped
 to the max one) run once, the later ones taking its error.
 """

@@ -6,7 +6,8 @@ the pairs of the tensors that share its scale through data movement) moves into 
 of an ``If`` whose condition is the activation's entry of the bool graph input ``GATE``; the
 else-branch passes the float tensor on. Unlike the switchable model's ``Where`` (both sides
 computed on every run, weights dequantized each time), a run computes only the pair it opens,
-and the rest of the graph stays the float model that ONNX Runtime optimizes as usual.
+and the weights stay float initializers. The gates still cut the graph where ONNX Runtime would
+fuse ops, so a run costs more than the float model's.
 
 Each gated activation's scale and zero point initializers are graph inputs too (the
 initializers are their defaults), so that a run may feed a candidate's values.
