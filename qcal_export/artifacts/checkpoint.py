@@ -206,12 +206,38 @@ def write_nvfp4_checkpoint(
         if layer.bias is not None:
             own["bias"] = layer.bias
         tensors |= {f"{layer.name}.{key}": value for key, value in own.items()}
-    if quantized_and_ignored := sorted(set(ignore) & {layer.name for layer in layers}):
+    names = [layer.name for layer in layers]
+    return write_layers(
+        directory,
+        tensors,
+        names,
+        lambda: form.quant_configs(names, w4a4, list(ignore)),
+        extra_tensors=extra_tensors,
+        ignore=ignore,
+        base_config=base_config,
+    )
+
+
+def write_layers(
+    directory: str | Path,
+    tensors: dict[str, torch.Tensor],
+    names: Sequence[str],
+    configs: Callable[[], dict[str, dict]],
+    *,
+    extra_tensors: Mapping[str, torch.Tensor] | None,
+    ignore: Sequence[str],
+    base_config: Mapping[str, Any] | None,
+) -> Path:
+    """What every layout's writer does once its layers' ``tensors`` are built: refuse a layer
+    both written and in ``ignore`` and extra tensors that collide with the layers', then write
+    the tensors and ``configs()`` (config.json's ``quantization_config`` merged into
+    ``base_config``)."""
+    if quantized_and_ignored := sorted(set(ignore) & set(names)):
         raise OutputError(f"layers {quantized_and_ignored} are both written and in ignore")
     extra = dict(extra_tensors or {})
     if clash := sorted(set(tensors) & set(extra)):
         raise OutputError(f"extra_tensors {clash} collide with the quantized layers' tensors")
-    files = form.quant_configs([layer.name for layer in layers], w4a4, list(ignore))
+    files = configs()
     files[CONFIG_FILE] = {**(base_config or {}), "quantization_config": files[CONFIG_FILE]}
     return write_checkpoint_files(directory, tensors | extra, files)
 

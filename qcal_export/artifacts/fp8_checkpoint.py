@@ -29,7 +29,7 @@ from qcal_export.artifacts.checkpoint import (
     WEIGHTS_FILE,
     modelopt_configs,
     read_checkpoint,
-    write_checkpoint_files,
+    write_layers,
 )
 from qcal_export.errors import OutputError, ScalesError
 from qcal_export.spec.choices import CheckpointLayout
@@ -91,17 +91,19 @@ def write_fp8_checkpoint(
         if layer.bias is not None:
             own["bias"] = layer.bias
         tensors |= {f"{layer.name}.{key}": value for key, value in own.items()}
-    if quantized_and_ignored := sorted(set(ignore) & {layer.name for layer in layers}):
-        raise OutputError(f"layers {quantized_and_ignored} are both written and in ignore")
-    extra = dict(extra_tensors or {})
-    if clash := sorted(set(tensors) & set(extra)):
-        raise OutputError(f"extra_tensors {clash} collide with the quantized layers' tensors")
-    if modelopt:
-        files = _modelopt_configs(list(ignore))
-    else:
-        files = _ct_configs(layers, static, list(ignore))
-    files[CONFIG_FILE] = {**(base_config or {}), "quantization_config": files[CONFIG_FILE]}
-    return write_checkpoint_files(directory, tensors | extra, files)
+    return write_layers(
+        directory,
+        tensors,
+        [layer.name for layer in layers],
+        lambda: (
+            _modelopt_configs(list(ignore))
+            if modelopt
+            else _ct_configs(layers, static, list(ignore))
+        ),
+        extra_tensors=extra_tensors,
+        ignore=ignore,
+        base_config=base_config,
+    )
 
 
 def load_fp8_checkpoint(
