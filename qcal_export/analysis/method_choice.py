@@ -30,6 +30,11 @@ from qcal_export.onnx_io.weights import to_array
 from qcal_export.spec.scales import TensorScales
 from qcal_export.validation.validate import needs_reference_evaluator
 
+GATES_PER_SESSION = 16
+"""Activations gated in one session: each gate costs every run of that session (its ``If``, the
+copy of its shut branch, the fusions it cuts), each session a model build; the activations are
+scored a session at a time."""
+
 
 def choose_activation_methods(
     planned: PlannedModel,
@@ -41,17 +46,25 @@ def choose_activation_methods(
     """Per activation of ``candidates`` (activation -> method -> scales), the method whose
     graph outputs on the first ``batches`` batches of ``source`` are nearest float (squared
     error summed over outputs and batches; the first method on ties): the chosen scales and the
-    report section (per activation: ``picked`` and each method's ``output_rel_l2``)."""
+    report section (per activation: ``picked`` and each method's ``output_rel_l2``).
+
+    The activations are gated ``GATES_PER_SESSION`` at a time, one session after another."""
     if source is None:
         raise RecipeError("method auto needs data")
-    runs = GatedRuns(gated_model(planned, found, set(candidates)), planned)
-    scale_feeds = {
-        tensor: {
-            m: _scale_feed(s, runs.gated.scales[tensor], runs.inits) for m, s in methods.items()
+    views = list(feeds(source, model_inputs(planned.model), batches))
+    order = list(candidates)
+    choice: dict[str, dict[str, Any]] = {}
+    for begin in range(0, len(order), GATES_PER_SESSION):
+        chunk = order[begin : begin + GATES_PER_SESSION]
+        runs = GatedRuns(gated_model(planned, found, set(chunk)), planned)
+        scale_feeds = {
+            tensor: {
+                m: _scale_feed(s, runs.gated.scales[tensor], runs.inits)
+                for m, s in candidates[tensor].items()
+            }
+            for tensor in chunk
         }
-        for tensor, methods in candidates.items()
-    }
-    choice = _score(runs, source, scale_feeds, batches)
+        choice.update(_score(runs, views, scale_feeds))
     return {t: candidates[t][c["picked"]] for t, c in choice.items()}, choice
 
 
@@ -89,10 +102,6 @@ class GatedRuns:
             o.name for o in model.graph.output if o.type.tensor_type.elem_type in floats
         ]
         self.session = open_session(model, planned.providers, f"the gated form of {planned.path}")
-        overridable = {n for pair in gated.scales.values() for n in pair if n}
-        self.inputs = [
-            i for i in model_inputs(model) if i.name != GATE and i.name not in overridable
-        ]
 
     def run(
         self, feed: dict[str, np.ndarray], tensor: str | None = None, scales: dict | None = None
@@ -107,15 +116,14 @@ class GatedRuns:
 
 def _score(
     runs: GatedRuns,
-    source: DataSource,
+    views: list[dict[str, np.ndarray]],
     candidates: dict[str, dict[str, dict[str, np.ndarray]]],
-    max_batches: int,
 ) -> dict[str, dict[str, Any]]:
     """Per activation, the picked method and each method's output error relative to float."""
     same = {t: _first_equal(methods) for t, methods in candidates.items()}
     errors = {t: dict.fromkeys(firsts.values(), 0.0) for t, firsts in same.items()}
     reference = 0.0
-    for feed in feeds(source, runs.inputs, max_batches):
+    for feed in views:
         floats = runs.run(feed)
         reference += sum(_sq(f) for f in floats)
         for tensor, scored in errors.items():

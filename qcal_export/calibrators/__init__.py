@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from qcal_export.calibrators.base import Calibrator
 from qcal_export.calibrators.entropy import EntropyCalibrator
+from qcal_export.calibrators.hist_mse import HistogramMseCalibrator
 from qcal_export.calibrators.histogram import HistogramCalibrator
 from qcal_export.calibrators.max import MaxCalibrator
 from qcal_export.calibrators.mse import MseCalibrator, mse_multipliers
@@ -19,6 +20,7 @@ CALIBRATORS: dict[str, type[Calibrator]] = {
     for method, calibrator in (
         (methods.MAX, MaxCalibrator),
         (methods.MSE, MseCalibrator),
+        (methods.HIST_MSE, HistogramMseCalibrator),
         (methods.NVFP4_MSE, NVFP4MseCalibrator),
         (methods.MX_MSE, MxMseCalibrator),
         (methods.PERCENTILE, PercentileCalibrator),
@@ -34,6 +36,7 @@ __all__ = [
     "Calibrator",
     "EntropyCalibrator",
     "HistogramCalibrator",
+    "HistogramMseCalibrator",
     "MaxCalibrator",
     "MseCalibrator",
     "MxMseCalibrator",

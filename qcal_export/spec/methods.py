@@ -111,6 +111,12 @@ MSE = MethodSpec(
     defaults={"start": 0.25, "stop": 4.0, "step": 0.1},
     rules=check_mse,
 )
+HIST_MSE = MethodSpec(
+    "hist-mse",
+    bounds={**MSE.bounds, "bins": Bound(2, MAX_BINS, integer=True)},
+    defaults=MSE.defaults,
+    rules=check_mse,
+)
 NVFP4_MSE = MethodSpec(
     "nvfp4-mse",
     bounds={HESSIAN: Bound(0, 1, integer=True, flag=True)},
@@ -154,12 +160,12 @@ ENTROPY = MethodSpec(
     rules=check_entropy,
 )
 AUTO = MethodSpec(
-    "auto", kinds=frozenset({TensorKind.ACTIVATION}), among=(MAX, MSE, PERCENTILE, ENTROPY)
+    "auto", kinds=frozenset({TensorKind.ACTIVATION}), among=(MAX, HIST_MSE, PERCENTILE, ENTROPY)
 )
 
 METHODS: dict[str, MethodSpec] = {
     method.name: method
-    for method in (MAX, MSE, NVFP4_MSE, MX_MSE, SHRINK_MSE, PERCENTILE, ENTROPY, AUTO)
+    for method in (MAX, MSE, HIST_MSE, NVFP4_MSE, MX_MSE, SHRINK_MSE, PERCENTILE, ENTROPY, AUTO)
 }
 """Every method by name, in the order the CLI and messages list them."""
 DEFAULT_METHOD = MAX.name

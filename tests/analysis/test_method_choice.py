@@ -3,8 +3,9 @@
 The exhaustive choice scores every candidate of every activation on every view batch, one at a
 time: the float model with a QuantizeLinear -> DequantizeLinear pair built here by hand on that
 activation alone (its planned readers rewired to it, at that candidate's scale), against the
-float model. The run's scoring (through the gated model, candidates with equal scales run once)
-must pick the same candidate and give every candidate's error, that of the hand-built model.
+float model. The run's scoring (through the gated model, candidates with equal scales run once, the
+activations gated all in one session or one per session) must pick the same candidate and give
+every candidate's error, that of the hand-built model.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from mlp import make_mlp
 from onnx import helper, numpy_helper
 from test_layer_view import output_error, plain_session
 
+from qcal_export.analysis import method_choice
 from qcal_export.errors import RecipeError
 from qcal_export.pipeline.calibrate import calibrate_onnx
 
-METHODS = ("max", "mse", "percentile", "entropy")
+METHODS = ("max", "hist-mse", "percentile", "entropy")
 CLIPPED = {"max_clipped": 0.01}  # small batches: entropy clipping at most 1e-3 is max's
 
 
@@ -86,7 +88,11 @@ def alone_model(mlp, tensor: str, scales, readers: set[str], path):
     return path
 
 
-def test_gated_scoring_picks_the_exhaustive_choice_and_reports_every_candidate(mlp, tmp_path):
+@pytest.mark.parametrize("per_session", [16, 1])
+def test_gated_scoring_picks_the_exhaustive_choice_and_reports_every_candidate(
+    mlp, tmp_path, monkeypatch, per_session
+):
+    monkeypatch.setattr(method_choice, "GATES_PER_SESSION", per_session)
     batches = mixed_batches(6)
     result = calibrate_onnx(
         mlp,

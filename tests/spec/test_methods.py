@@ -47,7 +47,7 @@ def test_every_declared_method_has_its_calibrator_and_every_calibrator_a_declara
 
 def test_the_traits_callers_test_are_declared():
     assert [name for name, m in METHODS.items() if m.searches] == ["auto"]
-    assert [m.name for m in AUTO.among] == ["max", "mse", "percentile", "entropy"]
+    assert [m.name for m in AUTO.among] == ["max", "hist-mse", "percentile", "entropy"]
     assert AUTO.options == {"start", "stop", "step", "percentile", "bins"} | {
         "quantized_bins",
         "max_clipped",
@@ -59,7 +59,10 @@ def test_the_traits_callers_test_are_declared():
 
 
 def test_cli_choices_are_the_declared_methods():
-    every = ["max", "mse", "nvfp4-mse", "mx-mse", "shrink-mse", "percentile", "entropy", "auto"]
+    every = [
+        *("max", "mse", "hist-mse", "nvfp4-mse", "mx-mse", "shrink-mse", "percentile", "entropy"),
+        "auto",
+    ]
     assert method_names() == every
     assert _choices("calibrate", "--method") == every
     assert _choices("calibrate", "--weight-method") == every
@@ -74,7 +77,7 @@ def test_searches_are_refused_as_a_calibrator_with_the_methods_that_are_one():
     assert str(e.value) == (
         "method auto chooses among activation methods per tensor in calibrate_onnx; give "
         "weights and torch models a method of "
-        "['max', 'mse', 'nvfp4-mse', 'mx-mse', 'shrink-mse', 'percentile', 'entropy']"
+        "['max', 'mse', 'hist-mse', 'nvfp4-mse', 'mx-mse', 'shrink-mse', 'percentile', 'entropy']"
     )
     with pytest.raises(RecipeError, match=r"^method auto chooses activation methods; give"):
         build_recipe(None, weight_method="auto")
