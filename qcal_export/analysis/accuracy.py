@@ -23,9 +23,10 @@ class Accuracy:
     holdout_every: int = 5
     view_batches: int = 4
     smooth: float | None = None
+    auto_samples: int = 8
 
     def __post_init__(self) -> None:
-        check_accuracy(self.holdout_every, self.view_batches, self.smooth)
+        check_accuracy(self.holdout_every, self.view_batches, self.smooth, self.auto_samples)
 
     @property
     def one_process(self) -> bool:

@@ -22,6 +22,7 @@ import onnx
 from qcal_export.analysis.planned import PlannedModel
 from qcal_export.capture.data import DataSource, feeds, model_inputs
 from qcal_export.capture.onnxruntime import open_session
+from qcal_export.capture.source import Batch, InputSpec
 from qcal_export.errors import RecipeError
 from qcal_export.graphs.export import export_qdq
 from qcal_export.graphs.gated import GATE, Gated, gate_activations
@@ -41,17 +42,17 @@ def choose_activation_methods(
     source: DataSource | None,
     found: dict[str, TensorScales],
     candidates: dict[str, dict[str, TensorScales]],
-    batches: int,
+    samples: int,
 ) -> tuple[dict[str, TensorScales], dict[str, Any]]:
     """Per activation of ``candidates`` (activation -> method -> scales), the method whose
-    graph outputs on the first ``batches`` batches of ``source`` are nearest float (squared
+    graph outputs on the first ``samples`` samples of ``source`` are nearest float (squared
     error summed over outputs and batches; the first method on ties): the chosen scales and the
     report section (per activation: ``picked`` and each method's ``output_rel_l2``).
 
     The activations are gated ``GATES_PER_SESSION`` at a time, one session after another."""
     if source is None:
         raise RecipeError("method auto needs data")
-    views = list(feeds(source, model_inputs(planned.model), batches))
+    views = first_samples(source, model_inputs(planned.model), samples)
     order = list(candidates)
     choice: dict[str, dict[str, Any]] = {}
     for begin in range(0, len(order), GATES_PER_SESSION):
@@ -66,6 +67,25 @@ def choose_activation_methods(
         }
         choice.update(_score(runs, views, scale_feeds))
     return {t: candidates[t][c["picked"]] for t, c in choice.items()}, choice
+
+
+def first_samples(source: DataSource, inputs: list[InputSpec], samples: int) -> list[Batch]:
+    """The batches of ``source`` that hold its first ``samples`` samples, the last one cut
+    along the leading axis where every input's leading dim is free (else kept whole)."""
+    views: list[Batch] = []
+    taken = 0
+    for feed in feeds(source, inputs):
+        if taken >= samples:
+            break
+        sizes = {np.shape(v)[0] if np.ndim(v) else 1 for v in feed.values()}
+        free = all(i.dims and i.dims[0] is None for i in inputs if i.name in feed)
+        size = sizes.pop() if len(sizes) == 1 else 1
+        if free and size > samples - taken:
+            feed = {name: value[: samples - taken] for name, value in feed.items()}
+            size = samples - taken
+        views.append(feed)
+        taken += size
+    return views
 
 
 def gated_model(planned: PlannedModel, found: dict[str, TensorScales], tensors: set[str]) -> Gated:

@@ -5,9 +5,10 @@ Methods that need an initial range take a max pass first. The first pass also ac
 Hessians (``Xᵀ X`` blocks of a layer's input) that Hessian-weighted nvfp4-mse weight sweeps ask
 for. NVFP4 activations get a global scale only: the graph computes their block scales.
 
-Under ``auto`` a tensor's candidates collect once what they collect alike: max and mse's first
-pass keep the same running range, percentile and entropy the same histogram. One calibrator of
-each such set collects; the others take a copy of its state after the pass.
+Under ``auto`` a tensor's candidates collect once what they collect alike: percentile, entropy and
+hist-mse keep the same histogram, whose state holds max's running range too (max and mse's first
+pass keep the same range). One calibrator of each such set collects; the others take a copy of
+its state after the pass, one pass in all for ``auto``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from qcal_export.spec.plan import ActivationPlan, Plan
 from qcal_export.spec.recipe import TensorSpec
 from qcal_export.spec.scales import TensorScales
 
+HISTOGRAM_ONLY = ("hist", "exponent")
+"""The keys of a histogram calibrator's state beyond a max calibrator's (the running range)."""
 COLLECTING = ("collect", "_input_dtype", "_drop_nonfinite", "_init_state", "_update", "_count")
 """The methods a histogram calibrator collects with: a subclass that overrides none of them
 collects the base histogram."""
@@ -182,25 +185,42 @@ def _collectors(
 
 
 def _copy_shared(cals: dict[str, Calibrator], specs: dict[str, tuple[str, TensorSpec]]) -> None:
-    """Give every calibrator that did not collect (``_leaders``) its leader's state."""
+    """Give every calibrator that did not collect (``_leaders``) its leader's state (a max
+    calibrator led by a histogram one: the running range within it)."""
     for key, leader in _leaders(cals, specs).items():
         if leader != key:
-            cals[key].restore(cals[leader].state_dict())
+            state = cals[leader].state_dict()
+            if isinstance(cals[key], MaxCalibrator):
+                state = {k: v for k, v in state.items() if k not in HISTOGRAM_ONLY}
+            cals[key].restore(state)
 
 
 def _leaders(
     cals: dict[str, Calibrator], specs: dict[str, tuple[str, TensorSpec]]
 ) -> dict[str, str]:
     """Per calibrator, the first calibrator of the same tensor that collects the same state
-    (itself where none does)."""
+    (itself where none does); a max calibrator's running range is also held by a histogram
+    calibrator's state, which then leads it."""
+    statistics = {key: _statistic(cal) for key, cal in cals.items()}
     first: dict[tuple, str] = {}
+    for key, statistic in statistics.items():
+        if statistic is not None:
+            first.setdefault((specs[key][0], *statistic), key)
     leaders = {}
-    for key, cal in cals.items():
-        statistic = _statistic(cal)
+    for key, statistic in statistics.items():
         if statistic is None:
             leaders[key] = key
-        else:
-            leaders[key] = first.setdefault((specs[key][0], *statistic), key)
+            continue
+        tensor = specs[key][0]
+        holders = [
+            leader
+            for (of, kind, _, *alike), leader in first.items()
+            if statistic[0] == "range"
+            and of == tensor
+            and kind == "histogram"
+            and tuple(alike) == statistic[1:]
+        ]
+        leaders[key] = holders[0] if holders else first[(tensor, *statistic)]
     return leaders
 
 
@@ -208,7 +228,7 @@ def _statistic(cal: Calibrator) -> tuple | None:
     """What the state of ``cal`` is a function of, besides the values collected, for the kinds
     whose state is the same whatever they decide from it: the running range of a max
     calibrator, the histogram of a histogram calibrator that only decides (percentile,
-    entropy). None for any other: it collects alone."""
+    entropy, hist-mse). None for any other: it collects alone."""
     kind = type(cal)
     alike = (cal.fmt, cal.granularity, cal.nonfinite)
     if kind is MaxCalibrator:

@@ -149,7 +149,12 @@ def _accuracy(config: CalibrationConfig) -> Accuracy:
     wanted = config.accuracy
     target = target_from(wanted.target_cosine, wanted.target_rel_l2)
     accuracy = Accuracy(
-        wanted.layer_view, target, wanted.holdout_every, wanted.view_batches, wanted.smooth
+        wanted.layer_view,
+        target,
+        wanted.holdout_every,
+        wanted.view_batches,
+        wanted.smooth,
+        wanted.auto_samples,
     )
     accuracy.check(config.quantization.scales_in)
     return accuracy

@@ -39,7 +39,7 @@ def refine(
     if run.candidates:
         with run.timed("method_choice_s"):
             chosen, sections["method_choice"] = choose_activation_methods(
-                run.planned(), run.source, found, run.candidates, accuracy.view_batches
+                run.planned(), run.source, found, run.candidates, accuracy.auto_samples
             )
         found = {**found, **chosen}
     if not accuracy.layer_view and accuracy.target is None:

@@ -33,10 +33,14 @@ def check_min_cosine(value: object) -> float:
     return float(value)
 
 
-def check_accuracy(holdout_every: object, view_batches: object, smooth: object) -> None:
-    """RecipeError for a hold-out period below 2, a view of no batch or an alpha outside (0, 1)."""
+def check_accuracy(
+    holdout_every: object, view_batches: object, smooth: object, auto_samples: object = 1
+) -> None:
+    """RecipeError for a hold-out period below 2, a view of no batch, method auto scoring on
+    no sample or an alpha outside (0, 1)."""
     check_count("holdout_every (--holdout-every)", holdout_every, 2)
     check_count("view_batches (--view-batches)", view_batches, 1)
+    check_count("auto_samples (--auto-samples)", auto_samples, 1)
     if smooth is not None and not number_in(smooth, 0, 1, closed=False):
         raise RecipeError(
             f"smooth (the SmoothQuant alpha) must be a number in (0, 1), not {smooth!r}"

@@ -383,6 +383,15 @@ class AccuracyConfig:
             "--view-batches", type="int", metavar="N", help="batches of the view (default 4)"
         ),
     )
+    auto_samples: int = field(
+        default=8,
+        metadata=cli(
+            "--auto-samples",
+            type="int",
+            metavar="N",
+            help="method auto scores its candidates on the first N samples (default 8)",
+        ),
+    )
     smooth: float | None = field(
         default=None,
         metadata=cli(
@@ -395,4 +404,4 @@ class AccuracyConfig:
 
     def __post_init__(self) -> None:
         check_targets(self.target_cosine, self.target_rel_l2)
-        check_accuracy(self.holdout_every, self.view_batches, self.smooth)
+        check_accuracy(self.holdout_every, self.view_batches, self.smooth, self.auto_samples)

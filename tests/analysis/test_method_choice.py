@@ -10,6 +10,8 @@ every candidate's error, that of the hand-built model.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -18,6 +20,8 @@ from onnx import helper, numpy_helper
 from test_layer_view import output_error, plain_session
 
 from qcal_export.analysis import method_choice
+from qcal_export.analysis.method_choice import first_samples
+from qcal_export.capture.data import model_inputs, open_data
 from qcal_export.errors import RecipeError
 from qcal_export.pipeline.calibrate import calibrate_onnx
 
@@ -101,7 +105,7 @@ def test_gated_scoring_picks_the_exhaustive_choice_and_reports_every_candidate(
         target="tensorrt",
         method="auto",
         method_options=CLIPPED,
-        view_batches=len(batches),
+        auto_samples=4 * len(batches),
         validate_batches=0,
     )
     choice = result.report["method_choice"]
@@ -131,3 +135,14 @@ def test_gated_scoring_picks_the_exhaustive_choice_and_reports_every_candidate(
         assert np.array_equal(result.scales[tensor].amax, scales[method][tensor].amax)
     with pytest.raises(RecipeError, match="auto"):
         calibrate_onnx(mlp, batches, weight_method="auto")
+
+
+def test_auto_scores_the_first_samples_cutting_the_last_batch_where_its_axis_is_free(mlp):
+    batches = mixed_batches(3)
+    inputs = model_inputs(onnx.load(str(mlp)))
+    views = first_samples(open_data(batches), inputs, 6)
+    assert [v["x"].shape[0] for v in views] == [4, 2]
+    assert np.array_equal(views[1]["x"], batches[1]["x"][:2])
+    fixed = [dataclasses.replace(i, dims=(4, *i.dims[1:])) for i in inputs]
+    assert [v["x"].shape[0] for v in first_samples(open_data(batches), fixed, 6)] == [4, 4]
+    assert len(first_samples(open_data(batches), inputs, 100)) == 3
