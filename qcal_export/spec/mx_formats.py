@@ -3,7 +3,9 @@
 A block of 32 elements along the reduction axis shares one E8M0 scale, a power of two
 ``2^e``: the spec's rule is ``e = floor(log2(block_amax)) - emax_elem`` (8 for E4M3, 2 for E2M1),
 kept within E8M0's ``[-127, 127]``; each element is ``x / 2^e`` rounded half to even onto the
-element grid, saturating at its largest value (448, 6), as QuantizeLinear casts it.
+element grid, saturating at its largest value (448, 6), as QuantizeLinear casts it. Weights get
+their exponents from calibration (the rule, or mx-mse's choice); activations get theirs in the
+graph at run time from each block's amax (graphs/mx.py), so they need no calibration.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class MXFormat:
     block_size: ClassVar[int] = 32
     two_level: ClassVar[bool] = False
     integer: ClassVar[bool] = False
-    weight_only: ClassVar[bool] = True
+    weight_only: ClassVar[bool] = False
     default_block_size: ClassVar[int | None] = 32
     shared_exponent: ClassVar[bool] = True
     scale_onnx_type: ClassVar[int] = TensorProto.FLOAT8E8M0
