@@ -11,12 +11,14 @@ subnormals differently there.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from qcal_export.graphs.fp4_ops import ELEMENT_ROUNDING, Builder, block_expanded
+from qcal_export.graphs.qdq import Names
 
-E8M0 = TensorProto.FLOAT8E8M0
+E8M0, FLOAT = TensorProto.FLOAT8E8M0, TensorProto.FLOAT
 
 
 def e8m0_tensors(graph: onnx.GraphProto) -> set[str]:
@@ -77,3 +79,51 @@ def attribute(node: onnx.NodeProto, name: str, default):
     """A node's attribute value, or ``default``."""
     found = next((a for a in node.attribute if a.name == name), None)
     return default if found is None else helper.get_attribute_value(found)
+
+
+def nan_propagating_amaxes(graph: onnx.GraphProto, names: Names) -> int:
+    """Each ReduceMax whose block amax feeds a Cast to E8M0 followed by a Where that gives NaN
+    for a block holding NaN, as the reference evaluator's (numpy's) max does and ORT's, which
+    skips NaN, does not: the block's scale and so all its values are then NaN in both."""
+    nodes, count = [], 0
+    amaxes = _e8m0_amaxes(graph)
+    for node in graph.node:
+        nodes.append(node)
+        if node.name not in amaxes:
+            continue
+        b = Builder(graph, names, node.output[0])
+        flag = b.node("Cast", [b.node("IsNaN", [node.input[0]], "isnan")], "nan", to=FLOAT)
+        any_nan = helper.make_node(
+            "ReduceMax", [flag, *node.input[1:]], [names.new(f"{flag}_any")], names.new(flag)
+        )
+        any_nan.attribute.extend(node.attribute)
+        found = b.node("Greater", [any_nan.output[0], b.const("zero", np.float32(0))], "found")
+        amax = names.new(f"{node.output[0]}_skipping_nan")
+        nan = b.node("CastLike", [b.const("nan", np.float32(np.nan)), amax], "nan_like")
+        b.node("Where", [found, nan, amax], "with_nan", node.output[0])
+        node.output[0] = amax
+        nodes.extend([*b.nodes[:2], any_nan, *b.nodes[2:]])
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
+
+
+def _e8m0_amaxes(graph: onnx.GraphProto) -> set[str]:
+    """Names of the ReduceMax nodes whose output reaches a Cast to E8M0 through Casts, Adds
+    and Muls (their first inputs): the block amaxes of graphs/mx.py's scales."""
+    producers = {out: node for node in graph.node for out in node.output}
+    found = set()
+    for name in e8m0_tensors(graph):
+        node = producers[name]
+        for _ in range(_CHAIN_DEPTH):
+            node = producers.get(node.input[0]) if node.input else None
+            if node is None or node.domain or node.op_type not in ("Cast", "Add", "Mul"):
+                break
+        if node is not None and node.op_type == "ReduceMax" and not node.domain:
+            found.add(node.name)
+    return found
+
+
+_CHAIN_DEPTH = 8
+"""How far back from a Cast to E8M0 its block amax's ReduceMax is looked for."""

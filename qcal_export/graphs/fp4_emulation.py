@@ -26,6 +26,7 @@ from qcal_export.graphs.fp4_e8m0 import (
     e8m0_tensors,
     e8m0_unexpressed,
     is_e8m0_pair,
+    nan_propagating_amaxes,
 )
 from qcal_export.graphs.fp4_ops import Builder, block_expanded, round_trip
 from qcal_export.graphs.fp4_trt import emulate_trt
@@ -54,6 +55,7 @@ def emulate_fp4(model: onnx.ModelProto) -> Emulation:
     graph = copy.graph
     folded = fold_weights(graph)
     _replace_by_initializers(graph, folded)
+    nan_propagating_amaxes(graph, Names(graph))
     emulated = emulate_trt(graph) + _emulate_activations(graph)
     prune(graph)
     _drop_unused_trt_domain(copy)
