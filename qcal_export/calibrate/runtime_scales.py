@@ -12,6 +12,7 @@ import torch
 from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import PerTensor
 from qcal_export.spec.plan import Plan
+from qcal_export.spec.recipe import TensorSpec
 from qcal_export.spec.scales import TensorScales
 
 RUNTIME_NOTE = (
@@ -20,10 +21,15 @@ RUNTIME_NOTE = (
 )
 
 
+def is_runtime_scaled(spec: TensorSpec) -> bool:
+    """Whether an activation in ``spec``'s format gets its scales in the graph: a
+    shared-exponent (MX) format, whose block scales come from each block's own amax."""
+    return get_format(spec.format).shared_exponent
+
+
 def runtime_scaled(plan: Plan) -> list[str]:
-    """The planned activations in a shared-exponent (MX) format, whose block scales are the
-    graph's own."""
-    return [t for t, a in plan.activations.items() if get_format(a.spec.format).shared_exponent]
+    """The planned activations ``is_runtime_scaled``."""
+    return [t for t, a in plan.activations.items() if is_runtime_scaled(a.spec)]
 
 
 def calibrated_part(plan: Plan) -> Plan:
@@ -37,21 +43,22 @@ def calibrated_part(plan: Plan) -> Plan:
 
 
 def runtime_scale_records(plan: Plan) -> dict[str, TensorScales]:
-    """One record per ``runtime_scaled`` activation: per tensor, amax 0 (none measured), a unit
-    scale and zero point 0 (the export computes the real ones in the graph), and the note."""
-    records = {}
-    for tensor in runtime_scaled(plan):
-        spec = plan.activations[tensor].spec
-        records[tensor] = TensorScales(
-            name=tensor,
-            kind="activation",
-            format=spec.format,
-            method=spec.method,
-            granularity=PerTensor(),
-            amax=torch.zeros(()),
-            scale=torch.ones(()),
-            zero_point=torch.zeros(()),
-            options=dict(spec.options),
-            notes=[RUNTIME_NOTE],
-        )
-    return records
+    """``runtime_record`` of each ``runtime_scaled`` activation."""
+    return {t: runtime_record(t, plan.activations[t].spec) for t in runtime_scaled(plan)}
+
+
+def runtime_record(name: str, spec: TensorSpec) -> TensorScales:
+    """The record of an activation whose scales the graph computes: per tensor, amax 0 (none
+    measured), a unit scale and zero point 0 (the export computes the real ones), the note."""
+    return TensorScales(
+        name=name,
+        kind="activation",
+        format=spec.format,
+        method=spec.method,
+        granularity=PerTensor(),
+        amax=torch.zeros(()),
+        scale=torch.ones(()),
+        zero_point=torch.zeros(()),
+        options=dict(spec.options),
+        notes=[RUNTIME_NOTE],
+    )

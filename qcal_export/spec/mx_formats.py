@@ -106,6 +106,17 @@ class MXFormat:
         out.copy_(self.round_elements(out))
         return out.mul_(scale)
 
+    def fake_quant_dynamic(self, x: torch.Tensor) -> torch.Tensor:
+        """Q -> DQ of an activation as the graph computes it: per block of 32 along the last
+        axis (``x`` [..., n], n a multiple of 32), the exponent from the block's own amax by
+        the spec's rule; a block holding inf or NaN becomes NaN (its scale is NaN). Float32."""
+        blocks = x.float().reshape(*x.shape[:-1], -1, self.block_size)
+        amax = blocks.abs().amax(-1, keepdim=True)
+        finite = torch.isfinite(amax)
+        scale = self.scale_of(self.exponent(torch.where(finite, amax, 0.0)))
+        out = self.fake_quant(blocks, scale, None)
+        return torch.where(finite, out, torch.nan).reshape(x.shape)
+
     def encode_zero_point(self, zero_point: torch.Tensor) -> torch.Tensor:
         return zero_point.to(self.storage_dtype)
 
