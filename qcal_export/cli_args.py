@@ -278,7 +278,7 @@ def add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         nargs="*",
         default=["int8", "fp8", "nvfp4"],
         choices=list(FORMAT_REGISTRY),
-        help="weight-only formats (int4, mxfp8, ...) with --activation-format none",
+        help="formats of the rows (weight-only ones: int4, or any with --activation-format none)",
     )
     p.add_argument(
         "--methods",

@@ -19,6 +19,13 @@ from onnx import TensorProto
 
 from qcal_export.artifacts.checkpoint import LAYOUTS, NVFP4Linear, write_nvfp4_checkpoint
 from qcal_export.artifacts.fp8_checkpoint import FP8Linear, check_fp8_layers, write_fp8_checkpoint
+from qcal_export.artifacts.mx_checkpoint import (
+    MX_FORMATS,
+    MXLinear,
+    check_mx_layers,
+    write_mx_checkpoint,
+)
+from qcal_export.artifacts.mx_layers import check_mx_recipe, mx_layer
 from qcal_export.errors import OutputError
 from qcal_export.graphs.op_inputs import WEIGHT_INPUTS
 from qcal_export.onnx_io.initializers import initializer_values
@@ -31,7 +38,19 @@ from qcal_export.spec.recipe import Recipe
 from qcal_export.spec.scales import TensorScales
 
 LINEAR_OPS = ("MatMul", "Gemm")
-NO_LAYER = "no NVFP4 or FP8 linear layer to write: calibrate MatMul/Gemm weights as nvfp4 or fp8"
+NO_LAYER = (
+    "no NVFP4, FP8 or MX linear layer to write: calibrate MatMul/Gemm weights as nvfp4, fp8, "
+    "mxfp8 or mxfp4"
+)
+CHECKPOINT_FORMATS = (NVFP4.name, FP8_E4M3.name, *MX_FORMATS)
+"""The weight formats a serving checkpoint holds."""
+WRITERS = {
+    NVFP4.name: write_nvfp4_checkpoint,
+    FP8_E4M3.name: write_fp8_checkpoint,
+    **dict.fromkeys(MX_FORMATS, write_mx_checkpoint),
+}
+CHECKS = {FP8_E4M3.name: check_fp8_layers, **dict.fromkeys(MX_FORMATS, check_mx_layers)}
+"""Each format's check of its layers for a layout, run for every layout before any is written."""
 
 
 def layer_name(weight: str, node: str) -> str:
@@ -58,12 +77,14 @@ def check_checkpoint_dir(directory: str | Path, layouts: Sequence[str]) -> Path:
 
 def check_checkpoint_recipe(recipe: Recipe, layouts: Sequence[str]) -> None:
     """OutputError, before calibrating, for what ``write_checkpoints`` would refuse: no weight
-    spec in NVFP4 or FP8; or, without overrides, FP8 activations in another format, or FP8
-    weights ModelOpt cannot hold (per channel, or activations left in float)."""
+    spec in a checkpoint format; or, without overrides, FP8 activations in another format, or FP8
+    weights ModelOpt cannot hold (per channel, or activations left in float); MX ones likewise
+    (``check_mx_recipe``)."""
     weights = [recipe.weight, *(o.weight for o in recipe.overrides)]
     formats = {spec.format for spec in weights if spec is not None}
-    if not formats & {NVFP4.name, FP8_E4M3.name}:
+    if not formats & set(CHECKPOINT_FORMATS):
         raise OutputError(NO_LAYER)
+    check_mx_recipe(recipe, layouts)
     weight, activation = recipe.weight, recipe.activation
     if recipe.overrides or weight is None or weight.format != FP8_E4M3.name:
         return
@@ -96,29 +117,28 @@ def write_checkpoints(
     layouts: Sequence[str],
 ) -> dict[str, Path]:
     """Write one checkpoint per layout: into ``directory`` for one layout, else into
-    ``directory/<layout>``; NVFP4 or FP8, as the linear weights were calibrated. ``model`` must
-    still hold the float weights."""
-    fp8 = _calibrated_as_fp8(model, plan, scales)
-    layers, extra, ignore = checkpoint_layers(model, plan, scales, fp8=fp8)
-    if fp8:
+    ``directory/<layout>``; NVFP4, FP8 or MX, as the linear weights were calibrated. ``model``
+    must still hold the float weights."""
+    fmt = _checkpoint_format(model, plan, scales)
+    layers, extra, ignore = checkpoint_layers(model, plan, scales, fmt)
+    if fmt in CHECKS:
         for layout in layouts:  # refused before any layout is written
-            check_fp8_layers(layers, layout)
+            CHECKS[fmt](layers, layout)
     directory = Path(directory)
     written = {}
     for layout in layouts:
         target = directory if len(layouts) == 1 else directory / layout
         if len(layouts) > 1:
             directory.mkdir(exist_ok=True)
-        write = write_fp8_checkpoint if fp8 else write_nvfp4_checkpoint
-        written[layout] = write(target, layers, layout, extra_tensors=extra, ignore=ignore)
+        written[layout] = WRITERS[fmt](target, layers, layout, extra_tensors=extra, ignore=ignore)
     return written
 
 
 def checkpoint_layers(
-    model: onnx.ModelProto, plan: Plan, scales: Mapping[str, TensorScales], *, fp8: bool = False
-) -> tuple[list[NVFP4Linear | FP8Linear], dict[str, torch.Tensor], list[str]]:
-    """(NVFP4 or, with ``fp8``, FP8 layers; other float parameters by name; names of linear
-    layers left unquantized).
+    model: onnx.ModelProto, plan: Plan, scales: Mapping[str, TensorScales], fmt: str = NVFP4.name
+) -> tuple[list[NVFP4Linear | FP8Linear | MXLinear], dict[str, torch.Tensor], list[str]]:
+    """(the layers whose weights are calibrated as ``fmt``; other float parameters by name;
+    names of linear layers left unquantized).
 
     Linear layers left out are written in float as ``<layer>.weight`` ``[out, in]``. Weights are
     read one at a time from the model's weight store.
@@ -133,11 +153,13 @@ def checkpoint_layers(
         name = layer_name(weight, node.name)
         values = initializer_values(initializers[weight])
         entry, plan_entry = scales.get(weight), plan.weights.get(weight)
-        if plan_entry is None or not _quantized_as(entry, fp8):
+        if plan_entry is None or entry is None or entry.format != fmt:
             ignore.append(name)
             extra[f"{name}.weight"] = _serving_weight(node, values)
-        elif fp8:
+        elif fmt == FP8_E4M3.name:
             layers.append(_fp8_layer(name, node, values, entry, scales))
+        elif fmt in MX_FORMATS:
+            layers.append(mx_layer(name, node, values, entry, scales))
         else:
             layers.append(_nvfp4_layer(name, node, values, entry, plan_entry, scales))
     for layer in layers:
@@ -152,31 +174,26 @@ def checkpoint_layers(
     return layers, extra, ignore
 
 
-def _quantized_as(entry: TensorScales | None, fp8: bool) -> bool:
-    if entry is None:
-        return False
-    return entry.format == FP8_E4M3.name if fp8 else get_format(entry.format).two_level
-
-
-def _calibrated_as_fp8(
+def _checkpoint_format(
     model: onnx.ModelProto, plan: Plan, scales: Mapping[str, TensorScales]
-) -> bool:
-    """Whether the checkpoint is FP8: some linear weight is FP8, none NVFP4 (OutputError for a
-    calibration mixing both, which no serving layout holds)."""
+) -> str:
+    """The checkpoint format of the calibrated linear weights (NVFP4 where none is in a
+    checkpoint format: ``checkpoint_layers`` then finds no layer); OutputError for a calibration
+    mixing two, which no serving layout holds."""
     initializers = {t.name: t for t in model.graph.initializer}
-    found: dict[bool, str] = {}
+    found: dict[str, str] = {}
     for node in model.graph.node:
         weight = _linear_weight(node, initializers)
-        if weight is not None and weight in plan.weights:
-            for fp8 in (True, False):
-                if _quantized_as(scales.get(weight), fp8):
-                    found.setdefault(fp8, weight)
+        entry = scales.get(weight) if weight in plan.weights else None
+        if entry is not None and entry.format in CHECKPOINT_FORMATS:
+            found.setdefault(entry.format, weight)
     if len(found) > 1:
+        (a, weight_a), (b, weight_b) = list(found.items())[:2]
         raise OutputError(
-            f"linear weights {found[True]!r} (fp8) and {found[False]!r} (nvfp4) mix formats: a "
-            "serving checkpoint holds one; calibrate them in one format or --exclude the others"
+            f"linear weights {weight_a!r} ({a}) and {weight_b!r} ({b}) mix formats: a serving "
+            "checkpoint holds one; calibrate them in one format or --exclude the others"
         )
-    return True in found
+    return next(iter(found), NVFP4.name)
 
 
 def _linear_weight(node: onnx.NodeProto, initializers: dict[str, TensorProto]) -> str | None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qcal_export.calibrate.decisions import tensor_scales
+from qcal_export.calibrate.runtime_scales import is_runtime_scaled, runtime_record
 from qcal_export.calibrate.tensor import (
     Collector,
     calibrate_weight,
@@ -108,13 +109,17 @@ class TorchCalibration(CalibratedModule):
 
 def fake_quant_activation(scales: TensorScales, x: torch.Tensor) -> torch.Tensor:
     """``x`` through the QuantizeLinear -> DequantizeLinear pair its QDQ export gets (NVFP4:
-    blocks of 16 along the last axis, a partial last block padded with zeros)."""
+    blocks of 16 along the last axis, MX: of 32 with their exponents from ``x``, a partial last
+    block padded with zeros)."""
     fmt = get_format(scales.format)
     values = x.float()
     pad = -values.shape[-1] % fmt.block_size
     if pad:
         values = nn.functional.pad(values, (0, pad))
-    out = fmt.fake_quant(values, scales.scale.to(x.device), scales.zero_point.to(x.device))
+    if fmt.shared_exponent:
+        out = fmt.fake_quant_dynamic(values)
+    else:
+        out = fmt.fake_quant(values, scales.scale.to(x.device), scales.zero_point.to(x.device))
     return out[..., : x.shape[-1]].to(x.dtype)
 
 
@@ -160,12 +165,15 @@ class TorchCapture:
             )
         self._specs: dict[str, TensorSpec] = {}
         self._cals: dict[str, Calibrator] = {}
+        self._runtime: dict[str, TensorSpec] = {}  # MX inputs: scales computed at run time
         for t in self.targets:
             for key, spec, granularity in (
                 (scale_key(t.name, "input"), t.activation, t.input_granularity),
                 (scale_key(t.name, "output"), t.output, PerTensor()),
             ):
-                if spec is not None:
+                if spec is not None and is_runtime_scaled(spec):
+                    self._runtime[key] = spec
+                elif spec is not None:
                     self._specs[key] = spec
                     self._cals[key] = make_calibrator(spec, granularity, recipe.nonfinite)
         self._firsts = {key: first_pass_calibrator(cal) for key, cal in self._cals.items()}
@@ -235,6 +243,7 @@ class TorchCapture:
             key: tensor_scales(key, "activation", self._specs[key], cal, PerTensor())
             for key, cal in self._cals.items()
         }
+        scales.update({key: runtime_record(key, spec) for key, spec in self._runtime.items()})
         scales.update(self._weight_scales())
         return TorchCalibration(
             self.model, self.recipe, self.targets, scales, list(self.batches_per_pass)

@@ -10,7 +10,7 @@ import onnx
 from onnx import helper
 
 from qcal_export.errors import ModelError, ScalesError
-from qcal_export.graphs.mx import quantize_weight_mx
+from qcal_export.graphs.mx import insert_activation_mx, quantize_weight_mx
 from qcal_export.graphs.nvfp4 import (
     TRT_DOMAIN,
     add_trt_domain,
@@ -154,6 +154,8 @@ def export_qdq(
         q = scales[tensor].qparams()
         if q.fmt.two_level:
             notes.append(insert_activation_nvfp4(graph, activation, q, names, nvfp4_form))
+        elif q.fmt.shared_exponent:
+            insert_activation_mx(graph, activation, q.fmt, names)
         else:
             params[tensor] = insert_activation_qdq(graph, activation, q, names)
     for shared in plan.shared.values():

@@ -4,7 +4,8 @@ ORT has no FLOAT4E2M1 kernels. Here each weight DequantizeLinear chain of FP4 co
 its dequantized float initializer (graphs/fp4_weights.py), and each activation
 ``QuantizeLinear -> DequantizeLinear`` to FLOAT4E2M1 becomes standard float ops: ``x / scale``
 (the scale repeated over its block, a partial last block and dynamic shapes included), E2M1
-rounding half to even by magnitude range, saturating at 6, and ``* scale``. The block scales
+rounding half to even by magnitude range, saturating at 6, and ``* scale``; MX activations'
+pairs over the E8M0 scales the graph computes likewise (graphs/fp4_e8m0.py). The block scales
 stay as the graph computes them (QuantizeLinear to FP8 and back, which ORT runs); TensorRT's
 form becomes the same standard ops (graphs/fp4_trt.py). What the emulation cannot express (an
 FP4 tensor read by another op, a zero point, a global scale computed in the graph) is left as
@@ -20,6 +21,13 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from qcal_export.graphs.fp4_e8m0 import (
+    e8m0_round_trip,
+    e8m0_tensors,
+    e8m0_unexpressed,
+    is_e8m0_pair,
+    nan_propagating_amaxes,
+)
 from qcal_export.graphs.fp4_ops import Builder, block_expanded, round_trip
 from qcal_export.graphs.fp4_trt import emulate_trt
 from qcal_export.graphs.fp4_weights import ELEMENT_FORMATS, UNRUNNABLE_TYPES, fold_weights
@@ -47,6 +55,7 @@ def emulate_fp4(model: onnx.ModelProto) -> Emulation:
     graph = copy.graph
     folded = fold_weights(graph)
     _replace_by_initializers(graph, folded)
+    nan_propagating_amaxes(graph, Names(graph))
     emulated = emulate_trt(graph) + _emulate_activations(graph)
     prune(graph)
     _drop_unused_trt_domain(copy)
@@ -72,15 +81,15 @@ def runnable_form(model: onnx.ModelProto) -> onnx.ModelProto | None:
 
 
 def unexpressed(graph: onnx.GraphProto) -> list[str]:
-    """Initializers and nodes of ``graph`` that ORT cannot run: an FP4 type, an E8M0 scale or
-    TensorRT's op."""
+    """Initializers and nodes of ``graph`` that ORT cannot run: an FP4 type, an E8M0 scale
+    (stored, or computed and read by a Q/DQ) or TensorRT's op."""
     left = [f"initializer {t.name!r}" for t in graph.initializer if t.data_type in UNRUNNABLE_TYPES]
     for node in graph.node:
         if node.domain == TRT_DOMAIN:
             left.append(f"{node.domain}::{node.op_type} node {node.name!r}")
         elif _output_dtype(node) in ELEMENT_FORMATS:
             left.append(f"{node.op_type} node {node.name!r}")
-    return left
+    return list(dict.fromkeys([*left, *e8m0_unexpressed(graph)]))
 
 
 def _replace_by_initializers(graph: onnx.GraphProto, values: dict[str, torch.Tensor]) -> None:
@@ -110,17 +119,21 @@ def _emulate_activations(graph: onnx.GraphProto) -> int:
     """Each DequantizeLinear of a dynamic FP4 QuantizeLinear (same scale and blocks, no zero
     point) replaced in place by float ops; returns how many were."""
     producers = {out: node for node in graph.node for out in node.output}
+    scales = e8m0_tensors(graph)
     names = Names(graph)
     nodes, count = [], 0
     for node in graph.node:
-        quantize = _fp4_source(node, producers)
+        quantize = _fp4_source(node, producers, scales)
         if quantize is None:
             nodes.append(node)
             continue
         builder = Builder(graph, names, node.output[0])
         x, scale = quantize.input[0], quantize.input[1]
-        expanded = block_expanded(builder, x, scale, *_blocks(quantize))
-        round_trip(builder, x, expanded, node.output[0])
+        if is_e8m0_pair(quantize, scales):
+            e8m0_round_trip(builder, quantize, node)
+        else:
+            expanded = block_expanded(builder, x, scale, *_blocks(quantize))
+            round_trip(builder, x, expanded, node.output[0])
         nodes.extend(builder.nodes)
         count += 1
     del graph.node[:]
@@ -129,16 +142,19 @@ def _emulate_activations(graph: onnx.GraphProto) -> int:
 
 
 def _fp4_source(
-    node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]
+    node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], scales: set[str]
 ) -> onnx.NodeProto | None:
-    """The FP4 QuantizeLinear a DequantizeLinear ``node`` reverses, where the emulation can
-    express the pair: same scale input, axis and block size, no zero point."""
+    """The FP4 QuantizeLinear (or MX one, over a computed E8M0 scale among ``scales``) a
+    DequantizeLinear ``node`` reverses, where the emulation can express the pair: same scale
+    input, axis and block size, no zero point."""
     if node.op_type != "DequantizeLinear" or node.domain or len(node.input) != 2:
         return None
     quantize = producers.get(node.input[0])
     if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.domain:
         return None
-    if _output_dtype(quantize) not in ELEMENT_FORMATS or len(quantize.input) != 2:
+    if len(quantize.input) != 2:
+        return None
+    if _output_dtype(quantize) not in ELEMENT_FORMATS and not is_e8m0_pair(quantize, scales):
         return None
     same = quantize.input[1] == node.input[1] and _blocks(quantize) == _blocks(node)
     return quantize if same else None

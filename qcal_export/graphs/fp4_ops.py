@@ -81,3 +81,14 @@ def round_e2m1(b: Builder, y: str) -> str:
         step = b.node("Where", [below, b.const("spacing", f32(spacing)), step], "step")
     units = b.node("Round", [b.node("Div", [clipped, step], "units")], "rounded_units")
     return b.node("Mul", [units, step], "rounded")
+
+
+def round_e4m3(b: Builder, y: str) -> str:
+    """Float32 ``y`` to the FP8 E4M3FN grid, half to even, saturating at ±448: a saturating
+    Cast there and back, which ONNX Runtime computes as the reference QuantizeLinear does."""
+    fp8 = b.node("Cast", [y], "e4m3", to=TensorProto.FLOAT8E4M3FN, saturate=1)
+    return b.node("Cast", [fp8], "rounded", to=TensorProto.FLOAT)
+
+
+ELEMENT_ROUNDING = {TensorProto.FLOAT4E2M1: round_e2m1, TensorProto.FLOAT8E4M3FN: round_e4m3}
+"""Float32 rounding onto each element type of an emulated Q -> DQ pair, in ORT's ops."""

@@ -16,11 +16,12 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from qcal_export.graphs.block_ops import Builder, block_amax
 from qcal_export.graphs.qdq import Names, drop_if_unused, make_tensor, qdq_node, rewire
 from qcal_export.onnx_io.initializers import initializer_values
 from qcal_export.spec.formats import FP8_SUBNORMAL_MIN, NVFP4
 from qcal_export.spec.granularity import PerBlock
-from qcal_export.spec.plan import ActivationPlan, Blocks, WeightPlan
+from qcal_export.spec.plan import ActivationPlan, WeightPlan
 from qcal_export.spec.scales import QParams
 
 TRT_DOMAIN = "trt"
@@ -174,47 +175,14 @@ def _trt_dynamic(tensor: str, global_name: str, output: str, names: Names) -> li
     ]
 
 
-class _Builder:
-    """Appends nodes and constants named after one tensor; ``node`` returns the output name."""
-
-    def __init__(self, graph: onnx.GraphProto, names: Names, tensor: str, float_type: int):
-        self.graph, self.names, self.tensor, self.float_type = graph, names, tensor, float_type
-        self.nodes: list[onnx.NodeProto] = []
-
-    def const(self, base: str, values: np.ndarray | float, elem_type: int | None = None) -> str:
-        name = self.names.new(f"{self.tensor}_{base}")
-        elem_type = self.float_type if elem_type is None else elem_type
-        self.graph.initializer.append(make_tensor(name, torch.as_tensor(values), elem_type))
-        return name
-
-    def ints(self, base: str, values: list[int]) -> str:
-        return self.const(base, np.array(values, dtype=np.int64), TensorProto.INT64)
-
-    def node(self, op: str, inputs: list[str], base: str, **attributes: int) -> str:
-        out = self.names.new(f"{self.tensor}_{base}")
-        name = self.names.new(f"{self.tensor}_{op}")
-        self.nodes.append(helper.make_node(op, inputs, [out], name, **attributes))
-        return out
-
-
 def _portable_dynamic(
     graph: onnx.GraphProto, plan: ActivationPlan, global_name: str, output: str, names: Names
 ) -> list[onnx.NodeProto]:
     """Standard-op NVFP4 quantization with block scales computed from each block's amax."""
     tensor, blocks = plan.tensor, plan.blocks
     size, axis = NVFP4.block_size, blocks.axis
-    b = _Builder(graph, names, tensor, plan.elem_type)
-    source = b.node("Abs", [tensor], "abs")
-    pads = _block_padding(b, blocks, source, size)
-    if pads is not None:
-        source = b.node("Pad", [source, pads], "padded")
-    head = b.node("Shape", [source], "head_shape", end=axis)
-    tail = b.node("Shape", [source], "tail_shape", start=axis + 1)
-    shape = b.node("Concat", [head, b.ints("block_dims", [-1, size]), tail], "block_shape", axis=0)
-    grouped = b.node("Reshape", [source, shape], "blocks")
-    amax = b.node(
-        "ReduceMax", [grouped, b.ints("block_axis", [axis + 1])], "block_amax", keepdims=0
-    )
+    b = Builder(graph, names, tensor, plan.elem_type)
+    amax = block_amax(b, blocks, size)
     raw = b.node("Div", [amax, b.const("qmax", np.float32(NVFP4.qmax))], "block_amax_per_qmax")
     raw = b.node("Div", [raw, global_name], "raw_block_scale")
     lo = b.const("scale_min", np.float32(FP8_SUBNORMAL_MIN))
@@ -232,28 +200,6 @@ def _portable_dynamic(
         "DequantizeLinear", [quantized, effective], [output], name, **block
     )
     return [*b.nodes, dequantize]
-
-
-def _block_padding(b: _Builder, blocks: Blocks, source: str, size: int) -> str | None:
-    """The Pad ``pads`` input that makes the blocks' axis a multiple of ``size``: a constant
-    when its length is static (None when no padding is needed), else computed from Shape."""
-    rank, axis = blocks.rank, blocks.axis
-    if blocks.length is not None:
-        pad = -blocks.length % size
-        if not pad:
-            return None
-        pads = [0] * (2 * rank)
-        pads[rank + axis] = pad
-        return b.ints("pads", pads)
-    length = b.node("Shape", [source], "length", start=axis, end=axis + 1)
-    block = b.ints("block_size", [size])
-    short = b.node("Sub", [block, b.node("Mod", [length, block], "remainder")], "short")
-    pad = b.node("Mod", [short, block], "pad")
-    before, after = (
-        b.ints("pads_before", [0] * (rank + axis)),
-        b.ints("pads_after", [0] * (rank - axis - 1)),
-    )
-    return b.node("Concat", [before, pad, after], "pads", axis=0)
 
 
 def add_trt_domain(model: onnx.ModelProto) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from qcal_export.artifacts.scales import load_scales
 from qcal_export.calibrate.activations import calibrate_activations, hessian_inputs
+from qcal_export.calibrate.runtime_scales import calibrated_part, runtime_scale_records
 from qcal_export.calibrate.tensor import Collector, calibrate_weights
 from qcal_export.capture.onnxruntime import OrtCapture
 from qcal_export.errors import DataError
@@ -18,6 +19,7 @@ from qcal_export.graphs.export import check_scales_match
 from qcal_export.onnx_io.tensor_types import tensor_types
 from qcal_export.pipeline.run import Run
 from qcal_export.spec.config import CalibrationConfig
+from qcal_export.spec.plan import Plan
 from qcal_export.spec.scales import TensorScales
 
 log = logging.getLogger(__name__)
@@ -39,13 +41,14 @@ def calibrate_scales(
                 "%s was calibrated on another model file than %s", scales_in, run.loaded.path
             )
         return found
-    hessians = hessian_inputs(run.plan)
-    if run.source is None and (run.plan.activations or hessians):
+    plan = calibrated_part(run.plan)
+    hessians = hessian_inputs(plan)
+    if run.source is None and (plan.activations or hessians):
         raise DataError("calibration needs data: pass --data (or scales_in to reuse saved scales)")
-    found: dict[str, TensorScales] = {}
-    capture = _capture_pass(run, config.data.max_batches, progress)
+    found: dict[str, TensorScales] = runtime_scale_records(run.plan)
+    capture = _capture_pass(run, plan, config.data.max_batches, progress)
     activations = calibrate_activations(
-        run.plan,
+        plan,
         capture,
         run.recipe.nonfinite,
         state=run.state,
@@ -57,7 +60,7 @@ def calibrate_scales(
     found.update(
         calibrate_weights(
             run.loaded.proto,
-            run.plan,
+            plan,
             run.recipe.nonfinite,
             activations.hessians,
             weight_device(run),
@@ -75,8 +78,9 @@ def weight_device(run: Run) -> torch.device | None:
     return torch.device("cuda", run.device_id) if cuda and torch.cuda.is_available() else None
 
 
-def _capture_pass(run: Run, max_batches: int | None, progress: ProgressFactory | None):
-    """A CapturePass over the run's data with one ORT session, opened on first use."""
+def _capture_pass(run: Run, plan: Plan, max_batches: int | None, progress: ProgressFactory | None):
+    """A CapturePass over the run's data with one ORT session, opened on first use, exposing
+    ``plan``'s activations and Hessian inputs."""
     sessions: list[OrtCapture] = []
 
     def capture(
@@ -88,7 +92,7 @@ def _capture_pass(run: Run, max_batches: int | None, progress: ProgressFactory |
     ) -> int:
         if not sessions:
             types = tensor_types(run.loaded.proto)
-            wanted = {t: types[t] for t in [*run.plan.activations, *hessian_inputs(run.plan)]}
+            wanted = {t: types[t] for t in [*plan.activations, *hessian_inputs(plan)]}
             sessions.append(
                 OrtCapture(
                     run.loaded.proto,

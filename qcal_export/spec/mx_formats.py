@@ -3,7 +3,9 @@
 A block of 32 elements along the reduction axis shares one E8M0 scale, a power of two
 ``2^e``: the spec's rule is ``e = floor(log2(block_amax)) - emax_elem`` (8 for E4M3, 2 for E2M1),
 kept within E8M0's ``[-127, 127]``; each element is ``x / 2^e`` rounded half to even onto the
-element grid, saturating at its largest value (448, 6), as QuantizeLinear casts it.
+element grid, saturating at its largest value (448, 6), as QuantizeLinear casts it. Weights get
+their exponents from calibration (the rule, or mx-mse's choice); activations get theirs in the
+graph at run time from each block's amax (graphs/mx.py), so they need no calibration.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class MXFormat:
     block_size: ClassVar[int] = 32
     two_level: ClassVar[bool] = False
     integer: ClassVar[bool] = False
-    weight_only: ClassVar[bool] = True
+    weight_only: ClassVar[bool] = False
     default_block_size: ClassVar[int | None] = 32
     shared_exponent: ClassVar[bool] = True
     scale_onnx_type: ClassVar[int] = TensorProto.FLOAT8E8M0
@@ -103,6 +105,17 @@ class MXFormat:
         torch.div(x, scale, out=out)
         out.copy_(self.round_elements(out))
         return out.mul_(scale)
+
+    def fake_quant_dynamic(self, x: torch.Tensor) -> torch.Tensor:
+        """Q -> DQ of an activation as the graph computes it: per block of 32 along the last
+        axis (``x`` [..., n], n a multiple of 32), the exponent from the block's own amax by
+        the spec's rule; a block holding inf or NaN becomes NaN (its scale is NaN). Float32."""
+        blocks = x.float().reshape(*x.shape[:-1], -1, self.block_size)
+        amax = blocks.abs().amax(-1, keepdim=True)
+        finite = torch.isfinite(amax)
+        scale = self.scale_of(self.exponent(torch.where(finite, amax, 0.0)))
+        out = self.fake_quant(blocks, scale, None)
+        return torch.where(finite, out, torch.nan).reshape(x.shape)
 
     def encode_zero_point(self, zero_point: torch.Tensor) -> torch.Tensor:
         return zero_point.to(self.storage_dtype)

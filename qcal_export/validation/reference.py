@@ -12,6 +12,7 @@ from onnx import TensorProto
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
+from qcal_export.graphs.fp4_e8m0 import e8m0_unexpressed
 from qcal_export.graphs.nvfp4 import TRT_DOMAIN
 from qcal_export.onnx_io.weights import materialized
 from qcal_export.spec.formats import NVFP4
@@ -106,9 +107,11 @@ ORT_UNSUPPORTED_TYPES = {TensorProto.FLOAT4E2M1, TensorProto.FLOAT8E8M0}
 
 
 def needs_reference_evaluator(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` holds types or ops ONNX Runtime cannot run (FP4, E8M0 scales,
-    TensorRT's ops)."""
+    """Whether ``model`` holds types or ops ONNX Runtime cannot run (FP4, E8M0 scales stored or
+    computed for a Q/DQ, TensorRT's ops)."""
     graph = model.graph
+    if e8m0_unexpressed(graph):
+        return True
     if any(t.data_type in ORT_UNSUPPORTED_TYPES for t in graph.initializer):
         return True
     for node in graph.node:

@@ -114,7 +114,7 @@ def test_mlp_per_channel_weight_only_with_an_excluded_layer(mlp, tmp_path):
 def test_cli_fp8_checkpoint_and_its_errors(mlp, tmp_path, capsys):
     args = ["calibrate", str(mlp / "mlp.onnx"), "--data", str(mlp / "data")]
     refused = {
-        "int8": "no NVFP4 or FP8 linear layer to write: calibrate MatMul/Gemm weights as nvfp4",
+        "int8": "no NVFP4, FP8 or MX linear layer to write: calibrate MatMul/Gemm weights as",
         "fp8": "ModelOpt FP8 holds one weight scale per tensor.*--no-per-channel-weights",
         "fp8 --activation-format none --no-per-channel-weights": r"static input scale.*fp8 \(",
         "fp8 --activation-format int8": "activations are calibrated as int8.*--activation-format",

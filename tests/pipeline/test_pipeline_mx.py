@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from error_lines import assert_one_error_line
 from mlp import batches, make_mlp
 from mx_oracle import brute_force
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from qcal_export.calibrate.runtime_scales import RUNTIME_NOTE
 from qcal_export.cli import main
 from qcal_export.pipeline.calibrate import calibrate_onnx
 from qcal_export.validation.fp4_runner import emulation_validator
@@ -83,28 +83,66 @@ def test_weight_only_mx_end_to_end(mlp, tmp_path, fmt):
     assert report["output_error"]["y"]["cosine"] > 0.95
 
 
-def test_the_cli_writes_mx_weights_and_refuses_mx_activations(mlp, tmp_path, capsys):
-    data = str(mlp / "data")
+def first_activation(written: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The dequantized graph input ``x`` as the reference evaluator computes it."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(written)
+    probe.graph.output.append(onnx.helper.make_empty_tensor_value_info("x_dequantized"))
+    return ReferenceEvaluator(probe).run(["x_dequantized"], {"x": x})[0]
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "mxfp4"])
+def test_mx_activations_end_to_end(mlp, tmp_path, fmt):
+    """``format`` MX: activations get their E8M0 scales in the graph (no capture pass, no
+    calibrator: the report says so), the evaluator's first activation is the brute force's,
+    the saved scales reload, and ORT over the emulation validates."""
+    out, scales = tmp_path / "q.onnx", tmp_path / "q.safetensors"
+    result = calibrate_onnx(mlp / "mlp.onnx", mlp / "data", format=fmt, output=out, scales=scales)
+    report = result.report
+    assert report["validator"] == emulation_validator(CPU)
+    assert report["batches_per_pass"] == []
+    rows = [row for row in report["tensors"] if row["kind"] == "activation"]
+    assert len(rows) == 3 and {row["format"] for row in rows} == {fmt}
+    assert all(row["notes"] == [RUNTIME_NOTE] and row["amax"] == 0 for row in rows)
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    to_e8m0 = [
+        n
+        for n in written.graph.node
+        if n.op_type == "Cast"
+        and any(a.name == "to" and a.i == TensorProto.FLOAT8E8M0 for a in n.attribute)
+    ]
+    assert len(to_e8m0) == 2 * 3  # two per activation
+    x = batches(mlp)[0]
+    axis = x.ndim - 1
+    moved = np.moveaxis(x, axis, 0)
+    want, _ = brute_force(moved.reshape(moved.shape[0], -1), fmt)
+    want = np.moveaxis(want.reshape(moved.shape), 0, axis)
+    np.testing.assert_array_equal(first_activation(written, x).astype(np.float64), want)
+    float_session = ort.InferenceSession(str(mlp / "mlp.onnx"), providers=CPU)
+    evaluator = ReferenceEvaluator(written)
+    reference = np.concatenate([float_session.run(None, {"x": b})[0] for b in batches(mlp)])
+    quantized = np.concatenate([evaluator.run(None, {"x": b})[0] for b in batches(mlp)])
+    assert report["output_error"]["y"]["cosine"] == pytest.approx(cosine(reference, quantized))
+    again = tmp_path / "again.onnx"
+    calibrate_onnx(mlp / "mlp.onnx", None, format=fmt, output=again, scales_in=scales)
     assert (
-        main(
-            [
-                "calibrate",
-                str(mlp / "mlp.onnx"),
-                "--data",
-                data,
-                "-o",
-                str(tmp_path / "a.onnx"),
-                "--format",
-                "mxfp4",
-            ]
-        )
-        == 0
+        first_activation(onnx.load(str(again)), x).tobytes()
+        == first_activation(written, x).tobytes()
     )
+
+
+def test_the_cli_writes_mx_weights_and_activations(mlp, tmp_path, capsys):
+    """``--format mxfp4``: both MX; ``--activation-format mxfp8`` with int8 weights: MX
+    activations alone, which ORT cannot run either: the emulation validates both."""
+    argv = ["calibrate", str(mlp / "mlp.onnx"), "--data", str(mlp / "data")]
+    assert main([*argv, "-o", str(tmp_path / "a.onnx"), "--format", "mxfp4"]) == 0
     written = onnx.load(str(tmp_path / "a.onnx"))
     assert TensorProto.FLOAT8E8M0 in {t.data_type for t in written.graph.initializer}
-    capsys.readouterr()
-    bad = tmp_path / "b.onnx"
-    argv = ["calibrate", str(mlp / "mlp.onnx"), "--data", data, "-o", str(bad)]
-    assert main([*argv, "--format", "int8", "--activation-format", "mxfp8"]) == 2
-    assert_one_error_line(capsys.readouterr(), "mxfp8 is a weight format")
-    assert not bad.exists()
+    assert "fp4 emulation" in capsys.readouterr().out
+    mixed = [*argv, "-o", str(tmp_path / "b.onnx"), "--format", "int8"]
+    assert main([*mixed, "--activation-format", "mxfp8"]) == 0
+    written = onnx.load(str(tmp_path / "b.onnx"))
+    assert TensorProto.FLOAT8E8M0 not in {t.data_type for t in written.graph.initializer}
+    assert any(n.op_type == "Cast" for n in written.graph.node)
+    assert "fp4 emulation" in capsys.readouterr().out

@@ -24,8 +24,8 @@ def test_each_format_declares_its_traits():
         "uint4": (False, True, True, 128),
         "fp8": (False, False, False, None),
         "nvfp4": (True, False, False, 16),
-        "mxfp8": (False, False, True, 32),
-        "mxfp4": (False, False, True, 32),
+        "mxfp8": (False, False, False, 32),
+        "mxfp4": (False, False, False, 32),
     }
     assert (NVFP4.scale_min, NVFP4.scale_max) == (FP8_SUBNORMAL_MIN, 448.0) == (2.0**-9, 448.0)
 

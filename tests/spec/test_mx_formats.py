@@ -64,7 +64,7 @@ def test_spec_exponent_by_hand():
 def test_traits_and_block_size():
     assert FORMATS["mxfp8"] is MXFP8 and FORMATS["mxfp4"] is MXFP4
     for fmt in (MXFP8, MXFP4):
-        assert (fmt.weight_only, fmt.default_block_size, fmt.min_opset) == (True, 32, 24)
+        assert (fmt.weight_only, fmt.default_block_size, fmt.min_opset) == (False, 32, 24)
         assert fmt.scale_onnx_type == TensorProto.FLOAT8E8M0
     assert TensorSpec(format="mxfp4").block_size == 32
     with pytest.raises(RecipeError, match="mxfp8 blocks are 32 elements, not 16"):
