@@ -27,6 +27,14 @@ LOWEST_EXPONENT = -126
 CHUNK_ELEMENTS = 1 << 20
 """Values binned at once: bounds the index scratch whatever the batch size."""
 MAX_SHIFT = 62
+ROUNDING_MAGIC = {
+    torch.float32: (12582912.0, torch.int32, 0x4B400000),
+    torch.float64: (6755399441055744.0, torch.int64, 0x4338000000000000),
+}
+"""Per float type: ``1.5 * 2**mantissa_bits``, the integer type of its width and that float's
+bits. An integer-valued float ``v`` (``|v|`` below ``2**(mantissa_bits - 1)``) plus the magic
+number is exact, and its bits minus the magic's are ``v``: the bin index without a conversion,
+which on the CPU costs more than the arithmetic."""
 
 
 def integer_option(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
@@ -91,6 +99,8 @@ class HistogramCalibrator(Calibrator):
     }
     nonfinite_fill: ClassVar[float] = math.nan
     """Skipped non-finite values become NaN, which ``_update`` leaves out."""
+    _ranges: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Per-group (min, max) of the batch ``_drop_nonfinite`` checked, for ``_update``."""
 
     def __init__(
         self,
@@ -146,8 +156,22 @@ class HistogramCalibrator(Calibrator):
             "max": torch.zeros(num, dtype=torch.float32, device=device),
         }
 
+    def _drop_nonfinite(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """On the CPU the batch's group extremes, which ``_update`` needs, are the finiteness
+        check (a NaN or an infinity makes one of them non-finite): a finite batch is not read
+        a third time. Any other goes the general way."""
+        self._ranges = None
+        if x.is_cuda:
+            return super()._drop_nonfinite(x)
+        extremes = _extremes(self.granularity.groups(x))
+        if bool(torch.isfinite(extremes[0]).all() and torch.isfinite(extremes[1]).all()):
+            self._ranges = extremes
+            return x, 0
+        return super()._drop_nonfinite(x)
+
     def _update(self, x: torch.Tensor, groups: torch.Tensor) -> None:
-        amin, amax = _extremes(groups)
+        amin, amax = self._ranges if self._ranges is not None else _extremes(groups)
+        self._ranges = None
         left_out = self._padding(x, groups)
         if bool(torch.isnan(amax).any()):
             nan = torch.isnan(groups)
@@ -181,8 +205,9 @@ class HistogramCalibrator(Calibrator):
         """Add every value of ``groups`` (``[G, n]``, finite) to its group's bin.
 
         ``x * 2**-e`` is exact in float32 while every ``e <= 0``; a wider bin could round a tiny
-        negative value to -0 (bin 0 instead of -1), so those batches bin in float64. On CUDA
-        the Triton kernel (``kernels/histogram.py``) gives the same bins in one pass.
+        negative value to -0 (bin 0 instead of -1), so those batches bin in float64. The floored
+        value becomes an index through ``ROUNDING_MAGIC``. On CUDA the Triton kernel
+        (``kernels/histogram.py``) gives the same bins in one pass.
         """
         hist, exponent = self._state["hist"], self._state["exponent"]
         if self._fused(groups):
@@ -193,18 +218,20 @@ class HistogramCalibrator(Calibrator):
         num, length = groups.shape
         device = hist.device
         dtype = torch.float32 if bool((exponent <= 0).all()) else torch.float64
+        magic, itype, bits = ROUNDING_MAGIC[dtype]
         scale = pow2(-exponent).to(dtype)[:, None]
-        offset = torch.arange(num, device=device)[:, None] * (2 * self.bins) + self.bins
+        first_bin = torch.arange(num, device=device)[:, None] * (2 * self.bins) + self.bins
+        offset = (first_bin - bits).to(itype)
         step = max(1, CHUNK_ELEMENTS // num)
         scaled = torch.empty(num * min(step, length), dtype=dtype, device=device)
-        index = torch.empty(scaled.numel(), dtype=torch.int64, device=device)
         ones = torch.ones((), dtype=torch.int64, device=device).expand(scaled.numel())
         for begin in range(0, length, step):
             part = groups[:, begin : begin + step]
             size = part.numel()
-            torch.mul(part, scale, out=scaled[:size].view(part.shape)).floor_()
-            index[:size].view(part.shape).copy_(scaled[:size].view(part.shape)).add_(offset)
-            hist.view(-1).index_add_(0, index[:size], ones[:size])
+            bins = scaled[:size].view(part.shape)
+            torch.mul(part, scale, out=bins).floor_().add_(magic)
+            index = bins.view(itype).add_(offset)
+            hist.view(-1).index_add_(0, index.view(-1), ones[:size])
 
     def _fused(self, groups: torch.Tensor) -> bool:
         """Whether the Triton kernel bins ``groups`` (CUDA and Triton); torch is the reference."""

@@ -13,6 +13,7 @@ from oracle import F32
 
 from qcal_export.calibrators import (
     EntropyCalibrator,
+    HistogramMseCalibrator,
     MaxCalibrator,
     MseCalibrator,
     MxMseCalibrator,
@@ -41,6 +42,7 @@ CASES = {
     "percentile": cases([NV_BLOCKS, NV_GROUP]),
     "entropy": cases([NV_BLOCKS, NV_GROUP]),
     "mse": cases([NV_GROUP]),
+    "hist-mse": cases([]),
     "shrink-mse": cases([NV_BLOCKS, NV_GROUP]),
     "nvfp4-mse": [(NVFP4, NV_BLOCKS), (NVFP4, PerBlock(0, 16))],
     "mx-mse": [(MXFP8, PerBlock(-1, 32)), (MXFP4, PerBlock(0, 32))],
@@ -71,6 +73,7 @@ def build(method: str, fmt, granularity, data: list[np.ndarray], **kwargs):
         "percentile": PercentileCalibrator,
         "entropy": EntropyCalibrator,
         "mse": MseCalibrator,
+        "hist-mse": HistogramMseCalibrator,
         "shrink-mse": ShrinkMseCalibrator,
         "nvfp4-mse": NVFP4MseCalibrator,
         "mx-mse": MxMseCalibrator,
