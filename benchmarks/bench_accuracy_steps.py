@@ -24,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import harness
+import numpy as np
 
 from qcal_export.demo.evaluate import embedding_cosine
 from qcal_export.demo.model import demo_model_path
@@ -75,19 +76,60 @@ def run_row(
     return line, seconds, result.timings
 
 
+def tokenized() -> tuple[list[dict], list[dict]]:
+    """The 256 calibration and 128 held-out demo texts, tokenized in batches of 16."""
+    calib_texts, heldout_texts = demo_texts(256, 128)
+    return demo_batches(calib_texts, batch_size=16), demo_batches(heldout_texts, batch_size=16)
+
+
+def save_inputs(folder: Path, calib: list[dict], heldout: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, batches in (("calib", calib), ("heldout", heldout)):
+        arrays = {f"{i}/{k}": v for i, batch in enumerate(batches) for k, v in batch.items()}
+        np.savez(folder / f"{name}.npz", **arrays)
+
+
+def load_inputs(folder: Path) -> tuple[list[dict], list[dict]]:
+    out = []
+    for name in ("calib", "heldout"):
+        batches: dict[int, dict] = {}
+        with np.load(folder / f"{name}.npz") as saved:
+            for key in saved.files:
+                index, _, input_name = key.partition("/")
+                batches.setdefault(int(index), {})[input_name] = saved[key]
+        out.append([batches[i] for i in sorted(batches)])
+    return out[0], out[1]
+
+
+def device() -> str:
+    """The ONNX Runtime provider the runs use, and the GPU where there is one."""
+    import onnxruntime as ort
+    import torch
+
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"ORT {'CUDA' if cuda else 'CPU'} EP{gpu}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="*", default=list(ROWS), help="METHOD[:ALPHA][@TARGET]")
     parser.add_argument("--output", type=Path, default=RESULT_FILE, help="the table's file")
+    parser.add_argument(
+        "--inputs", type=Path, help="tokenized batches saved by --save-inputs (no tokenizer)"
+    )
+    parser.add_argument("--save-inputs", type=Path, help="save the tokenized batches and stop")
     args = parser.parse_args()
     model = demo_model_path()
-    calib_texts, heldout_texts = demo_texts(256, 128)
-    calib = demo_batches(calib_texts, batch_size=16)
-    heldout = demo_batches(heldout_texts, batch_size=16)
+    calib, heldout = load_inputs(args.inputs) if args.inputs else tokenized()
+    if args.save_inputs:
+        save_inputs(args.save_inputs, calib, heldout)
+        return
     lines = [
         "# Accuracy steps: int8 W8A8 on the demo model",
         "",
-        f"- date: {dt.datetime.now().isoformat(timespec='seconds')}; {os.cpu_count()} cores",
+        f"- date: {dt.datetime.now().isoformat(timespec='seconds')}; {os.cpu_count()} cores; "
+        f"{device()}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in harness.versions().items())}",
         "- 256 calibration texts (16 batches of 16), 128 held-out texts; weights per-channel "
         "int8 max; a target holds out every 5th calibration batch",
