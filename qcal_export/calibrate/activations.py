@@ -35,6 +35,7 @@ from qcal_export.calibrators import Calibrator
 from qcal_export.calibrators.histogram import HistogramCalibrator
 from qcal_export.calibrators.max import MaxCalibrator
 from qcal_export.calibrators.nvfp4_mse import BlockHessian
+from qcal_export.errors import RecipeError
 from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import Granularity, PerTensor, PerTensorGroup
 from qcal_export.spec.methods import METHODS
@@ -88,6 +89,11 @@ def candidate_specs(tensor: str, spec: TensorSpec) -> list[tuple[str, TensorSpec
     among = METHODS[spec.method].among
     if not among:
         return [(tensor, spec)]
+    if get_format(spec.format).block_size > 1:
+        raise RecipeError(
+            f"method {spec.method} chooses among per-tensor scales, not {spec.format}'s block "
+            f"scales ({tensor}): give {spec.format} activations max or mse"
+        )
     return [
         (
             f"{tensor}#{method.name}",

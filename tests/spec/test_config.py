@@ -63,6 +63,7 @@ FULL = {
         "target_rel_l2": 0.05,
         "holdout_every": 3,
         "view_batches": 2,
+        "auto_samples": 4,
         "smooth": 0.5,
     },
     "state": {"state": "calib.state", "state_every": 10, "resume": True},
@@ -244,7 +245,7 @@ def test_flags_build_the_config_the_keywords_build():
     argv += ["--provider", "cpu", "--device-id", "1", "--validate-batches", "2"]
     argv += ["--validate-data", "held", "--min-cosine", "0.95", "--eval-module", "metric.py:score"]
     argv += ["--strict", "--layer-view", "--target-rel-l2", "0.05", "--holdout-every", "3"]
-    argv += ["--view-batches", "2", "--smooth", "0.5"]
+    argv += ["--view-batches", "2", "--auto-samples", "4", "--smooth", "0.5"]
     argv += ["--state", "calib.state", "--state-every", "10", "--resume"]
     config = config_from_args(calibrate_parser().parse_args(argv))
     assert config.to_dict() == FULL

@@ -9,7 +9,13 @@ import math
 
 import pytest
 
-from qcal_export.calibrators import EntropyCalibrator, MseCalibrator, ShrinkMseCalibrator, entropy
+from qcal_export.calibrators import (
+    EntropyCalibrator,
+    HistogramMseCalibrator,
+    MseCalibrator,
+    ShrinkMseCalibrator,
+    entropy,
+)
 from qcal_export.calibrators.mse import mse_multipliers
 from qcal_export.calibrators.percentile import PercentileCalibrator
 from qcal_export.calibrators.shrink_mse import shrink_factors
@@ -22,6 +28,7 @@ from qcal_export.spec.recipe import TensorSpec
 
 CALIBRATORS = {
     "mse": MseCalibrator,
+    "hist-mse": HistogramMseCalibrator,
     "shrink-mse": ShrinkMseCalibrator,
     "percentile": PercentileCalibrator,
     "entropy": EntropyCalibrator,
