@@ -1,0 +1,203 @@
+"""Mixed-format precision search: each unit gets the cheapest format of an ordered list (float
+always last) for which the held-out batches still meet a target.
+
+Units are those of ``graphs/mixed_switch.format_units`` (planned nodes and shared-scale groups,
+joined where they read one tensor). One session runs the leveled model (every unit switchable
+among the formats and float), through the FP4 emulation where a format is FP4.
+- Sensitivity: the per-layer view over the unit-format pairs (``sensitivity.layer_view``); a
+  unit's rank is its output error alone at the cheapest format.
+- Step up: from every unit at the cheapest format, units go straight to float, most sensitive
+  first, until the target is met. Float is exact, so this ends, and it costs one evaluation per
+  unit raised where stepping one format at a time costs up to one per format.
+- Step down: each raised unit, least sensitive first, takes the cheapest format that keeps the
+  target (tried cheapest first), else stays float.
+So every unit ends at the cheapest format that held when it was tried: no single unit can go
+cheaper as the search left the others then.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qcal_export.analysis.layer_view import exported_error
+from qcal_export.analysis.mixed_bits import element_counts, format_rows, overall_bits
+from qcal_export.analysis.planned import PlannedModel
+from qcal_export.analysis.sensitivity import LayerView, SwitchedRuns, Target, layer_view
+from qcal_export.capture.data import DataSource
+from qcal_export.errors import RecipeError
+from qcal_export.graphs.fp4_emulation import runnable_form, unexpressed
+from qcal_export.graphs.mixed_switch import (
+    LEVEL_MARK,
+    format_units,
+    leveled_model,
+    members,
+    mixed_plan,
+)
+from qcal_export.graphs.switchable import Slot, Switchable
+from qcal_export.spec.plan import Plan
+from qcal_export.spec.scales import TensorScales
+
+FLOAT = "float"
+
+
+@dataclass
+class Levels:
+    """The formats of a mixed search, cheapest first, each with its plan and scales (the plans
+    quantize the same tensors for the same node inputs)."""
+
+    formats: list[str]
+    plans: list[Plan]
+    scales: list[dict[str, TensorScales]]
+
+    def pairs(self) -> list[tuple[Plan, dict[str, TensorScales]]]:
+        return list(zip(self.plans, self.scales, strict=True))
+
+
+@dataclass
+class FormatChoice:
+    """Each unit's level (``len(formats)``: float), the steps and the held-out error."""
+
+    target: Target
+    chosen: dict[str, int]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    heldout: dict[str, float] = field(default_factory=dict)
+
+
+def enable_of(chosen: list[int], count: int) -> np.ndarray:
+    """The leveled model's switches for units at levels ``chosen`` of ``count`` formats."""
+    enable = np.zeros(len(chosen) * count, dtype=bool)
+    for u, level in enumerate(chosen):
+        if level < count:
+            enable[u * count + level] = True
+    return enable
+
+
+def search_formats(
+    runs: SwitchedRuns,
+    view: LayerView,
+    holdout: DataSource,
+    target: Target,
+    units: list[str],
+    formats: list[str],
+) -> FormatChoice:
+    """The cheapest format per unit meeting ``target`` on the held-out batches (the module's
+    greedy: straight to float by sensitivity, then each back down, least sensitive first)."""
+    count = len(formats)
+    levels = [0] * len(units)
+
+    def error() -> dict[str, float]:
+        return runs.error(holdout, enable_of(levels, count))
+
+    def loss(u: int) -> float:
+        return target.loss(view.alone[f"{units[u]}{LEVEL_MARK}{formats[0]}"])
+
+    current = error()
+    choice = FormatChoice(target, {}, steps=[{"change": f"all {formats[0]}", **current}])
+    raised: list[int] = []
+    for u in sorted(range(len(units)), key=loss, reverse=True):
+        if target.met(current):
+            break
+        levels[u] = count
+        raised.append(u)
+        current = error()
+        choice.steps.append({"change": f"{units[u]} {FLOAT}", **current})
+    for u in reversed(raised):
+        for level in range(count):
+            levels[u] = level
+            trial = error()
+            if target.met(trial):
+                current = trial
+                choice.steps.append({"change": f"{units[u]} back to {formats[level]}", **trial})
+                break
+        else:
+            levels[u] = count
+    choice.chosen = dict(zip(units, levels, strict=True))
+    choice.heldout = current
+    return choice
+
+
+@dataclass
+class MixedAnalysis:
+    """What the mixed search found: the view over unit-format pairs, the units (their slots
+    and the switchable units each joins), the levels and the choice."""
+
+    view: LayerView
+    units: dict[str, list[Slot]]
+    joined: dict[str, list[str]]
+    levels: Levels
+    choice: FormatChoice
+    counts: dict[str, tuple[int, int]]
+
+    def narrow(
+        self, plan: Plan, found: dict[str, TensorScales]
+    ) -> tuple[Plan, dict[str, TensorScales]]:
+        """The plan giving every unit its chosen format, and the scales it uses."""
+        return mixed_plan(self.levels.pairs(), self.joined, self.choice.chosen)
+
+    def report(
+        self, planned: PlannedModel, exported: Any, holdout: DataSource | None
+    ) -> dict[str, Any]:
+        """The report's ``mixed_formats`` section (``planned``: the model as exported)."""
+        names = [*self.levels.formats, FLOAT]
+        rows = format_rows(self.units, self.joined, self.choice.chosen, names, self.view)
+        bits = overall_bits(self.levels, self.units, self.choice.chosen, self.counts)
+        section: dict[str, Any] = {
+            "formats": names,
+            "target": {"metric": self.choice.target.metric, "value": self.choice.target.value},
+            "units": rows,
+            "bits": bits,
+            "steps": self.choice.steps,
+            "heldout_switchable": self.choice.heldout,
+        }
+        if holdout is not None:
+            section["heldout_exported"] = exported_error(
+                planned.path, planned.providers, exported, holdout
+            )
+        return {"mixed_formats": section}
+
+
+def leveled_runs(planned: PlannedModel, levels: Levels) -> tuple[SwitchedRuns, dict]:
+    """A session over the leveled form of the planned model, and its units."""
+    units = format_units(levels.plans[0])
+    recipe = planned.recipe
+    leveled = leveled_model(
+        planned.model,
+        levels.pairs(),
+        units,
+        recipe.weights_mode,
+        recipe.nvfp4_form,
+        levels.formats,
+    )
+    runnable = runnable_form(leveled.model)
+    if runnable is None:
+        left = ", ".join(unexpressed(leveled.model.graph))
+        raise RecipeError(
+            "the mixed-format search runs in ONNX Runtime, and this model's quantized forms "
+            f"hold what it cannot run: {left}"
+        )
+    switchable = Switchable(runnable, leveled.units)
+    runs = SwitchedRuns(switchable, planned.providers, f"the mixed form of {planned.path}")
+    return runs, units
+
+
+def analyse_formats(
+    planned: PlannedModel,
+    source: DataSource | None,
+    levels: Levels,
+    holdout: DataSource | None,
+    target: Target,
+    batches: int,
+) -> MixedAnalysis:
+    """Sensitivity of every unit at every format on the first ``batches`` batches of
+    ``source``, then the cheapest format per unit meeting ``target`` on ``holdout``."""
+    if source is None or holdout is None:
+        raise RecipeError("the mixed-format search needs data: pass --data")
+    runs, units = leveled_runs(planned, levels)
+    view = layer_view(runs, source, batches)
+    choice = search_formats(runs, view, holdout, target, list(units), levels.formats)
+    counts = element_counts(planned, levels.plans[0], source)
+    joined = members(levels.plans[0], units)
+    return MixedAnalysis(view, units, joined, levels, choice, counts)
