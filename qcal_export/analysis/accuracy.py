@@ -9,8 +9,8 @@ from typing import Any, NamedTuple
 
 from qcal_export.analysis.sensitivity import Target
 from qcal_export.capture.data import DataSource, open_data, split_holdout
-from qcal_export.spec.recipe import Recipe
 from qcal_export.spec.checks import check_accuracy, check_smooth_scales, check_targets
+from qcal_export.spec.recipe import Recipe
 from qcal_export.validation.data import ValidationData, held_out_or_first
 
 

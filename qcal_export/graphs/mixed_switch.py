@@ -124,10 +124,9 @@ def _switch(
                 value = out
             nodes[slot.node].input[slot.index] = value
     graph.node.extend(added)
-    graph.input.append(helper.make_tensor_value_info(ENABLE, TensorProto.BOOL, [len(units) * count]))
-    pseudo = {
-        f"{unit}{LEVEL_MARK}{fmt}": slots for unit, slots in units.items() for fmt in formats
-    }
+    switches = [len(units) * count]
+    graph.input.append(helper.make_tensor_value_info(ENABLE, TensorProto.BOOL, switches))
+    pseudo = {f"{unit}{LEVEL_MARK}{fmt}": slots for unit, slots in units.items() for fmt in formats}
     return Switchable(model, pseudo)
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from qcal_export.analysis.accuracy import Accuracy
 from qcal_export.analysis.layer_view import Analysis, analyse_layers
-from qcal_export.analysis.mixed_formats import Levels, MixedAnalysis, analyse_formats
 from qcal_export.analysis.method_choice import choose_activation_methods
+from qcal_export.analysis.mixed_formats import Levels, MixedAnalysis, analyse_formats
 from qcal_export.analysis.smoothing import smooth
 from qcal_export.capture.data import DataSource
 from qcal_export.pipeline.run import Run
