@@ -4,15 +4,16 @@ always last) for which the held-out batches still meet a target.
 Units are those of ``graphs/mixed_switch.format_units`` (planned nodes and shared-scale groups,
 joined where they read one tensor). One session runs the leveled model (every unit switchable
 among the formats and float), through the FP4 emulation where a format is FP4.
-- Sensitivity: the per-layer view over the unit-format pairs (``sensitivity.layer_view``); a
-  unit's rank is its output error alone at the cheapest format.
-- Step up: from every unit at the cheapest format, units go straight to float, most sensitive
-  first, until the target is met. Float is exact, so this ends, and it costs one evaluation per
-  unit raised where stepping one format at a time costs up to one per format.
-- Step down: each raised unit, least sensitive first, takes the cheapest format that keeps the
-  target (tried cheapest first), else stays float.
-So every unit ends at the cheapest format that held when it was tried: no single unit can go
-cheaper as the search left the others then.
+- Sensitivity: the per-layer view over the unit-format pairs (``sensitivity.layer_view``): each
+  unit's output error alone at each format, the others float.
+- Step up: from every unit at the cheapest format, the unit whose current format is the most
+  sensitive (largest error alone at that format) steps up one format, until the target is met
+  (float is exact, so this ends). One format at a time, not straight to float: a middle format
+  often suffices, and a unit sent to float would hold the cost of float through the search.
+- Step down: each unit above the cheapest format, least sensitive first (at the cheapest
+  format), takes the cheapest format that keeps the target, tried cheapest first.
+So every unit ends at the cheapest format that held when it was tried: no single unit could go
+cheaper with the others as the search left them then.
 """
 
 from __future__ import annotations
@@ -84,36 +85,37 @@ def search_formats(
     formats: list[str],
 ) -> FormatChoice:
     """The cheapest format per unit meeting ``target`` on the held-out batches (the module's
-    greedy: straight to float by sensitivity, then each back down, least sensitive first)."""
+    greedy: one format up at a time by sensitivity, then each down, least sensitive first)."""
     count = len(formats)
     levels = [0] * len(units)
+    names = [*formats, FLOAT]
+
+    def loss(u: int, level: int) -> float:
+        return target.loss(view.alone[f"{units[u]}{LEVEL_MARK}{formats[level]}"])
 
     def error() -> dict[str, float]:
         return runs.error(holdout, enable_of(levels, count))
 
-    def loss(u: int) -> float:
-        return target.loss(view.alone[f"{units[u]}{LEVEL_MARK}{formats[0]}"])
-
     current = error()
     choice = FormatChoice(target, {}, steps=[{"change": f"all {formats[0]}", **current}])
-    raised: list[int] = []
-    for u in sorted(range(len(units)), key=loss, reverse=True):
-        if target.met(current):
-            break
-        levels[u] = count
-        raised.append(u)
+    while not target.met(current):
+        u = max(
+            (u for u in range(len(units)) if levels[u] < count), key=lambda u: loss(u, levels[u])
+        )
+        levels[u] += 1
         current = error()
-        choice.steps.append({"change": f"{units[u]} {FLOAT}", **current})
-    for u in reversed(raised):
-        for level in range(count):
+        choice.steps.append({"change": f"{units[u]} up to {names[levels[u]]}", **current})
+    for u in sorted(range(len(units)), key=lambda u: loss(u, 0)):
+        kept = levels[u]
+        for level in range(kept):
             levels[u] = level
             trial = error()
             if target.met(trial):
                 current = trial
-                choice.steps.append({"change": f"{units[u]} back to {formats[level]}", **trial})
+                choice.steps.append({"change": f"{units[u]} down to {names[level]}", **trial})
                 break
         else:
-            levels[u] = count
+            levels[u] = kept
     choice.chosen = dict(zip(units, levels, strict=True))
     choice.heldout = current
     return choice
