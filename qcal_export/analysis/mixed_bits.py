@@ -69,6 +69,8 @@ def element_counts(
     types = tensor_types(model)
     outputs = {o.name for o in model.graph.output}
     tensors = [t for t in [*plan.activations, *plan.shared] if t in types]
+    if not tensors:
+        return counts
     extra = {t: types[t] for t in tensors if t not in outputs}
     session = open_session(model, planned.providers, planned.name, extra_outputs=extra)
     feed = next(feeds(source, model_inputs(model), 1))
