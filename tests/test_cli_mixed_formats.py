@@ -73,12 +73,14 @@ LISTS = [
     (("--formats", "int8,fp8", "--method", "auto", *TARGET), r"give another method than auto"),
     (("--formats", "int8,fp8", "--weight-format", "int8", *TARGET), r"give no --weight-format"),
     (("--formats", "int8,fp8", "--state", "STATE", *TARGET), r"give no --state"),
+    (("--formats", "nvfp4,fp8", "--checkpoint", "CKPT", *TARGET), r"give no --checkpoint"),
 ]
 
 
 @pytest.mark.parametrize(("flags", "pattern"), LISTS)
 def test_bad_format_lists_exit_2_with_one_error_line(workdir, tmp_path, capsys, flags, pattern):
-    flags = tuple(str(tmp_path / "s.json") if f == "STATE" else f for f in flags)
+    paths = {"STATE": str(tmp_path / "s.json"), "CKPT": str(tmp_path / "ckpt")}
+    flags = tuple(paths.get(f, f) for f in flags)
     out = tmp_path / "q.onnx"
     assert main(["calibrate", *good(workdir, *flags), "-o", str(out)]) == 2
     assert_one_error_line(capsys.readouterr(), pattern)

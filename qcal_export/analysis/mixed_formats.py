@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx
 
 from qcal_export.analysis.layer_view import exported_error
 from qcal_export.analysis.mixed_bits import element_counts, format_rows, overall_bits
@@ -140,7 +141,7 @@ class MixedAnalysis:
         return mixed_plan(self.levels.pairs(), self.joined, self.choice.chosen)
 
     def report(
-        self, planned: PlannedModel, exported: Any, holdout: DataSource | None
+        self, planned: PlannedModel, exported: onnx.ModelProto, holdout: DataSource | None
     ) -> dict[str, Any]:
         """The report's ``mixed_formats`` section (``planned``: the model as exported)."""
         names = [*self.levels.formats, FLOAT]

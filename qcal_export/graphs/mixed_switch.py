@@ -110,7 +110,9 @@ def _switch(
         flags[unit] = []
         for k, fmt in enumerate(formats):
             flag = names.new(f"{unit}{LEVEL_MARK}{fmt}/{ENABLE}".replace(" ", "_"))
-            index = helper.make_tensor(flag + "_i", TensorProto.INT64, [], [u * count + k])
+            index = helper.make_tensor(
+                names.new(flag + "_i"), TensorProto.INT64, [], [u * count + k]
+            )
             graph.initializer.append(index)
             added.append(helper.make_node("Gather", [ENABLE, index.name], [flag], flag, axis=0))
             flags[unit].append(flag)

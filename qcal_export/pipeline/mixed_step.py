@@ -73,6 +73,11 @@ def _refuse_options(config: CalibrationConfig) -> None:
             f"calibrates each format with one method: give another method than {options.method}",
         ),
         (
+            config.outputs.checkpoint is not None,
+            "mixes formats per node, which the serving checkpoints do not hold: "
+            "give no --checkpoint",
+        ),
+        (
             config.state.state is not None,
             "calibrates several formats, which one state file does not hold: give no --state",
         ),
