@@ -18,6 +18,7 @@ cheaper with the others as the search left them then.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from qcal_export.analysis.mixed_bits import element_counts, format_rows, overall
 from qcal_export.analysis.planned import PlannedModel
 from qcal_export.analysis.sensitivity import LayerView, SwitchedRuns, Target, layer_view
 from qcal_export.capture.data import DataSource
-from qcal_export.errors import RecipeError
+from qcal_export.errors import DataError, RecipeError
 from qcal_export.graphs.fp4_emulation import runnable_form, unexpressed
 from qcal_export.graphs.mixed_switch import (
     LEVEL_MARK,
@@ -41,8 +42,11 @@ from qcal_export.graphs.mixed_switch import (
 from qcal_export.graphs.switchable import Slot, Switchable
 from qcal_export.spec.plan import Plan
 from qcal_export.spec.scales import TensorScales
+from qcal_export.validation.output_error import ErrorTally
 
 FLOAT = "float"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,6 +81,28 @@ def enable_of(chosen: list[int], count: int) -> np.ndarray:
     return enable
 
 
+class HeldOut:
+    """The held-out batches and the float outputs on them, run once: each configuration the
+    search tries then runs the batches once (``SwitchedRuns.error`` runs float beside it)."""
+
+    def __init__(self, runs: SwitchedRuns, holdout: DataSource):
+        off = np.zeros(len(runs.nodes), dtype=bool)
+        self.runs = runs
+        self.pairs = [(feed, runs.run(feed, off, runs.outputs)) for feed in runs.feeds(holdout)]
+        if not self.pairs:
+            raise DataError(
+                f"{holdout.description} holds no batch: give more batches than holdout_every "
+                "(--holdout-every), or a smaller holdout_every"
+            )
+
+    def error(self, enable: np.ndarray) -> dict[str, float]:
+        """The worst output's error of switch setting ``enable`` over the held-out batches."""
+        tally = ErrorTally(self.runs.outputs)
+        for feed, references in self.pairs:
+            tally.add(references, self.runs.run(feed, enable, self.runs.outputs))
+        return tally.worst()
+
+
 def search_formats(
     runs: SwitchedRuns,
     view: LayerView,
@@ -90,22 +116,28 @@ def search_formats(
     count = len(formats)
     levels = [0] * len(units)
     names = [*formats, FLOAT]
+    held_out = HeldOut(runs, holdout)
 
     def loss(u: int, level: int) -> float:
         return target.loss(view.alone[f"{units[u]}{LEVEL_MARK}{formats[level]}"])
 
     def error() -> dict[str, float]:
-        return runs.error(holdout, enable_of(levels, count))
+        return held_out.error(enable_of(levels, count))
+
+    def step(change: str, reached: dict[str, float]) -> None:
+        choice.steps.append({"change": change, **reached})
+        log.info("mixed formats: %s (%s %.6g)", change, target.metric, reached[target.metric])
 
     current = error()
-    choice = FormatChoice(target, {}, steps=[{"change": f"all {formats[0]}", **current}])
+    choice = FormatChoice(target, {})
+    step(f"all {formats[0]}", current)
     while not target.met(current):
         u = max(
             (u for u in range(len(units)) if levels[u] < count), key=lambda u: loss(u, levels[u])
         )
         levels[u] += 1
         current = error()
-        choice.steps.append({"change": f"{units[u]} up to {names[levels[u]]}", **current})
+        step(f"{units[u]} up to {names[levels[u]]}", current)
     for u in sorted(range(len(units)), key=lambda u: loss(u, 0)):
         kept = levels[u]
         for level in range(kept):
@@ -113,7 +145,7 @@ def search_formats(
             trial = error()
             if target.met(trial):
                 current = trial
-                choice.steps.append({"change": f"{units[u]} down to {names[level]}", **trial})
+                step(f"{units[u]} down to {names[level]}", trial)
                 break
         else:
             levels[u] = kept
