@@ -9,7 +9,7 @@ Activations are counted on the first batch of the data (their shapes may be dyna
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from onnx import TensorProto
 
@@ -23,9 +23,6 @@ from qcal_export.onnx_io.tensor_types import tensor_types
 from qcal_export.spec.formats import FORMATS
 from qcal_export.spec.granularity import PerBlock
 from qcal_export.spec.plan import Plan
-
-if TYPE_CHECKING:
-    from qcal_export.analysis.mixed_formats import Levels
 
 TYPE_BITS = {
     **dict.fromkeys((TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1), 4),
@@ -80,14 +77,14 @@ def element_counts(
 
 
 def overall_bits(
-    levels: Levels,
+    plans: list[Plan],
     units: dict[str, list[Slot]],
     chosen: dict[str, int],
     counts: dict[str, tuple[int, int]],
 ) -> dict[str, Any]:
     """Bits per weight and per activation over every tensor the units quantize at some level,
     weighted by element counts (``counts``: elements and float type), as ``chosen`` places
-    them."""
+    them (a level of ``plans``, each format's plan; ``len(plans)``: float)."""
     totals = {"weight": [0.0, 0], "activation": [0.0, 0]}
     seen: set[str] = set()
     for unit, slots in units.items():
@@ -97,8 +94,8 @@ def overall_bits(
                 continue
             seen.add(slot.tensor)
             numel, float_type = counts.get(slot.tensor, (0, TensorProto.FLOAT))
-            if level < len(levels.plans):
-                bits = tensor_bits(levels.plans[level], slot.tensor, float_type)
+            if level < len(plans):
+                bits = tensor_bits(plans[level], slot.tensor, float_type)
             else:
                 bits = float(TYPE_BITS[float_type])
             totals[slot.kind][0] += bits * numel

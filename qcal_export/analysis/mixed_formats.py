@@ -178,7 +178,7 @@ class MixedAnalysis:
         """The report's ``mixed_formats`` section (``planned``: the model as exported)."""
         names = [*self.levels.formats, FLOAT]
         rows = format_rows(self.units, self.joined, self.choice.chosen, names, self.view)
-        bits = overall_bits(self.levels, self.units, self.choice.chosen, self.counts)
+        bits = overall_bits(self.levels.plans, self.units, self.choice.chosen, self.counts)
         section: dict[str, Any] = {
             "formats": names,
             "target": {"metric": self.choice.target.metric, "value": self.choice.target.value},
