@@ -235,6 +235,7 @@ ARGUMENT_TYPES: dict[str, Callable[[str], Any]] = {
     "int": int,
     "float": float,
     "method_option": method_option,
+    "format_list": lambda text: [part.strip() for part in text.split(",")],
 }
 """The argparse types config fields name in their metadata."""
 

@@ -10,13 +10,15 @@ from typing import Any, NamedTuple
 from qcal_export.analysis.sensitivity import Target
 from qcal_export.capture.data import DataSource, open_data, split_holdout
 from qcal_export.spec.checks import check_accuracy, check_smooth_scales, check_targets
+from qcal_export.spec.recipe import Recipe
 from qcal_export.validation.data import ValidationData, held_out_or_first
 
 
 @dataclass(frozen=True)
 class Accuracy:
     """What a run does beyond calibrating: smoothing first, the method choice (``auto``), the
-    per-layer view and the precision search for a target."""
+    per-layer view and the precision search for a target (among ``formats``, cheapest first,
+    each with its recipe, where given)."""
 
     layer_view: bool = False
     target: Target | None = None
@@ -24,6 +26,8 @@ class Accuracy:
     view_batches: int = 4
     smooth: float | None = None
     auto_samples: int = 8
+    formats: tuple[str, ...] = ()
+    format_recipes: tuple[Recipe, ...] = ()
 
     def __post_init__(self) -> None:
         check_accuracy(self.holdout_every, self.view_batches, self.smooth, self.auto_samples)

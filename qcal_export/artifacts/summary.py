@@ -93,6 +93,8 @@ def print_layers(report: dict) -> None:
         picked = Counter(c["picked"] for c in choice.values())
         counts = ", ".join(f"{method} for {n}" for method, n in picked.most_common())
         out.print(f"method auto picked {counts} of {len(choice)} activations")
+    if "mixed_formats" in report:
+        _print_mixed(out, report["mixed_formats"])
     if "layers" not in report:
         return
     rows = sorted(
@@ -123,6 +125,33 @@ def print_layers(report: dict) -> None:
         )
         for node in precision["float_nodes"]:
             out.print(f"float: {escape(node['node'])}: {escape(node['reason'])}")
+
+
+def _print_mixed(out: Console, mixed: dict) -> None:
+    """The mixed-format choice: each unit's format, the count per format, the bits and the
+    exported model's held-out error."""
+    table = Table(title="mixed formats: each node's format; output cosine with it alone at each")
+    for column in ("node", "format", *(f"{f} alone" for f in mixed["formats"][:-1])):
+        table.add_column(column, overflow="fold")
+    for row in mixed["units"]:
+        alone = row["output_error_alone"]
+        table.add_row(
+            escape(row["unit"]), row["format"], *(f"{a['cosine']:.6f}" for a in alone.values())
+        )
+    out.print(table)
+    counts = Counter(row["format"] for row in mixed["units"])
+    spread = ", ".join(f"{f} {counts[f]}" for f in mixed["formats"] if counts[f])
+    target, bits = mixed["target"], mixed["bits"]
+    final = mixed.get("heldout_exported", mixed["heldout_switchable"])
+    out.print(
+        f"target {target['metric']} {target['value']:g}: {spread}; "
+        f"{_bits(bits['per_weight'])} bits per weight, {_bits(bits['per_activation'])} per "
+        f"activation; held-out cosine {final['cosine']:.5f}, rel L2 {final['rel_l2']:.4g}"
+    )
+
+
+def _bits(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _db(values: dict) -> str:

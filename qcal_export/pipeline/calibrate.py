@@ -11,6 +11,7 @@ import onnx
 
 from qcal_export.analysis.accuracy import Accuracy, split_data, target_from
 from qcal_export.analysis.layer_view import Analysis
+from qcal_export.analysis.mixed_formats import MixedAnalysis
 from qcal_export.artifacts.onnx_layers import write_checkpoints
 from qcal_export.artifacts.report import save_report
 from qcal_export.artifacts.scales import save_scales
@@ -22,6 +23,7 @@ from qcal_export.errors import BelowTargetError, RecipeError, RuntimeMismatchErr
 from qcal_export.graphs.export import ExportResult, export_qdq
 from qcal_export.onnx_io.model_io import save_model
 from qcal_export.pipeline.fallback import fall_back, fallback_source
+from qcal_export.pipeline.mixed_step import calibrate_levels, mixed_config, plan_levels
 from qcal_export.pipeline.report import build_report
 from qcal_export.pipeline.run import (
     CalibrationResult,
@@ -37,6 +39,7 @@ from qcal_export.pipeline.scales_step import ProgressFactory, calibrate_scales, 
 from qcal_export.pipeline.steps import prepare, refine
 from qcal_export.spec.config import CalibrationConfig
 from qcal_export.spec.plan import Plan
+from qcal_export.spec.recipe import Recipe
 from qcal_export.spec.scales import TensorScales
 from qcal_export.validation.data import ValidationData
 from qcal_export.validation.deployment import measure_deployment
@@ -84,10 +87,10 @@ def calibrate_onnx(
     No input (the model, its external data, the data, ``scales_in``, the recipe file) is ever
     written: an output on one of them, or on another output, is refused before anything runs.
     """
-    config = _config(config, options)
+    config, format_recipes = mixed_config(_config(config, options))
     recipe = config.quantization.build()
     metric = _metric(config.validation.eval_module)
-    accuracy = _accuracy(config)
+    accuracy = _accuracy(config, format_recipes)
     run = plan_run(
         model, recipe, data, config.data.batch_size, config.capture.provider, data_options
     )
@@ -122,10 +125,13 @@ def _calibrate(
     checks = Checks(split.validation, float(config.validation.min_cosine), metric)
     outputs = _join_ranks(run, dataclasses.replace(asked, keep=keep), accuracy, config)
     holdout, sections = split.holdout, prepare(run, accuracy, config.data.max_batches)
+    recipes = list(accuracy.format_recipes)
+    plans = plan_levels(run, accuracy.formats, recipes) if recipes else []
     run.state = state_file(run, config, split.split)
     with run.timed("calibrate_s"):
         found = calibrate_scales(run, config, progress)
-    found, analysis = refine(run, found, accuracy, holdout, sections)
+        levels = calibrate_levels(run, config, progress, recipes, plans, found) if plans else None
+    found, analysis = refine(run, found, accuracy, holdout, sections, levels)
     run.weight_errors = relative_weight_errors(run.loaded.proto, found.values(), weight_device(run))
     return _write_outputs(run, found, outputs, sections, analysis, holdout, checks)
 
@@ -144,8 +150,9 @@ def _metric(eval_module: str | None) -> Metric | None:
     return load_metric(eval_module) if eval_module is not None else None
 
 
-def _accuracy(config: CalibrationConfig) -> Accuracy:
-    """The accuracy steps the config asks for (its options were checked when it was built)."""
+def _accuracy(config: CalibrationConfig, format_recipes: list[Recipe]) -> Accuracy:
+    """The accuracy steps the config asks for (its options were checked when it was built),
+    with each listed format's recipe for a mixed-format search."""
     wanted = config.accuracy
     target = target_from(wanted.target_cosine, wanted.target_rel_l2)
     accuracy = Accuracy(
@@ -155,6 +162,8 @@ def _accuracy(config: CalibrationConfig) -> Accuracy:
         wanted.view_batches,
         wanted.smooth,
         wanted.auto_samples,
+        wanted.formats or (),
+        tuple(format_recipes),
     )
     accuracy.check(config.quantization.scales_in)
     return accuracy
@@ -182,7 +191,7 @@ def _write_outputs(
     found: dict[str, TensorScales],
     outputs: Outputs,
     sections: dict[str, Any],
-    analysis: Analysis | None,
+    analysis: Analysis | MixedAnalysis | None,
     holdout: DataSource | None,
     checks: Checks,
 ) -> CalibrationResult:

@@ -9,6 +9,7 @@ from typing import Any
 from qcal_export.analysis.accuracy import Accuracy
 from qcal_export.analysis.layer_view import Analysis, analyse_layers
 from qcal_export.analysis.method_choice import choose_activation_methods
+from qcal_export.analysis.mixed_formats import Levels, MixedAnalysis, analyse_formats
 from qcal_export.analysis.smoothing import smooth
 from qcal_export.capture.data import DataSource
 from qcal_export.pipeline.run import Run
@@ -33,9 +34,18 @@ def refine(
     accuracy: Accuracy,
     holdout: DataSource | None,
     sections: dict[str, Any],
-) -> tuple[dict[str, TensorScales], Analysis | None]:
-    """Method ``auto``'s choice, then the per-layer view and the target's float nodes: the
-    scales to export (``run.plan`` narrowed to them) and the analysis, if any."""
+    levels: Levels | None = None,
+) -> tuple[dict[str, TensorScales], Analysis | MixedAnalysis | None]:
+    """Method ``auto``'s choice, then the per-layer view and the target's float nodes (or,
+    given ``levels``, each node's format): the scales to export (``run.plan`` narrowed to
+    them) and the analysis, if any."""
+    if levels is not None and accuracy.target is not None:
+        with run.timed("mixed_formats_s"):
+            mixed = analyse_formats(
+                run.planned(), run.source, levels, holdout, accuracy.target, accuracy.view_batches
+            )
+        run.plan, found = mixed.narrow(run.plan, found)
+        return found, mixed
     if run.candidates:
         with run.timed("method_choice_s"):
             chosen, sections["method_choice"] = choose_activation_methods(

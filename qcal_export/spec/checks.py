@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Collection
 
 from qcal_export.errors import DataError, RecipeError
 
@@ -64,6 +65,30 @@ def check_targets(cosine: object, rel_l2: object) -> None:
         raise RecipeError(f"target_cosine={cosine!r} is out of range: it must be in (0, 1]")
     if rel_l2 is not None and not number_in(rel_l2, 0, math.inf, closed=False):
         raise RecipeError(f"target_rel_l2={rel_l2!r} is out of range: it must be finite and > 0")
+
+
+def check_formats(formats: object, known: Collection[str]) -> tuple[str, ...] | None:
+    """The formats of a mixed-format search as a tuple (from a list or a comma-separated
+    string), cheapest first; RecipeError for an unknown one, a duplicate or float (always
+    the last level, implicitly)."""
+    if formats is None:
+        return None
+    if isinstance(formats, str):
+        formats = [part.strip() for part in formats.split(",")]
+    if not isinstance(formats, list | tuple) or not all(isinstance(f, str) for f in formats):
+        raise RecipeError(f"formats (--formats) must be a list of format names, not {formats!r}")
+    where = f"formats (--formats) {','.join(formats)}"
+    if not formats or "" in formats:
+        raise RecipeError(f"{where}: name one format or more, separated by commas")
+    if "float" in formats:
+        raise RecipeError(f"{where}: float is always the last level; leave it out of the list")
+    unknown = [f for f in formats if f not in known]
+    if unknown:
+        raise RecipeError(f"{where}: unknown format {unknown[0]!r}; choose among {sorted(known)}")
+    repeated = sorted({f for f in formats if formats.count(f) > 1})
+    if repeated:
+        raise RecipeError(f"{where}: {repeated[0]} is listed twice; give each format once")
+    return tuple(formats)
 
 
 def check_state_every(every: object) -> None:

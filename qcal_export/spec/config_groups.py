@@ -16,6 +16,7 @@ from qcal_export.spec.checks import (
     MIN_COSINE,
     check_accuracy,
     check_count,
+    check_formats,
     check_min_cosine,
     check_state_every,
     check_targets,
@@ -367,6 +368,16 @@ class AccuracyConfig:
             help="the same for a relative L2 error",
         ),
     )
+    formats: tuple[str, ...] | None = field(
+        default=None,
+        metadata=cli(
+            "--formats",
+            type="format_list",
+            metavar="F1,F2,..",
+            help="with a target: each node gets the cheapest of these formats (cheapest first, "
+            "e.g. nvfp4,fp8,int8; float is always last) that keeps the target",
+        ),
+    )
     holdout_every: int = field(
         default=5,
         metadata=cli(
@@ -404,4 +415,5 @@ class AccuracyConfig:
 
     def __post_init__(self) -> None:
         check_targets(self.target_cosine, self.target_rel_l2)
+        object.__setattr__(self, "formats", check_formats(self.formats, FORMAT_REGISTRY))
         check_accuracy(self.holdout_every, self.view_batches, self.smooth, self.auto_samples)

@@ -61,6 +61,7 @@ FULL = {
         "layer_view": True,
         "target_cosine": None,
         "target_rel_l2": 0.05,
+        "formats": ["nvfp4", "fp8"],
         "holdout_every": 3,
         "view_batches": 2,
         "auto_samples": 4,
@@ -159,6 +160,7 @@ CHECKS = {
     ),
     "target_cosine": ({"target_cosine": 1.5}, r"target_cosine=1\.5 is out of range"),
     "target_rel_l2": ({"target_rel_l2": float("inf")}, r"target_rel_l2=inf is out of range"),
+    "formats": ({"formats": "int8,int8"}, r"formats \(--formats\) int8,int8: int8 is listed twice"),
     "resume": ({"resume": True}, r"^resume needs the state file to resume from: pass state=PATH"),
     "smooth-scales_in": ({"smooth": 0.5, "scales_in": "s.safetensors"}, r"calibrate again"),
     "hessian": ({"hessian": True}, r"hessian weighting needs weight method nvfp4-mse, not 'max'"),
@@ -246,6 +248,7 @@ def test_flags_build_the_config_the_keywords_build():
     argv += ["--validate-data", "held", "--min-cosine", "0.95", "--eval-module", "metric.py:score"]
     argv += ["--strict", "--layer-view", "--target-rel-l2", "0.05", "--holdout-every", "3"]
     argv += ["--view-batches", "2", "--auto-samples", "4", "--smooth", "0.5"]
+    argv += ["--formats", "nvfp4,fp8"]
     argv += ["--state", "calib.state", "--state-every", "10", "--resume"]
     config = config_from_args(calibrate_parser().parse_args(argv))
     assert config.to_dict() == FULL
