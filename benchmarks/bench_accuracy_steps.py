@@ -46,7 +46,7 @@ def parse_row(text: str) -> tuple[str, float | None, float | None]:
 
 
 def run_row(
-    text: str, model: Path, calib: list, heldout: list, out: Path
+    text: str, model: Path, calib: list, heldout: list, out: Path, auto_samples: int
 ) -> tuple[str, float, dict]:
     method, alpha, target = parse_row(text)
     start = time.perf_counter()
@@ -60,6 +60,7 @@ def run_row(
         validate_batches=0,
         smooth=alpha,
         target_cosine=target,
+        auto_samples=auto_samples,
     )
     seconds = time.perf_counter() - start
     score = embedding_cosine(model, out, heldout)
@@ -119,6 +120,7 @@ def main() -> None:
         "--inputs", type=Path, help="tokenized batches saved by --save-inputs (no tokenizer)"
     )
     parser.add_argument("--save-inputs", type=Path, help="save the tokenized batches and stop")
+    parser.add_argument("--auto-samples", type=int, default=8, help="method auto's samples")
     args = parser.parse_args()
     model = demo_model_path()
     calib, heldout = load_inputs(args.inputs) if args.inputs else tokenized()
@@ -132,7 +134,8 @@ def main() -> None:
         f"{device()}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in harness.versions().items())}",
         "- 256 calibration texts (16 batches of 16), 128 held-out texts; weights per-channel "
-        "int8 max; a target holds out every 5th calibration batch",
+        "int8 max; a target holds out every 5th calibration batch; method auto scores on "
+        f"{args.auto_samples} samples",
         "",
         "| activations | smooth | target cosine | mean cosine | min cosine | MatMuls int8 "
         "| held-out split | time (s) | auto picked |",
@@ -142,7 +145,9 @@ def main() -> None:
     base = None
     with tempfile.TemporaryDirectory() as tmp:
         for text in args.rows:
-            line, seconds, timings = run_row(text, model, calib, heldout, Path(tmp) / "q.onnx")
+            line, seconds, timings = run_row(
+                text, model, calib, heldout, Path(tmp) / "q.onnx", args.auto_samples
+            )
             lines.append(line)
             print(line, flush=True)
             base = seconds if base is None and text == "max" else base
