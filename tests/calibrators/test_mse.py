@@ -377,4 +377,8 @@ def test_cuda_matches_float64_oracle(fmt_name, gran_name):
     assert cal.compute_amax().is_cuda
     expected_amin, expected_amax, losses = oracle(fmt, granularity, data, amin0, amax0)
     assert_matches_oracle(cal, fmt, granularity, expected_amin, expected_amax)
-    np.testing.assert_allclose(cal.state_dict()["losses"].cpu().numpy(), losses, rtol=5e-6)
+    # The kernel rounds x * (1 / scale), not x / scale (kernels/mse_sweep.py): a value within
+    # 2^-24 relative of a midpoint may round the other way, and on a 16-bit grid, whose
+    # integers are 256 times larger, such values are common.
+    rtol = 1e-4 if fmt_name in ("int16", "uint16") else 5e-6
+    np.testing.assert_allclose(cal.state_dict()["losses"].cpu().numpy(), losses, rtol=rtol)

@@ -16,9 +16,7 @@ read as 0, which adds no error: ``collect`` counts them without waiting for the 
   saturating ``t`` to ``[qmin - zero_point, qmax - zero_point] + 1.5 * 2**23`` saturates
   the integer (a product past ``2**22`` is past saturation too, inf included). The integer is
   that of ``x / scale`` except where ``x / scale`` lies within 2^-24 relative of a midpoint
-  between two integers; there the value's error moves by about that much. Grids of more than
-  ``EXACT_ABOVE_LEVELS`` levels (16 bits), whose integers are large enough for such values to
-  be common, round the correctly rounded quotient instead (as fp8 below). Symmetric formats
+  between two integers; there the value's error moves by about that much. Symmetric formats
   take ``|x|`` against the saturation level of ``x``'s sign (``-qmin`` or ``qmax``), so one
   clamp does, and ``|x - xq| = ||x| - |xq||`` since QDQ is odd for them: 7.5 SASS
   instructions per value and candidate;
@@ -56,8 +54,6 @@ PROGRAMS_PER_SM = 4
 INFINITY = tl.constexpr(float("inf"))
 ROUNDING = tl.constexpr(12582912.0)
 """``1.5 * 2**23``: adding it rounds any float32 below ``2**22`` in magnitude to an integer."""
-EXACT_ABOVE_LEVELS = 255
-"""Integer grids of more levels than this (16 bits) round ``x / scale``, not ``x * (1 / scale)``."""
 
 
 @triton.jit
@@ -76,27 +72,18 @@ def _fp8_dequant(x, scale, inverse, top):
 
 
 @triton.jit
-def _rounded(x, scale, inverse, EXACT: tl.constexpr):
-    """``x / scale`` rounded half to even plus ``1.5 * 2**23``: from the correctly rounded
-    quotient where ``EXACT``, else from the exact product ``x * inverse`` in one fma."""
-    if EXACT:
-        return _quotient(x, scale, inverse) + ROUNDING
-    return tl.fma(x, inverse, ROUNDING)
-
-
-@triton.jit
-def _int_dequant(x, scale, inverse, lo, hi, EXACT: tl.constexpr):
-    """Int QuantizeLinear -> DequantizeLinear: the rounded quotient (``_rounded``), saturated to
-    ``[lo, hi]`` plus the same offset."""
-    t = tl.minimum(tl.maximum(_rounded(x, scale, inverse, EXACT), ROUNDING + lo), ROUNDING + hi)
+def _int_dequant(x, scale, inverse, lo, hi):
+    """Int QuantizeLinear -> DequantizeLinear: ``fma(x, inverse, 1.5 * 2**23)`` rounds the exact
+    ``x * inverse`` half to even, saturated to ``[lo, hi]`` plus the same offset."""
+    t = tl.minimum(tl.maximum(tl.fma(x, inverse, ROUNDING), ROUNDING + lo), ROUNDING + hi)
     return libdevice.mul_rn(t - ROUNDING, scale)
 
 
 @triton.jit
-def _symmetric_dequant(ax, scale, inverse, top, EXACT: tl.constexpr):
+def _symmetric_dequant(ax, scale, inverse, top):
     """``|QDQ(x)|`` of a symmetric int format from ``ax = |x|`` and ``top``, the saturation
     level of ``x``'s sign plus ``1.5 * 2**23``: one clamp."""
-    t = tl.minimum(_rounded(ax, scale, inverse, EXACT), top)
+    t = tl.minimum(tl.fma(ax, inverse, ROUNDING), top)
     return libdevice.mul_rn(t - ROUNDING, scale)
 
 
@@ -118,7 +105,6 @@ def _sweep_kernel(
     QMAX: tl.constexpr,
     FP8: tl.constexpr,
     SIGN_FOLD: tl.constexpr,
-    EXACT: tl.constexpr,
     TILE_G: tl.constexpr,
     TILE_N: tl.constexpr,
 ):
@@ -154,11 +140,10 @@ def _sweep_kernel(
             if FP8:
                 diff = _fp8_dequant(x_safe, scale, inverse, QMAX) - x
             elif SIGN_FOLD:
-                diff = _symmetric_dequant(ax, scale, inverse, top, EXACT) - ax
+                diff = _symmetric_dequant(ax, scale, inverse, top) - ax
             else:
                 zero_point = tl.load(zero_point_ptr + offset, mask=g_off_mask, other=0.0)
-                lo, hi = QMIN - zero_point, QMAX - zero_point
-                diff = _int_dequant(x, scale, inverse, lo, hi, EXACT) - x
+                diff = _int_dequant(x, scale, inverse, QMIN - zero_point, QMAX - zero_point) - x
             tl.store(out + k * num_groups, tl.sum(diff * diff, axis=1), mask=g_mask)
         out += num_cand * num_groups
 
@@ -183,13 +168,7 @@ def mse_sweep_(
     bound = scale.amax(0).mul_(qmax - qmin + 2).contiguous() if fp8 else scale[0]
     inverse = torch.ones_like(scale).div_(scale)  # IEEE division: correctly rounded
     args = (scale, inverse, zero_point.contiguous(), bound)
-    constants = {
-        "QMIN": qmin,
-        "QMAX": qmax,
-        "FP8": fp8,
-        "SIGN_FOLD": fmt.symmetric and not fp8,
-        "EXACT": qmax - qmin > EXACT_ABOVE_LEVELS,
-    }
+    constants = {"QMIN": qmin, "QMAX": qmax, "FP8": fp8, "SIGN_FOLD": fmt.symmetric and not fp8}
     num_groups, n = groups.shape
     if groups.stride(0) != 1 or num_groups == 1:
         return _sweep(losses, groups, args, constants)
