@@ -257,3 +257,30 @@ def test_units_reading_one_tensor_get_one_format(tmp_path):
     assert row["activations"] == ["x"]
     written = onnx.load(tmp_path / "q.onnx")
     assert [n.input[0] for n in written.graph.node if n.op_type == "QuantizeLinear"] == ["x"]
+
+
+def test_smoothing_first_then_the_mixed_search_exports_the_smoothed_mixed_model(case, tmp_path):
+    """``--smooth`` with ``--formats``: the search plans and calibrates every format on the
+    smoothed model, and the model written is that smoothed, mixed model: run in ORT (NVFP4
+    through the emulation) on the held-out batches it gives the error the report states."""
+    mlp, batches, _, held_out = case
+    out = tmp_path / "smoothed_mixed.onnx"
+    result = calibrate_onnx(
+        mlp,
+        batches,
+        output=out,
+        formats=("nvfp4", "fp8", "int8"),
+        target_cosine=0.99,
+        smooth=0.5,
+        validate_batches=0,
+    )
+    assert result.report["smoothing"]["notes"]
+    section = result.report["mixed_formats"]
+    model = onnx.load(out)
+    assert {n.name for n in model.graph.node} >= {"x_smoothed/Mul"}
+    reference, written = plain_session(mlp), plain_session(runnable_form(model))
+    error = ErrorTally(["y"])
+    for batch in held_out:
+        error.add(reference.run(["y"], batch), written.run(["y"], batch))
+    assert error.worst()["cosine"] == pytest.approx(section["heldout_exported"]["cosine"], 1e-6)
+    assert section["heldout_exported"]["cosine"] >= 0.99
