@@ -120,7 +120,7 @@ def main() -> None:
         "--inputs", type=Path, help="tokenized batches saved by --save-inputs (no tokenizer)"
     )
     parser.add_argument("--save-inputs", type=Path, help="save the tokenized batches and stop")
-    parser.add_argument("--auto-samples", type=int, default=8, help="method auto's samples")
+    parser.add_argument("--auto-samples", type=int, default=4, help="method auto's samples")
     args = parser.parse_args()
     model = demo_model_path()
     calib, heldout = load_inputs(args.inputs) if args.inputs else tokenized()

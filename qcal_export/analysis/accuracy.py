@@ -25,7 +25,7 @@ class Accuracy:
     holdout_every: int = 5
     view_batches: int = 4
     smooth: float | None = None
-    auto_samples: int = 8
+    auto_samples: int = 4
     formats: tuple[str, ...] = ()
     format_recipes: tuple[Recipe, ...] = ()
 

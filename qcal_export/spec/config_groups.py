@@ -395,12 +395,12 @@ class AccuracyConfig:
         ),
     )
     auto_samples: int = field(
-        default=8,
+        default=4,
         metadata=cli(
             "--auto-samples",
             type="int",
             metavar="N",
-            help="method auto scores its candidates on the first N samples (default 8)",
+            help="method auto scores its candidates on the first N samples (default 4)",
         ),
     )
     smooth: float | None = field(

@@ -64,7 +64,7 @@ FULL = {
         "formats": ["nvfp4", "fp8"],
         "holdout_every": 3,
         "view_batches": 2,
-        "auto_samples": 4,
+        "auto_samples": 2,
         "smooth": 0.5,
     },
     "state": {"state": "calib.state", "state_every": 10, "resume": True},
@@ -247,7 +247,7 @@ def test_flags_build_the_config_the_keywords_build():
     argv += ["--provider", "cpu", "--device-id", "1", "--validate-batches", "2"]
     argv += ["--validate-data", "held", "--min-cosine", "0.95", "--eval-module", "metric.py:score"]
     argv += ["--strict", "--layer-view", "--target-rel-l2", "0.05", "--holdout-every", "3"]
-    argv += ["--view-batches", "2", "--auto-samples", "4", "--smooth", "0.5"]
+    argv += ["--view-batches", "2", "--auto-samples", "2", "--smooth", "0.5"]
     argv += ["--formats", "nvfp4,fp8"]
     argv += ["--state", "calib.state", "--state-every", "10", "--resume"]
     config = config_from_args(calibrate_parser().parse_args(argv))
