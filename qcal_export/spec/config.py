@@ -20,8 +20,8 @@ import yaml
 
 from qcal_export.errors import RecipeError
 from qcal_export.spec.checks import check_smooth_scales
+from qcal_export.spec.config_accuracy import AccuracyConfig
 from qcal_export.spec.config_groups import (
-    AccuracyConfig,
     CaptureConfig,
     DataConfig,
     OutputConfig,
