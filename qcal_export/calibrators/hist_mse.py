@@ -5,7 +5,10 @@ pass), this one counts a histogram in one pass and scores the same candidates ``
 (``amax0`` the observed range), as TensorRT's and ModelOpt's histogram calibrators do for their
 ``mse`` method. The values of a bin are taken as spread evenly over it: each occupied bin is
 scored at ``SUBPOINTS`` evenly spaced points, each carrying ``1 / SUBPOINTS`` of its count, so a
-quantization step a few bins wide is not aliased against the bin centres. Scores are in float64.
+quantization step a few bins wide is not aliased against the bin centres. Where an integer
+grid's step is finer than those points (16-bit grids), the points would alias against the grid
+instead: there a value in range costs the uniform rounding error ``step ** 2 / 12`` and a value
+outside it its clipping error. Scores are in float64.
 """
 
 from __future__ import annotations
@@ -79,10 +82,25 @@ class HistogramMseCalibrator(HistogramCalibrator):
             part = slice(begin, begin + step)
             g = groups[part]
             x = points[part][None]
-            xq = self.fmt.fake_quant(x, scale[:, g, None], zero_point[:, g, None])
-            error = (xq.double() - x.double()).square_().sum(-1) * counts[part]
-            losses.index_add_(0, g, error.T)
+            s, z = scale[:, g, None], zero_point[:, g, None]
+            error = (self.fmt.fake_quant(x, s, z).double() - x.double()).square_()
+            if self.fmt.integer:
+                fine = s < width[g][None, :, None] / SUBPOINTS
+                error = torch.where(fine, self._smooth_error(x, s, z), error)
+            losses.index_add_(0, g, (error.sum(-1) * counts[part]).T)
         return losses
+
+    def _smooth_error(
+        self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+    ) -> torch.Tensor:
+        """An integer grid's error where its step is finer than the scoring points: a value's
+        clipping error, plus ``step ** 2 / 12`` (rounding, uniform over a step) inside the
+        range; ``x`` ``[1, P, S]``, ``scale``/``zero`` ``[K, P, 1]``; float64 ``[K, P, S]``."""
+        x, scale, zero = x.double(), scale.double(), zero.double()
+        low, high = (self.fmt.qmin - zero) * scale, (self.fmt.qmax - zero) * scale
+        clipped = torch.minimum(torch.maximum(x, low), high)
+        rounding = torch.where(clipped == x, scale.square() / 12, 0.0)
+        return (x - clipped).square() + rounding
 
     def _decide(self) -> tuple[torch.Tensor, torch.Tensor]:
         amin, amax = self.candidates()

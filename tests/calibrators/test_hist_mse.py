@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from qcal_export.calibrators import CALIBRATORS, HistogramMseCalibrator, MseCalibrator
+from qcal_export.calibrators import (
+    CALIBRATORS,
+    HistogramMseCalibrator,
+    MaxCalibrator,
+    MseCalibrator,
+)
 from qcal_export.calibrators.hist_mse import SUBPOINTS
 from qcal_export.errors import CalibrationError
 from qcal_export.spec.formats import FP8_E4M3, INT8, UINT8, get_format
@@ -71,6 +76,31 @@ def test_picks_the_exact_sweeps_amax_within_one_multiplier(fmt_name, kind):
     hist.collect(x)
     exact = MseCalibrator(fmt, PerTensor(), amax0=x.abs().max())
     exact.collect(x)
+    amax0 = float(x.abs().max())
+    got, want = float(hist.compute_amax()) / amax0, float(exact.compute_amax()) / amax0
+    assert abs(got - want) <= 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("fmt_name", ["int16", "uint16"])
+def test_a_grid_finer_than_the_bins_scores_as_the_exact_sweep(fmt_name):
+    """16-bit steps are finer than a bin's scoring points: the losses (uniform rounding inside
+    the range, clipping outside) stay near the exact per-value sweep's (values in the spike at
+    zero round with less than the uniform error) and the pick within one multiplier."""
+    fmt = get_format(fmt_name)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(200_000, generator=gen) ** 3
+    if fmt_name == "uint16":
+        x = x.abs()
+    hist = HistogramMseCalibrator(fmt, PerTensor())
+    hist.collect(x)
+    first = MaxCalibrator(fmt, PerTensor())
+    first.collect(x)
+    exact = MseCalibrator(fmt, PerTensor())
+    exact.set_initial_range(*first.compute_range())
+    exact.collect(x)
+    np.testing.assert_allclose(
+        hist.losses()[0].numpy(), exact.state_dict()["losses"][0].numpy(), rtol=0.25
+    )
     amax0 = float(x.abs().max())
     got, want = float(hist.compute_amax()) / amax0, float(exact.compute_amax()) / amax0
     assert abs(got - want) <= 0.1 + 1e-6

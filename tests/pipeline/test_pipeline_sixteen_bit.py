@@ -26,7 +26,7 @@ from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import PerTensor
 
 CPU = ["CPUExecutionProvider"]
-METHODS = ["max", "mse", "shrink-mse", "percentile", "entropy", "auto"]
+METHODS = ["max", "mse", "hist-mse", "shrink-mse", "percentile", "entropy", "auto"]
 STORED = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8}
 STORED |= {"int16": TensorProto.INT16, "uint16": TensorProto.UINT16}
 
