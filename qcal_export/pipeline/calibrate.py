@@ -305,6 +305,8 @@ def _export(
                 lambda model: _output_error(run, model, outputs.validate_batches, data),
                 min_cosine,
             )
+    if not run.batches_per_pass and data.kind == "calibration":
+        data.kind = "uncalibrated"  # too few to hold out, but no pass calibrated on them
     return exported, validation
 
 

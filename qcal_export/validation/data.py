@@ -15,8 +15,10 @@ from qcal_export.capture.data import DataSource
 class ValidationData:
     """The batches the QDQ model is validated on, and where they come from (``kind``): "held
     out" of the data (never calibrated on), "validate-data" (another file or directory),
-    "calibration" (too few batches to hold one out) or "scales-in" (the data of a run that
-    calibrates nothing). ``seen``: the batch indices a validation pass read."""
+    "calibration" (too few batches to hold one out), "scales-in" (the data of a run that
+    calibrates nothing) or "uncalibrated" (too few to hold out, but no capture pass ran: the
+    activations' scales come from the graph, or the weights alone are quantized). ``seen``:
+    the batch indices a validation pass read."""
 
     source: DataSource | None
     kind: str
@@ -27,7 +29,7 @@ class ValidationData:
     @property
     def held_out(self) -> bool:
         """Whether the validation batches are kept apart from the calibration batches."""
-        return self.kind in ("held out", "validate-data")
+        return self.kind in ("held out", "validate-data", "uncalibrated")
 
     def recorded(self, limit: int) -> DataSource:
         """The first ``limit`` batches of ``source``, recording in ``seen`` the index of each
@@ -54,6 +56,8 @@ class ValidationData:
         where = f"batches {seen[0]}-{seen[-1]}" if len(seen) > 1 else f"batch {span or 'none'}"
         if self.kind == "scales-in":
             return f"{where} of the data ({count}; the scales come from --scales-in)"
+        if self.kind == "uncalibrated":
+            return f"{where} of the data ({count}; no activation was calibrated on the data)"
         return (
             f"calibration {where} ({count}; too few to hold out: fewer than {self.every} batches)"
         )

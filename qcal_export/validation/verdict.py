@@ -133,6 +133,8 @@ def _batches(data: ValidationData) -> str:
         return f"{count} of --validate-data"
     if data.kind == "scales-in":
         return f"{count} of the data"
+    if data.kind == "uncalibrated":
+        return f"{count} of the data, no activation calibrated on it"
     return f"the {count} calibrated on (too few to hold out)"
 
 

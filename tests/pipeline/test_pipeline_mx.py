@@ -146,3 +146,27 @@ def test_the_cli_writes_mx_weights_and_activations(mlp, tmp_path, capsys):
     assert TensorProto.FLOAT8E8M0 not in {t.data_type for t in written.graph.initializer}
     assert any(n.op_type == "Cast" for n in written.graph.node)
     assert "fp4 emulation" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("activation_format", ["mxfp8", "none"])
+def test_a_run_that_captures_nothing_validates_on_batches_it_did_not_calibrate_on(
+    mlp, activation_format
+):
+    """MX activations (their scales computed in the graph) or weights alone: no capture pass
+    runs, so batches too few to hold one out were never calibrated on, and the verdict says so
+    instead of "calibrated on"."""
+    data = [{"x": x} for x in batches(mlp)[:3]]
+    result = calibrate_onnx(
+        mlp / "mlp.onnx",
+        data,
+        format="mxfp8",
+        activation_format=activation_format,
+        validate_batches=3,
+    )
+    assert result.report["batches_per_pass"] == []
+    validation = result.report["validation"]
+    assert validation["held_out"] is True
+    assert "no activation was calibrated on the data" in validation["batches"]
+    line = result.report["verdict"]["line"]
+    assert "3 batches of the data, no activation calibrated on it" in line
+    assert "calibrated on (too few" not in line
