@@ -16,6 +16,7 @@ import torch
 
 from qcal_export.calibrators import kernels
 from qcal_export.calibrators.base import Calibrator, MergeOp
+from qcal_export.calibrators.ranged import RangedCalibrator, group_extremes
 from qcal_export.errors import CalibrationError
 from qcal_export.spec.choices import NonFinite
 from qcal_export.spec.formats import Format
@@ -77,7 +78,7 @@ def rebin(hist: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(hist).scatter_add_(1, target, hist)
 
 
-class HistogramCalibrator(Calibrator):
+class HistogramCalibrator(RangedCalibrator):
     """Collects a signed histogram of ``2 * bins`` bins per group; subclasses only decide.
 
     Signed bin ``j`` counts values in ``[(j - bins) w, (j - bins + 1) w)`` with ``w = 2**e`` per
@@ -99,8 +100,6 @@ class HistogramCalibrator(Calibrator):
     }
     nonfinite_fill: ClassVar[float] = math.nan
     """Skipped non-finite values become NaN, which ``_update`` leaves out."""
-    _ranges: tuple[torch.Tensor, torch.Tensor] | None = None
-    """Per-group (min, max) of the batch ``_drop_nonfinite`` checked, for ``_update``."""
 
     def __init__(
         self,
@@ -156,28 +155,14 @@ class HistogramCalibrator(Calibrator):
             "max": torch.zeros(num, dtype=torch.float32, device=device),
         }
 
-    def _drop_nonfinite(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
-        """On the CPU the batch's group extremes, which ``_update`` needs, are the finiteness
-        check (a NaN or an infinity makes one of them non-finite): a finite batch is not read
-        a third time. Any other goes the general way."""
-        self._ranges = None
-        if x.is_cuda:
-            return super()._drop_nonfinite(x)
-        extremes = _extremes(self.granularity.groups(x))
-        if bool(torch.isfinite(extremes[0]).all() and torch.isfinite(extremes[1]).all()):
-            self._ranges = extremes
-            return x, 0
-        return super()._drop_nonfinite(x)
-
     def _update(self, x: torch.Tensor, groups: torch.Tensor) -> None:
-        amin, amax = self._ranges if self._ranges is not None else _extremes(groups)
-        self._ranges = None
+        amin, amax = self.batch_extremes(groups)
         left_out = self._padding(x, groups)
         if bool(torch.isnan(amax).any()):
             nan = torch.isnan(groups)
             left_out = nan.sum(dim=1) + (0 if left_out is None else left_out)
             groups = groups.masked_fill(nan, 0.0)
-            amin, amax = _extremes(groups)
+            amin, amax = group_extremes(groups)
         state = self._state
         torch.minimum(state["min"], amin, out=state["min"])
         torch.maximum(state["max"], amax, out=state["max"])
@@ -236,9 +221,3 @@ class HistogramCalibrator(Calibrator):
     def _fused(self, groups: torch.Tensor) -> bool:
         """Whether the Triton kernel bins ``groups`` (CUDA and Triton); torch is the reference."""
         return groups.is_cuda and kernels.HAS_TRITON
-
-
-def _extremes(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (min, max) of ``[G, n]``; NaN propagates. ``amin`` and ``amax`` rather than
-    ``aminmax``: faster along a dim on the CPU (benchmarks/results/design_notes.md)."""
-    return groups.amin(dim=1), groups.amax(dim=1)

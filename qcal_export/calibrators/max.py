@@ -7,9 +7,10 @@ from typing import ClassVar
 import torch
 
 from qcal_export.calibrators.base import Calibrator, MergeOp
+from qcal_export.calibrators.ranged import RangedCalibrator
 
 
-class MaxCalibrator(Calibrator):
+class MaxCalibrator(RangedCalibrator):
     """Running per-group min and max; symmetric formats use ``max(|min|, |max|)``."""
 
     merge_ops: ClassVar[dict[str, MergeOp]] = {
@@ -17,23 +18,6 @@ class MaxCalibrator(Calibrator):
         "min": "min",
         "max": "max",
     }
-
-    _ranges: tuple[torch.Tensor, torch.Tensor] | None = None
-    """Per-group (min, max) of the batch ``_drop_nonfinite`` checked, for ``_update``."""
-
-    def _drop_nonfinite(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
-        """On the CPU the batch's group minima and maxima are the finiteness check: a NaN or an
-        infinity makes one of them non-finite (both propagate NaN), so a finite batch, the usual
-        case, is read twice instead of three times; any other goes the general way."""
-        self._ranges = None
-        if x.is_cuda:
-            return super()._drop_nonfinite(x)
-        groups = self.granularity.groups(x)
-        amin, amax = groups.amin(dim=1), groups.amax(dim=1)
-        if bool(torch.isfinite(amin).all() and torch.isfinite(amax).all()):
-            self._ranges = amin, amax
-            return x, 0
-        return super()._drop_nonfinite(x)
 
     def _init_state(self, groups: torch.Tensor) -> dict[str, torch.Tensor]:
         num = groups.shape[0]
@@ -43,11 +27,7 @@ class MaxCalibrator(Calibrator):
         }
 
     def _update(self, x: torch.Tensor, groups: torch.Tensor) -> None:
-        if self._ranges is not None:
-            amin, amax = self._ranges
-            self._ranges = None
-        else:
-            amin, amax = groups.amin(dim=1), groups.amax(dim=1)  # faster than aminmax on CPU
+        amin, amax = self.batch_extremes(groups)
         torch.minimum(self._state["min"], amin, out=self._state["min"])
         torch.maximum(self._state["max"], amax, out=self._state["max"])
 
