@@ -25,7 +25,7 @@ from qcal_export.capture.data import DataSource
 from qcal_export.capture.onnxruntime import open_session
 from qcal_export.errors import RecipeError
 from qcal_export.graphs.export import export_qdq
-from qcal_export.graphs.fp4_emulation import runnable_form, unexpressed
+from qcal_export.graphs.fp4_emulation import runnable_or_refuse
 from qcal_export.graphs.switchable import Slot, switch_units, switchable_model, without_units
 from qcal_export.spec.plan import Plan
 from qcal_export.spec.scales import TensorScales
@@ -132,13 +132,11 @@ def switched_runs(
     model.CopyFrom(original)
     recipe = planned.recipe
     exported = export_qdq(model, planned.plan, found, recipe.weights_mode, recipe.nvfp4_form)
-    runnable = runnable_form(exported.model)
-    if runnable is None:
-        left = ", ".join(unexpressed(exported.model.graph))
-        raise RecipeError(
-            "the per-layer view and precision targets run in ONNX Runtime, and this model's "
-            f"quantized form holds what it cannot run: {left}"
-        )
+    runnable = runnable_or_refuse(
+        exported.model,
+        "the per-layer view and precision targets run in ONNX Runtime, and this model's "
+        "quantized form holds what it cannot run",
+    )
     switchable = switchable_model(original, runnable, planned.plan)
     return SwitchedRuns(switchable, planned.providers, f"the switchable form of {planned.path}")
 

@@ -31,7 +31,7 @@ from qcal_export.analysis.planned import PlannedModel
 from qcal_export.analysis.sensitivity import LayerView, SwitchedRuns, Target, layer_view
 from qcal_export.capture.data import DataSource
 from qcal_export.errors import DataError, RecipeError
-from qcal_export.graphs.fp4_emulation import runnable_form, unexpressed
+from qcal_export.graphs.fp4_emulation import runnable_or_refuse
 from qcal_export.graphs.mixed_switch import (
     LEVEL_MARK,
     format_units,
@@ -206,13 +206,11 @@ def leveled_runs(planned: PlannedModel, levels: Levels) -> tuple[SwitchedRuns, d
         recipe.nvfp4_form,
         levels.formats,
     )
-    runnable = runnable_form(leveled.model)
-    if runnable is None:
-        left = ", ".join(unexpressed(leveled.model.graph))
-        raise RecipeError(
-            "the mixed-format search runs in ONNX Runtime, and this model's quantized forms "
-            f"hold what it cannot run: {left}"
-        )
+    runnable = runnable_or_refuse(
+        leveled.model,
+        "the mixed-format search runs in ONNX Runtime, and this model's quantized forms hold "
+        "what it cannot run",
+    )
     switchable = Switchable(runnable, leveled.units)
     runs = SwitchedRuns(switchable, planned.providers, f"the mixed form of {planned.path}")
     return runs, units

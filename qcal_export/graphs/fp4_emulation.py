@@ -21,6 +21,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from qcal_export.errors import RecipeError
 from qcal_export.graphs.fp4_e8m0 import (
     e8m0_round_trip,
     e8m0_tensors,
@@ -78,6 +79,14 @@ def runnable_form(model: onnx.ModelProto) -> onnx.ModelProto | None:
         return model
     emulation = emulate_fp4(model)
     return None if emulation.unexpressed else emulation.model
+
+
+def runnable_or_refuse(model: onnx.ModelProto, refusal: str) -> onnx.ModelProto:
+    """``runnable_form(model)``, or RecipeError ``"{refusal}: <what ORT cannot run>"``."""
+    runnable = runnable_form(model)
+    if runnable is None:
+        raise RecipeError(f"{refusal}: {', '.join(unexpressed(model.graph))}")
+    return runnable
 
 
 def unexpressed(graph: onnx.GraphProto) -> list[str]:
