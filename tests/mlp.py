@@ -9,6 +9,7 @@ exports ``[b, 64]`` inputs (Gemm, transB=1, weights named ``up.weight`` ...). He
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +31,15 @@ class MLP(torch.nn.Module):
         return self.head(gelu(self.down(gelu(self.up(x)))))
 
 
-def make_mlp(root: Path, seq: bool) -> Path:
-    """mlp.onnx (opset 17) and data/ (3 .npz batches of 4) in ``root``; returns ``root``."""
+def make_mlp(root: Path, seq: bool, module: Callable[[], torch.nn.Module] = MLP) -> Path:
+    """mlp.onnx (opset 17) of ``module()`` (built after seeding torch; 64 in-features) and
+    data/ (3 .npz batches of 4) in ``root``; returns ``root``."""
     torch.manual_seed(0)
     shape = (2, 5, 64) if seq else (2, 64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            MLP().eval(),
+            module().eval(),
             (torch.randn(*shape),),
             str(root / "mlp.onnx"),
             dynamo=False,

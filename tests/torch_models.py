@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
+from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 BLOCK_MODULES = {"q", "k", "v", "o", "fc1", "fc2"}
@@ -79,3 +81,21 @@ def run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def assert_block_export_matches_fake_quant(calibration, model: nn.Module, batches, path: Path):
+    """The block model's calibration exported to ``path`` (every block module mapped, validated
+    over the FP4 emulation) computes in the ONNX reference evaluator what ``fake_quantize()``
+    computes in torch, on the batches after the first (the export's sample), to 16 float32
+    ulps of the output's magnitude."""
+    result = calibration.export_onnx((batches[0],), path, dynamo=False)
+    assert set(result.mapped) == BLOCK_MODULES
+    assert result.report["validator"] == "onnxruntime (CPUExecutionProvider, fp4 emulation)"
+    proto = onnx.load(str(path))
+    evaluator = ReferenceEvaluator(proto)
+    eps = float(np.finfo(np.float32).eps)
+    for x in batches[1:]:
+        (got,) = evaluator.run(None, {proto.graph.input[0].name: x.numpy()})
+        with torch.no_grad(), calibration.fake_quantize():
+            want = model(x).numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=16 * eps * float(np.abs(want).max()))

@@ -8,7 +8,6 @@ is refused in one line."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import ml_dtypes
 import numpy as np
@@ -16,6 +15,7 @@ import onnx
 import pytest
 import torch
 from error_lines import assert_one_error_line
+from mlp import make_mlp
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 from safetensors import safe_open
@@ -46,27 +46,7 @@ class MLP(torch.nn.Module):
 @pytest.fixture(scope="module", params=[True, False], ids=["matmul", "gemm"])
 def mlp(request, tmp_path_factory):
     """mlp.onnx (MatMul with transposed weights for ``[b, 5, 64]`` inputs, or Gemm) and data/."""
-    root = tmp_path_factory.mktemp("mx_mlp")
-    shape = (2, 5, 64) if request.param else (2, 64)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            MLP().eval(),
-            (torch.randn(*shape),),
-            str(root / "mlp.onnx"),
-            dynamo=False,
-            opset_version=17,
-            input_names=["x"],
-            output_names=["y"],
-            dynamic_axes={"x": {0: "b"}, "y": {0: "b"}},
-        )
-    (root / "data").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        x = rng.standard_t(4, (4, *shape[1:])).astype(np.float32)
-        np.savez(root / "data" / f"batch_{i}.npz", x=x)
-    return root
+    return make_mlp(tmp_path_factory.mktemp("mx_mlp"), request.param, MLP)
 
 
 def graph_weights(qdq: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:

@@ -15,9 +15,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx.reference import ReferenceEvaluator
 from torch import nn
-from torch_models import BLOCK_MODULES, CNN_MODULES, make_block, make_cnn, run_onnx
+from torch_models import (
+    BLOCK_MODULES,
+    CNN_MODULES,
+    assert_block_export_matches_fake_quant,
+    make_block,
+    make_cnn,
+    run_onnx,
+)
 
 from qcal_export import Override, Recipe, TensorSpec, calibrate_torch, load_scales
 from qcal_export.errors import OutputError
@@ -113,16 +119,7 @@ def test_nvfp4_weights_and_activations_match_in_the_reference_evaluator(tmp_path
     model, batches = make_block()
     weight = TensorSpec("nvfp4", method="nvfp4-mse", options={"hessian": True})
     calibration = calibrate_torch(model, batches, Recipe(TensorSpec("nvfp4"), weight))
-    result = calibration.export_onnx((batches[0],), tmp_path / "q.onnx", dynamo=False)
-    assert set(result.mapped) == BLOCK_MODULES
-    assert result.report["validator"] == "onnxruntime (CPUExecutionProvider, fp4 emulation)"
-    proto = onnx.load(str(tmp_path / "q.onnx"))
-    evaluator = ReferenceEvaluator(proto)
-    for x in batches[1:]:
-        (got,) = evaluator.run(None, {proto.graph.input[0].name: x.numpy()})
-        with torch.no_grad(), calibration.fake_quantize():
-            want = model(x).numpy()
-        np.testing.assert_allclose(got, want, rtol=0, atol=16 * EPS32 * float(np.abs(want).max()))
+    assert_block_export_matches_fake_quant(calibration, model, batches, tmp_path / "q.onnx")
 
 
 def test_an_output_that_is_the_next_modules_input_gets_one_qdq_pair(tmp_path):

@@ -6,18 +6,14 @@ reference evaluator."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from mx_oracle import brute_force
-from onnx.reference import ReferenceEvaluator
-from torch_models import BLOCK_MODULES, make_block
+from torch_models import assert_block_export_matches_fake_quant, make_block
 
 from qcal_export import Recipe, TensorSpec, calibrate_torch
 from qcal_export.calibrate.runtime_scales import RUNTIME_NOTE
 from qcal_export.from_torch.calibration import fake_quant_activation
-
-EPS32 = float(np.finfo(np.float32).eps)
 
 
 @pytest.mark.parametrize("fmt", ["mxfp8", "mxfp4"])
@@ -26,16 +22,7 @@ def test_mx_activations_are_not_calibrated_and_match_the_export(tmp_path, fmt):
     calibration = calibrate_torch(model, batches, Recipe(TensorSpec(fmt), TensorSpec(fmt)))
     inputs = {k: s for k, s in calibration.scales.items() if s.kind == "activation"}
     assert inputs and all(s.notes == [RUNTIME_NOTE] for s in inputs.values())
-    result = calibration.export_onnx((batches[0],), tmp_path / "q.onnx", dynamo=False)
-    assert set(result.mapped) == BLOCK_MODULES
-    assert result.report["validator"] == "onnxruntime (CPUExecutionProvider, fp4 emulation)"
-    proto = onnx.load(str(tmp_path / "q.onnx"))
-    evaluator = ReferenceEvaluator(proto)
-    for x in batches[1:]:
-        (got,) = evaluator.run(None, {proto.graph.input[0].name: x.numpy()})
-        with torch.no_grad(), calibration.fake_quantize():
-            want = model(x).numpy()
-        np.testing.assert_allclose(got, want, rtol=0, atol=16 * EPS32 * float(np.abs(want).max()))
+    assert_block_export_matches_fake_quant(calibration, model, batches, tmp_path / "q.onnx")
 
 
 @pytest.mark.parametrize("fmt", ["mxfp8", "mxfp4"])
