@@ -5,33 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from checkpoint_oracle import make_layer, write
+from ct_peer import ct_loaded
 
-from qcal_export.artifacts.checkpoint import NVFP4Linear, load_nvfp4_checkpoint
+from qcal_export.artifacts.checkpoint import load_nvfp4_checkpoint
 
 # -- compressed-tensors itself ----------------------------------------------------------------
-
-
-def _ct_model(layers: list[NVFP4Linear], config: dict) -> tuple[torch.nn.Module, object]:
-    """nn.Linear modules at the layers' paths, set up as transformers loads a compressed-tensors
-    checkpoint (scheme applied from config.json, then compressed), and the ModelCompressor."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import apply_quantization_config
-    from transformers import CompressedTensorsConfig
-
-    model = torch.nn.Module()
-    for layer in layers:
-        *parents, leaf = layer.name.split(".")
-        parent = model
-        for part in parents:
-            if not hasattr(parent, part):
-                parent.add_module(part, torch.nn.Module())
-            parent = getattr(parent, part)
-        out, inputs = layer.weight.shape
-        parent.add_module(leaf, torch.nn.Linear(inputs, out, bias=layer.bias is not None))
-    compressor = ModelCompressor.from_compression_config(CompressedTensorsConfig.from_dict(config))
-    apply_quantization_config(model, compressor.quantization_config)
-    compressor.compress_model(model)
-    return model, compressor
 
 
 @pytest.mark.parametrize("w4a4", [True, False], ids=["w4a4", "weight-only"])
@@ -45,7 +23,6 @@ def test_compressed_tensors_loads_and_decompresses(tmp_path, w4a4):
         unpack_fp4_from_uint8,
     )
     from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
-    from safetensors.torch import load_file
 
     shapes = {"model.layers.0.mlp.up_proj": (48, 16), "model.layers.0.mlp.down_proj": (32, 64)}
     layers = [
@@ -54,11 +31,8 @@ def test_compressed_tensors_loads_and_decompresses(tmp_path, w4a4):
     ]
     write(tmp_path, layers, "compressed-tensors")
     ours, config = load_nvfp4_checkpoint(tmp_path)
-    model, compressor = _ct_model(layers, config)
-    state = load_file(str(tmp_path / "model.safetensors"))
-    expected = {k: (v.dtype, v.shape) for k, v in model.state_dict().items()}
-    assert {k: (v.dtype, v.shape) for k, v in state.items()} == expected
-    model.load_state_dict(state, strict=True)
+    linears = [(layer.name, *layer.weight.shape, layer.bias is not None) for layer in layers]
+    model, compressor, state = ct_loaded(linears, config, tmp_path)
     schemes = {layer.name: model.get_submodule(layer.name).quantization_scheme for layer in layers}
     for scheme in schemes.values():
         assert (scheme.weights.strategy, scheme.weights.group_size) == ("tensor_group", 16)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoint_oracle import raw_tensors
+from ct_peer import ct_loaded
 
 from qcal_export.artifacts.fp8_checkpoint import (
     FP8Linear,
@@ -148,32 +149,11 @@ def test_compressed_tensors_loads_and_decompresses(tmp_path, per_channel, static
     """compressed-tensors parses config.json, expects exactly our tensors and decompresses them
     to our weights."""
     pytest.importorskip("compressed_tensors")
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import apply_quantization_config
-    from safetensors.torch import load_file
-    from transformers import CompressedTensorsConfig
-
     written = layers(per_channel, static)
     write_fp8_checkpoint(tmp_path, written, "compressed-tensors")
     ours, _, config = load_fp8_checkpoint(tmp_path)
-    model = torch.nn.Module()
-    for layer in written:
-        *parents, leaf = layer.name.split(".")
-        parent = model
-        for part in parents:
-            if not hasattr(parent, part):
-                parent.add_module(part, torch.nn.Module())
-            parent = getattr(parent, part)
-        out, inputs = layer.weight.shape
-        parent.add_module(leaf, torch.nn.Linear(inputs, out))
-    ct_config = CompressedTensorsConfig.from_dict(config)
-    compressor = ModelCompressor.from_compression_config(ct_config)
-    apply_quantization_config(model, compressor.quantization_config)
-    compressor.compress_model(model)
-    state = load_file(str(tmp_path / "model.safetensors"))
-    expected = {k: (v.dtype, v.shape) for k, v in model.state_dict().items()}
-    assert {k: (v.dtype, v.shape) for k, v in state.items()} == expected
-    model.load_state_dict(state, strict=True)
+    linears = [(layer.name, *layer.weight.shape, True) for layer in written]
+    model, compressor, _ = ct_loaded(linears, config, tmp_path)
     for layer in written:
         scheme = model.get_submodule(layer.name).quantization_scheme
         assert scheme.weights.strategy == ("channel" if per_channel else "tensor")

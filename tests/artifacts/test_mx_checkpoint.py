@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from ct_peer import ct_loaded
 from error_lines import assert_one_error_line
 from mlp import make_mlp
 from onnx import helper
@@ -142,28 +143,14 @@ def test_compressed_tensors_decompresses_to_our_weights(tmp_path, fmt):
     """compressed-tensors parses config.json, expects exactly our tensors (names, shapes,
     dtypes) and decompresses them to our dequantized weights."""
     pytest.importorskip("compressed_tensors")
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import apply_quantization_config
-    from safetensors.torch import load_file
-    from transformers import CompressedTensorsConfig
-
     layers = [
         random_layer(f"model.mlp.{name}", shape, fmt, i)
         for i, (name, shape) in enumerate(SIZES.items())
     ]
     write_mx_checkpoint(tmp_path, layers, "compressed-tensors")
     ours, config = load_mx_checkpoint(tmp_path)
-    model = torch.nn.Module()
-    model.add_module("model", torch.nn.Module())
-    model.model.add_module("mlp", MLP())
-    config = CompressedTensorsConfig.from_dict(config["quantization_config"])
-    compressor = ModelCompressor.from_compression_config(config)
-    apply_quantization_config(model, compressor.quantization_config)
-    compressor.compress_model(model)
-    state = load_file(str(tmp_path / "model.safetensors"))
-    expected = {k: (v.dtype, v.shape) for k, v in model.state_dict().items()}
-    assert {k: (v.dtype, v.shape) for k, v in state.items()} == expected
-    model.load_state_dict(state, strict=True)
+    linears = [(layer.name, *layer.codes.shape, True) for layer in layers]
+    model, compressor, _ = ct_loaded(linears, config["quantization_config"], tmp_path)
     compressor.decompress_model(model)
     for layer in layers:
         decompressed = model.get_submodule(layer.name).weight
