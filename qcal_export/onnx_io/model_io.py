@@ -17,14 +17,13 @@ from google.protobuf.message import DecodeError, EncodeError
 
 from qcal_export.errors import ModelError
 from qcal_export.files.atomic import atomic_dir, atomic_path, check_writable, fsync, write_errors
+from qcal_export.onnx_io.weight_views import checker_view, stored_bytes
 from qcal_export.onnx_io.weights import (
     MIN_BYTES,
     WeightStore,
     all_tensors,
-    checker_view,
     embed,
     store_model,
-    stored_bytes,
     stored_key,
 )
 

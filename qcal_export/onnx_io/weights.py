@@ -344,16 +344,6 @@ def store_embedded(model: onnx.ModelProto) -> None:
             _point_at(init, store, key)
 
 
-def stored_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of ``model``'s stored initializers (its weights outside the proto)."""
-    total = 0
-    for init in model.graph.initializer:
-        found = stored_key(init)
-        if found is not None:
-            total += found[0].get(found[1]).nbytes
-    return total
-
-
 def embed(tensor: TensorProto) -> None:
     """Put ``tensor``'s stored data back into it as raw bytes (no-op when embedded)."""
     found = stored_key(tensor)
@@ -363,37 +353,6 @@ def embed(tensor: TensorProto) -> None:
     tensor.ClearField("external_data")
     tensor.ClearField("data_location")
     tensor.raw_data = np.ascontiguousarray(array).tobytes()
-
-
-def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with every stored initializer's data embedded (for tools that
-    read weights from the proto itself: the ONNX reference evaluator)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for init in copy.graph.initializer:
-        embed(init)
-    return copy
-
-
-def checker_view(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` itself, or, with stored initializers, a copy in which they are graph inputs
-    of their type and shape (onnx's checker would look for their data in a file)."""
-    if not any(is_stored(t) for t in model.graph.initializer):
-        return model
-    view = onnx.ModelProto()
-    view.CopyFrom(model)
-    inputs = {i.name for i in view.graph.input}
-    kept = []
-    for init in view.graph.initializer:
-        if not is_stored(init):
-            kept.append(init)
-        elif init.name not in inputs:
-            view.graph.input.append(
-                helper.make_tensor_value_info(init.name, init.data_type, init.dims)
-            )
-    del view.graph.initializer[:]
-    view.graph.initializer.extend(kept)
-    return view
 
 
 def all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:

@@ -19,7 +19,8 @@ import onnx
 import onnxruntime as ort
 
 from qcal_export.capture.onnxruntime import stored_session
-from qcal_export.onnx_io.weights import file_model, stored_bytes
+from qcal_export.onnx_io.weight_views import stored_bytes
+from qcal_export.onnx_io.weights import file_model
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from onnx.reference.op_run import OpRun
 
 from qcal_export.graphs.fp4_e8m0 import e8m0_unexpressed
 from qcal_export.graphs.nvfp4 import TRT_DOMAIN
-from qcal_export.onnx_io.weights import materialized
+from qcal_export.onnx_io.weight_views import materialized
 from qcal_export.spec.formats import NVFP4
 from qcal_export.spec.granularity import PerBlock
 

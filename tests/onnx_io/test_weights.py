@@ -18,12 +18,12 @@ from qcal_export.capture.onnxruntime import open_session
 from qcal_export.errors import ModelError
 from qcal_export.graphs.export import export_qdq
 from qcal_export.onnx_io.model_io import check_model, load_model, save_model
+from qcal_export.onnx_io.weight_views import materialized
 from qcal_export.onnx_io.weights import (
     SPILL_BYTES,
     WeightStore,
     derived_tensor,
     is_stored,
-    materialized,
     to_array,
 )
 from qcal_export.pipeline.run import plan_run
