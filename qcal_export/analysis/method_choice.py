@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from qcal_export.analysis.planned import PlannedModel
 from qcal_export.capture.data import DataSource, feeds, model_inputs
@@ -26,6 +28,7 @@ from qcal_export.capture.source import Batch, InputSpec
 from qcal_export.errors import RecipeError
 from qcal_export.graphs.export import export_qdq
 from qcal_export.graphs.gated import GATE, Gated, gate_activations
+from qcal_export.graphs.suffix import downstream_model, upstream_reads
 from qcal_export.onnx_io.tensor_types import FLOAT_TYPES
 from qcal_export.onnx_io.weights import to_array
 from qcal_export.spec.scales import TensorScales
@@ -49,23 +52,30 @@ def choose_activation_methods(
     error summed over outputs and batches; the first method on ties): the chosen scales and the
     report section (per activation: ``picked`` and each method's ``output_rel_l2``).
 
-    The activations are gated ``GATES_PER_SESSION`` at a time, one session after another."""
+    The activations are gated ``GATES_PER_SESSION`` at a time, one session after another; a
+    session computes only what lies downstream of its gates, reading the tensors it needs from
+    upstream out of one float run of the whole model per batch."""
     if source is None:
         raise RecipeError("method auto needs data")
     views = first_samples(source, model_inputs(planned.model), samples)
     order = list(candidates)
+    gateds = [
+        gated_model(planned, found, set(order[begin : begin + GATES_PER_SESSION]))
+        for begin in range(0, len(order), GATES_PER_SESSION)
+    ]
+    upstream = {name for gated in gateds for name in upstream_reads(gated.model, [GATE])}
+    floats = float_runs(planned, views, sorted(upstream))
     choice: dict[str, dict[str, Any]] = {}
-    for begin in range(0, len(order), GATES_PER_SESSION):
-        chunk = order[begin : begin + GATES_PER_SESSION]
-        runs = GatedRuns(gated_model(planned, found, set(chunk)), planned)
+    for gated in gateds:
+        runs = GatedRuns(gated, planned, floats)
         scale_feeds = {
             tensor: {
                 m: _scale_feed(s, runs.gated.scales[tensor], runs.inits)
                 for m, s in candidates[tensor].items()
             }
-            for tensor in chunk
+            for tensor in gated.tensors
         }
-        choice.update(_score(runs, views, scale_feeds))
+        choice.update(_score(runs, views, floats, scale_feeds))
     return {t: candidates[t][c["picked"]] for t, c in choice.items()}, choice
 
 
@@ -110,50 +120,90 @@ def gated_model(planned: PlannedModel, found: dict[str, TensorScales], tensors: 
     return gate_activations(exported.model, narrowed)
 
 
-class GatedRuns:
-    """One ONNX Runtime session over a gated model: runs a batch with given gates open."""
+@dataclass
+class FloatRuns:
+    """The float model's run of each scored batch: the upstream tensors the gated sessions
+    read (per batch, name -> value) and the squared norm of the float graph outputs summed over
+    the batches (the output error's reference)."""
 
-    def __init__(self, gated: Gated, planned: PlannedModel):
-        model = gated.model
+    upstream: list[dict[str, np.ndarray]]
+    reference: float
+
+    def types(self) -> dict[str, int]:
+        """The ONNX element type of each upstream tensor."""
+        first = self.upstream[0] if self.upstream else {}
+        return {name: helper.np_dtype_to_tensor_dtype(v.dtype) for name, v in first.items()}
+
+
+def float_runs(planned: PlannedModel, views: list[Batch], upstream: list[str]) -> FloatRuns:
+    """Run the float model on each of ``views``, keeping the ``upstream`` tensors."""
+    session = open_session(
+        planned.model, planned.providers, str(planned.path), extra_outputs=dict.fromkeys(upstream)
+    )
+    outputs = [o.name for o in planned.model.graph.output]
+    names = outputs + [name for name in upstream if name not in outputs]
+    runs = FloatRuns([], 0.0)
+    for feed in views:
+        values = dict(zip(names, session.run(names, feed), strict=True))
+        runs.reference += sum(
+            _sq(values[o]) for o in outputs if np.issubdtype(values[o].dtype, np.floating)
+        )
+        runs.upstream.append({name: values[name] for name in upstream})
+    return runs
+
+
+class GatedRuns:
+    """One ONNX Runtime session over the part of a gated model downstream of its gates: runs
+    a batch with given gates open."""
+
+    def __init__(self, gated: Gated, planned: PlannedModel, floats: FloatRuns):
         self.gated = gated
-        self.inits = {t.name: t for t in model.graph.initializer}
-        floats = FLOAT_TYPES | {onnx.TensorProto.DOUBLE}
+        self.inits = {t.name: t for t in gated.model.graph.initializer}
+        self.suffix = downstream_model(gated.model, [GATE], floats.types())
+        model = self.suffix.model
+        self.inputs = {i.name for i in model.graph.input}
+        floating = FLOAT_TYPES | {onnx.TensorProto.DOUBLE}
         self.outputs = [
-            o.name for o in model.graph.output if o.type.tensor_type.elem_type in floats
+            o.name for o in model.graph.output if o.type.tensor_type.elem_type in floating
         ]
         self.session = open_session(model, planned.providers, f"the gated form of {planned.path}")
 
     def run(
-        self, feed: dict[str, np.ndarray], tensor: str | None = None, scales: dict | None = None
+        self,
+        feed: dict[str, np.ndarray],
+        upstream: dict[str, np.ndarray],
+        tensor: str | None = None,
+        scales: dict | None = None,
     ) -> list[np.ndarray]:
-        """The graph outputs with the gate of ``tensor`` open (None: all shut, the float
-        model) at the scale inputs ``scales``."""
+        """The graph outputs downstream of the gates with the gate of ``tensor`` open (None:
+        all shut, the float model) at the scale inputs ``scales``."""
         gate = np.zeros(len(self.gated.tensors), dtype=bool)
         if tensor is not None:
             gate[self.gated.tensors.index(tensor)] = True
-        return self.session.run(self.outputs, {**feed, GATE: gate, **(scales or {})})
+        given = {k: v for k, v in (feed | upstream).items() if k in self.inputs}
+        return self.session.run(self.outputs, {**given, GATE: gate, **(scales or {})})
 
 
 def _score(
     runs: GatedRuns,
     views: list[dict[str, np.ndarray]],
+    floats: FloatRuns,
     candidates: dict[str, dict[str, dict[str, np.ndarray]]],
 ) -> dict[str, dict[str, Any]]:
     """Per activation, the picked method and each method's output error relative to float."""
     same = {t: _first_equal(methods) for t, methods in candidates.items()}
     errors = {t: dict.fromkeys(firsts.values(), 0.0) for t, firsts in same.items()}
-    reference = 0.0
-    for feed in views:
-        floats = runs.run(feed)
-        reference += sum(_sq(f) for f in floats)
+    for feed, upstream in zip(views, floats.upstream, strict=True):
+        reference = runs.run(feed, upstream)
         for tensor, scored in errors.items():
             for method in scored:
-                got = runs.run(feed, tensor, candidates[tensor][method])
-                scored[method] += sum(_sq(g, f) for g, f in zip(got, floats, strict=True))
+                got = runs.run(feed, upstream, tensor, candidates[tensor][method])
+                scored[method] += sum(_sq(g, f) for g, f in zip(got, reference, strict=True))
     choice = {}
     for tensor, firsts in same.items():
         relative = {
-            m: math.sqrt(errors[tensor][first] / (reference or 1.0)) for m, first in firsts.items()
+            m: math.sqrt(errors[tensor][first] / (floats.reference or 1.0))
+            for m, first in firsts.items()
         }
         choice[tensor] = {"picked": min(relative, key=relative.get), "output_rel_l2": relative}
     return choice

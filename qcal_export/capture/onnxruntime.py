@@ -81,9 +81,10 @@ def open_session(
     providers: Sequence[ProviderEntry],
     name: str,
     *,
-    extra_outputs: dict[str, int] | None = None,
+    extra_outputs: dict[str, int | None] | None = None,
 ) -> ort.InferenceSession:
-    """An ORT session over ``model``, optionally exposing ``extra_outputs`` (name -> elem type).
+    """An ORT session over ``model``, optionally exposing ``extra_outputs`` (name -> elem type,
+    None where ONNX Runtime is to infer it).
 
     ``model`` is a proto or a file. The outputs are added to a proto only while it is
     serialized; its stored weights are handed to ONNX Runtime as external initializers, not
@@ -144,10 +145,12 @@ def load_error(name: str, error: Exception, providers: Sequence[ProviderEntry]) 
     return ModelError(f"ONNX Runtime cannot load {name}: {message}")
 
 
-def _append_outputs(model: onnx.ModelProto, tensors: dict[str, int]) -> int:
+def _append_outputs(model: onnx.ModelProto, tensors: dict[str, int | None]) -> int:
     present = {o.name for o in model.graph.output}
     new = [
-        helper.make_tensor_value_info(n, t, None) for n, t in tensors.items() if n not in present
+        helper.make_tensor_value_info(n, t, None) if t is not None else onnx.ValueInfoProto(name=n)
+        for n, t in tensors.items()
+        if n not in present
     ]
     model.graph.output.extend(new)
     return len(new)
