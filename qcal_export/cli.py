@@ -142,6 +142,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         args.methods,
         args.weight_methods,
         activation_format=args.activation_format,
+        mixed_formats=args.mixed_formats,
+        target_cosine=args.target_cosine,
         cache_dir=args.cache_dir,
         progress=progress_bar(None),
     )
@@ -156,6 +158,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         activations = r["activation_format"]
         if activations == "none":
             label = f"{r['format']} (weights only)"
+        elif activations == "mixed":
+            label = f"{r['format']}: {r['bits_per_weight']:.2f} bits/weight"
         elif activations != r["format"]:
             label = f"{r['format']} ({activations} activations)"
         else:

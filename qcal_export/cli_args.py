@@ -300,4 +300,18 @@ def add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         choices=[*(n for n, fmt in FORMAT_REGISTRY.items() if not fmt.weight_only), "none"],
         help="every row's activations (int16 with --formats int8: A16W8; none: weight-only)",
     )
+    p.add_argument(
+        "--mixed-formats",
+        nargs="*",
+        default=[],
+        choices=list(FORMAT_REGISTRY),
+        help="one more row: each node gets the cheapest of these formats (cheapest first) that "
+        "keeps --target-cosine on held-out batches",
+    )
+    p.add_argument(
+        "--target-cosine",
+        type=float,
+        default=0.99,
+        help="the mixed-format row's target (default 0.99)",
+    )
     return p

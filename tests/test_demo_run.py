@@ -164,3 +164,35 @@ def test_qcal_demo_weight_only_mx_rows(tmp_path, capsys):
     _, heldout = demo_texts()
     score = embedding_cosine(float_model, path, demo_batches(heldout[:16], batch_size=16))
     assert 0.9 < score["mean"] < 0.9999
+
+
+@pytest.mark.slow
+def test_qcal_demo_mixed_format_row(tmp_path, capsys):
+    """``--mixed-formats``: one more row, the mixed-format search for ``--target-cosine``,
+    labelled with its bits per weight; every unit of the report took int8 or float, the
+    exported model matches the report, and its held-out embedding keeps the target."""
+    code = main(
+        [
+            "demo",
+            "--out-dir", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache"),
+            "--formats",
+            "--mixed-formats", "int8",
+            "--target-cosine", "0.9",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert "bits/w" in capsys.readouterr().out
+    path = tmp_path / "out" / "minilm_mixed-int8_a-max_w-max.onnx"
+    report = json.loads(path.with_suffix(".json").read_text())
+    mixed = report["mixed_formats"]
+    assert {unit["format"] for unit in mixed["units"]} <= {"int8", "float"}
+    assert mixed["heldout_exported"]["cosine"] >= 0.9
+    int8_units = sum(unit["format"] == "int8" for unit in mixed["units"])
+    model = onnx.load(str(path))
+    quantized = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert (int8_units > 0) == (len(quantized) > 0)
+    float_model = next((tmp_path / "cache").glob("*.onnx"))
+    _, heldout = demo_texts()
+    score = embedding_cosine(float_model, path, demo_batches(heldout[:32], batch_size=16))
+    assert score["mean"] > 0.9

@@ -25,11 +25,15 @@ def run_demo(
     weight_methods: Sequence[str] = ("max", "mse", "nvfp4-mse"),
     *,
     activation_format: str | None = None,
+    mixed_formats: Sequence[str] = (),
+    target_cosine: float = 0.99,
     cache_dir: str | Path | None = None,
     progress: ProgressFactory | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (format, activation method, weight method): held-out embedding cosine vs
-    float, mean relative weight error, time, model path.
+    float, mean relative weight error, time, model path; and, where ``mixed_formats`` are
+    given, one more row: the mixed-format search among them (cheapest first) for
+    ``target_cosine``, placed as TensorRT does, with its bits per weight and per activation.
 
     Each run takes calibrate's defaults beside its formats and methods (target ort: int8 runs
     get uint8 activations, ``activation_format`` in the row), or ``activation_format`` for
@@ -50,10 +54,21 @@ def run_demo(
         for weight_method in weight_methods
         if weight_method not in METHODS or METHODS[weight_method].calibrates(fmt)
     ]
-    return [
+    rows = [
         _demo_row(float_model, calib, heldout, out_dir, run, activation_format, progress=progress)
         for run in runs
     ]
+    if mixed_formats:
+        mixed = {
+            "formats": tuple(mixed_formats),
+            "target_cosine": target_cosine,
+            "view_batches": 1,
+        }
+        run = ("mixed-" + "-".join(mixed_formats), "max", "max")
+        rows.append(
+            _demo_row(float_model, calib, heldout, out_dir, run, None, progress, mixed=mixed)
+        )
+    return rows
 
 
 def _demo_row(
@@ -63,13 +78,17 @@ def _demo_row(
     out_dir: Path,
     run: tuple[str, str, str],
     activation_format: str | None,
-    *,
     progress: ProgressFactory | None,
+    *,
+    mixed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Calibrate the float model with one (format, method, weight method) and score it."""
+    """Calibrate the float model with one (format, method, weight method), or the mixed-format
+    search of ``mixed`` (``formats``, ``target_cosine``; ``run``'s format names its files),
+    and score it."""
     fmt, method, weight_method = run
     activations = "" if activation_format is None else f"{activation_format}-"
     stem = out_dir / f"minilm_{fmt}_a-{activations}{method}_w-{weight_method}"
+    search = {"format": mixed["formats"][0], "target": "tensorrt", **mixed} if mixed else {}
     start = time.perf_counter()
     result = calibrate_onnx(
         float_model,
@@ -77,20 +96,21 @@ def _demo_row(
         output=stem.with_suffix(".onnx"),
         scales=stem.with_suffix(".safetensors"),
         report=stem.with_suffix(".json"),
-        format=fmt,
         activation_format=activation_format,
         method=method,
         weight_method=weight_method,
         validate_batches=1,
         validate_data=heldout,
         progress=progress,
+        **({"format": fmt} | search),
     )
     seconds = time.perf_counter() - start
     score = embedding_cosine(float_model, stem.with_suffix(".onnx"), heldout)
-    errors = [r["weight_rel_error"] for r in result.report["tensors"] if r["kind"] == "weight"]
-    return {
+    report = result.report
+    errors = [r["weight_rel_error"] for r in report["tensors"] if r["kind"] == "weight"]
+    row = {
         "format": fmt,
-        "activation_format": (result.report["recipe"]["activation"] or {}).get("format", "none"),
+        "activation_format": (report["recipe"]["activation"] or {}).get("format", "none"),
         "method": method,
         "weight_method": weight_method,
         "weight_error": sum(errors) / len(errors),
@@ -98,3 +118,12 @@ def _demo_row(
         "model": str(stem.with_suffix(".onnx")),
         **score,
     }
+    if mixed:
+        bits = report["mixed_formats"]["bits"]
+        row |= {
+            "format": f"{','.join(mixed['formats'])} for cosine {mixed['target_cosine']}",
+            "activation_format": "mixed",
+            "bits_per_weight": bits["per_weight"],
+            "bits_per_activation": bits["per_activation"],
+        }
+    return row
