@@ -83,6 +83,23 @@ class Target(Choice):
         return f"one of {cls.values()}"
 
 
+class Int4Layout(Choice):
+    """4-bit MatMul weights as QDQ (DequantizeLinear with blocks), or as ONNX Runtime's
+    MatMulNBits."""
+
+    QDQ = "qdq"
+    MATMULNBITS = "matmulnbits"
+
+
+class CalibTableForm(Choice):
+    """A calibration table's file form: TensorRT's cache text, or the flatbuffers table and
+    the JSON file onnxruntime's ``write_calibration_table`` writes."""
+
+    TENSORRT = "tensorrt"
+    ORT_FLATBUFFERS = "ort-flatbuffers"
+    ORT_JSON = "ort-json"
+
+
 class CheckpointLayout(Choice):
     """The serving checkpoint layouts of NVFP4 and FP8 linear layers."""
 
