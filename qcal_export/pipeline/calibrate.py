@@ -219,16 +219,16 @@ def _write_outputs(
                 checks,
                 outputs.validate_batches,
             )
+    if outputs.calib_table is not None:
+        result.calib_table_path = write_calib_table(
+            outputs.calib_table, run.plan, found, outputs.calib_table_form, outputs.trt_version
+        )
     if outputs.model is not None:
         result.model_path = save_model(
             exported.model, outputs.model, external_data=run.loaded.external_data, keep=outputs.keep
         )
     if outputs.scales is not None:
         result.scales_path = save_scales(outputs.scales, found, run.loaded.sha256)
-    if outputs.calib_table is not None:
-        result.calib_table_path = write_calib_table(
-            outputs.calib_table, run.plan, found, outputs.calib_table_form, outputs.trt_version
-        )
     result.report = {**build_report(run, found, exported, validation, result), **sections}
     if _runs_in_ort(exported.model, validation):
         with run.timed("deployment_s"):
