@@ -71,6 +71,18 @@ def test_trt_cache_by_hand():
     assert bits(np.float64(1.0) / 127.0) == 0x3C010204
 
 
+def test_a_cache_tensorrt_wrote_parses():
+    """Lines of a cache TensorRT 7.2.2's MNIST sample wrote (quoted in a public tutorial):
+    its input ``data`` holds pixels scaled to [0, 1], so amax = 127 * scale is just under 1."""
+    text = "TRT-7202-EntropyCalibration2\ndata: 3c008912\nconv1: 3c60dd38\n"
+    version, scales = parse_trt_cache(text, "mnist.cache")
+    assert version == trt_version_number("7.2.2") == 7202
+    assert 0.99 < float(scales["data"]) * 127 < 1.0
+    assert trt_cache_text({"data": scales["data"] * np.float32(127)}, "7.2.2") == (
+        "TRT-7202-EntropyCalibration2\ndata: 3c008912\n"
+    )
+
+
 def test_trt_cache_round_trip():
     """Written then parsed: each scale is amax / 127 in float32, bit for bit; the dynamic range
     ORT's TensorRT EP derives from it (float32 scale * 127) is amax within one float32 ulp."""

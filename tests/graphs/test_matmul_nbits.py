@@ -230,3 +230,37 @@ def test_float16_model(tmp_path):
     reference = run(qdq, {"x": x})[0].astype(np.float32)
     got = run(nbits, {"x": x})[0].astype(np.float32)
     np.testing.assert_allclose(got, reference, rtol=0, atol=4e-3 * np.abs(reference).max())
+
+
+def test_a_weight_shared_by_two_matmuls(tmp_path):
+    """Both MatMuls become MatMulNBits over one packed weight; the float weight is dropped."""
+    rng = np.random.default_rng(2)
+    w = rng.normal(0, 0.3, (64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["a"], "mm_a"),
+            helper.make_node("Relu", ["x"], ["r"], "relu"),
+            helper.make_node("MatMul", ["r", "w"], ["b"], "mm_b"),
+            helper.make_node("Add", ["a", "b"], ["y"], "add"),
+        ],
+        "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx"
+    )
+    (tmp_path / "data").mkdir()
+    x = rng.normal(0, 1, (6, 64)).astype(np.float32)
+    np.savez(tmp_path / "data" / "b0.npz", x=x)
+    qdq, nbits, notes = both_forms(
+        tmp_path / "m.onnx", tmp_path / "data", format="uint4", block_size=16
+    )
+    found = nodes(nbits, "MatMulNBits")
+    assert notes == [] and [n.name for n in found] == ["mm_a", "mm_b"]
+    assert found[0].input[1:] == found[1].input[1:]
+    assert "w" not in inits(nbits)
+    reference = run(qdq, {"x": x})[0]
+    got = run(nbits, {"x": x})[0]
+    np.testing.assert_allclose(got, reference, rtol=0, atol=1e-6 * np.abs(reference).max())
