@@ -89,10 +89,7 @@ def quantize_weight_nbits(
     graph.initializer.append(make_tensor(inputs[1], q.scale.T.reshape(-1), init.data_type))
     if not q.fmt.symmetric:
         inputs.append(names.new(f"{tensor}_nbits_zero_points"))
-        rows = q.fmt.encode_zero_point(q.zero_point).T
-        if blocks % 2:
-            rows = torch.nn.functional.pad(rows, (0, 1))
-        graph.initializer.append(make_tensor(inputs[2], pack_nibbles(rows), TensorProto.UINT8))
+        graph.initializer.append(_packed_zero_points(inputs[2], q))
     nodes = list(dict.fromkeys(use.node for use in plan.uses))
     for name in nodes:
         node = names.node(name)  # edited in place: its name and output stay
@@ -104,6 +101,15 @@ def quantize_weight_nbits(
         node.attribute.extend(helper.make_attribute(key, v) for key, v in attributes.items())
     drop_if_unused(graph, init, "quantized", names)
     return nodes
+
+
+def _packed_zero_points(name: str, q: QParams) -> TensorProto:
+    """The zero points ``[k_blocks, N]`` as MatMulNBits packs them: per row of N, two blocks
+    a byte (an odd count padded), ``[N * ceil(k_blocks / 2)]``."""
+    rows = q.fmt.encode_zero_point(q.zero_point).T
+    if rows.shape[1] % 2:
+        rows = torch.nn.functional.pad(rows, (0, 1))
+    return make_tensor(name, pack_nibbles(rows), TensorProto.UINT8)
 
 
 def add_ms_domain(model: onnx.ModelProto) -> None:

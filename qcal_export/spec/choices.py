@@ -1,5 +1,5 @@
 """The fixed choices of a run as enums: non-finite policy, weights mode, NVFP4 form, placement
-target, checkpoint layout and tensor kind.
+target, 4-bit weight layout, calibration table form, checkpoint layout and tensor kind.
 
 Each member is its string (``NonFinite.SKIP == "skip"``, same hash, ``str()`` and JSON), so the
 CLI, recipes, reports and state files keep the words users write.
