@@ -39,7 +39,7 @@ def print_summary(report: dict) -> None:
         out.print(f"pre-processing: {escape(change)}")
     for note in [*report.get("plan_notes", []), *report["export_notes"]]:
         out.print(f"note: {escape(note)}")
-    for key in ("output_model", "scales_file"):
+    for key in ("output_model", "scales_file", "trt_calib_table"):
         if report.get(key):
             out.print(f"wrote {report[key]}")
     for layout, path in report["checkpoints"].items():

@@ -10,6 +10,7 @@ import onnx
 from onnx import helper
 
 from qcal_export.errors import ModelError, ScalesError
+from qcal_export.graphs.matmul_nbits import write_nbits
 from qcal_export.graphs.mx import insert_activation_mx, quantize_weight_mx
 from qcal_export.graphs.nvfp4 import (
     TRT_DOMAIN,
@@ -129,6 +130,7 @@ def export_qdq(
     scales: Mapping[str, TensorScales],
     weights_mode: str,
     nvfp4_form: str = "portable",
+    int4_layout: str = "qdq",
 ) -> ExportResult:
     """Edit ``model`` into its QDQ form, in place (a new proto if the opset converter ran).
 
@@ -136,14 +138,22 @@ def export_qdq(
     NVFP4 activations, MatMul weights stored ``[N, K]``). Where ONNX Runtime's default
     optimizations miscompute the plain QDQ form, the same math is written in a form they run
     (``ort_forms``; opset 21 for fp8 activations after a Relu), and the notes say so.
+    ``int4_layout``: "qdq", or "matmulnbits" (4-bit MatMul weights as ONNX Runtime's
+    MatMulNBits where they fit, ``matmul_nbits``).
     """
     opset_from = default_opset(model)
     model, zero_point_free, notes = _raise_opset_for(model, plan, scales)
     graph = model.graph
     names = Names(graph)
     params: dict[str, list[str]] = {}
+    nbits: set[str] = set()
+    if int4_layout == "matmulnbits":
+        nbits, nbits_notes = write_nbits(model, plan, scales, names)
+        notes += nbits_notes
     for tensor, weight in plan.weights.items():
         q = scales[tensor].qparams()
+        if tensor in nbits:
+            continue
         if q.fmt.two_level:
             quantize_weight_nvfp4(graph, weight, q, weights_mode, names, nvfp4_form)
         elif q.fmt.shared_exponent:

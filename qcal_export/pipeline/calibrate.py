@@ -12,6 +12,7 @@ import onnx
 from qcal_export.analysis.accuracy import Accuracy, split_data, target_from
 from qcal_export.analysis.layer_view import Analysis
 from qcal_export.analysis.mixed_formats import MixedAnalysis
+from qcal_export.artifacts.calib_table import write_calib_table
 from qcal_export.artifacts.onnx_layers import write_checkpoints
 from qcal_export.artifacts.report import save_report
 from qcal_export.artifacts.scales import save_scales
@@ -181,7 +182,13 @@ def _join_ranks(
         shard_run(run, accuracy.one_process, config.state.state, config.state.resume)
         if not run.ranks.writes:
             return dataclasses.replace(
-                outputs, model=None, scales=None, report=None, checkpoint=None, validate_batches=0
+                outputs,
+                model=None,
+                scales=None,
+                report=None,
+                checkpoint=None,
+                calib_table=None,
+                validate_batches=0,
             )
     return outputs
 
@@ -212,6 +219,10 @@ def _write_outputs(
                 checks,
                 outputs.validate_batches,
             )
+    if outputs.calib_table is not None:
+        result.calib_table_path = write_calib_table(
+            outputs.calib_table, run.plan, found, outputs.calib_table_form, outputs.trt_version
+        )
     if outputs.model is not None:
         result.model_path = save_model(
             exported.model, outputs.model, external_data=run.loaded.external_data, keep=outputs.keep
@@ -243,7 +254,7 @@ def _refuse_strictly(
 ) -> None:
     """Under ``strict``: RuntimeMismatchError where ORT's default session is at fault,
     BelowTargetError where the verdict is below target (both exit 3; everything is written)."""
-    paths = (result.model_path, result.scales_path, result.report_path)
+    paths = (result.model_path, result.scales_path, result.calib_table_path, result.report_path)
     written = ", ".join(str(p) for p in paths if p) or "nothing asked"
     if validation is not None and validation.issue is not None:
         raise RuntimeMismatchError(f"--strict: {validation.issue.summary}; written: {written}")
@@ -282,7 +293,9 @@ def _export(
 
     def export(plan: Plan, model: onnx.ModelProto) -> ExportResult:
         recipe = run.recipe
-        return export_qdq(model, plan, found, recipe.weights_mode, recipe.nvfp4_form)
+        return export_qdq(
+            model, plan, found, recipe.weights_mode, recipe.nvfp4_form, outputs.int4_layout
+        )
 
     with run.timed("export_s"):
         exported = export(run.plan, run.loaded.proto)

@@ -36,6 +36,7 @@ def build_report(
         "output_model": str(result.model_path) if result.model_path else None,
         "scales_file": str(result.scales_path) if result.scales_path else None,
         "checkpoints": {k: str(v) for k, v in result.checkpoint_paths.items()},
+        "trt_calib_table": str(result.calib_table_path) if result.calib_table_path else None,
         "recipe": run.recipe.to_dict(),
         "providers": run.providers,
         "data": None

@@ -18,6 +18,7 @@ from typing import Any
 import onnx
 
 from qcal_export.analysis.planned import PlannedModel
+from qcal_export.artifacts.calib_table import check_table_plan
 from qcal_export.artifacts.onnx_layers import check_checkpoint_dir, check_checkpoint_recipe
 from qcal_export.calibrate.distributed import Ranks
 from qcal_export.calibrate.resume import StateFile
@@ -38,11 +39,13 @@ from qcal_export.onnx_io.model_io import (
     external_data_files,
     load_model,
 )
+from qcal_export.spec.choices import Int4Layout
 from qcal_export.spec.config import CalibrationConfig
 from qcal_export.spec.methods import METHODS
 from qcal_export.spec.plan import Plan
 from qcal_export.spec.recipe import Recipe
 from qcal_export.spec.scales import TensorScales
+from qcal_export.spec.trt_version import DEFAULT_TRT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,7 @@ class CalibrationResult:
     scales_path: Path | None = None
     report_path: Path | None = None
     checkpoint_paths: dict[str, Path] = field(default_factory=dict)
+    calib_table_path: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -113,7 +117,9 @@ class CalibrationResult:
 class Outputs:
     """What a run writes (None: not asked): the QDQ model, the scales file, the report and the
     checkpoints in their layouts; how many batches validate the QDQ model, whether a runtime
-    mismatch found there then raises (``strict``), and the files read, which no write removes."""
+    mismatch found there then raises (``strict``), and the files read, which no write removes;
+    how 4-bit MatMul weights are laid out, and the calibration table asked for (its file, form
+    and TensorRT version)."""
 
     model: str | Path | None
     scales: str | Path | None
@@ -123,6 +129,10 @@ class Outputs:
     validate_batches: int
     strict: bool = False
     keep: frozenset[Path] = frozenset()
+    int4_layout: str = "qdq"
+    calib_table: str | Path | None = None
+    calib_table_form: str = "tensorrt"
+    trt_version: str = DEFAULT_TRT_VERSION
 
 
 def plan_run(
@@ -219,6 +229,10 @@ def asked_outputs(config: CalibrationConfig) -> Outputs:
         wanted.checkpoint_layouts,
         validation.validate_batches,
         validation.strict,
+        int4_layout=wanted.int4_layout,
+        calib_table=wanted.trt_calib_table,
+        calib_table_form=wanted.trt_calib_form,
+        trt_version=wanted.trt_calib_version,
     )
 
 
@@ -237,6 +251,7 @@ def check_request(
         scales=outputs.scales,
         report=outputs.report,
         checkpoint=outputs.checkpoint,
+        trt_calib_table=outputs.calib_table,
         data=data,
         data_options=data_options,
         validate_data=config.validation.validate_data,
@@ -249,7 +264,12 @@ def check_request(
         log.warning(
             "recipe fields %s apply to torch models only; the ONNX run ignores them", torch_only
         )
-    written = {"output": "output model", "scales": "scales file", "report": "report"}
+    written = {
+        "output": "output model",
+        "scales": "scales file",
+        "report": "report",
+        "trt_calib_table": "calibration table",
+    }
     for key, what in {**written, "state": "state file"}.items():
         if paths[key] is not None:
             check_writable(paths[key], what)
@@ -264,6 +284,13 @@ def check_request(
     )
     if paths["checkpoint"] is not None:
         check_checkpoint_recipe(run.recipe, checkpoint_layouts)
+    if outputs.calib_table is not None:
+        check_table_plan(run.plan)
+    if outputs.int4_layout == Int4Layout.MATMULNBITS and run.recipe.weights_mode != "quantized":
+        raise RecipeError(
+            "--int4-layout matmulnbits stores the weights quantized: it cannot go with "
+            f"--weights-mode {run.recipe.weights_mode}"
+        )
     return read
 
 

@@ -1,5 +1,5 @@
 """The fixed choices of a run as enums: non-finite policy, weights mode, NVFP4 form, placement
-target, checkpoint layout and tensor kind.
+target, 4-bit weight layout, calibration table form, checkpoint layout and tensor kind.
 
 Each member is its string (``NonFinite.SKIP == "skip"``, same hash, ``str()`` and JSON), so the
 CLI, recipes, reports and state files keep the words users write.
@@ -81,6 +81,23 @@ class Target(Choice):
     @classmethod
     def described(cls) -> str:
         return f"one of {cls.values()}"
+
+
+class Int4Layout(Choice):
+    """4-bit MatMul weights as QDQ (DequantizeLinear with blocks), or as ONNX Runtime's
+    MatMulNBits."""
+
+    QDQ = "qdq"
+    MATMULNBITS = "matmulnbits"
+
+
+class CalibTableForm(Choice):
+    """A calibration table's file form: TensorRT's cache text, or the flatbuffers table and
+    the JSON file onnxruntime's ``write_calibration_table`` writes."""
+
+    TENSORRT = "tensorrt"
+    ORT_FLATBUFFERS = "ort-flatbuffers"
+    ORT_JSON = "ort-json"
 
 
 class CheckpointLayout(Choice):

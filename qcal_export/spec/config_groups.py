@@ -18,11 +18,20 @@ from qcal_export.spec.checks import (
     check_min_cosine,
     check_state_every,
 )
-from qcal_export.spec.choices import CheckpointLayout, NonFinite, NVFP4Form, Target, WeightsMode
+from qcal_export.spec.choices import (
+    CalibTableForm,
+    CheckpointLayout,
+    Int4Layout,
+    NonFinite,
+    NVFP4Form,
+    Target,
+    WeightsMode,
+)
 from qcal_export.spec.formats import FORMATS as FORMAT_REGISTRY
 from qcal_export.spec.methods import METHODS
 from qcal_export.spec.recipe import DEFAULT_TARGET, Recipe, load_recipe
 from qcal_export.spec.recipe_options import build_recipe, recipe_notes
+from qcal_export.spec.trt_version import DEFAULT_TRT_VERSION, trt_version_number
 
 FORMATS = tuple(FORMAT_REGISTRY)
 METHOD_NAMES = tuple(METHODS)
@@ -248,6 +257,46 @@ class OutputConfig:
             help="serving layouts; several go to DIR/<layout>",
         ),
     )
+    int4_layout: str = field(
+        default="qdq",
+        metadata=cli(
+            "--int4-layout",
+            choices=tuple(Int4Layout.values()),
+            help="int4/uint4 MatMul weights as DequantizeLinear blocks (qdq), or as ONNX "
+            "Runtime's com.microsoft.MatMulNBits (2-D [K, N] weights, power-of-two blocks of "
+            "16 or more; others stay qdq, with a note)",
+        ),
+    )
+    trt_calib_table: str | Path | None = field(
+        default=None,
+        metadata=cli(
+            "--trt-calib-table",
+            metavar="FILE",
+            help="write the int8 activations' ranges as a calibration table (--trt-calib-form)",
+        ),
+    )
+    trt_calib_form: str = field(
+        default="tensorrt",
+        metadata=cli(
+            "--trt-calib-form",
+            choices=tuple(CalibTableForm.values()),
+            help="TensorRT's calibration cache (TRT-<version>-EntropyCalibration2 text), or "
+            "ONNX Runtime TensorRT EP's flatbuffers table or its JSON twin",
+        ),
+    )
+    trt_calib_version: str = field(
+        default=DEFAULT_TRT_VERSION,
+        metadata=cli(
+            "--trt-calib-version",
+            metavar="X.Y.Z",
+            help=f"TensorRT version in the cache's first line (default {DEFAULT_TRT_VERSION})",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        Int4Layout.parse(self.int4_layout, "int4_layout (--int4-layout)")
+        CalibTableForm.parse(self.trt_calib_form, "trt_calib_form (--trt-calib-form)")
+        trt_version_number(self.trt_calib_version)
 
 
 @dataclass(frozen=True)

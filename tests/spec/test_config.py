@@ -28,6 +28,10 @@ FULL = {
         "report": "r.json",
         "checkpoint": "ckpt",
         "checkpoint_layouts": ["modelopt", "compressed-tensors"],
+        "int4_layout": "matmulnbits",
+        "trt_calib_table": "t.cache",
+        "trt_calib_form": "ort-json",
+        "trt_calib_version": "8.6.1",
     },
     "quantization": {
         "recipe": None,
@@ -162,6 +166,15 @@ CHECKS = {
     "target_rel_l2": ({"target_rel_l2": float("inf")}, r"target_rel_l2=inf is out of range"),
     "formats": ({"formats": "int8,int8"}, r"formats \(--formats\) int8,int8: int8 is listed twice"),
     "resume": ({"resume": True}, r"^resume needs the state file to resume from: pass state=PATH"),
+    "int4_layout": (
+        {"int4_layout": "nbits"},
+        r"^int4_layout \(--int4-layout\) must be 'qdq' or 'matmulnbits', not 'nbits'$",
+    ),
+    "trt_calib_form": (
+        {"trt_calib_form": "cache"},
+        r"^trt_calib_form \(--trt-calib-form\) must be one of \['tensorrt', 'ort-flatbuffers'",
+    ),
+    "trt_calib_version": ({"trt_calib_version": "8601"}, r"^--trt-calib-version must be a"),
     "smooth-scales_in": ({"smooth": 0.5, "scales_in": "s.safetensors"}, r"calibrate again"),
     "hessian": ({"hessian": True}, r"hessian weighting needs weight method nvfp4-mse, not 'max'"),
     "method-option": ({"method_options": {"bins": 9}}, r"method option\(s\) \['bins'\] fit no"),
@@ -238,6 +251,8 @@ def test_flags_build_the_config_the_keywords_build():
     assert config_from_args(bare) == CalibrationConfig()
     argv = ["m.onnx", "-o", "q.onnx", "--scales", "s.safetensors", "--report", "r.json"]
     argv += ["--checkpoint", "ckpt", "--checkpoint-layout", "modelopt", "compressed-tensors"]
+    argv += ["--int4-layout", "matmulnbits", "--trt-calib-table", "t.cache"]
+    argv += ["--trt-calib-form", "ort-json", "--trt-calib-version", "8.6.1"]
     argv += ["--format", "nvfp4", "--weight-format", "nvfp4", "--activation-format", "fp8"]
     argv += ["--method", "percentile", "--weight-method", "nvfp4-mse", "--block-size", "16"]
     argv += ["--hessian", "--nvfp4-form", "tensorrt", "--target", "ort"]
