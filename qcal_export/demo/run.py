@@ -59,11 +59,7 @@ def run_demo(
         for run in runs
     ]
     if mixed_formats:
-        mixed = {
-            "formats": tuple(mixed_formats),
-            "target_cosine": target_cosine,
-            "view_batches": 1,
-        }
+        mixed = {"formats": tuple(mixed_formats), "target_cosine": target_cosine}
         run = ("mixed-" + "-".join(mixed_formats), "max", "max")
         rows.append(
             _demo_row(float_model, calib, heldout, out_dir, run, None, progress, mixed=mixed)
@@ -88,7 +84,9 @@ def _demo_row(
     fmt, method, weight_method = run
     activations = "" if activation_format is None else f"{activation_format}-"
     stem = out_dir / f"minilm_{fmt}_a-{activations}{method}_w-{weight_method}"
-    search = {"format": mixed["formats"][0], "target": "tensorrt", **mixed} if mixed else {}
+    search = {}
+    if mixed:
+        search = {"format": mixed["formats"][0], "target": "tensorrt", "view_batches": 1, **mixed}
     start = time.perf_counter()
     result = calibrate_onnx(
         float_model,
@@ -106,11 +104,10 @@ def _demo_row(
     )
     seconds = time.perf_counter() - start
     score = embedding_cosine(float_model, stem.with_suffix(".onnx"), heldout)
-    report = result.report
-    errors = [r["weight_rel_error"] for r in report["tensors"] if r["kind"] == "weight"]
+    errors = [r["weight_rel_error"] for r in result.report["tensors"] if r["kind"] == "weight"]
     row = {
         "format": fmt,
-        "activation_format": (report["recipe"]["activation"] or {}).get("format", "none"),
+        "activation_format": (result.report["recipe"]["activation"] or {}).get("format", "none"),
         "method": method,
         "weight_method": weight_method,
         "weight_error": sum(errors) / len(errors),
@@ -118,12 +115,15 @@ def _demo_row(
         "model": str(stem.with_suffix(".onnx")),
         **score,
     }
-    if mixed:
-        bits = report["mixed_formats"]["bits"]
-        row |= {
-            "format": f"{','.join(mixed['formats'])} for cosine {mixed['target_cosine']}",
-            "activation_format": "mixed",
-            "bits_per_weight": bits["per_weight"],
-            "bits_per_activation": bits["per_activation"],
-        }
-    return row
+    return row | (_mixed_fields(result.report, mixed) if mixed else {})
+
+
+def _mixed_fields(report: dict[str, Any], mixed: dict[str, Any]) -> dict[str, Any]:
+    """A mixed-format row's label, and its bits per weight and per activation."""
+    bits = report["mixed_formats"]["bits"]
+    return {
+        "format": f"{','.join(mixed['formats'])} for cosine {mixed['target_cosine']}",
+        "activation_format": "mixed",
+        "bits_per_weight": bits["per_weight"],
+        "bits_per_activation": bits["per_activation"],
+    }
