@@ -12,6 +12,8 @@ when its first column is reached, so later groups see the compensated values.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -67,11 +69,22 @@ class ColumnGroups:
         self.scale[:, group], self.zero_point[:, group] = scale, zero_point
         self.reached[group] = True
 
-    def quantize(self, column: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``column`` ``[N]`` rounded as QuantizeLinear does: (codes, dequantized values)."""
+    def quantize(
+        self,
+        column: torch.Tensor,
+        group: int,
+        codes: torch.Tensor | None = None,
+        rounded: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``column`` ``[N]`` rounded as QuantizeLinear does: (codes, dequantized values),
+        written into ``codes`` and ``rounded`` where given."""
         scale, zero_point = self.scale[:, group], self.zero_point[:, group]
-        codes = torch.round(column / scale).add_(zero_point).clamp_(self.fmt.qmin, self.fmt.qmax)
-        return codes, (codes - zero_point).mul_(scale)
+        codes = torch.div(column, scale, out=codes) if codes is not None else column / scale
+        codes.round_().add_(zero_point).clamp_(self.fmt.qmin, self.fmt.qmax)
+        rounded = (
+            torch.sub(codes, zero_point, out=rounded) if rounded is not None else codes - zero_point
+        )
+        return codes, rounded.mul_(scale)
 
 
 @dataclass
@@ -112,31 +125,46 @@ def gptq_columns(
         order = torch.argsort(diagonal, descending=True, stable=True)
     else:
         order = torch.arange(columns, device=weight.device)
-    w = weight.to(groups.dtype)[:, order].contiguous()
     h = h[order][:, order]
     h.diagonal().add_(percdamp * float(h.diagonal().mean()))
     upper = _inverse_upper_cholesky(h, percdamp).to(groups.dtype)
     del h
-    rounded = torch.empty_like(w)
-    codes = torch.empty(rows, columns, dtype=groups.dtype, device=w.device)
+    # Columns as rows ([K, N]): each column and each block's rank-1 updates are contiguous.
+    w = weight.T.to(groups.dtype)[order].contiguous()
+    rounded, codes = torch.empty_like(w), torch.empty_like(w)
     group_of = [g // groups.size for g in order.tolist()]
     positions = _group_positions(group_of)
     for start in range(0, columns, lazy_block):
         end = min(start + lazy_block, columns)
-        errors = torch.empty(rows, end - start, dtype=groups.dtype, device=w.device)
-        for p in range(start, end):
-            group = group_of[p]
-            if not groups.reached[group]:
-                current = _current_values(w, errors, upper, start, p, end, positions[group])
-                groups.reach(group, current)
-            codes[:, p], rounded[:, p] = groups.quantize(w[:, p], group)
-            error = (w[:, p] - rounded[:, p]).div_(upper[p, p])
-            w[:, p + 1 : end].sub_(error[:, None] * upper[p, p + 1 : end])
-            errors[:, p - start] = error
+        errors = torch.empty(end - start, rows, dtype=groups.dtype, device=w.device)
+        with _one_thread(w.device):
+            for p in range(start, end):
+                group = group_of[p]
+                if not groups.reached[group]:
+                    current = _current_values(w, errors, upper, start, p, end, positions[group])
+                    groups.reach(group, current.T)
+                groups.quantize(w[p], group, codes[p], rounded[p])
+                error = torch.sub(w[p], rounded[p], out=errors[p - start]).div_(upper[p, p])
+                w[p + 1 : end].addr_(upper[p, p + 1 : end], error, alpha=-1)
         if end < columns:
-            w[:, end:].sub_(errors @ upper[start:end, end:])
+            w[end:].addmm_(upper[start:end, end:].T, errors, alpha=-1)
     inverse = torch.argsort(order)
-    return GptqResult(rounded[:, inverse], codes[:, inverse].to(groups.fmt.storage_dtype), groups)
+    return GptqResult(rounded[inverse].T, codes[inverse].T.to(groups.fmt.storage_dtype), groups)
+
+
+@contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """On the CPU, torch on one thread: the column loop's ops are small, and starting the
+    threads of each costs more than they save (more so on a busy machine)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _inverse_upper_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -144,7 +172,9 @@ def _inverse_upper_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
     definite."""
     lower, info = torch.linalg.cholesky_ex(h)
     if int(info) == 0:
-        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        lower_inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
+        upper, info = torch.linalg.cholesky_ex(lower_inverse.T @ lower_inverse, upper=True)
         if int(info) == 0:
             return upper
     raise CalibrationError(
@@ -170,12 +200,12 @@ def _current_values(
     end: int,
     group: tuple[int, ...],
 ) -> torch.Tensor:
-    """The current values ``[N, c]`` of a group's columns (none rounded yet): those past this
+    """The current values ``[c, N]`` of a group's columns (none rounded yet): those past this
     lazy block (``end``) still owe it the updates of its columns rounded so far."""
     inside = [p for p in group if p < end]
     outside = [p for p in group if p >= end]
-    values = w[:, inside + outside]
+    values = w[inside + outside]
     if outside and position > start:
-        owed = errors[:, : position - start] @ upper[start:position, outside]
-        values[:, len(inside) :] -= owed
+        owed = upper[start:position, outside].T @ errors[: position - start]
+        values[len(inside) :] -= owed
     return values
