@@ -171,11 +171,14 @@ def run_layer(args: argparse.Namespace) -> None:
 
 
 class Reader:
-    """An ONNX Runtime CalibrationDataReader over demo batches (ORT's GPTQ reads it)."""
+    """An ONNX Runtime CalibrationDataReader over demo batches; ORT's GPTQ iterates it."""
 
     def __init__(self, batches: list[dict[str, np.ndarray]]):
         self.batches = batches
         self.rewind()
+
+    def __iter__(self):
+        return iter(self.batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._iter, None)
