@@ -217,6 +217,13 @@ def run_demo(args: argparse.Namespace) -> None:
         f"- all-MiniLM-L6-v2; {NUM_CALIB} calibration texts ({len(calib)} batches), "
         f"{NUM_HELDOUT} held-out texts; int4 weights only, symmetric, blocks along K",
         "- cosine: per-sentence cosine of the held-out sentence embeddings vs the float model",
+        "- qcal gptq: percdamp 0.01, no act order, lazy blocks of 128; H = Xᵀ X (float64) over "
+        "every token of the calibration batches, padding included",
+        "- ORT: MatMulNBitsQuantizer(block_size, is_symmetric=True); RTN, and GPTQ with "
+        "GPTQWeightOnlyQuantConfig's defaults (percdamp 0.01, blocksize 128, no act order) on "
+        "the same batches. ORT's symmetric int4 scale is amax / 7.5 (codes -8..7), ours amax / 7",
+        "- seconds: the whole run (capture, calibration, export) on a machine shared with other "
+        "jobs: indicative only",
         "",
         "| block | tool | method | mean cosine | min cosine | seconds |",
         "| ---: | --- | --- | ---: | ---: | ---: |",
