@@ -109,7 +109,9 @@ def gptq_columns(
     column's error on the columns after it by ``hessian`` ``[K, K]``.
 
     Dead columns (zero diagonal: an input always 0 on the data) get ``H_jj = 1``: rounded to
-    nearest, they pass no error on, and keep their weight for inputs the data never showed.
+    nearest, they pass no error on, and keep their weight for inputs the data never showed. A
+    value whose dequantization overflows float32 (as QuantizeLinear's would) passes none on;
+    a compensation that overflows is a CalibrationError.
     ``act_order`` rounds the columns in order of decreasing ``H_jj``; groups stay blocks of
     consecutive columns, each scaled when the first of its columns is reached.
     """
@@ -145,9 +147,15 @@ def gptq_columns(
                     groups.reach(group, current.T)
                 groups.quantize(w[p], group, codes[p], rounded[p])
                 error = torch.sub(w[p], rounded[p], out=errors[p - start]).div_(upper[p, p])
+                error.nan_to_num_(posinf=0.0, neginf=0.0)
                 w[p + 1 : end].addr_(upper[p, p + 1 : end], error, alpha=-1)
         if end < columns:
             w[end:].addmm_(upper[start:end, end:].T, errors, alpha=-1)
+    if not bool(torch.isfinite(w).all()):
+        raise CalibrationError(
+            "the compensated weight overflowed float32 (weights near its limit, 3.4e38): give "
+            "this weight another method"
+        )
     inverse = torch.argsort(order)
     return GptqResult(rounded[inverse].T, codes[inverse].T.to(groups.fmt.storage_dtype), groups)
 

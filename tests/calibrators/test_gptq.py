@@ -191,3 +191,10 @@ def test_calibrator_on_matmul_and_gemm_weights_agree(granularity, axis):
     size = 16 if isinstance(granularity, PerBlock) else 48
     want = gptq_columns(w, h, ColumnGroups(INT4, size, per_row, 10, 48))
     assert torch.equal(gemm.codes(), want.codes)
+
+
+def test_a_compensation_that_overflows_float32_is_refused():
+    w = torch.tensor([[3.3e38, 3.3e38 - 2.3e37, 3.39e38, 3.39e38]])
+    h = torch.full((4, 4), 0.9, dtype=torch.float64) + 0.1 * torch.eye(4, dtype=torch.float64)
+    with pytest.raises(CalibrationError, match="overflowed float32"):
+        gptq_columns(w, h, ColumnGroups(INT4, 4, True, 1, 4), 0.0)
