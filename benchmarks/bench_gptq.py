@@ -162,6 +162,7 @@ def run_layer(args: argparse.Namespace) -> None:
             f"- device: {name or args.device}; int4 blocks of {args.block} along K, "
             f"{args.tokens} tokens of correlated inputs; H in float64, rounding in float32",
             "- output error: ||X dW||² / ||X W||² on the same inputs",
+            "- equal codes: float32 sums in another order flip a few codes at rounding ties",
             "",
             *rows,
         ],
