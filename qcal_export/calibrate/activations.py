@@ -2,8 +2,9 @@
 ``auto``), fed by capture passes, its state saved for a resume and merged across ranks.
 
 Methods that need an initial range take a max pass first. The first pass also accumulates the
-Hessians (``Xᵀ X`` blocks of a layer's input) that Hessian-weighted nvfp4-mse weight sweeps ask
-for. NVFP4 activations get a global scale only: the graph computes their block scales.
+Hessians of layer inputs that weights ask for: ``Xᵀ X`` blocks for Hessian-weighted nvfp4-mse
+sweeps, the full ``[K, K]`` for GPTQ. NVFP4 activations get a global scale only: the graph
+computes their block scales.
 
 Under ``auto`` a tensor's candidates collect once what they collect alike: percentile, entropy and
 hist-mse keep the same histogram, whose state holds max's running range too (max and mse's first
@@ -32,6 +33,7 @@ from qcal_export.calibrate.tensor import (
     second_pass,
 )
 from qcal_export.calibrators import Calibrator
+from qcal_export.calibrators.gptq import FullHessian
 from qcal_export.calibrators.histogram import HistogramCalibrator
 from qcal_export.calibrators.max import MaxCalibrator
 from qcal_export.calibrators.nvfp4_mse import BlockHessian
@@ -75,12 +77,14 @@ def activation_granularity(plan: ActivationPlan) -> Granularity:
 @dataclass
 class ActivationResult:
     """Scales per activation (for a method ``auto`` one its choice replaces: max's), each
-    ``auto`` activation's candidates by method, pass counts and the Hessians asked for."""
+    ``auto`` activation's candidates by method, pass counts and the Hessians asked for (blocks
+    in ``hessians``, full ``[K, K]`` ones in ``full_hessians``)."""
 
     scales: dict[str, TensorScales]
     batches_per_pass: list[int]
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
     candidates: dict[str, dict[str, TensorScales]] = field(default_factory=dict)
+    full_hessians: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def candidate_specs(tensor: str, spec: TensorSpec) -> list[tuple[str, TensorSpec]]:
@@ -132,12 +136,14 @@ def calibrate_activations(
         for key, (t, spec) in specs.items()
     }
     firsts = {key: first_pass_calibrator(cal) for key, cal in cals.items()}
-    hessians = {t: BlockHessian() for t in hessian_inputs(plan)}
+    hessians = {t: BlockHessian() for t in block_hessian_inputs(plan)}
+    full = {t: FullHessian() for t in full_hessian_inputs(plan)}
     collectors = _collectors(firsts, specs)
-    for tensor, accumulator in hessians.items():
+    for tensor, accumulator in [*hessians.items(), *full.items()]:
         collectors.setdefault(tensor, []).append(named_collector(tensor, accumulator.collect))
     firsts_state: dict[str, Stateful] = {f"first/{t}": c for t, c in firsts.items()}
     firsts_state.update({f"hessian/{t}": h for t, h in hessians.items()})
+    firsts_state.update({f"full_hessian/{t}": h for t, h in full.items()})
     progress = state.resume() if state is not None and resume else None
     counts = []
     if collectors:
@@ -152,7 +158,8 @@ def calibrate_activations(
     types = {t: a.elem_type for t, a in plan.activations.items()}
     scales, candidates = _activation_scales(cals, specs, types)
     found = {t: h.hessian for t, h in hessians.items() if h.hessian is not None}
-    return ActivationResult(scales, counts, found, candidates)
+    found_full = {t: h.hessian for t, h in full.items() if h.hessian is not None}
+    return ActivationResult(scales, counts, found, candidates, found_full)
 
 
 def _second_pass(
@@ -289,11 +296,27 @@ def _first_pass(
 
 
 def hessian_inputs(plan: Plan) -> list[str]:
+    """Activations whose ``Xᵀ X`` (blocks or full) a planned weight needs."""
+    return sorted({*block_hessian_inputs(plan), *full_hessian_inputs(plan)})
+
+
+def block_hessian_inputs(plan: Plan) -> list[str]:
     """Activations whose ``Xᵀ X`` blocks a Hessian-weighted weight sweep needs."""
     return sorted(
         {
             w.hessian_input
             for w in plan.weights.values()
             if w.spec.options.get("hessian") and w.hessian_input
+        }
+    )
+
+
+def full_hessian_inputs(plan: Plan) -> list[str]:
+    """Activations whose full ``Xᵀ X`` a weight method takes (GPTQ)."""
+    return sorted(
+        {
+            w.hessian_input
+            for w in plan.weights.values()
+            if METHODS[w.spec.method].full_hessian and w.hessian_input
         }
     )

@@ -100,10 +100,13 @@ def calibrate_weights(
     device: torch.device | None = None,
 ) -> dict[str, TensorScales]:
     """Calibrate every planned weight from its initializer with its planned granularity, one
-    weight at a time, on ``device`` (the host where None: a GPU runs the kernels' sweeps)."""
+    weight at a time, on ``device`` (the host where None: a GPU runs the kernels' sweeps);
+    but GPTQ's, which ``gptq_weights.compensate_weights`` rounds and rewrites."""
     initializers = {t.name: t for t in model.graph.initializer}
     scales = {}
     for tensor, weight in plan.weights.items():
+        if METHODS[weight.spec.method].full_hessian:
+            continue
         values = _on(initializer_values(initializers[tensor]), device)
         hessian = _weight_hessian(weight, hessians or {})
         scales[tensor] = calibrate_weight(
@@ -124,6 +127,11 @@ def calibrate_weight(
 
     ``hessian`` (``[ceil(cin / 16), 16, 16]``) weights a Hessian-weighted nvfp4-mse sweep.
     """
+    if METHODS[spec.method].full_hessian:
+        raise RecipeError(
+            f"weight {name!r}: method {spec.method} runs in calibrate_onnx, on the layer inputs "
+            "it captures; give this weight another method"
+        )
     extra = {} if hessian is None else {"hessian": hessian}
     cal = make_calibrator(spec, granularity, nonfinite, **extra)
     first = first_pass_calibrator(cal)
@@ -147,11 +155,12 @@ def relative_weight_errors(
     model: onnx.ModelProto, scales: Iterable[TensorScales], device: torch.device | None = None
 ) -> dict[str, float]:
     """Per weight, ``||dequantize(quantize(W)) - W|| / ||W||`` (float64) with its scales, one
-    weight at a time on ``device`` (the host where None)."""
+    weight at a time on ``device`` (the host where None). GPTQ's weights are left out: the
+    model holds them already rounded; their notes compare them with the original."""
     initializers = {t.name: t for t in model.graph.initializer}
     errors = {}
     for s in scales:
-        if s.kind != "weight" or s.name not in initializers:
+        if s.kind != "weight" or s.name not in initializers or METHODS[s.method].full_hessian:
             continue
         weight = _on(initializer_values(initializers[s.name]), device).float()
         norm, diff = _norms(weight, s.fake_quant_weight(weight))

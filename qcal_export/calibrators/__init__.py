@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from qcal_export.calibrators.base import Calibrator
 from qcal_export.calibrators.entropy import EntropyCalibrator
+from qcal_export.calibrators.gptq import FullHessian, GptqCalibrator
 from qcal_export.calibrators.hist_mse import HistogramMseCalibrator
 from qcal_export.calibrators.histogram import HistogramCalibrator
 from qcal_export.calibrators.max import MaxCalibrator
@@ -23,6 +24,7 @@ CALIBRATORS: dict[str, type[Calibrator]] = {
         (methods.HIST_MSE, HistogramMseCalibrator),
         (methods.NVFP4_MSE, NVFP4MseCalibrator),
         (methods.MX_MSE, MxMseCalibrator),
+        (methods.GPTQ, GptqCalibrator),
         (methods.PERCENTILE, PercentileCalibrator),
         (methods.ENTROPY, EntropyCalibrator),
         (methods.SHRINK_MSE, ShrinkMseCalibrator),
@@ -35,6 +37,8 @@ __all__ = [
     "BlockHessian",
     "Calibrator",
     "EntropyCalibrator",
+    "FullHessian",
+    "GptqCalibrator",
     "HistogramCalibrator",
     "HistogramMseCalibrator",
     "MaxCalibrator",

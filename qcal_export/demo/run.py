@@ -104,13 +104,13 @@ def _demo_row(
     )
     seconds = time.perf_counter() - start
     score = embedding_cosine(float_model, stem.with_suffix(".onnx"), heldout)
-    errors = [r["weight_rel_error"] for r in result.report["tensors"] if r["kind"] == "weight"]
+    errors = [r["weight_rel_error"] for r in result.report["tensors"] if "weight_rel_error" in r]
     row = {
         "format": fmt,
         "activation_format": (result.report["recipe"]["activation"] or {}).get("format", "none"),
         "method": method,
         "weight_method": weight_method,
-        "weight_error": sum(errors) / len(errors),
+        "weight_error": sum(errors) / len(errors) if errors else float("nan"),
         "seconds": seconds,
         "model": str(stem.with_suffix(".onnx")),
         **score,

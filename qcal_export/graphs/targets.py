@@ -260,6 +260,7 @@ def _weight_plan(
         [Use(node.name, index)],
         shape=tuple(init.dims),
         elem_type=init.data_type,
+        reduction_axis=axes.reduction(node, rank),
     )
 
 

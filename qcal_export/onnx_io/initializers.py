@@ -1,4 +1,5 @@
-"""Initializers as values: look one up by name, read it as a torch tensor of its own dtype."""
+"""Initializers as values: look one up by name, read it as a torch tensor of its own dtype,
+replace its values."""
 
 from __future__ import annotations
 
@@ -25,3 +26,16 @@ def initializer_values(init: TensorProto) -> torch.Tensor:
         values = torch.from_numpy(array.copy())
     drop_pages(init)  # the copy is what is used from now on
     return values
+
+
+def replace_values(init: TensorProto, values: torch.Tensor) -> None:
+    """Make ``init`` hold ``values`` (its own dtype and shape) as embedded raw bytes, in place:
+    its external data, or its place in a weight store, is left behind."""
+    if tuple(values.shape) != tuple(init.dims):
+        raise ValueError(
+            f"{init.name}: values {tuple(values.shape)}, initializer {tuple(init.dims)}"
+        )
+    raw = values.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    for name in ("external_data", "data_location", "float_data", "int32_data", "int64_data"):
+        init.ClearField(name)
+    init.raw_data = raw

@@ -73,6 +73,11 @@ def _refuse_options(config: CalibrationConfig) -> None:
             f"calibrates each format with one method: give another method than {options.method}",
         ),
         (
+            options.weight_method is not None and METHODS[options.weight_method].full_hessian,
+            "compares formats on the same float weights, which gptq rewrites: give another "
+            "--weight-method",
+        ),
+        (
             config.outputs.checkpoint is not None,
             "mixes formats per node, which the serving checkpoints do not hold: "
             "give no --checkpoint",

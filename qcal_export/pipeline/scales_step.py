@@ -11,14 +11,16 @@ import torch
 
 from qcal_export.artifacts.scales import load_scales
 from qcal_export.calibrate.activations import calibrate_activations, hessian_inputs
+from qcal_export.calibrate.gptq_weights import compensate_weights, gptq_weights
 from qcal_export.calibrate.runtime_scales import calibrated_part, runtime_scale_records
 from qcal_export.calibrate.tensor import Collector, calibrate_weights
 from qcal_export.capture.onnxruntime import OrtCapture
-from qcal_export.errors import DataError
+from qcal_export.errors import DataError, RecipeError
 from qcal_export.graphs.export import check_scales_match
 from qcal_export.onnx_io.tensor_types import tensor_types
 from qcal_export.pipeline.run import Run
 from qcal_export.spec.config import CalibrationConfig
+from qcal_export.spec.methods import METHODS
 from qcal_export.spec.plan import Plan
 from qcal_export.spec.scales import TensorScales
 
@@ -36,6 +38,7 @@ def calibrate_scales(
     if scales_in is not None:
         found, header = load_scales(scales_in)
         check_scales_match(run.plan, found, str(scales_in))
+        _refuse_gptq_scales(found, str(scales_in))
         if header.get("model_sha256") != run.loaded.sha256:
             log.warning(
                 "%s was calibrated on another model file than %s", scales_in, run.loaded.path
@@ -43,6 +46,10 @@ def calibrate_scales(
         return found
     plan = calibrated_part(run.plan)
     hessians = hessian_inputs(plan)
+    if run.source is None and gptq_weights(plan):
+        raise DataError(
+            "weight method gptq needs data (the inputs of the layers it rounds): pass --data"
+        )
     if run.source is None and (plan.activations or hessians):
         raise DataError("calibration needs data: pass --data (or scales_in to reuse saved scales)")
     found: dict[str, TensorScales] = runtime_scale_records(run.plan)
@@ -57,18 +64,33 @@ def calibrate_scales(
     )
     del capture  # closes the capture session (its copies of the weights) before the weights
     run.batches_per_pass = activations.batches_per_pass
+    device = weight_device(run)
     found.update(
         calibrate_weights(
-            run.loaded.proto,
-            plan,
-            run.recipe.nonfinite,
-            activations.hessians,
-            weight_device(run),
+            run.loaded.proto, plan, run.recipe.nonfinite, activations.hessians, device
+        )
+    )
+    found.update(
+        compensate_weights(
+            run.loaded.proto, plan, run.recipe.nonfinite, activations.full_hessians, device
         )
     )
     found.update(activations.scales)
     run.candidates = activations.candidates
     return found
+
+
+def _refuse_gptq_scales(found: dict[str, TensorScales], where: str) -> None:
+    """RecipeError for saved GPTQ weight scales: they fit GPTQ's rounded weights, which the
+    scales file does not hold."""
+    gptq = sorted(
+        s.name for s in found.values() if s.method in METHODS and METHODS[s.method].full_hessian
+    )
+    if gptq:
+        raise RecipeError(
+            f"{where}: weight {gptq[0]!r} was calibrated with gptq, whose rounded weights the "
+            "scales file does not hold: calibrate again with --data instead of --scales-in"
+        )
 
 
 def weight_device(run: Run) -> torch.device | None:

@@ -28,6 +28,8 @@ from qcal_export.spec.method_options import (
 HESSIAN = "hessian"
 """The option that weights a method's error by its layer's input ``Xᵀ X``: it chooses the data
 the calibrator gets, not a constructor argument."""
+MAX_LAZY_BLOCK = 1 << 16
+"""Most columns GPTQ updates inside one block (default 128): the block's errors are ``[N, b]``."""
 OptionRules = Callable[[Mapping[str, float]], None]
 
 
@@ -40,7 +42,8 @@ class MethodSpec:
     (RecipeError for options that do not go together) need; ``kinds``: the tensors it
     calibrates, and ``weight_only_reason`` why activations cannot take it; ``formats``: the only
     formats it calibrates (None: every format); ``among``: the methods a search chooses among,
-    per tensor, by its consumers' output error (the first is its stand-in until the choice).
+    per tensor, by its consumers' output error (the first is its stand-in until the choice);
+    ``full_hessian``: it always takes its layer input's full ``Xᵀ X`` ``[K, K]`` (GPTQ).
     """
 
     name: str
@@ -51,6 +54,7 @@ class MethodSpec:
     weight_only_reason: str = ""
     formats: tuple[str, ...] | None = None
     among: tuple[MethodSpec, ...] = ()
+    full_hessian: bool = False
 
     @property
     def options(self) -> frozenset[str]:
@@ -135,6 +139,21 @@ MX_MSE = MethodSpec(
     ),
     formats=("mxfp8", "mxfp4"),
 )
+GPTQ = MethodSpec(
+    "gptq",
+    bounds={
+        "percdamp": Bound(0, 1),
+        "act_order": Bound(0, 1, integer=True, flag=True),
+        "lazy_block": Bound(1, MAX_LAZY_BLOCK, integer=True),
+    },
+    kinds=frozenset({TensorKind.WEIGHT}),
+    weight_only_reason=(
+        "rounds weights column by column, compensating each error with the layer input's "
+        "Hessian; activations have no such Hessian: calibrate them with another method"
+    ),
+    formats=("int4", "uint4", "int8", "uint8"),
+    full_hessian=True,
+)
 SHRINK_MSE = MethodSpec(
     "shrink-mse",
     bounds={
@@ -167,7 +186,18 @@ AUTO = MethodSpec(
 
 METHODS: dict[str, MethodSpec] = {
     method.name: method
-    for method in (MAX, MSE, HIST_MSE, NVFP4_MSE, MX_MSE, SHRINK_MSE, PERCENTILE, ENTROPY, AUTO)
+    for method in (
+        MAX,
+        MSE,
+        HIST_MSE,
+        NVFP4_MSE,
+        MX_MSE,
+        GPTQ,
+        SHRINK_MSE,
+        PERCENTILE,
+        ENTROPY,
+        AUTO,
+    )
 }
 """Every method by name, in the order the CLI and messages list them."""
 DEFAULT_METHOD = MAX.name

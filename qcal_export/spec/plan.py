@@ -60,7 +60,8 @@ class WeightPlan:
 
     ``hessian_input`` is the activation feeding the consumer's reduction (MatMul A, Gemm A)
     when its last axis runs along the weight's blocks: the input of a Hessian-weighted sweep.
-    ``shape`` and ``elem_type`` are the initializer's.
+    ``shape`` and ``elem_type`` are the initializer's; ``reduction_axis`` the weight axis the
+    consumer sums over (MatMul's K, Gemm's by ``transB``), None where the op has none.
     """
 
     tensor: str
@@ -70,6 +71,7 @@ class WeightPlan:
     hessian_input: str | None = None
     shape: tuple[int, ...] | None = None
     elem_type: int = TensorProto.FLOAT
+    reduction_axis: int | None = None
 
     @property
     def axis(self) -> int | None:

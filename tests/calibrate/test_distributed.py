@@ -10,9 +10,11 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 
 from qcal_export.artifacts.scales import load_scales
 from qcal_export.pipeline.calibrate import calibrate_onnx
@@ -64,6 +66,28 @@ def test_two_processes_give_one_process_scales(workdir, tmp_path, method, batche
     options["exclude_op_types"] = ("Conv",) if extra else ()
     calibrate_onnx(workdir / "model.onnx", data, scales=single, validate_batches=0, **options)
     assert_same_scales(single, tmp_path / "two.safetensors")
+
+
+def test_two_processes_give_one_process_gptq_weights(workdir, tmp_path):
+    """GPTQ's Hessians summed over two ranks: the same scales and the same rounded weights."""
+    data = data_dir(workdir, tmp_path, 3)
+    options = {"format": "int4", "activation_format": "none", "weight_method": "gptq"}
+    argv = [str(workdir / "model.onnx"), "--data", str(data), "--format", "int4"]
+    argv += ["--activation-format", "none", "--weight-method", "gptq"]
+    two = tmp_path / "two.onnx"
+    done = qcal_nproc(*argv, "--scales", str(tmp_path / "two.safetensors"), "-o", str(two))
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = tmp_path / "one.safetensors"
+    one = tmp_path / "one.onnx"
+    calibrate_onnx(workdir / "model.onnx", data, scales=single, output=one, **options)
+    assert_same_scales(single, tmp_path / "two.safetensors")
+    inits = [
+        {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+        for path in (one, two)
+    ]
+    assert inits[0].keys() == inits[1].keys()
+    for name, values in inits[0].items():
+        assert np.array_equal(values, inits[1][name]), name
 
 
 @pytest.mark.cuda

@@ -67,6 +67,11 @@ CASES = {
     "percentile": ({"method": "percentile", "state_every": 4}, 1, 9),
     "entropy": ({"method": "entropy", "state_every": 1}, 1, 4),
     "shrink-mse": ({"method": "shrink-mse", "weight_method": "shrink-mse", "state_every": 3}, 1, 7),
+    "gptq": (
+        {"format": "int4", "activation_format": "none", "weight_method": "gptq", "state_every": 3},
+        1,
+        7,
+    ),
     "nvfp4-hessian": (
         {
             "format": "nvfp4",

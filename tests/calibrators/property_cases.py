@@ -13,6 +13,7 @@ from oracle import F32
 
 from qcal_export.calibrators import (
     EntropyCalibrator,
+    GptqCalibrator,
     HistogramMseCalibrator,
     MaxCalibrator,
     MseCalibrator,
@@ -46,8 +47,10 @@ CASES = {
     "shrink-mse": cases([NV_BLOCKS, NV_GROUP]),
     "nvfp4-mse": [(NVFP4, NV_BLOCKS), (NVFP4, PerBlock(0, 16))],
     "mx-mse": [(MXFP8, PerBlock(-1, 32)), (MXFP4, PerBlock(0, 32))],
+    "gptq": [(f, g) for f in (INT8, UINT8, INT4, UINT4) for g in PLAIN_GRANULARITIES],
 }
-"""Formats and granularities each calibrator accepts (see each class's checks)."""
+"""Formats and granularities each calibrator accepts (see each class's checks); gptq's weights
+are ``[N, K]`` with K the last axis, and its Hessian the identity (``build``)."""
 
 ELEMENTS = st.one_of(
     st.floats(width=32, allow_nan=False, allow_infinity=False),
@@ -67,7 +70,9 @@ SHAPES = st.tuples(st.integers(1, 4), st.integers(1, 40))
 
 def build(method: str, fmt, granularity, data: list[np.ndarray], **kwargs):
     """A calibrator of ``method`` that collected ``data``; mse and nvfp4-mse first get their
-    initial range from a max pass over the same data, as the pipeline gives it."""
+    initial range from a max pass over the same data, as the pipeline gives it; gptq rounds
+    along the last axis with an identity Hessian (nothing to compensate: the ranges and scales
+    alone are under test; its compensation is test_gptq.py's)."""
     kind = {
         "max": MaxCalibrator,
         "percentile": PercentileCalibrator,
@@ -77,7 +82,11 @@ def build(method: str, fmt, granularity, data: list[np.ndarray], **kwargs):
         "shrink-mse": ShrinkMseCalibrator,
         "nvfp4-mse": NVFP4MseCalibrator,
         "mx-mse": MxMseCalibrator,
+        "gptq": GptqCalibrator,
     }[method]
+    if method == "gptq":
+        kwargs.setdefault("hessian", torch.eye(data[0].shape[-1], dtype=torch.float64))
+        kwargs.setdefault("reduction_axis", 1)
     if method == "entropy":  # 128 bins a side, not 2048: the KL sweep is 16x cheaper
         kwargs.setdefault("bins", 128)
     cal = kind(fmt, granularity, **kwargs)

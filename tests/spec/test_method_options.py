@@ -11,6 +11,7 @@ import pytest
 
 from qcal_export.calibrators import (
     EntropyCalibrator,
+    GptqCalibrator,
     HistogramMseCalibrator,
     MseCalibrator,
     ShrinkMseCalibrator,
@@ -32,6 +33,7 @@ CALIBRATORS = {
     "shrink-mse": ShrinkMseCalibrator,
     "percentile": PercentileCalibrator,
     "entropy": EntropyCalibrator,
+    "gptq": GptqCalibrator,
 }
 
 
