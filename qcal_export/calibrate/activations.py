@@ -85,15 +85,22 @@ class ActivationResult:
 
 def candidate_specs(tensor: str, spec: TensorSpec) -> list[tuple[str, TensorSpec]]:
     """(key, spec) of each calibrator an activation gets: its own, or under ``auto`` one per
-    candidate method (key ``tensor#method``), each with the options that method takes."""
+    candidate method (key ``tensor#method``), each with the options that method takes.
+
+    A block format's candidates are the methods that calibrate its global amax
+    (``MethodSpec.block_activations``); MX activations have no calibrated value to choose."""
     among = METHODS[spec.method].among
     if not among:
         return [(tensor, spec)]
-    if get_format(spec.format).block_size > 1:
+    fmt = get_format(spec.format)
+    if fmt.shared_exponent:
         raise RecipeError(
-            f"method {spec.method} chooses among per-tensor scales, not {spec.format}'s block "
-            f"scales ({tensor}): give {spec.format} activations max or mse"
+            f"method {spec.method} has nothing to choose for {spec.format} activations "
+            f"({tensor}): their block scales are computed in the graph at run time, with no "
+            "calibrated value; give them max"
         )
+    if fmt.block_size > 1:
+        among = tuple(method for method in among if method.block_activations)
     return [
         (
             f"{tensor}#{method.name}",

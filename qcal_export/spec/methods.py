@@ -40,7 +40,9 @@ class MethodSpec:
     (RecipeError for options that do not go together) need; ``kinds``: the tensors it
     calibrates, and ``weight_only_reason`` why activations cannot take it; ``formats``: the only
     formats it calibrates (None: every format); ``among``: the methods a search chooses among,
-    per tensor, by its consumers' output error (the first is its stand-in until the choice).
+    per tensor, by its consumers' output error (the first is its stand-in until the choice);
+    ``block_activations``: whether it calibrates the global amax of activations whose block
+    scales the graph computes (NVFP4), which a search then chooses among.
     """
 
     name: str
@@ -51,6 +53,7 @@ class MethodSpec:
     weight_only_reason: str = ""
     formats: tuple[str, ...] | None = None
     among: tuple[MethodSpec, ...] = ()
+    block_activations: bool = True
 
     @property
     def options(self) -> frozenset[str]:
@@ -116,6 +119,7 @@ HIST_MSE = MethodSpec(
     bounds={**MSE.bounds, "bins": Bound(2, MAX_BINS, integer=True)},
     defaults=MSE.defaults,
     rules=check_mse,
+    block_activations=False,
 )
 NVFP4_MSE = MethodSpec(
     "nvfp4-mse",
