@@ -35,7 +35,6 @@ from qcal_export.calibrators import Calibrator
 from qcal_export.calibrators.histogram import HistogramCalibrator
 from qcal_export.calibrators.max import MaxCalibrator
 from qcal_export.calibrators.nvfp4_mse import BlockHessian
-from qcal_export.errors import RecipeError
 from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import Granularity, PerTensor, PerTensorGroup
 from qcal_export.spec.methods import METHODS
@@ -88,18 +87,12 @@ def candidate_specs(tensor: str, spec: TensorSpec) -> list[tuple[str, TensorSpec
     candidate method (key ``tensor#method``), each with the options that method takes.
 
     A block format's candidates are the methods that calibrate its global amax
-    (``MethodSpec.block_activations``); MX activations have no calibrated value to choose."""
+    (``MethodSpec.block_activations``). MX activations never come here: nothing is calibrated
+    for them (``runtime_scales``)."""
     among = METHODS[spec.method].among
     if not among:
         return [(tensor, spec)]
-    fmt = get_format(spec.format)
-    if fmt.shared_exponent:
-        raise RecipeError(
-            f"method {spec.method} has nothing to choose for {spec.format} activations "
-            f"({tensor}): their block scales are computed in the graph at run time, with no "
-            "calibrated value; give them max"
-        )
-    if fmt.block_size > 1:
+    if get_format(spec.format).block_size > 1:
         among = tuple(method for method in among if method.block_activations)
     return [
         (
