@@ -1,5 +1,6 @@
-"""Accuracy steps on the demo model: int8 W8A8 with each activation method, smoothing, method
-search and a precision target, scored on the held-out texts.
+"""Accuracy steps on the demo model: int8 W8A8 (or ``--format F``, weights and activations)
+with each activation method, smoothing, method search and a precision target, scored on the
+held-out texts.
 
 Each row is ``METHOD[:ALPHA][@TARGET]`` (``auto:0.8@0.99``: method auto, ``--smooth 0.8``,
 ``--target-cosine 0.99``); weights are per-channel int8 with max, all MatMuls are quantized
@@ -9,6 +10,7 @@ held-out split figure, and the wall time of the calibration; under the table eac
 phase times and its time over the first ``max`` row's (same run). Not a test; run it by hand:
 
     python benchmarks/bench_accuracy_steps.py [--rows max mse auto:0.8 max@0.99 ...] [--output F]
+        [--format nvfp4]
 
 The table is printed and written to ``benchmarks/results/accuracy_steps.md`` (or ``--output``).
 """
@@ -46,7 +48,13 @@ def parse_row(text: str) -> tuple[str, float | None, float | None]:
 
 
 def run_row(
-    text: str, model: Path, calib: list, heldout: list, out: Path, auto_samples: int
+    text: str,
+    model: Path,
+    calib: list,
+    heldout: list,
+    out: Path,
+    auto_samples: int,
+    fmt: str = "int8",
 ) -> tuple[str, float, dict]:
     method, alpha, target = parse_row(text)
     start = time.perf_counter()
@@ -54,7 +62,7 @@ def run_row(
         model,
         calib,
         output=out,
-        format="int8",
+        format=fmt,
         method=method,
         weight_method="max",
         validate_batches=0,
@@ -121,6 +129,7 @@ def main() -> None:
     )
     parser.add_argument("--save-inputs", type=Path, help="save the tokenized batches and stop")
     parser.add_argument("--auto-samples", type=int, default=4, help="method auto's samples")
+    parser.add_argument("--format", default="int8", help="weights' and activations' format")
     args = parser.parse_args()
     model = demo_model_path()
     calib, heldout = load_inputs(args.inputs) if args.inputs else tokenized()
@@ -128,16 +137,16 @@ def main() -> None:
         save_inputs(args.save_inputs, calib, heldout)
         return
     lines = [
-        "# Accuracy steps: int8 W8A8 on the demo model",
+        f"# Accuracy steps: {args.format} weights and activations on the demo model",
         "",
         f"- date: {dt.datetime.now().isoformat(timespec='seconds')}; {os.cpu_count()} cores; "
         f"{device()}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in harness.versions().items())}",
-        "- 256 calibration texts (16 batches of 16), 128 held-out texts; weights per-channel "
-        "int8 max; a target holds out every 5th calibration batch; method auto scores on "
-        f"{args.auto_samples} samples",
+        "- 256 calibration texts (16 batches of 16), 128 held-out texts; weights "
+        f"{args.format} max (int8: per channel); a target holds out every 5th calibration "
+        f"batch; method auto scores on {args.auto_samples} samples",
         "",
-        "| activations | smooth | target cosine | mean cosine | min cosine | MatMuls int8 "
+        "| activations | smooth | target cosine | mean cosine | min cosine | MatMuls quantized "
         "| held-out split | time (s) | auto picked |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
@@ -146,7 +155,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for text in args.rows:
             line, seconds, timings = run_row(
-                text, model, calib, heldout, Path(tmp) / "q.onnx", args.auto_samples
+                text, model, calib, heldout, Path(tmp) / "q.onnx", args.auto_samples, args.format
             )
             lines.append(line)
             print(line, flush=True)

@@ -5,7 +5,9 @@ The graph outputs, not the activation's own error or its consumers': minimising 
 local error is not keeping the model's output (benchmarks/results/design_notes.md has the demo's
 figures), and the graph outputs cost nothing more (every run computes the whole graph). The
 runs go through the gated model (``graphs/gated``): the float model with each activation's
-Q -> DQ behind a gate, so that a run computes only the Q -> DQ it scores. One run scores one
+quantization (Q -> DQ; for NVFP4 its in-graph block scales and FP4 round trip as the exact
+emulation computes them, the global scale fed) behind a gate, so that a run computes only the
+quantization it scores. One run scores one
 candidate on one batch; candidates whose scales are equal (a percentile or entropy range clamped
 to the max one) run once, the later ones taking its error.
 """
@@ -27,12 +29,12 @@ from qcal_export.capture.onnxruntime import open_session
 from qcal_export.capture.source import Batch, InputSpec
 from qcal_export.errors import RecipeError
 from qcal_export.graphs.export import export_qdq
+from qcal_export.graphs.fp4_emulation import runnable_or_refuse
 from qcal_export.graphs.gated import GATE, Gated, gate_activations
 from qcal_export.graphs.suffix import downstream_model, upstream_reads
 from qcal_export.onnx_io.tensor_types import FLOAT_TYPES
 from qcal_export.onnx_io.weights import to_array
 from qcal_export.spec.scales import TensorScales
-from qcal_export.validation.validate import needs_reference_evaluator
 
 GATES_PER_SESSION = 16
 """Activations gated in one session: each gate costs every run of that session (its ``If``, the
@@ -99,8 +101,9 @@ def first_samples(source: DataSource, inputs: list[InputSpec], samples: int) -> 
 
 
 def gated_model(planned: PlannedModel, found: dict[str, TensorScales], tensors: set[str]) -> Gated:
-    """The planned float model with a gate over the Q -> DQ of each activation in ``tensors``
-    (and of the tensors sharing its scale), at the scales ``found``; weights stay float."""
+    """The planned float model with a gate over the quantization of each activation in
+    ``tensors`` (and of the tensors sharing its scale), at the scales ``found``; weights stay
+    float. FP4 activations are gated in their emulation (``runnable_form``), which ORT runs."""
     plan = planned.plan
     narrowed = dataclasses.replace(
         plan,
@@ -112,12 +115,12 @@ def gated_model(planned: PlannedModel, found: dict[str, TensorScales], tensors: 
     model.CopyFrom(planned.model)
     recipe = planned.recipe
     exported = export_qdq(model, narrowed, found, recipe.weights_mode, recipe.nvfp4_form)
-    if needs_reference_evaluator(exported.model):
-        raise RecipeError(
-            "method auto scores its candidates in ONNX Runtime, which cannot run this model's "
-            "quantized form (FLOAT4E2M1 or TensorRT ops): not for nvfp4"
-        )
-    return gate_activations(exported.model, narrowed)
+    runnable = runnable_or_refuse(
+        exported.model,
+        "method auto scores its candidates in ONNX Runtime, which cannot run this model's "
+        "quantized form",
+    )
+    return gate_activations(runnable, narrowed, exported.activation_params)
 
 
 @dataclass
@@ -210,14 +213,15 @@ def _score(
 
 
 def _scale_feed(
-    scales: TensorScales, names: tuple[str, str | None], inits: dict[str, onnx.TensorProto]
+    scales: TensorScales, names: list[str], inits: dict[str, onnx.TensorProto]
 ) -> dict[str, np.ndarray]:
-    """A candidate's scale (and, where the graph has one, zero point) as the inputs that
-    replace the exported initializers, in their dtypes."""
+    """A candidate's scale (a two-level format's global scale) and, where the graph has one,
+    zero point, as the inputs that replace the exported initializers, in their dtypes."""
     q = scales.qparams()
-    scale_name, zero_name = names
+    scale_name, zero_name = (*names, None)[:2]
+    scale = q.global_scale if q.fmt.two_level else q.scale
     dtype = to_array(inits[scale_name]).dtype
-    feed = {scale_name: q.scale.numpy().astype(dtype).reshape(inits[scale_name].dims)}
+    feed = {scale_name: scale.numpy().astype(dtype).reshape(inits[scale_name].dims)}
     if zero_name is not None and not q.fmt.symmetric:
         zero = to_array(inits[zero_name])
         values = q.fmt.encode_zero_point(q.zero_point).numpy()

@@ -37,7 +37,6 @@ from qcal_export.calibrators.gptq import FullHessian
 from qcal_export.calibrators.histogram import HistogramCalibrator
 from qcal_export.calibrators.max import MaxCalibrator
 from qcal_export.calibrators.nvfp4_mse import BlockHessian
-from qcal_export.errors import RecipeError
 from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import Granularity, PerTensor, PerTensorGroup
 from qcal_export.spec.methods import METHODS
@@ -89,15 +88,16 @@ class ActivationResult:
 
 def candidate_specs(tensor: str, spec: TensorSpec) -> list[tuple[str, TensorSpec]]:
     """(key, spec) of each calibrator an activation gets: its own, or under ``auto`` one per
-    candidate method (key ``tensor#method``), each with the options that method takes."""
+    candidate method (key ``tensor#method``), each with the options that method takes.
+
+    A block format's candidates are the methods that calibrate its global amax
+    (``MethodSpec.block_activations``). MX activations never come here: nothing is calibrated
+    for them (``runtime_scales``)."""
     among = METHODS[spec.method].among
     if not among:
         return [(tensor, spec)]
     if get_format(spec.format).block_size > 1:
-        raise RecipeError(
-            f"method {spec.method} chooses among per-tensor scales, not {spec.format}'s block "
-            f"scales ({tensor}): give {spec.format} activations max or mse"
-        )
+        among = tuple(method for method in among if method.block_activations)
     return [
         (
             f"{tensor}#{method.name}",

@@ -46,6 +46,9 @@ class ExportResult:
     opset_from: int
     opset_to: int
     notes: list[str] = field(default_factory=list)
+    activation_params: dict[str, list[str]] = field(default_factory=dict)
+    """Per quantized activation, the initializers holding its calibrated values: its Q/DQ
+    scale and zero point, or NVFP4's global scale (MX activations have none)."""
 
 
 def check_scales_match(plan: Plan, scales: Mapping[str, TensorScales], origin: str) -> None:
@@ -146,6 +149,7 @@ def export_qdq(
     graph = model.graph
     names = Names(graph)
     params: dict[str, list[str]] = {}
+    activation_params: dict[str, list[str]] = {}
     nbits: set[str] = set()
     if int4_layout == "matmulnbits":
         nbits, nbits_notes = write_nbits(model, plan, scales, names)
@@ -163,11 +167,15 @@ def export_qdq(
     for tensor, activation in plan.activations.items():
         q = scales[tensor].qparams()
         if q.fmt.two_level:
-            notes.append(insert_activation_nvfp4(graph, activation, q, names, nvfp4_form))
+            global_name, note = insert_activation_nvfp4(graph, activation, q, names, nvfp4_form)
+            activation_params[tensor] = [global_name]
+            notes.append(note)
         elif q.fmt.shared_exponent:
             insert_activation_mx(graph, activation, q.fmt, names)
+            activation_params[tensor] = []
         else:
             params[tensor] = insert_activation_qdq(graph, activation, q, names)
+            activation_params[tensor] = params[tensor]
     for shared in plan.shared.values():
         insert_shared_qdq(graph, shared, params[shared.source], PerTensor(), names)
     notes += drop_zero_points(graph, zero_point_free)
@@ -176,4 +184,5 @@ def export_qdq(
         add_trt_domain(model)
     sort_nodes(graph)
     check_model(model, "the quantized model", full=True)
-    return ExportResult(model, opset_from, default_opset(model), [n for n in notes if n])
+    kept = [n for n in notes if n]
+    return ExportResult(model, opset_from, default_opset(model), kept, activation_params)

@@ -1,28 +1,34 @@
-"""The float model with chosen activations' Q -> DQ behind gates that cost nothing when shut.
+"""The float model with chosen activations' quantization behind gates that cost nothing when shut.
 
 For method ``auto``'s scoring, which runs the model once per activation and candidate with that
-activation alone quantized. Each gated activation's QuantizeLinear -> DequantizeLinear pair (and
-the pairs of the tensors that share its scale through data movement) moves into the then-branch
-of an ``If`` whose condition is the activation's entry of the bool graph input ``GATE``; the
-else-branch passes the float tensor on. Unlike the switchable model's ``Where`` (both sides
-computed on every run, weights dequantized each time), a run computes only the pair it opens,
-and the weights stay float initializers. The gates still cut the graph where ONNX Runtime would
-fuse ops, so a run costs more than the float model's.
+activation alone quantized. Each gated activation's region (the nodes between it and the tensor
+its planned consumers read: a QuantizeLinear -> DequantizeLinear pair, or NVFP4's block-amax
+chain and FP4 round trip as the emulation computes them), and the regions of the tensors that
+share its scale through data movement, move into the then-branch of an ``If`` whose condition
+is the activation's entry of the bool graph input ``GATE``; the else-branch passes the float
+tensor on. Unlike the switchable model's ``Where`` (both sides computed on every run, weights
+dequantized each time), a run computes only the region it opens, and the weights stay float
+initializers. The gates still cut the graph where ONNX Runtime would fuse ops, so a run costs
+more than the float model's.
 
-Each gated activation's scale and zero point initializers are graph inputs too (the
-initializers are their defaults), so that a run may feed a candidate's values.
+The initializers holding each gated activation's calibrated values (the export's
+``activation_params``) are graph inputs too (the initializers are their defaults), so that a
+run may feed a candidate's values.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from qcal_export.errors import RecipeError
 from qcal_export.graphs.qdq import Names
-from qcal_export.spec.plan import Plan
+from qcal_export.graphs.suffix import node_reads
+from qcal_export.spec.plan import ActivationPlan, Plan, SharedActivation
 
 GATE = "qcal_gate"
 """The gates' graph input: bool ``[len(tensors)]``, True where an activation runs quantized."""
@@ -31,58 +37,108 @@ GATE = "qcal_gate"
 @dataclass
 class Gated:
     """The gated model, its activations in the order of ``GATE``, and per activation the
-    (scale, zero point or None) graph inputs its Q -> DQ pairs read."""
+    graph inputs holding its calibrated values (scale and zero point, or a global scale)."""
 
     model: onnx.ModelProto
     tensors: list[str]
-    scales: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    scales: dict[str, list[str]] = field(default_factory=dict)
 
 
-def gate_activations(exported: onnx.ModelProto, plan: Plan) -> Gated:
-    """``exported`` (the QDQ form of ``plan``, which quantizes activations only; edited in
-    place) with one gate per planned activation over its Q -> DQ pair and its sharers'."""
+def gate_activations(
+    exported: onnx.ModelProto, plan: Plan, params: Mapping[str, list[str]]
+) -> Gated:
+    """``exported`` (the quantized form of ``plan``, which quantizes activations only, in a
+    form ONNX Runtime runs; edited in place) with one gate per planned activation over its
+    region and its sharers'. ``params``: the export's ``activation_params``."""
     graph = exported.graph
     names = Names(graph)
     tensors = list(plan.activations)
-    entries = {**plan.activations, **plan.shared}
-    quantizers = {
-        node.output[0]: node
-        for node in graph.node
-        if node.op_type == "QuantizeLinear" and node.input[0] in entries
+    entries: dict[str, ActivationPlan | SharedActivation] = {**plan.activations, **plan.shared}
+    nodes = list(graph.node)
+    reads = [node_reads(node) for node in nodes]
+    outputs = {o.name for o in graph.output}
+    regions = {
+        source: _region(nodes, reads, outputs, entry, names) for source, entry in entries.items()
     }
-    gated = Gated(exported, tensors)
+    owner = {i: source for source, (region, _) in regions.items() for i in region}
+    last = {max(region): source for source, (region, _) in regions.items()}
     kept = []
-    for node in graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in quantizers:
-            if node.output[0] not in quantizers:
-                kept.append(node)
-            continue
-        quantize = quantizers[node.input[0]]
-        source = quantize.input[0]
-        index = tensors.index(plan.root(source))
-        kept += _gate(quantize, node, index, names, entries[source].elem_type)
-        if source in plan.activations:
-            zero_point = quantize.input[2] if len(quantize.input) > 2 else ""
-            gated.scales[source] = (quantize.input[1], zero_point or None)
+    for i, node in enumerate(nodes):
+        if i in last:
+            source = last[i]
+            region, out = regions[source]
+            index = tensors.index(plan.root(source))
+            inner = [nodes[k] for k in sorted(region)]
+            kept += _gate(source, inner, out, index, names, entries[source].elem_type)
+        elif i not in owner:
+            kept.append(node)
     del graph.node[:]
     graph.node.extend(kept)
     graph.input.append(helper.make_tensor_value_info(GATE, TensorProto.BOOL, [len(tensors)]))
-    _declare_inputs(graph, {n for pair in gated.scales.values() for n in pair if n})
+    gated = Gated(exported, tensors, {t: list(params.get(t, [])) for t in tensors})
+    _declare_inputs(graph, {n for held in gated.scales.values() for n in held})
     return gated
 
 
+def _region(
+    nodes: list[onnx.NodeProto],
+    reads: list[set[str]],
+    outputs: set[str],
+    entry: ActivationPlan | SharedActivation,
+    names: Names,
+) -> tuple[set[int], str]:
+    """The indices in ``nodes`` (each reading ``reads``) of the nodes that descend from
+    ``entry``'s tensor and lead to the tensor its planned uses read now, and that tensor;
+    RecipeError where a tensor computed in between is read outside the region or is one of the
+    graph ``outputs`` (it could not move behind a gate)."""
+    source = entry.tensor
+    out = {names.node(use.node).input[use.index] for use in entry.uses}
+    if len(out) != 1 or source in out:
+        raise RecipeError(
+            f"method auto cannot gate activation {source!r}: its planned consumers do not read "
+            "one quantized form of it"
+        )
+    (out,) = out
+    reached, descends = {source}, set()
+    for i, node in enumerate(nodes):
+        if reads[i] & reached:
+            descends.add(i)
+            reached |= set(node.output)
+    needed, region = {out}, set()
+    for i in range(len(nodes) - 1, -1, -1):
+        if set(nodes[i].output) & needed:
+            needed |= reads[i]
+            if i in descends:
+                region.add(i)
+    inside = {o for i in region for o in nodes[i].output if o} - {out}
+    read = next((n for i, n in enumerate(nodes) if i not in region and reads[i] & inside), None)
+    leaked = inside & outputs
+    if read is not None or leaked:
+        what = f"node {read.name!r}" if read is not None else "a graph output"
+        raise RecipeError(
+            f"method auto cannot gate activation {source!r}: {what} reads a tensor computed "
+            "between it and its quantized form"
+        )
+    return region, out
+
+
 def _gate(
-    quantize: onnx.NodeProto, dequantize: onnx.NodeProto, index: int, names: Names, elem: int
+    source: str,
+    region: list[onnx.NodeProto],
+    out: str,
+    index: int,
+    names: Names,
+    elem: int,
 ) -> list[onnx.NodeProto]:
-    """The Gather of the gate's flag and the If that runs ``quantize`` -> ``dequantize`` where
-    it is set, else passes their input on."""
-    source, out = quantize.input[0], dequantize.output[0]
+    """The Gather of the gate's flag and the If that runs ``region`` (which computes ``out``
+    from ``source``) where it is set, else passes ``source`` on."""
     flag = names.new(f"{source}/{GATE}")
     position = numpy_helper.from_array(np.array(index, dtype=np.int64), names.new(flag + "_index"))
     inner = names.new(f"{out}/quantized")
-    dequantize.output[0] = inner
+    for node in region:
+        node.output[:] = [inner if o == out else o for o in node.output]
     then_branch = helper.make_graph(
-        [quantize, dequantize],
+        region,
         flag + "_then",
         [],
         [helper.make_tensor_value_info(inner, elem, None)],

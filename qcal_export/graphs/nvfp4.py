@@ -115,11 +115,12 @@ def _transpose(source: str, output: str, names: Names) -> onnx.NodeProto:
 
 def insert_activation_nvfp4(
     graph: onnx.GraphProto, plan: ActivationPlan, q: QParams, names: Names, form: str
-) -> str | None:
+) -> tuple[str, str | None]:
     """Dynamic NVFP4 Q -> DQ of an activation before its planned consumers.
 
-    Returns a note when the TensorRT form was asked for but the blocks do not run along the
-    last axis (the only axis TRT_FP4DynamicQuantize takes), so the portable form was written.
+    Returns the name of its global scale initializer, and a note when the TensorRT form was
+    asked for but the blocks do not run along the last axis (the only axis
+    TRT_FP4DynamicQuantize takes), so the portable form was written.
     """
     tensor, blocks = plan.tensor, plan.blocks
     global_name = names.new(f"{tensor}_global_scale")
@@ -137,7 +138,7 @@ def insert_activation_nvfp4(
             )
     rewire(plan.uses, tensor, dequantized, names)
     graph.node.extend(nodes)
-    return note
+    return global_name, note
 
 
 def _trt_dynamic(tensor: str, global_name: str, output: str, names: Names) -> list[onnx.NodeProto]:

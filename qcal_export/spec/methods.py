@@ -43,7 +43,9 @@ class MethodSpec:
     calibrates, and ``weight_only_reason`` why activations cannot take it; ``formats``: the only
     formats it calibrates (None: every format); ``among``: the methods a search chooses among,
     per tensor, by its consumers' output error (the first is its stand-in until the choice);
-    ``full_hessian``: it always takes its layer input's full ``Xᵀ X`` ``[K, K]`` (GPTQ).
+    ``full_hessian``: it always takes its layer input's full ``Xᵀ X`` ``[K, K]`` (GPTQ);
+    ``block_activations``: whether it calibrates the global amax of activations whose block
+    scales the graph computes (NVFP4), which a search then chooses among.
     """
 
     name: str
@@ -55,6 +57,7 @@ class MethodSpec:
     formats: tuple[str, ...] | None = None
     among: tuple[MethodSpec, ...] = ()
     full_hessian: bool = False
+    block_activations: bool = True
 
     @property
     def options(self) -> frozenset[str]:
@@ -120,6 +123,7 @@ HIST_MSE = MethodSpec(
     bounds={**MSE.bounds, "bins": Bound(2, MAX_BINS, integer=True)},
     defaults=MSE.defaults,
     rules=check_mse,
+    block_activations=False,
 )
 NVFP4_MSE = MethodSpec(
     "nvfp4-mse",

@@ -165,8 +165,6 @@ def test_holdout_split_and_bad_targets(mlp):
         calibrate_onnx(mlp, heavy_batches(5), target_cosine=1.5)
     with pytest.raises(DataError, match=r"held out\).*holds no batch"):
         calibrate_onnx(mlp, heavy_batches(4), target_cosine=0.99, validate_batches=0)
-    with pytest.raises(RecipeError, match="auto"):
-        calibrate_onnx(mlp, heavy_batches(5), format="nvfp4", method="auto")
 
 
 def test_nvfp4_sensitivity_runs_on_the_emulation_and_is_that_of_the_fp4_graph(mlp, tmp_path):

@@ -35,8 +35,8 @@ def _activations_only(plan):
 
 
 def _gated(model, plan, scales):
-    exported = export_qdq(_copy(model), _activations_only(plan), scales, "quantized").model
-    return gate_activations(exported, _activations_only(plan))
+    exported = export_qdq(_copy(model), _activations_only(plan), scales, "quantized")
+    return gate_activations(exported.model, _activations_only(plan), exported.activation_params)
 
 
 def test_shut_gates_are_the_float_model_and_one_open_gate_that_activation_alone(calibrated):
