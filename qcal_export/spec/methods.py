@@ -40,7 +40,8 @@ class MethodSpec:
     (RecipeError for options that do not go together) need; ``kinds``: the tensors it
     calibrates, and ``weight_only_reason`` why activations cannot take it; ``formats``: the only
     formats it calibrates (None: every format); ``among``: the methods a search chooses among,
-    per tensor, by its consumers' output error (the first is its stand-in until the choice).
+    per tensor, by its consumers' output error (the first is its stand-in until the choice);
+    ``step_options``: options a step before calibration reads (AWQ's search), not the calibrator.
     """
 
     name: str
@@ -51,6 +52,7 @@ class MethodSpec:
     weight_only_reason: str = ""
     formats: tuple[str, ...] | None = None
     among: tuple[MethodSpec, ...] = ()
+    step_options: frozenset[str] = frozenset()
 
     @property
     def options(self) -> frozenset[str]:
@@ -77,8 +79,10 @@ class MethodSpec:
         return self.formats is None or format in self.formats
 
     def calibrator_options(self, options: Mapping[str, float]) -> dict[str, float]:
-        """``options`` that are its calibrator's constructor arguments (not ``hessian``)."""
-        return {key: value for key, value in options.items() if key != HESSIAN}
+        """``options`` that are its calibrator's constructor arguments (not ``hessian``, nor a
+        step's options)."""
+        skipped = {HESSIAN, *self.step_options}
+        return {key: value for key, value in options.items() if key not in skipped}
 
     def check_options(self, options: object) -> None:
         """RecipeError naming the option, its value and what is allowed, for any option this
@@ -161,13 +165,42 @@ ENTROPY = MethodSpec(
     defaults={"bins": 2048, "max_clipped": 1e-3},
     rules=check_entropy,
 )
+AWQ_OPTIONS = {
+    "grid": Bound(2, 100, integer=True),
+    "clip": Bound(0, 1, integer=True, flag=True),
+    "rows": Bound(1, 65536, integer=True),
+}
+"""AWQ's search: ``grid`` alphas in [0, 1], the per-block clip search on or off, and the input
+rows per activation kept to measure a layer's output error on."""
+AWQ = MethodSpec(
+    "awq",
+    bounds=AWQ_OPTIONS,
+    kinds=frozenset({TensorKind.WEIGHT}),
+    weight_only_reason=(
+        "scales a layer's input channels against its weight's; activations are calibrated "
+        "after, on the scaled model, with their own method"
+    ),
+    formats=("int4", "uint4", "int8"),
+    step_options=frozenset(AWQ_OPTIONS),
+)
 AUTO = MethodSpec(
     "auto", kinds=frozenset({TensorKind.ACTIVATION}), among=(MAX, HIST_MSE, PERCENTILE, ENTROPY)
 )
 
 METHODS: dict[str, MethodSpec] = {
     method.name: method
-    for method in (MAX, MSE, HIST_MSE, NVFP4_MSE, MX_MSE, SHRINK_MSE, PERCENTILE, ENTROPY, AUTO)
+    for method in (
+        MAX,
+        MSE,
+        HIST_MSE,
+        NVFP4_MSE,
+        MX_MSE,
+        SHRINK_MSE,
+        PERCENTILE,
+        ENTROPY,
+        AWQ,
+        AUTO,
+    )
 }
 """Every method by name, in the order the CLI and messages list them."""
 DEFAULT_METHOD = MAX.name
