@@ -39,12 +39,14 @@ DEFAULTS = {"grid": 20, "clip": 0, "rows": 512}
 @dataclass(frozen=True)
 class AwqScaled:
     """The model to calibrate (folded; the input model where nothing was), its plan, a note per
-    folded input and the report's ``awq`` section (per input: alpha, errors)."""
+    folded input, the report's ``awq`` section (per input: alpha, errors) and the batches its
+    capture pass ran."""
 
     model: onnx.ModelProto
     plan: Plan
     notes: list[str]
     section: dict[str, Any] = field(default_factory=dict)
+    batches: int = 0
 
 
 def uses_awq(plan: Plan) -> bool:
@@ -91,7 +93,8 @@ def apply_awq(
     if not groups:
         return AwqScaled(model, plan, ["awq: no awq weight of a MatMul/Gemm reads an activation"])
     options = {**DEFAULTS, **plan.weights[next(iter(groups.values()))[0].weight].spec.options}
-    samples = _capture(planned, groups, source, max_batches, ranks or Ranks(), int(options["rows"]))
+    limit = int(options["rows"])
+    samples, batches = _capture(planned, groups, source, max_batches, ranks or Ranks(), limit)
     weights = {t.name: t for t in model.graph.initializer}
     nonfinite = planned.recipe.nonfinite
     factors: dict[str, np.ndarray] = {}
@@ -125,12 +128,12 @@ def apply_awq(
     ]
     replanned = find_targets(folded, planned.recipe)
     replanned.notes = list(dict.fromkeys([*plan.notes, *replanned.notes]))
-    return AwqScaled(folded, replanned, notes, section)
+    return AwqScaled(folded, replanned, notes, section, batches)
 
 
-def _capture(planned, groups, source, max_batches, ranks, limit) -> dict[str, InputSample]:
+def _capture(planned, groups, source, max_batches, ranks, limit):
     """One pass over ``source`` keeping each group input's ``InputSample`` (merged across
-    ranks, so that every rank folds the same factors)."""
+    ranks, so that every rank folds the same factors), and its batch count."""
     types = tensor_types(planned.model)
     samples = {t: InputSample(limit) for t in groups}
     capture = OrtCapture(
@@ -153,8 +156,7 @@ def _capture(planned, groups, source, max_batches, ranks, limit) -> dict[str, In
             allow_empty=ranks.world > 1,
         )
 
-    ranks.run_pass(one_pass, samples)
-    return samples
+    return samples, ranks.run_pass(one_pass, samples)
 
 
 def _layer(consumer: Smoothable, weights: dict, plan: Plan) -> AwqLayer:

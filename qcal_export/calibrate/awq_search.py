@@ -53,12 +53,13 @@ class AwqLayer:
         product = self.weight.astype(np.float64) * factors.reshape(shape)
         return product.astype(self.weight.dtype)
 
-    def quantized(self, weight: np.ndarray, nonfinite: str) -> np.ndarray:
-        """``Q(weight)`` (graph layout, float64): the export's max scales and rounding."""
-        values = torch.from_numpy(np.array(weight))
+    def quantized(self, canonical: np.ndarray, nonfinite: str) -> np.ndarray:
+        """``Q(weight)`` of a weight given as ``[K, N]``, as ``[K, N]`` float64: the export's
+        max scales and rounding, on the graph layout."""
+        values = torch.from_numpy(np.array(self.canonical(canonical)))
         spec = dataclasses.replace(self.spec, method=MAX.name, options={})
         scales = calibrate_weight(self.name, values, spec, self.granularity, nonfinite)
-        return scales.fake_quant_weight(values).double().numpy()
+        return self.canonical(scales.fake_quant_weight(values).double().numpy())
 
     def clip_block(self) -> int | None:
         """The input channels of one quantization block of a weight column: the block size
@@ -117,7 +118,9 @@ def search_scales(
         factors = awq_factors(mean_abs, alpha)
         scaled_x = x / factors
         errors[i] = sum(
-            _squared(scaled_x @ layer.canonical(layer.quantized(layer.scaled(factors), nonfinite)), e)
+            _squared(
+                scaled_x @ layer.quantized(layer.canonical(layer.scaled(factors)), nonfinite), e
+            )
             for layer, e in zip(layers, exact, strict=True)
         )
     best = int(np.argmin(errors))
@@ -165,14 +168,14 @@ def search_clip(
     best = np.ones((blocks, n))
     for ratio in ratios:
         clipped = clip_blocks(weight, np.full((blocks, n), ratio), block)
-        found = layer.canonical(layer.quantized(layer.canonical(clipped), nonfinite))
+        found = layer.quantized(clipped, nonfinite)
         error = _block_errors(xb, weight.astype(np.float64) - found, block)
         better = error < best_error
         best_error = np.where(better, error, best_error)
         best = np.where(better, ratio, best)
     exact = x @ weight.astype(np.float64)
-    plain = _squared(x @ layer.canonical(layer.quantized(layer.weight, nonfinite)), exact)
-    chosen = layer.canonical(layer.quantized(layer.canonical(clip_blocks(weight, best, block)), nonfinite))
+    plain = _squared(x @ layer.quantized(weight, nonfinite), exact)
+    chosen = layer.quantized(clip_blocks(weight, best, block), nonfinite)
     return best, plain, _squared(x @ chosen, exact)
 
 

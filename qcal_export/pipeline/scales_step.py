@@ -56,7 +56,7 @@ def calibrate_scales(
         ranks=run.ranks,
     )
     del capture  # closes the capture session (its copies of the weights) before the weights
-    run.batches_per_pass = activations.batches_per_pass
+    run.batches_per_pass = [*run.batches_per_pass, *activations.batches_per_pass]
     found.update(
         calibrate_weights(
             run.loaded.proto,

@@ -34,6 +34,7 @@ def prepare(
         with run.timed("awq_s"):
             scaled = apply_awq(run.planned(), run.source, max_batches, run.ranks)
         run.loaded.proto, run.plan = scaled.model, scaled.plan
+        run.batches_per_pass = [scaled.batches]
         sections["awq"] = {"inputs": scaled.section, "notes": scaled.notes}
     return sections
 
