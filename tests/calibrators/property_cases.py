@@ -46,6 +46,7 @@ CASES = {
     "shrink-mse": cases([NV_BLOCKS, NV_GROUP]),
     "nvfp4-mse": [(NVFP4, NV_BLOCKS), (NVFP4, PerBlock(0, 16))],
     "mx-mse": [(MXFP8, PerBlock(-1, 32)), (MXFP4, PerBlock(0, 32))],
+    "awq": [(f, g) for f in (INT8, INT4, UINT4) for g in PLAIN_GRANULARITIES],
 }
 """Formats and granularities each calibrator accepts (see each class's checks)."""
 
@@ -77,6 +78,7 @@ def build(method: str, fmt, granularity, data: list[np.ndarray], **kwargs):
         "shrink-mse": ShrinkMseCalibrator,
         "nvfp4-mse": NVFP4MseCalibrator,
         "mx-mse": MxMseCalibrator,
+        "awq": MaxCalibrator,  # awq's weights come scaled by its search, then take max
     }[method]
     if method == "entropy":  # 128 bins a side, not 2048: the KL sweep is 16x cheaper
         kwargs.setdefault("bins", 128)

@@ -61,12 +61,14 @@ def test_the_traits_callers_test_are_declared():
 def test_cli_choices_are_the_declared_methods():
     every = [
         *("max", "mse", "hist-mse", "nvfp4-mse", "mx-mse", "shrink-mse", "percentile", "entropy"),
+        "awq",
         "auto",
     ]
     assert method_names() == every
     assert _choices("calibrate", "--method") == every
     assert _choices("calibrate", "--weight-method") == every
-    assert _choices("demo", "--methods") == [m for m in every if m not in ("nvfp4-mse", "mx-mse")]
+    weights_only = ("nvfp4-mse", "mx-mse", "awq")
+    assert _choices("demo", "--methods") == [m for m in every if m not in weights_only]
     assert _choices("demo", "--methods") == method_names(TensorKind.ACTIVATION)
 
 
@@ -77,7 +79,8 @@ def test_searches_are_refused_as_a_calibrator_with_the_methods_that_are_one():
     assert str(e.value) == (
         "method auto chooses among activation methods per tensor in calibrate_onnx; give "
         "weights and torch models a method of "
-        "['max', 'mse', 'hist-mse', 'nvfp4-mse', 'mx-mse', 'shrink-mse', 'percentile', 'entropy']"
+        "['max', 'mse', 'hist-mse', 'nvfp4-mse', 'mx-mse', 'shrink-mse', 'percentile', 'entropy', "
+        "'awq']"
     )
     with pytest.raises(RecipeError, match=r"^method auto chooses activation methods; give"):
         build_recipe(None, weight_method="auto")
