@@ -13,5 +13,5 @@ from qcal_export.spec.recipe_options import build_recipe
 
 def test_torch_capture_refuses_awq():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
-    with pytest.raises(RecipeError, match="weight method awq .* calibrate_onnx"):
+    with pytest.raises(RecipeError, match=r"weight method awq .* calibrate_onnx"):
         TorchCapture(model, build_recipe(None, format="int4", weight_method="awq"))
