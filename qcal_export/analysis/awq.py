@@ -95,24 +95,7 @@ def apply_awq(
     options = {**DEFAULTS, **plan.weights[next(iter(groups.values()))[0].weight].spec.options}
     limit = int(options["rows"])
     samples, batches = _capture(planned, groups, source, max_batches, ranks or Ranks(), limit)
-    weights = {t.name: t for t in model.graph.initializer}
-    nonfinite = planned.recipe.nonfinite
-    factors: dict[str, np.ndarray] = {}
-    clips: dict[str, Clip] = {}
-    section: dict[str, Any] = {}
-    for tensor, consumers in groups.items():
-        sample = samples[tensor]
-        if sample.mean_abs is None or sample.rows is None:
-            continue
-        rows = sample.rows.double().numpy()
-        layers = [_layer(c, weights, plan) for c in consumers]
-        choice = search_scales(
-            sample.mean_abs.numpy(), rows, layers, int(options["grid"]), nonfinite
-        )
-        factors[tensor] = choice.factors
-        section[tensor] = _entry(choice, consumers, rows.shape[0])
-        if options["clip"]:
-            section[tensor]["clip"] = _clip(rows, layers, consumers, choice, nonfinite, clips)
+    factors, clips, section = _search(groups, samples, planned, options)
 
     def rule(tensor, found, current):
         if tensor not in factors:
@@ -129,6 +112,29 @@ def apply_awq(
     replanned = find_targets(folded, planned.recipe)
     replanned.notes = list(dict.fromkeys([*plan.notes, *replanned.notes]))
     return AwqScaled(folded, replanned, notes, section, batches)
+
+
+def _search(groups, samples, planned, options):
+    """Per group input with rows: its factors (by tensor), each clipped weight's ratios (by
+    node, with option ``clip``) and the report's record."""
+    weights = {t.name: t for t in planned.model.graph.initializer}
+    nonfinite = planned.recipe.nonfinite
+    factors: dict[str, np.ndarray] = {}
+    clips: dict[str, Clip] = {}
+    section: dict[str, Any] = {}
+    for tensor, consumers in groups.items():
+        sample = samples[tensor]
+        if sample.mean_abs is None or sample.rows is None:
+            continue
+        rows = sample.rows.double().numpy()
+        layers = [_layer(c, weights, planned.plan) for c in consumers]
+        grid = int(options["grid"])
+        choice = search_scales(sample.mean_abs.numpy(), rows, layers, grid, nonfinite)
+        factors[tensor] = choice.factors
+        section[tensor] = _entry(choice, consumers, rows.shape[0])
+        if options["clip"]:
+            section[tensor]["clip"] = _clip(rows, layers, consumers, choice, nonfinite, clips)
+    return factors, clips, section
 
 
 def _capture(planned, groups, source, max_batches, ranks, limit):
