@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from qcal_export.calibrate.tensor import calibrate_weight
+from qcal_export.spec.formats import SCALE_FLOOR, IntFormat, get_format
 from qcal_export.spec.granularity import Granularity, PerAxis, PerBlock
 from qcal_export.spec.methods import MAX
 from qcal_export.spec.recipe import TensorSpec
@@ -55,7 +56,11 @@ class AwqLayer:
 
     def quantized(self, canonical: np.ndarray, nonfinite: str) -> np.ndarray:
         """``Q(weight)`` of a weight given as ``[K, N]``, as ``[K, N]`` float64: the export's
-        max scales and rounding, on the graph layout."""
+        max scales and rounding (``calibrate_weight``), or for a finite float32 weight in
+        blocks of a column the same arithmetic on its block view (``blocks_quantized``)."""
+        block = self.clip_block()
+        if block is not None and canonical.dtype == np.float32 and np.isfinite(canonical).all():
+            return blocks_quantized(canonical, get_format(self.spec.format), block)
         values = torch.from_numpy(np.array(self.canonical(canonical)))
         spec = dataclasses.replace(self.spec, method=MAX.name, options={})
         scales = calibrate_weight(self.name, values, spec, self.granularity, nonfinite)
@@ -91,6 +96,21 @@ class ScaleChoice:
     @property
     def error(self) -> float:
         return float(self.errors[int(np.argmin(self.errors))])
+
+
+def blocks_quantized(weight: np.ndarray, fmt: IntFormat, block: int) -> np.ndarray:
+    """``weight`` (``[K, N]`` float32, finite) quantized with max scales per block of ``block``
+    rows of a column, as float64: the format's ``scale_zero_point`` and ``fake_quant`` on
+    the weight's ``[blocks, block, N]`` view (a partial block padded with zeros, as
+    ``PerBlock`` pads it), float32 scales floored at ``SCALE_FLOOR`` as ``tensor_scales``
+    floors a float32 weight's."""
+    k, n = weight.shape
+    values = torch.from_numpy(np.array(weight))
+    padded = torch.nn.functional.pad(values, (0, 0, 0, -k % block)).reshape(-1, block, n)
+    amin, amax = padded.amin(dim=1, keepdim=True), padded.amax(dim=1, keepdim=True)
+    scale, zero_point = fmt.scale_zero_point(amin, amax, SCALE_FLOOR)
+    found = fmt.fake_quant(padded, scale, zero_point)
+    return found.reshape(-1, n)[:k].double().numpy()
 
 
 def alpha_grid(points: int) -> np.ndarray:

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from qcal_export.calibrate.awq_search import (
     CLIP_RATIOS,
@@ -19,6 +20,7 @@ from qcal_export.calibrate.awq_search import (
     search_clip,
     search_scales,
 )
+from qcal_export.calibrate.tensor import calibrate_weight
 from qcal_export.spec.granularity import PerAxis, PerBlock
 from qcal_export.spec.recipe import TensorSpec
 
@@ -101,6 +103,23 @@ def test_alpha_search_matches_the_brute_force(fmt, block, gemm, seed):
         assert plain_error(x, [w], fmt, block or k, mean_abs, alone.alpha) <= plain_error(
             x, [w], fmt, block or k, mean_abs, 0.0
         )
+
+
+@pytest.mark.parametrize(("fmt", "block", "gemm"), [*CASES, ("uint4", 32, True)], ids=str)
+def test_block_view_quantizes_as_the_export(fmt, block, gemm):
+    """The search's block-view Q equals calibrate_weight's scales and fake_quant_weight on the
+    graph layout, bit for bit (a partial last block, a zero column, negative-only blocks)."""
+    rng = np.random.default_rng(4)
+    w = rng.normal(0, 1, (70, 9)).astype(np.float32)
+    w[:, 2] = 0.0
+    w[:, 3] = -np.abs(w[:, 3])
+    (layer,) = layers_for([w], fmt, block or 70, gemm)
+    fast = layer.quantized(w, "skip")
+    values = torch.from_numpy(layer.canonical(w).copy())
+    spec = TensorSpec(format=fmt, method="max", per_channel=True, block_size=block)
+    scales = calibrate_weight("w", values, spec, layer.granularity, "skip")
+    expected = layer.canonical(scales.fake_quant_weight(values).double().numpy())
+    np.testing.assert_array_equal(fast, expected)
 
 
 def test_factors_are_the_formula_and_alpha_zero_is_one():
