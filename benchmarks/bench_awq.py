@@ -7,7 +7,8 @@ calibrates on the same 256 texts (16 batches of 16), padded to one length becaus
 Optimizer concatenates the batches' activations. A row that fails records its error. Not a test;
 run it by hand:
 
-    python benchmarks/bench_awq.py [--blocks 32 128] [--output F]
+    PYTHONPATH=. python benchmarks/bench_awq.py [--blocks 32 128] [--tools qcal modelopt]
+        [--output F]
 
 The table is printed and written to ``benchmarks/results/weight_4bit_awq.md`` (or ``--output``).
 """
@@ -107,6 +108,9 @@ def run_row(row: tuple, block: int, model: Path, calib: list, heldout: list, out
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", nargs="*", type=int, default=[32, 128])
+    parser.add_argument(
+        "--tools", nargs="*", default=["qcal", "modelopt"], help="the rows of these tools only"
+    )
     parser.add_argument("--output", type=Path, default=RESULT_FILE, help="the table's file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -140,7 +144,7 @@ def main() -> None:
                 "| method | mean cosine | min cosine | time (s) |",
                 "| --- | ---: | ---: | ---: |",
             ]
-            for row in ROWS:
+            for row in (r for r in ROWS if r[1] in args.tools):
                 line = run_row(row, block, model, calib, heldout, out)
                 lines.append(line)
                 print(line, flush=True)
