@@ -7,7 +7,7 @@ calibrates on the same 256 texts (16 batches of 16), padded to one length becaus
 Optimizer concatenates the batches' activations. A row that fails records its error. Not a test;
 run it by hand:
 
-    PYTHONPATH=. python benchmarks/bench_awq.py [--blocks 32 128] [--tools qcal modelopt]
+    PYTHONPATH=. python benchmarks/bench_awq.py [--blocks 32 128] [--rows max awq ...]
         [--output F]
 
 The table is printed and written to ``benchmarks/results/weight_4bit_awq.md`` (or ``--output``).
@@ -26,6 +26,7 @@ from pathlib import Path
 import harness
 import numpy as np
 import onnx
+import onnx.version_converter
 
 from qcal_export.demo.evaluate import embedding_cosine
 from qcal_export.demo.model import demo_model_path
@@ -33,14 +34,14 @@ from qcal_export.demo.texts import demo_batches, demo_texts
 from qcal_export.pipeline.calibrate import calibrate_onnx
 
 RESULT_FILE = Path(__file__).resolve().parent / "results" / "weight_4bit_awq.md"
-ROWS = (
-    ("qcal max (RTN)", "qcal", "max", {}),
-    ("qcal awq", "qcal", "awq", {}),
-    ("qcal awq, clip", "qcal", "awq", {"clip": 1}),
-    ("modelopt awq_lite", "modelopt", "awq_lite", {}),
-    ("modelopt awq_clip", "modelopt", "awq_clip", {}),
-)
-"""Label, tool, method and options of each row."""
+ROWS = {
+    "max": ("qcal max (RTN)", "qcal", "max", {}),
+    "awq": ("qcal awq", "qcal", "awq", {}),
+    "awq-clip": ("qcal awq, clip", "qcal", "awq", {"clip": 1}),
+    "awq_lite": ("modelopt awq_lite", "modelopt", "awq_lite", {}),
+    "awq_clip": ("modelopt awq_clip", "modelopt", "awq_clip", {}),
+}
+"""Per row key: label, tool, method and options."""
 
 
 def padded(batches: list[dict]) -> list[dict]:
@@ -76,8 +77,13 @@ def modelopt_row(model: Path, calib: list, out: Path, block: int, method: str) -
         def get_next(self) -> dict | None:
             return next(self.batches, None)
 
+    # int4.quantize writes DequantizeLinear with block_size (opset 21) into the model's own
+    # opset (17 here), which ONNX Runtime refuses: it gets the model converted to 21 first, as
+    # qcal converts it before planning int4.
+    upgraded = out.with_name("opset21.onnx")
+    onnx.save(onnx.version_converter.convert_version(onnx.load(model), 21), upgraded)
     quantized = int4.quantize(
-        str(model),
+        str(upgraded),
         calibration_method=method,
         calibration_data_reader=Reader(calib),
         calibration_eps=["cpu"],
@@ -108,9 +114,7 @@ def run_row(row: tuple, block: int, model: Path, calib: list, heldout: list, out
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", nargs="*", type=int, default=[32, 128])
-    parser.add_argument(
-        "--tools", nargs="*", default=["qcal", "modelopt"], help="the rows of these tools only"
-    )
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--output", type=Path, default=RESULT_FILE, help="the table's file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -144,7 +148,7 @@ def main() -> None:
                 "| method | mean cosine | min cosine | time (s) |",
                 "| --- | ---: | ---: | ---: |",
             ]
-            for row in (r for r in ROWS if r[1] in args.tools):
+            for row in (ROWS[key] for key in args.rows):
                 line = run_row(row, block, model, calib, heldout, out)
                 lines.append(line)
                 print(line, flush=True)
