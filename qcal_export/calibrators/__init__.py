@@ -28,9 +28,11 @@ CALIBRATORS: dict[str, type[Calibrator]] = {
         (methods.PERCENTILE, PercentileCalibrator),
         (methods.ENTROPY, EntropyCalibrator),
         (methods.SHRINK_MSE, ShrinkMseCalibrator),
+        (methods.AWQ, MaxCalibrator),
     )
 }
-"""The calibrator class of each declared method that is not a search, by method name."""
+"""The calibrator class of each declared method that is not a search, by method name (awq's
+weights come scaled and clipped by its search, then take max)."""
 
 __all__ = [
     "CALIBRATORS",

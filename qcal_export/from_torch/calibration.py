@@ -41,6 +41,7 @@ from qcal_export.from_torch.export import CalibratedModule, TorchExportResult, e
 from qcal_export.pipeline.calibrate import ProgressFactory
 from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import PerTensor
+from qcal_export.spec.methods import AWQ
 from qcal_export.spec.recipe import Recipe, TensorSpec
 from qcal_export.spec.recipe_options import recipe_from_options
 from qcal_export.spec.scales import TensorScales
@@ -162,6 +163,11 @@ class TorchCapture:
                 f"{type(model).__name__} has no module to calibrate: the recipe targets op types "
                 f"{list(recipe.op_types)} (Linear: MatMul/Gemm, Conv, ConvTranspose) and module "
                 f"types {list(recipe.module_types)}; add module_types or modules (name patterns)"
+            )
+        if any(t.weight is not None and t.weight.method == AWQ.name for t in self.targets):
+            raise RecipeError(
+                "weight method awq folds its factors into an ONNX graph: calibrate the exported "
+                "model with calibrate_onnx, or give torch models another weight method"
             )
         self._specs: dict[str, TensorSpec] = {}
         self._cals: dict[str, Calibrator] = {}

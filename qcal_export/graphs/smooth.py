@@ -17,6 +17,7 @@ whose channels are flatter, and ``s W``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -76,31 +77,61 @@ def smooth_model(
     activation, float ``[K]``) and a note per smoothed activation."""
     if not 0.0 < alpha < 1.0:
         raise RecipeError(f"smoothing alpha must lie in (0, 1), not {alpha}")
+
+    def rule(tensor, consumers, current):
+        if tensor not in act_amax:
+            return None
+        arrays = [current(c) for c in consumers]
+        return consumers, _factors(act_amax[tensor], consumers, arrays, alpha, tensor)
+
+    smoothed, folds = fold_factors(model, rule)
+    notes = [
+        f"smoothed {tensor} (alpha {alpha:g}, {count} consumers): {how}"
+        for tensor, count, how in folds
+    ]
+    return smoothed, notes
+
+
+FactorRule = Callable[
+    [str, list[Smoothable], Callable[[Smoothable], np.ndarray]],
+    tuple[list[Smoothable], np.ndarray] | None,
+]
+"""Given an activation, its smoothable consumers and their weights' current values, the
+consumers to scale and the factors ``s`` (``[K]``), or None to leave it."""
+
+
+def fold_factors(
+    model: onnx.ModelProto, rule: FactorRule
+) -> tuple[onnx.ModelProto, list[tuple[str, int, str]]]:
+    """A copy of ``model`` with ``X W = (X / s) (s W)`` applied where ``rule`` gives factors
+    (smoothing, AWQ): ``s W`` into the consumers' weights, ``1 / s`` folded into the producer
+    or a Mul; per activation folded, (tensor, consumers, how)."""
     smoothed = onnx.ModelProto()
     smoothed.CopyFrom(model)
     graph = smoothed.graph
     weights = {t.name: t for t in graph.initializer}
     replace = _Replacer(graph, weights, Names(graph))
-    notes = []
-    for tensor, consumers in smoothing_groups(smoothed).items():
-        if tensor not in act_amax:
-            continue
+    folds = []
+    for tensor, found in smoothing_groups(smoothed).items():
         # A weight an earlier group changed (this consumer produced its activation) counts
         # as it now is: the current input, not the name found at the start.
-        arrays = [to_array(weights[c.node.input[1]]) for c in consumers]
-        factors = _factors(act_amax[tensor], consumers, arrays, alpha, tensor)
+        chosen = rule(tensor, found, lambda c: to_array(weights[c.node.input[1]]))
+        if chosen is None:
+            continue
+        consumers, factors = chosen
+        dtype = to_array(weights[consumers[0].node.input[1]]).dtype
         for consumer in consumers:
             shape = [-1, 1] if consumer.axis == 0 else [1, -1]
             replace(consumer.node, 1, partial(np.multiply, factors.reshape(shape)))
         how = _fold(graph, tensor, consumers, factors, weights, replace)
         if how is None:
-            how = _insert_mul(graph, tensor, consumers, factors, replace.names, arrays[0].dtype)
-        notes.append(f"smoothed {tensor} (alpha {alpha:g}, {len(consumers)} consumers): {how}")
+            how = _insert_mul(graph, tensor, consumers, factors, replace.names, dtype)
+        folds.append((tensor, len(consumers), how))
     for name in replace.replaced:
         drop_if_unused(graph, weights[name], "quantized", replace.names)
     sort_nodes(graph)
     store_embedded(smoothed)
-    return smoothed, notes
+    return smoothed, folds
 
 
 def _factors(amax, consumers, arrays, alpha, tensor) -> np.ndarray:

@@ -125,7 +125,8 @@ def _calibrate(
     run.source = split.calibration
     checks = Checks(split.validation, float(config.validation.min_cosine), metric)
     outputs = _join_ranks(run, dataclasses.replace(asked, keep=keep), accuracy, config)
-    holdout, sections = split.holdout, prepare(run, accuracy, config.data.max_batches)
+    holdout = split.holdout
+    sections = prepare(run, accuracy, config.data.max_batches, config.quantization.scales_in)
     recipes = list(accuracy.format_recipes)
     plans = plan_levels(run, accuracy.formats, recipes) if recipes else []
     run.state = state_file(run, config, split.split)

@@ -63,7 +63,7 @@ def calibrate_scales(
         ranks=run.ranks,
     )
     del capture  # closes the capture session (its copies of the weights) before the weights
-    run.batches_per_pass = activations.batches_per_pass
+    run.batches_per_pass = [*run.batches_per_pass, *activations.batches_per_pass]
     device = weight_device(run)
     found.update(
         calibrate_weights(

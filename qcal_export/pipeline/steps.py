@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from qcal_export.analysis.accuracy import Accuracy
+from qcal_export.analysis.awq import apply_awq, check_awq_scales, uses_awq
 from qcal_export.analysis.layer_view import Analysis, analyse_layers
 from qcal_export.analysis.method_choice import choose_activation_methods
 from qcal_export.analysis.mixed_formats import Levels, MixedAnalysis, analyse_formats
@@ -16,15 +17,25 @@ from qcal_export.pipeline.run import Run
 from qcal_export.spec.scales import TensorScales
 
 
-def prepare(run: Run, accuracy: Accuracy, max_batches: int | None) -> dict[str, Any]:
-    """Smooth the model if asked (the run then calibrates the smoothed model on its new plan);
-    returns the report's ``smoothing`` section (or nothing)."""
+def prepare(
+    run: Run, accuracy: Accuracy, max_batches: int | None, scales_in: object = None
+) -> dict[str, Any]:
+    """Smooth the model if asked, then fold AWQ's factors where weights have method awq (the
+    run then calibrates the changed model on its new plan); returns the report's
+    ``smoothing`` and ``awq`` sections (or nothing)."""
     sections: dict[str, Any] = {}
+    check_awq_scales(run.plan, scales_in)
     if accuracy.smooth is not None:
         with run.timed("smooth_s"):
             smoothed = smooth(run.planned(), run.source, accuracy.smooth, max_batches)
         run.loaded.proto, run.plan = smoothed.model, smoothed.plan
         sections["smoothing"] = {"alpha": accuracy.smooth, "notes": smoothed.notes}
+    if uses_awq(run.plan):
+        with run.timed("awq_s"):
+            scaled = apply_awq(run.planned(), run.source, max_batches, run.ranks)
+        run.loaded.proto, run.plan = scaled.model, scaled.plan
+        run.batches_per_pass = [scaled.batches]
+        sections["awq"] = {"inputs": scaled.section, "notes": scaled.notes}
     return sections
 
 

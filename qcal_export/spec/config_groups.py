@@ -87,7 +87,9 @@ class QuantizationOptions:
         metadata=cli(
             "--weight-method",
             choices=METHOD_NAMES,
-            help="weight method (default max, or nvfp4-mse when --method nvfp4-mse)",
+            help="weight method (default max, or nvfp4-mse when --method nvfp4-mse); awq: "
+            "activation-aware input-channel scales searched on --data, folded into the model "
+            "(int4/uint4/int8; --option clip=1, grid=N, rows=N)",
         ),
     )
     block_size: int | None = field(

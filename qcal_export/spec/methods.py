@@ -45,7 +45,8 @@ class MethodSpec:
     per tensor, by its consumers' output error (the first is its stand-in until the choice);
     ``full_hessian``: it always takes its layer input's full ``Xᵀ X`` ``[K, K]`` (GPTQ);
     ``block_activations``: whether it calibrates the global amax of activations whose block
-    scales the graph computes (NVFP4), which a search then chooses among.
+    scales the graph computes (NVFP4), which a search then chooses among;
+    ``step_options``: options a step before calibration reads (AWQ's search), not the calibrator.
     """
 
     name: str
@@ -58,6 +59,7 @@ class MethodSpec:
     among: tuple[MethodSpec, ...] = ()
     full_hessian: bool = False
     block_activations: bool = True
+    step_options: frozenset[str] = frozenset()
 
     @property
     def options(self) -> frozenset[str]:
@@ -84,8 +86,10 @@ class MethodSpec:
         return self.formats is None or format in self.formats
 
     def calibrator_options(self, options: Mapping[str, float]) -> dict[str, float]:
-        """``options`` that are its calibrator's constructor arguments (not ``hessian``)."""
-        return {key: value for key, value in options.items() if key != HESSIAN}
+        """``options`` that are its calibrator's constructor arguments (not ``hessian``, nor a
+        step's options)."""
+        skipped = {HESSIAN, *self.step_options}
+        return {key: value for key, value in options.items() if key not in skipped}
 
     def check_options(self, options: object) -> None:
         """RecipeError naming the option, its value and what is allowed, for any option this
@@ -184,6 +188,24 @@ ENTROPY = MethodSpec(
     defaults={"bins": 2048, "max_clipped": 1e-3},
     rules=check_entropy,
 )
+AWQ_OPTIONS = {
+    "grid": Bound(2, 100, integer=True),
+    "clip": Bound(0, 1, integer=True, flag=True),
+    "rows": Bound(1, 65536, integer=True),
+}
+"""AWQ's search: ``grid`` alphas in [0, 1], the per-block clip search on or off, and the input
+rows per activation kept to measure a layer's output error on."""
+AWQ = MethodSpec(
+    "awq",
+    bounds=AWQ_OPTIONS,
+    kinds=frozenset({TensorKind.WEIGHT}),
+    weight_only_reason=(
+        "scales a layer's input channels against its weight's; activations are calibrated "
+        "after, on the scaled model, with their own method"
+    ),
+    formats=("int4", "uint4", "int8"),
+    step_options=frozenset(AWQ_OPTIONS),
+)
 AUTO = MethodSpec(
     "auto", kinds=frozenset({TensorKind.ACTIVATION}), among=(MAX, HIST_MSE, PERCENTILE, ENTROPY)
 )
@@ -200,6 +222,7 @@ METHODS: dict[str, MethodSpec] = {
         SHRINK_MSE,
         PERCENTILE,
         ENTROPY,
+        AWQ,
         AUTO,
     )
 }

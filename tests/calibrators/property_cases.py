@@ -48,6 +48,7 @@ CASES = {
     "nvfp4-mse": [(NVFP4, NV_BLOCKS), (NVFP4, PerBlock(0, 16))],
     "mx-mse": [(MXFP8, PerBlock(-1, 32)), (MXFP4, PerBlock(0, 32))],
     "gptq": [(f, g) for f in (INT8, UINT8, INT4, UINT4) for g in PLAIN_GRANULARITIES],
+    "awq": [(f, g) for f in (INT8, INT4, UINT4) for g in PLAIN_GRANULARITIES],
 }
 """Formats and granularities each calibrator accepts (see each class's checks); gptq's weights
 are ``[N, K]`` with K the last axis, and its Hessian the identity (``build``)."""
@@ -83,6 +84,7 @@ def build(method: str, fmt, granularity, data: list[np.ndarray], **kwargs):
         "nvfp4-mse": NVFP4MseCalibrator,
         "mx-mse": MxMseCalibrator,
         "gptq": GptqCalibrator,
+        "awq": MaxCalibrator,  # awq's weights come scaled by its search, then take max
     }[method]
     if method == "gptq":
         kwargs.setdefault("hessian", torch.eye(data[0].shape[-1], dtype=torch.float64))

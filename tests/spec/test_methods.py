@@ -61,12 +61,12 @@ def test_the_traits_callers_test_are_declared():
 def test_cli_choices_are_the_declared_methods():
     every = [
         *("max", "mse", "hist-mse", "nvfp4-mse", "mx-mse", "gptq", "shrink-mse", "percentile"),
-        *("entropy", "auto"),
+        *("entropy", "awq", "auto"),
     ]
     assert method_names() == every
     assert _choices("calibrate", "--method") == every
     assert _choices("calibrate", "--weight-method") == every
-    weight_only = ("nvfp4-mse", "mx-mse", "gptq")
+    weight_only = ("nvfp4-mse", "mx-mse", "gptq", "awq")
     assert _choices("demo", "--methods") == [m for m in every if m not in weight_only]
     assert _choices("demo", "--methods") == method_names(TensorKind.ACTIVATION)
 
@@ -79,7 +79,7 @@ def test_searches_are_refused_as_a_calibrator_with_the_methods_that_are_one():
         "method auto chooses among activation methods per tensor in calibrate_onnx; give "
         "weights and torch models a method of "
         "['max', 'mse', 'hist-mse', 'nvfp4-mse', 'mx-mse', 'gptq', 'shrink-mse', 'percentile', "
-        "'entropy']"
+        "'entropy', 'awq']"
     )
     with pytest.raises(RecipeError, match=r"^method auto chooses activation methods; give"):
         build_recipe(None, weight_method="auto")
