@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 
 from qcal_export.calibrate.decisions import tensor_scales
+from qcal_export.calibrate.detail import activation_detail, detail_calibrators
 from qcal_export.calibrate.distributed import Ranks
 from qcal_export.calibrate.resume import Progress, StateFile, Stateful, restore_all
 from qcal_export.calibrate.tensor import (
@@ -75,12 +76,14 @@ def activation_granularity(plan: ActivationPlan) -> Granularity:
 @dataclass
 class ActivationResult:
     """Scales per activation (for a method ``auto`` one its choice replaces: max's), each
-    ``auto`` activation's candidates by method, pass counts and the Hessians asked for."""
+    ``auto`` activation's candidates by method, pass counts, the Hessians asked for and, where
+    asked, what a report shows of each activation (``calibrate/detail.py``)."""
 
     scales: dict[str, TensorScales]
     batches_per_pass: list[int]
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
     candidates: dict[str, dict[str, TensorScales]] = field(default_factory=dict)
+    detail: dict[str, dict] = field(default_factory=dict)
 
 
 def candidate_specs(tensor: str, spec: TensorSpec) -> list[tuple[str, TensorSpec]]:
@@ -114,12 +117,15 @@ def calibrate_activations(
     state: StateFile | None = None,
     resume: bool = False,
     ranks: Ranks | None = None,
+    detail: bool = False,
 ) -> ActivationResult:
     """Calibrate the planned activations (and accumulate the Hessians weights ask for).
 
     ``state`` saves the calibrators every few batches; with ``resume`` the run continues from
     what it saved, and the state file is removed once both passes are done. With ``ranks``
     (several processes, each capturing its shard) the states are merged after each pass.
+    ``detail``: also keep what a report shows of each activation (a histogram collected where
+    no calibrator keeps one; its state is saved and merged as the others').
     """
     ranks = ranks or Ranks()
     specs = {
@@ -133,11 +139,14 @@ def calibrate_activations(
     }
     firsts = {key: first_pass_calibrator(cal) for key, cal in cals.items()}
     hessians = {t: BlockHessian() for t in hessian_inputs(plan)}
+    granularities = {t: activation_granularity(a) for t, a in plan.activations.items()}
+    extra = detail_calibrators(cals, specs, granularities, nonfinite) if detail else {}
     collectors = _collectors(firsts, specs)
-    for tensor, accumulator in hessians.items():
+    for tensor, accumulator in [*hessians.items(), *extra.items()]:
         collectors.setdefault(tensor, []).append(named_collector(tensor, accumulator.collect))
     firsts_state: dict[str, Stateful] = {f"first/{t}": c for t, c in firsts.items()}
     firsts_state.update({f"hessian/{t}": h for t, h in hessians.items()})
+    firsts_state.update({f"detail/{t}": h for t, h in extra.items()})
     progress = state.resume() if state is not None and resume else None
     counts = []
     if collectors:
@@ -152,7 +161,11 @@ def calibrate_activations(
     types = {t: a.elem_type for t, a in plan.activations.items()}
     scales, candidates = _activation_scales(cals, specs, types)
     found = {t: h.hessian for t, h in hessians.items() if h.hessian is not None}
-    return ActivationResult(scales, counts, found, candidates)
+    shown = {}
+    if detail:
+        chosen = {t: {s.method: s} for t, s in scales.items() if t not in candidates}
+        shown = activation_detail(cals, specs, {**chosen, **candidates}, extra)
+    return ActivationResult(scales, counts, found, candidates, shown)
 
 
 def _second_pass(

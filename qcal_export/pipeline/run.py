@@ -68,6 +68,7 @@ class Run:
     device_id: int = 0
     ranks: Ranks = field(default_factory=Ranks)
     candidates: dict[str, dict[str, TensorScales]] = field(default_factory=dict)
+    activation_detail: dict[str, dict[str, Any]] = field(default_factory=dict)
     preprocessed: PreprocessResult | None = None
 
     def partial_nodes(self) -> dict[str, str]:
