@@ -1,4 +1,4 @@
-"""The ``qcal`` command: calibrate, inspect, demo."""
+"""The ``qcal`` command: calibrate, inspect, demo, report."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from qcal_export.cli_args import (
     add_calibrate,
     add_demo,
     add_inspect,
+    add_report,
     config_from_args,
     console,
     data_arguments,
@@ -73,6 +74,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     if os.environ.get("RANK", "0") == "0":  # one summary for a distributed run
         print_summary(result.report)
         print_layers(result.report)
+        for what, path in (("report", result.report_path), ("HTML report", result.html_path)):
+            if path is not None:
+                console.print(f"wrote the {what} {path}", markup=False, soft_wrap=True)
         print_verdict(result.report)
 
 
@@ -173,6 +177,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from qcal_export.artifacts.html_report import load_report, write_html
+    from qcal_export.errors import OutputError
+    from qcal_export.files.paths import Place, check_outputs
+
+    check_outputs({"-o": args.output})
+    if Place("", Path(args.output)).same(Place("", Path(args.report))):
+        raise OutputError(f"-o {args.output} is the report read (REPORT): give another path")
+    written = write_html(args.output, load_report(args.report))
+    console.print(f"wrote {written}", markup=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="qcal", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -180,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate(sub).set_defaults(run=cmd_calibrate)
     add_inspect(sub).set_defaults(run=cmd_inspect)
     add_demo(sub).set_defaults(run=cmd_demo)
+    add_report(sub).set_defaults(run=cmd_report)
     return parser
 
 

@@ -301,3 +301,11 @@ def add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="every row's activations (int16 with --formats int8: A16W8; none: weight-only)",
     )
     return p
+
+
+def add_report(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The ``report`` command's parser: a saved JSON report as one HTML page."""
+    p = sub.add_parser("report", help="render a saved JSON report (--report) as one HTML page")
+    p.add_argument("report", help="JSON report a calibrate run wrote (--report)")
+    p.add_argument("-o", "--output", required=True, help="HTML file to write")
+    return p

@@ -70,6 +70,7 @@ def check_paths(
     checkpoint_layouts: Sequence[str],
     data_options: Any = None,
     validate_data: Any = None,
+    html: str | Path | None = None,
 ) -> frozenset[Path]:
     """OutputError naming both options when an output would overwrite, remove or turn into an
     input (the model, its external data, the data and ``validate_data``, a data module or
@@ -84,6 +85,7 @@ def check_paths(
     reads += more
     data_dirs += [("--validate-data", more_dir)] if more_dir is not None else []
     writes = _writes(output, scales, report, state, checkpoint, checkpoint_layouts)
+    writes += [Place(f"--html {html}", Path(html))] if html is not None else []
     for write in writes:
         for read in reads:
             if write.same(read):

@@ -18,6 +18,7 @@ from typing import Any
 import onnx
 
 from qcal_export.analysis.planned import PlannedModel
+from qcal_export.artifacts.html_plots import require_matplotlib
 from qcal_export.artifacts.onnx_layers import check_checkpoint_dir, check_checkpoint_recipe
 from qcal_export.calibrate.distributed import Ranks
 from qcal_export.calibrate.resume import StateFile
@@ -106,6 +107,7 @@ class CalibrationResult:
     model_path: Path | None = None
     scales_path: Path | None = None
     report_path: Path | None = None
+    html_path: Path | None = None
     checkpoint_paths: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -124,6 +126,7 @@ class Outputs:
     validate_batches: int
     strict: bool = False
     keep: frozenset[Path] = frozenset()
+    html: str | Path | None = None
 
 
 def plan_run(
@@ -220,6 +223,7 @@ def asked_outputs(config: CalibrationConfig) -> Outputs:
         wanted.checkpoint_layouts,
         validation.validate_batches,
         validation.strict,
+        html=wanted.html,
     )
 
 
@@ -237,6 +241,7 @@ def check_request(
         output=outputs.model,
         scales=outputs.scales,
         report=outputs.report,
+        html=outputs.html,
         checkpoint=outputs.checkpoint,
         data=data,
         data_options=data_options,
@@ -251,6 +256,9 @@ def check_request(
             "recipe fields %s apply to torch models only; the ONNX run ignores them", torch_only
         )
     written = {"output": "output model", "scales": "scales file", "report": "report"}
+    written["html"] = "HTML report"
+    if paths["html"] is not None:
+        require_matplotlib()
     for key, what in {**written, "state": "state file"}.items():
         if paths[key] is not None:
             check_writable(paths[key], what)
