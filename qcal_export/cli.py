@@ -76,7 +76,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         print_layers(result.report)
         for what, path in (("report", result.report_path), ("HTML report", result.html_path)):
             if path is not None:
-                console.print(f"wrote the {what} {path}", markup=False, soft_wrap=True)
+                Console().print(f"wrote the {what} {path}", markup=False, soft_wrap=True)
         print_verdict(result.report)
 
 
@@ -186,7 +186,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     if Place("", Path(args.output)).same(Place("", Path(args.report))):
         raise OutputError(f"-o {args.output} is the report read (REPORT): give another path")
     written = write_html(args.output, load_report(args.report))
-    console.print(f"wrote {written}", markup=False)
+    Console().print(f"wrote {written}", markup=False, soft_wrap=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

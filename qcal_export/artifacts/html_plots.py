@@ -45,7 +45,7 @@ def _figure(height: float = HEIGHT, width: float = WIDE):
 def _svg(fig) -> str:
     """The figure as an ``<svg>`` element (no XML prolog), to inline in the page."""
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
+    fig.savefig(buffer, format="svg", metadata={"Date": None})
     text = buffer.getvalue()
     return text[text.index("<svg") :]
 
