@@ -15,7 +15,10 @@ from qcal_export.errors import ReportError
 
 pytest.importorskip("matplotlib")
 
-EXTERNAL = re.compile(r"""(src|href)\s*=\s*["']?\s*(https?:|//|file:)|<link\b|@import|url\(\s*["']?http""")
+EXTERNAL = re.compile(
+    r"""(src|href)\s*=\s*["']?\s*(https?:|//|file:)|<link\b|@import|url\(\s*["']?http"""
+)
+"""Anything a page would fetch: a script, image or style from elsewhere."""
 
 
 @pytest.fixture(scope="module")
