@@ -149,19 +149,23 @@ def cmd_demo(args: argparse.Namespace) -> None:
         cache_dir=args.cache_dir,
         progress=progress_bar(None),
     )
-    title = (
-        "all-MiniLM-L6-v2 static quantization: sentence-embedding cosine vs float, held-out text"
-    )
-    table = Table(title=title)
-    columns = ("format", "activations", "weights", "weight rel err", "mean cosine", "min cosine")
-    for column in (*columns, "calibration s", "model"):
-        table.add_column(column)
+    print_demo(rows, Path(args.out_dir))
+
+
+def print_demo(rows: list[dict], out_dir: Path) -> None:
+    """The demo's rows in 80 columns (labels fold, numbers stay whole), then where its models
+    and HTML reports are."""
+    from qcal_export.artifacts.summary import compact_table
+
+    title = "all-MiniLM-L6-v2: sentence-embedding cosine vs float on held-out text"
+    columns = ["format", "act.", "weights", "w rel err", "mean cos", "min cos", "time s"]
+    table = compact_table(title, columns, numbers=4)
     for r in rows:
         activations = r["activation_format"]
         if activations == "none":
             label = f"{r['format']} (weights only)"
         elif activations != r["format"]:
-            label = f"{r['format']} ({activations} activations)"
+            label = f"{r['format']} ({activations} act.)"
         else:
             label = r["format"]
         table.add_row(
@@ -172,9 +176,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
             f"{r['mean']:.4f}",
             f"{r['min']:.4f}",
             f"{r['seconds']:.1f}",
-            r["model"],
         )
-    Console().print(table)
+    out = Console()
+    out.print(table)
+    out.print(f"models, JSON and HTML reports in {out_dir}; open a report in a browser:")
+    for r in rows:
+        out.print(f"  {r['html']}", soft_wrap=True, highlight=False)
 
 
 def cmd_report(args: argparse.Namespace) -> None:

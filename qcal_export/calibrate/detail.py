@@ -23,7 +23,7 @@ from qcal_export.spec.granularity import Granularity
 from qcal_export.spec.recipe import TensorSpec
 from qcal_export.spec.scales import TensorScales
 
-DETAIL_BINS = 64
+DETAIL_BINS = 1024
 """Bins per sign of the small histogram collected where no calibrator keeps one."""
 REPORT_BINS = 128
 """Most counts a report holds per activation: adjacent bins are summed down to it."""

@@ -29,7 +29,7 @@ def run_demo(
     progress: ProgressFactory | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (format, activation method, weight method): held-out embedding cosine vs
-    float, mean relative weight error, time, model path.
+    float, mean relative weight error, time, model path and its HTML report's.
 
     Each run takes calibrate's defaults beside its formats and methods (target ort: int8 runs
     get uint8 activations, ``activation_format`` in the row), or ``activation_format`` for
@@ -77,6 +77,7 @@ def _demo_row(
         output=stem.with_suffix(".onnx"),
         scales=stem.with_suffix(".safetensors"),
         report=stem.with_suffix(".json"),
+        html=stem.with_suffix(".html"),
         format=fmt,
         activation_format=activation_format,
         method=method,
@@ -96,5 +97,6 @@ def _demo_row(
         "weight_error": sum(errors) / len(errors),
         "seconds": seconds,
         "model": str(stem.with_suffix(".onnx")),
+        "html": str(stem.with_suffix(".html")),
         **score,
     }
