@@ -14,8 +14,8 @@ from typing import Any
 
 from qcal_export.errors import ReportError
 
-WIDE, HEIGHT = 7.5, 2.6
-"""A plot's size in inches (the page lays plots out at this width)."""
+WIDE, HALF, HEIGHT = 7.5, 5.9, 2.6
+"""Plot sizes in inches: a chart, a plot two of which sit side by side, and a row's height."""
 MARKERS = ("#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 """Colours of the amax markers, one per method in the order the report lists them."""
 
@@ -90,7 +90,7 @@ def activation_plot(name: str, detail: dict[str, Any], chosen: dict[str, Any] | 
     method's bold; beside it, the MSE methods' loss over their candidates, minimum marked."""
     losses = detail.get("mse_loss") or {}
     colours = dict(zip([*detail["ranges"], *losses], MARKERS * 2, strict=False))
-    fig = _figure()
+    fig = _figure(width=HALF)
     axes = fig.subplots(1, 2 if losses else 1, squeeze=False)[0]
     _histogram(axes[0], detail, chosen, colours)
     axes[0].set_title(_short(name, 60), loc="left")
