@@ -125,7 +125,8 @@ def calibrate_activations(
     what it saved, and the state file is removed once both passes are done. With ``ranks``
     (several processes, each capturing its shard) the states are merged after each pass.
     ``detail``: also keep what a report shows of each activation (a histogram collected where
-    no calibrator keeps one; its state is saved and merged as the others').
+    no calibrator keeps one, merged across ranks but never saved: a resumed run, which would
+    miss the batches before it, collects none, and a state file resumes whatever is asked).
     """
     ranks = ranks or Ranks()
     specs = {
@@ -139,19 +140,21 @@ def calibrate_activations(
     }
     firsts = {key: first_pass_calibrator(cal) for key, cal in cals.items()}
     hessians = {t: BlockHessian() for t in hessian_inputs(plan)}
+    progress = state.resume() if state is not None and resume else None
     granularities = {t: activation_granularity(a) for t, a in plan.activations.items()}
-    extra = detail_calibrators(cals, specs, granularities, nonfinite) if detail else {}
+    extra = {}
+    if detail and progress is None:
+        extra = detail_calibrators(cals, specs, granularities, nonfinite)
     collectors = _collectors(firsts, specs)
     for tensor, accumulator in [*hessians.items(), *extra.items()]:
         collectors.setdefault(tensor, []).append(named_collector(tensor, accumulator.collect))
     firsts_state: dict[str, Stateful] = {f"first/{t}": c for t, c in firsts.items()}
     firsts_state.update({f"hessian/{t}": h for t, h in hessians.items()})
-    firsts_state.update({f"detail/{t}": h for t, h in extra.items()})
-    progress = state.resume() if state is not None and resume else None
+    merged = {**firsts_state, **{f"detail/{t}": h for t, h in extra.items()}}
     counts = []
     if collectors:
         first = partial(_first_pass, capture, collectors, firsts_state, state, progress)
-        counts.append(ranks.run_pass(first, firsts_state))
+        counts.append(ranks.run_pass(first, merged))
         _copy_shared(firsts, specs)
     second = second_pass(cals, firsts)
     if second:

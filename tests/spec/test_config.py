@@ -26,6 +26,7 @@ FULL = {
         "output": "q.onnx",
         "scales": "s.safetensors",
         "report": "r.json",
+        "html": "r.html",
         "checkpoint": "ckpt",
         "checkpoint_layouts": ["modelopt", "compressed-tensors"],
     },
@@ -237,6 +238,7 @@ def test_flags_build_the_config_the_keywords_build():
     bare = calibrate_parser().parse_args(["m.onnx"])
     assert config_from_args(bare) == CalibrationConfig()
     argv = ["m.onnx", "-o", "q.onnx", "--scales", "s.safetensors", "--report", "r.json"]
+    argv += ["--html", "r.html"]
     argv += ["--checkpoint", "ckpt", "--checkpoint-layout", "modelopt", "compressed-tensors"]
     argv += ["--format", "nvfp4", "--weight-format", "nvfp4", "--activation-format", "fp8"]
     argv += ["--method", "percentile", "--weight-method", "nvfp4-mse", "--block-size", "16"]
