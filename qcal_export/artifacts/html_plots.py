@@ -108,6 +108,11 @@ def _histogram(
         edges = [hist["low"] + i * hist["width"] for i in range(len(counts))]
         ax.bar(edges, counts, width=hist["width"], align="edge", color="#9ecae1", linewidth=0)
         ax.set_yscale("log")
+        for seen in (hist["min"], hist["max"]):
+            ax.axvline(seen, color="#777", lw=0.8, ls=":")
+        counted = sum(counts)
+        if counted < hist["values"]:
+            ax.set_ylabel(f"count (1 in {hist['values'] / counted:.0f} sampled)")
     else:
         ax.text(0.5, 0.5, "no histogram kept", ha="center", transform=ax.transAxes)
     picked = chosen["method"] if chosen else None
@@ -119,8 +124,9 @@ def _histogram(
         for x in (low, high) if low != 0 else (high,):
             ax.axvline(x, color=colour, lw=2.2 if bold else 1, ls="-" if bold else "--")
         ax.plot([], [], color=colour, lw=2.2 if bold else 1, label=_method_label(method, bold))
-    ax.set_xlabel("value (markers: each method's range)")
-    ax.set_ylabel("count")
+    ax.set_xlabel("value (markers: each method's range; dotted: seen)")
+    if not ax.get_ylabel():
+        ax.set_ylabel("count")
     ax.legend(fontsize=7, loc="upper right")
 
 

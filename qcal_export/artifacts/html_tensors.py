@@ -95,8 +95,8 @@ def weights(report: dict[str, Any]) -> str:
 
 
 def _seen(hist: dict[str, Any]) -> tuple[float, float]:
-    """The histogram's outer edges: the range seen, to a bin."""
-    return hist["low"], hist["low"] + hist["width"] * len(hist["counts"])
+    """The range of the values seen (including 0)."""
+    return hist["min"], hist["max"]
 
 
 def _quantile_abs(hist: dict[str, Any], share: float) -> float:

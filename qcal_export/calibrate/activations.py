@@ -141,10 +141,7 @@ def calibrate_activations(
     firsts = {key: first_pass_calibrator(cal) for key, cal in cals.items()}
     hessians = {t: BlockHessian() for t in hessian_inputs(plan)}
     progress = state.resume() if state is not None and resume else None
-    granularities = {t: activation_granularity(a) for t, a in plan.activations.items()}
-    extra = {}
-    if detail and progress is None:
-        extra = detail_calibrators(cals, specs, granularities, nonfinite)
+    extra = detail_calibrators(cals, specs, nonfinite) if detail and progress is None else {}
     collectors = _collectors(firsts, specs)
     for tensor, accumulator in [*hessians.items(), *extra.items()]:
         collectors.setdefault(tensor, []).append(named_collector(tensor, accumulator.collect))
@@ -167,7 +164,7 @@ def calibrate_activations(
     shown = {}
     if detail:
         chosen = {t: {s.method: s} for t, s in scales.items() if t not in candidates}
-        shown = activation_detail(cals, specs, {**chosen, **candidates}, extra)
+        shown = activation_detail(cals, specs, {**chosen, **candidates}, extra, firsts)
     return ActivationResult(scales, counts, found, candidates, shown)
 
 

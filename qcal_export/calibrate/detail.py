@@ -4,27 +4,32 @@ every amax candidate. Bounded whatever the run: ``REPORT_BINS`` counts and ``MAX
 losses per activation and method.
 
 The histogram is the one a histogram calibrator of the tensor already keeps (percentile,
-entropy, hist-mse; every candidate of ``auto`` shares it), else a small one
-(``DETAIL_BINS``) collected beside the tensor's own calibrators when a report is asked for.
+entropy, hist-mse; every candidate of ``auto`` shares it), else one of a sample of each batch
+(``DetailHistogram``) collected beside the tensor's own calibrators when a report is asked for:
+its cost stays near a max calibrator's whatever the batch size.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from qcal_export.calibrators import Calibrator
+from qcal_export.calibrators.base import MergeOp
 from qcal_export.calibrators.hist_mse import HistogramMseCalibrator
 from qcal_export.calibrators.histogram import HistogramCalibrator, rebin
+from qcal_export.calibrators.max import MaxCalibrator
 from qcal_export.calibrators.mse import MseCalibrator
-from qcal_export.spec.granularity import Granularity
+from qcal_export.spec.granularity import PerTensor
 from qcal_export.spec.recipe import TensorSpec
 from qcal_export.spec.scales import TensorScales
 
 DETAIL_BINS = 1024
-"""Bins per sign of the small histogram collected where no calibrator keeps one."""
+"""Bins per sign of the histogram collected where no calibrator keeps one."""
+SAMPLE_VALUES = 1 << 14
+"""Most values of a batch that histogram counts: few enough for one thread's pass."""
 REPORT_BINS = 128
 """Most counts a report holds per activation: adjacent bins are summed down to it."""
 MAX_CANDIDATES = 128
@@ -32,27 +37,54 @@ MAX_CANDIDATES = 128
 
 
 class DetailHistogram(HistogramCalibrator):
-    """The base histogram, collected for the report only: it decides the observed range."""
+    """The base histogram of a sample of each batch, for the report only: at most
+    ``SAMPLE_VALUES`` values, every ``step``-th, the step coprime with a sample's size so that
+    every position (channel, token) is taken alike; ``values`` counts every value of the
+    batches. One group: per tensor. The exact range comes from the tensor's own calibrators
+    (``activation_detail``), which read every value anyway."""
+
+    merge_ops: ClassVar[dict[str, MergeOp]] = {**HistogramCalibrator.merge_ops, "values": "sum"}
+
+    def collect(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        super().collect(x.detach().reshape(-1)[:: sample_step(tuple(x.shape))])
+        self._state["values"] += x.numel()
+
+    @property
+    def values(self) -> int:
+        return int(self._state["values"]) if self._state else 0
+
+    def _init_state(self, groups: torch.Tensor) -> dict[str, torch.Tensor]:
+        values = torch.zeros((), dtype=torch.float64, device=groups.device)
+        return {**super()._init_state(groups), "values": values}
 
     def _decide(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._state["min"].clone(), self._state["max"].clone()
 
 
+def sample_step(shape: tuple[int, ...]) -> int:
+    """The least step that takes at most ``SAMPLE_VALUES`` values of a tensor of ``shape`` and
+    is coprime with the size of one sample (every axis but the first)."""
+    numel = math.prod(shape)
+    inner = math.prod(shape[1:]) if len(shape) > 1 else 1
+    step = max(1, -(-numel // SAMPLE_VALUES))
+    while step > 1 and math.gcd(step, inner) != 1:
+        step += 1
+    return step
+
+
 def detail_calibrators(
-    cals: dict[str, Calibrator],
-    specs: dict[str, tuple[str, TensorSpec]],
-    granularities: dict[str, Granularity],
-    nonfinite: str,
+    cals: dict[str, Calibrator], specs: dict[str, tuple[str, TensorSpec]], nonfinite: str
 ) -> dict[str, DetailHistogram]:
-    """A small histogram calibrator per activation none of whose calibrators keeps one."""
+    """A sampled histogram (``DetailHistogram``) per activation none of whose calibrators
+    keeps a histogram."""
     kept = {specs[k][0] for k, cal in cals.items() if isinstance(cal, HistogramCalibrator)}
     first = {}
     for key, cal in cals.items():
         first.setdefault(specs[key][0], cal)
     return {
-        tensor: DetailHistogram(
-            cal.fmt, granularities[tensor], bins=DETAIL_BINS, nonfinite=nonfinite
-        )
+        tensor: DetailHistogram(cal.fmt, PerTensor(), bins=DETAIL_BINS, nonfinite=nonfinite)
         for tensor, cal in first.items()
         if tensor not in kept
     }
@@ -63,10 +95,13 @@ def activation_detail(
     specs: dict[str, tuple[str, TensorSpec]],
     found: dict[str, dict[str, TensorScales]],
     extra: dict[str, DetailHistogram],
+    firsts: dict[str, Calibrator],
 ) -> dict[str, dict[str, Any]]:
     """Per activation: ``histogram`` (or None), ``ranges`` (method -> amax, and min/max for
     asymmetric formats) of ``found`` (activation -> method -> scales) and ``mse_loss``
-    (method -> candidates' amax and mean squared error per value)."""
+    (method -> candidates' amax and mean squared error per value). ``cals`` and ``firsts`` (a
+    first pass's calibrators, by the same keys as in ``specs``) hold the histograms, losses and
+    the range seen."""
     detail: dict[str, dict[str, Any]] = {
         tensor: {
             "histogram": None,
@@ -75,10 +110,13 @@ def activation_detail(
         }
         for tensor, methods in found.items()
     }
-    for key, cal in cals.items():
+    seen: dict[str, tuple[float, float]] = {}
+    for key, cal in [*firsts.items(), *cals.items()]:
         tensor, spec = specs[key]
         if tensor not in detail:
             continue
+        if tensor not in seen and seen_range(cal) is not None:
+            seen[tensor] = seen_range(cal)
         if isinstance(cal, HistogramCalibrator) and detail[tensor]["histogram"] is None:
             detail[tensor]["histogram"] = compact_histogram(cal)
         loss = mse_loss(cal)
@@ -86,8 +124,23 @@ def activation_detail(
             detail[tensor]["mse_loss"][spec.method] = loss
     for tensor, cal in extra.items():
         if tensor in detail:
-            detail[tensor]["histogram"] = compact_histogram(cal)
+            detail[tensor]["histogram"] = compact_histogram(cal, seen.get(tensor))
     return detail
+
+
+def seen_range(cal: Calibrator) -> tuple[float, float] | None:
+    """The (min, max) of every value a max or histogram calibrator saw, including 0; None for
+    other calibrators, or before any value was collected."""
+    if not cal.collected:
+        return None
+    if isinstance(cal, HistogramCalibrator):
+        amin, amax = cal.observed_range()
+    elif isinstance(cal, MaxCalibrator):
+        state = cal.state_dict()
+        amin, amax = state["min"], state["max"]
+    else:
+        return None
+    return float(amin.min()), float(amax.max())
 
 
 def scale_range(s: TensorScales) -> dict[str, float]:
@@ -98,10 +151,14 @@ def scale_range(s: TensorScales) -> dict[str, float]:
     return chosen
 
 
-def compact_histogram(cal: HistogramCalibrator) -> dict[str, Any] | None:
+def compact_histogram(
+    cal: HistogramCalibrator, seen: tuple[float, float] | None = None
+) -> dict[str, Any] | None:
     """The calibrator's signed histogram over all its groups, the bins between the first and
     the last count summed into at most ``REPORT_BINS``: ``low`` (left edge of the first bin),
-    ``width`` and ``counts``. None before any value was collected."""
+    ``width`` and ``counts``, with ``min``/``max`` of the values seen (``seen``, else the
+    calibrator's own range) and ``values``, their count (the counts may be of a sample:
+    ``DetailHistogram``). None before any value was collected."""
     found = cal.histogram()
     if found is None:
         return None
@@ -116,11 +173,15 @@ def compact_histogram(cal: HistogramCalibrator) -> dict[str, Any] | None:
     merge = math.ceil((last - first + 1) / REPORT_BINS)
     span = counts[first : last + 1]
     span = torch.cat([span, span.new_zeros(-len(span) % merge)]).view(-1, merge).sum(dim=1)
-    bin_width = float(widest) * merge
+    low, high = seen or seen_range(cal)
+    sampled = isinstance(cal, DetailHistogram)
     return {
         "low": (first - cal.bins) * float(widest),
-        "width": bin_width,
+        "width": float(widest) * merge,
         "counts": span.tolist(),
+        "min": low,
+        "max": high,
+        "values": cal.values if sampled else int(span.sum()),
     }
 
 

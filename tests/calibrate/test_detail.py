@@ -1,6 +1,6 @@
 """What a report keeps of an activation's calibration (calibrate/detail.py): the compact
-histogram against a float64 brute-force count, the MSE losses against a float64 sweep, and the
-bounds on both."""
+histogram against a float64 brute-force count (of the sample taken, which covers every position
+of a batch), the MSE losses against a float64 sweep, and the bounds on both."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import torch
 from qcal_export.calibrate.detail import (
     MAX_CANDIDATES,
     REPORT_BINS,
+    SAMPLE_VALUES,
     DetailHistogram,
     compact_histogram,
     detail_calibrators,
     mse_loss,
+    sample_step,
+    seen_range,
 )
 from qcal_export.calibrators.hist_mse import HistogramMseCalibrator
 from qcal_export.calibrators.max import MaxCalibrator
@@ -50,10 +53,37 @@ def test_compact_histogram_counts_every_value_in_its_bin(bins):
         hist["counts"]
     )
     np.testing.assert_array_equal(hist["counts"], _brute_counts(values, hist))
+    assert (hist["min"], hist["max"], hist["values"]) == (values.min(), values.max(), values.size)
+
+
+def test_a_large_batch_is_sampled_at_every_position_and_its_range_kept_whole():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 96, 384, generator=gen)
+    x[5, 7, 100] = 50.0  # an outlier the sample may miss: the range keeps it
+    x[0, 0, 3] = -9.0
+    cal = DetailHistogram(get_format("int8"), PerTensor(), bins=1024)
+    cal.collect(x)
+    whole = MaxCalibrator(get_format("int8"), PerTensor())  # the tensor's own calibrator
+    whole.collect(x)
+    step = sample_step(tuple(x.shape))
+    sample = x.reshape(-1)[::step]
+    assert step > 1 and len(sample) <= SAMPLE_VALUES
+    columns = torch.arange(x.numel())[::step] % 384
+    assert len(set(columns.tolist())) == 384  # every channel sampled
+    hist = compact_histogram(cal, seen_range(whole))
+    np.testing.assert_array_equal(hist["counts"], _brute_counts(sample.numpy(), hist))
+    assert (hist["min"], hist["max"], hist["values"]) == (-9.0, 50.0, x.numel())
+
+
+def test_sample_steps_are_coprime_with_a_sample_size():
+    for shape in [(16, 128, 384), (16, 12, 128, 128), (3, 1000003), (65536,), (1, 2, 3)]:
+        step = sample_step(shape)
+        assert np.prod(shape) / step <= SAMPLE_VALUES + 1
+        assert step == 1 or np.gcd(step, int(np.prod(shape[1:]))) == 1, shape
 
 
 def test_compact_histogram_sums_groups_of_other_widths():
-    cal = DetailHistogram(get_format("int8"), PerAxis(0), bins=64)
+    cal = PercentileCalibrator(get_format("int8"), PerAxis(0), bins=64)
     x = torch.randn(3, 500, generator=torch.Generator().manual_seed(1))
     x = x * torch.tensor([[0.01], [1.0], [40.0]])
     cal.collect(x)
@@ -119,5 +149,5 @@ def test_detail_histogram_only_where_no_calibrator_keeps_one():
         "b#max": ("b", TensorSpec(format="int8", method="max")),
         "b#percentile": ("b", TensorSpec(format="int8", method="percentile")),
     }
-    extra = detail_calibrators(cals, specs, {"a": PerTensor(), "b": PerTensor()}, "skip")
+    extra = detail_calibrators(cals, specs, "skip")
     assert list(extra) == ["a"]
