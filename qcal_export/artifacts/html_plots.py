@@ -89,8 +89,9 @@ def activation_plot(name: str, detail: dict[str, Any], chosen: dict[str, Any] | 
     """The activation's histogram (log counts) with each method's amax marked, the chosen
     method's bold; beside it, the MSE methods' loss over their candidates, minimum marked."""
     losses = detail.get("mse_loss") or {}
-    colours = dict(zip([*detail["ranges"], *losses], MARKERS * 2, strict=False))
-    fig = _figure(width=HALF)
+    methods = dict.fromkeys([*detail["ranges"], *losses])
+    colours = dict(zip(methods, MARKERS * 2, strict=False))
+    fig = _figure(width=WIDE if losses else HALF)
     axes = fig.subplots(1, 2 if losses else 1, squeeze=False)[0]
     _histogram(axes[0], detail, chosen, colours)
     axes[0].set_title(_short(name, 60), loc="left")
