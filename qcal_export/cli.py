@@ -155,11 +155,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def print_demo(rows: list[dict], out_dir: Path) -> None:
     """The demo's rows in 80 columns (labels fold, numbers stay whole), then where its models
     and HTML reports are."""
-    from qcal_export.artifacts.summary import compact_table
+    from qcal_export.artifacts.summary import compact_table, print_table
 
     title = "all-MiniLM-L6-v2: sentence-embedding cosine vs float on held-out text"
     columns = ["format", "act.", "weights", "w rel err", "mean cos", "min cos", "time s"]
-    table = compact_table(title, columns, numbers=4)
+    table = compact_table(columns, numbers=4)
     for r in rows:
         activations = r["activation_format"]
         if activations == "none":
@@ -178,7 +178,7 @@ def print_demo(rows: list[dict], out_dir: Path) -> None:
             f"{r['seconds']:.1f}",
         )
     out = Console()
-    out.print(table)
+    print_table(out, title, table)
     out.print(f"models, JSON and HTML reports in {out_dir}; open a report in a browser:")
     for r in rows:
         out.print(f"  {r['html']}", soft_wrap=True, highlight=False)

@@ -13,10 +13,11 @@ from rich.markup import escape
 from rich.table import Table
 
 
-def compact_table(title: str, columns: list[str], numbers: int = 0) -> Table:
+def compact_table(columns: list[str], numbers: int = 0) -> Table:
     """A table with light rules and no edge padding; every column folds rather than cuts, the
-    last ``numbers`` columns right-aligned and never wrapped (a number stays whole)."""
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    last ``numbers`` columns right-aligned and never wrapped (a number stays whole). Its title
+    is a line of its own (``print_table``): a table's title wraps at the table's width."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for i, column in enumerate(columns):
         number = i >= len(columns) - numbers
         table.add_column(
@@ -29,12 +30,18 @@ def compact_table(title: str, columns: list[str], numbers: int = 0) -> Table:
     return table
 
 
+def print_table(out: Console, title: str, table: Table) -> None:
+    """``title`` on its own line(s), wrapped at the terminal's width, then ``table``."""
+    out.print(escape(title), soft_wrap=True)
+    out.print(table)
+
+
 def print_summary(report: dict) -> None:
     """Tensors, notes and output error of a run, as tables on stdout."""
     out = Console()
     title = f"{len(report['quantized_nodes'])} nodes quantized in {report['model']}"
     columns = ["tensor", "kind", "format", "method", "amax", "w rel err"]
-    tensors = compact_table(title, columns, numbers=2)
+    tensors = compact_table(columns, numbers=2)
     for row in report["tensors"]:
         error = row.get("weight_rel_error")
         tensors.add_row(
@@ -45,7 +52,7 @@ def print_summary(report: dict) -> None:
             f"{row['amax']:.4g}",
             "" if error is None else f"{error:.4f}",
         )
-    out.print(tensors)
+    print_table(out, title, tensors)
     for row in report["tensors"]:
         for note in row["notes"]:
             out.print(f"note: {escape(row['tensor'])}: {escape(note)}", soft_wrap=True)
@@ -75,11 +82,11 @@ def print_output_error(out: Console, report: dict) -> None:
     columns = ["output", "cosine", "rel L2", "max abs diff"]
     columns += ["rel L2, opt. off"] if reference else []
     title = f"output error vs the float model ({report['validator']})"
-    errors = compact_table(title, columns, numbers=len(columns) - 1)
+    errors = compact_table(columns, numbers=len(columns) - 1)
     for name, e in report["output_error"].items():
         cells = [escape(name), f"{e['cosine']:.6f}", f"{e['rel_l2']:.4g}", f"{e['max_abs']:.4g}"]
         errors.add_row(*cells, *([f"{reference[name]['rel_l2']:.4g}"] if reference else []))
-    out.print(errors)
+    print_table(out, title, errors)
     if validation.get("batches"):
         out.print(f"validation batches: {escape(validation['batches'])}")
     issue = validation.get("runtime_issue")
@@ -119,10 +126,9 @@ def print_layers(report: dict) -> None:
     rows = sorted(
         report["layers"], key=lambda r: r["output_error_quantized_alone"]["rel_l2"], reverse=True
     )
+    title = "per-layer view: output error with only that node quantized"
     table = compact_table(
-        "per-layer view: output error with only that node quantized",
-        ["node", "precision", "act SQNR dB", "weight SQNR dB", "rel L2", "cosine"],
-        numbers=2,
+        ["node", "precision", "act SQNR dB", "weight SQNR dB", "rel L2", "cosine"], numbers=2
     )
     for row in rows:
         alone = row["output_error_quantized_alone"]
@@ -134,7 +140,7 @@ def print_layers(report: dict) -> None:
             f"{alone['rel_l2']:.4g}",
             f"{alone['cosine']:.6f}",
         )
-    out.print(table)
+    print_table(out, title, table)
     precision = report.get("precision")
     if precision:
         target, share = precision["target"], precision["quantized_matmul_gemm"]
@@ -152,17 +158,14 @@ def _print_mixed(out: Console, mixed: dict) -> None:
     """The mixed-format choice: each unit's format, the count per format, the bits and the
     exported model's held-out error."""
     alone = [f"{f} alone" for f in mixed["formats"][:-1]]
-    table = compact_table(
-        "mixed formats: each node's format; output cosine with it alone at each",
-        ["node", "format", *alone],
-        numbers=len(alone),
-    )
+    title = "mixed formats: each node's format; output cosine with it alone at each"
+    table = compact_table(["node", "format", *alone], numbers=len(alone))
     for row in mixed["units"]:
         alone = row["output_error_alone"]
         table.add_row(
             escape(row["unit"]), row["format"], *(f"{a['cosine']:.6f}" for a in alone.values())
         )
-    out.print(table)
+    print_table(out, title, table)
     counts = Counter(row["format"] for row in mixed["units"])
     spread = ", ".join(f"{f} {counts[f]}" for f in mixed["formats"] if counts[f])
     target, bits = mixed["target"], mixed["bits"]
