@@ -80,7 +80,7 @@ def print_output_error(out: Console, report: dict) -> None:
     validation = report.get("validation") or {}
     reference = validation.get("reference") if validation.get("default") is not None else None
     columns = ["output", "cosine", "rel L2", "max abs diff"]
-    columns += ["rel L2, opt. off"] if reference else []
+    columns += ["rel L2, optimizations off"] if reference else []
     title = f"output error vs the float model ({report['validator']})"
     errors = compact_table(columns, numbers=len(columns) - 1)
     for name, e in report["output_error"].items():
