@@ -1,4 +1,4 @@
-"""The ``qcal`` command: calibrate, inspect, demo."""
+"""The ``qcal`` command: calibrate, inspect, demo, report."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from qcal_export.cli_args import (
     add_calibrate,
     add_demo,
     add_inspect,
+    add_report,
     config_from_args,
     console,
     data_arguments,
@@ -73,6 +74,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     if os.environ.get("RANK", "0") == "0":  # one summary for a distributed run
         print_summary(result.report)
         print_layers(result.report)
+        for what, path in (("report", result.report_path), ("HTML report", result.html_path)):
+            if path is not None:
+                Console().print(f"wrote the {what} {path}", markup=False, soft_wrap=True)
         print_verdict(result.report)
 
 
@@ -147,13 +151,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
         cache_dir=args.cache_dir,
         progress=progress_bar(None),
     )
-    title = (
-        "all-MiniLM-L6-v2 static quantization: sentence-embedding cosine vs float, held-out text"
-    )
-    table = Table(title=title)
-    columns = ("format", "activations", "weights", "weight rel err", "mean cosine", "min cosine")
-    for column in (*columns, "calibration s", "model"):
-        table.add_column(column)
+    print_demo(rows, Path(args.out_dir))
+
+
+def print_demo(rows: list[dict], out_dir: Path) -> None:
+    """The demo's rows in 80 columns (labels fold, numbers stay whole), then where its models
+    and HTML reports are."""
+    from qcal_export.artifacts.summary import compact_table, print_table
+
+    title = "all-MiniLM-L6-v2: sentence-embedding cosine vs float on held-out text"
+    columns = ["format", "act.", "weights", "w rel err", "mean cos", "min cos", "time s"]
+    table = compact_table(columns, numbers=4)
     for r in rows:
         activations = r["activation_format"]
         if activations == "none":
@@ -161,7 +169,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         elif activations == "mixed":
             label = f"{r['format']}: {r['bits_per_weight']:.2f} bits/weight"
         elif activations != r["format"]:
-            label = f"{r['format']} ({activations} activations)"
+            label = f"{r['format']} ({activations} act.)"
         else:
             label = r["format"]
         table.add_row(
@@ -172,9 +180,24 @@ def cmd_demo(args: argparse.Namespace) -> None:
             f"{r['mean']:.4f}",
             f"{r['min']:.4f}",
             f"{r['seconds']:.1f}",
-            r["model"],
         )
-    Console().print(table)
+    out = Console()
+    print_table(out, title, table)
+    out.print(f"models, JSON and HTML reports in {out_dir}; open a report in a browser:")
+    for r in rows:
+        out.print(f"  {r['html']}", soft_wrap=True, highlight=False)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from qcal_export.artifacts.html_report import load_report, write_html
+    from qcal_export.errors import OutputError
+    from qcal_export.files.paths import Place, check_outputs
+
+    check_outputs({"-o": args.output})
+    if Place("", Path(args.output)).same(Place("", Path(args.report))):
+        raise OutputError(f"-o {args.output} is the report read (REPORT): give another path")
+    written = write_html(args.output, load_report(args.report))
+    Console().print(f"wrote {written}", markup=False, soft_wrap=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate(sub).set_defaults(run=cmd_calibrate)
     add_inspect(sub).set_defaults(run=cmd_inspect)
     add_demo(sub).set_defaults(run=cmd_demo)
+    add_report(sub).set_defaults(run=cmd_report)
     return parser
 
 

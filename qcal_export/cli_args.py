@@ -315,3 +315,11 @@ def add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="the mixed-format row's target (default 0.99)",
     )
     return p
+
+
+def add_report(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The ``report`` command's parser: a saved JSON report as one HTML page."""
+    p = sub.add_parser("report", help="render a saved JSON report (--report) as one HTML page")
+    p.add_argument("report", help="JSON report a calibrate run wrote (--report)")
+    p.add_argument("-o", "--output", required=True, help="HTML file to write")
+    return p

@@ -47,3 +47,7 @@ class BelowTargetError(QcalError):
     the validation batches); the outputs and the report are written."""
 
     exit_code = 3
+
+
+class ReportError(QcalError):
+    """A saved report cannot be read, or the HTML report cannot be drawn (matplotlib absent)."""

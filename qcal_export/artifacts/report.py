@@ -6,8 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qcal_export.artifacts.block_grid import block_grid
 from qcal_export.files.atomic import write_file
 from qcal_export.spec.scales import TensorScales
+
+SCHEMA_VERSION = 1
+"""The report's layout (``report_schema.json``): raised when a key changes meaning or goes."""
 
 
 def tensor_row(s: TensorScales, weight_errors: dict[str, float]) -> dict[str, Any]:
@@ -29,6 +33,9 @@ def tensor_row(s: TensorScales, weight_errors: dict[str, float]) -> dict[str, An
         row["global_scale"] = float(s.global_scale)
     if s.name in weight_errors:
         row["weight_rel_error"] = weight_errors[s.name]
+    grid = block_grid(s)
+    if grid is not None:
+        row["block_scales"] = grid
     return row
 
 

@@ -1,35 +1,61 @@
-"""A run's report as terminal tables: tensors, output error, notes, what was written, and the
-accuracy steps (smoothing, method choice, per-layer view, precision choice)."""
+"""A run's report as terminal tables that fit 80 columns (long names fold, nothing is cut;
+granularities and the plots are in the JSON and HTML reports): tensors, output error, notes,
+what was written, and the accuracy steps (smoothing, method choice, per-layer view, precision
+choice)."""
 
 from __future__ import annotations
 
 from collections import Counter
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 
+def compact_table(columns: list[str], numbers: int = 0) -> Table:
+    """A table with light rules and no edge padding; every column folds rather than cuts, the
+    last ``numbers`` columns right-aligned and never wrapped (a number stays whole). Its title
+    is a line of its own (``print_table``): a table's title wraps at the table's width."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for i, column in enumerate(columns):
+        number = i >= len(columns) - numbers
+        table.add_column(
+            column,
+            overflow="fold",
+            justify="right" if number else "left",
+            no_wrap=number,
+            ratio=None if number or i else 1,
+        )
+    return table
+
+
+def print_table(out: Console, title: str, table: Table) -> None:
+    """``title`` on its own line(s), wrapped at the terminal's width, then ``table``."""
+    out.print(escape(title), soft_wrap=True)
+    out.print(table)
+
+
 def print_summary(report: dict) -> None:
     """Tensors, notes and output error of a run, as tables on stdout."""
     out = Console()
-    tensors = Table(title=f"{len(report['quantized_nodes'])} nodes quantized in {report['model']}")
-    columns = ("tensor", "kind", "format", "method", "granularity", "amax", "weight rel err")
-    for column in (*columns, "notes"):
-        tensors.add_column(column, overflow="fold")
+    title = f"{len(report['quantized_nodes'])} nodes quantized in {report['model']}"
+    columns = ["tensor", "kind", "format", "method", "amax", "w rel err"]
+    tensors = compact_table(columns, numbers=2)
     for row in report["tensors"]:
         error = row.get("weight_rel_error")
         tensors.add_row(
             escape(row["tensor"]),
-            row["kind"],
+            "act" if row["kind"] == "activation" else row["kind"],
             row["format"],
             row["method"],
-            row["granularity"],
             f"{row['amax']:.4g}",
             "" if error is None else f"{error:.4f}",
-            "; ".join(row["notes"]),
         )
-    out.print(tensors)
+    print_table(out, title, tensors)
+    for row in report["tensors"]:
+        for note in row["notes"]:
+            out.print(f"note: {escape(row['tensor'])}: {escape(note)}", soft_wrap=True)
     if report["output_error"]:
         print_output_error(out, report)
     opset = report["opset"]
@@ -53,14 +79,14 @@ def print_output_error(out: Console, report: dict) -> None:
     and the task metric."""
     validation = report.get("validation") or {}
     reference = validation.get("reference") if validation.get("default") is not None else None
-    errors = Table(title=f"output error vs the float model ({report['validator']})")
     columns = ["output", "cosine", "rel L2", "max abs diff"]
-    for column in columns + (["rel L2, optimizations off"] if reference else []):
-        errors.add_column(column)
+    columns += ["rel L2, optimizations off"] if reference else []
+    title = f"output error vs the float model ({report['validator']})"
+    errors = compact_table(columns, numbers=len(columns) - 1)
     for name, e in report["output_error"].items():
         cells = [escape(name), f"{e['cosine']:.6f}", f"{e['rel_l2']:.4g}", f"{e['max_abs']:.4g}"]
         errors.add_row(*cells, *([f"{reference[name]['rel_l2']:.4g}"] if reference else []))
-    out.print(errors)
+    print_table(out, title, errors)
     if validation.get("batches"):
         out.print(f"validation batches: {escape(validation['batches'])}")
     issue = validation.get("runtime_issue")
@@ -100,9 +126,10 @@ def print_layers(report: dict) -> None:
     rows = sorted(
         report["layers"], key=lambda r: r["output_error_quantized_alone"]["rel_l2"], reverse=True
     )
-    table = Table(title="per-layer view: output error with only that node quantized")
-    for column in ("node", "precision", "act SQNR dB", "weight SQNR dB", "rel L2", "cosine"):
-        table.add_column(column, overflow="fold")
+    title = "per-layer view: output error with only that node quantized"
+    table = compact_table(
+        ["node", "precision", "act SQNR dB", "weight SQNR dB", "rel L2", "cosine"], numbers=2
+    )
     for row in rows:
         alone = row["output_error_quantized_alone"]
         table.add_row(
@@ -113,7 +140,7 @@ def print_layers(report: dict) -> None:
             f"{alone['rel_l2']:.4g}",
             f"{alone['cosine']:.6f}",
         )
-    out.print(table)
+    print_table(out, title, table)
     precision = report.get("precision")
     if precision:
         target, share = precision["target"], precision["quantized_matmul_gemm"]
@@ -130,15 +157,15 @@ def print_layers(report: dict) -> None:
 def _print_mixed(out: Console, mixed: dict) -> None:
     """The mixed-format choice: each unit's format, the count per format, the bits and the
     exported model's held-out error."""
-    table = Table(title="mixed formats: each node's format; output cosine with it alone at each")
-    for column in ("node", "format", *(f"{f} alone" for f in mixed["formats"][:-1])):
-        table.add_column(column, overflow="fold")
+    alone = [f"{f} alone" for f in mixed["formats"][:-1]]
+    title = "mixed formats: each node's format; output cosine with it alone at each"
+    table = compact_table(["node", "format", *alone], numbers=len(alone))
     for row in mixed["units"]:
         alone = row["output_error_alone"]
         table.add_row(
             escape(row["unit"]), row["format"], *(f"{a['cosine']:.6f}" for a in alone.values())
         )
-    out.print(table)
+    print_table(out, title, table)
     counts = Counter(row["format"] for row in mixed["units"])
     spread = ", ".join(f"{f} {counts[f]}" for f in mixed["formats"] if counts[f])
     target, bits = mixed["target"], mixed["bits"]

@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 
 from qcal_export.calibrate.decisions import tensor_scales
+from qcal_export.calibrate.detail import activation_detail, detail_calibrators
 from qcal_export.calibrate.distributed import Ranks
 from qcal_export.calibrate.resume import Progress, StateFile, Stateful, restore_all
 from qcal_export.calibrate.tensor import (
@@ -76,14 +77,16 @@ def activation_granularity(plan: ActivationPlan) -> Granularity:
 @dataclass
 class ActivationResult:
     """Scales per activation (for a method ``auto`` one its choice replaces: max's), each
-    ``auto`` activation's candidates by method, pass counts and the Hessians asked for (blocks
-    in ``hessians``, full ``[K, K]`` ones in ``full_hessians``)."""
+    ``auto`` activation's candidates by method, pass counts, the Hessians asked for (blocks
+    in ``hessians``, full ``[K, K]`` ones in ``full_hessians``) and, where asked, what a report
+    shows of each activation (``calibrate/detail.py``)."""
 
     scales: dict[str, TensorScales]
     batches_per_pass: list[int]
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
     candidates: dict[str, dict[str, TensorScales]] = field(default_factory=dict)
     full_hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    detail: dict[str, dict] = field(default_factory=dict)
 
 
 def candidate_specs(tensor: str, spec: TensorSpec) -> list[tuple[str, TensorSpec]]:
@@ -118,12 +121,16 @@ def calibrate_activations(
     state: StateFile | None = None,
     resume: bool = False,
     ranks: Ranks | None = None,
+    detail: bool = False,
 ) -> ActivationResult:
     """Calibrate the planned activations (and accumulate the Hessians weights ask for).
 
     ``state`` saves the calibrators every few batches; with ``resume`` the run continues from
     what it saved, and the state file is removed once both passes are done. With ``ranks``
     (several processes, each capturing its shard) the states are merged after each pass.
+    ``detail``: also keep what a report shows of each activation (a histogram collected where
+    no calibrator keeps one, merged across ranks but never saved: a resumed run, which would
+    miss the batches before it, collects none, and a state file resumes whatever is asked).
     """
     ranks = ranks or Ranks()
     specs = {
@@ -138,17 +145,19 @@ def calibrate_activations(
     firsts = {key: first_pass_calibrator(cal) for key, cal in cals.items()}
     hessians = {t: BlockHessian() for t in block_hessian_inputs(plan)}
     full = {t: FullHessian() for t in full_hessian_inputs(plan)}
+    progress = state.resume() if state is not None and resume else None
+    extra = detail_calibrators(cals, specs, nonfinite) if detail and progress is None else {}
     collectors = _collectors(firsts, specs)
-    for tensor, accumulator in [*hessians.items(), *full.items()]:
+    for tensor, accumulator in [*hessians.items(), *full.items(), *extra.items()]:
         collectors.setdefault(tensor, []).append(named_collector(tensor, accumulator.collect))
     firsts_state: dict[str, Stateful] = {f"first/{t}": c for t, c in firsts.items()}
     firsts_state.update({f"hessian/{t}": h for t, h in hessians.items()})
     firsts_state.update({f"full_hessian/{t}": h for t, h in full.items()})
-    progress = state.resume() if state is not None and resume else None
+    merged = {**firsts_state, **{f"detail/{t}": h for t, h in extra.items()}}
     counts = []
     if collectors:
         first = partial(_first_pass, capture, collectors, firsts_state, state, progress)
-        counts.append(ranks.run_pass(first, firsts_state))
+        counts.append(ranks.run_pass(first, merged))
         _copy_shared(firsts, specs)
     second = second_pass(cals, firsts)
     if second:
@@ -159,7 +168,11 @@ def calibrate_activations(
     scales, candidates = _activation_scales(cals, specs, types)
     found = {t: h.hessian for t, h in hessians.items() if h.hessian is not None}
     found_full = {t: h.hessian for t, h in full.items() if h.hessian is not None}
-    return ActivationResult(scales, counts, found, candidates, found_full)
+    shown = {}
+    if detail:
+        chosen = {t: {s.method: s} for t, s in scales.items() if t not in candidates}
+        shown = activation_detail(cals, specs, {**chosen, **candidates}, extra, firsts)
+    return ActivationResult(scales, counts, found, candidates, found_full, shown)
 
 
 def _second_pass(

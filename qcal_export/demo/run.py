@@ -31,9 +31,10 @@ def run_demo(
     progress: ProgressFactory | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (format, activation method, weight method): held-out embedding cosine vs
-    float, mean relative weight error, time, model path; and, where ``mixed_formats`` are
-    given, one more row: the mixed-format search among them (cheapest first) for
-    ``target_cosine``, placed as TensorRT does, with its bits per weight and per activation.
+    float, mean relative weight error, time, model path and its HTML report's; and, where
+    ``mixed_formats`` are given, one more row: the mixed-format search among them (cheapest
+    first) for ``target_cosine``, placed as TensorRT does, with its bits per weight and per
+    activation.
 
     Each run takes calibrate's defaults beside its formats and methods (target ort: int8 runs
     get uint8 activations, ``activation_format`` in the row), or ``activation_format`` for
@@ -94,6 +95,7 @@ def _demo_row(
         output=stem.with_suffix(".onnx"),
         scales=stem.with_suffix(".safetensors"),
         report=stem.with_suffix(".json"),
+        html=stem.with_suffix(".html"),
         activation_format=activation_format,
         method=method,
         weight_method=weight_method,
@@ -113,6 +115,7 @@ def _demo_row(
         "weight_error": sum(errors) / len(errors) if errors else float("nan"),
         "seconds": seconds,
         "model": str(stem.with_suffix(".onnx")),
+        "html": str(stem.with_suffix(".html")),
         **score,
     }
     return row | (_mixed_fields(result.report, mixed) if mixed else {})

@@ -71,6 +71,7 @@ def check_paths(
     data_options: Any = None,
     validate_data: Any = None,
     trt_calib_table: str | Path | None = None,
+    html: str | Path | None = None,
 ) -> frozenset[Path]:
     """OutputError naming both options when an output would overwrite, remove or turn into an
     input (the model, its external data, the data and ``validate_data``, a data module or
@@ -87,6 +88,7 @@ def check_paths(
     writes = _writes(output, scales, report, state, checkpoint, checkpoint_layouts)
     if trt_calib_table is not None:
         writes.append(Place(f"--trt-calib-table {trt_calib_table}", Path(trt_calib_table)))
+    writes += [Place(f"--html {html}", Path(html))] if html is not None else []
     for write in writes:
         for read in reads:
             if write.same(read):

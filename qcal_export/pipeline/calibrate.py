@@ -13,6 +13,7 @@ from qcal_export.analysis.accuracy import Accuracy, split_data, target_from
 from qcal_export.analysis.layer_view import Analysis
 from qcal_export.analysis.mixed_formats import MixedAnalysis
 from qcal_export.artifacts.calib_table import write_calib_table
+from qcal_export.artifacts.html_report import write_html
 from qcal_export.artifacts.onnx_layers import write_checkpoints
 from qcal_export.artifacts.report import save_report
 from qcal_export.artifacts.scales import save_scales
@@ -187,6 +188,7 @@ def _join_ranks(
                 model=None,
                 scales=None,
                 report=None,
+                html=None,
                 checkpoint=None,
                 calib_table=None,
                 validate_batches=0,
@@ -245,6 +247,8 @@ def _write_outputs(
             result.report.update(analysis.report(run.planned(), exported.model, holdout))
     if outputs.report is not None:
         result.report_path = save_report(outputs.report, result.report)
+    if outputs.html is not None:
+        result.html_path = write_html(outputs.html, result.report)
     if outputs.strict:
         _refuse_strictly(result, validation, verdict)
     return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qcal_export.artifacts.report import tensor_row
+from qcal_export.artifacts.report import SCHEMA_VERSION, tensor_row
 from qcal_export.artifacts.scales import versions
 from qcal_export.spec.scales import TensorScales
 
@@ -28,9 +28,12 @@ def build_report(
     reference where ORT cannot run the model (``validator`` names which); ``validation`` holds
     both figures and any runtime issue (None when no batch was validated).
     ``quantized_nodes`` leaves out ``partially_quantized_nodes`` (a weight not found, say).
+    ``activations``: per activation its histogram, the range each of its calibrators chose and
+    the MSE methods' losses (``calibrate/detail.py``); the layout is ``report_schema.json``'s.
     """
     partial = run.partial_nodes()
     return {
+        "schema_version": SCHEMA_VERSION,
         "model": str(run.loaded.path),
         "model_sha256": run.loaded.sha256,
         "output_model": str(result.model_path) if result.model_path else None,
@@ -53,6 +56,7 @@ def build_report(
         "float_subgraph_nodes": run.plan.float_subgraph_nodes,
         "plan_notes": [*run.plan.notes, *run.plan.placement_notes],
         "tensors": [tensor_row(s, run.weight_errors) for s in scales.values()],
+        "activations": run.activation_detail,
         "export_notes": exported.notes,
         "validator": run.validator or None,
         "output_error": {} if validation is None else validation.output_error,

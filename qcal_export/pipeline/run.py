@@ -19,6 +19,7 @@ import onnx
 
 from qcal_export.analysis.planned import PlannedModel
 from qcal_export.artifacts.calib_table import check_table_plan
+from qcal_export.artifacts.html_plots import require_matplotlib
 from qcal_export.artifacts.onnx_layers import check_checkpoint_dir, check_checkpoint_recipe
 from qcal_export.calibrate.distributed import Ranks
 from qcal_export.calibrate.resume import StateFile
@@ -71,6 +72,7 @@ class Run:
     device_id: int = 0
     ranks: Ranks = field(default_factory=Ranks)
     candidates: dict[str, dict[str, TensorScales]] = field(default_factory=dict)
+    activation_detail: dict[str, dict[str, Any]] = field(default_factory=dict)
     preprocessed: PreprocessResult | None = None
 
     def partial_nodes(self) -> dict[str, str]:
@@ -108,6 +110,7 @@ class CalibrationResult:
     model_path: Path | None = None
     scales_path: Path | None = None
     report_path: Path | None = None
+    html_path: Path | None = None
     checkpoint_paths: dict[str, Path] = field(default_factory=dict)
     calib_table_path: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -133,6 +136,7 @@ class Outputs:
     calib_table: str | Path | None = None
     calib_table_form: str = "tensorrt"
     trt_version: str = DEFAULT_TRT_VERSION
+    html: str | Path | None = None
 
 
 def plan_run(
@@ -233,6 +237,7 @@ def asked_outputs(config: CalibrationConfig) -> Outputs:
         calib_table=wanted.trt_calib_table,
         calib_table_form=wanted.trt_calib_form,
         trt_version=wanted.trt_calib_version,
+        html=wanted.html,
     )
 
 
@@ -250,6 +255,7 @@ def check_request(
         output=outputs.model,
         scales=outputs.scales,
         report=outputs.report,
+        html=outputs.html,
         checkpoint=outputs.checkpoint,
         trt_calib_table=outputs.calib_table,
         data=data,
@@ -269,7 +275,10 @@ def check_request(
         "scales": "scales file",
         "report": "report",
         "trt_calib_table": "calibration table",
+        "html": "HTML report",
     }
+    if paths["html"] is not None:
+        require_matplotlib()
     for key, what in {**written, "state": "state file"}.items():
         if paths[key] is not None:
             check_writable(paths[key], what)

@@ -61,6 +61,7 @@ def calibrate_scales(
         state=run.state,
         resume=config.state.resume,
         ranks=run.ranks,
+        detail=config.outputs.report is not None or config.outputs.html is not None,
     )
     del capture  # closes the capture session (its copies of the weights) before the weights
     run.batches_per_pass = [*run.batches_per_pass, *activations.batches_per_pass]
@@ -77,6 +78,7 @@ def calibrate_scales(
     )
     found.update(activations.scales)
     run.candidates = activations.candidates
+    run.activation_detail = activations.detail
     return found
 
 

@@ -235,7 +235,8 @@ class CaptureConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """The files a run writes (None: not asked): QDQ model, scales, report, checkpoints."""
+    """The files a run writes (None: not asked): QDQ model, scales, report (JSON, HTML),
+    checkpoints."""
 
     output: str | Path | None = field(
         default=None, metadata=cli("-o", "--output", help="QDQ ONNX model to write")
@@ -245,6 +246,10 @@ class OutputConfig:
     )
     report: str | Path | None = field(
         default=None, metadata=cli("--report", help="JSON report to write")
+    )
+    html: str | Path | None = field(
+        default=None,
+        metadata=cli("--html", help="HTML report to write (one self-contained page with plots)"),
     )
     checkpoint: str | Path | None = field(
         default=None,

@@ -26,6 +26,7 @@ FULL = {
         "output": "q.onnx",
         "scales": "s.safetensors",
         "report": "r.json",
+        "html": "r.html",
         "checkpoint": "ckpt",
         "checkpoint_layouts": ["modelopt", "compressed-tensors"],
         "int4_layout": "matmulnbits",
@@ -250,6 +251,7 @@ def test_flags_build_the_config_the_keywords_build():
     bare = calibrate_parser().parse_args(["m.onnx"])
     assert config_from_args(bare) == CalibrationConfig()
     argv = ["m.onnx", "-o", "q.onnx", "--scales", "s.safetensors", "--report", "r.json"]
+    argv += ["--html", "r.html"]
     argv += ["--checkpoint", "ckpt", "--checkpoint-layout", "modelopt", "compressed-tensors"]
     argv += ["--int4-layout", "matmulnbits", "--trt-calib-table", "t.cache"]
     argv += ["--trt-calib-form", "ort-json", "--trt-calib-version", "8.6.1"]
