@@ -85,7 +85,7 @@ class ActivationResult:
     batches_per_pass: list[int]
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
     candidates: dict[str, dict[str, TensorScales]] = field(default_factory=dict)
-    full_hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    full_hessians: dict[str, FullHessian] = field(default_factory=dict)
     detail: dict[str, dict] = field(default_factory=dict)
 
 
@@ -167,7 +167,7 @@ def calibrate_activations(
     types = {t: a.elem_type for t, a in plan.activations.items()}
     scales, candidates = _activation_scales(cals, specs, types)
     found = {t: h.hessian for t, h in hessians.items() if h.hessian is not None}
-    found_full = {t: h.hessian for t, h in full.items() if h.hessian is not None}
+    found_full = {t: h for t, h in full.items() if h.hessian is not None}
     shown = {}
     if detail:
         chosen = {t: {s.method: s} for t, s in scales.items() if t not in candidates}

@@ -8,13 +8,15 @@ A weight without a Hessian (no MatMul/Gemm input, or no batch seen) is rounded t
 
 from __future__ import annotations
 
+import logging
+
 import onnx
 import torch
 from onnx import TensorProto
 
 from qcal_export.calibrate.decisions import tensor_scales
 from qcal_export.calibrate.tensor import SCALE_TYPES, make_calibrator
-from qcal_export.calibrators import MaxCalibrator
+from qcal_export.calibrators import FullHessian, MaxCalibrator
 from qcal_export.errors import CalibrationError, DataError
 from qcal_export.onnx_io.initializers import initializer_values, replace_values
 from qcal_export.onnx_io.weights import store_embedded
@@ -22,6 +24,8 @@ from qcal_export.spec.formats import SCALE_LIMITS, get_format
 from qcal_export.spec.methods import METHODS
 from qcal_export.spec.plan import Plan, WeightPlan
 from qcal_export.spec.scales import TensorScales
+
+log = logging.getLogger(__name__)
 
 
 def gptq_weights(plan: Plan) -> dict[str, WeightPlan]:
@@ -33,12 +37,16 @@ def compensate_weights(
     model: onnx.ModelProto,
     plan: Plan,
     nonfinite: str,
-    hessians: dict[str, torch.Tensor],
+    hessians: dict[str, FullHessian],
     device: torch.device | None = None,
 ) -> dict[str, TensorScales]:
     """Scales of the plan's GPTQ weights, each weight's initializer in ``model`` replaced by
     its compensated values (in its own dtype), one weight at a time on ``device`` (the host
-    where None). ``hessians``: full ``Xᵀ X`` by layer input."""
+    where None). ``hessians``: full ``Xᵀ X`` by layer input.
+
+    A Hessian summed over fewer rows than the layer has inputs is singular: GPTQ then fits the
+    calibration rows, which can leave other data worse off than round to nearest; the weight's
+    record and the log say so."""
     initializers = {t.name: t for t in model.graph.initializer}
     scales = {}
     for tensor, weight in gptq_weights(plan).items():
@@ -46,8 +54,12 @@ def compensate_weights(
         values = initializer_values(init)
         if device is not None:
             values = values.to(device)
-        hessian = hessians.get(weight.hessian_input) if weight.hessian_input else None
+        accumulated = hessians.get(weight.hessian_input) if weight.hessian_input else None
+        hessian = accumulated.hessian if accumulated is not None else None
         scales[tensor], compensated = compensate_weight(tensor, values, weight, nonfinite, hessian)
+        if accumulated is not None and accumulated.rows < accumulated.hessian.shape[0]:
+            scales[tensor].notes.append(few_rows_note(tensor, accumulated))
+            log.warning("%s", scales[tensor].notes[-1])
         if compensated is not None:
             replace_values(init, compensated)
     if scales:
@@ -97,6 +109,16 @@ def compensate_weight(
     axis = cal.k_axis
     scales.notes.append(error_note(values, compensated, nearest_values, hessian, axis))
     return scales, compensated.to(values.dtype)
+
+
+def few_rows_note(tensor: str, accumulated: FullHessian) -> str:
+    """Why a weight's GPTQ may do worse than round to nearest off the calibration data."""
+    return (
+        f"gptq: {tensor}: its Hessian sums {accumulated.rows} input rows for "
+        f"{accumulated.hessian.shape[0]} inputs, so it is singular and the compensation fits "
+        "the calibration data: calibrate on more tokens than that (many times more is "
+        "better), or raise percdamp"
+    )
 
 
 def output_error(

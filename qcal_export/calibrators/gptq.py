@@ -21,7 +21,9 @@ from qcal_export.spec.granularity import Granularity, PerAxis, PerBlock, PerTens
 
 
 class FullHessian:
-    """Accumulates ``H = Xᵀ X`` ``[K, K]`` of a layer's input ``[..., K]`` over batches.
+    """Accumulates ``H = Xᵀ X`` ``[K, K]`` of a layer's input ``[..., K]`` over batches, and the
+    number of rows ``X`` had (``rows``: fewer than K leave H singular, and GPTQ then fits the
+    calibration data rather than the layer).
 
     Float64: the sum runs over every token of the data, and a sum of per-rank or per-resume
     parts then equals one run's up to float64 rounding, as ``BlockHessian``'s does. Non-finite
@@ -30,16 +32,22 @@ class FullHessian:
 
     def __init__(self) -> None:
         self.hessian: torch.Tensor | None = None
+        self.rows = 0
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        """The accumulated ``H`` for resumable runs (empty before the first collect)."""
-        return {} if self.hessian is None else {"hessian": self.hessian.cpu().clone()}
+        """The accumulated ``H`` and row count for resumable runs (empty before the first
+        collect)."""
+        if self.hessian is None:
+            return {}
+        return {"hessian": self.hessian.cpu().clone(), "rows": torch.tensor(self.rows)}
 
     def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
         self.hessian = snapshot["hessian"].clone() if snapshot else None
+        self.rows = int(snapshot["rows"]) if snapshot else 0
 
     def reset(self) -> None:
         self.hessian = None
+        self.rows = 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Merges by sum (``merge_``), as ``H`` of the union of the batches."""
@@ -51,6 +59,7 @@ class FullHessian:
             if self.hessian is not None:
                 theirs = self.hessian + theirs.to(self.hessian.device)
             self.hessian = theirs
+            self.rows += int(state["rows"])
 
     def collect(self, x: torch.Tensor) -> None:
         if x.numel() == 0:
@@ -59,6 +68,7 @@ class FullHessian:
         rows = rows[torch.isfinite(rows).all(dim=1)]
         update = rows.T @ rows
         self.hessian = update if self.hessian is None else self.hessian.add_(update)
+        self.rows += rows.shape[0]
 
 
 class GptqCalibrator(Calibrator):

@@ -149,3 +149,33 @@ def test_llm_heldout_error_is_no_worse_than_nearest(tmp_path):
         rows = [r for r in result.report["tensors"] if r["kind"] == "weight"]
         assert rows and all(r["method"] == method for r in rows)
     assert all(g <= m for g, m in zip(errors["gptq"], errors["max"], strict=True)), errors
+
+
+@pytest.mark.parametrize("batches", [1, 4])
+def test_a_hessian_of_fewer_rows_than_inputs_is_noted(tmp_path, batches, caplog):
+    """One batch gives the MatMul 40 rows of its 64 inputs: its H is singular, and its record
+    (and the log) says GPTQ fits the calibration data; the Gemm reduces over 24 inputs, which
+    40 rows cover, and four batches (160 rows) cover both."""
+    path = two_layer_model(tmp_path)
+    result = calibrate_onnx(
+        path,
+        tmp_path / "data",
+        max_batches=batches,
+        format="int4",
+        activation_format="none",
+        weight_method="gptq",
+        block_size=8,
+        validate_batches=0,
+    )
+    notes = {
+        r["tensor"]: [n for n in r.get("notes", []) if "input rows" in n]
+        for r in result.report["tensors"]
+        if r["kind"] == "weight"
+    }
+    want = f"gptq: w1: its Hessian sums {TOKENS} input rows for {K} inputs, so it is singular"
+    if batches == 1:
+        assert len(notes["w1"]) == 1 and notes["w1"][0].startswith(want)
+        assert notes["w2"] == []
+        assert sum(r.getMessage().startswith(want) for r in caplog.records) == 1
+    else:
+        assert notes == {"w1": [], "w2": []}

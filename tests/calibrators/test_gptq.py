@@ -158,9 +158,10 @@ def test_full_hessian_sums_merges_and_drops_nonfinite_rows():
     rows = rows[torch.isfinite(rows).all(1)]
     torch.testing.assert_close(whole.hessian, rows.T @ rows, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(first.hessian, whole.hessian, rtol=1e-14, atol=1e-14)
+    assert whole.rows == first.rows == len(rows) == 9
     resumed = FullHessian()
     resumed.restore(whole.snapshot())
-    assert torch.equal(resumed.hessian, whole.hessian)
+    assert torch.equal(resumed.hessian, whole.hessian) and resumed.rows == 9
 
 
 @pytest.mark.parametrize(
