@@ -34,10 +34,9 @@ from qcal_export.calibrate.tensor import (
     second_pass,
 )
 from qcal_export.calibrators import Calibrator
-from qcal_export.calibrators.gptq import FullHessian
+from qcal_export.calibrators.hessian import BlockHessian, FullHessian
 from qcal_export.calibrators.histogram import HistogramCalibrator
 from qcal_export.calibrators.max import MaxCalibrator
-from qcal_export.calibrators.nvfp4_mse import BlockHessian
 from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import Granularity, PerTensor, PerTensorGroup
 from qcal_export.spec.methods import METHODS

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from qcal_export.calibrators.base import Calibrator
 from qcal_export.calibrators.entropy import EntropyCalibrator
-from qcal_export.calibrators.gptq import FullHessian, GptqCalibrator
+from qcal_export.calibrators.gptq import GptqCalibrator
+from qcal_export.calibrators.hessian import BlockHessian, FullHessian
 from qcal_export.calibrators.hist_mse import HistogramMseCalibrator
 from qcal_export.calibrators.histogram import HistogramCalibrator
 from qcal_export.calibrators.max import MaxCalibrator
 from qcal_export.calibrators.mse import MseCalibrator, mse_multipliers
 from qcal_export.calibrators.mx_mse import MxMseCalibrator
-from qcal_export.calibrators.nvfp4_mse import BlockHessian, NVFP4MseCalibrator
+from qcal_export.calibrators.nvfp4_mse import NVFP4MseCalibrator
 from qcal_export.calibrators.percentile import PercentileCalibrator
 from qcal_export.calibrators.shrink_mse import ShrinkMseCalibrator
 from qcal_export.spec import methods

@@ -1,5 +1,5 @@
-"""GPTQ weight calibration: a layer input's full Hessian ``H = Xᵀ X`` (``FullHessian``) and a
-calibrator that rounds the weight column by column with error compensation (``gptq_solve``).
+"""GPTQ weight calibration: a calibrator that rounds the weight column by column with error
+compensation (``gptq_solve``) on its layer input's full Hessian (``hessian.FullHessian``).
 
 The calibrator decides the scales and the compensated weight together: ``compute_range`` gives
 each group's range as GPTQ reached it, ``compensated_weight`` the rounded weight (graph shape),
@@ -18,57 +18,6 @@ from qcal_export.errors import CalibrationError
 from qcal_export.spec.choices import NonFinite
 from qcal_export.spec.formats import SCALE_FLOOR, IntFormat
 from qcal_export.spec.granularity import Granularity, PerAxis, PerBlock, PerTensor
-
-
-class FullHessian:
-    """Accumulates ``H = Xᵀ X`` ``[K, K]`` of a layer's input ``[..., K]`` over batches, and the
-    number of rows ``X`` had (``rows``: fewer than K leave H singular, and GPTQ then fits the
-    calibration data rather than the layer).
-
-    Float64: the sum runs over every token of the data, and a sum of per-rank or per-resume
-    parts then equals one run's up to float64 rounding, as ``BlockHessian``'s does. Non-finite
-    rows (a NaN or Inf anywhere in the row) are left out.
-    """
-
-    def __init__(self) -> None:
-        self.hessian: torch.Tensor | None = None
-        self.rows = 0
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """The accumulated ``H`` and row count for resumable runs (empty before the first
-        collect)."""
-        if self.hessian is None:
-            return {}
-        return {"hessian": self.hessian.cpu().clone(), "rows": torch.tensor(self.rows)}
-
-    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
-        self.hessian = snapshot["hessian"].clone() if snapshot else None
-        self.rows = int(snapshot["rows"]) if snapshot else 0
-
-    def reset(self) -> None:
-        self.hessian = None
-        self.rows = 0
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Merges by sum (``merge_``), as ``H`` of the union of the batches."""
-        return self.snapshot()
-
-    def merge_(self, state: dict[str, torch.Tensor]) -> None:
-        if state:
-            theirs = state["hessian"].to(torch.float64)
-            if self.hessian is not None:
-                theirs = self.hessian + theirs.to(self.hessian.device)
-            self.hessian = theirs
-            self.rows += int(state["rows"])
-
-    def collect(self, x: torch.Tensor) -> None:
-        if x.numel() == 0:
-            return
-        rows = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        rows = rows[torch.isfinite(rows).all(dim=1)]
-        update = rows.T @ rows
-        self.hessian = update if self.hessian is None else self.hessian.add_(update)
-        self.rows += rows.shape[0]
 
 
 class GptqCalibrator(Calibrator):

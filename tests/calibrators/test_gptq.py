@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcal_export.calibrators.gptq import FullHessian, GptqCalibrator
+from qcal_export.calibrators.gptq import GptqCalibrator
 from qcal_export.calibrators.gptq_solve import ColumnGroups, gptq_columns
+from qcal_export.calibrators.hessian import FullHessian
 from qcal_export.errors import CalibrationError
 from qcal_export.spec.formats import INT4, INT8, UINT4, UINT8, IntFormat
 from qcal_export.spec.granularity import PerAxis, PerBlock, PerTensor

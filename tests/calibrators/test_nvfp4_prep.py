@@ -13,7 +13,8 @@ import pytest
 import torch
 from triton_device import DEVICE, MARKS
 
-from qcal_export.calibrators.nvfp4_mse import BlockHessian, fp8_scale_candidates
+from qcal_export.calibrators.hessian import BlockHessian
+from qcal_export.calibrators.nvfp4_mse import fp8_scale_candidates
 from qcal_export.spec.formats import NVFP4
 
 pytestmark = MARKS
