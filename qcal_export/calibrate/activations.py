@@ -132,15 +132,7 @@ def calibrate_activations(
     miss the batches before it, collects none, and a state file resumes whatever is asked).
     """
     ranks = ranks or Ranks()
-    specs = {
-        key: (t, spec)
-        for t, a in plan.activations.items()
-        for key, spec in candidate_specs(t, a.spec)
-    }
-    cals = {
-        key: make_calibrator(spec, activation_granularity(plan.activations[t]), nonfinite)
-        for key, (t, spec) in specs.items()
-    }
+    specs, cals = _planned_calibrators(plan, nonfinite)
     firsts = {key: first_pass_calibrator(cal) for key, cal in cals.items()}
     hessians = {t: BlockHessian() for t in block_hessian_inputs(plan)}
     full = {t: FullHessian() for t in full_hessian_inputs(plan)}
@@ -167,11 +159,39 @@ def calibrate_activations(
     scales, candidates = _activation_scales(cals, specs, types)
     found = {t: h.hessian for t, h in hessians.items() if h.hessian is not None}
     found_full = {t: h for t, h in full.items() if h.hessian is not None}
-    shown = {}
-    if detail:
-        chosen = {t: {s.method: s} for t, s in scales.items() if t not in candidates}
-        shown = activation_detail(cals, specs, {**chosen, **candidates}, extra, firsts)
+    shown = _detail(cals, specs, scales, candidates, extra, firsts) if detail else {}
     return ActivationResult(scales, counts, found, candidates, found_full, shown)
+
+
+def _detail(
+    cals: dict[str, Calibrator],
+    specs: dict[str, tuple[str, TensorSpec]],
+    scales: dict[str, TensorScales],
+    candidates: dict[str, dict[str, TensorScales]],
+    extra: dict[str, Calibrator],
+    firsts: dict[str, Calibrator],
+) -> dict[str, dict]:
+    """What a report shows of each activation: every method's scales (a search's candidates,
+    else the one method's)."""
+    chosen = {t: {s.method: s} for t, s in scales.items() if t not in candidates}
+    return activation_detail(cals, specs, {**chosen, **candidates}, extra, firsts)
+
+
+def _planned_calibrators(
+    plan: Plan, nonfinite: str
+) -> tuple[dict[str, tuple[str, TensorSpec]], dict[str, Calibrator]]:
+    """Per calibrator key (an activation, or ``tensor#method`` for a search's candidates): its
+    tensor and spec, and its calibrator."""
+    specs = {
+        key: (t, spec)
+        for t, a in plan.activations.items()
+        for key, spec in candidate_specs(t, a.spec)
+    }
+    cals = {
+        key: make_calibrator(spec, activation_granularity(plan.activations[t]), nonfinite)
+        for key, (t, spec) in specs.items()
+    }
+    return specs, cals
 
 
 def _second_pass(

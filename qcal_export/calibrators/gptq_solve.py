@@ -116,21 +116,8 @@ def gptq_columns(
     consecutive columns, each scaled when the first of its columns is reached.
     """
     rows, columns = weight.shape
-    if tuple(hessian.shape) != (columns, columns):
-        raise CalibrationError(
-            f"the Hessian is {tuple(hessian.shape)}, the weight has {columns} columns"
-        )
-    h = hessian.to(device=weight.device, dtype=torch.float64, copy=True)
-    diagonal = h.diagonal()
-    diagonal[diagonal == 0] = 1.0
-    if act_order:
-        order = torch.argsort(diagonal, descending=True, stable=True)
-    else:
-        order = torch.arange(columns, device=weight.device)
-    h = h[order][:, order]
-    h.diagonal().add_(percdamp * float(h.diagonal().mean()))
-    upper = _inverse_upper_cholesky(h, percdamp).to(groups.dtype)
-    del h
+    h = hessian.to(weight.device)
+    order, upper = _ordered_inverse(h, columns, percdamp, act_order, groups.dtype)
     # Columns as rows ([K, N]): each column and each block's rank-1 updates are contiguous.
     w = weight.T.to(groups.dtype)[order].contiguous()
     rounded, codes = torch.empty_like(w), torch.empty_like(w)
@@ -173,6 +160,28 @@ def _one_thread(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _ordered_inverse(
+    hessian: torch.Tensor, columns: int, percdamp: float, act_order: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the columns' rounding order, the upper Cholesky factor of the dampened ``H⁻¹`` in that
+    order, as ``dtype``), both on ``hessian``'s device, for a weight of ``columns`` columns;
+    dead columns' zero diagonal becomes 1."""
+    if tuple(hessian.shape) != (columns, columns):
+        raise CalibrationError(
+            f"the Hessian is {tuple(hessian.shape)}, the weight has {columns} columns"
+        )
+    h = hessian.to(dtype=torch.float64, copy=True)
+    diagonal = h.diagonal()
+    diagonal[diagonal == 0] = 1.0
+    if act_order:
+        order = torch.argsort(diagonal, descending=True, stable=True)
+    else:
+        order = torch.arange(columns, device=h.device)
+    h = h[order][:, order]
+    h.diagonal().add_(percdamp * float(h.diagonal().mean()))
+    return order, _inverse_upper_cholesky(h, percdamp).to(dtype)
 
 
 def _inverse_upper_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:

@@ -16,6 +16,9 @@ from qcal_export.pipeline.calibrate import ProgressFactory, calibrate_onnx
 from qcal_export.spec.methods import METHODS
 
 NUM_CALIB, NUM_HELDOUT, BATCH_SIZE = 256, 128, 16
+MIXED_ROW = {"target": "tensorrt", "view_batches": 1}
+"""The mixed-format row's placement (the MatMul inputs, as TensorRT places Q/DQ) and the
+calibration batches its sensitivity is measured on."""
 
 
 def run_demo(
@@ -85,9 +88,7 @@ def _demo_row(
     fmt, method, weight_method = run
     activations = "" if activation_format is None else f"{activation_format}-"
     stem = out_dir / f"minilm_{fmt}_a-{activations}{method}_w-{weight_method}"
-    search = {}
-    if mixed:
-        search = {"format": mixed["formats"][0], "target": "tensorrt", "view_batches": 1, **mixed}
+    search = {"format": mixed["formats"][0], **MIXED_ROW, **mixed} if mixed else {}
     start = time.perf_counter()
     result = calibrate_onnx(
         float_model,

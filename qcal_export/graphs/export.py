@@ -149,7 +149,6 @@ def export_qdq(
     graph = model.graph
     names = Names(graph)
     params: dict[str, list[str]] = {}
-    activation_params: dict[str, list[str]] = {}
     nbits: set[str] = set()
     if int4_layout == "matmulnbits":
         nbits, nbits_notes = write_nbits(model, plan, scales, names)
@@ -164,18 +163,8 @@ def export_qdq(
             quantize_weight_mx(graph, weight, q, weights_mode, names)
         else:
             params[tensor] = quantize_weight(graph, weight, q, weights_mode, names)
-    for tensor, activation in plan.activations.items():
-        q = scales[tensor].qparams()
-        if q.fmt.two_level:
-            global_name, note = insert_activation_nvfp4(graph, activation, q, names, nvfp4_form)
-            activation_params[tensor] = [global_name]
-            notes.append(note)
-        elif q.fmt.shared_exponent:
-            insert_activation_mx(graph, activation, q.fmt, names)
-            activation_params[tensor] = []
-        else:
-            params[tensor] = insert_activation_qdq(graph, activation, q, names)
-            activation_params[tensor] = params[tensor]
+    activation_params = _insert_activations(graph, plan, scales, names, nvfp4_form, notes)
+    params.update(activation_params)
     for shared in plan.shared.values():
         insert_shared_qdq(graph, shared, params[shared.source], PerTensor(), names)
     notes += drop_zero_points(graph, zero_point_free)
@@ -186,3 +175,29 @@ def export_qdq(
     check_model(model, "the quantized model", full=True)
     kept = [n for n in notes if n]
     return ExportResult(model, opset_from, default_opset(model), kept, activation_params)
+
+
+def _insert_activations(
+    graph: onnx.GraphProto,
+    plan: Plan,
+    scales: Mapping[str, TensorScales],
+    names: Names,
+    nvfp4_form: str,
+    notes: list[str],
+) -> dict[str, list[str]]:
+    """Each planned activation's Q -> DQ (NVFP4's and MX's in-graph chains); per activation,
+    the initializers holding its calibrated values (scale and zero point, NVFP4's global
+    scale; none for MX). Notes are appended to ``notes``."""
+    params: dict[str, list[str]] = {}
+    for tensor, activation in plan.activations.items():
+        q = scales[tensor].qparams()
+        if q.fmt.two_level:
+            global_name, note = insert_activation_nvfp4(graph, activation, q, names, nvfp4_form)
+            params[tensor] = [global_name]
+            notes.append(note)
+        elif q.fmt.shared_exponent:
+            insert_activation_mx(graph, activation, q.fmt, names)
+            params[tensor] = []
+        else:
+            params[tensor] = insert_activation_qdq(graph, activation, q, names)
+    return params

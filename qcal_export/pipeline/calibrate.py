@@ -222,16 +222,7 @@ def _write_outputs(
                 checks,
                 outputs.validate_batches,
             )
-    if outputs.calib_table is not None:
-        result.calib_table_path = write_calib_table(
-            outputs.calib_table, run.plan, found, outputs.calib_table_form, outputs.trt_version
-        )
-    if outputs.model is not None:
-        result.model_path = save_model(
-            exported.model, outputs.model, external_data=run.loaded.external_data, keep=outputs.keep
-        )
-    if outputs.scales is not None:
-        result.scales_path = save_scales(outputs.scales, found, run.loaded.sha256)
+    _write_files(run, found, outputs, exported, result)
     result.report = {**build_report(run, found, exported, validation, result), **sections}
     if _runs_in_ort(exported.model, validation):
         with run.timed("deployment_s"):
@@ -254,12 +245,39 @@ def _write_outputs(
     return result
 
 
+def _write_files(
+    run: Run,
+    found: dict[str, TensorScales],
+    outputs: Outputs,
+    exported: ExportResult,
+    result: CalibrationResult,
+) -> None:
+    """Write the calibration table, the QDQ model and the scales file asked for (the report
+    follows, naming them)."""
+    if outputs.calib_table is not None:
+        result.calib_table_path = write_calib_table(
+            outputs.calib_table, run.plan, found, outputs.calib_table_form, outputs.trt_version
+        )
+    if outputs.model is not None:
+        result.model_path = save_model(
+            exported.model, outputs.model, external_data=run.loaded.external_data, keep=outputs.keep
+        )
+    if outputs.scales is not None:
+        result.scales_path = save_scales(outputs.scales, found, run.loaded.sha256)
+
+
 def _refuse_strictly(
     result: CalibrationResult, validation: Validation | None, verdict: dict[str, Any] | None
 ) -> None:
     """Under ``strict``: RuntimeMismatchError where ORT's default session is at fault,
     BelowTargetError where the verdict is below target (both exit 3; everything is written)."""
-    paths = (result.model_path, result.scales_path, result.calib_table_path, result.report_path)
+    paths = (
+        result.model_path,
+        result.scales_path,
+        result.calib_table_path,
+        result.report_path,
+        result.html_path,
+    )
     written = ", ".join(str(p) for p in paths if p) or "nothing asked"
     if validation is not None and validation.issue is not None:
         raise RuntimeMismatchError(f"--strict: {validation.issue.summary}; written: {written}")
@@ -292,15 +310,12 @@ def _export(
             result.checkpoint_paths = write_checkpoints(
                 run.loaded.proto, run.plan, found, outputs.checkpoint, outputs.checkpoint_layouts
             )
-
     validates = data is not None and outputs.validate_batches > 0
     source = fallback_source(run.plan, run.loaded.proto) if validates else None
 
     def export(plan: Plan, model: onnx.ModelProto) -> ExportResult:
-        recipe = run.recipe
-        return export_qdq(
-            model, plan, found, recipe.weights_mode, recipe.nvfp4_form, outputs.int4_layout
-        )
+        recipe, layout = run.recipe, outputs.int4_layout
+        return export_qdq(model, plan, found, recipe.weights_mode, recipe.nvfp4_form, layout)
 
     with run.timed("export_s"):
         exported = export(run.plan, run.loaded.proto)

@@ -241,6 +241,17 @@ def asked_outputs(config: CalibrationConfig) -> Outputs:
     )
 
 
+WRITTEN = {
+    "output": "output model",
+    "scales": "scales file",
+    "report": "report",
+    "trt_calib_table": "calibration table",
+    "html": "HTML report",
+    "state": "state file",
+}
+"""The files a run writes, by their key in ``check_request``'s paths, as its messages name them."""
+
+
 def check_request(
     run: Run, outputs: Outputs, config: CalibrationConfig, data: Any, data_options: Any
 ) -> frozenset[Path]:
@@ -270,16 +281,9 @@ def check_request(
         log.warning(
             "recipe fields %s apply to torch models only; the ONNX run ignores them", torch_only
         )
-    written = {
-        "output": "output model",
-        "scales": "scales file",
-        "report": "report",
-        "trt_calib_table": "calibration table",
-        "html": "HTML report",
-    }
     if paths["html"] is not None:
         require_matplotlib()
-    for key, what in {**written, "state": "state file"}.items():
+    for key, what in WRITTEN.items():
         if paths[key] is not None:
             check_writable(paths[key], what)
     if paths["checkpoint"] is not None:
@@ -293,6 +297,13 @@ def check_request(
     )
     if paths["checkpoint"] is not None:
         check_checkpoint_recipe(run.recipe, checkpoint_layouts)
+    _check_layouts(run, outputs)
+    return read
+
+
+def _check_layouts(run: Run, outputs: Outputs) -> None:
+    """RecipeError where the calibration table or the MatMulNBits layout cannot hold the run's
+    quantization."""
     if outputs.calib_table is not None:
         check_table_plan(run.plan)
     if outputs.int4_layout == Int4Layout.MATMULNBITS and run.recipe.weights_mode != "quantized":
@@ -300,7 +311,6 @@ def check_request(
             "--int4-layout matmulnbits stores the weights quantized: it cannot go with "
             f"--weights-mode {run.recipe.weights_mode}"
         )
-    return read
 
 
 def state_file(run: Run, config: CalibrationConfig, split: bool) -> StateFile | None:
