@@ -27,12 +27,9 @@ import torch
 import triton
 from gpu_timing import copy_rate, cuda_median, fma_rate, gpu_tag, innermost_loop
 
+from qcal_export.calibrators.hessian import BlockHessian
 from qcal_export.calibrators.kernels import nvfp4_best, nvfp4_sweep
-from qcal_export.calibrators.nvfp4_mse import (
-    BlockHessian,
-    NVFP4MseCalibrator,
-    fp8_scale_candidates,
-)
+from qcal_export.calibrators.nvfp4_mse import NVFP4MseCalibrator, fp8_scale_candidates
 from qcal_export.spec.formats import NVFP4
 from qcal_export.spec.granularity import PerBlock
 

@@ -12,11 +12,8 @@ import pytest
 import torch
 
 from qcal_export.calibrators import kernels
-from qcal_export.calibrators.nvfp4_mse import (
-    BlockHessian,
-    NVFP4MseCalibrator,
-    fp8_scale_candidates,
-)
+from qcal_export.calibrators.hessian import BlockHessian
+from qcal_export.calibrators.nvfp4_mse import NVFP4MseCalibrator, fp8_scale_candidates
 from qcal_export.spec.formats import NVFP4
 from qcal_export.spec.granularity import PerBlock
 

@@ -6,11 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from qcal_export.calibrators.nvfp4_mse import (
-    BlockHessian,
-    NVFP4MseCalibrator,
-    fp8_scale_candidates,
-)
+from qcal_export.calibrators.hessian import BlockHessian
+from qcal_export.calibrators.nvfp4_mse import NVFP4MseCalibrator, fp8_scale_candidates
 from qcal_export.errors import CalibrationError
 from qcal_export.spec.formats import NVFP4
 from qcal_export.spec.granularity import PerBlock
