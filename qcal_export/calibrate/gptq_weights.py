@@ -58,8 +58,8 @@ def compensate_weights(
         hessian = accumulated.hessian if accumulated is not None else None
         scales[tensor], compensated = compensate_weight(tensor, values, weight, nonfinite, hessian)
         if accumulated is not None and accumulated.rows < accumulated.hessian.shape[0]:
-            scales[tensor].notes.append(few_rows_note(tensor, accumulated))
-            log.warning("%s", scales[tensor].notes[-1])
+            scales[tensor].notes.append(few_rows_note(accumulated))
+            log.warning("%s: %s", tensor, scales[tensor].notes[-1])
         if compensated is not None:
             replace_values(init, compensated)
     if scales:
@@ -111,10 +111,10 @@ def compensate_weight(
     return scales, compensated.to(values.dtype)
 
 
-def few_rows_note(tensor: str, accumulated: FullHessian) -> str:
+def few_rows_note(accumulated: FullHessian) -> str:
     """Why a weight's GPTQ may do worse than round to nearest off the calibration data."""
     return (
-        f"gptq: {tensor}: its Hessian sums {accumulated.rows} input rows for "
+        f"gptq: its Hessian sums {accumulated.rows} input rows for "
         f"{accumulated.hessian.shape[0]} inputs, so it is singular and the compensation fits "
         "the calibration data: calibrate on more tokens than that (many times more is "
         "better), or raise percdamp"
