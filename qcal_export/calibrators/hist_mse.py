@@ -65,8 +65,31 @@ class HistogramMseCalibrator(HistogramCalibrator):
         limit = torch.finfo(torch.float32).max
         return (amin[None] * m).clamp(-limit).float(), (amax[None] * m).clamp(max=limit).float()
 
+    def reset(self) -> None:
+        super().reset()
+        self._losses: torch.Tensor | None = None
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        super().restore(snapshot)
+        self._losses = None
+
+    def merge_(self, state: dict[str, torch.Tensor]) -> None:
+        super().merge_(state)
+        self._losses = None
+
+    def _update(self, x: torch.Tensor, groups: torch.Tensor) -> None:
+        super()._update(x, groups)
+        self._losses = None
+
     def losses(self) -> torch.Tensor:
-        """Each candidate's squared error over each group's histogram, ``[G, K]`` float64."""
+        """Each candidate's squared error over each group's histogram, ``[G, K]`` float64;
+        scored once per state (the decision and a report read the same), again after the
+        state changes."""
+        if self._losses is None:
+            self._losses = self._score()
+        return self._losses
+
+    def _score(self) -> torch.Tensor:
         hist, width = self.histogram()
         amin, amax = self.candidates()
         scale, zero_point = self.fmt.scale_zero_point(amin, amax)

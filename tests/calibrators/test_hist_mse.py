@@ -126,3 +126,32 @@ def test_block_formats_are_refused_and_the_method_is_registered():
     assert CALIBRATORS["hist-mse"] is HistogramMseCalibrator
     with pytest.raises(CalibrationError, match="hist-mse chooses one scale per group"):
         HistogramMseCalibrator(get_format("nvfp4"), PerTensor())
+
+
+def test_losses_are_scored_again_whenever_the_state_changes():
+    """The losses the decision scored are the ones a report reads, until a collect, merge or
+    restore changes the histogram: then they are those of a calibrator built on the new state."""
+    gen = torch.Generator().manual_seed(3)
+    first, second = (torch.randn(4096, generator=gen) * s for s in (1.0, 3.0))
+    cal = HistogramMseCalibrator(INT8, PerTensor())
+    cal.collect(first)
+    cal.compute_range()
+    assert cal.losses() is cal.losses()
+    alone = HistogramMseCalibrator(INT8, PerTensor())
+    alone.collect(first)
+    torch.testing.assert_close(cal.losses(), alone.losses(), rtol=0, atol=0)
+    for change in ("collect", "merge", "restore"):
+        other = HistogramMseCalibrator(INT8, PerTensor())
+        other.collect(second)
+        fresh = HistogramMseCalibrator(INT8, PerTensor())
+        fresh.restore(cal.snapshot())
+        if change == "collect":
+            cal.collect(second)
+            fresh.collect(second)
+        elif change == "merge":
+            cal.merge_(other.state_dict())
+            fresh.merge_(other.state_dict())
+        else:
+            cal.restore(other.snapshot())
+            fresh = other
+        torch.testing.assert_close(cal.losses(), fresh.losses(), rtol=0, atol=0)
