@@ -7,6 +7,7 @@ elementwise; ``merge_ops`` says which reduction merges each entry.
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from typing import ClassVar, Literal
 
@@ -17,6 +18,9 @@ from qcal_export.errors import CalibrationError
 from qcal_export.spec.choices import NonFinite
 from qcal_export.spec.formats import Format, floor_zero
 from qcal_export.spec.granularity import Granularity
+
+_VERSIONS = itertools.count()
+"""Every calibrator's state versions: each change takes the next, so none repeats."""
 
 MergeOp = Literal["sum", "max", "min", "same"]
 
@@ -50,6 +54,16 @@ class Calibrator(ABC):
         """Forget everything collected."""
         self._state: dict[str, torch.Tensor] = {}
         self._shape: tuple[int, ...] | None = None
+        self._changed()
+
+    @property
+    def state_version(self) -> int:
+        """A number that changes whenever the state does (collect, merge, restore, reset) and
+        never comes back: what is computed from the state stays current while it holds."""
+        return self._version
+
+    def _changed(self) -> None:
+        self._version = next(_VERSIONS)
 
     @classmethod
     def granularity_for(cls, fmt: Format, granularity: Granularity) -> Granularity:
@@ -102,6 +116,7 @@ class Calibrator(ABC):
         self._state["nonfinite"] += nonfinite
         self._state["numel"] += x.numel()
         self._update(x, self.granularity.groups(x))
+        self._changed()
 
     def compute_amax(self) -> torch.Tensor | None:
         """Amax of export shape (AMAX_FLOOR where the range is zero); None if nothing was
@@ -137,11 +152,13 @@ class Calibrator(ABC):
         """Replace the state with a ``snapshot`` of a calibrator built the same way."""
         self._state = {k: v.clone() for k, v in snapshot.items()}
         self._shape = None
+        self._changed()
 
     def merge_(self, state: dict[str, torch.Tensor]) -> None:
         """Fold another calibrator's ``state_dict`` into this one (same format and shapes)."""
         if not state:
             return
+        self._changed()
         if not self._state:
             self._state = {k: v.clone() for k, v in state.items()}
             self._shape = None

@@ -53,6 +53,7 @@ class HistogramMseCalibrator(HistogramCalibrator):
                 f"hist-mse chooses one scale per group, not {fmt.name}'s block scales: use mse"
             )
         self.multipliers = mse_multipliers(start, stop, step)
+        self._scored: tuple[int, torch.Tensor] | None = None
         super().__init__(fmt, granularity, bins=bins, nonfinite=nonfinite)
 
     def candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,29 +66,15 @@ class HistogramMseCalibrator(HistogramCalibrator):
         limit = torch.finfo(torch.float32).max
         return (amin[None] * m).clamp(-limit).float(), (amax[None] * m).clamp(max=limit).float()
 
-    def reset(self) -> None:
-        super().reset()
-        self._losses: torch.Tensor | None = None
-
-    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
-        super().restore(snapshot)
-        self._losses = None
-
-    def merge_(self, state: dict[str, torch.Tensor]) -> None:
-        super().merge_(state)
-        self._losses = None
-
-    def _update(self, x: torch.Tensor, groups: torch.Tensor) -> None:
-        super()._update(x, groups)
-        self._losses = None
-
     def losses(self) -> torch.Tensor:
         """Each candidate's squared error over each group's histogram, ``[G, K]`` float64;
         scored once per state (the decision and a report read the same), again after the
-        state changes."""
-        if self._losses is None:
-            self._losses = self._score()
-        return self._losses
+        state changes (``state_version``)."""
+        version, losses = self._scored or (None, None)
+        if version != self.state_version:
+            losses = self._score()
+            self._scored = (self.state_version, losses)
+        return losses
 
     def _score(self) -> torch.Tensor:
         hist, width = self.histogram()
