@@ -3,19 +3,22 @@ the float model's, with that activation alone quantized.
 
 The graph outputs, not the activation's own error or its consumers': minimising each layer's
 local error is not keeping the model's output (benchmarks/results/design_notes.md has the demo's
-figures), and the graph outputs cost nothing more (every run computes the whole graph). The
-runs go through the gated model (``graphs/gated``): the float model with each activation's
-quantization (Q -> DQ; for NVFP4 its in-graph block scales and FP4 round trip as the exact
-emulation computes them, the global scale fed) behind a gate, so that a run computes only the
-quantization it scores. One run scores one
-candidate on one batch; candidates whose scales are equal (a percentile or entropy range clamped
-to the max one) run once, the later ones taking its error.
+figures). The runs go through the gated model (``graphs/gated``): the float model with each
+activation's quantization (Q -> DQ; for NVFP4 its in-graph block scales and FP4 round trip as the
+exact emulation computes them, the global scale fed) behind a gate, so that a run computes only
+the quantization it scores, and only what lies downstream of the gates (``graphs/suffix``). One
+run scores one candidate on one batch, several runs at a time on the CPU's cores; candidates
+whose scales are equal (a percentile or entropy range clamped to the max one) run once, the
+later ones taking its error. The samples come in two stages (``auto_samples``): a candidate
+clearly worse than the best on the first is not scored on the second.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +26,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from qcal_export.analysis.auto_samples import first_samples, sample_count, sample_stages
 from qcal_export.analysis.planned import PlannedModel
-from qcal_export.capture.data import DataSource, feeds, model_inputs
+from qcal_export.capture.data import DataSource, model_inputs
 from qcal_export.capture.onnxruntime import open_session
-from qcal_export.capture.source import Batch, InputSpec
+from qcal_export.capture.source import Batch
 from qcal_export.errors import RecipeError
 from qcal_export.graphs.export import export_qdq
 from qcal_export.graphs.fp4_emulation import runnable_or_refuse
@@ -59,17 +63,19 @@ def choose_activation_methods(
     upstream out of one float run of the whole model per batch."""
     if source is None:
         raise RecipeError("method auto needs data")
-    views = first_samples(source, model_inputs(planned.model), samples)
+    inputs = model_inputs(planned.model)
+    stages = sample_stages(first_samples(source, inputs, samples), inputs)
     order = list(candidates)
     gateds = [
         gated_model(planned, found, set(order[begin : begin + GATES_PER_SESSION]))
         for begin in range(0, len(order), GATES_PER_SESSION)
     ]
     upstream = {name for gated in gateds for name in upstream_reads(gated.model, [GATE])}
-    floats = float_runs(planned, views, sorted(upstream))
+    floats = float_runs(planned, [view for stage in stages for view in stage], sorted(upstream))
+    workers = scoring_workers(planned.providers)
     choice: dict[str, dict[str, Any]] = {}
     for gated in gateds:
-        runs = GatedRuns(gated, planned, floats)
+        runs = GatedRuns(gated, planned, floats, threads=1 if workers > 1 else None)
         scale_feeds = {
             tensor: {
                 m: _scale_feed(s, runs.gated.scales[tensor], runs.inits)
@@ -77,27 +83,8 @@ def choose_activation_methods(
             }
             for tensor in gated.tensors
         }
-        choice.update(_score(runs, views, floats, scale_feeds))
+        choice.update(_score(runs, stages, floats, scale_feeds, workers))
     return {t: candidates[t][c["picked"]] for t, c in choice.items()}, choice
-
-
-def first_samples(source: DataSource, inputs: list[InputSpec], samples: int) -> list[Batch]:
-    """The batches of ``source`` that hold its first ``samples`` samples, the last one cut
-    along the leading axis where every input's leading dim is free (else kept whole)."""
-    views: list[Batch] = []
-    taken = 0
-    for feed in feeds(source, inputs):
-        if taken >= samples:
-            break
-        sizes = {np.shape(v)[0] if np.ndim(v) else 1 for v in feed.values()}
-        free = all(i.dims and i.dims[0] is None for i in inputs if i.name in feed)
-        size = sizes.pop() if len(sizes) == 1 else 1
-        if free and size > samples - taken:
-            feed = {name: value[: samples - taken] for name, value in feed.items()}
-            size = samples - taken
-        views.append(feed)
-        taken += size
-    return views
 
 
 def gated_model(planned: PlannedModel, found: dict[str, TensorScales], tensors: set[str]) -> Gated:
@@ -126,11 +113,11 @@ def gated_model(planned: PlannedModel, found: dict[str, TensorScales], tensors: 
 @dataclass
 class FloatRuns:
     """The float model's run of each scored batch: the upstream tensors the gated sessions
-    read (per batch, name -> value) and the squared norm of the float graph outputs summed over
-    the batches (the output error's reference)."""
+    read (per batch, name -> value) and the squared norm of its float graph outputs (the output
+    error's reference)."""
 
     upstream: list[dict[str, np.ndarray]]
-    reference: float
+    references: list[float]
 
     def types(self) -> dict[str, int]:
         """The ONNX element type of each upstream tensor."""
@@ -145,12 +132,11 @@ def float_runs(planned: PlannedModel, views: list[Batch], upstream: list[str]) -
     )
     outputs = [o.name for o in planned.model.graph.output]
     names = outputs + [name for name in upstream if name not in outputs]
-    runs = FloatRuns([], 0.0)
+    runs = FloatRuns([], [])
     for feed in views:
         values = dict(zip(names, session.run(names, feed), strict=True))
-        runs.reference += sum(
-            _sq(values[o]) for o in outputs if np.issubdtype(values[o].dtype, np.floating)
-        )
+        floating = [values[o] for o in outputs if np.issubdtype(values[o].dtype, np.floating)]
+        runs.references.append(sum(_sq(value) for value in floating))
         runs.upstream.append({name: values[name] for name in upstream})
     return runs
 
@@ -159,7 +145,9 @@ class GatedRuns:
     """One ONNX Runtime session over the part of a gated model downstream of its gates: runs
     a batch with given gates open."""
 
-    def __init__(self, gated: Gated, planned: PlannedModel, floats: FloatRuns):
+    def __init__(
+        self, gated: Gated, planned: PlannedModel, floats: FloatRuns, threads: int | None = None
+    ):
         self.gated = gated
         self.inits = {t.name: t for t in gated.model.graph.initializer}
         self.suffix = downstream_model(gated.model, [GATE], floats.types())
@@ -169,7 +157,9 @@ class GatedRuns:
         self.outputs = [
             o.name for o in model.graph.output if o.type.tensor_type.elem_type in floating
         ]
-        self.session = open_session(model, planned.providers, f"the gated form of {planned.path}")
+        self.session = open_session(
+            model, planned.providers, f"the gated form of {planned.path}", threads=threads
+        )
 
     def run(
         self,
@@ -186,30 +176,109 @@ class GatedRuns:
         given = {k: v for k, v in (feed | upstream).items() if k in self.inputs}
         return self.session.run(self.outputs, {**given, GATE: gate, **(scales or {})})
 
+    def errors(
+        self,
+        feed: dict[str, np.ndarray],
+        upstream: dict[str, np.ndarray],
+        opened: list[tuple[str, dict]],
+        pool: ThreadPoolExecutor,
+    ) -> list[float]:
+        """The squared error of the graph outputs against the float ones with each (tensor,
+        scale inputs) of ``opened`` alone open, ``pool`` running them side by side."""
+        reference = self.run(feed, upstream)
+
+        def error(job: tuple[str, dict]) -> float:
+            got = self.run(feed, upstream, *job)
+            return sum(_sq(g, f) for g, f in zip(got, reference, strict=True))
+
+        return list(pool.map(error, opened))
+
+
+def scoring_workers(providers: list) -> int:
+    """Runs scored side by side: on the CPU one per core this process may use, each run on one
+    thread (a small batch keeps few cores busy: several runs at once use them all); one on a
+    GPU, where a run's kernels fill the device."""
+    names = [p[0] if isinstance(p, tuple) else p for p in providers]
+    if names[:1] != ["CPUExecutionProvider"]:
+        return 1
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return max(1, len(usable) if usable else os.cpu_count() or 1)
+
 
 def _score(
     runs: GatedRuns,
-    views: list[dict[str, np.ndarray]],
+    stages: list[list[Batch]],
     floats: FloatRuns,
     candidates: dict[str, dict[str, dict[str, np.ndarray]]],
+    workers: int = 1,
 ) -> dict[str, dict[str, Any]]:
-    """Per activation, the picked method and each method's output error relative to float."""
+    """Per activation, the picked method, each method's output error relative to float over
+    the samples it was scored on, and their count. Every distinct candidate runs on the first
+    stage's views; those within ``SCREEN_MARGIN`` of the best (where more than one is) also on
+    the next stage's. ``workers`` runs at a time."""
     same = {t: _first_equal(methods) for t, methods in candidates.items()}
-    errors = {t: dict.fromkeys(firsts.values(), 0.0) for t, firsts in same.items()}
-    for feed, upstream in zip(views, floats.upstream, strict=True):
-        reference = runs.run(feed, upstream)
-        for tensor, scored in errors.items():
-            for method in scored:
-                got = runs.run(feed, upstream, tensor, candidates[tensor][method])
-                scored[method] += sum(_sq(g, f) for g, f in zip(got, reference, strict=True))
-    choice = {}
-    for tensor, firsts in same.items():
-        relative = {
-            m: math.sqrt(errors[tensor][first] / (floats.reference or 1.0))
-            for m, first in firsts.items()
-        }
-        choice[tensor] = {"picked": min(relative, key=relative.get), "output_rel_l2": relative}
-    return choice
+    scores = {t: {m: _Score() for m in firsts.values()} for t, firsts in same.items()}
+    alive = {t: list(scored) for t, scored in scores.items()}
+    batches = iter(zip(floats.upstream, floats.references, strict=True))
+    with ThreadPoolExecutor(workers, thread_name_prefix="qcal-auto") as pool:
+        for stage in stages:
+            jobs = [(t, m) for t, methods in alive.items() for m in methods]
+            opened = [(t, candidates[t][m]) for t, m in jobs]
+            for feed in stage:
+                upstream, norm = next(batches)
+                errors = runs.errors(feed, upstream, opened, pool)
+                for (tensor, method), error in zip(jobs, errors, strict=True):
+                    scores[tensor][method].add(error, norm, sample_count(feed))
+            alive = {t: _screened(scores[t], methods) for t, methods in alive.items()}
+    return {t: _choice(scores[t], firsts) for t, firsts in same.items()}
+
+
+SCREEN_MARGIN = 0.3
+"""A candidate whose squared output error over the first stage's samples exceeds the best
+candidate's by more than this fraction is not scored on the next stage: on the errors of every
+candidate over every sample, the picks this loses were within noise of the winner."""
+
+
+@dataclass
+class _Score:
+    """A candidate's squared output error, the float outputs' squared norm, over the samples
+    it was scored on."""
+
+    error: float = 0.0
+    norm: float = 0.0
+    samples: int = 0
+
+    def add(self, error: float, norm: float, samples: int) -> None:
+        self.error += error
+        self.norm += norm
+        self.samples += samples
+
+    @property
+    def relative(self) -> float:
+        return math.sqrt(self.error / (self.norm or 1.0))
+
+
+def _screened(scores: dict[str, _Score], methods: list[str]) -> list[str]:
+    """The ``methods`` to score further: those within ``SCREEN_MARGIN`` of the best; none
+    where one is left."""
+    if not methods:
+        return []
+    best = min(scores[m].error for m in methods)
+    kept = [m for m in methods if scores[m].error <= (1 + SCREEN_MARGIN) * best]
+    return kept if len(kept) > 1 else []
+
+
+def _choice(scores: dict[str, _Score], firsts: dict[str, str]) -> dict[str, Any]:
+    """The report entry of one activation: the method of least error among those scored on the
+    most samples (the first on ties), each method's relative error and samples."""
+    most = max(score.samples for score in scores.values())
+    relative = {m: scores[first].relative for m, first in firsts.items()}
+    finalists = [m for m, first in firsts.items() if scores[first].samples == most]
+    return {
+        "picked": min(finalists, key=relative.get),
+        "output_rel_l2": relative,
+        "samples": {m: scores[first].samples for m, first in firsts.items()},
+    }
 
 
 def _scale_feed(

@@ -94,8 +94,8 @@ class HistogramMseCalibrator(HistogramCalibrator):
             x = points[part][None]
             s, z = scale[:, g, None], zero_point[:, g, None]
             error = (self.fmt.fake_quant(x, s, z).double() - x.double()).square_()
-            if self.fmt.integer:
-                fine = s < width[g][None, :, None] / SUBPOINTS
+            fine = s < width[g][None, :, None] / SUBPOINTS if self.fmt.integer else None
+            if fine is not None and bool(fine.any()):
                 error = torch.where(fine, self._smooth_error(x, s, z), error)
             losses.index_add_(0, g, (error.sum(-1) * counts[part]).T)
         return losses

@@ -82,9 +82,11 @@ def open_session(
     name: str,
     *,
     extra_outputs: dict[str, int | None] | None = None,
+    threads: int | None = None,
 ) -> ort.InferenceSession:
     """An ORT session over ``model``, optionally exposing ``extra_outputs`` (name -> elem type,
-    None where ONNX Runtime is to infer it).
+    None where ONNX Runtime is to infer it); ``threads``: its intra-op threads (None: ONNX
+    Runtime's default, one per core).
 
     ``model`` is a proto or a file. The outputs are added to a proto only while it is
     serialized; its stored weights are handed to ONNX Runtime as external initializers, not
@@ -94,6 +96,8 @@ def open_session(
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads is not None:
+        options.intra_op_num_threads = threads
     if isinstance(model, Path):
         light = file_model(model)
         try:

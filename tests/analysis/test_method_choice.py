@@ -1,26 +1,29 @@
-"""Method auto's scoring against the exhaustive choice, on a real exported MLP in ONNX Runtime.
+"""Method auto's scoring against the choice worked out by hand, on a real exported MLP in ONNX
+Runtime.
 
-The exhaustive choice scores every candidate of every activation on every view batch, one at a
-time: the float model with a QuantizeLinear -> DequantizeLinear pair built here by hand on that
-activation alone (its planned readers rewired to it, at that candidate's scale), against the
-float model. The run's scoring (through the gated model, candidates with equal scales run once, the
-activations gated all in one session or one per session) must pick the same candidate and give
-every candidate's error, that of the hand-built model.
+Every candidate of every activation is scored on every batch, one at a time: the float model
+with a QuantizeLinear -> DequantizeLinear pair built here by hand on that activation alone (its
+planned readers rewired to it, at that candidate's scale), against the float model. From those
+errors the two-stage choice (every candidate on the first half of the samples, those near the
+best on the rest) is worked out, and the run's scoring (through the gated model, candidates
+with equal scales run once, the activations gated all in one session or one per session, runs
+side by side) must pick the same candidate and give every candidate's error over its samples.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import onnx
 import pytest
 from mlp import make_mlp
 from onnx import helper, numpy_helper
-from test_layer_view import output_error, plain_session
+from test_layer_view import plain_session
 
 from qcal_export.analysis import method_choice
-from qcal_export.analysis.method_choice import first_samples
+from qcal_export.analysis.auto_samples import first_samples, sample_stages
 from qcal_export.capture.data import model_inputs, open_data
 from qcal_export.errors import RecipeError
 from qcal_export.pipeline.calibrate import calibrate_onnx
@@ -92,11 +95,43 @@ def alone_model(mlp, tensor: str, scales, readers: set[str], path):
     return path
 
 
+def batch_errors(reference, candidate, batches) -> list[tuple[float, float]]:
+    """Per batch: the squared error of the graph output ``y`` and the squared norm of the float
+    one, in float64."""
+    errors = []
+    for batch in batches:
+        (want,), (got,) = reference.run(["y"], batch), candidate.run(["y"], batch)
+        want, got = want.astype(np.float64), got.astype(np.float64)
+        errors.append((float(np.sum((got - want) ** 2)), float(np.sum(want**2))))
+    return errors
+
+
+def screened_choice(per_batch: dict[str, list[tuple[float, float]]], first: int, margin: float):
+    """The two-stage choice worked out from every method's per-batch errors: methods of equal
+    errors score once; all on the ``first`` batches, those within ``margin`` of the best (if
+    more than one) on the rest; the least error among those scored on the most batches.
+    Returns (picked, relative error per method, batches per method)."""
+    firsts = {m: next(k for k in per_batch if per_batch[k] == per_batch[m]) for m in per_batch}
+    distinct = list(dict.fromkeys(firsts.values()))
+    early = {m: sum(e for e, _ in per_batch[m][:first]) for m in distinct}
+    kept = [m for m in distinct if early[m] <= (1 + margin) * min(early.values())]
+    whole = len(next(iter(per_batch.values())))
+    count = {m: whole if m in kept and len(kept) > 1 else first for m in distinct}
+    relative = {}
+    for m, k in firsts.items():
+        scored = per_batch[k][: count[k]]
+        relative[m] = math.sqrt(sum(e for e, _ in scored) / sum(n for _, n in scored))
+    finalists = [m for m in per_batch if count[firsts[m]] == max(count.values())]
+    return min(finalists, key=relative.get), relative, {m: count[k] for m, k in firsts.items()}
+
+
+@pytest.mark.parametrize("margin", [method_choice.SCREEN_MARGIN, math.inf])
 @pytest.mark.parametrize("per_session", [16, 1])
-def test_gated_scoring_picks_the_exhaustive_choice_and_reports_every_candidate(
-    mlp, tmp_path, monkeypatch, per_session
+def test_gated_scoring_picks_the_worked_out_choice_and_reports_every_candidate(
+    mlp, tmp_path, monkeypatch, per_session, margin
 ):
     monkeypatch.setattr(method_choice, "GATES_PER_SESSION", per_session)
+    monkeypatch.setattr(method_choice, "SCREEN_MARGIN", margin)
     batches = mixed_batches(6)
     result = calibrate_onnx(
         mlp,
@@ -113,22 +148,26 @@ def test_gated_scoring_picks_the_exhaustive_choice_and_reports_every_candidate(
     scales = method_scales(mlp, batches)
     reference = plain_session(mlp)
     nodes = onnx.load(str(mlp)).graph.node
-    shared = 0
+    shared = screened = 0
     for tensor, entry in choice.items():
         errors = entry["output_rel_l2"]
         assert list(errors) == list(METHODS)
         readers = {n.name for n in nodes if n.name in quantized and tensor in n.input}
-        exhaustive = {}
+        per_batch = {}
         for method in METHODS:
             path = tmp_path / f"{tensor.strip('/')}_{method}.onnx"
             alone = alone_model(mlp, tensor, scales[method][tensor], readers, path)
-            exhaustive[method] = output_error(reference, plain_session(alone), batches)["rel_l2"]
-            assert errors[method] == pytest.approx(exhaustive[method], rel=1e-4), method
-        one_at_a_time = min(exhaustive, key=exhaustive.get)  # the first method on ties
-        assert entry["picked"] == one_at_a_time, (tensor, exhaustive)
-        assert len(set(np.round(list(exhaustive.values()), 6))) > 2  # the choice is not trivial
+            per_batch[method] = batch_errors(reference, plain_session(alone), batches)
+        picked, relative, counts = screened_choice(per_batch, len(batches) // 2, margin)
+        for method in METHODS:
+            assert errors[method] == pytest.approx(relative[method], rel=1e-4), method
+        assert entry["samples"] == {m: 4 * n for m, n in counts.items()}
+        assert entry["picked"] == picked, (tensor, relative)
+        assert len(set(np.round(list(relative.values()), 6))) > 2  # the choice is not trivial
         shared += len(METHODS) - len(set(errors.values()))
+        screened += min(counts.values()) < len(batches)
     assert shared > 0  # percentile's range is max's somewhere: scored once
+    assert screened > 0 if margin < math.inf else screened == 0
     picked = {t: c["picked"] for t, c in choice.items()}
     assert {t: result.scales[t].method for t in choice} == picked
     for tensor, method in picked.items():
@@ -146,3 +185,20 @@ def test_auto_scores_the_first_samples_cutting_the_last_batch_where_its_axis_is_
     fixed = [dataclasses.replace(i, dims=(4, *i.dims[1:])) for i in inputs]
     assert [v["x"].shape[0] for v in first_samples(open_data(batches), fixed, 6)] == [4, 4]
     assert len(first_samples(open_data(batches), inputs, 100)) == 3
+
+
+def test_stages_split_the_samples_in_half_cutting_a_view_where_its_axis_is_free(mlp):
+    batches = mixed_batches(3)
+    inputs = model_inputs(onnx.load(str(mlp)))
+    views = first_samples(open_data(batches), inputs, 10)
+    stages = sample_stages(views, inputs)
+    assert [[v["x"].shape[0] for v in stage] for stage in stages] == [[4, 1], [3, 2]]
+    assert np.array_equal(
+        np.concatenate([v["x"] for s in stages for v in s]),
+        np.concatenate([b["x"] for b in batches])[:10],
+    )
+    fixed = [dataclasses.replace(i, dims=(4, *i.dims[1:])) for i in inputs]
+    uncut = sample_stages(first_samples(open_data(batches), fixed, 10), fixed)
+    assert [[v["x"].shape[0] for v in stage] for stage in uncut] == [[4, 4], [4]]
+    one = first_samples(open_data(batches), inputs, 1)
+    assert sample_stages(one, inputs) == [one]

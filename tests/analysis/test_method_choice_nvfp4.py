@@ -1,13 +1,14 @@
-"""Method auto for NVFP4 activations against the exhaustive choice, in ONNX Runtime.
+"""Method auto for NVFP4 activations against the choice worked out by hand, in ONNX Runtime.
 
 An NVFP4 activation's calibrated value is its global amax (the graph computes its block scales
 from each block's amax); auto chooses it among max, percentile and entropy (hist-mse chooses
 per-tensor scales only). The exhaustive choice builds, per activation and candidate, the float
 model with that activation alone quantized by hand (``insert_activation_nvfp4`` before its
 quantized readers, at that candidate's global scale), runs its exact FP4 emulation, and scores
-the graph output against float. The run's scoring (gated emulation, global scale fed, the
+the graph output against float, batch by batch; the two-stage choice is worked out from those
+errors (``screened_choice``). The run's scoring (gated emulation, global scale fed, the
 activations gated all in one session or one per session) must pick the same candidate and give
-every candidate's error.
+every candidate's error over its samples.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import onnx
 import pytest
 from mlp import make_mlp
 from onnx import TensorProto, shape_inference
-from test_layer_view import output_error, plain_session
-from test_method_choice import mixed_batches
+from test_layer_view import plain_session
+from test_method_choice import batch_errors, mixed_batches, screened_choice
 
 from qcal_export import calibrate_onnx
 from qcal_export.analysis import method_choice
@@ -82,7 +83,7 @@ def alone_model(mlp, tensor: str, scales, readers: set[str], path):
 
 
 @pytest.mark.parametrize("per_session", [16, 1])
-def test_nvfp4_gated_scoring_picks_the_exhaustive_choice(mlp, tmp_path, monkeypatch, per_session):
+def test_nvfp4_gated_scoring_picks_the_worked_out_choice(mlp, tmp_path, monkeypatch, per_session):
     monkeypatch.setattr(method_choice, "GATES_PER_SESSION", per_session)
     batches = mixed_batches(6)
     result = calibrate_onnx(
@@ -105,14 +106,18 @@ def test_nvfp4_gated_scoring_picks_the_exhaustive_choice(mlp, tmp_path, monkeypa
         errors = entry["output_rel_l2"]
         assert list(errors) == list(CANDIDATES)  # hist-mse is no candidate for nvfp4
         readers = {n.name for n in nodes if n.name in quantized and tensor in n.input}
-        exhaustive = {}
+        per_batch = {}
         for method in CANDIDATES:
             path = tmp_path / f"{tensor.strip('/')}_{method}.onnx"
             alone = alone_model(mlp, tensor, scales[method][tensor], readers, path)
-            exhaustive[method] = output_error(reference, plain_session(alone), batches)["rel_l2"]
-            assert errors[method] == pytest.approx(exhaustive[method], rel=1e-4), method
-        assert entry["picked"] == min(exhaustive, key=exhaustive.get), (tensor, exhaustive)
-        distinct |= set(np.round(list(exhaustive.values()), 6))
+            per_batch[method] = batch_errors(reference, plain_session(alone), batches)
+        margin = method_choice.SCREEN_MARGIN
+        picked, relative, counts = screened_choice(per_batch, len(batches) // 2, margin)
+        for method in CANDIDATES:
+            assert errors[method] == pytest.approx(relative[method], rel=1e-4), method
+        assert entry["samples"] == {m: 4 * n for m, n in counts.items()}
+        assert entry["picked"] == picked, (tensor, relative)
+        distinct |= set(np.round(list(relative.values()), 6))
     assert len(distinct) > 3  # the candidates' errors differ
     picked = {t: c["picked"] for t, c in choice.items()}
     assert {t: result.scales[t].method for t in choice} == picked

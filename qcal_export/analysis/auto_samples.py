@@ -1,0 +1,61 @@
+"""The samples method ``auto`` scores its candidates on: the first ones of the data, in two
+stages, so that a candidate clearly worse on the first half is not scored on the second.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qcal_export.capture.data import DataSource, feeds
+from qcal_export.capture.source import Batch, InputSpec
+
+
+def first_samples(source: DataSource, inputs: list[InputSpec], samples: int) -> list[Batch]:
+    """The batches of ``source`` that hold its first ``samples`` samples, the last one cut
+    along the leading axis where every input's leading dim is free (else kept whole)."""
+    views: list[Batch] = []
+    taken = 0
+    for feed in feeds(source, inputs):
+        if taken >= samples:
+            break
+        size = sample_count(feed)
+        if _free(feed, inputs) and size > samples - taken:
+            feed = {name: value[: samples - taken] for name, value in feed.items()}
+            size = samples - taken
+        views.append(feed)
+        taken += size
+    return views
+
+
+def sample_stages(views: list[Batch], inputs: list[InputSpec]) -> list[list[Batch]]:
+    """``views`` as two stages, the first holding the first half of their samples (rounded up;
+    a view cut along its leading axis where every input's is free, else kept whole in the
+    first); the views as one stage where they hold one sample or cannot be cut."""
+    half = (sum(sample_count(view) for view in views) + 1) // 2
+    first: list[Batch] = []
+    rest: list[Batch] = []
+    taken = 0
+    for view in views:
+        size = sample_count(view)
+        if taken >= half:
+            rest.append(view)
+        elif taken + size <= half or not _free(view, inputs):
+            first.append(view)
+        else:
+            cut = half - taken
+            first.append({name: value[:cut] for name, value in view.items()})
+            rest.append({name: value[cut:] for name, value in view.items()})
+        taken += size
+    return [first, rest] if first and rest else [views]
+
+
+def sample_count(feed: Batch) -> int:
+    """Samples in ``feed``: its inputs' common leading dim (1 where they differ or are
+    scalars)."""
+    sizes = {np.shape(v)[0] if np.ndim(v) else 1 for v in feed.values()}
+    return sizes.pop() if len(sizes) == 1 else 1
+
+
+def _free(feed: Batch, inputs: list[InputSpec]) -> bool:
+    """Whether every input of ``feed`` has a free leading dim (the model takes any batch)."""
+    return all(i.dims and i.dims[0] is None for i in inputs if i.name in feed)
