@@ -31,7 +31,7 @@ STACK_OPSET = 13
 """QuantizeLinear and DequantizeLinear take a scale per slice of an axis since opset 13."""
 
 FED_ZERO_TYPES = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16}
-"""Zero point types fed per slot; another (fp8's, always 0) is the export's, expanded."""
+"""Zero point types fed per slot; another (fp8's, always 0) is the export's, repeated."""
 
 
 class NotStackable(Exception):
@@ -209,8 +209,19 @@ def _slot_inputs(
     zeros = stacked.inputs.get(zero)
     if zeros is None:
         zeros = names.new(f"{zero}/slots")
-        nodes.append(helper.make_node("Expand", [zero, count], [zeros], names.new(zeros)))
+        nodes += _expanded(zero, inits[zero].data_type, count, zeros, names)
     return nodes, _PerSlot(stacked.inputs[scale], zeros, column, rows)
+
+
+def _expanded(value: str, elem: int, count: str, out: str, names: Names) -> list[onnx.NodeProto]:
+    """``value`` (one ``elem``, fp8's zero point) repeated ``count`` times as ``out``, through
+    float (Expand takes no fp8; fp8 values are exact in float)."""
+    wide, repeated = names.new(f"{out}_float"), names.new(f"{out}_expanded")
+    return [
+        helper.make_node("Cast", [value], [wide], names.new(wide), to=TensorProto.FLOAT),
+        helper.make_node("Expand", [wide, count], [repeated], names.new(repeated)),
+        helper.make_node("Cast", [repeated], [out], names.new(out), to=elem),
+    ]
 
 
 def _stack_pair(
