@@ -22,8 +22,9 @@ import onnx
 from qcal_export.analysis.method_choice import _first_equal, _scale_feed, _sq
 from qcal_export.analysis.planned import PlannedModel
 from qcal_export.capture.data import model_inputs
-from qcal_export.capture.onnxruntime import open_session
+from qcal_export.capture.onnxruntime import ORT_ERRORS, open_session
 from qcal_export.capture.source import Batch
+from qcal_export.errors import ModelError
 from qcal_export.graphs.export import export_qdq
 from qcal_export.graphs.stacked import NotStackable, Stacked, stack_activations
 from qcal_export.onnx_io.tensor_types import FLOAT_TYPES
@@ -51,12 +52,16 @@ def stacked_errors(
     quantized at that candidate; None where the model does not stack (the reason logged).
 
     A run holds at most ``max_rows`` rows (leading-axis entries of the tiled inputs), at least
-    the reference and one candidate slot. ``found``: the run's scales, exported as defaults."""
+    the reference and one candidate slot; each run holds its own reference, computed by the
+    same kernels at the same shapes as its candidates. ``found``: the run's scales, exported as
+    the defaults of shut slots."""
     try:
         stacked = stacked_model(planned, found, set(candidates))
         outputs = _scored_outputs(planned.model)
         _check_sample_major(planned, views, stacked.sources, outputs)
-    except NotStackable as e:
+        name = f"the stacked form of {planned.path}"
+        session = open_session(stacked.model, planned.providers, name)
+    except (NotStackable, ModelError, *ORT_ERRORS) as e:
         log.info("method auto scores one run per candidate: %s", e)
         return None
     feeds = {
@@ -69,17 +74,27 @@ def stacked_errors(
     firsts = {tensor: _first_equal(methods) for tensor, methods in feeds.items()}
     errors = {tensor: dict.fromkeys(same.values(), 0.0) for tensor, same in firsts.items()}
     slots = [(tensor, method) for tensor, scored in errors.items() for method in scored]
-    session = open_session(stacked.model, planned.providers, f"the stacked form of {planned.path}")
-    for view in views:
-        size = _leading_size(view)
-        per_run = max(1, max_rows // size - 1)
-        for begin in range(0, len(slots), per_run):
-            chunk = slots[begin : begin + per_run]
-            feed = {**_tiled(view, len(chunk) + 1), **_slot_feed(stacked, feeds, chunk)}
-            parts = [np.reshape(o, (len(chunk) + 1, -1)) for o in session.run(outputs, feed)]
-            for k, (tensor, method) in enumerate(chunk, start=1):
-                errors[tensor][method] += sum(_sq(p[k], p[0]) for p in parts)
+    try:
+        for view in views:
+            per_run = max(1, max_rows // _leading_size(view) - 1)
+            for begin in range(0, len(slots), per_run):
+                chunk = slots[begin : begin + per_run]
+                feed = {**_tiled(view, len(chunk) + 1), **_slot_feed(stacked, feeds, chunk)}
+                _add_errors(session.run(outputs, feed), chunk, errors)
+    except ORT_ERRORS as e:
+        log.info("method auto scores one run per candidate: the stacked run failed: %s", e)
+        return None
     return errors
+
+
+def _add_errors(
+    got: list[np.ndarray], chunk: list[Slot], errors: dict[str, dict[str, float]]
+) -> None:
+    """Add to ``errors`` each slot's squared output error against slot 0 (``got``: the
+    outputs of a run of ``chunk``, slots along axis 0)."""
+    parts = [np.reshape(o, (len(chunk) + 1, -1)) for o in got]
+    for k, (tensor, method) in enumerate(chunk, start=1):
+        errors[tensor][method] += sum(_sq(p[k], p[0]) for p in parts)
 
 
 def stacked_model(

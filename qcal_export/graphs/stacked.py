@@ -9,8 +9,8 @@ QuantizeLinear and DequantizeLinear with a per-slot scale and zero point along a
 slot's rows exactly the per-tensor pair), ``Where`` the slot's open flag is set, else the float
 rows unchanged bit for bit, and Reshape back. Only per-tensor Q -> DQ pairs stack (8- and
 16-bit integers, fp8); anything else raises ``NotStackable`` and the caller scores one run per
-candidate. Valid only where each quantized tensor and each graph output is sample-major along
-axis 0 and samples do not mix: the caller checks that on the float model.
+candidate. Valid only where each quantized tensor and each scored graph output is sample-major
+along axis 0 and samples do not mix: the caller checks that on the float model.
 """
 
 from __future__ import annotations

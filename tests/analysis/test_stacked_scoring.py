@@ -3,8 +3,9 @@
 On the MLP (Gemm and MatMul forms) the stacked errors give the relative errors that
 ``calibrate_onnx(method="auto")`` reports for every candidate; on the attention model (a
 uint8 activation, a Transpose sharing its scale) they equal the gated runs' errors of
-``method_choice``, however the slots are split into runs. A fixed batch dim, a quantized tensor
-off the batch axis and an NVFP4 activation do not stack (None, the reason logged).
+``method_choice``, however the slots are split into runs. A fixed batch dim (an input's, or a
+Reshape's inside the graph), a quantized tensor off the batch axis and an NVFP4 activation do not
+stack (None, the reason logged).
 """
 
 from __future__ import annotations
@@ -168,6 +169,22 @@ def _transposed_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _fixed_reshape_model() -> onnx.ModelProto:
+    """x[N,6,8] -> Reshape to [4, 48] -> MatMul -> y[4,4]: the batch is fixed inside."""
+    w = np.random.default_rng(4).standard_normal((48, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "shape"], ["flat"], "flatten"),
+            helper.make_node("MatMul", ["flat", "w"], ["y"], "mm"),
+        ],
+        "fixed_reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([4, 48]), "shape")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def _none_and_why(caplog, planned, found, views) -> str:
     candidates = {t: {"max": found[t]} for t in planned.plan.activations}
     with caplog.at_level(logging.INFO, logger="qcal_export.analysis.stacked_scoring"):
@@ -175,7 +192,7 @@ def _none_and_why(caplog, planned, found, views) -> str:
     return caplog.records[-1].getMessage()
 
 
-def test_a_fixed_batch_a_tensor_off_the_batch_axis_and_nvfp4_do_not_stack(tmp_path, caplog):
+def test_fixed_batches_a_tensor_off_the_batch_axis_and_nvfp4_do_not_stack(tmp_path, caplog):
     path = make_mlp(tmp_path, seq=True) / "mlp.onnx"
     batches = heavy_batches((4, 5, 64), 2)
     found = calibrate_onnx(path, batches, format="int8", target="tensorrt", validate_batches=0)
@@ -191,6 +208,11 @@ def test_a_fixed_batch_a_tensor_off_the_batch_axis_and_nvfp4_do_not_stack(tmp_pa
     assert list(planned.plan.activations) == ["t"]
     why = _none_and_why(caplog, planned, scales, _views(transposed, data))
     assert "'t' is not sample-major" in why
+
+    reshaped = _fixed_reshape_model()
+    planned = _planned(reshaped, tmp_path / "reshaped.onnx", Recipe(target="tensorrt"))
+    scales = calibrate_onnx(planned.path, data, target="tensorrt", validate_batches=0).scales
+    assert "Reshape" in _none_and_why(caplog, planned, scales, _views(reshaped, data))
 
     nvfp4 = calibrate_onnx(path, batches, format="nvfp4", target="tensorrt", validate_batches=0)
     recipe = Recipe(target="tensorrt", activation=TensorSpec(format="nvfp4"))
