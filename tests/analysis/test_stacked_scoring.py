@@ -151,6 +151,41 @@ def test_stacked_errors_are_the_gated_runs_with_a_shared_scale_and_uint8(tmp_pat
     assert all(len(set(e.values())) == 3 for e in errors.values())
 
 
+def test_a_float16_model_scores_as_the_gated_runs_up_to_float16_rounding(tmp_path):
+    rng = np.random.default_rng(6)
+    half = TensorProto.FLOAT16
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], "m1"),
+            helper.make_node("Relu", ["h"], ["r"], "relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["y"], "m2"),
+        ],
+        "half",
+        [helper.make_tensor_value_info("x", half, ["N", 3, 16])],
+        [helper.make_tensor_value_info("y", half, ["N", 3, 4])],
+        [
+            numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float16), "w1"),
+            numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float16), "w2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    planned = _planned(model, tmp_path / "half.onnx", Recipe(target="tensorrt"))
+    batches = [{"x": rng.standard_t(3.0, (4, 3, 16)).astype(np.float16)} for _ in range(3)]
+    found = calibrate_onnx(planned.path, batches, target="tensorrt", validate_batches=0).scales
+    assert found["r"].format == "int8"
+    candidates = {
+        t: {"own": found[t], "half": dataclasses.replace(found[t], scale=found[t].scale / 2)}
+        for t in planned.plan.activations
+    }
+    views = _views(model, batches)
+    errors = _flat(stacked_errors(planned, found, candidates, views, UNBOUNDED))
+    # ONNX Runtime's CPU divides a float16 QuantizeLinear's x by its scale in float32 in the
+    # stacked model (as in the exported one) and in float16 inside the gated model's If (as the
+    # ONNX reference evaluator does): the errors agree to float16 rounding
+    assert errors == pytest.approx(_flat(gated_errors(planned, found, candidates, views)), rel=0.05)
+    assert errors[("x", "half")] > 10 * errors[("x", "own")]
+
+
 def _transposed_model() -> onnx.ModelProto:
     """x[N,6,8] -> Transpose -> [6,N,8] -> MatMul -> Transpose back -> y[N,6,4]: the
     quantized MatMul input holds the samples along axis 1."""

@@ -3,8 +3,10 @@
 A run over a view tiled once per slot: a shut slot's rows are the float model's bit for bit, and
 a slot that opens one activation at given scale inputs is, on its rows, the export of a plan
 quantizing that activation (and the tensors sharing its scale) alone at those scales, weights
-float, in ONNX Runtime with its optimizations off. Anything but a per-tensor Q -> DQ pair, or an
-opset without per-axis QuantizeLinear, is not stackable.
+float, in ONNX Runtime with its optimizations off (float16 models in the ONNX reference
+evaluator: ONNX Runtime's CPU runs float16 MatMuls in float32 and drops the casts between them
+where no Q/DQ sits, so a float16 graph rounds where its Q/DQ regions are). Anything but a
+per-tensor Q -> DQ pair, or an opset without per-axis QuantizeLinear, is not stackable.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import onnxruntime as ort
 import pytest
 from mlp import make_mlp
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 from placement_models import attention_batches, attention_model
 
 from qcal_export import calibrate_onnx
@@ -24,6 +27,10 @@ from qcal_export.graphs.export import export_qdq
 from qcal_export.graphs.stacked import NotStackable, stack_activations
 from qcal_export.graphs.targets import find_targets
 from qcal_export.spec.recipe import Recipe, TensorSpec
+
+
+def _runner(model: onnx.ModelProto, half: bool) -> ort.InferenceSession | ReferenceEvaluator:
+    return ReferenceEvaluator(model) if half else _session(model)
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -71,6 +78,29 @@ def _relu_fp8(tmp_path):
     return model, Recipe(target="tensorrt", activation=TensorSpec(format="fp8")), batches, "fp8"
 
 
+def _half(tmp_path):
+    """A float16 MLP: x -> MatMul -> Relu -> MatMul, float16 scales."""
+    rng = np.random.default_rng(6)
+    half = TensorProto.FLOAT16
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], "m1"),
+            helper.make_node("Relu", ["h"], ["r"], "relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["y"], "m2"),
+        ],
+        "half",
+        [helper.make_tensor_value_info("x", half, ["N", 3, 16])],
+        [helper.make_tensor_value_info("y", half, ["N", 3, 4])],
+        [
+            numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float16), "w1"),
+            numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float16), "w2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    batches = [{"x": rng.standard_t(3.0, (3, 3, 16)).astype(np.float16)} for _ in range(2)]
+    return model, Recipe(target="tensorrt"), batches, "int8"
+
+
 def _activations_only(plan, tensors=None):
     """``plan`` quantizing the activations ``tensors`` (all: None) and their sharers, no weights."""
     keep = set(plan.activations) if tensors is None else set(tensors)
@@ -114,7 +144,7 @@ def _feed(stacked, view, opened: list[tuple[str, dict]]) -> dict[str, np.ndarray
     return feed
 
 
-@pytest.mark.parametrize("build", [_mlp, _attention, _relu_fp8])
+@pytest.mark.parametrize("build", [_mlp, _attention, _relu_fp8, _half])
 def test_shut_slots_are_float_and_an_open_slot_is_its_activation_alone(build, tmp_path):
     model, recipe, batches, fmt = build(tmp_path)
     onnx.save(model, str(tmp_path / "float.onnx"))
@@ -133,22 +163,30 @@ def test_shut_slots_are_float_and_an_open_slot_is_its_activation_alone(build, tm
     assert qs and all(n.input[1] in inputs for n in qs)  # every pair reads per-slot scales
     if fmt == "fp8":
         assert exported.opset_to == 21 and all(len(n.input) == 2 for n in qs)
-    session, float_model = _session(stacked.model), _session(model)
+    half = model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    session, float_model = _runner(stacked.model, half), _runner(model, half)
     others = {t: _other(scales[t], 1.7, 5) for t in stacked.tensors}
     opened = [(t, _slot_values(stacked, s, t)) for t, s in others.items()]
     opened += [(t, _slot_values(stacked, scales[t], t)) for t in stacked.tensors]
+    count = len(opened) + 1
     for view in batches:
-        got = session.run(None, _feed(stacked, view, opened))
-        parts = [np.split(g, len(opened) + 1) for g in got]
-        for part, want in zip(parts, float_model.run(None, view), strict=True):
-            np.testing.assert_array_equal(part[0], want)
+        tiled = {name: np.concatenate([value] * count) for name, value in view.items()}
+        got = _split(session.run(None, _feed(stacked, view, opened)), count)
+        for part, want in zip(got, _split(float_model.run(None, tiled), count), strict=True):
+            np.testing.assert_array_equal(part[0], want[0])
         for k, (tensor, _) in enumerate(opened, start=1):
             used = others if k <= len(others) else scales
             alone = _activations_only(plan, [tensor])
             one = export_qdq(_copy(model), alone, {**scales, tensor: used[tensor]}, "quantized")
-            for part, want in zip(parts, _session(one.model).run(None, view), strict=True):
-                np.testing.assert_array_equal(part[k], want)
-            assert not np.array_equal(parts[0][k], parts[0][0])
+            wants = _split(_runner(one.model, half).run(None, tiled), count)
+            for part, want in zip(got, wants, strict=True):
+                np.testing.assert_array_equal(part[k], want[k])
+            assert not np.array_equal(got[0][k], got[0][0])
+
+
+def _split(outputs: list[np.ndarray], count: int) -> list[list[np.ndarray]]:
+    """Each output's ``count`` slots along axis 0."""
+    return [np.split(output, count) for output in outputs]
 
 
 def _opset_11_model() -> onnx.ModelProto:
