@@ -6,9 +6,12 @@ scoring of ``method_choice`` spends its time starting runs. Here one run of the 
 reference (every activation in float), each other slot one activation quantized at one
 candidate's scale. The errors are those ``method_choice`` sums (squared output error over the
 float graph outputs and the view batches, per activation and distinct candidate), up to the
-float rounding of a larger batch. Stacking is trusted only where the float model shows, on
-each view and the view tiled twice, that each quantized tensor and each scored output is
-sample-major along axis 0 (else None: the caller scores one run per candidate).
+float rounding of a larger batch and of another graph around each Q -> DQ (ONNX Runtime's CPU
+rounds a float16 QuantizeLinear inside the gated model's ``If`` unlike at the top level).
+Stacking is trusted only where the float model shows, on each view and the view tiled twice,
+that each quantized tensor and each scored output is sample-major along axis 0 (else None: the
+caller scores one run per candidate); a mixing of samples that a duplicated batch leaves
+unchanged (a mean over the batch) goes unseen.
 """
 
 from __future__ import annotations
