@@ -1,0 +1,198 @@
+"""Method ``auto``'s output errors scored many (activation, candidate) pairs per model run.
+
+Where a run's launch, not its compute, is the cost (the CUDA EP), the one-run-per-candidate
+scoring of ``method_choice`` spends its time starting runs. Here one run of the stacked model
+(``graphs/stacked``) holds a view once per slot along the batch axis: slot 0 the float
+reference (every activation in float), each other slot one activation quantized at one
+candidate's scale. The errors are those ``method_choice`` sums (squared output error over the
+float graph outputs and the view batches, per activation and distinct candidate), up to the
+float rounding of a larger batch and of another graph around each Q -> DQ (ONNX Runtime's CPU
+rounds a float16 QuantizeLinear inside the gated model's ``If`` unlike at the top level).
+Stacking is trusted only where the float model shows, on each view and the view tiled twice,
+that each quantized tensor and each scored output is sample-major along axis 0 (else None: the
+caller scores one run per candidate); a mixing of samples that a duplicated batch leaves
+unchanged (a mean over the batch) goes unseen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx
+
+from qcal_export.analysis.method_choice import _first_equal, _scale_feed, _sq
+from qcal_export.analysis.planned import PlannedModel
+from qcal_export.capture.data import model_inputs
+from qcal_export.capture.onnxruntime import ORT_ERRORS, open_session
+from qcal_export.capture.source import Batch
+from qcal_export.errors import ModelError
+from qcal_export.graphs.export import export_qdq
+from qcal_export.graphs.stacked import NotStackable, Stacked, stack_activations
+from qcal_export.onnx_io.tensor_types import FLOAT_TYPES
+from qcal_export.spec.scales import TensorScales
+
+log = logging.getLogger(__name__)
+
+SAME = 1e-4
+"""Relative tolerance of the sample-major check: a larger batch may round differently (a
+kernel chosen by the batch size); samples that mix differ by far more."""
+
+Slot = tuple[str, str]
+"""An (activation, method) pair quantized in one slot."""
+
+
+def stacked_errors(
+    planned: PlannedModel,
+    found: dict[str, TensorScales],
+    candidates: dict[str, dict[str, TensorScales]],
+    views: list[Batch],
+    max_rows: int,
+) -> dict[str, dict[str, float]] | None:
+    """Per activation of ``candidates`` (activation -> method -> scales), per distinct
+    candidate (the first of those with equal scale inputs, as ``_first_equal`` picks), the
+    squared error of the float graph outputs summed over ``views`` with that activation alone
+    quantized at that candidate; None where the model does not stack (the reason logged).
+
+    A run holds at most ``max_rows`` rows (leading-axis entries of the tiled inputs), at least
+    the reference and one candidate slot; each run holds its own reference, computed by the
+    same kernels at the same shapes as its candidates. ``found``: the run's scales, exported as
+    the defaults of shut slots."""
+    try:
+        stacked = stacked_model(planned, found, set(candidates))
+        outputs = _scored_outputs(planned.model)
+        _check_sample_major(planned, views, stacked.sources, outputs)
+        name = f"the stacked form of {planned.path}"
+        session = open_session(stacked.model, planned.providers, name)
+    except (NotStackable, ModelError, *ORT_ERRORS) as e:
+        log.info("method auto scores one run per candidate: %s", e)
+        return None
+    feeds = {
+        tensor: {
+            m: _scale_feed(s, stacked.params[tensor], stacked.initializers)
+            for m, s in methods.items()
+        }
+        for tensor, methods in candidates.items()
+    }
+    firsts = {tensor: _first_equal(methods) for tensor, methods in feeds.items()}
+    errors = {tensor: dict.fromkeys(same.values(), 0.0) for tensor, same in firsts.items()}
+    slots = [(tensor, method) for tensor, scored in errors.items() for method in scored]
+    try:
+        for view in views:
+            per_run = max(1, max_rows // _leading_size(view) - 1)
+            for begin in range(0, len(slots), per_run):
+                chunk = slots[begin : begin + per_run]
+                feed = {**_tiled(view, len(chunk) + 1), **_slot_feed(stacked, feeds, chunk)}
+                _add_errors(session.run(outputs, feed), chunk, errors)
+    except ORT_ERRORS as e:
+        log.info("method auto scores one run per candidate: the stacked run failed: %s", e)
+        return None
+    return errors
+
+
+def _add_errors(
+    got: list[np.ndarray], chunk: list[Slot], errors: dict[str, dict[str, float]]
+) -> None:
+    """Add to ``errors`` each slot's squared output error against slot 0 (``got``: the
+    outputs of a run of ``chunk``, slots along axis 0)."""
+    parts = [np.reshape(o, (len(chunk) + 1, -1)) for o in got]
+    for k, (tensor, method) in enumerate(chunk, start=1):
+        errors[tensor][method] += sum(_sq(p[k], p[0]) for p in parts)
+
+
+def stacked_model(
+    planned: PlannedModel, found: dict[str, TensorScales], tensors: set[str]
+) -> Stacked:
+    """The planned float model with the activations ``tensors`` (and the tensors sharing their
+    scale) quantized per slot, weights float; NotStackable where it cannot be."""
+    plan = planned.plan
+    narrowed = dataclasses.replace(
+        plan,
+        activations={t: a for t, a in plan.activations.items() if t in tensors},
+        weights={},
+        shared={t: s for t, s in plan.shared.items() if plan.root(t) in tensors},
+    )
+    model = onnx.ModelProto()
+    model.CopyFrom(planned.model)
+    recipe = planned.recipe
+    exported = export_qdq(model, narrowed, found, recipe.weights_mode, recipe.nvfp4_form)
+    return stack_activations(exported.model, narrowed, exported.activation_params)
+
+
+def _scored_outputs(model: onnx.ModelProto) -> list[str]:
+    """The graph outputs whose error is scored: those of a float type."""
+    floating = FLOAT_TYPES | {onnx.TensorProto.DOUBLE}
+    return [o.name for o in model.graph.output if o.type.tensor_type.elem_type in floating]
+
+
+def _check_sample_major(
+    planned: PlannedModel, views: list[Batch], sources: list[str], outputs: list[str]
+) -> None:
+    """NotStackable unless every graph input's leading dim is free and, in the float model on
+    each of ``views`` and on it tiled twice, each of ``sources`` and ``outputs`` doubles its
+    leading dim with both halves the view's own values (samples along axis 0, unmixed)."""
+    model = planned.model
+    fixed = [i.name for i in model_inputs(model) if not i.dims or i.dims[0] is not None]
+    constants = [s for s in sources if s in {t.name for t in model.graph.initializer}]
+    if fixed or constants:
+        what = f"input {fixed[0]!r}" if fixed else f"constant {constants[0]!r}"
+        raise NotStackable(f"{what} has no free leading (batch) dim")
+    inputs = {i.name for i in model.graph.input}
+    extra = [s for s in sources if s not in inputs and s not in outputs]
+    session = open_session(
+        model, planned.providers, str(planned.path), extra_outputs=dict.fromkeys(extra)
+    )
+    watched = outputs + extra
+    for view in views:
+        _leading_size(view)
+        once = session.run(watched, view)
+        twice = session.run(watched, _tiled(view, 2))
+        for name, single, double in zip(watched, once, twice, strict=True):
+            if not _repeats(single, double):
+                raise NotStackable(f"tensor {name!r} is not sample-major along axis 0")
+
+
+def _repeats(single: np.ndarray, double: np.ndarray) -> bool:
+    """Whether ``double`` is ``single`` twice along axis 0 (floats up to ``SAME``, or 16 units
+    in the last place of a float16 output)."""
+    if single.ndim == 0 or double.shape != (2 * single.shape[0], *single.shape[1:]):
+        return False
+    halves = np.split(double, 2)
+    if not np.issubdtype(single.dtype, np.floating):
+        return all(np.array_equal(h, single) for h in halves)
+    rtol = max(SAME, 16 * float(np.finfo(single.dtype).eps))
+    a = single.astype(np.float64)
+    atol = rtol * float(np.max(np.abs(a), initial=0.0, where=np.isfinite(a)))
+    return all(np.allclose(h, a, rtol=rtol, atol=atol, equal_nan=True) for h in halves)
+
+
+def _leading_size(view: Batch) -> int:
+    """The leading dim all of ``view``'s inputs share; NotStackable where they do not."""
+    sizes = {np.shape(v)[0] if np.ndim(v) else None for v in view.values()}
+    if len(sizes) != 1 or None in sizes:
+        raise NotStackable("the view's inputs do not share one leading (batch) dim")
+    return sizes.pop()
+
+
+def _tiled(view: Batch, count: int) -> Batch:
+    """``view`` repeated ``count`` times along axis 0."""
+    return {name: np.concatenate([value] * count, axis=0) for name, value in view.items()}
+
+
+def _slot_feed(
+    stacked: Stacked, feeds: dict[str, dict[str, dict[str, np.ndarray]]], chunk: list[Slot]
+) -> dict[str, np.ndarray]:
+    """The per-slot inputs of a run whose slot 0 is the reference and slot k the k-th pair
+    of ``chunk`` (its activation open at its method's scale inputs ``feeds``); shut slots hold
+    the exported values."""
+    count = len(chunk) + 1
+    feed = {opened: np.zeros(count, dtype=bool) for opened in stacked.opens.values()}
+    for name, given in stacked.inputs.items():
+        feed[given] = np.repeat(stacked.defaults[name].reshape(1), count)
+    for k, (tensor, method) in enumerate(chunk, start=1):
+        feed[stacked.opens[tensor]][k] = True
+        for name, value in feeds[tensor][method].items():
+            if name in stacked.inputs:
+                feed[stacked.inputs[name]][k] = value.reshape(())
+    return feed
