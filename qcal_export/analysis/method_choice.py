@@ -15,7 +15,6 @@ clearly worse than the best on the first is not scored on the second.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -26,18 +25,23 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from qcal_export.analysis.auto_candidates import (
+    first_equal,
+    narrowed_export,
+    scale_feed,
+    squared,
+)
 from qcal_export.analysis.auto_samples import first_samples, sample_count, sample_stages
 from qcal_export.analysis.planned import PlannedModel
+from qcal_export.analysis.stacked_scoring import stacked_errors
 from qcal_export.capture.data import DataSource, model_inputs
 from qcal_export.capture.onnxruntime import open_session
 from qcal_export.capture.source import Batch
 from qcal_export.errors import RecipeError
-from qcal_export.graphs.export import export_qdq
 from qcal_export.graphs.fp4_emulation import runnable_or_refuse
 from qcal_export.graphs.gated import GATE, Gated, gate_activations
 from qcal_export.graphs.suffix import downstream_model, upstream_reads
 from qcal_export.onnx_io.tensor_types import FLOAT_TYPES
-from qcal_export.onnx_io.weights import to_array
 from qcal_export.spec.scales import TensorScales
 
 GATES_PER_SESSION = 16
@@ -56,15 +60,46 @@ def choose_activation_methods(
     """Per activation of ``candidates`` (activation -> method -> scales), the method whose
     graph outputs on the first ``samples`` samples of ``source`` are nearest float (squared
     error summed over outputs and batches; the first method on ties): the chosen scales and the
-    report section (per activation: ``picked`` and each method's ``output_rel_l2``).
+    report section (per activation: ``picked``, each method's ``output_rel_l2`` and the samples
+    it was scored on).
 
-    The activations are gated ``GATES_PER_SESSION`` at a time, one session after another; a
-    session computes only what lies downstream of its gates, reading the tensors it needs from
-    upstream out of one float run of the whole model per batch."""
+    On a GPU the candidates are scored many to a run where the model stacks them
+    (``stacked_scoring``). Otherwise the activations are gated ``GATES_PER_SESSION`` at a
+    time, one session after another (on the CPU in two stages of samples, runs side by side,
+    ``_score``); a session computes only what
+    lies downstream of its gates, reading the tensors it needs from upstream out of one float
+    run of the whole model per batch."""
     if source is None:
         raise RecipeError("method auto needs data")
     inputs = model_inputs(planned.model)
-    stages = sample_stages(first_samples(source, inputs, samples), inputs)
+    views = first_samples(source, inputs, samples)
+    stacked = None
+    if not _on_cpu(planned.providers):
+        stacked = stacked_errors(planned, found, candidates, views, STACKED_ELEMENTS)
+    if stacked is not None:
+        size = sum(sample_count(view) for view in views)
+        choice = {
+            t: _choice({m: _Score(e, stacked.norm, size) for m, e in errors.items()})
+            for t, errors in stacked.errors.items()
+        }
+    else:
+        on_cpu = _on_cpu(planned.providers)  # a GPU run costs its launches: one stage
+        stages = sample_stages(views, inputs) if on_cpu else [views]
+        choice = _gated_choice(planned, found, candidates, stages)
+    return {t: candidates[t][c["picked"]] for t, c in choice.items()}, choice
+
+
+STACKED_ELEMENTS = 1 << 25
+"""The most elements a stacked run's largest scored tensor may hold (128 MiB of float32)."""
+
+
+def _gated_choice(
+    planned: PlannedModel,
+    found: dict[str, TensorScales],
+    candidates: dict[str, dict[str, TensorScales]],
+    stages: list[list[Batch]],
+) -> dict[str, dict[str, Any]]:
+    """The report entries of the choice scored through gated sessions."""
     order = list(candidates)
     gateds = [
         gated_model(planned, found, set(order[begin : begin + GATES_PER_SESSION]))
@@ -78,30 +113,20 @@ def choose_activation_methods(
         runs = GatedRuns(gated, planned, floats, threads=1 if workers > 1 else None)
         scale_feeds = {
             tensor: {
-                m: _scale_feed(s, runs.gated.scales[tensor], runs.inits)
+                m: scale_feed(s, runs.gated.scales[tensor], runs.inits)
                 for m, s in candidates[tensor].items()
             }
             for tensor in gated.tensors
         }
         choice.update(_score(runs, stages, floats, scale_feeds, workers))
-    return {t: candidates[t][c["picked"]] for t, c in choice.items()}, choice
+    return choice
 
 
 def gated_model(planned: PlannedModel, found: dict[str, TensorScales], tensors: set[str]) -> Gated:
     """The planned float model with a gate over the quantization of each activation in
     ``tensors`` (and of the tensors sharing its scale), at the scales ``found``; weights stay
     float. FP4 activations are gated in their emulation (``runnable_form``), which ORT runs."""
-    plan = planned.plan
-    narrowed = dataclasses.replace(
-        plan,
-        activations={t: a for t, a in plan.activations.items() if t in tensors},
-        weights={},
-        shared={t: s for t, s in plan.shared.items() if plan.root(t) in tensors},
-    )
-    model = onnx.ModelProto()
-    model.CopyFrom(planned.model)
-    recipe = planned.recipe
-    exported = export_qdq(model, narrowed, found, recipe.weights_mode, recipe.nvfp4_form)
+    narrowed, exported = narrowed_export(planned, found, tensors)
     runnable = runnable_or_refuse(
         exported.model,
         "method auto scores its candidates in ONNX Runtime, which cannot run this model's "
@@ -136,7 +161,7 @@ def float_runs(planned: PlannedModel, views: list[Batch], upstream: list[str]) -
     for feed in views:
         values = dict(zip(names, session.run(names, feed), strict=True))
         floating = [values[o] for o in outputs if np.issubdtype(values[o].dtype, np.floating)]
-        runs.references.append(sum(_sq(value) for value in floating))
+        runs.references.append(sum(squared(value) for value in floating))
         runs.upstream.append({name: values[name] for name in upstream})
     return runs
 
@@ -189,17 +214,22 @@ class GatedRuns:
 
         def error(job: tuple[str, dict]) -> float:
             got = self.run(feed, upstream, *job)
-            return sum(_sq(g, f) for g, f in zip(got, reference, strict=True))
+            return sum(squared(g, f) for g, f in zip(got, reference, strict=True))
 
         return list(pool.map(error, opened))
+
+
+def _on_cpu(providers: list) -> bool:
+    """Whether the runs go to ONNX Runtime's CPU EP first."""
+    first = providers[0] if providers else "CPUExecutionProvider"
+    return (first[0] if isinstance(first, tuple) else first) == "CPUExecutionProvider"
 
 
 def scoring_workers(providers: list) -> int:
     """Runs scored side by side: on the CPU one per core this process may use, each run on one
     thread (a small batch keeps few cores busy: several runs at once use them all); one on a
     GPU, where a run's kernels fill the device."""
-    names = [p[0] if isinstance(p, tuple) else p for p in providers]
-    if names[:1] != ["CPUExecutionProvider"]:
+    if not _on_cpu(providers):
         return 1
     usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     return max(1, len(usable) if usable else os.cpu_count() or 1)
@@ -216,7 +246,7 @@ def _score(
     the samples it was scored on, and their count. Every distinct candidate runs on the first
     stage's views; those within ``SCREEN_MARGIN`` of the best (where more than one is) also on
     the next stage's. ``workers`` runs at a time."""
-    same = {t: _first_equal(methods) for t, methods in candidates.items()}
+    same = {t: first_equal(methods) for t, methods in candidates.items()}
     scores = {t: {m: _Score() for m in firsts.values()} for t, firsts in same.items()}
     alive = {t: list(scored) for t, scored in scores.items()}
     batches = iter(zip(floats.upstream, floats.references, strict=True))
@@ -268,9 +298,11 @@ def _screened(scores: dict[str, _Score], methods: list[str]) -> list[str]:
     return kept if len(kept) > 1 else []
 
 
-def _choice(scores: dict[str, _Score], firsts: dict[str, str]) -> dict[str, Any]:
+def _choice(scores: dict[str, _Score], firsts: dict[str, str] | None = None) -> dict[str, Any]:
     """The report entry of one activation: the method of least error among those scored on the
-    most samples (the first on ties), each method's relative error and samples."""
+    most samples (the first on ties), each method's relative error and samples. ``firsts``:
+    per method, the method whose score it shares (itself where None)."""
+    firsts = firsts or {m: m for m in scores}
     most = max(score.samples for score in scores.values())
     relative = {m: scores[first].relative for m, first in firsts.items()}
     finalists = [m for m, first in firsts.items() if scores[first].samples == most]
@@ -279,41 +311,3 @@ def _choice(scores: dict[str, _Score], firsts: dict[str, str]) -> dict[str, Any]
         "output_rel_l2": relative,
         "samples": {m: scores[first].samples for m, first in firsts.items()},
     }
-
-
-def _scale_feed(
-    scales: TensorScales, names: list[str], inits: dict[str, onnx.TensorProto]
-) -> dict[str, np.ndarray]:
-    """A candidate's scale (a two-level format's global scale) and, where the graph has one,
-    zero point, as the inputs that replace the exported initializers, in their dtypes."""
-    q = scales.qparams()
-    scale_name, zero_name = (*names, None)[:2]
-    scale = q.global_scale if q.fmt.two_level else q.scale
-    dtype = to_array(inits[scale_name]).dtype
-    feed = {scale_name: scale.numpy().astype(dtype).reshape(inits[scale_name].dims)}
-    if zero_name is not None and not q.fmt.symmetric:
-        zero = to_array(inits[zero_name])
-        values = q.fmt.encode_zero_point(q.zero_point).numpy()
-        feed[zero_name] = values.astype(zero.dtype).reshape(zero.shape)
-    return feed
-
-
-def _first_equal(methods: dict[str, dict[str, np.ndarray]]) -> dict[str, str]:
-    """Per method, the first method whose scale inputs equal its own (itself if none)."""
-    firsts: dict[str, str] = {}
-    for method, feed in methods.items():
-        firsts[method] = next(
-            (m for m in firsts if m == firsts[m] and _equal_feeds(methods[m], feed)), method
-        )
-    return firsts
-
-
-def _equal_feeds(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
-    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-
-
-def _sq(a: np.ndarray, b: np.ndarray | None = None) -> float:
-    d = np.asarray(a, dtype=np.float64)
-    if b is not None:
-        d = d - np.asarray(b, dtype=np.float64)
-    return float(np.sum(d * d))

@@ -16,19 +16,18 @@ unchanged (a mean over the batch) goes unseen.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from qcal_export.analysis.method_choice import _first_equal, _scale_feed, _sq
+from qcal_export.analysis.auto_candidates import first_equal, narrowed_export, scale_feed, squared
 from qcal_export.analysis.planned import PlannedModel
 from qcal_export.capture.data import model_inputs
 from qcal_export.capture.onnxruntime import ORT_ERRORS, open_session
 from qcal_export.capture.source import Batch
 from qcal_export.errors import ModelError
-from qcal_export.graphs.export import export_qdq
 from qcal_export.graphs.stacked import NotStackable, Stacked, stack_activations
 from qcal_export.onnx_io.tensor_types import FLOAT_TYPES
 from qcal_export.spec.scales import TensorScales
@@ -43,26 +42,35 @@ Slot = tuple[str, str]
 """An (activation, method) pair quantized in one slot."""
 
 
+@dataclass
+class StackedScores:
+    """Per activation and candidate method, the squared output error summed over the views
+    (methods of equal scales share one), and the float outputs' squared norm over them."""
+
+    errors: dict[str, dict[str, float]]
+    norm: float
+
+
 def stacked_errors(
     planned: PlannedModel,
     found: dict[str, TensorScales],
     candidates: dict[str, dict[str, TensorScales]],
     views: list[Batch],
-    max_rows: int,
-) -> dict[str, dict[str, float]] | None:
-    """Per activation of ``candidates`` (activation -> method -> scales), per distinct
-    candidate (the first of those with equal scale inputs, as ``_first_equal`` picks), the
-    squared error of the float graph outputs summed over ``views`` with that activation alone
-    quantized at that candidate; None where the model does not stack (the reason logged).
+    max_elements: int,
+) -> StackedScores | None:
+    """The squared error of the float graph outputs summed over ``views`` with each activation
+    of ``candidates`` (activation -> method -> scales) alone quantized at each candidate (run
+    once per distinct candidate, as ``first_equal`` groups them); None where the model does
+    not stack (the reason logged).
 
-    A run holds at most ``max_rows`` rows (leading-axis entries of the tiled inputs), at least
-    the reference and one candidate slot; each run holds its own reference, computed by the
-    same kernels at the same shapes as its candidates. ``found``: the run's scales, exported as
-    the defaults of shut slots."""
+    A run holds as many slots as keep its largest scored tensor (a quantized activation or an
+    output) within ``max_elements``, at least the reference and one candidate; each run holds
+    its own reference, computed by the same kernels at the same shapes as its candidates.
+    ``found``: the run's scales, exported as the defaults of shut slots."""
     try:
         stacked = stacked_model(planned, found, set(candidates))
         outputs = _scored_outputs(planned.model)
-        _check_sample_major(planned, views, stacked.sources, outputs)
+        per_sample = _check_sample_major(planned, views, stacked.sources, outputs)
         name = f"the stacked form of {planned.path}"
         session = open_session(stacked.model, planned.providers, name)
     except (NotStackable, ModelError, *ORT_ERRORS) as e:
@@ -70,35 +78,39 @@ def stacked_errors(
         return None
     feeds = {
         tensor: {
-            m: _scale_feed(s, stacked.params[tensor], stacked.initializers)
+            m: scale_feed(s, stacked.params[tensor], stacked.initializers)
             for m, s in methods.items()
         }
         for tensor, methods in candidates.items()
     }
-    firsts = {tensor: _first_equal(methods) for tensor, methods in feeds.items()}
+    firsts = {tensor: first_equal(methods) for tensor, methods in feeds.items()}
     errors = {tensor: dict.fromkeys(same.values(), 0.0) for tensor, same in firsts.items()}
     slots = [(tensor, method) for tensor, scored in errors.items() for method in scored]
+    norm = 0.0
     try:
         for view in views:
-            per_run = max(1, max_rows // _leading_size(view) - 1)
+            per_run = max(1, max_elements // (per_sample * _leading_size(view)) - 1)
             for begin in range(0, len(slots), per_run):
                 chunk = slots[begin : begin + per_run]
                 feed = {**_tiled(view, len(chunk) + 1), **_slot_feed(stacked, feeds, chunk)}
-                _add_errors(session.run(outputs, feed), chunk, errors)
+                reference = _add_errors(session.run(outputs, feed), chunk, errors)
+            norm += reference
     except ORT_ERRORS as e:
         log.info("method auto scores one run per candidate: the stacked run failed: %s", e)
         return None
-    return errors
+    shared = {t: {m: errors[t][first] for m, first in same.items()} for t, same in firsts.items()}
+    return StackedScores(shared, norm)
 
 
 def _add_errors(
     got: list[np.ndarray], chunk: list[Slot], errors: dict[str, dict[str, float]]
-) -> None:
+) -> float:
     """Add to ``errors`` each slot's squared output error against slot 0 (``got``: the
-    outputs of a run of ``chunk``, slots along axis 0)."""
+    outputs of a run of ``chunk``, slots along axis 0); returns slot 0's squared norm."""
     parts = [np.reshape(o, (len(chunk) + 1, -1)) for o in got]
     for k, (tensor, method) in enumerate(chunk, start=1):
-        errors[tensor][method] += sum(_sq(p[k], p[0]) for p in parts)
+        errors[tensor][method] += sum(squared(p[k], p[0]) for p in parts)
+    return sum(squared(p[0]) for p in parts)
 
 
 def stacked_model(
@@ -106,17 +118,7 @@ def stacked_model(
 ) -> Stacked:
     """The planned float model with the activations ``tensors`` (and the tensors sharing their
     scale) quantized per slot, weights float; NotStackable where it cannot be."""
-    plan = planned.plan
-    narrowed = dataclasses.replace(
-        plan,
-        activations={t: a for t, a in plan.activations.items() if t in tensors},
-        weights={},
-        shared={t: s for t, s in plan.shared.items() if plan.root(t) in tensors},
-    )
-    model = onnx.ModelProto()
-    model.CopyFrom(planned.model)
-    recipe = planned.recipe
-    exported = export_qdq(model, narrowed, found, recipe.weights_mode, recipe.nvfp4_form)
+    narrowed, exported = narrowed_export(planned, found, tensors)
     return stack_activations(exported.model, narrowed, exported.activation_params)
 
 
@@ -128,10 +130,11 @@ def _scored_outputs(model: onnx.ModelProto) -> list[str]:
 
 def _check_sample_major(
     planned: PlannedModel, views: list[Batch], sources: list[str], outputs: list[str]
-) -> None:
+) -> int:
     """NotStackable unless every graph input's leading dim is free and, in the float model on
     each of ``views`` and on it tiled twice, each of ``sources`` and ``outputs`` doubles its
-    leading dim with both halves the view's own values (samples along axis 0, unmixed)."""
+    leading dim with both halves the view's own values (samples along axis 0, unmixed).
+    Returns the most elements one sample takes in any of them."""
     model = planned.model
     fixed = [i.name for i in model_inputs(model) if not i.dims or i.dims[0] is not None]
     constants = [s for s in sources if s in {t.name for t in model.graph.initializer}]
@@ -144,13 +147,16 @@ def _check_sample_major(
         model, planned.providers, str(planned.path), extra_outputs=dict.fromkeys(extra)
     )
     watched = outputs + extra
+    per_sample = 1
     for view in views:
-        _leading_size(view)
+        rows = _leading_size(view)
         once = session.run(watched, view)
         twice = session.run(watched, _tiled(view, 2))
         for name, single, double in zip(watched, once, twice, strict=True):
             if not _repeats(single, double):
                 raise NotStackable(f"tensor {name!r} is not sample-major along axis 0")
+            per_sample = max(per_sample, -(-single.size // rows))
+    return per_sample
 
 
 def _repeats(single: np.ndarray, double: np.ndarray) -> bool:

@@ -125,13 +125,26 @@ def screened_choice(per_batch: dict[str, list[tuple[float, float]]], first: int,
     return min(finalists, key=relative.get), relative, {m: count[k] for m, k in firsts.items()}
 
 
-@pytest.mark.parametrize("margin", [method_choice.SCREEN_MARGIN, math.inf])
-@pytest.mark.parametrize("per_session", [16, 1])
-def test_gated_scoring_picks_the_worked_out_choice_and_reports_every_candidate(
-    mlp, tmp_path, monkeypatch, per_session, margin
+@pytest.mark.parametrize(
+    ("per_session", "margin", "stacked"),
+    [
+        (16, method_choice.SCREEN_MARGIN, False),
+        (1, method_choice.SCREEN_MARGIN, False),
+        (16, math.inf, False),
+        (16, math.inf, True),  # as on a GPU: every candidate on every sample, many per run
+    ],
+)
+def test_scoring_picks_the_worked_out_choice_and_reports_every_candidate(
+    mlp, tmp_path, monkeypatch, per_session, margin, stacked
 ):
     monkeypatch.setattr(method_choice, "GATES_PER_SESSION", per_session)
     monkeypatch.setattr(method_choice, "SCREEN_MARGIN", margin)
+    monkeypatch.setattr(method_choice, "_on_cpu", lambda providers: not stacked)
+    scored = []
+    stack = method_choice.stacked_errors
+    monkeypatch.setattr(
+        method_choice, "stacked_errors", lambda *a: scored.append(stack(*a)) or scored[-1]
+    )
     batches = mixed_batches(6)
     result = calibrate_onnx(
         mlp,
@@ -143,6 +156,7 @@ def test_gated_scoring_picks_the_worked_out_choice_and_reports_every_candidate(
         auto_samples=4 * len(batches),
         validate_batches=0,
     )
+    assert len(scored) == stacked and None not in scored  # stacked where asked, no fallback
     choice = result.report["method_choice"]
     quantized = set(result.report["quantized_nodes"])
     scales = method_scales(mlp, batches)

@@ -3,7 +3,7 @@
 On the MLP (Gemm and MatMul forms) the stacked errors give the relative errors that
 ``calibrate_onnx(method="auto")`` reports for every candidate; on the attention model (a
 uint8 activation, a Transpose sharing its scale) they equal the gated runs' errors of
-``method_choice``, however the slots are split into runs. A fixed batch dim (an input's, or a
+``method_choice``, however many slots a run holds. A fixed batch dim (an input's, or a
 Reshape's inside the graph), a quantized tensor off the batch axis and an NVFP4 activation do not
 stack (None, the reason logged).
 """
@@ -24,9 +24,10 @@ from test_layer_view import plain_session
 
 from qcal_export import calibrate_onnx
 from qcal_export.analysis import method_choice
-from qcal_export.analysis.method_choice import first_samples
+from qcal_export.analysis.auto_candidates import first_equal, scale_feed, squared
+from qcal_export.analysis.auto_samples import first_samples
 from qcal_export.analysis.planned import PlannedModel
-from qcal_export.analysis.stacked_scoring import stacked_errors
+from qcal_export.analysis.stacked_scoring import StackedScores, stacked_errors
 from qcal_export.capture.data import model_inputs, open_data
 from qcal_export.graphs.gated import GATE
 from qcal_export.graphs.suffix import upstream_reads
@@ -36,7 +37,7 @@ from qcal_export.spec.recipe import Recipe, TensorSpec
 METHODS = ("max", "hist-mse", "percentile", "entropy")
 CLIPPED = {"max_clipped": 0.01}  # small batches: entropy clipping at most 1e-3 is max's
 CPU = ["CPUExecutionProvider"]
-UNBOUNDED = 10**6
+UNBOUNDED = 10**12
 
 
 def _planned(model: onnx.ModelProto, path, recipe: Recipe) -> PlannedModel:
@@ -48,9 +49,9 @@ def _views(model: onnx.ModelProto, batches: list) -> list:
     return first_samples(open_data(batches), model_inputs(model), 10**6)
 
 
-def _flat(errors: dict[str, dict[str, float]] | None) -> dict[tuple[str, str], float]:
-    assert errors is not None
-    return {(t, m): e for t, scored in errors.items() for m, e in scored.items()}
+def _flat(scores: StackedScores | None) -> dict[tuple[str, str], float]:
+    assert scores is not None
+    return {(t, m): e for t, scored in scores.errors.items() for m, e in scored.items()}
 
 
 def heavy_batches(shape: tuple[int, ...], count: int) -> list[dict[str, np.ndarray]]:
@@ -65,7 +66,10 @@ def heavy_batches(shape: tuple[int, ...], count: int) -> list[dict[str, np.ndarr
 
 
 @pytest.mark.parametrize("seq", [True, False])
-def test_stacked_errors_give_the_relative_errors_auto_reports_on_the_mlp(tmp_path, seq):
+def test_stacked_errors_give_the_relative_errors_auto_reports_on_the_mlp(
+    tmp_path, monkeypatch, seq
+):
+    monkeypatch.setattr(method_choice, "SCREEN_MARGIN", math.inf)  # every method, every sample
     path = make_mlp(tmp_path, seq=seq) / "mlp.onnx"
     batches = heavy_batches((4, 5, 64) if seq else (4, 64), 3)
     common = {"format": "int8", "target": "tensorrt", "validate_batches": 0}
@@ -82,39 +86,38 @@ def test_stacked_errors_give_the_relative_errors_auto_reports_on_the_mlp(tmp_pat
     planned = _planned(model, path, Recipe(target="tensorrt"))
     candidates = {t: {m: scales[m][t] for m in METHODS} for t in planned.plan.activations}
     views = _views(model, batches)
-    errors = stacked_errors(planned, scales["max"], candidates, views, UNBOUNDED)
-    assert errors is not None and set(errors) == set(report)
+    scores = stacked_errors(planned, scales["max"], candidates, views, UNBOUNDED)
+    assert scores is not None and set(scores.errors) == set(report)
     session = plain_session(path)
-    reference = sum(method_choice._sq(session.run(None, v)[0]) for v in views)
+    reference = sum(squared(session.run(None, v)[0]) for v in views)
+    assert scores.norm == pytest.approx(reference, rel=1e-6)
     for tensor, entry in report.items():
         reported = entry["output_rel_l2"]
-        for method, error in errors[tensor].items():
+        for method, error in scores.errors[tensor].items():
             assert math.sqrt(error / reference) == pytest.approx(reported[method], rel=1e-4)
-        for method in set(METHODS) - set(errors[tensor]):  # equal scales, scored once
-            assert reported[method] in [reported[m] for m in errors[tensor]]
-    one_per_run = stacked_errors(planned, scales["max"], candidates, views, 2 * 4)
-    assert _flat(one_per_run) == pytest.approx(_flat(errors), rel=1e-6)
+    one_per_run = stacked_errors(planned, scales["max"], candidates, views, 1)
+    assert _flat(one_per_run) == pytest.approx(_flat(scores), rel=1e-6)
 
 
-def gated_errors(planned, found, candidates, views) -> dict[str, dict[str, float]]:
-    """Today's errors: one gated run per activation, distinct candidate and view."""
+def gated_errors(planned, found, candidates, views) -> dict[tuple[str, str], float]:
+    """Today's errors: one gated run per activation, distinct candidate and view (methods of
+    equal scales take the first one's)."""
     gated = method_choice.gated_model(planned, found, set(candidates))
     floats = method_choice.float_runs(planned, views, upstream_reads(gated.model, [GATE]))
     runs = method_choice.GatedRuns(gated, planned, floats)
-    errors: dict[str, dict[str, float]] = {}
+    errors: dict[tuple[str, str], float] = {}
     for tensor, methods in candidates.items():
-        feeds = {
-            m: method_choice._scale_feed(s, gated.scales[tensor], runs.inits)
-            for m, s in methods.items()
-        }
-        errors[tensor] = {}
-        for method in dict.fromkeys(method_choice._first_equal(feeds).values()):
-            errors[tensor][method] = 0.0
+        feeds = {m: scale_feed(s, gated.scales[tensor], runs.inits) for m, s in methods.items()}
+        for method, first in first_equal(feeds).items():
+            if first != method:
+                errors[tensor, method] = errors[tensor, first]
+                continue
+            errors[tensor, method] = 0.0
             for view, upstream in zip(views, floats.upstream, strict=True):
                 got = runs.run(view, upstream, tensor, feeds[method])
                 reference = runs.run(view, upstream)
-                errors[tensor][method] += sum(
-                    method_choice._sq(g, f) for g, f in zip(got, reference, strict=True)
+                errors[tensor, method] += sum(
+                    squared(g, f) for g, f in zip(got, reference, strict=True)
                 )
     return errors
 
@@ -124,8 +127,8 @@ def _shifted(scales, factor: float, shift: int):
     return dataclasses.replace(scales, scale=scales.scale * factor, zero_point=zero)
 
 
-@pytest.mark.parametrize("max_rows", [UNBOUNDED, 3 * 4, 3 * 2])
-def test_stacked_errors_are_the_gated_runs_with_a_shared_scale_and_uint8(tmp_path, max_rows):
+@pytest.mark.parametrize("max_elements", [UNBOUNDED, 2000, 1])
+def test_stacked_errors_are_the_gated_runs_with_a_shared_scale_and_uint8(tmp_path, max_elements):
     model = attention_model()
     recipe = Recipe(target="ort", activation=TensorSpec(format="uint8"))
     planned = _planned(model, tmp_path / "attention.onnx", recipe)
@@ -144,11 +147,11 @@ def test_stacked_errors_are_the_gated_runs_with_a_shared_scale_and_uint8(tmp_pat
         for t in planned.plan.activations
     }
     views = _views(model, batches)
-    errors = stacked_errors(planned, found, candidates, views, max_rows)
+    scores = stacked_errors(planned, found, candidates, views, max_elements)
     want = gated_errors(planned, found, candidates, views)
-    assert errors is not None and list(errors["k"]) == ["own", "wide", "narrow"]
-    assert _flat(errors) == pytest.approx(_flat(want), rel=1e-6)
-    assert all(len(set(e.values())) == 3 for e in errors.values())
+    assert scores is not None and list(scores.errors["k"]) == ["own", "wide", "same", "narrow"]
+    assert _flat(scores) == pytest.approx(want, rel=1e-6)
+    assert all(e["same"] == e["own"] and len(set(e.values())) == 3 for e in scores.errors.values())
 
 
 def test_a_float16_model_scores_as_the_gated_runs_up_to_float16_rounding(tmp_path):
@@ -182,7 +185,7 @@ def test_a_float16_model_scores_as_the_gated_runs_up_to_float16_rounding(tmp_pat
     # ONNX Runtime's CPU divides a float16 QuantizeLinear's x by its scale in float32 in the
     # stacked model (as in the exported one) and in float16 inside the gated model's If (as the
     # ONNX reference evaluator does): the errors agree to float16 rounding
-    assert errors == pytest.approx(_flat(gated_errors(planned, found, candidates, views)), rel=0.05)
+    assert errors == pytest.approx(gated_errors(planned, found, candidates, views), rel=0.05)
     assert errors[("x", "half")] > 10 * errors[("x", "own")]
 
 
