@@ -191,8 +191,9 @@ class HistogramCalibrator(RangedCalibrator):
 
         ``x * 2**-e`` is exact in float32 while every ``e <= 0``; a wider bin could round a tiny
         negative value to -0 (bin 0 instead of -1), so those batches bin in float64. The floored
-        value becomes an index through ``ROUNDING_MAGIC``. On CUDA the Triton kernel
-        (``kernels/histogram.py``) gives the same bins in one pass.
+        value becomes an index through ``ROUNDING_MAGIC``, counted by ``bincount`` (faster on
+        the CPU than a scatter) where the histogram holds no more bins than the chunk values.
+        On CUDA the Triton kernel (``kernels/histogram.py``) gives the same bins in one pass.
         """
         hist, exponent = self._state["hist"], self._state["exponent"]
         if self._fused(groups):
@@ -215,8 +216,11 @@ class HistogramCalibrator(RangedCalibrator):
             size = part.numel()
             bins = scaled[:size].view(part.shape)
             torch.mul(part, scale, out=bins).floor_().add_(magic)
-            index = bins.view(itype).add_(offset)
-            hist.view(-1).index_add_(0, index.view(-1), ones[:size])
+            index = bins.view(itype).add_(offset).view(-1)
+            if hist.numel() <= size:
+                hist.view(-1).add_(torch.bincount(index, minlength=hist.numel()))
+            else:
+                hist.view(-1).index_add_(0, index, ones[:size])
 
     def _fused(self, groups: torch.Tensor) -> bool:
         """Whether the Triton kernel bins ``groups`` (CUDA and Triton); torch is the reference."""
