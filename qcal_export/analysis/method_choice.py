@@ -108,17 +108,22 @@ def _gated_choice(
     upstream = {name for gated in gateds for name in upstream_reads(gated.model, [GATE])}
     floats = float_runs(planned, [view for stage in stages for view in stage], sorted(upstream))
     workers = scoring_workers(planned.providers)
+    threads = 1 if workers > 1 else None
     choice: dict[str, dict[str, Any]] = {}
-    for gated in gateds:
-        runs = GatedRuns(gated, planned, floats, threads=1 if workers > 1 else None)
-        scale_feeds = {
-            tensor: {
-                m: scale_feed(s, runs.gated.scales[tensor], runs.inits)
-                for m, s in candidates[tensor].items()
+    with ThreadPoolExecutor(1, thread_name_prefix="qcal-auto-open") as opener:
+        upcoming = opener.submit(GatedRuns, gateds[0], planned, floats, threads)
+        for k, gated in enumerate(gateds):
+            runs = upcoming.result()
+            if k + 1 < len(gateds):  # the next session opens while this one scores
+                upcoming = opener.submit(GatedRuns, gateds[k + 1], planned, floats, threads)
+            scale_feeds = {
+                tensor: {
+                    m: scale_feed(s, runs.gated.scales[tensor], runs.inits)
+                    for m, s in candidates[tensor].items()
+                }
+                for tensor in gated.tensors
             }
-            for tensor in gated.tensors
-        }
-        choice.update(_score(runs, stages, floats, scale_feeds, workers))
+            choice.update(_score(runs, stages, floats, scale_feeds, workers))
     return choice
 
 
