@@ -143,10 +143,11 @@ def gated_model(planned: PlannedModel, found: dict[str, TensorScales], tensors: 
 @dataclass
 class FloatRuns:
     """The float model's run of each scored batch: the upstream tensors the gated sessions
-    read (per batch, name -> value) and the squared norm of its float graph outputs (the output
-    error's reference)."""
+    read and its float graph outputs (per batch, name -> value: the reference a candidate's
+    outputs are compared with), and their squared norm."""
 
     upstream: list[dict[str, np.ndarray]]
+    outputs: list[dict[str, np.ndarray]]
     references: list[float]
 
     def types(self) -> dict[str, int]:
@@ -162,11 +163,12 @@ def float_runs(planned: PlannedModel, views: list[Batch], upstream: list[str]) -
     )
     outputs = [o.name for o in planned.model.graph.output]
     names = outputs + [name for name in upstream if name not in outputs]
-    runs = FloatRuns([], [])
+    runs = FloatRuns([], [], [])
     for feed in views:
         values = dict(zip(names, session.run(names, feed), strict=True))
-        floating = [values[o] for o in outputs if np.issubdtype(values[o].dtype, np.floating)]
-        runs.references.append(sum(squared(value) for value in floating))
+        floating = {o: values[o] for o in outputs if np.issubdtype(values[o].dtype, np.floating)}
+        runs.references.append(sum(squared(value) for value in floating.values()))
+        runs.outputs.append(floating)
         runs.upstream.append({name: values[name] for name in upstream})
     return runs
 
@@ -210,12 +212,14 @@ class GatedRuns:
         self,
         feed: dict[str, np.ndarray],
         upstream: dict[str, np.ndarray],
+        floats: dict[str, np.ndarray],
         opened: list[tuple[str, dict]],
         pool: ThreadPoolExecutor,
     ) -> list[float]:
-        """The squared error of the graph outputs against the float ones with each (tensor,
-        scale inputs) of ``opened`` alone open, ``pool`` running them side by side."""
-        reference = self.run(feed, upstream)
+        """The squared error of the graph outputs against the float model's (``floats``, by
+        name) with each (tensor, scale inputs) of ``opened`` alone open, ``pool`` running them
+        side by side."""
+        reference = [floats[name] for name in self.outputs]
 
         def error(job: tuple[str, dict]) -> float:
             got = self.run(feed, upstream, *job)
@@ -254,14 +258,14 @@ def _score(
     same = {t: first_equal(methods) for t, methods in candidates.items()}
     scores = {t: {m: _Score() for m in firsts.values()} for t, firsts in same.items()}
     alive = {t: list(scored) for t, scored in scores.items()}
-    batches = iter(zip(floats.upstream, floats.references, strict=True))
+    batches = iter(zip(floats.upstream, floats.outputs, floats.references, strict=True))
     with ThreadPoolExecutor(workers, thread_name_prefix="qcal-auto") as pool:
         for stage in stages:
             jobs = [(t, m) for t, methods in alive.items() for m in methods]
             opened = [(t, candidates[t][m]) for t, m in jobs]
             for feed in stage:
-                upstream, norm = next(batches)
-                errors = runs.errors(feed, upstream, opened, pool)
+                upstream, outputs, norm = next(batches)
+                errors = runs.errors(feed, upstream, outputs, opened, pool)
                 for (tensor, method), error in zip(jobs, errors, strict=True):
                     scores[tensor][method].add(error, norm, sample_count(feed))
             alive = {t: _screened(scores[t], methods) for t, methods in alive.items()}
