@@ -35,7 +35,7 @@ from qcal_export.calibrate.tensor import (
 )
 from qcal_export.calibrators import Calibrator
 from qcal_export.calibrators.hessian import BlockHessian, FullHessian
-from qcal_export.calibrators.histogram import HistogramCalibrator
+from qcal_export.calibrators.histogram import HistogramCalibrator, decide_together
 from qcal_export.calibrators.max import MaxCalibrator
 from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import Granularity, PerTensor, PerTensorGroup
@@ -290,7 +290,9 @@ def _activation_scales(
     types: dict[str, int],
 ) -> tuple[dict[str, TensorScales], dict[str, dict[str, TensorScales]]]:
     """Scales per activation and, for ``auto`` ones, per candidate method (their scales stand
-    at the first candidate's until the choice); ``types``: each activation's ONNX type."""
+    at the first candidate's until the choice); ``types``: each activation's ONNX type.
+    Histogram calibrators of one spec decide together (``decide_together``)."""
+    _decide_alike(cals, specs)
     scales, candidates = {}, {}
     for key, cal in cals.items():
         tensor, spec = specs[key]
@@ -303,6 +305,22 @@ def _activation_scales(
             candidates.setdefault(tensor, {})[spec.method] = found
     scales.update({t: next(iter(c.values())) for t, c in candidates.items()})
     return scales, candidates
+
+
+def _decide_alike(cals: dict[str, Calibrator], specs: dict[str, tuple[str, TensorSpec]]) -> None:
+    """Decide the histogram calibrators collected on a GPU in batches of one class, spec,
+    granularity and group count (the spec sets every other constructor argument): there a
+    decision costs its kernel launches. On the CPU one at a time stays in cache."""
+    batches: dict[tuple, list[HistogramCalibrator]] = {}
+    for key, cal in cals.items():
+        if isinstance(cal, HistogramCalibrator) and cal.collected and cal.device.type == "cuda":
+            spec = specs[key][1]
+            options = tuple(sorted(spec.options.items()))
+            alike = (type(cal), spec.format, spec.method, options, cal.granularity, cal.bins)
+            batches.setdefault((*alike, cal.groups), []).append(cal)
+    for batch in batches.values():
+        if len(batch) > 1:
+            decide_together(batch)
 
 
 def _first_pass(

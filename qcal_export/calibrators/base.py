@@ -54,6 +54,7 @@ class Calibrator(ABC):
         """Forget everything collected."""
         self._state: dict[str, torch.Tensor] = {}
         self._shape: tuple[int, ...] | None = None
+        self._decided: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._changed()
 
     @property
@@ -64,6 +65,11 @@ class Calibrator(ABC):
 
     def _changed(self) -> None:
         self._version = next(_VERSIONS)
+
+    def keep_decision(self, amin: torch.Tensor, amax: torch.Tensor) -> None:
+        """Hold ``(amin, amax)`` (per group, as ``_decide`` gives them), decided elsewhere on
+        this state (``histogram.decide_together``), as the decision until the state changes."""
+        self._decided = (self.state_version, (amin, amax))
 
     @classmethod
     def granularity_for(cls, fmt: Format, granularity: Granularity) -> Granularity:
@@ -135,7 +141,8 @@ class Calibrator(ABC):
         """(min, max) of export shape; for symmetric formats ``(-amax, amax)``."""
         if not self._state:
             return None
-        amin, amax = self._decide()
+        version, decided = self._decided or (None, None)
+        amin, amax = decided if version == self.state_version else self._decide()
         unflatten = self.granularity.unflatten
         return unflatten(amin, self.stat_shape), unflatten(amax, self.stat_shape)
 

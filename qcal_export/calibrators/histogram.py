@@ -8,8 +8,10 @@ merged across processes, give the histogram of all the data at once, in ``[G, 2 
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -118,6 +120,16 @@ class HistogramCalibrator(RangedCalibrator):
             return None
         return self._state["hist"].clone(), pow2(self._state["exponent"])
 
+    @property
+    def groups(self) -> int:
+        """The histograms held (0 before collect)."""
+        return self._state["hist"].shape[0] if self._state else 0
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the histograms are (None before collect)."""
+        return self._state["hist"].device if self._state else None
+
     def observed_range(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(min, max) of the finite values seen, each ``[G]`` float32 and including 0."""
         if not self._state:
@@ -225,3 +237,18 @@ class HistogramCalibrator(RangedCalibrator):
     def _fused(self, groups: torch.Tensor) -> bool:
         """Whether the Triton kernel bins ``groups`` (CUDA and Triton); torch is the reference."""
         return groups.is_cuda and kernels.HAS_TRITON
+
+
+def decide_together(cals: Sequence[HistogramCalibrator]) -> None:
+    """Decide ``cals`` in one ``_decide`` over their histograms side by side, each keeping its
+    share (``keep_decision``): one batch of operations instead of one per calibrator, which
+    on a GPU is what the decisions cost. ``cals`` are of one class, built with the same
+    arguments, collected, with the same number of groups, on one device; every decision
+    here is per group, so each share is what the calibrator decides alone."""
+    keys = ("hist", "exponent", "min", "max")
+    merged = copy.copy(cals[0])
+    merged.restore({k: torch.cat([cal._state[k] for cal in cals]) for k in keys})
+    amin, amax = merged._decide()
+    size = cals[0].groups
+    for k, cal in enumerate(cals):
+        cal.keep_decision(amin[k * size : (k + 1) * size], amax[k * size : (k + 1) * size])
