@@ -4,6 +4,7 @@
 end in a partial block of 16. ``seq=True`` exports ``[b, 5, 64]`` inputs (MatMul with the
 exporter's transposed ``onnx::MatMul_*`` weights and an Add for the bias); ``seq=False``
 exports ``[b, 64]`` inputs (Gemm, transB=1, weights named ``up.weight`` ...). Heavy-tailed data.
+``half_mlp``: a float16 MLP written with onnx.helper.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
 LAYERS = ("up", "down", "head")
 BATCHES = 3
@@ -58,3 +61,24 @@ def make_mlp(root: Path, seq: bool, module: Callable[[], torch.nn.Module] = MLP)
 
 def batches(root: Path) -> list[np.ndarray]:
     return [np.load(p)["x"] for p in sorted((root / "data").glob("*.npz"))]
+
+
+def half_mlp(rng: np.random.Generator) -> onnx.ModelProto:
+    """x ``[N, 3, 16]`` float16 -> MatMul -> Relu -> MatMul -> y ``[N, 3, 4]``, opset 17; the
+    weights drawn from ``rng``."""
+    half = TensorProto.FLOAT16
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], "m1"),
+            helper.make_node("Relu", ["h"], ["r"], "relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["y"], "m2"),
+        ],
+        "half",
+        [helper.make_tensor_value_info("x", half, ["N", 3, 16])],
+        [helper.make_tensor_value_info("y", half, ["N", 3, 4])],
+        [
+            numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float16), "w1"),
+            numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float16), "w2"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

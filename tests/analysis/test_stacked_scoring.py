@@ -17,7 +17,7 @@ import math
 import numpy as np
 import onnx
 import pytest
-from mlp import make_mlp
+from mlp import half_mlp, make_mlp
 from onnx import TensorProto, helper, numpy_helper
 from placement_models import attention_batches, attention_model
 from test_layer_view import plain_session
@@ -156,22 +156,7 @@ def test_stacked_errors_are_the_gated_runs_with_a_shared_scale_and_uint8(tmp_pat
 
 def test_a_float16_model_scores_as_the_gated_runs_up_to_float16_rounding(tmp_path):
     rng = np.random.default_rng(6)
-    half = TensorProto.FLOAT16
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["h"], "m1"),
-            helper.make_node("Relu", ["h"], ["r"], "relu"),
-            helper.make_node("MatMul", ["r", "w2"], ["y"], "m2"),
-        ],
-        "half",
-        [helper.make_tensor_value_info("x", half, ["N", 3, 16])],
-        [helper.make_tensor_value_info("y", half, ["N", 3, 4])],
-        [
-            numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float16), "w1"),
-            numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float16), "w2"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = half_mlp(rng)
     planned = _planned(model, tmp_path / "half.onnx", Recipe(target="tensorrt"))
     batches = [{"x": rng.standard_t(3.0, (4, 3, 16)).astype(np.float16)} for _ in range(3)]
     found = calibrate_onnx(planned.path, batches, target="tensorrt", validate_batches=0).scales

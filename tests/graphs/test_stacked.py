@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from mlp import make_mlp
+from mlp import half_mlp, make_mlp
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from placement_models import attention_batches, attention_model
@@ -81,22 +81,7 @@ def _relu_fp8(tmp_path):
 def _half(tmp_path):
     """A float16 MLP: x -> MatMul -> Relu -> MatMul, float16 scales."""
     rng = np.random.default_rng(6)
-    half = TensorProto.FLOAT16
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["h"], "m1"),
-            helper.make_node("Relu", ["h"], ["r"], "relu"),
-            helper.make_node("MatMul", ["r", "w2"], ["y"], "m2"),
-        ],
-        "half",
-        [helper.make_tensor_value_info("x", half, ["N", 3, 16])],
-        [helper.make_tensor_value_info("y", half, ["N", 3, 4])],
-        [
-            numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float16), "w1"),
-            numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float16), "w2"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = half_mlp(rng)
     batches = [{"x": rng.standard_t(3.0, (3, 3, 16)).astype(np.float16)} for _ in range(2)]
     return model, Recipe(target="tensorrt"), batches, "int8"
 
