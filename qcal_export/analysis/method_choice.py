@@ -107,8 +107,7 @@ def _gated_choice(
     ]
     upstream = {name for gated in gateds for name in upstream_reads(gated.model, [GATE])}
     floats = float_runs(planned, [view for stage in stages for view in stage], sorted(upstream))
-    workers = scoring_workers(planned.providers)
-    threads = 1 if workers > 1 else None
+    workers, threads = scoring_workers(planned.providers)
     choice: dict[str, dict[str, Any]] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="qcal-auto-open") as opener:
         upcoming = opener.submit(GatedRuns, gateds[0], planned, floats, threads)
@@ -234,14 +233,21 @@ def _on_cpu(providers: list) -> bool:
     return (first[0] if isinstance(first, tuple) else first) == "CPUExecutionProvider"
 
 
-def scoring_workers(providers: list) -> int:
-    """Runs scored side by side: on the CPU one per core this process may use, each run on one
-    thread (a small batch keeps few cores busy: several runs at once use them all); one on a
-    GPU, where a run's kernels fill the device."""
+MAX_WORKERS = 8
+"""The most runs scored side by side: each holds a batch's activations in memory."""
+
+
+def scoring_workers(providers: list) -> tuple[int, int | None]:
+    """Runs scored side by side, and each session's threads (None: ONNX Runtime's default).
+    On the CPU, one run per core this process may use (at most ``MAX_WORKERS``, the cores
+    shared among them): a few samples keep few cores busy, several runs at once use them all.
+    On a GPU one run at a time, its kernels filling the device."""
     if not _on_cpu(providers):
-        return 1
+        return 1, None
     usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    return max(1, len(usable) if usable else os.cpu_count() or 1)
+    cores = max(1, len(usable) if usable else os.cpu_count() or 1)
+    workers = min(cores, MAX_WORKERS)
+    return workers, (cores // workers if workers > 1 else None)
 
 
 def _score(

@@ -216,3 +216,13 @@ def test_stages_split_the_samples_in_half_cutting_a_view_where_its_axis_is_free(
     assert [[v["x"].shape[0] for v in stage] for stage in uncut] == [[4, 4], [4]]
     one = first_samples(open_data(batches), inputs, 1)
     assert sample_stages(one, inputs) == [one]
+
+
+@pytest.mark.parametrize(
+    ("cores", "want"), [(1, (1, None)), (2, (2, 1)), (6, (6, 1)), (32, (8, 4)), (12, (8, 1))]
+)
+def test_runs_side_by_side_one_per_usable_core_at_most_eight(monkeypatch, cores, want):
+    monkeypatch.setattr(method_choice.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert method_choice.scoring_workers(["CPUExecutionProvider"]) == want
+    cuda = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    assert method_choice.scoring_workers(cuda) == (1, None)
