@@ -50,10 +50,15 @@ def sample_stages(views: list[Batch], inputs: list[InputSpec]) -> list[list[Batc
 
 
 def sample_count(feed: Batch) -> int:
-    """Samples in ``feed``: its inputs' common leading dim (1 where they differ or are
-    scalars)."""
-    sizes = {np.shape(v)[0] if np.ndim(v) else 1 for v in feed.values()}
-    return sizes.pop() if len(sizes) == 1 else 1
+    """Samples in ``feed``: its inputs' common leading dim (1 where there is none)."""
+    return shared_leading_dim(feed) or 1
+
+
+def shared_leading_dim(feed: Batch) -> int | None:
+    """The leading dim every input of ``feed`` has; None where they differ or one is a
+    scalar."""
+    sizes = {np.shape(v)[0] if np.ndim(v) else None for v in feed.values()}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _free(feed: Batch, inputs: list[InputSpec]) -> bool:

@@ -73,8 +73,9 @@ def choose_activation_methods(
         raise RecipeError("method auto needs data")
     inputs = model_inputs(planned.model)
     views = first_samples(source, inputs, samples)
+    on_cpu = _on_cpu(planned.providers)
     stacked = None
-    if not _on_cpu(planned.providers):
+    if not on_cpu:
         stacked = stacked_errors(planned, found, candidates, views, STACKED_ELEMENTS)
     if stacked is not None:
         size = sum(sample_count(view) for view in views)
@@ -83,8 +84,7 @@ def choose_activation_methods(
             for t, errors in stacked.errors.items()
         }
     else:
-        on_cpu = _on_cpu(planned.providers)  # a GPU run costs its launches: one stage
-        stages = sample_stages(views, inputs) if on_cpu else [views]
+        stages = sample_stages(views, inputs) if on_cpu else [views]  # a GPU run: its launches
         choice = _gated_choice(planned, found, candidates, stages)
     return {t: candidates[t][c["picked"]] for t, c in choice.items()}, choice
 
@@ -143,11 +143,10 @@ def gated_model(planned: PlannedModel, found: dict[str, TensorScales], tensors: 
 class FloatRuns:
     """The float model's run of each scored batch: the upstream tensors the gated sessions
     read and its float graph outputs (per batch, name -> value: the reference a candidate's
-    outputs are compared with), and their squared norm."""
+    outputs are compared with)."""
 
     upstream: list[dict[str, np.ndarray]]
     outputs: list[dict[str, np.ndarray]]
-    references: list[float]
 
     def types(self) -> dict[str, int]:
         """The ONNX element type of each upstream tensor."""
@@ -162,19 +161,18 @@ def float_runs(planned: PlannedModel, views: list[Batch], upstream: list[str]) -
     )
     outputs = [o.name for o in planned.model.graph.output]
     names = outputs + [name for name in upstream if name not in outputs]
-    runs = FloatRuns([], [], [])
+    runs = FloatRuns([], [])
     for feed in views:
         values = dict(zip(names, session.run(names, feed), strict=True))
         floating = {o: values[o] for o in outputs if np.issubdtype(values[o].dtype, np.floating)}
-        runs.references.append(sum(squared(value) for value in floating.values()))
         runs.outputs.append(floating)
         runs.upstream.append({name: values[name] for name in upstream})
     return runs
 
 
 class GatedRuns:
-    """One ONNX Runtime session over the part of a gated model downstream of its gates: runs
-    a batch with given gates open."""
+    """One ONNX Runtime session over the part of a gated model downstream of its gates: scores
+    a batch with one gate open at a time."""
 
     def __init__(
         self, gated: Gated, planned: PlannedModel, floats: FloatRuns, threads: int | None = None
@@ -192,21 +190,6 @@ class GatedRuns:
             model, planned.providers, f"the gated form of {planned.path}", threads=threads
         )
 
-    def run(
-        self,
-        feed: dict[str, np.ndarray],
-        upstream: dict[str, np.ndarray],
-        tensor: str | None = None,
-        scales: dict | None = None,
-    ) -> list[np.ndarray]:
-        """The graph outputs downstream of the gates with the gate of ``tensor`` open (None:
-        all shut, the float model) at the scale inputs ``scales``."""
-        gate = np.zeros(len(self.gated.tensors), dtype=bool)
-        if tensor is not None:
-            gate[self.gated.tensors.index(tensor)] = True
-        given = {k: v for k, v in (feed | upstream).items() if k in self.inputs}
-        return self.session.run(self.outputs, {**given, GATE: gate, **(scales or {})})
-
     def errors(
         self,
         feed: dict[str, np.ndarray],
@@ -218,10 +201,14 @@ class GatedRuns:
         """The squared error of the graph outputs against the float model's (``floats``, by
         name) with each (tensor, scale inputs) of ``opened`` alone open, ``pool`` running them
         side by side."""
+        given = {k: v for k, v in (feed | upstream).items() if k in self.inputs}
         reference = [floats[name] for name in self.outputs]
 
         def error(job: tuple[str, dict]) -> float:
-            got = self.run(feed, upstream, *job)
+            tensor, scales = job
+            gate = np.zeros(len(self.gated.tensors), dtype=bool)
+            gate[self.gated.tensors.index(tensor)] = True
+            got = self.session.run(self.outputs, {**given, GATE: gate, **scales})
             return sum(squared(g, f) for g, f in zip(got, reference, strict=True))
 
         return list(pool.map(error, opened))
@@ -264,13 +251,14 @@ def _score(
     same = {t: first_equal(methods) for t, methods in candidates.items()}
     scores = {t: {m: _Score() for m in firsts.values()} for t, firsts in same.items()}
     alive = {t: list(scored) for t, scored in scores.items()}
-    batches = iter(zip(floats.upstream, floats.outputs, floats.references, strict=True))
+    batches = iter(zip(floats.upstream, floats.outputs, strict=True))
     with ThreadPoolExecutor(workers, thread_name_prefix="qcal-auto") as pool:
         for stage in stages:
             jobs = [(t, m) for t, methods in alive.items() for m in methods]
             opened = [(t, candidates[t][m]) for t, m in jobs]
             for feed in stage:
-                upstream, outputs, norm = next(batches)
+                upstream, outputs = next(batches)
+                norm = sum(squared(value) for value in outputs.values())
                 errors = runs.errors(feed, upstream, outputs, opened, pool)
                 for (tensor, method), error in zip(jobs, errors, strict=True):
                     scores[tensor][method].add(error, norm, sample_count(feed))

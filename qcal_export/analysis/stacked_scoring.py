@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from qcal_export.analysis.auto_candidates import first_equal, narrowed_export, scale_feed, squared
+from qcal_export.analysis.auto_samples import shared_leading_dim
 from qcal_export.analysis.planned import PlannedModel
 from qcal_export.capture.data import model_inputs
 from qcal_export.capture.onnxruntime import ORT_ERRORS, open_session
@@ -175,10 +176,10 @@ def _repeats(single: np.ndarray, double: np.ndarray) -> bool:
 
 def _leading_size(view: Batch) -> int:
     """The leading dim all of ``view``'s inputs share; NotStackable where they do not."""
-    sizes = {np.shape(v)[0] if np.ndim(v) else None for v in view.values()}
-    if len(sizes) != 1 or None in sizes:
+    size = shared_leading_dim(view)
+    if size is None:
         raise NotStackable("the view's inputs do not share one leading (batch) dim")
-    return sizes.pop()
+    return size
 
 
 def _tiled(view: Batch, count: int) -> Batch:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -106,19 +107,19 @@ def gated_errors(planned, found, candidates, views) -> dict[tuple[str, str], flo
     floats = method_choice.float_runs(planned, views, upstream_reads(gated.model, [GATE]))
     runs = method_choice.GatedRuns(gated, planned, floats)
     errors: dict[tuple[str, str], float] = {}
-    for tensor, methods in candidates.items():
-        feeds = {m: scale_feed(s, gated.scales[tensor], runs.inits) for m, s in methods.items()}
-        for method, first in first_equal(feeds).items():
-            if first != method:
-                errors[tensor, method] = errors[tensor, first]
-                continue
-            errors[tensor, method] = 0.0
-            for view, upstream in zip(views, floats.upstream, strict=True):
-                got = runs.run(view, upstream, tensor, feeds[method])
-                reference = runs.run(view, upstream)
-                errors[tensor, method] += sum(
-                    squared(g, f) for g, f in zip(got, reference, strict=True)
-                )
+    with ThreadPoolExecutor(1) as pool:
+        for tensor, methods in candidates.items():
+            feeds = {m: scale_feed(s, gated.scales[tensor], runs.inits) for m, s in methods.items()}
+            for method, first in first_equal(feeds).items():
+                if first != method:
+                    errors[tensor, method] = errors[tensor, first]
+                    continue
+                errors[tensor, method] = 0.0
+                for view, upstream, outputs in zip(
+                    views, floats.upstream, floats.outputs, strict=True
+                ):
+                    opened = [(tensor, feeds[method])]
+                    errors[tensor, method] += runs.errors(view, upstream, outputs, opened, pool)[0]
     return errors
 
 
