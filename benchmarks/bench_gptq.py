@@ -203,12 +203,29 @@ def ort_nbits(model: Path, out: Path, block: int, calib: list[dict] | None) -> N
     quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
 
 
+def qcal_int4(model: Path, out: Path, block: int, calib: list[dict], **options) -> None:
+    """Our int4 weight-only calibration (symmetric blocks of ``block`` along K) of ``model``
+    on a copy of ``calib`` (a run consumes its batches), written to ``out``; ``options``:
+    further ``calibrate_onnx`` arguments (the weight method, its options)."""
+    from qcal_export.pipeline.calibrate import calibrate_onnx
+
+    calibrate_onnx(
+        model,
+        copy.deepcopy(calib),
+        format="int4",
+        activation_format="none",
+        block_size=block,
+        output=out,
+        validate_batches=0,
+        **options,
+    )
+
+
 def run_demo(args: argparse.Namespace) -> None:
     from qcal_export.demo.evaluate import embedding_cosine
     from qcal_export.demo.model import demo_model_path
     from qcal_export.demo.run import BATCH_SIZE, NUM_CALIB, NUM_HELDOUT
     from qcal_export.demo.texts import demo_batches, demo_texts
-    from qcal_export.pipeline.calibrate import calibrate_onnx
 
     model = demo_model_path()
     calib_texts, heldout_texts = demo_texts(NUM_CALIB, NUM_HELDOUT)
@@ -234,16 +251,7 @@ def run_demo(args: argparse.Namespace) -> None:
             for method in ("max", "mse", "gptq"):
                 out = Path(folder) / f"qcal_{method}_{block}.onnx"
                 start = time.perf_counter()
-                calibrate_onnx(
-                    model,
-                    copy.deepcopy(calib),
-                    format="int4",
-                    activation_format="none",
-                    weight_method=method,
-                    block_size=block,
-                    output=out,
-                    validate_batches=0,
-                )
+                qcal_int4(model, out, block, calib, weight_method=method)
                 seconds = time.perf_counter() - start
                 score = embedding_cosine(model, out, heldout)
                 lines.append(_row(block, "qcal", method, score, seconds))

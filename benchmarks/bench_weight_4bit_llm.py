@@ -26,9 +26,7 @@ from pathlib import Path
 import harness
 import numpy as np
 import onnxruntime as ort
-from bench_gptq import ort_nbits
-
-from qcal_export.pipeline.calibrate import calibrate_onnx
+from bench_gptq import ort_nbits, qcal_int4
 
 RESULT_FILE = Path(__file__).resolve().parent / "results" / "weight_4bit_llm.md"
 QCAL_ROWS = {
@@ -82,16 +80,7 @@ def run_rows(args: argparse.Namespace) -> list[str]:
             for name, options in QCAL_ROWS.items():
                 out = Path(folder) / f"qcal_{block}.onnx"
                 start = time.perf_counter()
-                calibrate_onnx(
-                    model,
-                    copy.deepcopy(calib),
-                    format="int4",
-                    activation_format="none",
-                    block_size=block,
-                    output=out,
-                    validate_batches=0,
-                    **options,
-                )
+                qcal_int4(model, out, block, calib, **options)
                 lines.append(_row(block, "qcal", name, reference, out, heldout, start))
                 print(lines[-1], flush=True)
             for method in ("rtn", "gptq") if args.ort_gptq else ("rtn",):
