@@ -39,8 +39,8 @@ class NVFP4MseCalibrator(Calibrator):
 
     On CUDA with Triton the first ``collect`` only finds each block's best candidate
     (``kernels/nvfp4_best.py``: the candidates that can still win, float64 for near ties) and
-    keeps a copy of the blocks; the 126 losses per block (``[G, 126]`` float64, 63x the bf16
-    weight) are computed only when something needs them (``state_dict``, ``snapshot``,
+    keeps a copy of the blocks; the 126 losses per block (``[G, 126]`` float64: 1008 bytes for
+    every 16 weights) are computed only when something needs them (``state_dict``, ``snapshot``,
     ``merge_`` or a second ``collect``), by the fused full sweep (``kernels/nvfp4_sweep.py``:
     losses within a relative 2^-18, float64 for near ties), stored candidate-major (a
     transposed view, same shape). Both give the torch path's choices.
