@@ -4,8 +4,6 @@ and NVFP4 serving checkpoints holding the weights the QDQ graph uses."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +11,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from llm_benchmark import load_llm_model
 from onnx import TensorProto, numpy_helper
 
 from qcal_export.artifacts.checkpoint import load_nvfp4_checkpoint
 from qcal_export.pipeline.calibrate import calibrate_onnx
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_model.py"
 # The tiny size: 2 decoder layers of 7 projections each, plus the LM head.
 WEIGHT_MATMULS = 2 * 7 + 1
 
@@ -35,15 +33,7 @@ STORAGE = {
 }
 
 
-def _llm_model():
-    spec = importlib.util.spec_from_file_location("llm_model", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("llm_model", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-llm_model = _llm_model()
+llm_model = load_llm_model()
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,14 @@ Runtime; the input scales are the calibrated activation scales; the config lists
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from error_lines import assert_one_error_line
 from fp8_graph_oracle import graph_weights
+from llm_benchmark import load_llm_model
 from mlp import make_mlp
 
 from qcal_export.artifacts.fp8_checkpoint import load_fp8_checkpoint
@@ -23,7 +22,6 @@ from qcal_export.pipeline.calibrate import calibrate_onnx
 from qcal_export.spec.recipe import Override, Recipe, TensorSpec
 
 LAYOUTS = ("modelopt", "compressed-tensors")
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "llm_model.py"
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["matmul", "gemm"])
@@ -150,20 +148,12 @@ def test_an_input_calibrated_in_int8_is_refused_naming_its_layer(mlp, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def _llm_model():
-    spec = importlib.util.spec_from_file_location("llm_model", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("llm_model", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _embedded_tiny(folder: Path, dtype: str) -> Path:
     """The tiny LLM with its weights embedded (data in ``folder``/data): its QDQ model is saved
     as one file, as the exported FP8 weights are checked in it."""
     import onnx
 
-    path = _llm_model().build("tiny", folder, dtype, batches=2, seq=16)
+    path = load_llm_model().build("tiny", folder, dtype, batches=2, seq=16)
     embedded = path.parent / "embedded.onnx"
     onnx.save(onnx.load(str(path)), str(embedded))
     return embedded

@@ -6,8 +6,6 @@ held-out output error is no worse than round to nearest's."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from llm_benchmark import load_llm_model
 from onnx import TensorProto, helper, numpy_helper
 
 from qcal_export.calibrators.gptq import GptqCalibrator
@@ -23,7 +22,6 @@ from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import PerAxis, PerBlock
 
 K, N, TOKENS = 64, 24, 40
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "llm_model.py"
 
 
 def two_layer_model(folder: Path) -> Path:
@@ -118,18 +116,10 @@ def test_exported_codes_and_scales_are_gptqs(tmp_path, fmt, block_size, options)
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def _llm_model():
-    spec = importlib.util.spec_from_file_location("llm_model", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("llm_model", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_llm_heldout_error_is_no_worse_than_nearest(tmp_path):
     """int4 blocks of 32, weights only, on the tiny LLM: held-out logits' relative L2 error
     with gptq at most max's (round to nearest), both validated in ORT."""
-    model = _llm_model().build("tiny", tmp_path / "llm", batches=6, seq=32)
+    model = load_llm_model().build("tiny", tmp_path / "llm", batches=6, seq=32)
     errors = {}
     for method in ("max", "gptq"):
         result = calibrate_onnx(
