@@ -28,7 +28,7 @@ from qcal_export.analysis import method_choice
 from qcal_export.analysis.auto_candidates import first_equal, scale_feed, squared
 from qcal_export.analysis.auto_samples import first_samples
 from qcal_export.analysis.planned import PlannedModel
-from qcal_export.analysis.stacked_scoring import StackedScores, stacked_errors
+from qcal_export.analysis.stacked_scoring import StackedScores, _repeats, stacked_errors
 from qcal_export.capture.data import model_inputs, open_data
 from qcal_export.graphs.gated import GATE
 from qcal_export.graphs.suffix import upstream_reads
@@ -243,3 +243,17 @@ def test_fixed_batches_a_tensor_off_the_batch_axis_and_nvfp4_do_not_stack(tmp_pa
     planned = _planned(onnx.load(str(path)), tmp_path / "nvfp4.onnx", recipe)
     why = _none_and_why(caplog, planned, nvfp4.scales, _views(planned.model, batches))
     assert "per-tensor QuantizeLinear" in why
+
+
+def test_sample_major_check_allows_another_kernels_rounding_but_not_mixed_halves():
+    rng = np.random.default_rng(7)
+    single = rng.standard_normal((3, 5, 8)).astype(np.float32)
+    rounded = single * np.float32(1 + 5e-4)  # a TF32 kernel of the larger batch, say
+    assert _repeats(single, np.concatenate([rounded, rounded]))
+    assert not _repeats(single, np.concatenate([rounded, single]))  # one run, halves apart
+    off_axis = np.concatenate([single, single], axis=1).reshape(6, 5, 8)  # samples on axis 1
+    assert not _repeats(single, off_axis)
+    assert not _repeats(single, np.concatenate([single * 1.05, single * 1.05]))
+    ids = rng.integers(0, 9, (3, 4))
+    assert _repeats(ids, np.concatenate([ids, ids]))
+    assert not _repeats(ids, np.concatenate([ids, ids + 1]))
