@@ -64,7 +64,7 @@ def choose_activation_methods(
     it was scored on).
 
     On a GPU the candidates are scored many to a run where the model stacks them
-    (``stacked_scoring``). Otherwise the activations are gated ``GATES_PER_SESSION`` at a
+    (``stacked_scoring``). The other activations are gated ``GATES_PER_SESSION`` at a
     time, one session after another (on the CPU in two stages of samples, runs side by side,
     ``_score``); a session computes only what
     lies downstream of its gates, reading the tensors it needs from upstream out of one float
@@ -74,18 +74,16 @@ def choose_activation_methods(
     inputs = model_inputs(planned.model)
     views = first_samples(source, inputs, samples)
     on_cpu = _on_cpu(planned.providers)
-    stacked = None
+    choice: dict[str, dict[str, Any]] = {}
     if not on_cpu:
         stacked = stacked_errors(planned, found, candidates, views, STACKED_ELEMENTS)
-    if stacked is not None:
         size = sum(sample_count(view) for view in views)
-        choice = {
-            t: _choice({m: _Score(e, stacked.norm, size) for m, e in errors.items()})
-            for t, errors in stacked.errors.items()
-        }
-    else:
+        for t, errors in stacked.errors.items() if stacked else ():
+            choice[t] = _choice({m: _Score(e, stacked.norm, size) for m, e in errors.items()})
+    rest = {t: methods for t, methods in candidates.items() if t not in choice}
+    if rest:
         stages = sample_stages(views, inputs) if on_cpu else [views]  # a GPU run: its launches
-        choice = _gated_choice(planned, found, candidates, stages)
+        choice.update(_gated_choice(planned, found, rest, stages))
     return {t: candidates[t][c["picked"]] for t, c in choice.items()}, choice
 
 

@@ -9,9 +9,10 @@ float graph outputs and the view batches, per activation and distinct candidate)
 float rounding of a larger batch and of another graph around each Q -> DQ (ONNX Runtime's CPU
 rounds a float16 QuantizeLinear inside the gated model's ``If`` unlike at the top level).
 Stacking is trusted only where the float model shows, on each view and the view tiled twice,
-that each quantized tensor and each scored output is sample-major along axis 0 (else None: the
-caller scores one run per candidate); a mixing of samples that a duplicated batch leaves
-unchanged (a mean over the batch) goes unseen.
+that each scored output is sample-major along axis 0 (else None: the caller scores one run per
+candidate), and only for the activations whose quantized tensors are (the others, a constant
+say, are left to the caller); a mixing of samples that a duplicated batch leaves unchanged (a
+mean over the batch) goes unseen.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from qcal_export.analysis.auto_candidates import first_equal, narrowed_export, scale_feed, squared
 from qcal_export.analysis.auto_samples import shared_leading_dim
@@ -31,6 +33,7 @@ from qcal_export.capture.source import Batch
 from qcal_export.errors import ModelError
 from qcal_export.graphs.stacked import NotStackable, Stacked, stack_activations
 from qcal_export.onnx_io.tensor_types import FLOAT_TYPES
+from qcal_export.spec.plan import Plan
 from qcal_export.spec.scales import TensorScales
 
 log = logging.getLogger(__name__)
@@ -49,8 +52,9 @@ Slot = tuple[str, str]
 
 @dataclass
 class StackedScores:
-    """Per activation and candidate method, the squared output error summed over the views
-    (methods of equal scales share one), and the float outputs' squared norm over them."""
+    """Per activation stacked and candidate method, the squared output error summed over the
+    views (methods of equal scales share one), and the float outputs' squared norm over them.
+    The activations of the candidates missing from ``errors`` did not stack."""
 
     errors: dict[str, dict[str, float]]
     norm: float
@@ -65,22 +69,51 @@ def stacked_errors(
 ) -> StackedScores | None:
     """The squared error of the float graph outputs summed over ``views`` with each activation
     of ``candidates`` (activation -> method -> scales) alone quantized at each candidate (run
-    once per distinct candidate, as ``first_equal`` groups them); None where the model does
-    not stack (the reason logged).
+    once per distinct candidate, as ``first_equal`` groups them), for the activations that
+    stack; None where none does (the reason logged).
 
     A run holds as many slots as keep its largest scored tensor (a quantized activation or an
     output) within ``max_elements``, at least the reference and one candidate; each run holds
     its own reference, computed by the same kernels at the same shapes as its candidates.
     ``found``: the run's scales, exported as the defaults of shut slots."""
     try:
-        stacked = stacked_model(planned, found, set(candidates))
         outputs = _scored_outputs(planned.model)
-        per_sample = _check_sample_major(planned, views, stacked.sources, outputs)
-        name = f"the stacked form of {planned.path}"
-        session = open_session(stacked.model, planned.providers, name)
+        sources = {t: _sources(planned.plan, t) for t in candidates}
+        per_sample, off = _check_sample_major(planned, views, sources, outputs)
+        candidates = {t: c for t, c in candidates.items() if not sources[t] & off}
+        if off:
+            log.info(
+                "method auto scores %d activation(s) one run per candidate: %s",
+                len(sources) - len(candidates),
+                f"tensor {min(off)!r} is not sample-major along axis 0",
+            )
+        if not candidates:
+            raise NotStackable("no activation is sample-major along axis 0")
+        stacked = stacked_model(planned, found, set(candidates))
+        _check_sources(stacked, sources)
+        session = open_session(
+            stacked.model, planned.providers, f"the stacked form of {planned.path}"
+        )
     except (NotStackable, ModelError, *ORT_ERRORS) as e:
         log.info("method auto scores one run per candidate: %s", e)
         return None
+    try:
+        return _scores(stacked, session, candidates, views, max_elements // per_sample, outputs)
+    except ORT_ERRORS as e:
+        log.info("method auto scores one run per candidate: the stacked run failed: %s", e)
+        return None
+
+
+def _scores(
+    stacked: Stacked,
+    session: ort.InferenceSession,
+    candidates: dict[str, dict[str, TensorScales]],
+    views: list[Batch],
+    max_samples: int,
+    outputs: list[str],
+) -> StackedScores:
+    """The stacked runs of ``views``: as many slots a run as hold at most ``max_samples``
+    samples in all."""
     feeds = {
         tensor: {
             m: scale_feed(s, stacked.params[tensor], stacked.initializers)
@@ -92,17 +125,13 @@ def stacked_errors(
     errors = {tensor: dict.fromkeys(same.values(), 0.0) for tensor, same in firsts.items()}
     slots = [(tensor, method) for tensor, scored in errors.items() for method in scored]
     norm = 0.0
-    try:
-        for view in views:
-            per_run = max(1, max_elements // (per_sample * _leading_size(view)) - 1)
-            for begin in range(0, len(slots), per_run):
-                chunk = slots[begin : begin + per_run]
-                feed = {**_tiled(view, len(chunk) + 1), **_slot_feed(stacked, feeds, chunk)}
-                reference = _add_errors(session.run(outputs, feed), chunk, errors)
-            norm += reference
-    except ORT_ERRORS as e:
-        log.info("method auto scores one run per candidate: the stacked run failed: %s", e)
-        return None
+    for view in views:
+        per_run = max(1, max_samples // _leading_size(view) - 1)
+        for begin in range(0, len(slots), per_run):
+            chunk = slots[begin : begin + per_run]
+            feed = {**_tiled(view, len(chunk) + 1), **_slot_feed(stacked, feeds, chunk)}
+            reference = _add_errors(session.run(outputs, feed), chunk, errors)
+        norm += reference
     shared = {t: {m: errors[t][first] for m, first in same.items()} for t, same in firsts.items()}
     return StackedScores(shared, norm)
 
@@ -133,35 +162,55 @@ def _scored_outputs(model: onnx.ModelProto) -> list[str]:
     return [o.name for o in model.graph.output if o.type.tensor_type.elem_type in floating]
 
 
+def _sources(plan: Plan, tensor: str) -> set[str]:
+    """The tensors quantized at the scale of the activation ``tensor``: itself and its
+    sharers."""
+    return {tensor} | {s for s in plan.shared if plan.root(s) == tensor}
+
+
+def _check_sources(stacked: Stacked, sources: dict[str, set[str]]) -> None:
+    """NotStackable where the stacked model quantizes a tensor per slot that was not checked."""
+    checked = set().union(*(sources[t] for t in stacked.tensors))
+    unchecked = [s for s in stacked.sources if s not in checked]
+    if unchecked:
+        raise NotStackable(f"tensor {unchecked[0]!r} is quantized per slot but was not checked")
+
+
 def _check_sample_major(
-    planned: PlannedModel, views: list[Batch], sources: list[str], outputs: list[str]
-) -> int:
-    """NotStackable unless every graph input's leading dim is free and, in the float model on
-    each of ``views`` and on it tiled twice, each of ``sources`` and ``outputs`` doubles its
-    leading dim with both halves the view's own values (samples along axis 0, unmixed).
-    Returns the most elements one sample takes in any of them."""
+    planned: PlannedModel, views: list[Batch], sources: dict[str, set[str]], outputs: list[str]
+) -> tuple[int, set[str]]:
+    """The tensors of ``sources`` (activation -> its quantized tensors) that are not
+    sample-major along axis 0, and the most elements one sample takes in any scored tensor;
+    NotStackable unless every graph input's leading dim is free and every scored output is.
+
+    Sample-major: in the float model on each of ``views`` and on it tiled twice, the tensor
+    doubles its leading dim with both halves the view's own values (samples unmixed). A
+    constant is not."""
     model = planned.model
     fixed = [i.name for i in model_inputs(model) if not i.dims or i.dims[0] is not None]
-    constants = [s for s in sources if s in {t.name for t in model.graph.initializer}]
-    if fixed or constants:
-        what = f"input {fixed[0]!r}" if fixed else f"constant {constants[0]!r}"
-        raise NotStackable(f"{what} has no free leading (batch) dim")
-    inputs = {i.name for i in model.graph.input}
-    extra = [s for s in sources if s not in inputs and s not in outputs]
+    if fixed:
+        raise NotStackable(f"input {fixed[0]!r} has no free leading (batch) dim")
+    constants = {t.name for t in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input} - constants
+    quantized = set().union(*sources.values())
+    extra = sorted(quantized - inputs - constants - set(outputs))
     session = open_session(
         model, planned.providers, str(planned.path), extra_outputs=dict.fromkeys(extra)
     )
     watched = outputs + extra
-    per_sample = 1
+    per_sample, off = 1, quantized & constants
     for view in views:
         rows = _leading_size(view)
         once = session.run(watched, view)
         twice = session.run(watched, _tiled(view, 2))
         for name, single, double in zip(watched, once, twice, strict=True):
             if not _repeats(single, double):
-                raise NotStackable(f"tensor {name!r} is not sample-major along axis 0")
-            per_sample = max(per_sample, -(-single.size // rows))
-    return per_sample
+                if name in outputs:
+                    raise NotStackable(f"output {name!r} is not sample-major along axis 0")
+                off.add(name)
+            else:
+                per_sample = max(per_sample, -(-single.size // rows))
+    return per_sample, off
 
 
 def _repeats(single: np.ndarray, double: np.ndarray) -> bool:
