@@ -10,7 +10,11 @@ held-out split figure, and the wall time of the calibration; under the table eac
 phase times and its time over the first ``max`` row's (same run). Not a test; run it by hand:
 
     python benchmarks/bench_accuracy_steps.py [--rows max mse auto:0.8 max@0.99 ...] [--output F]
-        [--format nvfp4]
+        [--format nvfp4] [--profile P]
+
+``--profile P`` writes ``cProfile``'s view of the last row (its calibration and held-out
+scoring) to ``P``: the functions of most own time, then those of ``qcal_export`` by cumulative
+time (that row's time then includes the profiler's cost).
 
 The table is printed and written to ``benchmarks/results/accuracy_steps.md`` (or ``--output``).
 """
@@ -18,8 +22,12 @@ The table is printed and written to ``benchmarks/results/accuracy_steps.md`` (or
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import datetime as dt
+import io
 import os
+import pstats
 import tempfile
 import time
 from collections import Counter
@@ -110,6 +118,15 @@ def load_inputs(folder: Path) -> tuple[list[dict], list[dict]]:
     return out[0], out[1]
 
 
+def write_profile(profiler: cProfile.Profile, path: Path) -> None:
+    """The functions of most own time, then ``qcal_export``'s by cumulative time."""
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumtime").print_stats("qcal_export", 60)
+    path.write_text(text.getvalue())
+
+
 def device() -> str:
     """The ONNX Runtime provider the runs use, and the GPU where there is one."""
     import onnxruntime as ort
@@ -130,6 +147,7 @@ def main() -> None:
     parser.add_argument("--save-inputs", type=Path, help="save the tokenized batches and stop")
     parser.add_argument("--auto-samples", type=int, default=4, help="method auto's samples")
     parser.add_argument("--format", default="int8", help="weights' and activations' format")
+    parser.add_argument("--profile", type=Path, help="write the last row's cProfile here")
     args = parser.parse_args()
     model = demo_model_path()
     calib, heldout = load_inputs(args.inputs) if args.inputs else tokenized()
@@ -153,10 +171,15 @@ def main() -> None:
     notes = ["", "Phase times (s) and time over the first max row's, from this run:", ""]
     base = None
     with tempfile.TemporaryDirectory() as tmp:
-        for text in args.rows:
-            line, seconds, timings = run_row(
-                text, model, calib, heldout, Path(tmp) / "q.onnx", args.auto_samples, args.format
-            )
+        for k, text in enumerate(args.rows):
+            profiler = cProfile.Profile() if args.profile and k == len(args.rows) - 1 else None
+            with profiler or contextlib.nullcontext():
+                line, seconds, timings = run_row(
+                    text, model, calib, heldout, Path(tmp) / "q.onnx", args.auto_samples,
+                    args.format,
+                )  # fmt: skip
+            if profiler:
+                write_profile(profiler, args.profile)
             lines.append(line)
             print(line, flush=True)
             base = seconds if base is None and text == "max" else base

@@ -4,6 +4,10 @@
 #     bash benchmarks/run_gpu.sh [tests] [nvfp4] [mse] [histogram] [capture]   (default: these)
 #     bash benchmarks/run_gpu.sh llm            (the ~1B LLM, ours vs ORT: one call at a time)
 #     bash benchmarks/run_gpu.sh distributed    (needs 2 GPUs: 1 vs 2 processes, NCCL)
+#     bash benchmarks/run_gpu.sh auto           (method auto against max on the demo, CUDA EP,
+#                                                and a profile of a fifth row, auto; AUTO_ARGS=
+#                                                "--inputs DIR": batches saved with
+#                                                bench_accuracy_steps.py --save-inputs DIR)
 # Tables go to $OUT when it is set, else benchmarks/results; each step's log beside them.
 # Every step runs (under STEP_TIMEOUT seconds, default 900); the exit status is 1 if one failed.
 # llm fits a 10-minute command: its step stops at LLM_STEP_TIMEOUT (default 570 s) and the
@@ -47,7 +51,11 @@ for name in "${@:-tests nvfp4 mse histogram capture}"; do
             ;;
         distributed) step bench_distributed python3 benchmarks/bench_distributed.py \
             --provider cuda --nproc 1 2 ;;
-        *) echo "unknown step $one: tests nvfp4 mse histogram capture llm distributed" >&2 && exit 2 ;;
+        # shellcheck disable=SC2086  # AUTO_ARGS is a list of options
+        auto) step bench_auto python3 benchmarks/bench_accuracy_steps.py \
+            --rows max auto max auto auto --output "$out/accuracy_steps_auto_cuda.md" \
+            --profile "$out/accuracy_steps_auto_cuda_profile.txt" ${AUTO_ARGS:-} ;;
+        *) echo "unknown step $one: tests nvfp4 mse histogram capture llm distributed auto" >&2 && exit 2 ;;
         esac
     done
 done

@@ -43,8 +43,9 @@ SAME_RUN = 1e-6
 computes both with the same kernels."""
 ACROSS_BATCH = 1e-2
 """Relative tolerance (of the largest value) between a half of the tiled run and the view's
-own run: a batch twice the size may run other kernels (the CUDA EP's TF32 matrix products
-round to about 1e-3), while a tensor off the batch axis differs by the size of its values."""
+own run: a batch twice the size may run other kernels, which round otherwise (a TF32 matrix
+product keeps 10 mantissa bits), while a tensor off the batch axis differs by the size of its
+values."""
 
 Slot = tuple[str, str]
 """An (activation, method) pair quantized in one slot."""
