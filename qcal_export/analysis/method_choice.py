@@ -26,6 +26,8 @@ import onnx
 from onnx import helper
 
 from qcal_export.analysis.auto_candidates import (
+    EXACT,
+    exact_constants,
     first_equal,
     narrowed_export,
     scale_feed,
@@ -42,6 +44,7 @@ from qcal_export.graphs.fp4_emulation import runnable_or_refuse
 from qcal_export.graphs.gated import GATE, Gated, gate_activations
 from qcal_export.graphs.suffix import downstream_model, upstream_reads
 from qcal_export.onnx_io.tensor_types import FLOAT_TYPES
+from qcal_export.spec.methods import MAX
 from qcal_export.spec.scales import TensorScales
 
 GATES_PER_SESSION = 16
@@ -61,7 +64,7 @@ def choose_activation_methods(
     graph outputs on the first ``samples`` samples of ``source`` are nearest float (squared
     error summed over outputs and batches; the first method on ties): the chosen scales and the
     report section (per activation: ``picked``, each method's ``output_rel_l2`` and the samples
-    it was scored on).
+    it was scored on). A constant of one value keeps max unscored (``exact_constants``).
 
     On a GPU the candidates are scored many to a run where the model stacks them
     (``stacked_scoring``). The other activations are gated ``GATES_PER_SESSION`` at a
@@ -74,13 +77,14 @@ def choose_activation_methods(
     inputs = model_inputs(planned.model)
     views = first_samples(source, inputs, samples)
     on_cpu = _on_cpu(planned.providers)
-    choice: dict[str, dict[str, Any]] = {}
-    if not on_cpu:
-        stacked = stacked_errors(planned, found, candidates, views, STACKED_ELEMENTS)
+    choice = {t: _exact() for t in exact_constants(planned.model.graph, candidates)}
+    scored = {t: methods for t, methods in candidates.items() if t not in choice}
+    if not on_cpu and scored:
+        stacked = stacked_errors(planned, found, scored, views, STACKED_ELEMENTS)
         size = sum(sample_count(view) for view in views)
         for t, errors in stacked.errors.items() if stacked else ():
             choice[t] = _choice({m: _Score(e, stacked.norm, size) for m, e in errors.items()})
-    rest = {t: methods for t, methods in candidates.items() if t not in choice}
+    rest = {t: methods for t, methods in scored.items() if t not in choice}
     if rest:
         stages = sample_stages(views, inputs) if on_cpu else [views]  # a GPU run: its launches
         choice.update(_gated_choice(planned, found, rest, stages))
@@ -298,6 +302,11 @@ def _screened(scores: dict[str, _Score], methods: list[str]) -> list[str]:
     best = min(scores[m].error for m in methods)
     kept = [m for m in methods if scores[m].error <= (1 + SCREEN_MARGIN) * best]
     return kept if len(kept) > 1 else []
+
+
+def _exact() -> dict[str, Any]:
+    """The report entry of an activation ``exact_constants`` found: max, no scores."""
+    return {"picked": MAX.name, "output_rel_l2": {}, "samples": {}, "exact": EXACT}
 
 
 def _choice(scores: dict[str, _Score], firsts: dict[str, str] | None = None) -> dict[str, Any]:

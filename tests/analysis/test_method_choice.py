@@ -13,7 +13,9 @@ side by side) must pick the same candidate and give every candidate's error over
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from importlib import resources
 
 import numpy as np
 import onnx
@@ -226,3 +228,55 @@ def test_runs_side_by_side_one_per_usable_core_at_most_eight(monkeypatch, cores,
     assert method_choice.scoring_workers(["CPUExecutionProvider"]) == want
     cuda = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
     assert method_choice.scoring_workers(cuda) == (1, None)
+
+
+SCALE = 0.3125  # the scalar an exporter wrote as a Constant node
+
+
+def _scalar_constant_mlp(path):
+    """x[N,5,64] -> MatMul -> h -> Mul by a Constant node's scalar c -> MatMul -> y: at the
+    ort placement c is an activation (a Mul's input) of one value."""
+    rng = np.random.default_rng(3)
+    w1, w2 = (rng.standard_normal((64, 64)).astype(np.float32) for _ in range(2))
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], "mm1"),
+            helper.make_node("Constant", [], ["c"], "const", value_float=SCALE),
+            helper.make_node("Mul", ["h", "c"], ["m"], "mul"),
+            helper.make_node("MatMul", ["m", "w2"], ["y"], "mm2"),
+        ],
+        "scalar_constant",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 5, 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 5, 64])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_scalar_constant_keeps_max_unscored_which_is_its_least_output_error(tmp_path):
+    path = _scalar_constant_mlp(tmp_path / "scalar.onnx")
+    batches = mixed_batches(4)
+    fixed = {"activation_format": "int8", "target": "ort", "validate_batches": 0}  # as alone_model
+    result = calibrate_onnx(path, batches, method="auto", **fixed)
+    choice = result.report["method_choice"]
+    assert sorted(choice) == ["c", "h", "m", "x"]
+    assert choice["c"] == {
+        "picked": "max",
+        "output_rel_l2": {},
+        "samples": {},
+        "exact": method_choice.EXACT,
+    }
+    assert all(choice[t]["output_rel_l2"] for t in "hmx")  # the others are scored
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = resources.files("qcal_export.artifacts").joinpath("report_schema.json").read_text()
+    jsonschema.validate(result.report, json.loads(schema), cls=jsonschema.Draft202012Validator)
+    assert float(result.scales["c"].amax) == SCALE
+    alone = {}
+    for method in METHODS:
+        scales = calibrate_onnx(path, batches, method=method, **fixed)
+        model = alone_model(path, "c", scales.scales["c"], {"mul"}, tmp_path / f"{method}.onnx")
+        errors = batch_errors(plain_session(path), plain_session(model), batches)
+        alone[method] = sum(e for e, _ in errors)
+    assert len(set(alone.values())) > 1  # the candidates differ on c
+    assert alone["max"] == min(alone.values())
