@@ -204,6 +204,9 @@ def method_choice(report: dict[str, Any]) -> str:
     picked = Counter(c["picked"] for c in choice.values())
     lead = "Method auto: per activation, the method whose output error (that activation alone "
     lead += "quantized) is lowest. Picked: " + ", ".join(f"{m} {n}" for m, n in picked.items())
+    exact = sum("exact" in c for c in choice.values())
+    if exact:
+        lead += f". {exact} constant(s) of one value keep max unscored (its scale is exact)"
     return section("method-choice", "Method choice", [table(headers, rows)], lead)
 
 

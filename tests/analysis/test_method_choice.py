@@ -26,6 +26,7 @@ from test_layer_view import plain_session
 
 from qcal_export.analysis import method_choice
 from qcal_export.analysis.auto_samples import first_samples, sample_stages
+from qcal_export.artifacts import html_sections
 from qcal_export.capture.data import model_inputs, open_data
 from qcal_export.errors import RecipeError
 from qcal_export.pipeline.calibrate import calibrate_onnx
@@ -271,6 +272,9 @@ def test_a_scalar_constant_keeps_max_unscored_which_is_its_least_output_error(tm
     jsonschema = pytest.importorskip("jsonschema")
     schema = resources.files("qcal_export.artifacts").joinpath("report_schema.json").read_text()
     jsonschema.validate(result.report, json.loads(schema), cls=jsonschema.Draft202012Validator)
+    assert "1 constant(s) of one value keep max unscored" in html_sections.method_choice(
+        result.report
+    )
     assert float(result.scales["c"].amax) == SCALE
     alone = {}
     for method in METHODS:
