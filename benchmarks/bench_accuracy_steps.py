@@ -137,6 +137,52 @@ def device() -> str:
     return f"ORT {'CUDA' if cuda else 'CPU'} EP{gpu}"
 
 
+def header(args: argparse.Namespace) -> list[str]:
+    """The results file's title, setting and table head."""
+    return [
+        f"# Accuracy steps: {args.format} weights and activations on the demo model",
+        "",
+        f"- date: {dt.datetime.now().isoformat(timespec='seconds')}; {os.cpu_count()} cores; "
+        f"{device()}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in harness.versions().items())}",
+        "- 256 calibration texts (16 batches of 16), 128 held-out texts; weights "
+        f"{args.format} max (int8: per channel); a target holds out every 5th calibration "
+        f"batch; method auto scores on {args.auto_samples} samples",
+        "",
+        "| activations | smooth | target cosine | mean cosine | min cosine | MatMuls quantized "
+        "| held-out split | time (s) | auto picked |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+
+
+def run_rows(
+    args: argparse.Namespace, model: Path, calib: list, heldout: list
+) -> tuple[list[str], list[str]]:
+    """Each row's table line, and the notes of their phase times and time over the first max
+    row's; the last row profiled where ``--profile`` asks."""
+    lines = []
+    notes = ["", "Phase times (s) and time over the first max row's, from this run:", ""]
+    base = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, text in enumerate(args.rows):
+            last = index == len(args.rows) - 1
+            profiler = cProfile.Profile() if args.profile and last else None
+            with profiler or contextlib.nullcontext():
+                line, seconds, timings = run_row(
+                    text, model, calib, heldout, Path(tmp) / "q.onnx", args.auto_samples,
+                    args.format,
+                )  # fmt: skip
+            if profiler:
+                write_profile(profiler, args.profile)
+            lines.append(line)
+            print(line, flush=True)
+            base = seconds if base is None and text == "max" else base
+            ratio = f"; {seconds / base:.1f}x max" if base else ""
+            phases = ", ".join(f"{name} {value:.1f}" for name, value in timings.items())
+            notes.append(f"- {text}: {seconds:.1f} s ({phases}){ratio}")
+    return lines, notes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="*", default=list(ROWS), help="METHOD[:ALPHA][@TARGET]")
@@ -154,39 +200,9 @@ def main() -> None:
     if args.save_inputs:
         save_inputs(args.save_inputs, calib, heldout)
         return
-    lines = [
-        f"# Accuracy steps: {args.format} weights and activations on the demo model",
-        "",
-        f"- date: {dt.datetime.now().isoformat(timespec='seconds')}; {os.cpu_count()} cores; "
-        f"{device()}",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in harness.versions().items())}",
-        "- 256 calibration texts (16 batches of 16), 128 held-out texts; weights "
-        f"{args.format} max (int8: per channel); a target holds out every 5th calibration "
-        f"batch; method auto scores on {args.auto_samples} samples",
-        "",
-        "| activations | smooth | target cosine | mean cosine | min cosine | MatMuls quantized "
-        "| held-out split | time (s) | auto picked |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
-    notes = ["", "Phase times (s) and time over the first max row's, from this run:", ""]
-    base = None
-    with tempfile.TemporaryDirectory() as tmp:
-        for k, text in enumerate(args.rows):
-            profiler = cProfile.Profile() if args.profile and k == len(args.rows) - 1 else None
-            with profiler or contextlib.nullcontext():
-                line, seconds, timings = run_row(
-                    text, model, calib, heldout, Path(tmp) / "q.onnx", args.auto_samples,
-                    args.format,
-                )  # fmt: skip
-            if profiler:
-                write_profile(profiler, args.profile)
-            lines.append(line)
-            print(line, flush=True)
-            base = seconds if base is None and text == "max" else base
-            ratio = f"; {seconds / base:.1f}x max" if base else ""
-            phases = ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
-            notes.append(f"- {text}: {seconds:.1f} s ({phases}){ratio}")
-    lines += notes
+    lines = header(args)
+    rows, notes = run_rows(args, model, calib, heldout)
+    lines += rows + notes
     args.output.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
