@@ -4,7 +4,8 @@
 end in a partial block of 16. ``seq=True`` exports ``[b, 5, 64]`` inputs (MatMul with the
 exporter's transposed ``onnx::MatMul_*`` weights and an Add for the bias); ``seq=False``
 exports ``[b, 64]`` inputs (Gemm, transB=1, weights named ``up.weight`` ...). Heavy-tailed data.
-``half_mlp``: a float16 MLP written with onnx.helper.
+``half_mlp``: a float16 MLP written with onnx.helper; ``constant_mul_mlp``: an MLP scaled by
+a Constant node's value.
 """
 
 from __future__ import annotations
@@ -80,5 +81,35 @@ def half_mlp(rng: np.random.Generator) -> onnx.ModelProto:
             numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float16), "w1"),
             numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float16), "w2"),
         ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def constant_mul_mlp(
+    constant: float | np.ndarray, dims: list, outputs: int, rng: np.random.Generator
+) -> onnx.ModelProto:
+    """x ``[*dims]`` -> MatMul -> h -> Mul by a Constant node's value c -> MatMul -> y, float32,
+    opset 17, the weights drawn from ``rng``: at the ort placement c is quantized as an
+    activation (a Mul's input). A float ``constant`` is written as ``value_float``, an array as
+    ``value``."""
+    width = dims[-1]
+    value = (
+        {"value_float": constant}
+        if isinstance(constant, float)
+        else {"value": numpy_helper.from_array(constant)}
+    )
+    shapes = ((width, width), (width, outputs))
+    weights = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], "mm1"),
+            helper.make_node("Constant", [], ["c"], "const", **value),
+            helper.make_node("Mul", ["h", "c"], ["m"], "mul"),
+            helper.make_node("MatMul", ["m", "w2"], ["y"], "mm2"),
+        ],
+        "constant_mul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*dims[:-1], outputs])],
+        [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights, start=1)],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

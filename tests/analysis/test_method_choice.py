@@ -20,7 +20,7 @@ from importlib import resources
 import numpy as np
 import onnx
 import pytest
-from mlp import make_mlp
+from mlp import constant_mul_mlp, make_mlp
 from onnx import helper, numpy_helper
 from test_layer_view import plain_session
 
@@ -234,29 +234,9 @@ def test_runs_side_by_side_one_per_usable_core_at_most_eight(monkeypatch, cores,
 SCALE = 0.3125  # the scalar an exporter wrote as a Constant node
 
 
-def _scalar_constant_mlp(path):
-    """x[N,5,64] -> MatMul -> h -> Mul by a Constant node's scalar c -> MatMul -> y: at the
-    ort placement c is an activation (a Mul's input) of one value."""
-    rng = np.random.default_rng(3)
-    w1, w2 = (rng.standard_normal((64, 64)).astype(np.float32) for _ in range(2))
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["h"], "mm1"),
-            helper.make_node("Constant", [], ["c"], "const", value_float=SCALE),
-            helper.make_node("Mul", ["h", "c"], ["m"], "mul"),
-            helper.make_node("MatMul", ["m", "w2"], ["y"], "mm2"),
-        ],
-        "scalar_constant",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 5, 64])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 5, 64])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
-
-
 def test_a_scalar_constant_keeps_max_unscored_which_is_its_least_output_error(tmp_path):
-    path = _scalar_constant_mlp(tmp_path / "scalar.onnx")
+    path = tmp_path / "scalar.onnx"
+    onnx.save(constant_mul_mlp(SCALE, ["N", 5, 64], 64, np.random.default_rng(3)), str(path))
     batches = mixed_batches(4)
     fixed = {"activation_format": "int8", "target": "ort", "validate_batches": 0}  # as alone_model
     result = calibrate_onnx(path, batches, method="auto", **fixed)

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnx
 import pytest
-from mlp import half_mlp, make_mlp
+from mlp import constant_mul_mlp, half_mlp, make_mlp
 from onnx import TensorProto, helper, numpy_helper
 from placement_models import attention_batches, attention_model
 from test_layer_view import plain_session
@@ -260,32 +260,13 @@ def test_sample_major_check_allows_another_kernels_rounding_but_not_mixed_halves
     assert not _repeats(ids, np.concatenate([ids, ids + 1]))
 
 
-def _constant_scale_model() -> onnx.ModelProto:
-    """x[N,16] -> MatMul -> h -> Mul by a Constant node's [16] k -> MatMul -> y[N,4]: at the
-    ort placement k is quantized as an activation (a Mul's input) and has no batch axis."""
-    rng = np.random.default_rng(11)
-    k = numpy_helper.from_array(rng.uniform(0.2, 3.0, 16).astype(np.float32))
-    weights = [rng.standard_normal(shape).astype(np.float32) for shape in ((16, 16), (16, 4))]
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["h"], "mm1"),
-            helper.make_node("Constant", [], ["k"], "const", value=k),
-            helper.make_node("Mul", ["h", "k"], ["m"], "mul"),
-            helper.make_node("MatMul", ["m", "w2"], ["y"], "mm2"),
-        ],
-        "constant_scale",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights, start=1)],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_an_activation_off_the_batch_axis_is_gated_while_the_others_stack(
     tmp_path, monkeypatch, caplog
 ):
+    rng = np.random.default_rng(11)
+    constant = rng.uniform(0.2, 3.0, 16).astype(np.float32)  # no batch axis
     path = tmp_path / "constant_scale.onnx"
-    onnx.save(_constant_scale_model(), str(path))
+    onnx.save(constant_mul_mlp(constant, ["N", 16], 4, rng), str(path))
     batches = heavy_batches((8, 16), 3)
     monkeypatch.setattr(method_choice, "_on_cpu", lambda providers: False)  # as on a GPU
     stack = method_choice.stacked_errors
@@ -305,9 +286,9 @@ def test_an_activation_off_the_batch_axis_is_gated_while_the_others_stack(
     with caplog.at_level(logging.INFO, logger="qcal_export.analysis.stacked_scoring"):
         stacked, scores = choice(stacking=True)
     assert scores is not None and sorted(scores.errors) == ["h", "m", "x"]
-    assert "1 activation(s) one run per candidate: tensor 'k' is not sample-major" in caplog.text
+    assert "1 activation(s) one run per candidate: tensor 'c' is not sample-major" in caplog.text
     gated, _ = choice(stacking=False)
-    assert sorted(stacked) == sorted(gated) == ["h", "k", "m", "x"]
+    assert sorted(stacked) == sorted(gated) == ["c", "h", "m", "x"]
     for tensor, entry in gated.items():
         assert stacked[tensor]["picked"] == entry["picked"]
         assert stacked[tensor]["output_rel_l2"] == pytest.approx(entry["output_rel_l2"], rel=1e-5)
