@@ -43,7 +43,7 @@ pack)
     done
     cp "$(command -v zstd)" "$dev/common/"
     for lib in liblz4.so.1 liblzma.so.5 libz.so.1; do
-        cp "$(ldconfig -p | awk -v l="$lib" '$1 == l {print $NF; exit}')" "$dev/common/libs/"
+        cp "$(ldconfig -p | awk -v l="$lib" '$1 == l && !found {print $NF; found = 1}')" "$dev/common/libs/"
     done
     python3 benchmarks/bench_accuracy_steps.py --save-inputs "$dev/common/inputs"
     echo "packed $k parts: carry .dev/p1 .. .dev/p$k one call each, .dev/common with the last"
