@@ -16,7 +16,6 @@ clearly worse than the best on the first is not scored on the second.
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +35,7 @@ from qcal_export.analysis.auto_candidates import (
 from qcal_export.analysis.auto_samples import first_samples, sample_count, sample_stages
 from qcal_export.analysis.planned import PlannedModel
 from qcal_export.analysis.stacked_scoring import stacked_errors
+from qcal_export.calibrators.threads import usable_cores
 from qcal_export.capture.data import DataSource, model_inputs
 from qcal_export.capture.onnxruntime import open_session
 from qcal_export.capture.source import Batch
@@ -233,8 +233,7 @@ def scoring_workers(providers: list) -> tuple[int, int | None]:
     On a GPU one run at a time, its kernels filling the device."""
     if not _on_cpu(providers):
         return 1, None
-    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    cores = max(1, len(usable) if usable else os.cpu_count() or 1)
+    cores = usable_cores()
     workers = min(cores, MAX_WORKERS)
     return workers, (cores // workers if workers > 1 else None)
 

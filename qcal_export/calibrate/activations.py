@@ -35,8 +35,13 @@ from qcal_export.calibrate.tensor import (
 )
 from qcal_export.calibrators import Calibrator
 from qcal_export.calibrators.hessian import BlockHessian, FullHessian
-from qcal_export.calibrators.histogram import HistogramCalibrator, decide_together
+from qcal_export.calibrators.histogram import (
+    HistogramCalibrator,
+    decide_apart,
+    decide_together,
+)
 from qcal_export.calibrators.max import MaxCalibrator
+from qcal_export.calibrators.threads import usable_cores
 from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import Granularity, PerTensor, PerTensorGroup
 from qcal_export.spec.methods import METHODS
@@ -46,7 +51,15 @@ from qcal_export.spec.scales import TensorScales
 
 HISTOGRAM_ONLY = ("hist", "exponent")
 """The keys of a histogram calibrator's state beyond a max calibrator's (the running range)."""
-COLLECTING = ("collect", "_input_dtype", "_drop_nonfinite", "_init_state", "_update", "_count")
+COLLECTING = (
+    "collect",
+    "_input_dtype",
+    "_drop_nonfinite",
+    "_skips_nonfinite",
+    "_init_state",
+    "_update",
+    "_count",
+)
 """The methods a histogram calibrator collects with: a subclass that overrides none of them
 collects the base histogram."""
 
@@ -310,17 +323,24 @@ def _activation_scales(
 def _decide_alike(cals: dict[str, Calibrator], specs: dict[str, tuple[str, TensorSpec]]) -> None:
     """Decide the histogram calibrators collected on a GPU in batches of one class, spec,
     granularity and group count (the spec sets every other constructor argument): there a
-    decision costs its kernel launches. On the CPU one at a time stays in cache."""
+    decision costs its kernel launches. On the host they decide side by side, one per core."""
     batches: dict[tuple, list[HistogramCalibrator]] = {}
+    hosted = []
     for key, cal in cals.items():
-        if isinstance(cal, HistogramCalibrator) and cal.collected and cal.device.type == "cuda":
-            spec = specs[key][1]
-            options = tuple(sorted(spec.options.items()))
-            alike = (type(cal), spec.format, spec.method, options, cal.granularity, cal.bins)
-            batches.setdefault((*alike, cal.groups), []).append(cal)
+        if not isinstance(cal, HistogramCalibrator) or not cal.collected:
+            continue
+        if cal.device.type != "cuda":
+            hosted.append(cal)
+            continue
+        spec = specs[key][1]
+        options = tuple(sorted(spec.options.items()))
+        alike = (type(cal), spec.format, spec.method, options, cal.granularity, cal.bins)
+        batches.setdefault((*alike, cal.groups), []).append(cal)
     for batch in batches.values():
         if len(batch) > 1:
             decide_together(batch)
+    if len(hosted) > 1 and usable_cores() > 1:
+        decide_apart(hosted, usable_cores())
 
 
 def _first_pass(

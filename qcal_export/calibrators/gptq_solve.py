@@ -12,12 +12,12 @@ when its first column is reached, so later groups see the compensated values.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
+from qcal_export.calibrators.threads import torch_threads
 from qcal_export.errors import CalibrationError
 from qcal_export.spec.formats import SCALE_FLOOR, IntFormat
 
@@ -126,7 +126,8 @@ def gptq_columns(
     for start in range(0, columns, lazy_block):
         end = min(start + lazy_block, columns)
         errors = torch.empty(end - start, rows, dtype=groups.dtype, device=w.device)
-        with _one_thread(w.device):
+        # The column loop's ops are small: on the CPU, threads for each cost more than they save.
+        with torch_threads(1) if w.device.type == "cpu" else nullcontext():
             for p in range(start, end):
                 group = group_of[p]
                 if not groups.reached[group]:
@@ -145,21 +146,6 @@ def gptq_columns(
         )
     inverse = torch.argsort(order)
     return GptqResult(rounded[inverse].T, codes[inverse].T.to(groups.fmt.storage_dtype), groups)
-
-
-@contextmanager
-def _one_thread(device: torch.device) -> Iterator[None]:
-    """On the CPU, torch on one thread: the column loop's ops are small, and starting the
-    threads of each costs more than they save (more so on a busy machine)."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _ordered_inverse(

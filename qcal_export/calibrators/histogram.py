@@ -12,6 +12,7 @@ import copy
 import math
 import numbers
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import torch
@@ -19,6 +20,7 @@ import torch
 from qcal_export.calibrators import kernels
 from qcal_export.calibrators.base import Calibrator, MergeOp
 from qcal_export.calibrators.ranged import RangedCalibrator, group_extremes
+from qcal_export.calibrators.threads import torch_threads
 from qcal_export.errors import CalibrationError
 from qcal_export.spec.choices import NonFinite
 from qcal_export.spec.formats import Format
@@ -168,9 +170,9 @@ class HistogramCalibrator(RangedCalibrator):
         }
 
     def _update(self, x: torch.Tensor, groups: torch.Tensor) -> None:
-        amin, amax = self.batch_extremes(groups)
         left_out = self._padding(x, groups)
-        if bool(torch.isnan(amax).any()):
+        amin, amax = self._finite_extremes(groups)
+        if amin is None:  # a NaN on the host: left out of the extremes and the counts
             nan = torch.isnan(groups)
             left_out = nan.sum(dim=1) + (0 if left_out is None else left_out)
             groups = groups.masked_fill(nan, 0.0)
@@ -184,6 +186,22 @@ class HistogramCalibrator(RangedCalibrator):
         if left_out is not None:
             state["hist"][:, self.bins] -= left_out
 
+    def _finite_extremes(
+        self, groups: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """Per-group (min, max) of the finite values of ``groups``, with 0, without waiting for
+        a GPU: the fused kernel leaves non-finite values out (``_skips_nonfinite``), so they
+        count as 0 here, which the range holds anyway. On the host ``_drop_nonfinite`` made
+        them NaN: (None, None) where one is."""
+        if self._fused(groups):
+            return group_extremes(groups.nan_to_num(0.0, 0.0, 0.0))
+        amin, amax = self.batch_extremes(groups)
+        return (None, None) if bool(torch.isnan(amax).any()) else (amin, amax)
+
+    def _skips_nonfinite(self, x: torch.Tensor) -> bool:
+        """The fused kernel counts only finite values: non-finite ones need no replacing."""
+        return self._fused(x)
+
     def _padding(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor | None:
         """Zeros the granularity added to fill its groups (a partial last block), per group."""
         if groups.numel() == x.numel():
@@ -192,9 +210,10 @@ class HistogramCalibrator(RangedCalibrator):
         return groups.shape[1] - real.sum(dim=1)
 
     def _align_(self, exponent: torch.Tensor) -> None:
-        """Rebin the collected counts to the (larger or equal) ``exponent`` per group."""
+        """Rebin the collected counts to the (larger or equal) ``exponent`` per group. On a GPU
+        unconditionally: asking whether any group widened would wait for the device."""
         shift = exponent - self._state["exponent"]
-        if bool((shift > 0).any()):
+        if shift.is_cuda or bool((shift > 0).any()):
             self._state["hist"] = rebin(self._state["hist"], shift)
             self._state["exponent"] = exponent
 
@@ -252,3 +271,16 @@ def decide_together(cals: Sequence[HistogramCalibrator]) -> None:
     size = cals[0].groups
     for k, cal in enumerate(cals):
         cal.keep_decision(amin[k * size : (k + 1) * size], amax[k * size : (k + 1) * size])
+
+
+def decide_apart(cals: Sequence[HistogramCalibrator], workers: int) -> None:
+    """Decide each of ``cals`` (collected, on the host) on its own, ``workers`` at a time with
+    torch on one thread each, and keep the decisions (``keep_decision``): a decision is many
+    small operations, which one thread each runs side by side better than all of them one."""
+    with torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="qcal-decide") as pool:
+        for cal, (amin, amax) in zip(cals, pool.map(_decision, cals), strict=True):
+            cal.keep_decision(amin, amax)
+
+
+def _decision(cal: HistogramCalibrator) -> tuple[torch.Tensor, torch.Tensor]:
+    return cal._decide()

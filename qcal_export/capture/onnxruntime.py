@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import onnxruntime as ort
 import torch
 from onnx import helper
 
+from qcal_export.calibrators.threads import torch_threads
 from qcal_export.capture.data import Batch, DataSource, InputSpec, as_feed, model_inputs
 from qcal_export.capture.iobinding import (
     BoundRunError,
@@ -167,7 +170,9 @@ class OrtCapture:
     on the CPU). ``iobinding``: None runs with IOBinding where the session computes on CUDA, so
     the sink gets CUDA tensors with no host copy; True also on the CPU (outputs bound to
     ``cpu``); False always through a plain ``session.run`` (numpy outputs, on the host).
-    ``device`` says where the sink's tensors are.
+    ``device`` says where the sink's tensors are. ``sink_workers``: on the host, the tensors
+    of a batch go to the sink from this many threads at once (torch on one thread each), each
+    name from one thread; a sink must then take different names concurrently.
     """
 
     def __init__(
@@ -179,6 +184,7 @@ class OrtCapture:
         name: str = "model",
         device_id: int = 0,
         iobinding: bool | None = None,
+        sink_workers: int = 1,
     ):
         if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
             raise DataError(f"device_id must be a GPU index >= 0, not {device_id!r}")
@@ -202,6 +208,7 @@ class OrtCapture:
             use_binding = False
         self._bound = BoundRunner(self._session, device) if use_binding else None
         self.device = device if use_binding else torch.device("cpu")
+        self._sink_workers = sink_workers if self.device.type == "cpu" else 1
 
     def run(
         self,
@@ -225,35 +232,38 @@ class OrtCapture:
         fetched = [t for t in self.fetched if t in wanted]
         fed = [t for t in self.fed if t in wanted]
         count = 0
-        for index, (batch, item) in enumerate(source.pairs()):
-            if max_batches is not None and index >= max_batches:
-                break
-            if index < skip:
+        with _sink_pool(self._sink_workers) as pool:
+            for index, (batch, item) in enumerate(source.pairs()):
+                if max_batches is not None and index >= max_batches:
+                    break
+                if index < skip:
+                    count += 1
+                    continue
+                self._capture_batch(batch, item, fetched, fed, functools.partial(_feed, sink, pool))
                 count += 1
-                continue
-            self._capture_batch(batch, item, fetched, fed, sink)
-            count += 1
-            if on_batch is not None:
-                on_batch()
-            if after_batch is not None:
-                after_batch(count)
+                if on_batch is not None:
+                    on_batch()
+                if after_batch is not None:
+                    after_batch(count)
         _check_count(count, skip, source, allow_empty=allow_empty)
         return count
 
     def _capture_batch(
-        self, batch: int, item: Any, fetched: list[str], fed: list[str], sink: Sink
+        self,
+        batch: int,
+        item: Any,
+        fetched: list[str],
+        fed: list[str],
+        feed_all: Callable[[list[tuple[str, torch.Tensor]]], None],
     ) -> None:
-        """Run one batch and hand ``sink`` its ``fetched`` outputs, then its ``fed`` inputs; a
-        bound run's device buffers are released once the sink has them."""
+        """Run one batch and hand ``feed_all`` its ``fetched`` outputs and its ``fed`` inputs;
+        a bound run's device buffers are released once the sink is done with them."""
         feed = as_feed(item, self.inputs, batch)
         try:
             values, inputs = self._run_batch(fetched, feed)
         except (*ORT_ERRORS, BoundRunError) as e:
             raise DataError(f"batch {batch}: ONNX Runtime failed on it: {e}") from None
-        for name, value in zip(fetched, values, strict=True):
-            sink(name, value)
-        for name in fed:
-            sink(name, inputs[name])
+        feed_all([*zip(fetched, values, strict=True), *((n, inputs[n]) for n in fed)])
         del values, inputs, feed
         if self._bound is not None:
             self._bound.release()
@@ -267,6 +277,32 @@ class OrtCapture:
         values = self._session.run(fetched, feed) if fetched else []
         inputs = {name: torch.from_numpy(array) for name, array in feed.items()}
         return [torch.from_numpy(v) for v in values], inputs
+
+
+@contextmanager
+def _sink_pool(workers: int) -> Iterator[ThreadPoolExecutor | None]:
+    """Threads that feed a sink for one pass, torch on one thread meanwhile; None for one."""
+    if workers <= 1:
+        yield None
+        return
+    with torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="qcal-sink") as pool:
+        yield pool
+
+
+def _feed(
+    sink: Sink, pool: ThreadPoolExecutor | None, pairs: list[tuple[str, torch.Tensor]]
+) -> None:
+    """Every (name, value) to ``sink``: in order without ``pool``, else the largest first
+    across its threads, returning once every call has (then raising the first failure)."""
+    if pool is None:
+        for name, value in pairs:
+            sink(name, value)
+        return
+    largest = sorted(pairs, key=lambda pair: pair[1].numel(), reverse=True)
+    futures = [pool.submit(sink, name, value) for name, value in largest]
+    wait(futures)
+    for future in futures:
+        future.result()
 
 
 def _check_count(count: int, skip: int, source: DataSource, *, allow_empty: bool) -> None:

@@ -225,7 +225,7 @@ def test_stages_split_the_samples_in_half_cutting_a_view_where_its_axis_is_free(
     ("cores", "want"), [(1, (1, None)), (2, (2, 1)), (6, (6, 1)), (32, (8, 4)), (12, (8, 1))]
 )
 def test_runs_side_by_side_one_per_usable_core_at_most_eight(monkeypatch, cores, want):
-    monkeypatch.setattr(method_choice.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(method_choice, "usable_cores", lambda: cores)
     assert method_choice.scoring_workers(["CPUExecutionProvider"]) == want
     cuda = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
     assert method_choice.scoring_workers(cuda) == (1, None)

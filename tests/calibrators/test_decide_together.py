@@ -3,7 +3,8 @@
 ``decide_together`` runs one ``_decide`` over several calibrators' histograms side by side (as
 groups of one state); every decision is per group, so each calibrator's share must equal what
 it decides alone, bit for bit, whatever its range (bin width) and format. A later collect
-makes a calibrator decide anew.
+makes a calibrator decide anew. ``decide_apart`` (the host's way: one thread per calibrator)
+must give the same decisions and keep them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from qcal_export.calibrators.entropy import EntropyCalibrator
 from qcal_export.calibrators.hist_mse import HistogramMseCalibrator
-from qcal_export.calibrators.histogram import decide_together
+from qcal_export.calibrators.histogram import decide_apart, decide_together
 from qcal_export.calibrators.percentile import PercentileCalibrator
 from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import PerTensor
@@ -53,3 +54,26 @@ def test_decided_together_each_decides_as_alone(kind, fmt, device):
     together[2].collect(torch.full((4,), 1e4, device=device))  # a new state decides anew
     alone[2].collect(torch.full((4,), 1e4, device=device))
     assert torch.equal(together[2].compute_range()[1], alone[2].compute_range()[1])
+
+
+def refuse_to_decide(self):
+    raise AssertionError("decided again: the kept decision was not used")
+
+
+@pytest.mark.parametrize("kind", [PercentileCalibrator, EntropyCalibrator, HistogramMseCalibrator])
+def test_decided_apart_each_decides_as_alone_and_keeps_it(kind, monkeypatch):
+    """``decide_apart``: the host's calibrators decided from threads, torch on one each."""
+    data = tensors(4)
+    apart = [kind(get_format("int8"), PerTensor()) for _ in data]
+    alone = [kind(get_format("int8"), PerTensor()) for _ in data]
+    for cal, twin, x in zip(apart, alone, data, strict=True):
+        cal.collect(x)
+        twin.collect(x)
+    threads = torch.get_num_threads()
+    decide_apart(apart, workers=3)
+    assert torch.get_num_threads() == threads
+    wanted = [twin.compute_range() for twin in alone]
+    monkeypatch.setattr(kind, "_decide", refuse_to_decide)
+    for cal, want in zip(apart, wanted, strict=True):
+        assert all(torch.equal(g, w) for g, w in zip(cal.compute_range(), want, strict=True))
+    assert len({float(w[1]) for w in wanted}) == len(wanted)  # ranges far apart: all differ
