@@ -36,9 +36,11 @@ from pathlib import Path
 import harness
 import numpy as np
 
+from qcal_export.calibrate import activations
 from qcal_export.demo.evaluate import embedding_cosine
 from qcal_export.demo.model import demo_model_path
 from qcal_export.demo.texts import demo_batches, demo_texts
+from qcal_export.pipeline import scales_step
 from qcal_export.pipeline.calibrate import calibrate_onnx
 
 RESULT_FILE = Path(__file__).resolve().parent / "results" / "accuracy_steps.md"
@@ -63,6 +65,7 @@ def run_row(
     out: Path,
     auto_samples: int,
     fmt: str = "int8",
+    provider: str = "auto",
 ) -> tuple[str, float, dict]:
     method, alpha, target = parse_row(text)
     start = time.perf_counter()
@@ -77,6 +80,7 @@ def run_row(
         smooth=alpha,
         target_cosine=target,
         auto_samples=auto_samples,
+        provider=provider,
     )
     seconds = time.perf_counter() - start
     score = embedding_cosine(model, out, heldout)
@@ -127,12 +131,18 @@ def write_profile(profiler: cProfile.Profile, path: Path) -> None:
     path.write_text(text.getvalue())
 
 
-def device() -> str:
+def limit_host_workers(count: int) -> None:
+    """The calibration's host threads (sink workers, decisions) as if ``count`` cores."""
+    for module in (scales_step, activations):
+        module.usable_cores = lambda: count
+
+
+def device(provider: str) -> str:
     """The ONNX Runtime provider the runs use, and the GPU where there is one."""
     import onnxruntime as ort
     import torch
 
-    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    cuda = provider != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers()
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"ORT {'CUDA' if cuda else 'CPU'} EP{gpu}"
 
@@ -143,7 +153,7 @@ def header(args: argparse.Namespace) -> list[str]:
         f"# Accuracy steps: {args.format} weights and activations on the demo model",
         "",
         f"- date: {dt.datetime.now().isoformat(timespec='seconds')}; {os.cpu_count()} cores; "
-        f"{device()}",
+        f"{device(args.provider)}; host workers {args.host_workers or 'one per core'}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in harness.versions().items())}",
         "- 256 calibration texts (16 batches of 16), 128 held-out texts; weights "
         f"{args.format} max (int8: per channel); a target holds out every 5th calibration "
@@ -170,7 +180,7 @@ def run_rows(
             with profiler or contextlib.nullcontext():
                 line, seconds, timings = run_row(
                     text, model, calib, heldout, Path(tmp) / "q.onnx", args.auto_samples,
-                    args.format,
+                    args.format, args.provider,
                 )  # fmt: skip
             if profiler:
                 write_profile(profiler, args.profile)
@@ -194,7 +204,16 @@ def main() -> None:
     parser.add_argument("--auto-samples", type=int, default=4, help="method auto's samples")
     parser.add_argument("--format", default="int8", help="weights' and activations' format")
     parser.add_argument("--profile", type=Path, help="write the last row's cProfile here")
+    parser.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--host-workers",
+        type=int,
+        help="host threads that collect and decide (default: one per usable core; 1 is how "
+        "it was before they ran side by side)",
+    )
     args = parser.parse_args()
+    if args.host_workers:
+        limit_host_workers(args.host_workers)
     model = demo_model_path()
     calib, heldout = load_inputs(args.inputs) if args.inputs else tokenized()
     if args.save_inputs:

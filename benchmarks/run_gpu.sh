@@ -8,6 +8,9 @@
 #                                                and a profile of a fifth row, auto; AUTO_ARGS=
 #                                                "--inputs DIR": batches saved with
 #                                                bench_accuracy_steps.py --save-inputs DIR)
+#     bash benchmarks/run_gpu.sh auto_cpu       (the same on the CPU EP: host workers 1, as before
+#                                                they ran side by side, then one per core,
+#                                                profiled; AUTO_ARGS as for auto)
 # Tables go to $OUT when it is set, else benchmarks/results; each step's log beside them.
 # Every step runs (under STEP_TIMEOUT seconds, default 900); the exit status is 1 if one failed.
 # llm fits a 10-minute command: its step stops at LLM_STEP_TIMEOUT (default 570 s) and the
@@ -55,7 +58,16 @@ for name in "${@:-tests nvfp4 mse histogram capture}"; do
         auto) step bench_auto python3 benchmarks/bench_accuracy_steps.py \
             --rows max auto max auto auto --output "$out/accuracy_steps_auto_cuda.md" \
             --profile "$out/accuracy_steps_auto_cuda_profile.txt" ${AUTO_ARGS:-} ;;
-        *) echo "unknown step $one: tests nvfp4 mse histogram capture llm distributed auto" >&2 && exit 2 ;;
+        # shellcheck disable=SC2086  # AUTO_ARGS is a list of options
+        auto_cpu)
+            step bench_auto_cpu_one python3 benchmarks/bench_accuracy_steps.py --provider cpu \
+                --host-workers 1 --rows max auto max auto \
+                --output "$out/accuracy_steps_auto_cpu_one_worker.md" ${AUTO_ARGS:-}
+            step bench_auto_cpu python3 benchmarks/bench_accuracy_steps.py --provider cpu \
+                --rows max auto max auto --output "$out/accuracy_steps_auto_cpu.md" \
+                --profile "$out/accuracy_steps_auto_cpu_profile.txt" ${AUTO_ARGS:-}
+            ;;
+        *) echo "unknown step $one: tests nvfp4 mse histogram capture llm distributed auto auto_cpu" >&2 && exit 2 ;;
         esac
     done
 done
