@@ -36,11 +36,10 @@ from pathlib import Path
 import harness
 import numpy as np
 
-from qcal_export.calibrate import activations
+from qcal_export.calibrators import threads
 from qcal_export.demo.evaluate import embedding_cosine
 from qcal_export.demo.model import demo_model_path
 from qcal_export.demo.texts import demo_batches, demo_texts
-from qcal_export.pipeline import scales_step
 from qcal_export.pipeline.calibrate import calibrate_onnx
 
 RESULT_FILE = Path(__file__).resolve().parent / "results" / "accuracy_steps.md"
@@ -132,9 +131,8 @@ def write_profile(profiler: cProfile.Profile, path: Path) -> None:
 
 
 def limit_host_workers(count: int) -> None:
-    """The calibration's host threads (sink workers, decisions) as if ``count`` cores."""
-    for module in (scales_step, activations):
-        module.usable_cores = lambda: count
+    """At most ``count`` host threads collect and decide side by side (``HOST_WORKERS``)."""
+    threads.HOST_WORKERS = count
 
 
 def device(provider: str) -> str:
@@ -153,7 +151,7 @@ def header(args: argparse.Namespace) -> list[str]:
         f"# Accuracy steps: {args.format} weights and activations on the demo model",
         "",
         f"- date: {dt.datetime.now().isoformat(timespec='seconds')}; {os.cpu_count()} cores; "
-        f"{device(args.provider)}; host workers {args.host_workers or 'one per core'}",
+        f"{device(args.provider)}; host workers {args.host_workers or threads.HOST_WORKERS}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in harness.versions().items())}",
         "- 256 calibration texts (16 batches of 16), 128 held-out texts; weights "
         f"{args.format} max (int8: per channel); a target holds out every 5th calibration "
@@ -208,8 +206,8 @@ def main() -> None:
     parser.add_argument(
         "--host-workers",
         type=int,
-        help="host threads that collect and decide (default: one per usable core; 1 is how "
-        "it was before they ran side by side)",
+        help="most host threads that collect and decide side by side (default: HOST_WORKERS; "
+        "1 is how it was before they did)",
     )
     args = parser.parse_args()
     if args.host_workers:

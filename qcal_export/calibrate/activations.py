@@ -41,7 +41,7 @@ from qcal_export.calibrators.histogram import (
     decide_together,
 )
 from qcal_export.calibrators.max import MaxCalibrator
-from qcal_export.calibrators.threads import usable_cores
+from qcal_export.calibrators.threads import host_workers
 from qcal_export.spec.formats import get_format
 from qcal_export.spec.granularity import Granularity, PerTensor, PerTensorGroup
 from qcal_export.spec.methods import METHODS
@@ -323,7 +323,7 @@ def _activation_scales(
 def _decide_alike(cals: dict[str, Calibrator], specs: dict[str, tuple[str, TensorSpec]]) -> None:
     """Decide the histogram calibrators collected on a GPU in batches of one class, spec,
     granularity and group count (the spec sets every other constructor argument): there a
-    decision costs its kernel launches. On the host they decide side by side, one per core."""
+    decision costs its kernel launches. On the host they decide side by side (``host_workers``)."""
     batches: dict[tuple, list[HistogramCalibrator]] = {}
     hosted = []
     for key, cal in cals.items():
@@ -339,8 +339,8 @@ def _decide_alike(cals: dict[str, Calibrator], specs: dict[str, tuple[str, Tenso
     for batch in batches.values():
         if len(batch) > 1:
             decide_together(batch)
-    if len(hosted) > 1 and usable_cores() > 1:
-        decide_apart(hosted, usable_cores())
+    if len(hosted) > 1 and host_workers() > 1:
+        decide_apart(hosted, host_workers())
 
 
 def _first_pass(

@@ -20,7 +20,7 @@ import torch
 from qcal_export.calibrators import kernels
 from qcal_export.calibrators.base import Calibrator, MergeOp
 from qcal_export.calibrators.ranged import RangedCalibrator, group_extremes
-from qcal_export.calibrators.threads import torch_threads
+from qcal_export.calibrators.threads import torch_threads, usable_cores
 from qcal_export.errors import CalibrationError
 from qcal_export.spec.choices import NonFinite
 from qcal_export.spec.formats import Format
@@ -169,38 +169,36 @@ class HistogramCalibrator(RangedCalibrator):
             "max": torch.zeros(num, dtype=torch.float32, device=device),
         }
 
+    def _drop_nonfinite(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """Where the kernels collect (``_fused``) and non-finite values are skipped, they stay:
+        ``widen_range_`` counts them and the histogram kernel leaves them out."""
+        if self._fused(x) and self.nonfinite == NonFinite.SKIP:
+            return x, 0
+        return super()._drop_nonfinite(x)
+
     def _update(self, x: torch.Tensor, groups: torch.Tensor) -> None:
         left_out = self._padding(x, groups)
-        amin, amax = self._finite_extremes(groups)
-        if amin is None:  # a NaN on the host: left out of the extremes and the counts
-            nan = torch.isnan(groups)
-            left_out = nan.sum(dim=1) + (0 if left_out is None else left_out)
-            groups = groups.masked_fill(nan, 0.0)
-            amin, amax = group_extremes(groups)
         state = self._state
-        torch.minimum(state["min"], amin, out=state["min"])
-        torch.maximum(state["max"], amax, out=state["max"])
-        needed = bin_exponent(torch.maximum(-amin, amax), self.bins)
-        self._align_(torch.maximum(state["exponent"], needed))
-        self._count(groups)
+        if self._fused(groups):
+            from qcal_export.calibrators.kernels.histogram import histogram_add_
+            from qcal_export.calibrators.kernels.histogram_range import widen_range_
+
+            widen_range_(groups, state, self.bins)
+            histogram_add_(state["hist"], groups, state["exponent"])
+        else:
+            amin, amax = self.batch_extremes(groups)
+            if bool(torch.isnan(amax).any()):
+                nan = torch.isnan(groups)
+                left_out = nan.sum(dim=1) + (0 if left_out is None else left_out)
+                groups = groups.masked_fill(nan, 0.0)
+                amin, amax = group_extremes(groups)
+            torch.minimum(state["min"], amin, out=state["min"])
+            torch.maximum(state["max"], amax, out=state["max"])
+            needed = bin_exponent(torch.maximum(-amin, amax), self.bins)
+            self._align_(torch.maximum(state["exponent"], needed))
+            self._count(groups)
         if left_out is not None:
             state["hist"][:, self.bins] -= left_out
-
-    def _finite_extremes(
-        self, groups: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-        """Per-group (min, max) of the finite values of ``groups``, with 0, without waiting for
-        a GPU: the fused kernel leaves non-finite values out (``_skips_nonfinite``), so they
-        count as 0 here, which the range holds anyway. On the host ``_drop_nonfinite`` made
-        them NaN: (None, None) where one is."""
-        if self._fused(groups):
-            return group_extremes(groups.nan_to_num(0.0, 0.0, 0.0))
-        amin, amax = self.batch_extremes(groups)
-        return (None, None) if bool(torch.isnan(amax).any()) else (amin, amax)
-
-    def _skips_nonfinite(self, x: torch.Tensor) -> bool:
-        """The fused kernel counts only finite values: non-finite ones need no replacing."""
-        return self._fused(x)
 
     def _padding(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor | None:
         """Zeros the granularity added to fill its groups (a partial last block), per group."""
@@ -210,10 +208,9 @@ class HistogramCalibrator(RangedCalibrator):
         return groups.shape[1] - real.sum(dim=1)
 
     def _align_(self, exponent: torch.Tensor) -> None:
-        """Rebin the collected counts to the (larger or equal) ``exponent`` per group. On a GPU
-        unconditionally: asking whether any group widened would wait for the device."""
+        """Rebin the collected counts to the (larger or equal) ``exponent`` per group."""
         shift = exponent - self._state["exponent"]
-        if shift.is_cuda or bool((shift > 0).any()):
+        if bool((shift > 0).any()):
             self._state["hist"] = rebin(self._state["hist"], shift)
             self._state["exponent"] = exponent
 
@@ -224,14 +221,9 @@ class HistogramCalibrator(RangedCalibrator):
         negative value to -0 (bin 0 instead of -1), so those batches bin in float64. The floored
         value becomes an index through ``ROUNDING_MAGIC``, counted by ``bincount`` (faster on
         the CPU than a scatter) where the histogram holds no more bins than the chunk values.
-        On CUDA the Triton kernel (``kernels/histogram.py``) gives the same bins in one pass.
+        On CUDA ``_update`` takes the Triton kernels instead (``kernels/histogram.py``).
         """
         hist, exponent = self._state["hist"], self._state["exponent"]
-        if self._fused(groups):
-            from qcal_export.calibrators.kernels.histogram import histogram_add_
-
-            histogram_add_(hist, groups, exponent)
-            return
         num, length = groups.shape
         device = hist.device
         dtype = torch.float32 if bool((exponent <= 0).all()) else torch.float64
@@ -254,7 +246,8 @@ class HistogramCalibrator(RangedCalibrator):
                 hist.view(-1).index_add_(0, index, ones[:size])
 
     def _fused(self, groups: torch.Tensor) -> bool:
-        """Whether the Triton kernel bins ``groups`` (CUDA and Triton); torch is the reference."""
+        """Whether the Triton kernels collect ``groups`` (CUDA and Triton); torch is the
+        reference."""
         return groups.is_cuda and kernels.HAS_TRITON
 
 
@@ -274,10 +267,11 @@ def decide_together(cals: Sequence[HistogramCalibrator]) -> None:
 
 
 def decide_apart(cals: Sequence[HistogramCalibrator], workers: int) -> None:
-    """Decide each of ``cals`` (collected, on the host) on its own, ``workers`` at a time with
-    torch on one thread each, and keep the decisions (``keep_decision``): a decision is many
-    small operations, which one thread each runs side by side better than all of them one."""
-    with torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="qcal-decide") as pool:
+    """Decide each of ``cals`` (collected, on the host) on its own, ``workers`` at a time (the
+    cores shared among their torch operations), and keep the decisions (``keep_decision``):
+    a decision is many small operations, which run side by side better than one by one."""
+    shared = torch_threads(max(1, usable_cores() // workers))
+    with shared, ThreadPoolExecutor(workers, thread_name_prefix="qcal-decide") as pool:
         for cal, (amin, amax) in zip(cals, pool.map(_decision, cals), strict=True):
             cal.keep_decision(amin, amax)
 

@@ -1,8 +1,9 @@
 """The host's share of cores, and torch's intra-op threads set for a stretch of work.
 
 Work spread over several Python threads (collects of different tensors, decisions of different
-calibrators) runs each piece with one torch thread: one piece per core, none waiting on
-another's thread team.
+calibrators) shares the cores: each thread's torch operations get ``cores // workers`` threads.
+The workers are few (``HOST_WORKERS``): between its operations each holds the GIL, and past a
+few threads they wait on it more than they gain.
 """
 
 from __future__ import annotations
@@ -12,6 +13,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+HOST_WORKERS = 4
+"""The most host threads that collect or decide side by side."""
+
+
+def host_workers(processes: int = 1) -> int:
+    """Threads to collect or decide with: one per core of this process's share (the cores over
+    ``processes`` on one host), at most ``HOST_WORKERS``."""
+    return max(1, min(HOST_WORKERS, usable_cores() // processes))
 
 
 def usable_cores() -> int:

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 from onnx import helper
 
-from qcal_export.calibrators.threads import torch_threads
+from qcal_export.calibrators.threads import torch_threads, usable_cores
 from qcal_export.capture.data import Batch, DataSource, InputSpec, as_feed, model_inputs
 from qcal_export.capture.iobinding import (
     BoundRunError,
@@ -171,8 +171,9 @@ class OrtCapture:
     the sink gets CUDA tensors with no host copy; True also on the CPU (outputs bound to
     ``cpu``); False always through a plain ``session.run`` (numpy outputs, on the host).
     ``device`` says where the sink's tensors are. ``sink_workers``: on the host, the tensors
-    of a batch go to the sink from this many threads at once (torch on one thread each), each
-    name from one thread; a sink must then take different names concurrently.
+    of a batch go to the sink from this many threads at once (sharing the cores among their
+    torch operations), each name from one thread; a sink must then take different names
+    concurrently.
     """
 
     def __init__(
@@ -281,11 +282,13 @@ class OrtCapture:
 
 @contextmanager
 def _sink_pool(workers: int) -> Iterator[ThreadPoolExecutor | None]:
-    """Threads that feed a sink for one pass, torch on one thread meanwhile; None for one."""
+    """Threads that feed a sink for one pass, the cores shared among their torch operations
+    meanwhile; None for one."""
     if workers <= 1:
         yield None
         return
-    with torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="qcal-sink") as pool:
+    shared = torch_threads(max(1, usable_cores() // workers))
+    with shared, ThreadPoolExecutor(workers, thread_name_prefix="qcal-sink") as pool:
         yield pool
 
 

@@ -14,7 +14,7 @@ from qcal_export.calibrate.activations import calibrate_activations, hessian_inp
 from qcal_export.calibrate.gptq_weights import compensate_weights, gptq_weights
 from qcal_export.calibrate.runtime_scales import calibrated_part, runtime_scale_records
 from qcal_export.calibrate.tensor import Collector, calibrate_weights
-from qcal_export.calibrators.threads import usable_cores
+from qcal_export.calibrators.threads import host_workers
 from qcal_export.capture.onnxruntime import OrtCapture
 from qcal_export.errors import DataError, RecipeError
 from qcal_export.graphs.export import check_scales_match
@@ -125,7 +125,7 @@ def _capture_pass(run: Run, plan: Plan, max_batches: int | None, progress: Progr
                     providers=run.providers,
                     name=str(run.loaded.path),
                     device_id=run.device_id,
-                    sink_workers=max(1, usable_cores() // run.ranks.world),
+                    sink_workers=host_workers(run.ranks.world),
                 )
             )
 

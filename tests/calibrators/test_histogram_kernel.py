@@ -166,3 +166,68 @@ def test_kernel_is_used_on_cuda(monkeypatch):
     cal = PercentileCalibrator(INT8, PerAxis(0), bins=64)
     cal.collect(torch.randn(3, 64, device="cuda", dtype=torch.bfloat16))
     assert calls and cal.state_dict()["hist"].is_cuda
+
+
+def empty_state(groups: int, bins: int, exponent: torch.Tensor | None = None) -> dict:
+    return {
+        "hist": torch.zeros(groups, 2 * bins, dtype=torch.int64, device=DEVICE),
+        "exponent": torch.full((groups,), -126, dtype=torch.int64, device=DEVICE)
+        if exponent is None
+        else exponent.to(DEVICE),
+        "min": torch.zeros(groups, device=DEVICE),
+        "max": torch.zeros(groups, device=DEVICE),
+        "nonfinite": torch.zeros((), dtype=torch.float64, device=DEVICE),
+    }
+
+
+@pytest.mark.parametrize("bins", [2, 3, 2048, 3000])
+def test_widened_range_has_bin_exponent_at_the_edges(bins):
+    """Each row one value (and zeros, NaN, +-Inf): the range, the exponent ``bin_exponent``
+    gives in float64 (values on a bin edge ``bins * 2**e`` included) and the non-finite count."""
+    from qcal_export.calibrators.kernels.histogram_range import widen_range_
+
+    tiny = torch.finfo(torch.float32).tiny
+    edges = [bins * 2.0**e for e in (-100, -3, 0, 7, 100)]
+    values = [0.0, tiny * 2**-10, tiny, 1.0, -1.0, 3.0e38, -3.0e38, *edges, *[-e for e in edges]]
+    values += [torch.nextafter(torch.tensor(e), torch.tensor(0.0)).item() for e in edges]
+    x = torch.tensor(values, dtype=torch.float32)[:, None].repeat(1, 5)
+    x[:, 1] = 0.0
+    x[::3, 2] = float("nan")
+    x[1::3, 3] = float("inf")
+    x[2::3, 4] = -float("inf")
+    state = empty_state(len(values), bins)
+    widen_range_(x.to(DEVICE), state, bins)
+    column = x[:, 0]
+    assert torch.equal(state["min"].cpu(), column.clamp(max=0.0))
+    assert torch.equal(state["max"].cpu(), column.clamp(min=0.0))
+    assert torch.equal(state["exponent"].cpu(), bin_exponent(column.abs(), bins))
+    assert float(state["nonfinite"]) == len(values)
+    assert not state["hist"].any()
+
+
+@pytest.mark.parametrize("shape", [(1, 70001), (7, 3000), (300, 33)], ids=str)
+def test_widened_counts_move_as_rebin_moves_them(shape):
+    """Counts collected at a narrow width, then a batch 1000x wider: the counts are rebinned
+    as ``rebin`` does, the range is the running one, and one more collect adds the batch."""
+    from qcal_export.calibrators.histogram import rebin
+    from qcal_export.calibrators.kernels.histogram import histogram_add_
+    from qcal_export.calibrators.kernels.histogram_range import widen_range_
+
+    bins = 2048
+    gen = torch.Generator().manual_seed(shape[0])
+    first = torch.randn(shape, generator=gen) * torch.rand(shape[0], 1, generator=gen)
+    wide = torch.randn(shape, generator=gen) * 1000
+    state = empty_state(shape[0], bins)
+    widen_range_(first.to(DEVICE), state, bins)
+    histogram_add_(state["hist"], first.to(DEVICE), state["exponent"])
+    before, old = state["hist"].cpu(), state["exponent"].cpu()
+    assert torch.equal(before, oracle(first, old, bins))
+    widen_range_(wide.to(DEVICE), state, bins)
+    both = torch.cat([first, wide], dim=1)
+    new = bin_exponent(both.abs().amax(1), bins)
+    assert torch.equal(state["exponent"].cpu(), new)
+    assert torch.equal(state["hist"].cpu(), rebin(before, new - old))
+    assert torch.equal(state["min"].cpu(), both.amin(1).clamp(max=0.0))
+    assert torch.equal(state["max"].cpu(), both.amax(1).clamp(min=0.0))
+    histogram_add_(state["hist"], wide.to(DEVICE), state["exponent"])
+    assert torch.equal(state["hist"].cpu(), oracle(both, new, bins))

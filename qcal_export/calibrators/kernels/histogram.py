@@ -16,6 +16,8 @@ whole GPU, and no int32 count outlives a call (none can overflow across batches)
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -104,7 +106,14 @@ def _tile(groups: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 def _program_count(device: torch.device) -> int:
     if device.type != "cuda":
         return PROGRAMS_PER_SM * 4  # the Triton interpreter (tests on CPU)
-    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return PROGRAMS_PER_SM * _multiprocessors(index)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    """The GPU's SM count, read once (each read of the properties costs the host)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _column_splits(
