@@ -234,13 +234,14 @@ class OrtCapture:
         fed = [t for t in self.fed if t in wanted]
         count = 0
         with _sink_pool(self._sink_workers) as pool:
+            feed_all = functools.partial(_feed, sink, pool)
             for index, (batch, item) in enumerate(source.pairs()):
                 if max_batches is not None and index >= max_batches:
                     break
                 if index < skip:
                     count += 1
                     continue
-                self._capture_batch(batch, item, fetched, fed, functools.partial(_feed, sink, pool))
+                self._capture_batch(batch, item, fetched, fed, feed_all)
                 count += 1
                 if on_batch is not None:
                     on_batch()
