@@ -230,8 +230,9 @@ def _repeats(single: np.ndarray, double: np.ndarray) -> bool:
 
 
 def _close(got: np.ndarray, want: np.ndarray, rtol: float) -> bool:
-    """``got`` equals ``want`` within ``rtol`` of each value and of the largest finite one."""
-    a = want.astype(np.float64)
+    """``got`` equals ``want`` within ``rtol`` of each value and of the largest finite one
+    (in float32 at least: ``rtol`` is never below 16 of its units in the last place)."""
+    a = want.astype(np.promote_types(want.dtype, np.float32), copy=False)
     atol = rtol * float(np.max(np.abs(a), initial=0.0, where=np.isfinite(a)))
     return bool(np.allclose(got, a, rtol=rtol, atol=atol, equal_nan=True))
 

@@ -36,7 +36,11 @@ EPS = 1e-4
 MAX_BINS = 4999
 """Smoothing takes at most ``2 * bins * EPS`` off a nonzero count: below 1, p never empties."""
 CHUNK_ELEMENTS = 1 << 20
-"""Groups x windows x quantized bins scored at once (float64 scratch of 8 MiB per buffer)."""
+"""Groups x windows x quantized bins scored at once on the host (float64 scratch of 8 MiB per
+buffer: cache-sized)."""
+DEVICE_CHUNK_ELEMENTS = 1 << 23
+"""The same on a GPU (64 MiB per buffer): there each chunk costs its kernel launches, so fewer,
+larger chunks."""
 SERIES_TOLERANCE = 1e-18
 """Where the series of a window's smoothed self-information stops (absolute, in counts)."""
 
@@ -148,13 +152,15 @@ def window_divergence(
     """KL divergence of every window of ``hist`` ``[G, 2 * bins]``: (``i`` ``[W]``, ``[G, W]``),
     inf for windows that clip more than ``max_clipped`` of the values.
 
-    Chunks of groups and of windows bound the scratch to about ``CHUNK_ELEMENTS`` float64s.
+    Chunks of groups and of windows bound the scratch to about ``CHUNK_ELEMENTS`` float64s
+    (``DEVICE_CHUNK_ELEMENTS`` on a GPU).
     """
     num, bins = hist.shape[0], hist.shape[1] // 2
     half = torch.arange(math.ceil(quantized_bins / 2), bins + 1, device=hist.device)
     divergence = torch.empty(num, len(half), dtype=torch.float64, device=hist.device)
-    group_step = max(1, CHUNK_ELEMENTS // (8 * bins))
-    window_step = max(1, CHUNK_ELEMENTS // (min(group_step, num) * (quantized_bins + 1)))
+    chunk = CHUNK_ELEMENTS if hist.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    group_step = max(1, chunk // (8 * bins))
+    window_step = max(1, chunk // (min(group_step, num) * (quantized_bins + 1)))
     for g in range(0, num, group_step):
         sums = _Sums.of(hist[g : g + group_step])
         for w in range(0, len(half), window_step):

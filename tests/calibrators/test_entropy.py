@@ -234,3 +234,16 @@ def test_calibrate_onnx_with_entropy_and_recipe_options(mlp):
 def test_default_quantized_bins_fit_a_small_histogram():
     assert EntropyCalibrator(INT8, PerTensor(), bins=64).quantized_bins == 128
     assert EntropyCalibrator(INT8, PerTensor(), bins=200).quantized_bins == 256
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_chunks_give_the_host_divergence():
+    """On a GPU the windows go in larger chunks (``DEVICE_CHUNK_ELEMENTS``): the same KL."""
+    data = make_batches("student-t", seed=31, channels=40)
+    cal = collect_all(EntropyCalibrator(INT8, PerAxis(-1), bins=128, quantized_bins=16), data)
+    hist = cal.histogram()[0]
+    half, host = window_divergence(hist, 16)
+    device = window_divergence(hist.cuda(), 16)[1].cpu()
+    assert torch.equal(host.isinf(), device.isinf())
+    assert torch.allclose(device, host, rtol=1e-12, atol=0) and half[0] == 8
