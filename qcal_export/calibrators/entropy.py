@@ -153,7 +153,8 @@ def window_divergence(
     inf for windows that clip more than ``max_clipped`` of the values.
 
     Chunks of groups and of windows bound the scratch to about ``CHUNK_ELEMENTS`` float64s
-    (``DEVICE_CHUNK_ELEMENTS`` on a GPU).
+    (``DEVICE_CHUNK_ELEMENTS`` on a GPU); the narrow windows that clip too much for every group
+    of a chunk are not scored.
     """
     num, bins = hist.shape[0], hist.shape[1] // 2
     half = torch.arange(math.ceil(quantized_bins / 2), bins + 1, device=hist.device)
@@ -163,7 +164,9 @@ def window_divergence(
     window_step = max(1, chunk // (min(group_step, num) * (quantized_bins + 1)))
     for g in range(0, num, group_step):
         sums = _Sums.of(hist[g : g + group_step])
-        for w in range(0, len(half), window_step):
+        first = _first_admitted(sums, half, max_clipped)
+        divergence[g : g + group_step, :first] = math.inf
+        for w in range(first, len(half), window_step):
             windows = half[w : w + window_step]
             divergence[g : g + group_step, w : w + window_step] = _divergence(
                 sums, windows, quantized_bins, max_clipped
@@ -210,6 +213,17 @@ def _divergence(
     valid = (q > 0).logical_or(~filled).all(dim=-1) & (inside > 0) & divergence.isfinite()
     valid &= left + right <= max_clipped * total
     return divergence.where(valid, math.inf)
+
+
+def _first_admitted(sums: _Sums, half: torch.Tensor, max_clipped: float) -> int:
+    """The first window that clips at most ``max_clipped`` of some group's values: the share
+    clipped only falls as windows widen, so no window before it is a candidate (``_divergence``
+    would give it inf) and none need be scored."""
+    bins = sums.counts.shape[1] // 2
+    total = sums.count[:, -1:]
+    left, right = sums.count[:, bins - half], total - sums.count[:, bins + half]
+    admitted = (left + right <= max_clipped * total).any(dim=0)
+    return int(admitted.int().argmax()) if bool(admitted.any()) else len(half)
 
 
 def _prefix(values: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from mlp import batches as mlp_batches
 from mlp import make_mlp
 
 from qcal_export.calibrators import CALIBRATORS, EntropyCalibrator, MaxCalibrator
-from qcal_export.calibrators.entropy import window_divergence
+from qcal_export.calibrators.entropy import _divergence, _first_admitted, _Sums, window_divergence
 from qcal_export.errors import CalibrationError
 from qcal_export.pipeline.calibrate import calibrate_onnx
 from qcal_export.spec.formats import AMAX_FLOOR, FP8_E4M3, INT8, UINT8
@@ -123,6 +123,21 @@ def test_chunked_windows_and_groups_equal_one_chunk(monkeypatch):
     monkeypatch.setattr("qcal_export.calibrators.entropy.CHUNK_ELEMENTS", 4000)
     chunked = window_divergence(hist, 16)[1]
     assert torch.allclose(chunked, whole, rtol=1e-12, atol=0) and half[0] == 8
+
+
+@pytest.mark.parametrize("max_clipped", [1e-3, 1.0])
+def test_windows_left_unscored_are_the_ones_that_clip_too_much(max_clipped):
+    """The narrow windows skipped (``_first_admitted``) are inf scored too; the rest equal
+    one unskipped pass over every window."""
+    data = make_batches("outliers", seed=5, channels=12)
+    cal = collect_all(EntropyCalibrator(INT8, PerAxis(-1), bins=256, quantized_bins=16), data)
+    hist = cal.histogram()[0]
+    half, got = window_divergence(hist, 16, max_clipped)
+    every = _divergence(_Sums.of(hist), half, 16, max_clipped)
+    assert torch.equal(got.isinf(), every.isinf())
+    assert torch.allclose(got, every, rtol=1e-12, atol=0)
+    skipped = _first_admitted(_Sums.of(hist), half, max_clipped)
+    assert (skipped > 0) == (max_clipped < 1) and got[:, :skipped].isinf().all()
 
 
 @pytest.mark.parametrize("fmt", [INT8, UINT8], ids=["int8", "uint8"])
