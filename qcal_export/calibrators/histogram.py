@@ -12,7 +12,6 @@ import copy
 import math
 import numbers
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import torch
@@ -20,7 +19,7 @@ import torch
 from qcal_export.calibrators import kernels
 from qcal_export.calibrators.base import Calibrator, MergeOp
 from qcal_export.calibrators.ranged import RangedCalibrator, group_extremes
-from qcal_export.calibrators.threads import torch_threads, usable_cores
+from qcal_export.calibrators.threads import sharing_pool
 from qcal_export.errors import CalibrationError
 from qcal_export.spec.choices import NonFinite
 from qcal_export.spec.formats import Format
@@ -183,7 +182,7 @@ class HistogramCalibrator(RangedCalibrator):
             from qcal_export.calibrators.kernels.histogram import histogram_add_
             from qcal_export.calibrators.kernels.histogram_range import widen_range_
 
-            widen_range_(groups, state, self.bins)
+            widen_range_(groups, state, self.bins, lowest=LOWEST_EXPONENT, max_shift=MAX_SHIFT)
             histogram_add_(state["hist"], groups, state["exponent"])
         else:
             amin, amax = self.batch_extremes(groups)
@@ -270,8 +269,7 @@ def decide_apart(cals: Sequence[HistogramCalibrator], workers: int) -> None:
     """Decide each of ``cals`` (collected, on the host) on its own, ``workers`` at a time (the
     cores shared among their torch operations), and keep the decisions (``keep_decision``):
     a decision is many small operations, which run side by side better than one by one."""
-    shared = torch_threads(max(1, usable_cores() // workers))
-    with shared, ThreadPoolExecutor(workers, thread_name_prefix="qcal-decide") as pool:
+    with sharing_pool(workers, "qcal-decide") as pool:
         for cal, (amin, amax) in zip(cals, pool.map(_decision, cals), strict=True):
             cal.keep_decision(amin, amax)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -40,3 +41,14 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def sharing_pool(workers: int, name: str) -> Iterator[ThreadPoolExecutor]:
+    """``workers`` threads (named ``name``) whose torch operations share the usable cores
+    (``torch_threads``) while the pool is open."""
+    with (
+        torch_threads(max(1, usable_cores() // workers)),
+        ThreadPoolExecutor(workers, thread_name_prefix=name) as pool,
+    ):
+        yield pool

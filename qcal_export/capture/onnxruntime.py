@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 from onnx import helper
 
-from qcal_export.calibrators.threads import torch_threads, usable_cores
+from qcal_export.calibrators.threads import sharing_pool
 from qcal_export.capture.data import Batch, DataSource, InputSpec, as_feed, model_inputs
 from qcal_export.capture.iobinding import (
     BoundRunError,
@@ -288,8 +288,7 @@ def _sink_pool(workers: int) -> Iterator[ThreadPoolExecutor | None]:
     if workers <= 1:
         yield None
         return
-    shared = torch_threads(max(1, usable_cores() // workers))
-    with shared, ThreadPoolExecutor(workers, thread_name_prefix="qcal-sink") as pool:
+    with sharing_pool(workers, "qcal-sink") as pool:
         yield pool
 
 

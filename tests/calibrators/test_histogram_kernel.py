@@ -15,7 +15,12 @@ import torch
 from triton_device import DEVICE, INTERPRET, MARKS
 
 from qcal_export.calibrators import PercentileCalibrator
-from qcal_export.calibrators.histogram import HistogramCalibrator, bin_exponent
+from qcal_export.calibrators.histogram import (
+    LOWEST_EXPONENT,
+    MAX_SHIFT,
+    HistogramCalibrator,
+    bin_exponent,
+)
 from qcal_export.spec.formats import INT8
 from qcal_export.spec.granularity import PerAxis, PerBlock, PerTensor
 
@@ -28,6 +33,7 @@ GRANULARITIES = {
     "block-partial": PerBlock(-1, 48),  # 100 columns: blocks of 48, 48 and 4 (+44 padding)
     "block-axis0": PerBlock(0, 32),
 }
+LIMITS = {"lowest": LOWEST_EXPONENT, "max_shift": MAX_SHIFT}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPE = (96, 100)
 
@@ -171,7 +177,7 @@ def test_kernel_is_used_on_cuda(monkeypatch):
 def empty_state(groups: int, bins: int, exponent: torch.Tensor | None = None) -> dict:
     return {
         "hist": torch.zeros(groups, 2 * bins, dtype=torch.int64, device=DEVICE),
-        "exponent": torch.full((groups,), -126, dtype=torch.int64, device=DEVICE)
+        "exponent": torch.full((groups,), LOWEST_EXPONENT, dtype=torch.int64, device=DEVICE)
         if exponent is None
         else exponent.to(DEVICE),
         "min": torch.zeros(groups, device=DEVICE),
@@ -196,7 +202,7 @@ def test_widened_range_has_bin_exponent_at_the_edges(bins):
     x[1::3, 3] = float("inf")
     x[2::3, 4] = -float("inf")
     state = empty_state(len(values), bins)
-    widen_range_(x.to(DEVICE), state, bins)
+    widen_range_(x.to(DEVICE), state, bins, **LIMITS)
     column = x[:, 0]
     assert torch.equal(state["min"].cpu(), column.clamp(max=0.0))
     assert torch.equal(state["max"].cpu(), column.clamp(min=0.0))
@@ -218,11 +224,11 @@ def test_widened_counts_move_as_rebin_moves_them(shape):
     first = torch.randn(shape, generator=gen) * torch.rand(shape[0], 1, generator=gen)
     wide = torch.randn(shape, generator=gen) * 1000
     state = empty_state(shape[0], bins)
-    widen_range_(first.to(DEVICE), state, bins)
+    widen_range_(first.to(DEVICE), state, bins, **LIMITS)
     histogram_add_(state["hist"], first.to(DEVICE), state["exponent"])
     before, old = state["hist"].cpu(), state["exponent"].cpu()
     assert torch.equal(before, oracle(first, old, bins))
-    widen_range_(wide.to(DEVICE), state, bins)
+    widen_range_(wide.to(DEVICE), state, bins, **LIMITS)
     both = torch.cat([first, wide], dim=1)
     new = bin_exponent(both.abs().amax(1), bins)
     assert torch.equal(state["exponent"].cpu(), new)

@@ -22,9 +22,8 @@ import triton
 import triton.language as tl
 
 from qcal_export.calibrators.kernels.histogram import _column_splits, _tile
+from qcal_export.calibrators.kernels.nvfp4_prep import _binade, _pow2
 
-LOWEST_EXPONENT = -126
-MAX_SHIFT = 62
 REBIN_BLOCK = 1024
 
 
@@ -66,12 +65,6 @@ def _range_kernel(
 
 
 @triton.jit
-def _pow2(e):
-    """``2**e`` in float64 for an int64 ``e`` in [-1022, 1023]."""
-    return ((e + 1023) << 52).to(tl.float64, bitcast=True)
-
-
-@triton.jit
 def _rebin_kernel(
     min_ptr,
     max_ptr,
@@ -88,8 +81,7 @@ def _rebin_kernel(
     high = tl.load(max_ptr + group).to(tl.float64)
     value = tl.maximum(-low, high)
     width = value / bins
-    guess = ((width.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023 + 1
-    guess = tl.maximum(guess, LOWEST)  # also value 0 (its guess is -1022)
+    guess = tl.maximum(_binade(width) + 1, LOWEST)  # also value 0 (its guess is -1022)
     guess = tl.where(bins * _pow2(guess - 1) > value, guess - 1, guess)
     guess = tl.where(bins * _pow2(guess) <= value, guess + 1, guess)
     old = tl.load(exponent_ptr + group)
@@ -105,10 +97,18 @@ def _rebin_kernel(
         tl.atomic_add(new_ptr + row + target, counts, mask=inside & (counts != 0), sem="relaxed")
 
 
-def widen_range_(groups: torch.Tensor, state: dict[str, torch.Tensor], bins: int) -> None:
+def widen_range_(
+    groups: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    bins: int,
+    *,
+    lowest: int,
+    max_shift: int,
+) -> None:
     """Fold ``groups`` (``[G, n]`` float32, bf16 or fp16 on CUDA) into a histogram state's
-    ``min``, ``max`` and ``nonfinite``, then give it the exponent of the widened range and its
-    ``hist`` rebinned to it (a new tensor), ready for ``histogram_add_``. No host sync."""
+    ``min``, ``max`` and ``nonfinite``, then give it the exponent of the widened range (at least
+    ``lowest``) and its ``hist`` rebinned to it (a new tensor; shifts past ``max_shift`` moved
+    as by ``max_shift``), ready for ``histogram_add_``. No host sync."""
     num_groups, n = groups.shape
     if groups.numel():
         groups, block_g, block_n = _tile(groups)
@@ -136,8 +136,8 @@ def widen_range_(groups: torch.Tensor, state: dict[str, torch.Tensor], bins: int
         state["hist"],
         rebinned,
         bins,
-        LOWEST=LOWEST_EXPONENT,
-        SHIFT_LIMIT=MAX_SHIFT,
+        LOWEST=lowest,
+        SHIFT_LIMIT=max_shift,
         BLOCK=REBIN_BLOCK,
         num_warps=4,
     )
