@@ -1,5 +1,6 @@
-"""The samples method ``auto`` scores its candidates on: the first ones of the data, in two
-stages, so that a candidate clearly worse on the first half is not scored on the second.
+"""The samples method ``auto`` scores its candidates on: the first ones of the data, in stages
+that double the samples scored, so that a candidate clearly worse on the first samples is not
+scored on the others.
 """
 
 from __future__ import annotations
@@ -28,25 +29,28 @@ def first_samples(source: DataSource, inputs: list[InputSpec], samples: int) -> 
 
 
 def sample_stages(views: list[Batch], inputs: list[InputSpec]) -> list[list[Batch]]:
-    """``views`` as two stages, the first holding the first half of their samples (rounded up;
-    a view cut along its leading axis where every input's is free, else kept whole in the
-    first); the views as one stage where they hold one sample or cannot be cut."""
-    half = (sum(sample_count(view) for view in views) + 1) // 2
-    first: list[Batch] = []
-    rest: list[Batch] = []
-    taken = 0
+    """``views`` as stages that double the samples scored so far: the first holds one sample,
+    the next one more, then 2, 4, ... (the last what is left), so that the candidates clearly
+    worse on the first samples are dropped after few runs (``method_choice``). A view is cut
+    along its leading axis where every input's is free, else kept whole in the stage it starts
+    (which then holds more); the views as one stage where they hold one sample."""
+    stages: list[list[Batch]] = [[]]
+    bound, taken = 1, 0
     for view in views:
-        size = sample_count(view)
-        if taken >= half:
-            rest.append(view)
-        elif taken + size <= half or not _free(view, inputs):
-            first.append(view)
-        else:
-            cut = half - taken
-            first.append({name: value[:cut] for name, value in view.items()})
-            rest.append({name: value[cut:] for name, value in view.items()})
-        taken += size
-    return [first, rest] if first and rest else [views]
+        rest: Batch | None = view
+        while rest is not None:
+            if taken >= bound:
+                stages.append([])
+                while taken >= bound:
+                    bound *= 2
+            size, room = sample_count(rest), bound - taken
+            if size > room and _free(rest, inputs):
+                stages[-1].append({name: value[:room] for name, value in rest.items()})
+                rest, taken = {name: value[room:] for name, value in rest.items()}, bound
+            else:
+                stages[-1].append(rest)
+                rest, taken = None, taken + size
+    return stages
 
 
 def sample_count(feed: Batch) -> int:

@@ -9,13 +9,14 @@ exact emulation computes them, the global scale fed) behind a gate, so that a ru
 the quantization it scores, and only what lies downstream of the gates (``graphs/suffix``). One
 run scores one candidate on one batch, several runs at a time on the CPU's cores; candidates
 whose scales are equal (a percentile or entropy range clamped to the max one) run once, the
-later ones taking its error. The samples come in two stages (``auto_samples``): a candidate
-clearly worse than the best on the first is not scored on the second.
+later ones taking its error. The samples come in stages of one, one, two, four... samples
+(``auto_samples``) and the candidates race (``auto_race``): one clearly worse than the best on
+the samples so far is not scored on the next stage's, and an activation whose candidates left
+differ too little to matter is decided.
 """
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from qcal_export.analysis.auto_candidates import (
     scale_feed,
     squared,
 )
+from qcal_export.analysis.auto_race import Race, Score, screened
 from qcal_export.analysis.auto_samples import first_samples, sample_count, sample_stages
 from qcal_export.analysis.planned import PlannedModel
 from qcal_export.analysis.stacked_scoring import stacked_errors
@@ -68,7 +70,7 @@ def choose_activation_methods(
 
     On a GPU the candidates are scored many to a run where the model stacks them
     (``stacked_scoring``). The other activations are gated ``GATES_PER_SESSION`` at a
-    time, one session after another (on the CPU in two stages of samples, runs side by side,
+    time, one session after another (on the CPU in stages of samples, runs side by side,
     ``_score``); a session computes only what
     lies downstream of its gates, reading the tensors it needs from upstream out of one float
     run of the whole model per batch."""
@@ -83,7 +85,7 @@ def choose_activation_methods(
         stacked = stacked_errors(planned, found, scored, views, STACKED_ELEMENTS)
         size = sum(sample_count(view) for view in views)
         for t, errors in stacked.errors.items() if stacked else ():
-            choice[t] = _choice({m: _Score(e, stacked.norm, size) for m, e in errors.items()})
+            choice[t] = _choice({m: Score(e, stacked.norm, size) for m, e in errors.items()})
     rest = {t: methods for t, methods in scored.items() if t not in choice}
     if rest:
         stages = sample_stages(views, inputs) if on_cpu else [views]  # a GPU run: its launches
@@ -111,6 +113,7 @@ def _gated_choice(
     floats = float_runs(planned, [view for stage in stages for view in stage], sorted(upstream))
     workers, threads = scoring_workers(planned.providers)
     choice: dict[str, dict[str, Any]] = {}
+    race = Race()
     with ThreadPoolExecutor(1, thread_name_prefix="qcal-auto-open") as opener:
         upcoming = opener.submit(GatedRuns, gateds[0], planned, floats, threads)
         for k, gated in enumerate(gateds):
@@ -124,7 +127,7 @@ def _gated_choice(
                 }
                 for tensor in gated.tensors
             }
-            choice.update(_score(runs, stages, floats, scale_feeds, workers))
+            choice.update(_score(runs, stages, floats, scale_feeds, race, workers))
     return choice
 
 
@@ -243,14 +246,15 @@ def _score(
     stages: list[list[Batch]],
     floats: FloatRuns,
     candidates: dict[str, dict[str, dict[str, np.ndarray]]],
+    race: Race,
     workers: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """Per activation, the picked method, each method's output error relative to float over
     the samples it was scored on, and their count. Every distinct candidate runs on the first
-    stage's views; those within ``SCREEN_MARGIN`` of the best (where more than one is) also on
-    the next stage's. ``workers`` runs at a time."""
+    stage's views; after each stage those still in the ``race`` (``screened``) go on to the
+    next. ``workers`` runs at a time."""
     same = {t: first_equal(methods) for t, methods in candidates.items()}
-    scores = {t: {m: _Score() for m in firsts.values()} for t, firsts in same.items()}
+    scores = {t: {m: Score() for m in firsts.values()} for t, firsts in same.items()}
     alive = {t: list(scored) for t, scored in scores.items()}
     batches = iter(zip(floats.upstream, floats.outputs, strict=True))
     with ThreadPoolExecutor(workers, thread_name_prefix="qcal-auto") as pool:
@@ -263,44 +267,10 @@ def _score(
                 errors = runs.errors(feed, upstream, outputs, opened, pool)
                 for (tensor, method), error in zip(jobs, errors, strict=True):
                     scores[tensor][method].add(error, norm, sample_count(feed))
-            alive = {t: _screened(scores[t], methods) for t, methods in alive.items()}
+            typical = race.typical(scores)
+            alive = {t: screened(scores[t], methods, typical) for t, methods in alive.items()}
+    race.finish(scores)
     return {t: _choice(scores[t], firsts) for t, firsts in same.items()}
-
-
-SCREEN_MARGIN = 0.3
-"""A candidate whose squared output error over the first stage's samples exceeds the best
-candidate's by more than this fraction is not scored on the next stage. Scored on every sample
-instead, the demo's picks it changes are between candidates within the samples' noise of each
-other (``benchmarks/results/accuracy_steps_auto_stages.md``)."""
-
-
-@dataclass
-class _Score:
-    """A candidate's squared output error, the float outputs' squared norm, over the samples
-    it was scored on."""
-
-    error: float = 0.0
-    norm: float = 0.0
-    samples: int = 0
-
-    def add(self, error: float, norm: float, samples: int) -> None:
-        self.error += error
-        self.norm += norm
-        self.samples += samples
-
-    @property
-    def relative(self) -> float:
-        return math.sqrt(self.error / (self.norm or 1.0))
-
-
-def _screened(scores: dict[str, _Score], methods: list[str]) -> list[str]:
-    """The ``methods`` to score further: those within ``SCREEN_MARGIN`` of the best; none
-    where one is left."""
-    if not methods:
-        return []
-    best = min(scores[m].error for m in methods)
-    kept = [m for m in methods if scores[m].error <= (1 + SCREEN_MARGIN) * best]
-    return kept if len(kept) > 1 else []
 
 
 def _exact() -> dict[str, Any]:
@@ -308,7 +278,7 @@ def _exact() -> dict[str, Any]:
     return {"picked": MAX.name, "output_rel_l2": {}, "samples": {}, "exact": EXACT}
 
 
-def _choice(scores: dict[str, _Score], firsts: dict[str, str] | None = None) -> dict[str, Any]:
+def _choice(scores: dict[str, Score], firsts: dict[str, str] | None = None) -> dict[str, Any]:
     """The report entry of one activation: the method of least error among those scored on the
     most samples (the first on ties), each method's relative error and samples. ``firsts``:
     per method, the method whose score it shares (itself where None)."""

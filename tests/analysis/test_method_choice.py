@@ -4,8 +4,8 @@ Runtime.
 Every candidate of every activation is scored on every batch, one at a time: the float model
 with a QuantizeLinear -> DequantizeLinear pair built here by hand on that activation alone (its
 planned readers rewired to it, at that candidate's scale), against the float model. From those
-errors the two-stage choice (every candidate on the first half of the samples, those near the
-best on the rest) is worked out, and the run's scoring (through the gated model, candidates
+errors the race (every candidate on the first sample, those near the best on stages that double
+the samples scored) is worked out, and the run's scoring (through the gated model, candidates
 with equal scales run once, the activations gated all in one session or one per session, runs
 side by side) must pick the same candidate and give every candidate's error over its samples.
 """
@@ -24,7 +24,7 @@ from mlp import constant_mul_mlp, make_mlp
 from onnx import helper, numpy_helper
 from test_layer_view import plain_session
 
-from qcal_export.analysis import method_choice
+from qcal_export.analysis import auto_race, method_choice
 from qcal_export.analysis.auto_samples import first_samples, sample_stages
 from qcal_export.artifacts import html_sections
 from qcal_export.capture.data import model_inputs, open_data
@@ -109,30 +109,43 @@ def batch_errors(reference, candidate, batches) -> list[tuple[float, float]]:
     return errors
 
 
-def screened_choice(per_batch: dict[str, list[tuple[float, float]]], first: int, margin: float):
-    """The two-stage choice worked out from every method's per-batch errors: methods of equal
-    errors score once; all on the ``first`` batches, those within ``margin`` of the best (if
-    more than one) on the rest; the least error among those scored on the most batches.
-    Returns (picked, relative error per method, batches per method)."""
-    firsts = {m: next(k for k in per_batch if per_batch[k] == per_batch[m]) for m in per_batch}
-    distinct = list(dict.fromkeys(firsts.values()))
-    early = {m: sum(e for e, _ in per_batch[m][:first]) for m in distinct}
-    kept = [m for m in distinct if early[m] <= (1 + margin) * min(early.values())]
-    whole = len(next(iter(per_batch.values())))
-    count = {m: whole if m in kept and len(kept) > 1 else first for m in distinct}
+def single_samples(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Every sample of ``batches`` as a batch of its own (the race scores samples cut apart)."""
+    return [{n: v[i : i + 1] for n, v in b.items()} for b in batches for i in range(len(b["x"]))]
+
+
+def raced_choice(per_sample: dict[str, list[tuple[float, float]]], margin: float):
+    """The race worked out from every method's per-sample errors: methods of equal errors score
+    once; all on the first sample, then on stages that double the samples scored (1, 2, 4...),
+    those within ``margin / sqrt(samples)`` of the best (if more than one) going on; the least
+    error among those scored on the most samples. Returns (picked, relative error per method,
+    samples per method)."""
+    firsts = {m: next(k for k in per_sample if per_sample[k] == per_sample[m]) for m in per_sample}
+    whole = len(next(iter(per_sample.values())))
+    alive = list(dict.fromkeys(firsts.values()))
+    count, scored = dict.fromkeys(alive, 0), 1
+    while alive:
+        scored = min(scored, whole)
+        count.update(dict.fromkeys(alive, scored))
+        total = {m: sum(e for e, _ in per_sample[m][:scored]) for m in alive}
+        kept = [
+            m for m in alive if total[m] <= (1 + margin / math.sqrt(scored)) * min(total.values())
+        ]
+        alive = kept if len(kept) > 1 and scored < whole else []
+        scored *= 2
     relative = {}
     for m, k in firsts.items():
-        scored = per_batch[k][: count[k]]
-        relative[m] = math.sqrt(sum(e for e, _ in scored) / sum(n for _, n in scored))
-    finalists = [m for m in per_batch if count[firsts[m]] == max(count.values())]
+        errors = per_sample[k][: count[k]]
+        relative[m] = math.sqrt(sum(e for e, _ in errors) / sum(n for _, n in errors))
+    finalists = [m for m in per_sample if count[firsts[m]] == max(count.values())]
     return min(finalists, key=relative.get), relative, {m: count[k] for m, k in firsts.items()}
 
 
 @pytest.mark.parametrize(
     ("per_session", "margin", "stacked"),
     [
-        (16, method_choice.SCREEN_MARGIN, False),
-        (1, method_choice.SCREEN_MARGIN, False),
+        (16, auto_race.SCREEN_MARGIN, False),
+        (1, auto_race.SCREEN_MARGIN, False),
         (16, math.inf, False),
         (16, math.inf, True),  # as on a GPU: every candidate on every sample, many per run
     ],
@@ -141,7 +154,8 @@ def test_scoring_picks_the_worked_out_choice_and_reports_every_candidate(
     mlp, tmp_path, monkeypatch, per_session, margin, stacked
 ):
     monkeypatch.setattr(method_choice, "GATES_PER_SESSION", per_session)
-    monkeypatch.setattr(method_choice, "SCREEN_MARGIN", margin)
+    monkeypatch.setattr(auto_race, "SCREEN_MARGIN", margin)
+    monkeypatch.setattr(auto_race, "INDIFFERENCE", 0.0)  # its own test: every race runs out
     monkeypatch.setattr(method_choice, "_on_cpu", lambda providers: not stacked)
     scored = []
     stack = method_choice.stacked_errors
@@ -149,6 +163,7 @@ def test_scoring_picks_the_worked_out_choice_and_reports_every_candidate(
         method_choice, "stacked_errors", lambda *a: scored.append(stack(*a)) or scored[-1]
     )
     batches = mixed_batches(6)
+    samples = single_samples(batches)
     result = calibrate_onnx(
         mlp,
         batches,
@@ -165,26 +180,26 @@ def test_scoring_picks_the_worked_out_choice_and_reports_every_candidate(
     scales = method_scales(mlp, batches)
     reference = plain_session(mlp)
     nodes = onnx.load(str(mlp)).graph.node
-    shared = screened = 0
+    shared = raced = 0
     for tensor, entry in choice.items():
         errors = entry["output_rel_l2"]
         assert list(errors) == list(METHODS)
         readers = {n.name for n in nodes if n.name in quantized and tensor in n.input}
-        per_batch = {}
+        per_sample = {}
         for method in METHODS:
             path = tmp_path / f"{tensor.strip('/')}_{method}.onnx"
             alone = alone_model(mlp, tensor, scales[method][tensor], readers, path)
-            per_batch[method] = batch_errors(reference, plain_session(alone), batches)
-        picked, relative, counts = screened_choice(per_batch, len(batches) // 2, margin)
+            per_sample[method] = batch_errors(reference, plain_session(alone), samples)
+        picked, relative, counts = raced_choice(per_sample, margin)
         for method in METHODS:
             assert errors[method] == pytest.approx(relative[method], rel=1e-4), method
-        assert entry["samples"] == {m: 4 * n for m, n in counts.items()}
+        assert entry["samples"] == counts
         assert entry["picked"] == picked, (tensor, relative)
         assert len(set(np.round(list(relative.values()), 6))) > 2  # the choice is not trivial
         shared += len(METHODS) - len(set(errors.values()))
-        screened += min(counts.values()) < len(batches)
+        raced += min(counts.values()) < len(samples)
     assert shared > 0  # percentile's range is max's somewhere: scored once
-    assert screened > 0 if margin < math.inf else screened == 0
+    assert raced > 0 if margin < math.inf else raced == 0
     picked = {t: c["picked"] for t, c in choice.items()}
     assert {t: result.scales[t].method for t in choice} == picked
     for tensor, method in picked.items():
@@ -204,21 +219,82 @@ def test_auto_scores_the_first_samples_cutting_the_last_batch_where_its_axis_is_
     assert len(first_samples(open_data(batches), inputs, 100)) == 3
 
 
-def test_stages_split_the_samples_in_half_cutting_a_view_where_its_axis_is_free(mlp):
+def test_stages_double_the_samples_cutting_a_view_where_its_axis_is_free(mlp):
     batches = mixed_batches(3)
     inputs = model_inputs(onnx.load(str(mlp)))
-    views = first_samples(open_data(batches), inputs, 10)
+    views = first_samples(open_data(batches), inputs, 11)
     stages = sample_stages(views, inputs)
-    assert [[v["x"].shape[0] for v in stage] for stage in stages] == [[4, 1], [3, 2]]
+    assert [[v["x"].shape[0] for v in stage] for stage in stages] == [[1], [1], [2], [4], [3]]
     assert np.array_equal(
         np.concatenate([v["x"] for s in stages for v in s]),
-        np.concatenate([b["x"] for b in batches])[:10],
+        np.concatenate([b["x"] for b in batches])[:11],
     )
     fixed = [dataclasses.replace(i, dims=(4, *i.dims[1:])) for i in inputs]
-    uncut = sample_stages(first_samples(open_data(batches), fixed, 10), fixed)
-    assert [[v["x"].shape[0] for v in stage] for stage in uncut] == [[4, 4], [4]]
+    uncut = sample_stages(first_samples(open_data(batches), fixed, 11), fixed)
+    assert [[v["x"].shape[0] for v in stage] for stage in uncut] == [[4], [4], [4]]
+    sizes = [1, 2, 4, 3, 5]  # free axis: the stages hold 1, 1, 2, 4, 7 samples
+    odd = [{"x": np.arange(n * 2, dtype=np.float32).reshape(n, 2) + 100 * n} for n in sizes]
+    stages = sample_stages(odd, inputs)
+    assert [[v["x"].shape[0] for v in stage] for stage in stages] == [
+        [1],
+        [1],
+        [1, 1],
+        [3, 1],
+        [2, 5],
+    ]
+    assert np.array_equal(
+        np.concatenate([v["x"] for s in stages for v in s]), np.concatenate([v["x"] for v in odd])
+    )
     one = first_samples(open_data(batches), inputs, 1)
     assert sample_stages(one, inputs) == [one]
+
+
+def test_race_keeps_the_candidates_near_the_best_until_they_differ_too_little():
+    def scored(*errors, samples=4):
+        return {f"m{k}": auto_race.Score(e, 1.0, samples) for k, e in enumerate(errors)}
+
+    margin = auto_race.SCREEN_MARGIN / 2  # over 4 samples: 0.2
+    scores = scored(10.0, 11.9, 12.1, 30.0)
+    assert auto_race.screened(scores, list(scores), typical=0.0) == ["m0", "m1"]
+    assert 11.9 <= (1 + margin) * 10.0 < 12.1
+    # the two left differ by 1.9 over 4 samples: within INDIFFERENCE of a typical error per
+    # sample of at least 1.9 / (4 * INDIFFERENCE), the activation is decided
+    edge = 1.9 / (4 * auto_race.INDIFFERENCE)
+    assert auto_race.screened(scores, list(scores), typical=1.01 * edge) == []
+    assert auto_race.screened(scores, list(scores), typical=0.99 * edge) == ["m0", "m1"]
+    once = scored(10.0, 10.1, samples=1)  # no tie on one sample, however close
+    assert auto_race.screened(once, list(once), typical=1e9) == ["m0", "m1"]
+    assert auto_race.screened(scored(10.0, 20.0), ["m0", "m1"], typical=0.0) == []
+    assert auto_race.screened(scores, [], typical=0.0) == []
+    race = auto_race.Race()
+    race.finish({"a": scored(8.0, 4.0), "b": {"max": auto_race.Score(12.0, 1.0, 2)}})
+    running = {"c": scored(2.0, 40.0, samples=1), "d": {"max": auto_race.Score()}}
+    # least per sample: a 1.0, b 6.0, c 2.0; d is not scored yet and counts as 0
+    assert race.typical(running) == pytest.approx((1.0 + 6.0 + 2.0 + 0.0) / 4)
+
+
+def test_an_indifferent_race_decides_every_activation_once_ties_may_be(mlp, monkeypatch):
+    monkeypatch.setattr(auto_race, "INDIFFERENCE", math.inf)
+    batches = mixed_batches(3)
+    result = calibrate_onnx(
+        mlp,
+        batches,
+        format="int8",
+        target="tensorrt",
+        method="auto",
+        method_options=CLIPPED,
+        auto_samples=12,
+        validate_batches=0,
+    )
+    choice = result.report["method_choice"]
+    most = [max(entry["samples"].values()) for entry in choice.values()]
+    assert auto_race.MIN_TIED in most  # some candidates were near enough to go on, then tied
+    for entry in choice.values():
+        samples = entry["samples"]
+        assert set(samples.values()) <= {1, auto_race.MIN_TIED}
+        most = max(samples.values())
+        errors = {m: e for m, e in entry["output_rel_l2"].items() if samples[m] == most}
+        assert entry["picked"] == min(errors, key=errors.get)
 
 
 @pytest.mark.parametrize(

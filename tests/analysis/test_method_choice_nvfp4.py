@@ -5,8 +5,8 @@ from each block's amax); auto chooses it among max, percentile and entropy (hist
 per-tensor scales only). The exhaustive choice builds, per activation and candidate, the float
 model with that activation alone quantized by hand (``insert_activation_nvfp4`` before its
 quantized readers, at that candidate's global scale), runs its exact FP4 emulation, and scores
-the graph output against float, batch by batch; the two-stage choice is worked out from those
-errors (``screened_choice``). The run's scoring (gated emulation, global scale fed, the
+the graph output against float, sample by sample; the race is worked out from those errors
+(``raced_choice``). The run's scoring (gated emulation, global scale fed, the
 activations gated all in one session or one per session) must pick the same candidate and give
 every candidate's error over its samples.
 """
@@ -19,10 +19,10 @@ import pytest
 from mlp import make_mlp
 from onnx import TensorProto, shape_inference
 from test_layer_view import plain_session
-from test_method_choice import batch_errors, mixed_batches, screened_choice
+from test_method_choice import batch_errors, mixed_batches, raced_choice, single_samples
 
 from qcal_export import calibrate_onnx
-from qcal_export.analysis import method_choice
+from qcal_export.analysis import auto_race, method_choice
 from qcal_export.calibrate.runtime_scales import RUNTIME_NOTE
 from qcal_export.graphs.fp4_emulation import emulate_fp4
 from qcal_export.graphs.nvfp4 import insert_activation_nvfp4
@@ -85,7 +85,9 @@ def alone_model(mlp, tensor: str, scales, readers: set[str], path):
 @pytest.mark.parametrize("per_session", [16, 1])
 def test_nvfp4_gated_scoring_picks_the_worked_out_choice(mlp, tmp_path, monkeypatch, per_session):
     monkeypatch.setattr(method_choice, "GATES_PER_SESSION", per_session)
+    monkeypatch.setattr(auto_race, "INDIFFERENCE", 0.0)  # every race runs out
     batches = mixed_batches(6)
+    samples = single_samples(batches)
     result = calibrate_onnx(
         mlp,
         batches,
@@ -106,16 +108,15 @@ def test_nvfp4_gated_scoring_picks_the_worked_out_choice(mlp, tmp_path, monkeypa
         errors = entry["output_rel_l2"]
         assert list(errors) == list(CANDIDATES)  # hist-mse is no candidate for nvfp4
         readers = {n.name for n in nodes if n.name in quantized and tensor in n.input}
-        per_batch = {}
+        per_sample = {}
         for method in CANDIDATES:
             path = tmp_path / f"{tensor.strip('/')}_{method}.onnx"
             alone = alone_model(mlp, tensor, scales[method][tensor], readers, path)
-            per_batch[method] = batch_errors(reference, plain_session(alone), batches)
-        margin = method_choice.SCREEN_MARGIN
-        picked, relative, counts = screened_choice(per_batch, len(batches) // 2, margin)
+            per_sample[method] = batch_errors(reference, plain_session(alone), samples)
+        picked, relative, counts = raced_choice(per_sample, auto_race.SCREEN_MARGIN)
         for method in CANDIDATES:
             assert errors[method] == pytest.approx(relative[method], rel=1e-4), method
-        assert entry["samples"] == {m: 4 * n for m, n in counts.items()}
+        assert entry["samples"] == counts
         assert entry["picked"] == picked, (tensor, relative)
         distinct |= set(np.round(list(relative.values()), 6))
     assert len(distinct) > 3  # the candidates' errors differ

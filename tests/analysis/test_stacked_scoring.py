@@ -24,7 +24,7 @@ from placement_models import attention_batches, attention_model
 from test_layer_view import plain_session
 
 from qcal_export import calibrate_onnx
-from qcal_export.analysis import method_choice
+from qcal_export.analysis import auto_race, method_choice
 from qcal_export.analysis.auto_candidates import first_equal, scale_feed, squared
 from qcal_export.analysis.auto_samples import first_samples
 from qcal_export.analysis.planned import PlannedModel
@@ -70,7 +70,8 @@ def heavy_batches(shape: tuple[int, ...], count: int) -> list[dict[str, np.ndarr
 def test_stacked_errors_give_the_relative_errors_auto_reports_on_the_mlp(
     tmp_path, monkeypatch, seq
 ):
-    monkeypatch.setattr(method_choice, "SCREEN_MARGIN", math.inf)  # every method, every sample
+    monkeypatch.setattr(auto_race, "SCREEN_MARGIN", math.inf)  # every method, every sample
+    monkeypatch.setattr(auto_race, "INDIFFERENCE", 0.0)
     path = make_mlp(tmp_path, seq=seq) / "mlp.onnx"
     batches = heavy_batches((4, 5, 64) if seq else (4, 64), 3)
     common = {"format": "int8", "target": "tensorrt", "validate_batches": 0}
