@@ -11,6 +11,10 @@
 #     bash benchmarks/run_gpu.sh auto_cpu       (the same on the CPU EP: host workers 1, as before
 #                                                they ran side by side, then one per core,
 #                                                profiled; AUTO_ARGS as for auto)
+#     BEFORE=DIR bash benchmarks/run_gpu.sh auto_ab  (max and auto, the code in DIR (a checkout:
+#                                                its qcal_export and benchmarks) against this
+#                                                one, processes alternating: two pairs on the
+#                                                CUDA EP, one on the CPU EP; AUTO_ARGS as above)
 # Tables go to $OUT when it is set, else benchmarks/results; each step's log beside them.
 # Every step runs (under STEP_TIMEOUT seconds, default 900); the exit status is 1 if one failed.
 # llm fits a 10-minute command: its step stops at LLM_STEP_TIMEOUT (default 570 s) and the
@@ -67,7 +71,19 @@ for name in "${@:-tests nvfp4 mse histogram capture}"; do
                 --rows max auto max auto --output "$out/accuracy_steps_auto_cpu.md" \
                 --profile "$out/accuracy_steps_auto_cpu_profile.txt" ${AUTO_ARGS:-}
             ;;
-        *) echo "unknown step $one: tests nvfp4 mse histogram capture llm distributed auto auto_cpu" >&2 && exit 2 ;;
+        auto_ab)
+            for run in cuda_1 cuda_2 cpu_1; do
+                for code in before after; do
+                    root=$PWD && [ "$code" = before ] && root=${BEFORE:?BEFORE=DIR is needed}
+                    # shellcheck disable=SC2086  # AUTO_ARGS is a list of options
+                    PYTHONPATH=$root:${PYTHONPATH:-} step "auto_ab_${code}_$run" python3 \
+                        "$root/benchmarks/bench_accuracy_steps.py" --provider "${run%_*}" \
+                        --rows max auto max auto --output "$out/auto_ab_${code}_$run.md" \
+                        ${AUTO_ARGS:-}
+                done
+            done
+            ;;
+        *) echo "unknown step $one: tests nvfp4 mse histogram capture llm distributed auto auto_cpu auto_ab" >&2 && exit 2 ;;
         esac
     done
 done
