@@ -109,6 +109,20 @@ def batch_errors(reference, candidate, batches) -> list[tuple[float, float]]:
     return errors
 
 
+def auto_int8(mlp, batches):
+    """Method auto on ``batches``, int8 at the ``tensorrt`` placement, scored on every sample."""
+    return calibrate_onnx(
+        mlp,
+        batches,
+        format="int8",
+        target="tensorrt",
+        method="auto",
+        method_options=CLIPPED,
+        auto_samples=sum(len(b["x"]) for b in batches),
+        validate_batches=0,
+    )
+
+
 def single_samples(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """Every sample of ``batches`` as a batch of its own (the race scores samples cut apart)."""
     return [{n: v[i : i + 1] for n, v in b.items()} for b in batches for i in range(len(b["x"]))]
@@ -164,16 +178,7 @@ def test_scoring_picks_the_worked_out_choice_and_reports_every_candidate(
     )
     batches = mixed_batches(6)
     samples = single_samples(batches)
-    result = calibrate_onnx(
-        mlp,
-        batches,
-        format="int8",
-        target="tensorrt",
-        method="auto",
-        method_options=CLIPPED,
-        auto_samples=4 * len(batches),
-        validate_batches=0,
-    )
+    result = auto_int8(mlp, batches)
     assert len(scored) == stacked and None not in scored  # stacked where asked, no fallback
     choice = result.report["method_choice"]
     quantized = set(result.report["quantized_nodes"])
@@ -275,18 +280,7 @@ def test_race_keeps_the_candidates_near_the_best_until_they_differ_too_little():
 
 def test_an_indifferent_race_decides_every_activation_once_ties_may_be(mlp, monkeypatch):
     monkeypatch.setattr(auto_race, "INDIFFERENCE", math.inf)
-    batches = mixed_batches(3)
-    result = calibrate_onnx(
-        mlp,
-        batches,
-        format="int8",
-        target="tensorrt",
-        method="auto",
-        method_options=CLIPPED,
-        auto_samples=12,
-        validate_batches=0,
-    )
-    choice = result.report["method_choice"]
+    choice = auto_int8(mlp, mixed_batches(3)).report["method_choice"]
     most = [max(entry["samples"].values()) for entry in choice.values()]
     assert auto_race.MIN_TIED in most  # some candidates were near enough to go on, then tied
     for entry in choice.values():
