@@ -20,7 +20,7 @@ from histogram_oracle import (
 from mlp import batches as mlp_batches
 from mlp import make_mlp
 
-from qcal_export.calibrators import CALIBRATORS, EntropyCalibrator, MaxCalibrator
+from qcal_export.calibrators import CALIBRATORS, EntropyCalibrator, MaxCalibrator, entropy
 from qcal_export.calibrators.entropy import _divergence, _first_admitted, _Sums, window_divergence
 from qcal_export.errors import CalibrationError
 from qcal_export.pipeline.calibrate import calibrate_onnx
@@ -253,12 +253,20 @@ def test_default_quantized_bins_fit_a_small_histogram():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_chunks_give_the_host_divergence():
-    """On a GPU the windows go in larger chunks (``DEVICE_CHUNK_ELEMENTS``): the same KL."""
+def test_gpu_divergence_is_the_host_one_in_any_chunks(monkeypatch):
+    """On a GPU the windows go in larger chunks (``DEVICE_CHUNK_ELEMENTS``) and the sums run in
+    another order: the host's KL up to the float64 rounding of terms of the order of
+    ``log(count)`` (about 1e-14 each), in any chunks."""
     data = make_batches("student-t", seed=31, channels=40)
     cal = collect_all(EntropyCalibrator(INT8, PerAxis(-1), bins=128, quantized_bins=16), data)
     hist = cal.histogram()[0]
     half, host = window_divergence(hist, 16)
-    device = window_divergence(hist.cuda(), 16)[1].cpu()
-    assert torch.equal(host.isinf(), device.isinf())
-    assert torch.allclose(device, host, rtol=1e-12, atol=0) and half[0] == 8
+    whole = window_divergence(hist.cuda(), 16)[1].cpu()
+    monkeypatch.setattr(entropy, "DEVICE_CHUNK_ELEMENTS", 1 << 12)  # 4 groups, 60 windows
+    chunked = window_divergence(hist.cuda(), 16)[1].cpu()
+    assert half[0] == 8 and torch.isfinite(host).any()
+    for device in (whole, chunked):
+        assert torch.equal(host.isinf(), device.isinf())
+        finite = torch.isfinite(host)
+        gap = float((device[finite] - host[finite]).abs().max())
+        assert gap <= 1e-9, gap
