@@ -42,10 +42,6 @@ class Score:
     def relative(self) -> float:
         return math.sqrt(self.error / (self.norm or 1.0))
 
-    @property
-    def per_sample(self) -> float:
-        return self.error / self.samples if self.samples else math.inf
-
 
 @dataclass
 class Race:
@@ -84,4 +80,4 @@ def screened(scores: dict[str, Score], methods: list[str], typical: float) -> li
 
 def _least(scores: dict[str, Score]) -> float:
     """The least squared error per sample among ``scores`` that were scored."""
-    return min((s.per_sample for s in scores.values() if s.samples), default=0.0)
+    return min((s.error / s.samples for s in scores.values() if s.samples), default=0.0)
