@@ -197,13 +197,17 @@ def method_choice(report: dict[str, Any]) -> str:
     if not choice:
         return ""
     methods = sorted({m for c in choice.values() for m in c["output_rel_l2"]})
-    headers = ["activation", "picked", *(f"rel L2, {m}" for m in methods)]
+    headers = ["activation", "picked", "samples", *(f"rel L2, {m}" for m in methods)]
     rows = [
-        [t, c["picked"], *(c["output_rel_l2"].get(m) for m in methods)] for t, c in choice.items()
+        [t, pick, c["samples"].get(pick), *(c["output_rel_l2"].get(m) for m in methods)]
+        for t, c in choice.items()
+        for pick in [c["picked"]]
     ]
     picked = Counter(c["picked"] for c in choice.values())
     lead = "Method auto: per activation, the method whose output error (that activation alone "
-    lead += "quantized) is lowest. Picked: " + ", ".join(f"{m} {n}" for m, n in picked.items())
+    lead += "quantized) is lowest among those scored on the most samples; a candidate dropped "
+    lead += "from the race on its first samples shows its error over those. Picked: "
+    lead += ", ".join(f"{m} {n}" for m, n in picked.items())
     exact = sum("exact" in c for c in choice.values())
     if exact:
         lead += f". {exact} constant(s) of one value keep max unscored (its scale is exact)"

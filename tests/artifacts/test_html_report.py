@@ -55,6 +55,11 @@ def test_page_of_a_run_with_every_accuracy_step(reports):
     assert report["verdict"]["line"].split("(")[0].strip() in page
     for node in report["precision"]["float_nodes"]:
         assert node["reason"] in page
+    scored = [c for c in report["method_choice"].values() if c["samples"]]
+    assert scored and "<th>samples</th>" in page
+    for entry in scored:  # the picked candidate's samples follow its name in its row
+        count = entry["samples"][entry["picked"]]
+        assert f"<td>{entry['picked']}</td><td class='num' data-v='{count}'>{count}</td>" in page
 
 
 def test_block_scaled_weights_get_heat_maps(reports):
