@@ -50,7 +50,8 @@ class Scored(Exception):
 
 def every_error(samples: int) -> list[np.ndarray]:
     """Per scored activation (in scoring order), ``[samples, candidates]`` squared output
-    errors of its distinct candidates, each sample scored alone."""
+    errors of its distinct candidates, each of the first ``samples`` samples scored alone: the
+    demo's calibration runs up to its method choice, which ``score_apart`` takes over."""
     found: list[np.ndarray] = []
 
     def score(planned, source, scales, candidates, _samples):
@@ -60,31 +61,7 @@ def every_error(samples: int) -> list[np.ndarray]:
             for view in views
             for i in range(len(view["input_ids"]))
         ]
-        exact = exact_constants(planned.model.graph, candidates)
-        order = [t for t in candidates if t not in exact]
-        per = method_choice.GATES_PER_SESSION
-        gateds = [
-            method_choice.gated_model(planned, scales, set(order[k : k + per]))
-            for k in range(0, len(order), per)
-        ]
-        upstream = sorted({n for g in gateds for n in upstream_reads(g.model, [GATE])})
-        floats = method_choice.float_runs(planned, ones, upstream)
-        workers, threads = method_choice.scoring_workers(planned.providers)
-        with ThreadPoolExecutor(workers) as pool:
-            for gated in gateds:
-                runs = method_choice.GatedRuns(gated, planned, floats, threads)
-                for tensor in gated.tensors:
-                    feeds = {
-                        m: scale_feed(s, gated.scales[tensor], runs.inits)
-                        for m, s in candidates[tensor].items()
-                    }
-                    distinct = list(dict.fromkeys(first_equal(feeds).values()))
-                    opened = [(tensor, feeds[m]) for m in distinct]
-                    rows = [
-                        runs.errors(feed, up, out, opened, pool)
-                        for feed, up, out in zip(ones, floats.upstream, floats.outputs, strict=True)
-                    ]
-                    found.append(np.array(rows))
+        found.extend(score_apart(planned, scales, candidates, ones))
         raise Scored
 
     steps.choose_activation_methods = score
@@ -98,6 +75,37 @@ def every_error(samples: int) -> list[np.ndarray]:
             weight_method="max",
             validate_batches=0,
         )
+    return found
+
+
+def score_apart(planned, scales, candidates, ones: list[dict]) -> list[np.ndarray]:
+    """The errors of ``every_error``, per activation of ``candidates`` that is scored, through
+    ``method_choice``'s gated sessions on each of ``ones``."""
+    exact = exact_constants(planned.model.graph, candidates)
+    order = [t for t in candidates if t not in exact]
+    per = method_choice.GATES_PER_SESSION
+    gateds = [
+        method_choice.gated_model(planned, scales, set(order[k : k + per]))
+        for k in range(0, len(order), per)
+    ]
+    upstream = sorted({n for g in gateds for n in upstream_reads(g.model, [GATE])})
+    floats = method_choice.float_runs(planned, ones, upstream)
+    workers, threads = method_choice.scoring_workers(planned.providers)
+    found = []
+    with ThreadPoolExecutor(workers) as pool:
+        for gated in gateds:
+            runs = method_choice.GatedRuns(gated, planned, floats, threads)
+            for tensor in gated.tensors:
+                feeds = {
+                    m: scale_feed(s, gated.scales[tensor], runs.inits)
+                    for m, s in candidates[tensor].items()
+                }
+                opened = [(tensor, feeds[m]) for m in dict.fromkeys(first_equal(feeds).values())]
+                rows = [
+                    runs.errors(feed, up, out, opened, pool)
+                    for feed, up, out in zip(ones, floats.upstream, floats.outputs, strict=True)
+                ]
+                found.append(np.array(rows))
     return found
 
 
@@ -161,7 +169,8 @@ def policies(scored: int) -> dict[str, tuple]:
 
 
 def table(errors: list[np.ndarray], samples: int) -> list[str]:
-    """The rows of every policy over the first 4 samples and over 8, against ``samples``."""
+    """The rows of every policy over the first 4 samples and over 8 (those of ``samples`` at
+    most), against all ``samples``."""
     truth = [e.sum(axis=0) for e in errors]
     least = sum(t.min() for t in truth)
     lines = [
@@ -169,7 +178,7 @@ def table(errors: list[np.ndarray], samples: int) -> list[str]:
         f"{samples} samples' |",
         "| ---: | --- | ---: | ---: | ---: | ---: |",
     ]
-    for scored in (4, 8):
+    for scored in [n for n in (4, 8) if n <= samples]:
         for name, (stages, margin, indifference) in policies(scored).items():
             firsts = [e[:scored] for e in errors]
             picks, runs, sample_runs = replay(firsts, stages, margin, indifference)
