@@ -1,7 +1,7 @@
 """Method auto's scoring against the choice worked out by hand, on a real exported MLP in ONNX
 Runtime.
 
-Every candidate of every activation is scored on every batch, one at a time: the float model
+Every candidate of every activation is scored on every sample, one at a time: the float model
 with a QuantizeLinear -> DequantizeLinear pair built here by hand on that activation alone (its
 planned readers rewired to it, at that candidate's scale), against the float model. From those
 errors the race (every candidate on the first sample, those near the best on stages that double
