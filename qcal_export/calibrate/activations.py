@@ -169,7 +169,8 @@ def calibrate_activations(
     if state is not None:
         state.finish()
     types = {t: a.elem_type for t, a in plan.activations.items()}
-    scales, candidates = _activation_scales(cals, specs, types)
+    workers = host_workers(ranks.world)
+    scales, candidates = _activation_scales(cals, specs, types, workers)
     found = {t: h.hessian for t, h in hessians.items() if h.hessian is not None}
     found_full = {t: h for t, h in full.items() if h.hessian is not None}
     shown = _detail(cals, specs, scales, candidates, extra, firsts) if detail else {}
@@ -301,11 +302,13 @@ def _activation_scales(
     cals: dict[str, Calibrator],
     specs: dict[str, tuple[str, TensorSpec]],
     types: dict[str, int],
+    workers: int,
 ) -> tuple[dict[str, TensorScales], dict[str, dict[str, TensorScales]]]:
     """Scales per activation and, for ``auto`` ones, per candidate method (their scales stand
     at the first candidate's until the choice); ``types``: each activation's ONNX type.
-    Histogram calibrators of one spec decide together (``decide_together``)."""
-    _decide_alike(cals, specs)
+    Histogram calibrators of one spec decide together (``decide_together``) on a GPU, on the
+    host ``workers`` at a time."""
+    _decide_alike(cals, specs, workers)
     scales, candidates = {}, {}
     for key, cal in cals.items():
         tensor, spec = specs[key]
@@ -320,10 +323,13 @@ def _activation_scales(
     return scales, candidates
 
 
-def _decide_alike(cals: dict[str, Calibrator], specs: dict[str, tuple[str, TensorSpec]]) -> None:
+def _decide_alike(
+    cals: dict[str, Calibrator], specs: dict[str, tuple[str, TensorSpec]], workers: int
+) -> None:
     """Decide the histogram calibrators collected on a GPU in batches of one class, spec,
     granularity and group count (the spec sets every other constructor argument): there a
-    decision costs its kernel launches. On the host they decide side by side (``host_workers``)."""
+    decision costs its kernel launches. On the host ``workers`` decide side by side (the
+    capture's share of the host, ``host_workers``)."""
     batches: dict[tuple, list[HistogramCalibrator]] = {}
     hosted = []
     for key, cal in cals.items():
@@ -339,8 +345,8 @@ def _decide_alike(cals: dict[str, Calibrator], specs: dict[str, tuple[str, Tenso
     for batch in batches.values():
         if len(batch) > 1:
             decide_together(batch)
-    if len(hosted) > 1 and host_workers() > 1:
-        decide_apart(hosted, host_workers())
+    if len(hosted) > 1 and workers > 1:
+        decide_apart(hosted, workers)
 
 
 def _first_pass(
